@@ -111,7 +111,9 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tup
         Hd.diagonal().add_(percdamp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            eye = torch.eye(k, dtype=H.dtype, device=H.device)
+            # H⁻¹ via cholesky_solve: same result as cholesky_inverse, which is ~30x slower on CPU
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
             if info == 0 and torch.isfinite(U).all():
                 return U, percdamp
         if attempt < max_retries:
@@ -173,25 +175,23 @@ def gptq_quantize(
         raise ValueError("GPTQ: the Hessian contains NaN or Inf; check the calibration activations")
 
     W = w.detach().to(torch.float32, copy=True)  # [N, K]
-    channel_grid = quantize_weight_int(W, _per_channel(s))  # g-1 grid: found before dead zeroing
     dead = torch.diag(H) == 0  # [K]
     if dead.all():
         raise InsufficientCalibration(
             f"GPTQ: all {k} inputs are zero on the {hessian.tokens} calibration tokens; quantize with RTN instead"
         )
+    g = s.effective_group(k)
+    if s.group_size < 0:  # one group per row, found (as the reference does) before dead inputs are zeroed
+        grid = quantize_weight_int(W, s)
+        scale, zero = grid.scale, grid.zero  # [N, 1]
     H[dead, dead] = 1
     W[:, dead] = 0
-
-    g = s.effective_group(k)
-    n_groups = -(-k // g)
-    if s.group_size < 0:
-        scale, zero = channel_grid.scale.clone(), channel_grid.zero.clone()  # [N, 1]
-    elif static_groups:
+    if s.group_size > 0 and static_groups:  # every group on the original column order, before any update
         grid = quantize_weight_int(W, s)
         scale, zero = grid.scale, grid.zero  # [N, n_groups]
-    else:
-        scale = torch.zeros(n, n_groups, device=W.device)
-        zero = torch.zeros(n, n_groups, device=W.device)
+    elif s.group_size > 0:  # filled as each group starts, from the error-corrected weight
+        scale = torch.zeros(n, -(-k // g), device=W.device)
+        zero = torch.zeros_like(scale)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
