@@ -1,0 +1,11 @@
+"""Triton mixed-precision grouped GEMM for MoE experts (Hopper), its packing and its reference.
+
+Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU.
+"""
+
+from mxmoe.kernels.configs import TileConfig
+from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm
+from mxmoe.kernels.pack import PackedWeight, pack
+from mxmoe.kernels.reference import reference_group_gemm
+
+__all__ = ["ExpertGroup", "PackedWeight", "TileConfig", "group_gemm", "pack", "reference_group_gemm"]

@@ -1,0 +1,59 @@
+"""Tile configurations per scheme: the kernel path a scheme takes, its tile shape, and its cost rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mxmoe.kernels import triton_kernel as tk
+from mxmoe.kernels.pack import PACK_K
+from mxmoe.schemes import Scheme
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape of one scheme's path: BM rows x BN columns, K step BK, pipeline depth."""
+
+    bm: int
+    bn: int
+    bk: int
+    stages: int = 3
+
+    def as_dict(self) -> dict:
+        """JSON form."""
+        return {"bm": self.bm, "bn": self.bn, "bk": self.bk, "stages": self.stages}
+
+
+def kind_of(s: Scheme) -> int:
+    """The kernel path (triton_kernel.BF16 ... WA_FP8) that runs scheme ``s``."""
+    if s.is_full_precision:
+        return tk.BF16
+    if s.weight_only:
+        return tk.W_FP8 if s.fmt == "fp8" else tk.W_INT
+    return tk.WA_FP8 if s.fmt == "fp8" else tk.WA_INT
+
+
+def check_config(s: Scheme, c: TileConfig) -> None:
+    """Raise ValueError when tile config ``c`` cannot run scheme ``s``."""
+    for name, v in (("bm", c.bm), ("bn", c.bn), ("bk", c.bk)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"tile {name}={v} for '{s}' must be a power of two >= 16")
+    if not s.is_full_precision and PACK_K % c.bk:
+        raise ValueError(f"tile bk={c.bk} for '{s}' must divide the packing block {PACK_K}")
+    if kind_of(s) == tk.WA_INT and s.group_size > 0 and c.bk != s.group_size:
+        raise ValueError(f"tile bk={c.bk} for '{s}' must equal its activation group {s.group_size}")
+
+
+def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
+    """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average."""
+    if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
+        return TileConfig(32, 32, 128 if kind_of(s) == tk.WA_INT and s.group_size > 0 else 64, 1)
+    bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
+    bk = 128 if kind_of(s) in (tk.WA_INT, tk.WA_FP8) else 64  # 16-bit dots: a [64, 128] dequantised tile
+    return TileConfig(bm, 128, bk, 3 if bm >= 128 else 4)
+
+
+def tile_cost(s: Scheme, c: TileConfig, k: int) -> float:
+    """Rough time of one full tile in bytes-equivalent (weight bytes + MMA work): orders the work list."""
+    weight_bytes = c.bn * k * s.w_bits / 8
+    flops = 2.0 * c.bm * c.bn * k
+    return weight_bytes + flops / (263.0 if s.weight_only else 526.0)  # H100: 790 TFLOP/s bf16 over 3 TB/s

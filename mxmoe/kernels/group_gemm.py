@@ -1,0 +1,152 @@
+"""``group_gemm``: checks the inputs, builds the work-list metadata, launches the kernel once."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mxmoe.kernels import triton_kernel as tk
+from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, tile_cost
+from mxmoe.kernels.pack import PackedWeight
+from mxmoe.schemes import Scheme
+
+# triton.jit chose interpreter or compiler when triton_kernel was imported; follow the same switch.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class ExpertGroup:
+    """The experts of one grouped GEMM, ready to launch: device addresses of every expert's storage.
+
+    Build once per layer and reuse; passing a plain list to ``group_gemm`` builds one per call.
+    """
+
+    def __init__(self, packed: "list[PackedWeight]"):
+        if not packed:
+            raise ValueError("group_gemm needs at least one expert")
+        for e, pw in enumerate(packed):
+            if not isinstance(pw, PackedWeight):
+                raise ValueError(f"expert {e}: expected a PackedWeight from mxmoe.kernels.pack, got {type(pw).__name__}")
+        n, k, dev = packed[0].n, packed[0].k, packed[0].device
+        for e, pw in enumerate(packed):
+            if (pw.n, pw.k) != (n, k):
+                raise ValueError(f"expert {e} has weight [N={pw.n}, K={pw.k}], expert 0 has [N={n}, K={k}]: "
+                                 "all experts of one grouped GEMM must share N and K")
+            if pw.device != dev:
+                raise ValueError(f"expert {e} is on {pw.device}, expert 0 on {dev}")
+            if any(t is not None and t.data_ptr() % 16 for t in (pw.data, pw.scale, pw.zero)):
+                raise ValueError(f"expert {e}: storage must start on a 16-byte boundary (the kernel loads 16 bytes at once)")
+            _check_storage(e, pw)
+        self.packed = list(packed)
+        self.n, self.k, self.device = n, k, dev
+        self.k_pad = -(-k // 128) * 128
+        self.schemes = tuple(dict.fromkeys(pw.scheme for pw in packed))  # distinct, first-seen order
+        addr = [[pw.data.data_ptr(), *(t.data_ptr() if t is not None else 0 for t in (pw.scale, pw.zero))]
+                for pw in packed]
+        self.addr = torch.tensor(addr, dtype=torch.int64, device=dev)  # [E, 3]
+        self._sched: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def schedule(self, slots: "tuple[Scheme, ...]") -> torch.Tensor:
+        """[E, 2] int32 (expert, slot) with experts of earlier (heavier) slots first."""
+        if slots not in self._sched:
+            order = sorted(range(len(self.packed)), key=lambda e: (slots.index(self.packed[e].scheme), e))
+            rows = [[e, slots.index(self.packed[e].scheme)] for e in order]
+            self._sched[slots] = torch.tensor(rows, dtype=torch.int32, device=self.device)
+        return self._sched[slots]
+
+
+def _check_storage(e: int, pw: PackedWeight) -> None:
+    s = pw.scheme
+    want = torch.bfloat16 if s.is_full_precision else torch.uint8
+    if pw.data.dtype != want or not pw.data.is_contiguous():
+        raise ValueError(f"expert {e}: storage of a '{s}' weight must be contiguous {want}, got {pw.data.dtype}; "
+                         "build it with mxmoe.kernels.pack")
+    if not s.is_full_precision:
+        expected = pw.n * pw.k_pad * s.w_bits // 8
+        if pw.data.numel() != expected or pw.scale is None or (pw.zero is None) != s.symmetric:
+            raise ValueError(f"expert {e}: packed storage does not match scheme '{s}' "
+                             f"({pw.data.numel()} code bytes, expected {expected}); repack with mxmoe.kernels.pack")
+
+
+def check_device(is_cuda: bool, capability: "tuple[int, int] | None", schemes) -> None:
+    """Raise RuntimeError when the kernel cannot run here: no GPU and no interpreter, or fp8 before sm_89."""
+    if not is_cuda and not INTERPRET:
+        raise RuntimeError("group_gemm needs a CUDA GPU, or the Triton interpreter on CPU: set TRITON_INTERPRET=1 "
+                           "before importing mxmoe.kernels")
+    if is_cuda and not INTERPRET:
+        for s in schemes:
+            if s.fmt == "fp8" and tuple(capability) < (8, 9):
+                raise RuntimeError(f"scheme '{s}' needs fp8 tensor cores (sm_89 or newer); "
+                                   f"this GPU is sm_{capability[0]}{capability[1]}")
+
+
+def _check_offsets(offsets: torch.Tensor, t: int, e: int) -> None:
+    if offsets.dim() != 1 or offsets.numel() != e + 1:
+        raise ValueError(f"offsets must have E+1 = {e + 1} entries for {e} experts, got shape {tuple(offsets.shape)}")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"offsets must be int32 or int64, got {offsets.dtype}")
+    o = offsets.tolist()
+    if o[0] != 0 or o[-1] != t or any(b < a for a, b in zip(o, o[1:])):
+        raise ValueError(f"offsets must rise from 0 to the {t} rows of x, got {o}")
+
+
+def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) -> "list[tuple[Scheme, TileConfig]]":
+    """Slots of a launch, heaviest tile first: [(scheme, tile config)] for the schemes in ``group``."""
+    configs = configs or {}
+    avg_rows = rows / len(group)
+    plan = []
+    for s in group.schemes:
+        c = configs.get(s) or configs.get(str(s)) or default_config(s, avg_rows, INTERPRET)
+        check_config(s, c)
+        plan.append((s, c))
+    return sorted(plan, key=lambda sc: -tile_cost(sc[0], sc[1], group.k))
+
+
+def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeight] | ExpertGroup", *,
+               configs: "dict | None" = None, num_warps: "int | None" = None, num_programs: "int | None" = None,
+               validate: bool = True) -> torch.Tensor:
+    """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]``, one launch.
+
+    x: [T, K] (bf16/fp16 on GPU; fp32/fp16 under the CPU interpreter); offsets: [E+1] int rows per
+    expert (on x's device); packed: E PackedWeights (any mix of schemes) or an ExpertGroup.
+    Activations are quantized inside the kernel per each expert's scheme. Returns y: [T, N] in x's
+    dtype. ``configs`` maps a scheme (or its string) to a TileConfig; ``validate=False`` skips the
+    host read of ``offsets`` (no synchronisation; for timing loops after a validated call).
+    """
+    group = packed if isinstance(packed, ExpertGroup) else ExpertGroup(packed)
+    if x.dim() != 2 or x.shape[1] != group.k:
+        raise ValueError(f"x must be [T, K={group.k}] to match the experts' weights, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if x.device != group.device:
+        raise ValueError(f"x is on {x.device}, the experts on {group.device}")
+    if offsets.device != x.device:
+        raise ValueError(f"offsets are on {offsets.device}, x on {x.device}")
+    if validate:
+        _check_offsets(offsets, x.shape[0], len(group))
+    check_device(x.is_cuda, torch.cuda.get_device_capability(x.device) if x.is_cuda else None, group.schemes)
+    x = x.contiguous()
+    t, e = x.shape[0], len(group)
+    y = torch.empty(t, group.n, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return y
+    plan = launch_plan(group, t, configs)
+    slots = tuple(s for s, _ in plan)
+    cfgs = [c for _, c in plan]
+    if num_programs is None:
+        num_programs = 4 if INTERPRET else 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    if num_warps is None:
+        num_warps = 4 if max(c.bm for c in cfgs) <= 32 else 8
+    tk.group_gemm_kernel[(num_programs,)](
+        x, y, offsets.to(torch.int32), group.schedule(slots), group.addr,
+        e, group.n, group.k, group.k_pad, x.stride(0), y.stride(0),
+        KINDS=tuple(kind_of(s) for s in slots), WBITS=tuple(s.w_bits for s in slots),
+        ABITS=tuple(s.a_bits for s in slots), GROUPS=tuple(s.group_size for s in slots),
+        SYMS=tuple(s.symmetric for s in slots), BMS=tuple(c.bm for c in cfgs), BNS=tuple(c.bn for c in cfgs),
+        BKS=tuple(c.bk for c in cfgs), STAGES=tuple(c.stages for c in cfgs), NSLOTS=len(slots),
+        E_PAD=max(16, 1 << (e - 1).bit_length()), INTERPRET=INTERPRET, num_warps=num_warps,
+    )
+    return y

@@ -1,0 +1,177 @@
+"""Kernel storage for one expert weight: integer codes in bit planes, 16-bit group scales.
+
+Layout (what ``group_gemm`` reads):
+
+* ``bf16``: the weight itself, ``[N, K]`` bfloat16.
+* integer schemes: code ``u = q + 2^(b-1)`` (sym) or ``u = q`` (asym), ``b`` bits. ``b`` is split
+  into bit planes of 8, 4, 2 and 1 bits (3 bits = a 2-bit plane + a 1-bit plane, so storage is
+  exactly ``b`` bits per weight). The plane of width ``p`` holds bits ``[low, low + p)`` of ``u``,
+  ``low`` counting the wider planes before it. K is padded with zero codes to ``K_pad``, a multiple
+  of ``PACK_K = 128``. Inside each 128-long K block, element ``r`` of a ``p``-bit plane sits in
+  byte ``r % (16 p)`` of that block's ``16 p`` bytes, at bit ``(r // (16 p)) * p``: a tile of K
+  reads contiguous bytes (16-byte loads) and a few shifts unpack it. Planes follow each other in
+  one uint8 buffer, each ``[N, K_pad * p / 8]``.
+* fp8 (e4m3) schemes: the 8-bit plane holds the e4m3 bit pattern.
+* scales and zero points: ``[n_groups, N]`` (transposed, so a tile's scales are contiguous);
+  float16 for grouped schemes (the paper's 16+16 bits per group), float32 for per-channel ones.
+  Symmetric schemes store no zero point.
+
+``PackedWeight.int_weight()`` inverts the packing, so the reference path and the tests see
+exactly the codes and (16-bit-rounded) scales that the kernel reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mxmoe.quant.rtn import IntWeight, quantize_weight_int
+from mxmoe.schemes import Scheme
+
+PACK_K = 128  # K block of the packed layout; kernel K tiles divide it
+PLANES = (8, 4, 2, 1)  # plane widths, widest (lowest code bits) first
+
+
+def planes_of(bits: int) -> tuple[int, ...]:
+    """Bit-plane widths that make up a ``bits``-bit code, e.g. 3 -> (2, 1)."""
+    return tuple(p for p in PLANES if bits & p)
+
+
+def check_kernel_scheme(s: Scheme) -> None:
+    """Raise ValueError for a scheme the kernel cannot run (checked at pack time)."""
+    if s.is_full_precision:
+        return
+    if s.group_size > 0 and s.group_size % PACK_K:
+        raise ValueError(f"scheme '{s}': the kernel takes group sizes -1 or multiples of {PACK_K}")
+    if not s.weight_only:
+        if s.fmt == "int" and not s.symmetric:
+            raise ValueError(f"scheme '{s}': weight-activation integer schemes must be symmetric in the kernel")
+        if s.group_size not in (-1, PACK_K):
+            raise ValueError(f"scheme '{s}': weight-activation schemes take group size -1 or {PACK_K} in the kernel")
+        if s.a_bits > 8:
+            raise ValueError(f"scheme '{s}': activation bits above 8 are not quantized; use a16")
+
+
+@dataclass
+class PackedWeight:
+    """One expert's weight in kernel storage (see the module docstring for the layout).
+
+    data:  bf16 [N, K] for the bf16 scheme, else uint8 [sum over planes of N * K_pad * p / 8]
+    scale: [n_groups, N] float16 (grouped) / float32 (per channel); None for bf16
+    zero:  like ``scale`` for asymmetric schemes, else None
+    """
+
+    scheme: Scheme
+    n: int
+    k: int
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+
+    @property
+    def k_pad(self) -> int:
+        """K rounded up to the packing block (``k`` for bf16)."""
+        return self.k if self.scheme.is_full_precision else -(-self.k // PACK_K) * PACK_K
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the stored tensors."""
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight memory: codes plus scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+
+    def to(self, device) -> "PackedWeight":
+        """Copy to ``device``."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedWeight(self.scheme, self.n, self.k, mv(self.data), mv(self.scale), mv(self.zero))
+
+    def codes(self) -> torch.Tensor:
+        """Unpack the stored codes ``u`` [N, K] (int32; e4m3 bit patterns for fp8)."""
+        s, n, kp = self.scheme, self.n, self.k_pad
+        u = torch.zeros(n, kp, dtype=torch.int32, device=self.device)
+        start, low = 0, 0
+        for p in planes_of(s.w_bits):
+            size = n * kp * p // 8
+            plane = self.data[start:start + size].view(n, kp // PACK_K, 16 * p).to(torch.int32)  # [N, blocks, 16p]
+            fields = [(plane >> (j * p)) & ((1 << p) - 1) for j in range(8 // p)]  # each [N, blocks, 16p]
+            u |= torch.cat(fields, dim=2).reshape(n, kp) << low
+            start, low = start + size, low + p
+        return u[:, : self.k]
+
+    def int_weight(self) -> IntWeight:
+        """The stored weight as an ``IntWeight`` (codes, scales and zeros as the kernel reads them)."""
+        s = self.scheme
+        if s.is_full_precision:
+            raise ValueError("bf16 weights are not quantized: use dequantize()")
+        u = self.codes()
+        if s.fmt == "fp8":
+            q = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
+        else:
+            q = u - (1 << (s.w_bits - 1)) if s.symmetric else u
+        scale = self.scale.float().t().contiguous()  # [N, n_groups]
+        zero = self.zero.float().t().contiguous() if self.zero is not None else torch.zeros_like(scale)
+        return IntWeight(q, scale, zero, s)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, [N, K] float32."""
+        if self.scheme.is_full_precision:
+            return self.data.float()
+        return self.int_weight().dequantize(torch.float32)
+
+
+def _pack_codes(u: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
+    """u: [N, K] int32 codes in [0, 2^bits) -> flat uint8 bit planes (module docstring layout)."""
+    n, k = u.shape
+    u = torch.nn.functional.pad(u, (0, k_pad - k))  # [N, K_pad], zero codes in the padding
+    out, low = [], 0
+    for p in planes_of(bits):
+        field = (u >> low) & ((1 << p) - 1)
+        blocks = field.view(n, k_pad // PACK_K, 8 // p, 16 * p)  # [N, blocks, slice j, byte]
+        byte = torch.zeros(n, k_pad // PACK_K, 16 * p, dtype=torch.int32, device=u.device)
+        for j in range(8 // p):
+            byte |= blocks[:, :, j, :] << (j * p)
+        out.append(byte.to(torch.uint8).reshape(-1))
+        low += p
+    return torch.cat(out)
+
+
+def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) -> PackedWeight:
+    """Pack a weight for ``group_gemm``.
+
+    ``w`` is either a float weight [N, K] (quantized here with RTN, ``quantize_weight_int``) or an
+    already-quantized ``IntWeight`` (e.g. GPTQ output), which is packed exactly as given; a
+    ``scheme`` passed with an ``IntWeight`` must match its own.
+    """
+    if isinstance(w, IntWeight):
+        s = w.scheme if scheme is None else Scheme.parse(scheme)
+        if s != w.scheme:
+            raise ValueError(f"IntWeight was quantized with scheme '{w.scheme}', cannot pack it as '{s}'")
+        iw = w
+    else:
+        if scheme is None:
+            raise ValueError("pack(w, scheme): a float weight needs a scheme")
+        s = Scheme.parse(scheme)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise ValueError(f"pack expects a weight [N, K], got {getattr(w, 'shape', type(w))}")
+        if s.is_full_precision:
+            return PackedWeight(s, w.shape[0], w.shape[1], w.detach().to(torch.bfloat16).contiguous(), None, None)
+        iw = None
+    check_kernel_scheme(s)
+    if iw is None:
+        iw = quantize_weight_int(w, s)
+    n, k = iw.q.shape
+    k_pad = -(-k // PACK_K) * PACK_K
+    if s.fmt == "fp8":
+        u = iw.q.float().to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    else:
+        u = iw.q.to(torch.int32) + ((1 << (s.w_bits - 1)) if s.symmetric else 0)
+        if int(u.min()) < 0 or int(u.max()) >= 1 << s.w_bits:
+            raise ValueError(f"codes of a '{s}' weight fall outside its {s.w_bits}-bit grid")
+    sdt = torch.float16 if s.group_size > 0 else torch.float32
+    scale = iw.scale.t().to(sdt).contiguous()  # [n_groups, N]
+    zero = None if s.symmetric else iw.zero.t().to(sdt).contiguous()
+    return PackedWeight(s, n, k, _pack_codes(u, s.w_bits, k_pad), scale, zero)

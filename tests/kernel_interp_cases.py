@@ -1,0 +1,75 @@
+"""Kernel-vs-reference cases run under the Triton interpreter in a child process.
+
+``python tests/kernel_interp_cases.py`` (with TRITON_INTERPRET=1) prints one JSON object:
+{"seed": int, "cases": {name: {"rel": float, "row_rel": float, "finite": bool}}}. test_kernels.py
+runs it once and asserts on every case; the inputs are fresh random draws each run (seed reported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from mxmoe.kernels import group_gemm, pack, reference_group_gemm  # noqa: E402
+from mxmoe.quant import quantize_weight_int  # noqa: E402
+from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
+
+MIXED = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g128_sym", "w8a8_g-1_sym_fp8", "w3a16_g128_asym"]
+
+
+def _offsets(rows: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _compare(x, offsets, packed, ref=None) -> dict:
+    y = group_gemm(x, offsets, packed).float()  # [T, N]
+    r = reference_group_gemm(x, offsets, packed) if ref is None else ref
+    row_err = (y - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-6)  # [T]
+    return {"rel": float((y - r).norm() / r.norm()), "row_rel": float(row_err.max()), "finite": bool(torch.isfinite(y).all())}
+
+
+def _weights(n: int, k: int, count: int) -> list[torch.Tensor]:
+    # outlier channels make per-channel and per-group scales differ
+    return [torch.randn(n, k) * torch.rand(n, 1) * (1 + 4 * (torch.rand(1, k) > 0.97)) for _ in range(count)]
+
+
+def main() -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    cases = {}
+    # every scheme alone: K not a multiple of the 128 group, N not a multiple of the tile, a 0-row expert
+    for s in HOPPER_SCHEMES:
+        rows = [3, 0, 37]
+        pws = [pack(w, s) for w in _weights(80, 576, len(rows))]
+        cases[str(s)] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws)
+    # one launch mixing six schemes, experts with 0 and 1 rows; fp32 and fp16 activations
+    rows = [0, 1, 40, 5, 33, 2]
+    pws = [pack(w, s) for w, s in zip(_weights(80, 576, len(rows)), MIXED)]
+    x = torch.randn(sum(rows), 576)
+    cases["mixed_fp32"] = _compare(x, _offsets(rows), pws)
+    cases["mixed_fp16"] = _compare(x.half(), _offsets(rows), pws)
+    # K = 32: shorter than a K tile and than the group
+    rows = [1, 0, 6]
+    pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g128_sym"])]
+    cases["k32_mixed"] = _compare(torch.randn(sum(rows), 32), _offsets(rows), pws)
+    # already-quantized weights (as GPTQ hands them over): codes moved off the RTN choice run as given
+    rows, ints = [4, 9], []
+    for w, s in zip(_weights(64, 256, 2), ["w3a16_g128_asym", "w4a8_g-1_sym"]):
+        iw = quantize_weight_int(w, Scheme.parse(s))
+        lo, hi = (0, 7) if s.startswith("w3") else (-7, 7)
+        iw.q = (iw.q + torch.randint(-1, 2, iw.q.shape, dtype=iw.q.dtype)).clamp(lo, hi)
+        ints.append(iw)
+    x = torch.randn(sum(rows), 256)
+    ref = torch.cat([xe.float() @ iw.dequantize().t() for xe, iw in zip((x[:4], x[4:]), ints)])
+    ref[4:] = reference_group_gemm(x, _offsets(rows), [pack(iw) for iw in ints])[4:]  # w4a8 quantizes x
+    cases["intweight"] = _compare(x, _offsets(rows), [pack(iw) for iw in ints], ref)
+    json.dump({"seed": seed, "cases": cases}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""mxmoe.kernels: packing, reference, input checks here; the Triton kernel under the interpreter.
+
+The kernel runs in a child process with TRITON_INTERPRET=1 (tests/kernel_interp_cases.py), so
+the interpreter switch never leaks into other test modules.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm
+from mxmoe.quant import quantize_weight, quantize_weight_int
+from mxmoe.schemes import HOPPER_SCHEMES, Scheme
+
+gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
+ROOT = Path(__file__).resolve().parents[1]
+QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
+INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "k32_mixed", "intweight"]
+TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3}  # fp16 output rounding; fp16 group scales vs fp32 IntWeight
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_interp_cases.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("case", INTERP_CASES)
+def test_kernel_matches_reference(interp_results, case):
+    r = interp_results["cases"][case]
+    tol = TOL.get(case, 1e-5)  # float32 math on both sides
+    assert r["finite"], f"{case}: non-finite output (seed {interp_results['seed']})"
+    assert r["rel"] < tol and r["row_rel"] < 3 * tol, f"{case}: {r} (seed {interp_results['seed']})"
+
+
+@pytest.mark.parametrize("s", QUANTIZED, ids=str)
+def test_pack_round_trip(s):
+    w = torch.randn(40, 320) * torch.rand(40, 1)
+    iw = quantize_weight_int(w, s)
+    pw = pack(w, s)
+    back = pw.int_weight()
+    assert torch.equal(back.q, iw.q.float() if s.fmt == "fp8" else iw.q)
+    ref = quantize_weight(w, s)
+    assert ((pw.dequantize() - ref).norm() / ref.norm()) < (2e-3 if s.group_size > 0 else 1e-6)
+    assert pw.data.numel() == 40 * 384 * s.w_bits // 8  # K padded to 384, exactly w_bits per code
+
+
+def test_pack_intweight_and_bf16():
+    w = torch.randn(16, 128)
+    iw = quantize_weight_int(w, "w4a16_g128_asym")
+    iw.q = torch.randint(0, 16, iw.q.shape, dtype=torch.int32)  # any codes on the grid, e.g. GPTQ's
+    assert torch.equal(pack(iw).int_weight().q, iw.q)
+    with pytest.raises(ValueError, match="cannot pack it as"):
+        pack(iw, "w4a16_g-1_asym")
+    pw = pack(w, "bf16")
+    assert pw.data.dtype == torch.bfloat16 and torch.equal(pw.dequantize(), w.bfloat16().float())
+
+
+@pytest.mark.parametrize("bad", ["w4a16_g64_asym", "w8a8_g-1_asym", "w4a4_g256_sym"])
+def test_pack_rejects_schemes_the_kernel_cannot_run(bad):
+    with pytest.raises(ValueError, match="kernel"):
+        pack(torch.randn(8, 256), bad)
+
+
+def test_reference_is_plain_matmul_for_bf16():
+    ws = [torch.randn(24, 64) for _ in range(3)]
+    x = torch.randn(7, 64)
+    off = torch.tensor([0, 2, 2, 7])
+    y = reference_group_gemm(x, off, [pack(w, "bf16") for w in ws])
+    want = torch.cat([x[:2] @ ws[0].bfloat16().float().t(), x[2:] @ ws[2].bfloat16().float().t()])
+    assert torch.allclose(y, want, atol=1e-5)
+
+
+def _experts(n=32, k=128, count=2, scheme="w4a16_g128_asym"):
+    return [pack(torch.randn(n, k), scheme) for _ in range(count)]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), _experts() + _experts(k=256, count=1)), "share N and K"),
+    (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), _experts() + _experts(n=16, count=1)), "share N and K"),
+    (lambda: (torch.randn(4, 96), torch.tensor([0, 4, 4]), _experts()), r"\[T, K=128\]"),
+    (lambda: (torch.randn(4, 128), torch.tensor([0, 4]), _experts()), "E\\+1 = 3"),
+    (lambda: (torch.randn(4, 128), torch.tensor([0, 3, 3]), _experts()), "rise from 0 to the 4 rows"),
+    (lambda: (torch.randn(4, 128), torch.tensor([0, 3, 2, 4]), _experts(count=3)), "rise from 0"),
+    (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), [torch.randn(32, 128)] * 2), "PackedWeight"),
+    (lambda: (torch.randn(4, 128), torch.tensor([0, 4]), []), "at least one expert"),
+])
+def test_bad_inputs_fail_before_launch(make, match):
+    x, off, packed = make()
+    with pytest.raises(ValueError, match=match):
+        group_gemm(x, off, packed)
+
+
+def test_tampered_storage_is_rejected():
+    pw = _experts(count=1)[0]
+    pw.data = pw.data[: pw.data.numel() // 2]
+    with pytest.raises(ValueError, match="does not match scheme"):
+        ExpertGroup([pw])
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or gg_module.INTERPRET, reason="needs a machine without GPU or interpreter")
+def test_no_gpu_no_interpreter_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        group_gemm(torch.randn(4, 128), torch.tensor([0, 1, 4]), _experts())
+
+
+def test_fp8_needs_sm89(monkeypatch):
+    monkeypatch.setattr(gg_module, "INTERPRET", False)
+    fp8 = [Scheme.parse("w8a8_g-1_sym_fp8")]
+    with pytest.raises(RuntimeError, match="sm_89"):
+        gg_module.check_device(True, (8, 0), fp8)
+    gg_module.check_device(True, (9, 0), fp8)
