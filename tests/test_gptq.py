@@ -174,3 +174,15 @@ def test_lazy_batches_do_not_change_the_result(setup):
     b = gptq_quantize(w, h, "w4a16_g128_asym", blocksize=w.shape[1])  # one block: no lazy updates
     assert (a.q != b.q).float().mean() < 1e-3  # float summation order may flip a rare tie
     assert abs(a.loss - b.loss) < 1e-3 * b.loss
+
+
+@pytest.mark.parametrize("scheme", ["w4a16_g128_asym", "w3a16_g128_asym", "w4a4_g128_sym", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8"])
+def test_kernel_packs_gptq_codes_exactly(setup, scheme):
+    from mxmoe.kernels import pack
+
+    w, x, _ = setup
+    out = gptq_quantize(w, hessian_of(x), scheme)
+    stored = pack(out).int_weight()
+    assert torch.equal(stored.q.to(out.q.dtype), out.q)
+    # the kernel stores grouped scales and zeros in fp16: the dequantized weights agree to that rounding
+    torch.testing.assert_close(stored.dequantize(), out.dequantize(), rtol=2e-3, atol=2e-3 * w.abs().max().item())
