@@ -15,7 +15,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from mxmoe.kernels import group_gemm, pack, reference_group_gemm  # noqa: E402
+from mxmoe.kernels import group_gemm, pack, reference_group_gemm, row_amax  # noqa: E402
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
 
@@ -26,8 +26,8 @@ def _offsets(rows: list[int]) -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32)
 
 
-def _compare(x, offsets, packed, ref=None) -> dict:
-    y = group_gemm(x, offsets, packed).float()  # [T, N]
+def _compare(x, offsets, packed, ref=None, **kw) -> dict:
+    y = group_gemm(x, offsets, packed, **kw).float()  # [T, N]
     r = reference_group_gemm(x, offsets, packed) if ref is None else ref
     row_err = (y - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-6)  # [T]
     return {"rel": float((y - r).norm() / r.norm()), "row_rel": float(row_err.max()), "finite": bool(torch.isfinite(y).all())}
@@ -53,6 +53,7 @@ def main() -> None:
     x = torch.randn(sum(rows), 576)
     cases["mixed_fp32"] = _compare(x, _offsets(rows), pws)
     cases["mixed_fp16"] = _compare(x.half(), _offsets(rows), pws)
+    cases["mixed_given_amax"] = _compare(x, _offsets(rows), pws, x_amax=row_amax(x))
     # K = 32: shorter than a K tile and than the group
     rows = [1, 0, 6]
     pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g128_sym"])]

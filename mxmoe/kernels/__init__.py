@@ -4,8 +4,8 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on C
 """
 
 from mxmoe.kernels.configs import TileConfig
-from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm
+from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm, row_amax
 from mxmoe.kernels.pack import PackedWeight, pack
 from mxmoe.kernels.reference import reference_group_gemm
 
-__all__ = ["ExpertGroup", "PackedWeight", "TileConfig", "group_gemm", "pack", "reference_group_gemm"]
+__all__ = ["ExpertGroup", "PackedWeight", "TileConfig", "group_gemm", "pack", "reference_group_gemm", "row_amax"]

@@ -93,6 +93,11 @@ def _check_offsets(offsets: torch.Tensor, t: int, e: int) -> None:
         raise ValueError(f"offsets must rise from 0 to the {t} rows of x, got {o}")
 
 
+def row_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| per row, [T] float32: the per-token statistic the kernel's activation quantizers need."""
+    return x.abs().amax(dim=1).float()
+
+
 def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) -> "list[tuple[Scheme, TileConfig]]":
     """Slots of a launch, heaviest tile first: [(scheme, tile config)] for the schemes in ``group``."""
     configs = configs or {}
@@ -106,13 +111,16 @@ def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) ->
 
 
 def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeight] | ExpertGroup", *,
-               configs: "dict | None" = None, num_warps: "int | None" = None, num_programs: "int | None" = None,
+               x_amax: "torch.Tensor | None" = None, configs: "dict | None" = None,
+               num_warps: "int | None" = None, num_programs: "int | None" = None,
                validate: bool = True) -> torch.Tensor:
     """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]``, one launch.
 
     x: [T, K] (bf16/fp16 on GPU; fp32/fp16 under the CPU interpreter); offsets: [E+1] int rows per
     expert (on x's device); packed: E PackedWeights (any mix of schemes) or an ExpertGroup.
-    Activations are quantized inside the kernel per each expert's scheme. Returns y: [T, N] in x's
+    Activations are quantized inside the kernel per each expert's scheme; per-token schemes need
+    max |x| per row: pass it as ``x_amax`` [T] float32 (e.g. computed in the token gather, see
+    ``row_amax``) or the kernel computes it in an extra pass over K per tile. Returns y: [T, N] in x's
     dtype. ``configs`` maps a scheme (or its string) to a TileConfig; ``validate=False`` skips the
     host read of ``offsets`` (no synchronisation; for timing loops after a validated call).
     """
@@ -129,6 +137,8 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
         _check_offsets(offsets, x.shape[0], len(group))
     check_device(x.is_cuda, torch.cuda.get_device_capability(x.device) if x.is_cuda else None, group.schemes)
     x = x.contiguous()
+    if x_amax is not None and (x_amax.shape != (x.shape[0],) or x_amax.dtype != torch.float32 or x_amax.device != x.device):
+        raise ValueError(f"x_amax must be float32 [T={x.shape[0]}] on {x.device}, got {x_amax.dtype} {tuple(x_amax.shape)}")
     t, e = x.shape[0], len(group)
     y = torch.empty(t, group.n, dtype=x.dtype, device=x.device)
     if t == 0:
@@ -141,12 +151,12 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
     if num_warps is None:
         num_warps = 4 if max(c.bm for c in cfgs) <= 32 else 8
     tk.group_gemm_kernel[(num_programs,)](
-        x, y, offsets.to(torch.int32), group.schedule(slots), group.addr,
+        x, y, x if x_amax is None else x_amax, offsets.to(torch.int32), group.schedule(slots), group.addr,
         e, group.n, group.k, group.k_pad, x.stride(0), y.stride(0),
         KINDS=tuple(kind_of(s) for s in slots), WBITS=tuple(s.w_bits for s in slots),
         ABITS=tuple(s.a_bits for s in slots), GROUPS=tuple(s.group_size for s in slots),
         SYMS=tuple(s.symmetric for s in slots), BMS=tuple(c.bm for c in cfgs), BNS=tuple(c.bn for c in cfgs),
         BKS=tuple(c.bk for c in cfgs), STAGES=tuple(c.stages for c in cfgs), NSLOTS=len(slots),
-        E_PAD=max(16, 1 << (e - 1).bit_length()), INTERPRET=INTERPRET, num_warps=num_warps,
+        E_PAD=max(16, 1 << (e - 1).bit_length()), HAS_AMAX=x_amax is not None, INTERPRET=INTERPRET, num_warps=num_warps,
     )
     return y

@@ -76,8 +76,10 @@ def _load_codes(w_ptr, rk, rn, n_mask, N, KP, WBITS: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
-def _row_absmax(x_rows, m_mask, K, BM: tl.constexpr, BK: tl.constexpr):
-    """Per-row max |x| over all K for the tile's rows: [BM] float32."""
+def _row_amax(x_rows, amax_ptr, rm, m_mask, K, BM: tl.constexpr, BK: tl.constexpr, HAS_AMAX: tl.constexpr):
+    """Per-row max |x| over all K for the tile's rows: [BM] float32, given or from a pass over K."""
+    if HAS_AMAX:
+        return tl.load(amax_ptr + rm, mask=m_mask, other=0.0)
     amax = tl.zeros([BM], dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BK)):
         rk = kt * BK + tl.arange(0, BK)
@@ -87,10 +89,10 @@ def _row_absmax(x_rows, m_mask, K, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _tile(x_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, stride_xm, stride_ym,
+def _tile(x_ptr, y_ptr, amax_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, stride_xm, stride_ym,
           KIND: tl.constexpr, WBITS: tl.constexpr, ABITS: tl.constexpr, GROUP: tl.constexpr,
           SYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-          STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+          STAGES: tl.constexpr, HAS_AMAX: tl.constexpr, INTERPRET: tl.constexpr):
     """One [BM, BN] output tile of one expert (rows row0:row1), specialised on its scheme."""
     mt = tl.cdiv(row1 - row0, BM)
     rm = row0 + (local % mt) * BM + tl.arange(0, BM)  # [BM] rows of x / y
@@ -139,7 +141,7 @@ def _tile(x_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, str
         wp = _as_ptr(w_addr, tl.uint8)
         QMAX: tl.constexpr = (1 << (ABITS - 1)) - 1
         if GROUP < 0:
-            amax = _row_absmax(x_rows, m_mask, K, BM, BK)
+            amax = _row_amax(x_rows, amax_ptr, rm, m_mask, K, BM, BK, HAS_AMAX)
             sx = tl.where(amax > 0, amax / QMAX, 1.0)  # [BM]
             acc_i = tl.zeros([BM, BN], dtype=tl.int32)
         for kt in tl.range(0, nk, num_stages=STAGES):
@@ -161,7 +163,7 @@ def _tile(x_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, str
             acc = acc_i.to(tl.float32) * sx[:, None] * sw[None, :]
     else:  # WA_FP8: per-token e4m3 activations x e4m3 weights
         wp = _as_ptr(w_addr, tl.uint8)
-        amax = _row_absmax(x_rows, m_mask, K, BM, BK)
+        amax = _row_amax(x_rows, amax_ptr, rm, m_mask, K, BM, BK, HAS_AMAX)
         sx = tl.where(amax > 0, amax / 448.0, 1.0)  # [BM]
         for kt in tl.range(0, nk, num_stages=STAGES):
             rk = kt * BK + tl.arange(0, BK)
@@ -180,14 +182,14 @@ def _tile(x_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, str
 
 
 @triton.jit
-def group_gemm_kernel(x_ptr, y_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, stride_xm, stride_ym,
+def group_gemm_kernel(x_ptr, y_ptr, amax_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, stride_xm, stride_ym,
                       KINDS: tl.constexpr, WBITS: tl.constexpr, ABITS: tl.constexpr, GROUPS: tl.constexpr,
                       SYMS: tl.constexpr, BMS: tl.constexpr, BNS: tl.constexpr, BKS: tl.constexpr,
                       STAGES: tl.constexpr, NSLOTS: tl.constexpr, E_PAD: tl.constexpr,
-                      INTERPRET: tl.constexpr):
+                      HAS_AMAX: tl.constexpr, INTERPRET: tl.constexpr):
     """Persistent grouped GEMM over all experts (see module docstring).
 
-    x: [T, K]; y: [T, N]; off: [E+1] int32 row offsets per expert;
+    x: [T, K]; y: [T, N]; amax: [T] float32 max |x| per row (read when HAS_AMAX); off: [E+1] int32;
     sched: [E, 2] int32 (expert, slot) in schedule order; addr: [E, 3] int64 (codes, scale, zero) per expert.
     """
     pid = tl.program_id(0)
@@ -216,6 +218,6 @@ def group_gemm_kernel(x_ptr, y_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, s
         z_addr = tl.load(addr_ptr + e * 3 + 2)
         for s in tl.static_range(NSLOTS):
             if sl == s:
-                _tile(x_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, stride_xm, stride_ym,
+                _tile(x_ptr, y_ptr, amax_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, stride_xm, stride_ym,
                       KINDS[s], WBITS[s], ABITS[s], GROUPS[s], SYMS[s], BMS[s], BNS[s], BKS[s], STAGES[s],
-                      INTERPRET)
+                      HAS_AMAX, INTERPRET)

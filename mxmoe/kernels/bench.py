@@ -1,0 +1,303 @@
+"""GroupGEMM benchmark on real MoE shapes (random weights): ``python -m mxmoe.kernels.bench --out DIR``.
+
+For every model shape (gate_up fused: N = 2I, K = H; down: N = H, K = I) and token count, routed
+rows are split over experts by geometric routing probabilities with max/min ratio ``LOAD_RATIO``
+(assumed, not measured: replace with stage 02's routing profiles when they exist). In one process
+on one GPU it times, with ``triton.testing.do_bench`` medians:
+
+* baselines: torch bf16 grouped GEMM (``grouped_mm``), a per-expert bf16 ``torch.mm`` loop, and
+  torch fp8 ``_scaled_grouped_mm`` on pre-quantized activations (GEMM only: an optimistic baseline);
+* ours: uniform schemes and two mixes, each checked against ``reference_group_gemm`` first.
+
+It measures the roofline (copy bandwidth, bf16/int8/fp8 matmul peaks) in the same run, counts
+kernel launches per grouped GEMM with the profiler, prints a short table and writes
+``DIR/bench_<gpu>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm, row_amax
+from mxmoe.kernels.group_gemm import launch_plan
+from mxmoe.kernels.roofline import measure_roofline, provenance
+from mxmoe.kernels.tune import LARGE, SMALL, best_configs, rows_class, sweep
+from mxmoe.schemes import Scheme
+
+# name: (experts, hidden H, expert intermediate I, top_k)
+MODELS = {
+    "qwen1.5-moe-a2.7b": (60, 2048, 1408, 4),
+    "deepseek-v2-lite": (64, 2048, 1408, 6),
+    "mixtral-8x7b": (8, 4096, 14336, 2),
+    "qwen2-57b-a14b": (64, 3584, 2560, 8),
+    "olmoe-1b-7b": (64, 2048, 1024, 8),
+    "qwen3-30b-a3b": (128, 2048, 768, 8),
+}
+TOKENS = (16, 512, 8192)
+LOAD_RATIO = 8.0  # max/min expert routing probability (assumed)
+DEV = "cuda"
+UNIFORM = {"bf16": "bf16", "w4a16_g128": "w4a16_g128_asym", "w4a16_g-1": "w4a16_g-1_asym",
+           "w8a8_int8": "w8a8_g-1_sym", "w8a8_fp8": "w8a8_g-1_sym_fp8", "w4a4_g-1": "w4a4_g-1_sym"}
+# mixes: (scheme of the heaviest `frac` experts, scheme of the rest); average bits in the name
+MIXES = {"mix4.25_w4a16+w8a8": ("w8a8_g-1_sym", "w4a16_g-1_asym", 1 / 16),
+         "mix5_w4a4+w8a8": ("w8a8_g-1_sym", "w4a4_g-1_sym", 1 / 4)}
+
+
+def expert_loads(tokens: int, experts: int, top_k: int, ratio: float = LOAD_RATIO) -> list[int]:
+    """Rows per expert, heaviest first: tokens*top_k rows by geometric probabilities (max/min = ratio)."""
+    p = torch.tensor([ratio ** (-i / max(experts - 1, 1)) for i in range(experts)], dtype=torch.float64)
+    want = tokens * top_k * p / p.sum()
+    rows = want.floor().long()
+    for i in torch.argsort(want - rows, descending=True)[: tokens * top_k - int(rows.sum())]:
+        rows[i] += 1
+    return [min(int(r), tokens) for r in rows]  # an expert sees each token at most once
+
+
+def _ms(fn) -> float:
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def count_launches(fn) -> int:
+    """Kernels (and memsets/copies) the device runs for one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def edge_check() -> dict:
+    """Six schemes in one launch on an awkward shape (K=576, N=80, experts with 0 and 1 rows), on GPU."""
+    schemes = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g128_sym", "w8a8_g-1_sym_fp8", "w3a16_g128_asym"]
+    rows = [0, 1, 40, 5, 33, 2]
+    offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    pws = [pack(torch.randn(80, 576, device=DEV), s) for s in schemes]
+    x = torch.randn(sum(rows), 576, device=DEV, dtype=torch.bfloat16)
+    out = {"rel_err": _rel(group_gemm(x, offs, pws), reference_group_gemm(x, offs, pws))}
+    for s in ["w2a16_g128_asym", "w8a16_g-1_sym", "w4a8_g-1_sym", "w4a4_g-1_sym", "w4a16_g-1_asym"]:
+        pw = [pack(torch.randn(80, 576, device=DEV), s) for _ in rows]
+        out[s] = _rel(group_gemm(x, offs, pw), reference_group_gemm(x, offs, pw))
+    return out
+
+
+def _baselines(x, offs_host, ends, w, y_loop) -> dict:
+    """Torch timings for one case: {name: (ms, callable)}."""
+    gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    wt = w.transpose(1, 2)  # [E, K, N] column-major view of [E, N, K]
+    lo_hi = [(a, b) for a, b in zip(offs_host, offs_host[1:])]
+
+    def loop():
+        for e, (a, b) in enumerate(lo_hi):
+            if b > a:
+                torch.mm(x[a:b], w[e].t(), out=y_loop[a:b])
+        return y_loop
+
+    out = {"torch_grouped_bf16": lambda: gmm(x, wt, offs=ends), "torch_loop_bf16": loop}
+    if hasattr(torch, "_scaled_grouped_mm"):
+        sx = (x.float().abs().amax(1) / 448).clamp_min(1e-12)  # [T]
+        xq = (x.float() / sx[:, None]).to(torch.float8_e4m3fn)
+        sw = (w.float().abs().amax(2) / 448).clamp_min(1e-12)  # [E, N]
+        wq = (w.float() / sw[:, :, None]).to(torch.float8_e4m3fn)  # [E, N, K]
+        out["torch_scaled_grouped_fp8"] = lambda: torch._scaled_grouped_mm(
+            xq, wq.transpose(1, 2), sx, sw, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=True)
+    return out
+
+
+def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, packs, ceil, count: bool) -> list[dict]:
+    """All variants of one (shape, tokens) case; returns result rows."""
+    e = w.shape[0]
+    rows = expert_loads(tokens, e, top_k)
+    offs_host = [0] + torch.tensor(rows).cumsum(0).tolist()
+    offs = torch.tensor(offs_host, dtype=torch.int32, device=DEV)
+    ends = offs[1:].contiguous()
+    t = offs_host[-1]
+    x = torch.randn(t, k, device=DEV, dtype=torch.bfloat16)
+    flops = 2.0 * t * n * k
+    act_bytes = t * k * 2 + t * n * 2
+    order = sorted(range(e), key=lambda i: -rows[i])
+    assign = {name: [Scheme.parse(s)] * e for name, s in UNIFORM.items()}
+    for name, (hot, cold, frac) in MIXES.items():
+        hot_set = set(order[: max(1, round(frac * e))])
+        assign[name] = [Scheme.parse(hot if i in hot_set else cold) for i in range(e)]
+    out = []
+    base = {"model": model, "gemm": gemm, "tokens": tokens, "rows": t, "experts": e, "N": n, "K": k,
+            "max_rows": max(rows), "min_rows": min(rows), "active_experts": sum(r > 0 for r in rows)}
+    y_loop = torch.empty(t, n, device=DEV, dtype=torch.bfloat16)
+    bl = _baselines(x, offs_host, ends, w, y_loop)
+    ref_bf16 = bl["torch_loop_bf16"]().clone()
+    t_torch = None
+    for name, fn in bl.items():
+        row = dict(base, variant=name, bits=16.0 if "bf16" in name else 8.0)
+        try:
+            row["rel_err_vs_bf16_loop"] = _rel(fn(), ref_bf16)
+            row["ms"] = _ms(fn)
+            row["launches"] = count_launches(fn) if count else None
+        except (RuntimeError, TypeError, ValueError) as err:
+            row["error"] = str(err).splitlines()[0][:300]
+        if name == "torch_grouped_bf16":
+            t_torch = row.get("ms")
+        out.append(row)
+    active = [i for i in range(e) if rows[i] > 0]
+    for name, schemes in assign.items():
+        pws = [packs[(i, s)] for i, s in enumerate(schemes)]
+        group = ExpertGroup(pws)
+        wbytes = sum(pws[i].nbytes for i in active)
+        bits = sum(pw.nbytes for pw in pws) * 8 / (e * n * k)
+        peak = sum(2.0 * rows[i] * n * k / _peak(schemes[i], ceil) for i in active)  # seconds * 1e-12
+        row = dict(base, variant="ours_" + name, bits=round(bits, 3), weight_bytes=wbytes)
+        try:
+            y = group_gemm(x, offs, group)
+            row["rel_err_vs_reference"] = _rel(y, reference_group_gemm(x, offs, pws))
+            fn = lambda: group_gemm(x, offs, group, validate=False)  # noqa: E731
+            row["ms"] = _ms(fn)
+            row["launches"] = count_launches(fn) if count else None
+            row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t)}
+            if any(not s.weight_only for s in schemes):  # per-token max|x| handed over by the token gather
+                amax = row_amax(x)
+                row["ms_given_amax"] = _ms(lambda: group_gemm(x, offs, group, x_amax=amax, validate=False))
+                row["ms_row_amax_torch"] = _ms(lambda: row_amax(x))
+                if t_torch:
+                    row["speedup_given_amax"] = t_torch / row["ms_given_amax"]
+            sec = row["ms"] / 1e3
+            row["weight_GBps"] = wbytes / sec / 1e9
+            row["weight_bw_frac"] = row["weight_GBps"] / (ceil["copy_GBps"])
+            floor = max((wbytes + act_bytes) / (ceil["copy_GBps"] * 1e9), peak / 1e12)
+            row["roofline_frac"] = floor / sec
+        except (RuntimeError, ValueError) as err:
+            row["error"] = str(err).splitlines()[0][:300]
+        out.append(row)
+    for row in out:
+        if "ms" in row:
+            row["TFLOPs"] = flops / (row["ms"] / 1e3) / 1e12
+            if t_torch:
+                row["speedup_vs_torch_bf16"] = t_torch / row["ms"]
+    return out
+
+
+def _peak(s: Scheme, ceil: dict) -> float:
+    """Matmul rate (TFLOP/s) of the unit a scheme's dot runs on."""
+    if s.weight_only:
+        return ceil["bf16_TFLOPs"]
+    return (ceil.get("fp8_TFLOPs") if s.fmt == "fp8" else ceil.get("int8_TOPs")) or ceil["bf16_TFLOPs"]
+
+
+def _packs_for(w: torch.Tensor) -> dict:
+    """Every expert packed in every scheme the variants use: {(expert, Scheme): PackedWeight}."""
+    names = set(UNIFORM.values()) | {s for hot, cold, _ in MIXES.values() for s in (hot, cold)}
+    return {(i, Scheme.parse(s)): pack(w[i], s) for i in range(w.shape[0]) for s in names}
+
+
+def targets(results: list[dict]) -> dict:
+    """The issue's targets, evaluated on this run."""
+    def get(model, tokens, variant, key="speedup_vs_torch_bf16", gemm=None):
+        return [r.get(key) for r in results if r["tokens"] == tokens and r["variant"] == variant
+                and (model is None or r["model"] == model) and (gemm is None or r["gemm"] == gemm) and r.get(key)]
+    bf16 = [r["speedup_vs_torch_bf16"] for r in results if r["variant"] == "ours_bf16" and r.get("speedup_vs_torch_bf16")]
+    out = {"bf16_vs_torch_grouped_min": min(bf16, default=None),
+           "bf16_vs_torch_grouped_median": sorted(bf16)[len(bf16) // 2] if bf16 else None}
+    for m in ("qwen1.5-moe-a2.7b", "deepseek-v2-lite"):
+        out[f"{m}_512_w4a16_g-1_weight_bw_frac"] = get(m, 512, "ours_w4a16_g-1", "weight_bw_frac")
+        out[f"{m}_512_w4a16_g128_weight_bw_frac"] = get(m, 512, "ours_w4a16_g128", "weight_bw_frac")
+        out[f"{m}_512_mix4.25_speedup"] = get(m, 512, "ours_mix4.25_w4a16+w8a8")
+    for v in ("ours_w8a8_int8", "ours_w8a8_fp8", "ours_mix5_w4a4+w8a8"):
+        out[f"8192_{v}_speedup_min"] = min(get(None, 8192, v), default=None)
+    mix5 = {(r["model"], r["gemm"]): r.get("ms") for r in results if r["tokens"] == 8192 and r["variant"] == "ours_mix5_w4a4+w8a8"}
+    w8 = {(r["model"], r["gemm"]): r.get("ms") for r in results if r["tokens"] == 8192 and r["variant"] == "ours_w8a8_int8"}
+    out["8192_mix5_faster_than_w8a8_int8_cases"] = sum(1 for key in mix5 if mix5[key] and w8.get(key) and mix5[key] < w8[key])
+    out["8192_cases"] = len(mix5)
+    out["launches_ours_mixed"] = sorted({r["launches"] for r in results if r["variant"].startswith("ours_mix") and r.get("launches")})
+    return out
+
+
+def main() -> None:
+    """Run the benchmark; see the module docstring."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/kernels")
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    ap.add_argument("--tune-seconds", type=float, default=0.0, help="time budget of the tile-config sweep")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    doc = {"provenance": provenance(), "load_ratio_assumed": LOAD_RATIO, "timer": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms"}
+    doc["roofline"] = measure_roofline()
+    doc["edge_check"] = edge_check()
+    print(json.dumps(doc, indent=1), flush=True)
+    results = []
+    out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for mi, model in enumerate(args.models):
+        e, h, inter, top_k = MODELS[model]
+        for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
+            w = torch.randn(e, n, k, device=DEV, dtype=torch.bfloat16) * 0.02  # [E, N, K]
+            packs = _packs_for(w)
+            for tokens in args.tokens:
+                rows = run_case(model, gemm, n, k, tokens, top_k, w, packs, doc["roofline"], count=(mi == 0))
+                results.extend(rows)
+                _print_case(rows)
+            del w, packs
+            torch.cuda.empty_cache()
+        doc["results"], doc["targets"] = results, targets(results)
+        doc["wall_s"] = round(time.time() - t0, 1)
+        out_path.write_text(json.dumps(doc, indent=1))
+    if args.tune_seconds > 0:
+        doc["tuning"] = tune(time.time() + args.tune_seconds)
+        doc["tuned_best"] = best_configs(doc["tuning"])
+        doc["wall_s"] = round(time.time() - t0, 1)
+        out_path.write_text(json.dumps(doc, indent=1))
+        for scheme, classes in doc["tuned_best"].items():
+            print(scheme, {c: (v["config"], v["num_warps"], round(v["ms"] * 1e3)) for c, v in classes.items()})
+    print(json.dumps(doc["targets"], indent=1))
+    print(f"wrote {out_path} in {time.time() - t0:.0f} s")
+
+
+def tune(deadline: float, model: str = "qwen1.5-moe-a2.7b") -> list[dict]:
+    """Tile sweep on one model's gate_up GEMM for the main schemes at each token count."""
+    e, h, inter, top_k = MODELS[model]
+    n, k = 2 * inter, h
+    w = torch.randn(e, n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+    records = []
+    for scheme in ("w4a16_g-1_asym", "bf16", "w8a8_g-1_sym", "w4a16_g128_asym", "w8a8_g-1_sym_fp8", "w4a4_g-1_sym"):
+        s = Scheme.parse(scheme)
+        group = ExpertGroup([pack(w[i], s) for i in range(e)])
+        for tokens in TOKENS:
+            rows = expert_loads(tokens, e, top_k)
+            offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+            x = torch.randn(sum(rows), k, device=DEV, dtype=torch.bfloat16)
+            cls = rows_class(sum(rows) / e)
+            timings = sweep(x, offs, group, s, LARGE if cls == "gt64" else SMALL, deadline)
+            records.append({"scheme": scheme, "rows_class": cls, "case": f"{model} gate_up T={tokens}",
+                            "timings": timings})
+            print(scheme, tokens, [(tuple(r["config"].values()), r["num_warps"], round(r.get("ms", -1) * 1e3))
+                                   for r in timings], flush=True)
+    return records
+
+
+def _print_case(rows: list[dict]) -> None:
+    r0 = rows[0]
+    cells = []
+    for r in rows:
+        if "ms" in r:
+            cells.append(f"{r['variant'].replace('ours_', '').replace('torch_', 't:')}={r['ms'] * 1e3:.0f}us"
+                         f"({r.get('speedup_vs_torch_bf16', math.nan):.2f}x)")
+        else:
+            cells.append(f"{r['variant']}=ERR")
+    print(f"{r0['model']:18s} {r0['gemm']:7s} T={r0['tokens']:5d} " + " ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
