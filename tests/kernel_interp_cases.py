@@ -15,7 +15,8 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from mxmoe.kernels import group_gemm, pack, reference_group_gemm, row_amax  # noqa: E402
+from mxmoe.kernels import group_gemm, pack, quantize_activations, reference_group_gemm  # noqa: E402
+from mxmoe.kernels.group_gemm import ExpertGroup  # noqa: E402
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
 
@@ -53,7 +54,9 @@ def main() -> None:
     x = torch.randn(sum(rows), 576)
     cases["mixed_fp32"] = _compare(x, _offsets(rows), pws)
     cases["mixed_fp16"] = _compare(x.half(), _offsets(rows), pws)
-    cases["mixed_given_amax"] = _compare(x, _offsets(rows), pws, x_amax=row_amax(x))
+    group = ExpertGroup(pws)  # activations quantized beforehand, as the token gather hands them over
+    x_q = quantize_activations(x, _offsets(rows), group)
+    cases["mixed_given_x_q"] = _compare(x, _offsets(rows), group, reference_group_gemm(x, _offsets(rows), pws), x_q=x_q)
     # K = 32: shorter than a K tile and than the group
     rows = [1, 0, 6]
     pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g128_sym"])]

@@ -4,8 +4,12 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on C
 """
 
 from mxmoe.kernels.configs import TileConfig
-from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm, row_amax
+from mxmoe.kernels.act_quant import QuantizedRows
+from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm, quantize_activations
 from mxmoe.kernels.pack import PackedWeight, pack
 from mxmoe.kernels.reference import reference_group_gemm
 
-__all__ = ["ExpertGroup", "PackedWeight", "TileConfig", "group_gemm", "pack", "reference_group_gemm", "row_amax"]
+__all__ = [
+    "ExpertGroup", "PackedWeight", "QuantizedRows", "TileConfig", "group_gemm", "pack", "quantize_activations",
+    "reference_group_gemm",
+]

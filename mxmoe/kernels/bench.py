@@ -7,7 +7,9 @@ on one GPU it times, with ``triton.testing.do_bench`` medians:
 
 * baselines: torch bf16 grouped GEMM (``grouped_mm``), a per-expert bf16 ``torch.mm`` loop, and
   torch fp8 ``_scaled_grouped_mm`` on pre-quantized activations (GEMM only: an optimistic baseline);
-* ours: uniform schemes and two mixes, each checked against ``reference_group_gemm`` first.
+* ours: uniform schemes and two mixes, each checked against ``reference_group_gemm`` first; the
+  GEMM launch alone (activations quantized beforehand, as the token gather hands them over) and
+  standalone with its activation-quantization launch.
 
 It measures the roofline (copy bandwidth, bf16/int8/fp8 matmul peaks) in the same run, counts
 kernel launches per grouped GEMM with the profiler, prints a short table and writes
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm, row_amax
+from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.group_gemm import launch_plan
 from mxmoe.kernels.roofline import measure_roofline, provenance
 from mxmoe.kernels.tune import LARGE, SMALL, best_configs, rows_class, sweep
@@ -160,18 +162,20 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
         peak = sum(2.0 * rows[i] * n * k / _peak(schemes[i], ceil) for i in active)  # seconds * 1e-12
         row = dict(base, variant="ours_" + name, bits=round(bits, 3), weight_bytes=wbytes)
         try:
-            y = group_gemm(x, offs, group)
+            y = group_gemm(x, offs, group)  # quantizes activations itself when it must
             row["rel_err_vs_reference"] = _rel(y, reference_group_gemm(x, offs, pws))
-            fn = lambda: group_gemm(x, offs, group, validate=False)  # noqa: E731
+            x_q = quantize_activations(x, offs, group)  # as the token gather hands them over
+            fn = lambda: group_gemm(x, offs, group, x_q=x_q, validate=False)  # noqa: E731
             row["ms"] = _ms(fn)
             row["launches"] = count_launches(fn) if count else None
             row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t)}
-            if any(not s.weight_only for s in schemes):  # per-token max|x| handed over by the token gather
-                amax = row_amax(x)
-                row["ms_given_amax"] = _ms(lambda: group_gemm(x, offs, group, x_amax=amax, validate=False))
-                row["ms_row_amax_torch"] = _ms(lambda: row_amax(x))
+            if any(not s.weight_only for s in schemes):  # standalone: quantize + GEMM, two launches
+                full = lambda: group_gemm(x, offs, group, validate=False)  # noqa: E731
+                row["ms_with_act_quant"] = _ms(full)
+                row["ms_act_quant"] = _ms(lambda: quantize_activations(x, offs, group))
+                row["launches_with_act_quant"] = count_launches(full) if count else None
                 if t_torch:
-                    row["speedup_given_amax"] = t_torch / row["ms_given_amax"]
+                    row["speedup_with_act_quant"] = t_torch / row["ms_with_act_quant"]
             sec = row["ms"] / 1e3
             row["weight_GBps"] = wbytes / sec / 1e9
             row["weight_bw_frac"] = row["weight_GBps"] / (ceil["copy_GBps"])
@@ -215,6 +219,7 @@ def targets(results: list[dict]) -> dict:
         out[f"{m}_512_mix4.25_speedup"] = get(m, 512, "ours_mix4.25_w4a16+w8a8")
     for v in ("ours_w8a8_int8", "ours_w8a8_fp8", "ours_mix5_w4a4+w8a8"):
         out[f"8192_{v}_speedup_min"] = min(get(None, 8192, v), default=None)
+        out[f"8192_{v}_speedup_with_act_quant_min"] = min(get(None, 8192, v, "speedup_with_act_quant"), default=None)
     mix5 = {(r["model"], r["gemm"]): r.get("ms") for r in results if r["tokens"] == 8192 and r["variant"] == "ours_mix5_w4a4+w8a8"}
     w8 = {(r["model"], r["gemm"]): r.get("ms") for r in results if r["tokens"] == 8192 and r["variant"] == "ours_w8a8_int8"}
     out["8192_mix5_faster_than_w8a8_int8_cases"] = sum(1 for key in mix5 if mix5[key] and w8.get(key) and mix5[key] < w8[key])
@@ -230,6 +235,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     ap.add_argument("--tune-seconds", type=float, default=0.0, help="time budget of the tile-config sweep")
+    ap.add_argument("--deadline-seconds", type=float, default=1e9, help="skip the remaining cases after this")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -238,6 +244,8 @@ def main() -> None:
     doc["edge_check"] = edge_check()
     print(json.dumps(doc, indent=1), flush=True)
     results = []
+    doc["ms_note"] = ("ours: GEMM launch alone, rows of weight-activation experts quantized beforehand as the token "
+                      "gather hands them over; ms_with_act_quant: group_gemm quantizing them itself (two launches)")
     out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for mi, model in enumerate(args.models):
@@ -246,6 +254,9 @@ def main() -> None:
             w = torch.randn(e, n, k, device=DEV, dtype=torch.bfloat16) * 0.02  # [E, N, K]
             packs = _packs_for(w)
             for tokens in args.tokens:
+                if time.time() - t0 > args.deadline_seconds:
+                    print(f"deadline: skipped {model} {gemm} T={tokens}", flush=True)
+                    continue
                 rows = run_case(model, gemm, n, k, tokens, top_k, w, packs, doc["roofline"], count=(mi == 0))
                 results.extend(rows)
                 _print_case(rows)

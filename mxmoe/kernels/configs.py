@@ -37,19 +37,23 @@ def check_config(s: Scheme, c: TileConfig) -> None:
     for name, v in (("bm", c.bm), ("bn", c.bn), ("bk", c.bk)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"tile {name}={v} for '{s}' must be a power of two >= 16")
-    if not s.is_full_precision and PACK_K % c.bk:
-        raise ValueError(f"tile bk={c.bk} for '{s}' must divide the packing block {PACK_K}")
-    if kind_of(s) == tk.WA_INT and s.group_size > 0 and c.bk != s.group_size:
-        raise ValueError(f"tile bk={c.bk} for '{s}' must equal its activation group {s.group_size}")
+    if not s.is_full_precision and c.bk != PACK_K:
+        raise ValueError(f"tile bk={c.bk} for '{s}': packed weights are read in K blocks of {PACK_K}")
 
 
 def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
-    """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average."""
+    """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average.
+
+    Seeded from the sweep on an H200 (results/kernels/bench_NVIDIA_H200.json, ``tuning``)."""
     if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
-        return TileConfig(32, 32, 128 if kind_of(s) == tk.WA_INT and s.group_size > 0 else 64, 1)
+        return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1)
     bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
-    bk = 128 if kind_of(s) in (tk.WA_INT, tk.WA_FP8) else 64  # 16-bit dots: a [64, 128] dequantised tile
-    return TileConfig(bm, 128, bk, 3 if bm >= 128 else 4)
+    kind = kind_of(s)
+    if kind == tk.BF16:
+        return TileConfig(bm, 256 if bm >= 128 else 128, 64, 3 if bm >= 128 else 4)
+    if kind in (tk.WA_INT, tk.WA_FP8):
+        return TileConfig(bm, 256 if bm >= 128 else 128, PACK_K, 2 if bm >= 128 else 3)
+    return TileConfig(bm, 128, PACK_K, 3 if bm >= 64 else 4)
 
 
 def tile_cost(s: Scheme, c: TileConfig, k: int) -> float:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from mxmoe.kernels import triton_kernel as tk
+from mxmoe.kernels.act_quant import QuantizedRows, quantize_rows
 from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, tile_cost
 from mxmoe.kernels.pack import PackedWeight
 from mxmoe.schemes import Scheme
@@ -44,6 +45,9 @@ class ExpertGroup:
         addr = [[pw.data.data_ptr(), *(t.data_ptr() if t is not None else 0 for t in (pw.scale, pw.zero))]
                 for pw in packed]
         self.addr = torch.tensor(addr, dtype=torch.int64, device=dev)  # [E, 3]
+        self.act_schemes = tuple(s for s in self.schemes if not s.weight_only)  # activation quantizers
+        self.act_slot = torch.tensor([self.act_schemes.index(pw.scheme) if not pw.scheme.weight_only else -1
+                                      for pw in packed], dtype=torch.int32, device=dev)  # [E]
         self._sched: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -93,9 +97,9 @@ def _check_offsets(offsets: torch.Tensor, t: int, e: int) -> None:
         raise ValueError(f"offsets must rise from 0 to the {t} rows of x, got {o}")
 
 
-def row_amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| per row, [T] float32: the per-token statistic the kernel's activation quantizers need."""
-    return x.abs().amax(dim=1).float()
+def quantize_activations(x: torch.Tensor, offsets: torch.Tensor, group: ExpertGroup) -> QuantizedRows:
+    """Quantize the rows of ``group``'s weight-activation experts (one launch; nothing to do without any)."""
+    return quantize_rows(x, offsets.to(torch.int32), group.act_slot, group.act_schemes, INTERPRET)
 
 
 def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) -> "list[tuple[Scheme, TileConfig]]":
@@ -111,17 +115,17 @@ def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) ->
 
 
 def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeight] | ExpertGroup", *,
-               x_amax: "torch.Tensor | None" = None, configs: "dict | None" = None,
+               x_q: "QuantizedRows | None" = None, configs: "dict | None" = None,
                num_warps: "int | None" = None, num_programs: "int | None" = None,
                validate: bool = True) -> torch.Tensor:
     """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]``, one launch.
 
     x: [T, K] (bf16/fp16 on GPU; fp32/fp16 under the CPU interpreter); offsets: [E+1] int rows per
     expert (on x's device); packed: E PackedWeights (any mix of schemes) or an ExpertGroup.
-    Activations are quantized inside the kernel per each expert's scheme; per-token schemes need
-    max |x| per row: pass it as ``x_amax`` [T] float32 (e.g. computed in the token gather, see
-    ``row_amax``) or the kernel computes it in an extra pass over K per tile. Returns y: [T, N] in x's
-    dtype. ``configs`` maps a scheme (or its string) to a TileConfig; ``validate=False`` skips the
+    Rows of weight-activation experts are quantized per each expert's scheme once, by
+    ``quantize_activations`` (a second launch), unless the caller hands them over as ``x_q`` (the
+    token gather of an MoE layer produces them in passing): then the GEMM is one launch.
+    Returns y: [T, N] in x's dtype. ``configs`` maps a scheme (or its string) to a TileConfig; ``validate=False`` skips the
     host read of ``offsets`` (no synchronisation; for timing loops after a validated call).
     """
     group = packed if isinstance(packed, ExpertGroup) else ExpertGroup(packed)
@@ -137,8 +141,12 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
         _check_offsets(offsets, x.shape[0], len(group))
     check_device(x.is_cuda, torch.cuda.get_device_capability(x.device) if x.is_cuda else None, group.schemes)
     x = x.contiguous()
-    if x_amax is not None and (x_amax.shape != (x.shape[0],) or x_amax.dtype != torch.float32 or x_amax.device != x.device):
-        raise ValueError(f"x_amax must be float32 [T={x.shape[0]}] on {x.device}, got {x_amax.dtype} {tuple(x_amax.shape)}")
+    offsets = offsets.to(torch.int32)
+    if x_q is None:
+        x_q = quantize_activations(x, offsets, group)
+    elif x_q.q.shape != x.shape or x_q.scale.shape != (x.shape[0], -(-group.k // 128)):
+        raise ValueError(f"x_q must hold q [T, K] = {tuple(x.shape)} and scale [T, {-(-group.k // 128)}], "
+                         f"got {tuple(x_q.q.shape)} and {tuple(x_q.scale.shape)}")
     t, e = x.shape[0], len(group)
     y = torch.empty(t, group.n, dtype=x.dtype, device=x.device)
     if t == 0:
@@ -151,12 +159,12 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
     if num_warps is None:
         num_warps = 4 if max(c.bm for c in cfgs) <= 32 else 8
     tk.group_gemm_kernel[(num_programs,)](
-        x, y, x if x_amax is None else x_amax, offsets.to(torch.int32), group.schedule(slots), group.addr,
-        e, group.n, group.k, group.k_pad, x.stride(0), y.stride(0),
+        x, x_q.q, x_q.scale, y, offsets, group.schedule(slots), group.addr,
+        e, group.n, group.k, group.k_pad, x_q.scale.shape[1], x.stride(0), y.stride(0),
         KINDS=tuple(kind_of(s) for s in slots), WBITS=tuple(s.w_bits for s in slots),
-        ABITS=tuple(s.a_bits for s in slots), GROUPS=tuple(s.group_size for s in slots),
+        GROUPS=tuple(s.group_size for s in slots),
         SYMS=tuple(s.symmetric for s in slots), BMS=tuple(c.bm for c in cfgs), BNS=tuple(c.bn for c in cfgs),
         BKS=tuple(c.bk for c in cfgs), STAGES=tuple(c.stages for c in cfgs), NSLOTS=len(slots),
-        E_PAD=max(16, 1 << (e - 1).bit_length()), HAS_AMAX=x_amax is not None, INTERPRET=INTERPRET, num_warps=num_warps,
+        E_PAD=max(16, 1 << (e - 1).bit_length()), INTERPRET=INTERPRET, num_warps=num_warps,
     )
     return y

@@ -42,6 +42,8 @@ def check_kernel_scheme(s: Scheme) -> None:
     """Raise ValueError for a scheme the kernel cannot run (checked at pack time)."""
     if s.is_full_precision:
         return
+    if s.fmt == "fp8" and s.group_size != -1:
+        raise ValueError(f"scheme '{s}': fp8 weights are scaled per channel (g-1) in the kernel")
     if s.group_size > 0 and s.group_size % PACK_K:
         raise ValueError(f"scheme '{s}': the kernel takes group sizes -1 or multiples of {PACK_K}")
     if not s.weight_only:

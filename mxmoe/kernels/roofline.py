@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 
@@ -19,10 +20,12 @@ def provenance() -> dict:
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         smi = "nvidia-smi unavailable"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = os.environ.get("MXMOE_COMMIT")  # set by whoever ships the tree to a machine without its git history
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
     return {
         "device": dev.name, "sm": f"{dev.major}.{dev.minor}", "multiprocessors": dev.multi_processor_count,
         "memory_gib": round(dev.total_memory / 2**30, 1), "nvidia_smi": smi, "cuda": torch.version.cuda,

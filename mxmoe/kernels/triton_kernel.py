@@ -7,25 +7,30 @@ program computes the tiles per expert as a vector, takes a prefix sum, and finds
 counting prefix sums below it.
 
 Each scheme present in a launch is a *slot*: its parameters are compile-time constants, so each
-slot's tile loop is a specialised code path (its own tile shape, dequantisation and dot type),
-chosen at run time by a branch on the tile's slot. All slots share ``num_warps``.
+slot's tile loop is a specialised code path (its own tile shape, unpacking and dot type), chosen
+at run time by a branch on the tile's slot. All slots share ``num_warps``.
 
 Slot kinds:
   BF16    bf16 weight, dot in the activation dtype
-  W_INT   b-bit integer weight unpacked in registers, ``(u - off) * s + z``, 16-bit dot
-  W_FP8   e4m3 weight upcast, 16-bit dot
-  WA_INT  integer weight and per-token (or per token-and-group) int activations, int8 dot
-  WA_FP8  e4m3 weight and per-token e4m3 activations, fp8 dot
+  W_INT   b-bit integer weight, bf16 dot on the integer values q; scale and zero point applied to
+          the accumulator (``y = s * x.q + z * sum(x)`` per group)
+  W_FP8   e4m3 weight upcast to 16 bits, scale on the accumulator
+  WA_INT  integer weight x int8 activations (quantized per row by act_quant.py), int8 dot
+  WA_FP8  e4m3 weight x e4m3 activations, fp8 dot
 
-Under ``TRITON_INTERPRET=1`` (CPU) dots run in float32 on exactly representable values:
-the interpreter's bf16 arithmetic and float->fp8 rounding are wrong, so both are emulated.
+Packed weights are read one 128-long K block at a time: each bit plane's bytes are loaded once and
+unpacked with compile-time shifts into slices of ``16 * widest plane`` K rows (64 rows for 4-bit),
+one dot per slice, so no byte is loaded twice. Codes become bf16 without an int->float convert:
+``bits(0x4300 | u) = 128 + u`` for ``u < 128``, then one exact bf16 subtraction.
+
+Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
+values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 BF16, W_INT, W_FP8, WA_INT, WA_FP8 = 0, 1, 2, 3, 4
 
@@ -37,160 +42,173 @@ def _as_ptr(addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rne(v, INTERPRET: tl.constexpr):
-    """Round half to even (torch.round), float32."""
-    if INTERPRET:
-        return (v + 12582912.0) - 12582912.0  # exact for |v| < 2^22
+def _plane(w_ptr, kb, rn, n_mask, N, KP, WBITS: tl.constexpr, P: tl.constexpr):
+    """Bytes [16 P, BN] (int32) of the P-bit plane for 128-long K block kb; 0 when WBITS has no such plane."""
+    if (WBITS & P) != 0:
+        LOW: tl.constexpr = WBITS & ~(2 * P - 1)  # code bits held by wider planes
+        plane = w_ptr + (N * KP // 8) * LOW  # [N, KP * P / 8] bytes
+        ptrs = plane + rn[None, :] * (KP * P // 8) + kb * (16 * P) + tl.arange(0, 16 * P)[:, None]
+        return tl.load(ptrs, mask=n_mask[None, :], other=0).to(tl.int32)
     else:
-        return libdevice.rint(v)
+        return 0
 
 
 @triton.jit
-def _fp8_grid(v, INTERPRET: tl.constexpr):
-    """v: float32 in [-448, 448] -> e4m3 (float8e4nv on GPU; its float32 value when interpreting)."""
-    if INTERPRET:
-        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        ulp = ((tl.maximum(e, -6) + 124) << 23).to(tl.float32, bitcast=True)  # 2^(max(e,-6)-3)
-        return _rne(v / ulp, INTERPRET) * ulp
+def _field(b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr):
+    """Rows [j CW, (j+1) CW) of the P-bit plane field of the code, shifted into place: [CW, BN] int32."""
+    if (WBITS & P) == 0:
+        return 0
     else:
-        return v.to(tl.float8e4nv)
+        LOW: tl.constexpr = WBITS & ~(2 * P - 1)
+        C: tl.constexpr = 16 * P
+        if C == CW:
+            return ((b >> (j * P)) & ((1 << P) - 1)) << LOW
+        else:  # a narrower plane: this slice spans CW // C of its byte blocks, each at its own shift
+            R: tl.constexpr = CW // C
+            t = (b[None, :, :] >> ((j * R + tl.arange(0, R)) * P)[:, None, None]) & ((1 << P) - 1)  # [R, C, BN]
+            return tl.reshape(t, [CW, BN]) << LOW
 
 
 @triton.jit
-def _load_codes(w_ptr, rk, rn, n_mask, N, KP, WBITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """Codes u [BK, BN] (int32) of K rows ``rk`` and columns ``rn`` from the bit-plane layout (pack.py)."""
-    blk = rk // 128
-    r = rk % 128
-    u = tl.zeros([BK, BN], dtype=tl.int32)
-    for i in tl.static_range(4):
-        P = 8 >> i  # plane width (compile-time)
-        if (WBITS & P) != 0:
-            LOW = WBITS & ~(2 * P - 1)  # code bits held by wider planes
-            C = 16 * P  # bytes per 128-long K block in this plane
-            plane = w_ptr + (N * KP // 8) * LOW  # [N, KP * P / 8] bytes
-            byte = blk * C + r % C  # [BK]
-            ptrs = plane + rn[None, :] * (KP * P // 8) + byte[:, None]
-            b = tl.load(ptrs, mask=n_mask[None, :], other=0).to(tl.int32)  # [BK, BN]
-            u |= ((b >> ((r // C) * P)[:, None]) & ((1 << P) - 1)) << LOW
+def _codes(b8, b4, b2, b1, j: tl.constexpr, WBITS: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr):
+    """Codes u [CW, BN] int32 of slice j from the bytes of each present plane."""
+    u = tl.zeros([CW, BN], dtype=tl.int32)
+    u |= _field(b8, j, WBITS, 8, CW, BN)
+    u |= _field(b4, j, WBITS, 4, CW, BN)
+    u |= _field(b2, j, WBITS, 2, CW, BN)
+    u |= _field(b1, j, WBITS, 1, CW, BN)
     return u
 
 
 @triton.jit
-def _row_amax(x_rows, amax_ptr, rm, m_mask, K, BM: tl.constexpr, BK: tl.constexpr, HAS_AMAX: tl.constexpr):
-    """Per-row max |x| over all K for the tile's rows: [BM] float32, given or from a pass over K."""
-    if HAS_AMAX:
-        return tl.load(amax_ptr + rm, mask=m_mask, other=0.0)
-    amax = tl.zeros([BM], dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BK)):
-        rk = kt * BK + tl.arange(0, BK)
-        a = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
-    return amax
+def _load_x(ptr, rm, m_mask, stride, k0, K, W: tl.constexpr):
+    """Rows rm, columns k0 .. k0 + W (zero past K) of a row-major [T, stride] matrix: [BM, W]."""
+    rk = k0 + tl.arange(0, W)
+    return tl.load(ptr + rm.to(tl.int64)[:, None] * stride + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K), other=0)
 
 
 @triton.jit
-def _tile(x_ptr, y_ptr, amax_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, stride_xm, stride_ym,
-          KIND: tl.constexpr, WBITS: tl.constexpr, ABITS: tl.constexpr, GROUP: tl.constexpr,
-          SYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-          STAGES: tl.constexpr, HAS_AMAX: tl.constexpr, INTERPRET: tl.constexpr):
+def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, NG, stride_xm,
+          stride_ym, KIND: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr):
     """One [BM, BN] output tile of one expert (rows row0:row1), specialised on its scheme."""
     mt = tl.cdiv(row1 - row0, BM)
     rm = row0 + (local % mt) * BM + tl.arange(0, BM)  # [BM] rows of x / y
     rn = (local // mt) * BN + tl.arange(0, BN)  # [BN] output columns
     m_mask = rm < row1
     n_mask = rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     cdt: tl.constexpr = tl.float32 if INTERPRET else x_ptr.dtype.element_ty  # 16-bit dot operand type
-    nk = tl.cdiv(K, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
 
-    if KIND == 0:  # BF16
-        wp = _as_ptr(w_addr, tl.bfloat16)
-        w_cols = wp + rn.to(tl.int64)[None, :] * K  # [1, BN]
-        for kt in tl.range(0, nk, num_stages=STAGES):
+    if KIND == 0:  # BF16: w [N, K]
+        w_cols = _as_ptr(w_addr, tl.bfloat16) + rn.to(tl.int64)[None, :] * K  # [1, BN]
+        for kt in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES):
             rk = kt * BK + tl.arange(0, BK)
-            k_mask = rk < K
-            a = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_cols + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            a = _load_x(x_ptr, rm, m_mask, stride_xm, kt * BK, K, BK)
+            b = tl.load(w_cols + rk[:, None], mask=(rk[:, None] < K) & n_mask[None, :], other=0.0)
             acc = tl.dot(a.to(cdt), b.to(cdt), acc)
-    elif KIND == 1 or KIND == 2:  # W_INT, W_FP8: dequantise in registers, 16-bit dot
+    else:
         wp = _as_ptr(w_addr, tl.uint8)
-        if GROUP < 0:
-            sc = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)  # [BN]
-            if not SYM:
-                zr = tl.load(_as_ptr(z_addr, tl.float32) + rn, mask=n_mask, other=0.0)
-        for kt in tl.range(0, nk, num_stages=STAGES):
-            rk = kt * BK + tl.arange(0, BK)
-            a = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K), other=0.0)
-            if GROUP > 0:
-                g = (kt * BK) // GROUP
-                sc = tl.load(_as_ptr(s_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                if not SYM:
-                    zr = tl.load(_as_ptr(z_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-            if KIND == 2:
-                u = _load_codes(wp, rk, rn, n_mask, N, KP, 8, BK, BN)
-                w = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[None, :]
-            else:
-                u = _load_codes(wp, rk, rn, n_mask, N, KP, WBITS, BK, BN)
-                if SYM:
-                    w = (u - (1 << (WBITS - 1))).to(tl.float32) * sc[None, :]
+        CW: tl.constexpr = 128 if WBITS >= 8 else 64 if WBITS >= 4 else 32 if WBITS >= 2 else 16  # K rows per slice
+        NSL: tl.constexpr = 128 // CW  # slices per 128-long K block
+        if KIND == 1 or KIND == 2:  # W_INT, W_FP8: 16-bit dots on exact integer / e4m3 values, scales after
+            OFF: tl.constexpr = (1 << (WBITS - 1)) if SYM else 0  # q = u - OFF
+            xsum = tl.zeros([BM], dtype=tl.float32)  # sum of x per row, for the zero point (asym)
+            for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
+                b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8)
+                b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4)
+                b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2)
+                b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1)
+                if GROUP > 0:
+                    part = tl.zeros([BM, BN], dtype=tl.float32)
+                    psum = tl.zeros([BM], dtype=tl.float32)
                 else:
-                    w = u.to(tl.float32) * sc[None, :] + zr[None, :]
-            acc = tl.dot(a.to(cdt), w.to(cdt), acc)
-    elif KIND == 3:  # WA_INT: int activations x int weights, int8 dot
-        wp = _as_ptr(w_addr, tl.uint8)
-        QMAX: tl.constexpr = (1 << (ABITS - 1)) - 1
-        if GROUP < 0:
-            amax = _row_amax(x_rows, amax_ptr, rm, m_mask, K, BM, BK, HAS_AMAX)
-            sx = tl.where(amax > 0, amax / QMAX, 1.0)  # [BM]
-            acc_i = tl.zeros([BM, BN], dtype=tl.int32)
-        for kt in tl.range(0, nk, num_stages=STAGES):
-            rk = kt * BK + tl.arange(0, BK)
-            a = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K), other=0.0).to(tl.float32)
-            if GROUP > 0:  # one activation group per K tile (BK == GROUP)
-                gmax = tl.max(tl.abs(a), axis=1)
-                sx = tl.where(gmax > 0, gmax / QMAX, 1.0)
-            qa = _rne(tl.math.div_rn(a, sx[:, None]), INTERPRET)
-            qa = tl.minimum(tl.maximum(qa, -QMAX), QMAX).to(tl.int8)  # [BM, BK]
-            qw = (_load_codes(wp, rk, rn, n_mask, N, KP, WBITS, BK, BN) - (1 << (WBITS - 1))).to(tl.int8)
-            if GROUP > 0:
-                sw = tl.load(_as_ptr(s_addr, tl.float16) + (kt * BK // GROUP) * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                acc += tl.dot(qa, qw, out_dtype=tl.int32).to(tl.float32) * sx[:, None] * sw[None, :]
-            else:
-                acc_i = tl.dot(qa, qw, acc_i, out_dtype=tl.int32)
-        if GROUP < 0:
-            sw = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
-            acc = acc_i.to(tl.float32) * sx[:, None] * sw[None, :]
-    else:  # WA_FP8: per-token e4m3 activations x e4m3 weights
-        wp = _as_ptr(w_addr, tl.uint8)
-        amax = _row_amax(x_rows, amax_ptr, rm, m_mask, K, BM, BK, HAS_AMAX)
-        sx = tl.where(amax > 0, amax / 448.0, 1.0)  # [BM]
-        for kt in tl.range(0, nk, num_stages=STAGES):
-            rk = kt * BK + tl.arange(0, BK)
-            a = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K), other=0.0).to(tl.float32)
-            v = tl.minimum(tl.maximum(tl.math.div_rn(a, sx[:, None]), -448.0), 448.0)
-            qa = _fp8_grid(v, INTERPRET)
-            qw = tl.load(wp + rn[None, :] * KP + rk[:, None], mask=n_mask[None, :], other=0).to(tl.float8e4nv, bitcast=True)
-            if INTERPRET:
-                qw = qw.to(tl.float32)
-            acc = tl.dot(qa, qw, acc)
-        sw = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
-        acc = acc * sx[:, None] * sw[None, :]
+                    part = acc
+                    psum = xsum
+                for j in tl.static_range(NSL):
+                    a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW)
+                    u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN)  # [CW, BN]
+                    if KIND == 2:
+                        w = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(cdt)
+                    elif WBITS < 8:  # bits(0x4300 | u) is the bf16 value 128 + u: no int->float convert
+                        wb = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                        if INTERPRET:
+                            w = wb.to(tl.float32) - (128 + OFF)
+                        else:
+                            w = (wb - (128 + OFF)).to(cdt)
+                    else:
+                        w = (u - OFF).to(cdt)
+                    part = tl.dot(a.to(cdt), w, part)
+                    if not SYM:
+                        psum += tl.sum(a.to(tl.float32), axis=1)
+                if GROUP > 0:
+                    g = kb * 128 // GROUP
+                    sc = tl.load(_as_ptr(s_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += part * sc[None, :]
+                    if not SYM:
+                        zr = tl.load(_as_ptr(z_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+                        acc += psum[:, None] * zr[None, :]
+                else:
+                    acc = part
+                    xsum = psum
+            if GROUP < 0:
+                sc = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
+                acc = acc * sc[None, :]
+                if not SYM:
+                    zr = tl.load(_as_ptr(z_addr, tl.float32) + rn, mask=n_mask, other=0.0)
+                    acc += xsum[:, None] * zr[None, :]
+        else:  # WA_INT, WA_FP8: activations pre-quantized per row into xq (codes) and xs (scales)
+            if KIND == 3:
+                acc_i = tl.zeros([BM, BN], dtype=tl.int32)
+            for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
+                b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8)
+                b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4)
+                b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2)
+                b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1)
+                if GROUP > 0:
+                    part_i = tl.zeros([BM, BN], dtype=tl.int32)
+                for j in tl.static_range(NSL):
+                    qa = _load_x(xq_ptr, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW] uint8
+                    u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN)  # [CW, BN]
+                    if KIND == 4:
+                        qa = qa.to(tl.float8e4nv, bitcast=True)
+                        qw = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+                        if INTERPRET:
+                            qa = qa.to(tl.float32)
+                            qw = qw.to(tl.float32)
+                        acc = tl.dot(qa, qw, acc)
+                    else:
+                        qa = qa.to(tl.int8, bitcast=True)
+                        qw = (u - (1 << (WBITS - 1))).to(tl.int8)
+                        if GROUP > 0:
+                            part_i = tl.dot(qa, qw, part_i, out_dtype=tl.int32)
+                        else:
+                            acc_i = tl.dot(qa, qw, acc_i, out_dtype=tl.int32)
+                if GROUP > 0:  # one activation and weight group per 128-long K block
+                    sx = tl.load(xs_ptr + rm.to(tl.int64) * NG + kb, mask=m_mask, other=0.0)
+                    sw = tl.load(_as_ptr(s_addr, tl.float16) + kb * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += part_i.to(tl.float32) * sx[:, None] * sw[None, :]
+            if GROUP < 0:
+                sx = tl.load(xs_ptr + rm.to(tl.int64) * NG, mask=m_mask, other=0.0)
+                sw = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
+                if KIND == 3:
+                    acc = acc_i.to(tl.float32)
+                acc = acc * sx[:, None] * sw[None, :]
 
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def group_gemm_kernel(x_ptr, y_ptr, amax_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, stride_xm, stride_ym,
-                      KINDS: tl.constexpr, WBITS: tl.constexpr, ABITS: tl.constexpr, GROUPS: tl.constexpr,
+def group_gemm_kernel(x_ptr, xq_ptr, xs_ptr, y_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, NG, stride_xm,
+                      stride_ym, KINDS: tl.constexpr, WBITS: tl.constexpr, GROUPS: tl.constexpr,
                       SYMS: tl.constexpr, BMS: tl.constexpr, BNS: tl.constexpr, BKS: tl.constexpr,
-                      STAGES: tl.constexpr, NSLOTS: tl.constexpr, E_PAD: tl.constexpr,
-                      HAS_AMAX: tl.constexpr, INTERPRET: tl.constexpr):
+                      STAGES: tl.constexpr, NSLOTS: tl.constexpr, E_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """Persistent grouped GEMM over all experts (see module docstring).
 
-    x: [T, K]; y: [T, N]; amax: [T] float32 max |x| per row (read when HAS_AMAX); off: [E+1] int32;
-    sched: [E, 2] int32 (expert, slot) in schedule order; addr: [E, 3] int64 (codes, scale, zero) per expert.
+    x: [T, K] 16-bit; xq: [T, K] uint8 quantized rows and xs: [T, NG] float32 their scales (rows of
+    weight-activation experts); y: [T, N]; off: [E+1] int32; sched: [E, 2] int32 (expert, slot) in
+    schedule order; addr: [E, 3] int64 (codes, scale, zero) per expert.
     """
     pid = tl.program_id(0)
     pos = tl.arange(0, E_PAD)
@@ -218,6 +236,6 @@ def group_gemm_kernel(x_ptr, y_ptr, amax_ptr, off_ptr, sched_ptr, addr_ptr, E, N
         z_addr = tl.load(addr_ptr + e * 3 + 2)
         for s in tl.static_range(NSLOTS):
             if sl == s:
-                _tile(x_ptr, y_ptr, amax_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, stride_xm, stride_ym,
-                      KINDS[s], WBITS[s], ABITS[s], GROUPS[s], SYMS[s], BMS[s], BNS[s], BKS[s], STAGES[s],
-                      HAS_AMAX, INTERPRET)
+                _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, NG,
+                      stride_xm, stride_ym, KINDS[s], WBITS[s], GROUPS[s], SYMS[s], BMS[s], BNS[s], BKS[s],
+                      STAGES[s], INTERPRET)

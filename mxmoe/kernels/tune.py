@@ -13,14 +13,14 @@ import torch
 from triton.testing import do_bench
 
 from mxmoe.kernels.configs import TileConfig, check_config
-from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm
+from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm, quantize_activations
 from mxmoe.schemes import Scheme
 
 # (bm, bn, bk, stages, num_warps): memory-bound (few rows per expert) and compute-bound candidates
-SMALL = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 128, 64, 4, 4), (16, 256, 64, 3, 4),
-         (32, 128, 128, 4, 4), (32, 64, 128, 5, 4), (64, 128, 64, 4, 8), (64, 128, 128, 3, 8), (64, 256, 64, 3, 8)]
-LARGE = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 128, 128, 3, 8), (64, 256, 64, 4, 8),
-         (128, 256, 128, 2, 8), (64, 128, 128, 4, 4)]
+# (bk applies to bf16 only: packed weights are read in K blocks of 128)
+SMALL = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 256, 64, 3, 4), (32, 128, 128, 4, 4),
+         (64, 128, 64, 4, 8), (64, 128, 128, 3, 8), (64, 256, 64, 3, 8)]
+LARGE = [(128, 128, 128, 3, 8), (128, 256, 64, 3, 8), (128, 256, 128, 2, 8), (64, 256, 64, 4, 8)]
 
 
 def rows_class(rows_per_expert: float) -> str:
@@ -34,16 +34,20 @@ def rows_class(rows_per_expert: float) -> str:
 def sweep(x: torch.Tensor, offsets: torch.Tensor, group: ExpertGroup, scheme: Scheme,
           candidates, deadline: float) -> list[dict]:
     """Time ``group_gemm`` with each candidate config for ``scheme`` until ``deadline`` (time.time())."""
-    out = []
+    out, seen = [], set()
+    x_q = quantize_activations(x, offsets, group)
     for bm, bn, bk, st, nw in candidates:
+        if (bm, bn, bk if scheme.is_full_precision else 128, st, nw) in seen:
+            continue
+        seen.add((bm, bn, bk if scheme.is_full_precision else 128, st, nw))
         if time.time() > deadline:
             break
-        cfg = TileConfig(bm, bn, bk, st)
+        cfg = TileConfig(bm, bn, bk if scheme.is_full_precision else 128, st)
         try:
             check_config(scheme, cfg)
         except ValueError:
             continue
-        fn = lambda: group_gemm(x, offsets, group, configs={scheme: cfg}, num_warps=nw, validate=False)  # noqa: E731
+        fn = lambda: group_gemm(x, offsets, group, x_q=x_q, configs={scheme: cfg}, num_warps=nw, validate=False)  # noqa: E731
         t0 = time.time()
         try:
             fn()
