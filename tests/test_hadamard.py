@@ -12,6 +12,7 @@ from mxmoe.quant.hadamard import (
     hadamard_matrix,
     random_hadamard_matrix,
     random_orthogonal_matrix,
+    rotate_model,
 )
 
 
@@ -96,3 +97,46 @@ def test_load_rejects_other_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a saved mxmoe Rotation"):
         Rotation.load(path)
+
+
+def _tiny(name: str, tied: bool):
+    """A tiny random MoE with non-trivial norm scales (so that fusing them matters)."""
+    from mxmoe.models.zoo import tiny_model
+
+    model = tiny_model(name)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+    if tied:  # as in SmolLM2, which smollm2-moe is built from
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return model
+
+
+# qwen2-moe: shared expert + its sigmoid gate; deepseek-v2: a dense first layer, MLA; mixtral: tied head
+@pytest.mark.parametrize("name, tied", [("tiny-qwen2-moe", False), ("tiny-deepseek-v2", False), ("tiny-mixtral", True)])
+def test_rotate_model_keeps_logits(name, tied, tmp_path):
+    model = _tiny(name, tied)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    embed = model.get_input_embeddings().weight.clone()
+    rot = rotate_model(model, seed=5)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)  # a missed reader/writer gives ~5e-3
+    torch.testing.assert_close(model.get_input_embeddings().weight, (embed.double() @ rot.matrix).float())
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    fused = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight")
+    assert rot.seed == 5 and all(torch.all(p == 1) for n, p in model.named_parameters() if n.endswith(fused))
+    rot.save(tmp_path / "rot.pt")
+    again = _tiny(name, tied)
+    rotate_model(again, rotation=Rotation.load(tmp_path / "rot.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_rotate_model_rejects_a_rotation_of_the_wrong_size():
+    from mxmoe.models.zoo import tiny_model
+
+    with pytest.raises(ValueError, match="hidden size is 64"):
+        rotate_model(tiny_model("tiny-mixtral"), rotation=Rotation.random(32, seed=0))

@@ -25,6 +25,7 @@ from itertools import product
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def _prime_power(q: int) -> "tuple[int, int] | None":
@@ -240,3 +241,114 @@ class Rotation:
         if not isinstance(data, dict) or set(data) != {"matrix", "seed", "kind"}:
             raise ValueError(f"{path} is not a saved mxmoe Rotation (expected keys matrix, seed, kind)")
         return cls(data["matrix"], int(data["seed"]), str(data["kind"]))
+
+
+# ---- rotating a whole decoder (QuaRot's residual-stream rotation) -------------------------------
+
+_ATTN_READERS = ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
+_MLP_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+
+
+def _norm_scale(norm: nn.Module, where: str) -> torch.Tensor:
+    """The RMSNorm weight γ [H] (float64); resets it to 1 since it is fused into the readers."""
+    w = getattr(norm, "weight", None)
+    if w is None or getattr(norm, "bias", None) is not None:
+        raise ValueError(f"{where}: expected an RMSNorm with a weight and no bias, got {type(norm).__name__}")
+    gamma = w.detach().double().clone()
+    with torch.no_grad():
+        w.fill_(1.0)
+    return gamma
+
+
+@torch.no_grad()
+def _read(w: torch.Tensor, gamma: torch.Tensor, Q: torch.Tensor) -> None:
+    """In place ``W ← W·diag(γ)·Q`` for a weight [out, H] that reads the normed residual."""
+    w.copy_((w.double() * gamma[None, :]) @ Q)
+
+
+@torch.no_grad()
+def _write(w: torch.Tensor, Q: torch.Tensor, bias: "torch.Tensor | None" = None) -> None:
+    """In place ``W ← Qᵀ·W`` (and ``b ← Qᵀ b``) for a weight [H, in] that writes to the residual."""
+    w.copy_(Q.T @ w.double())
+    if bias is not None:
+        bias.copy_(Q.T @ bias.double())
+
+
+def _linear(parent: nn.Module, names: tuple, where: str) -> nn.Linear:
+    for name in names:
+        if isinstance(getattr(parent, name, None), nn.Linear):
+            return getattr(parent, name)
+    raise ValueError(f"{where}: {type(parent).__name__} has none of the linears {names}; rotate_model cannot handle it")
+
+
+def _rotate_dense_mlp(mlp: nn.Module, gamma: torch.Tensor, Q: torch.Tensor, where: str) -> None:
+    for block in ("gate", "up"):
+        _read(_linear(mlp, _MLP_NAMES[block], where).weight, gamma, Q)
+    down = _linear(mlp, _MLP_NAMES["down"], where)
+    _write(down.weight, Q, down.bias)
+
+
+def _rotate_moe(block, gamma: torch.Tensor, Q: torch.Tensor) -> None:
+    """Router, routed experts, shared experts and the shared-expert gate of one MoE block."""
+    router_w = getattr(block.router, "weight", None)
+    if router_w is None or router_w.shape[-1] != Q.shape[0]:
+        raise ValueError(f"{block.name}: router {type(block.router).__name__} has no [E, H] weight to rotate")
+    _read(router_w, gamma, Q)
+    for e in range(block.num_experts):
+        for b in ("gate", "up"):
+            w = block.expert_weight(e, b).detach().double()  # [I, H]
+            block.set_expert_weight(e, b, (w * gamma[None, :]) @ Q)
+        block.set_expert_weight(e, "down", Q.T @ block.expert_weight(e, "down").detach().double())  # [H, I]
+    for mlp in block.shared:
+        _rotate_dense_mlp(mlp, gamma, Q, f"{block.name} shared expert")
+    if block.shared_gate is not None:
+        _read(block.shared_gate.weight, gamma, Q)
+
+
+def rotate_model(model: nn.Module, seed: int = 0, *, rotation: "Rotation | None" = None) -> Rotation:
+    """Rotate the residual stream of a Llama-style MoE decoder by ``Q`` in place; returns the Rotation.
+
+    RMSNorm scales are fused into the linears that read them (norm weights become 1), then the
+    embeddings and every residual reader (attention q/k/v, routers, experts' gate/up, shared
+    experts, lm_head) get ``W·Q`` and every writer (o_proj, experts' down) ``Qᵀ·W``, so the
+    full-precision function is unchanged. ``rotation`` reuses a saved one; otherwise
+    ``Rotation.random(hidden_size, seed)``. Tied embeddings are untied. Families: Qwen1.5/2-MoE,
+    Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3 (and their dense MLP layers).
+    """
+    from mxmoe.models import moe_blocks  # models import the quant package, not the other way round
+
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if layers is None or head is None or embed is None or getattr(decoder, "norm", None) is None:
+        raise ValueError(f"{type(model).__name__} is not a Llama-style decoder (model.layers, model.norm, lm_head)")
+    n = embed.weight.shape[1]
+    rotation = rotation if rotation is not None else Rotation.random(n, seed)
+    if tuple(rotation.matrix.shape) != (n, n):
+        raise ValueError(f"rotation is {tuple(rotation.matrix.shape)} but the hidden size is {n}")
+    Q = rotation.matrix.to(embed.weight.device, torch.float64)  # [H, H]
+    if head.weight is embed.weight:
+        head.weight = nn.Parameter(embed.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    blocks = {id(b.module): b for b in moe_blocks(model)}
+
+    with torch.no_grad():
+        embed.weight.copy_(embed.weight.double() @ Q)  # [V, H]
+    for i, layer in enumerate(layers):
+        where = f"layer {i}"
+        gamma = _norm_scale(layer.input_layernorm, where)
+        attn = layer.self_attn
+        readers = [getattr(attn, r) for r in _ATTN_READERS if isinstance(getattr(attn, r, None), nn.Linear)]
+        if not readers:
+            raise ValueError(f"{where}: attention {type(attn).__name__} has none of {_ATTN_READERS}")
+        for lin in readers:
+            _read(lin.weight, gamma, Q)
+        o = _linear(attn, ("o_proj",), where)
+        _write(o.weight, Q, o.bias)
+        gamma = _norm_scale(layer.post_attention_layernorm, where)
+        if id(layer.mlp) in blocks:
+            _rotate_moe(blocks[id(layer.mlp)], gamma, Q)
+        else:
+            _rotate_dense_mlp(layer.mlp, gamma, Q, where)
+    _read(head.weight, _norm_scale(decoder.norm, "final norm"), Q)
+    return rotation

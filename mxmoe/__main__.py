@@ -1,0 +1,7 @@
+"""``python -m mxmoe`` is the ``mxmoe`` command."""
+
+import sys
+
+from mxmoe.cli import main
+
+sys.exit(main())
