@@ -15,7 +15,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from mxmoe.kernels import group_gemm, pack, quantize_activations, reference_group_gemm  # noqa: E402
+from mxmoe.kernels import TileConfig, group_gemm, pack, quantize_activations, reference_group_gemm  # noqa: E402
 from mxmoe.kernels.group_gemm import ExpertGroup  # noqa: E402
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
@@ -57,6 +57,14 @@ def main() -> None:
     group = ExpertGroup(pws)  # activations quantized beforehand, as the token gather hands them over
     x_q = quantize_activations(x, _offsets(rows), group)
     cases["mixed_given_x_q"] = _compare(x, _offsets(rows), group, reference_group_gemm(x, _offsets(rows), pws), x_q=x_q)
+    # plain (x W^T) tiles for weight-only packed schemes (the default swaps them) beside other paths; fp8 weight-only
+    plain = ["w4a16_g-1_asym", "w3a16_g128_asym", "w8a16_g-1_sym", "w8a16_g-1_sym_fp8", "w2a16_g128_asym"]
+    rows = [0, 3, 34, 1, 9, 5, 2]
+    pws = [pack(w, s) for w, s in zip(_weights(80, 576, len(rows)), plain + ["bf16", "w8a8_g-1_sym"])]
+    configs = {s: TileConfig(32, 64, 128, 1, swap_ab=False) for s in plain}
+    cases["unswapped_mixed"] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws, configs=configs)
+    pws[3] = pack(_weights(80, 576, 1)[0], "w8a16_g-1_sym_fp8")
+    cases["swapped_mixed_fp8_weight_only"] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws)
     # K = 32: shorter than a K tile and than the group
     rows = [1, 0, 6]
     pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g128_sym"])]

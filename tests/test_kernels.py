@@ -20,7 +20,9 @@ from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
-INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "mixed_given_x_q", "k32_mixed", "intweight"]
+INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "mixed_given_x_q", "unswapped_mixed",
+                                                   "swapped_mixed_fp8_weight_only", "k32_mixed",
+                                                   "intweight"]
 TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3}  # fp16 output rounding; fp16 group scales vs fp32 IntWeight
 
 

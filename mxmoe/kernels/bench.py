@@ -19,6 +19,7 @@ kernel launches per grouped GEMM with the profiler, prints a short table and wri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ import torch
 from triton.testing import do_bench
 
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
+from mxmoe.kernels.configs import default_config
 from mxmoe.kernels.group_gemm import launch_plan
 from mxmoe.kernels.roofline import measure_roofline, provenance
 from mxmoe.kernels.tune import LARGE, SMALL, best_configs, rows_class, sweep
@@ -47,6 +49,8 @@ LOAD_RATIO = 8.0  # max/min expert routing probability (assumed)
 DEV = "cuda"
 UNIFORM = {"bf16": "bf16", "w4a16_g128": "w4a16_g128_asym", "w4a16_g-1": "w4a16_g-1_asym",
            "w8a8_int8": "w8a8_g-1_sym", "w8a8_fp8": "w8a8_g-1_sym_fp8", "w4a4_g-1": "w4a4_g-1_sym"}
+# ablations: (scheme, tile-config fields changed from the default)
+ABLATIONS = {"w4a16_g-1_noswap": ("w4a16_g-1_asym", {"swap_ab": False})}
 # mixes: (scheme of the heaviest `frac` experts, scheme of the rest); average bits in the name
 MIXES = {"mix4.25_w4a16+w8a8": ("w8a8_g-1_sym", "w4a16_g-1_asym", 1 / 16),
          "mix5_w4a4+w8a8": ("w8a8_g-1_sym", "w4a4_g-1_sym", 1 / 4)}
@@ -154,7 +158,13 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
             t_torch = row.get("ms")
         out.append(row)
     active = [i for i in range(e) if rows[i] > 0]
+    for name, (s, change) in ABLATIONS.items():
+        assign[name] = [Scheme.parse(s)] * e
     for name, schemes in assign.items():
+        configs = None
+        if name in ABLATIONS:
+            sc, change = Scheme.parse(ABLATIONS[name][0]), ABLATIONS[name][1]
+            configs = {sc: dataclasses.replace(default_config(sc, t / e), **change)}
         pws = [packs[(i, s)] for i, s in enumerate(schemes)]
         group = ExpertGroup(pws)
         wbytes = sum(pws[i].nbytes for i in active)
@@ -162,13 +172,13 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
         peak = sum(2.0 * rows[i] * n * k / _peak(schemes[i], ceil) for i in active)  # seconds * 1e-12
         row = dict(base, variant="ours_" + name, bits=round(bits, 3), weight_bytes=wbytes)
         try:
-            y = group_gemm(x, offs, group)  # quantizes activations itself when it must
+            y = group_gemm(x, offs, group, configs=configs)  # quantizes activations itself when it must
             row["rel_err_vs_reference"] = _rel(y, reference_group_gemm(x, offs, pws))
             x_q = quantize_activations(x, offs, group)  # as the token gather hands them over
-            fn = lambda: group_gemm(x, offs, group, x_q=x_q, validate=False)  # noqa: E731
+            fn = lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, validate=False)  # noqa: E731
             row["ms"] = _ms(fn)
             row["launches"] = count_launches(fn) if count else None
-            row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t)}
+            row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t, configs)}
             if any(not s.weight_only for s in schemes):  # standalone: quantize + GEMM, two launches
                 full = lambda: group_gemm(x, offs, group, validate=False)  # noqa: E731
                 row["ms_with_act_quant"] = _ms(full)

@@ -11,16 +11,18 @@ from mxmoe.schemes import Scheme
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shape of one scheme's path: BM rows x BN columns, K step BK, pipeline depth."""
+    """Tile shape of one scheme's path: BM rows x BN columns, K step BK, pipeline depth; ``swap_ab``
+    (weight-only packed schemes) computes the transposed tile so the unpacked weight is the dot's A operand."""
 
     bm: int
     bn: int
     bk: int
     stages: int = 3
+    swap_ab: bool = False
 
     def as_dict(self) -> dict:
         """JSON form."""
-        return {"bm": self.bm, "bn": self.bn, "bk": self.bk, "stages": self.stages}
+        return {"bm": self.bm, "bn": self.bn, "bk": self.bk, "stages": self.stages, "swap_ab": self.swap_ab}
 
 
 def kind_of(s: Scheme) -> int:
@@ -37,6 +39,8 @@ def check_config(s: Scheme, c: TileConfig) -> None:
     for name, v in (("bm", c.bm), ("bn", c.bn), ("bk", c.bk)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"tile {name}={v} for '{s}' must be a power of two >= 16")
+    if c.swap_ab and kind_of(s) not in (tk.W_INT, tk.W_FP8):
+        raise ValueError(f"swap_ab is a path of weight-only packed schemes, not of '{s}'")
     if not s.is_full_precision and c.bk != PACK_K:
         raise ValueError(f"tile bk={c.bk} for '{s}': packed weights are read in K blocks of {PACK_K}")
 
@@ -45,15 +49,15 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -
     """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average.
 
     Seeded from the sweep on an H200 (results/kernels/bench_NVIDIA_H200.json, ``tuning``)."""
-    if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
-        return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1)
-    bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
     kind = kind_of(s)
+    if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
+        return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1, swap_ab=kind in (tk.W_INT, tk.W_FP8))
+    bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
     if kind == tk.BF16:
         return TileConfig(bm, 256 if bm >= 128 else 128, 64, 3 if bm >= 128 else 4)
     if kind in (tk.WA_INT, tk.WA_FP8):
         return TileConfig(bm, 256 if bm >= 128 else 128, PACK_K, 2 if bm >= 128 else 3)
-    return TileConfig(bm, 128, PACK_K, 3 if bm >= 64 else 4)
+    return TileConfig(bm, 128, PACK_K, 3 if bm >= 64 else 4, swap_ab=True)  # unpacked weight as register A
 
 
 def tile_cost(s: Scheme, c: TileConfig, k: int) -> float:

@@ -164,7 +164,8 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
         KINDS=tuple(kind_of(s) for s in slots), WBITS=tuple(s.w_bits for s in slots),
         GROUPS=tuple(s.group_size for s in slots),
         SYMS=tuple(s.symmetric for s in slots), BMS=tuple(c.bm for c in cfgs), BNS=tuple(c.bn for c in cfgs),
-        BKS=tuple(c.bk for c in cfgs), STAGES=tuple(c.stages for c in cfgs), NSLOTS=len(slots),
+        BKS=tuple(c.bk for c in cfgs), STAGES=tuple(c.stages for c in cfgs),
+        SWAPS=tuple(c.swap_ab for c in cfgs), NSLOTS=len(slots),
         E_PAD=max(16, 1 << (e - 1).bit_length()), INTERPRET=INTERPRET, num_warps=num_warps,
     )
     return y

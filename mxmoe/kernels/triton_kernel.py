@@ -42,20 +42,27 @@ def _as_ptr(addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _plane(w_ptr, kb, rn, n_mask, N, KP, WBITS: tl.constexpr, P: tl.constexpr):
-    """Bytes [16 P, BN] (int32) of the P-bit plane for 128-long K block kb; 0 when WBITS has no such plane."""
+def _plane(w_ptr, kb, rn, n_mask, N, KP, WBITS: tl.constexpr, P: tl.constexpr, T: tl.constexpr = False):
+    """Bytes [16 P, BN] (int32; [BN, 16 P] when T) of the P-bit plane for 128-long K block kb;
+    0 when WBITS has no such plane."""
     if (WBITS & P) != 0:
         LOW: tl.constexpr = WBITS & ~(2 * P - 1)  # code bits held by wider planes
-        plane = w_ptr + (N * KP // 8) * LOW  # [N, KP * P / 8] bytes
-        ptrs = plane + rn[None, :] * (KP * P // 8) + kb * (16 * P) + tl.arange(0, 16 * P)[:, None]
-        return tl.load(ptrs, mask=n_mask[None, :], other=0).to(tl.int32)
+        plane = w_ptr + (N * KP // 8) * LOW + kb * (16 * P)  # [N, KP * P / 8] bytes
+        if T:
+            ptrs = plane + rn[:, None] * (KP * P // 8) + tl.arange(0, 16 * P)[None, :]
+            return tl.load(ptrs, mask=n_mask[:, None], other=0).to(tl.int32)
+        else:
+            ptrs = plane + rn[None, :] * (KP * P // 8) + tl.arange(0, 16 * P)[:, None]
+            return tl.load(ptrs, mask=n_mask[None, :], other=0).to(tl.int32)
     else:
         return 0
 
 
 @triton.jit
-def _field(b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr):
-    """Rows [j CW, (j+1) CW) of the P-bit plane field of the code, shifted into place: [CW, BN] int32."""
+def _field(b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr,
+           T: tl.constexpr):
+    """K rows [j CW, (j+1) CW) of the P-bit plane field of the code, shifted into place: [CW, BN] int32
+    ([BN, CW] when T)."""
     if (WBITS & P) == 0:
         return 0
     else:
@@ -65,32 +72,47 @@ def _field(b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.cons
             return ((b >> (j * P)) & ((1 << P) - 1)) << LOW
         else:  # a narrower plane: this slice spans CW // C of its byte blocks, each at its own shift
             R: tl.constexpr = CW // C
-            t = (b[None, :, :] >> ((j * R + tl.arange(0, R)) * P)[:, None, None]) & ((1 << P) - 1)  # [R, C, BN]
-            return tl.reshape(t, [CW, BN]) << LOW
+            shift = (j * R + tl.arange(0, R)) * P
+            if T:
+                t = (b[:, None, :] >> shift[None, :, None]) & ((1 << P) - 1)  # [BN, R, C]
+                return tl.reshape(t, [BN, CW]) << LOW
+            else:
+                t = (b[None, :, :] >> shift[:, None, None]) & ((1 << P) - 1)  # [R, C, BN]
+                return tl.reshape(t, [CW, BN]) << LOW
 
 
 @triton.jit
-def _codes(b8, b4, b2, b1, j: tl.constexpr, WBITS: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr):
-    """Codes u [CW, BN] int32 of slice j from the bytes of each present plane."""
-    u = tl.zeros([CW, BN], dtype=tl.int32)
-    u |= _field(b8, j, WBITS, 8, CW, BN)
-    u |= _field(b4, j, WBITS, 4, CW, BN)
-    u |= _field(b2, j, WBITS, 2, CW, BN)
-    u |= _field(b1, j, WBITS, 1, CW, BN)
+def _codes(b8, b4, b2, b1, j: tl.constexpr, WBITS: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr,
+           T: tl.constexpr = False):
+    """Codes u [CW, BN] int32 ([BN, CW] when T) of slice j from the bytes of each present plane."""
+    if T:
+        u = tl.zeros([BN, CW], dtype=tl.int32)
+    else:
+        u = tl.zeros([CW, BN], dtype=tl.int32)
+    u |= _field(b8, j, WBITS, 8, CW, BN, T)
+    u |= _field(b4, j, WBITS, 4, CW, BN, T)
+    u |= _field(b2, j, WBITS, 2, CW, BN, T)
+    u |= _field(b1, j, WBITS, 1, CW, BN, T)
     return u
 
 
 @triton.jit
-def _load_x(ptr, rm, m_mask, stride, k0, K, W: tl.constexpr):
-    """Rows rm, columns k0 .. k0 + W (zero past K) of a row-major [T, stride] matrix: [BM, W]."""
+def _load_x(ptr, rm, m_mask, stride, k0, K, W: tl.constexpr, T: tl.constexpr = False):
+    """Rows rm, columns k0 .. k0 + W (zero past K) of a row-major [T, stride] matrix: [BM, W] ([W, BM] when T)."""
     rk = k0 + tl.arange(0, W)
-    return tl.load(ptr + rm.to(tl.int64)[:, None] * stride + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K), other=0)
+    if T:
+        return tl.load(ptr + rm.to(tl.int64)[None, :] * stride + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
+                       other=0)
+    else:
+        return tl.load(ptr + rm.to(tl.int64)[:, None] * stride + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
+                       other=0)
 
 
 @triton.jit
 def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, NG, stride_xm,
           stride_ym, KIND: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr,
+          INTERPRET: tl.constexpr):
     """One [BM, BN] output tile of one expert (rows row0:row1), specialised on its scheme."""
     mt = tl.cdiv(row1 - row0, BM)
     rm = row0 + (local % mt) * BM + tl.arange(0, BM)  # [BM] rows of x / y
@@ -112,22 +134,27 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
         CW: tl.constexpr = 128 if WBITS >= 8 else 64 if WBITS >= 4 else 32 if WBITS >= 2 else 16  # K rows per slice
         NSL: tl.constexpr = 128 // CW  # slices per 128-long K block
         if KIND == 1 or KIND == 2:  # W_INT, W_FP8: 16-bit dots on exact integer / e4m3 values, scales after
+            # SWAP: compute the [BN, BM] tile y^T = W x^T, so the unpacked weight is the dot's A operand
+            # (wgmma reads A from registers; B must come from shared memory) and few rows fill its N.
             OFF: tl.constexpr = (1 << (WBITS - 1)) if SYM else 0  # q = u - OFF
+            NAX: tl.constexpr = 0 if SWAP else 1  # axis of the accumulator that runs over N
+            if SWAP:
+                acc = tl.zeros([BN, BM], dtype=tl.float32)
             xsum = tl.zeros([BM], dtype=tl.float32)  # sum of x per row, for the zero point (asym)
             for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
-                b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8)
-                b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4)
-                b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2)
-                b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1)
+                b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8, SWAP)
+                b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
+                b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2, SWAP)
+                b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1, SWAP)
                 if GROUP > 0:
-                    part = tl.zeros([BM, BN], dtype=tl.float32)
+                    part = tl.zeros(acc.shape, dtype=tl.float32)
                     psum = tl.zeros([BM], dtype=tl.float32)
                 else:
                     part = acc
                     psum = xsum
                 for j in tl.static_range(NSL):
-                    a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW)
-                    u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN)  # [CW, BN]
+                    a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
+                    u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
                     if KIND == 2:
                         w = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(cdt)
                     elif WBITS < 8:  # bits(0x4300 | u) is the bf16 value 128 + u: no int->float convert
@@ -138,25 +165,28 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
                             w = (wb - (128 + OFF)).to(cdt)
                     else:
                         w = (u - OFF).to(cdt)
-                    part = tl.dot(a.to(cdt), w, part)
+                    if SWAP:
+                        part = tl.dot(w, a.to(cdt), part)
+                    else:
+                        part = tl.dot(a.to(cdt), w, part)
                     if not SYM:
-                        psum += tl.sum(a.to(tl.float32), axis=1)
+                        psum += tl.sum(a.to(tl.float32), axis=NAX)  # over K
                 if GROUP > 0:
                     g = kb * 128 // GROUP
                     sc = tl.load(_as_ptr(s_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                    acc += part * sc[None, :]
+                    acc += part * tl.expand_dims(sc, 1 - NAX)
                     if not SYM:
                         zr = tl.load(_as_ptr(z_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                        acc += psum[:, None] * zr[None, :]
+                        acc += tl.expand_dims(psum, NAX) * tl.expand_dims(zr, 1 - NAX)
                 else:
                     acc = part
                     xsum = psum
             if GROUP < 0:
                 sc = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
-                acc = acc * sc[None, :]
+                acc = acc * tl.expand_dims(sc, 1 - NAX)
                 if not SYM:
                     zr = tl.load(_as_ptr(z_addr, tl.float32) + rn, mask=n_mask, other=0.0)
-                    acc += xsum[:, None] * zr[None, :]
+                    acc += tl.expand_dims(xsum, NAX) * tl.expand_dims(zr, 1 - NAX)
         else:  # WA_INT, WA_FP8: activations pre-quantized per row into xq (codes) and xs (scales)
             if KIND == 3:
                 acc_i = tl.zeros([BM, BN], dtype=tl.int32)
@@ -195,15 +225,19 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
                     acc = acc_i.to(tl.float32)
                 acc = acc * sx[:, None] * sw[None, :]
 
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if SWAP and (KIND == 1 or KIND == 2):  # acc: [BN, BM]
+        y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+    else:
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def group_gemm_kernel(x_ptr, xq_ptr, xs_ptr, y_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, NG, stride_xm,
                       stride_ym, KINDS: tl.constexpr, WBITS: tl.constexpr, GROUPS: tl.constexpr,
                       SYMS: tl.constexpr, BMS: tl.constexpr, BNS: tl.constexpr, BKS: tl.constexpr,
-                      STAGES: tl.constexpr, NSLOTS: tl.constexpr, E_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+                      STAGES: tl.constexpr, SWAPS: tl.constexpr, NSLOTS: tl.constexpr, E_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """Persistent grouped GEMM over all experts (see module docstring).
 
     x: [T, K] 16-bit; xq: [T, K] uint8 quantized rows and xs: [T, NG] float32 their scales (rows of
@@ -238,4 +272,4 @@ def group_gemm_kernel(x_ptr, xq_ptr, xs_ptr, y_ptr, off_ptr, sched_ptr, addr_ptr
             if sl == s:
                 _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, NG,
                       stride_xm, stride_ym, KINDS[s], WBITS[s], GROUPS[s], SYMS[s], BMS[s], BNS[s], BKS[s],
-                      STAGES[s], INTERPRET)
+                      STAGES[s], SWAPS[s], INTERPRET)
