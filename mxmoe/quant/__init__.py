@@ -8,6 +8,7 @@ from mxmoe.quant.hadamard import (
     hadamard_matrix,
     random_hadamard_matrix,
     random_orthogonal_matrix,
+    rotate_model,
 )
 from mxmoe.quant.rtn import IntWeight, quantize_activation, quantize_weight, quantize_weight_int
 
@@ -26,4 +27,5 @@ __all__ = [
     "quantize_weight_int",
     "random_hadamard_matrix",
     "random_orthogonal_matrix",
+    "rotate_model",
 ]
