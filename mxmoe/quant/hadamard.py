@@ -10,7 +10,8 @@ Nothing is pasted from tables: every order used is checked by ``H Hᵀ = n I`` i
 Examples: 576 = 36·16, 1408 = 44·32, 2560 = 20·128, 3584 = 28·128, 14336 = 28·512.
 A width with no construction (e.g. 156 = 12·13) falls back to a seeded random orthogonal
 matrix with a warning. The rotation ``Q = H·diag(±1)/√n`` is saved with its seed so that
-quantization and evaluation use the same matrix.
+quantization and evaluation use the same matrix; ``rotate_model`` applies it to a whole MoE
+decoder (RMSNorm scales fused, function unchanged in full precision).
 """
 
 from __future__ import annotations
