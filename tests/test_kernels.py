@@ -120,3 +120,22 @@ def test_fp8_needs_sm89(monkeypatch):
     with pytest.raises(RuntimeError, match="sm_89"):
         gg_module.check_device(True, (8, 0), fp8)
     gg_module.check_device(True, (9, 0), fp8)
+
+
+def test_cost_table_tiles_and_device_check(tmp_path):
+    from mxmoe.kernels.bench import expert_loads
+    from mxmoe.kernels.cost_table import build_table, launch_tiles
+
+    assert launch_tiles([0, 1, 17], 200, {"bm": 16, "bn": 128}) == 0 + 1 * 2 + 2 * 2
+    prov = {"device": "GPU A", "multiprocessors": 2, "git_commit": "abc", "date_utc": "2026-01-01T00:00:00+00:00"}
+    row = {"variant": "ours_w4a16_g-1", "tokens": 16, "experts": 60, "model": "qwen1.5-moe-a2.7b", "gemm": "down",
+           "N": 2048, "K": 1408, "ms": 0.1, "tiles": {"w4a16_g-1_asym": {"bm": 16, "bn": 128}}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"provenance": prov, "roofline": {}, "results": [row]}))
+    table = build_table([a])
+    (point,) = table["cost_points"]
+    loads = expert_loads(16, 60, 4)  # rows <= 16: one 16-row tile per active expert, 16 column tiles
+    assert point["tiles"] == 16 * sum(1 for r in loads if r) and point["tiles_per_sm"] == point["tiles"] / 2
+    b.write_text(json.dumps({"provenance": dict(prov, device="GPU B"), "roofline": {}, "results": []}))
+    with pytest.raises(ValueError, match="several devices"):
+        build_table([a, b])

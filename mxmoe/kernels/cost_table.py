@@ -1,0 +1,82 @@
+"""Per-GPU kernel table ``kernels/<gpu>.json``: tile configs and per-tile costs from benchmark runs.
+
+``python -m mxmoe.kernels.cost_table results/kernels/bench_A.json [...] --out kernels/nvidia_h200.json``
+
+For every uniform-scheme run of our kernel in the given benchmark files, one cost point: the
+tiles of that launch (from the routed rows per expert and the tile config it used), tiles per
+SM, and the measured time; a later run of the same case replaces an earlier one. The allocation's
+performance model fits ``time = a + b * tiles_per_sm`` per scheme and K from these points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mxmoe.kernels.bench import MODELS, UNIFORM, expert_loads
+
+
+def launch_tiles(rows: "list[int]", n: int, tile: dict) -> int:
+    """Output tiles of one grouped GEMM: sum over experts of ceil(rows/BM) * ceil(N/BN)."""
+    return sum(-(-r // tile["bm"]) * -(-n // tile["bn"]) for r in rows)
+
+
+def cost_points(bench: dict) -> "list[dict]":
+    """One cost point per uniform-scheme run of our kernel in a benchmark document."""
+    sms = bench["provenance"]["multiprocessors"]
+    out = []
+    for r in bench["results"]:
+        name = r["variant"].removeprefix("ours_")
+        if name not in UNIFORM or "ms" not in r:
+            continue
+        scheme = UNIFORM[name]
+        tile = r["tiles"][scheme]
+        rows = expert_loads(r["tokens"], r["experts"], MODELS[r["model"]][3])
+        tiles = launch_tiles(rows, r["N"], tile)
+        out.append({"scheme": scheme, "K": r["K"], "N": r["N"], "model": r["model"], "gemm": r["gemm"],
+                    "tokens": r["tokens"], "tile": tile, "tiles": tiles, "tiles_per_sm": tiles / sms,
+                    "ms": r["ms"], "us_per_tile_per_sm": r["ms"] * 1e3 / (tiles / sms),
+                    "kernel_commit": bench["provenance"]["git_commit"], "date_utc": bench["provenance"]["date_utc"]})
+    return out
+
+
+def build_table(paths: "list[Path]") -> dict:
+    """The kernels/<gpu>.json document from benchmark files of one GPU."""
+    docs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda d: d["provenance"]["date_utc"])
+    devices = {d["provenance"]["device"] for d in docs}
+    if len(devices) != 1:
+        raise ValueError(f"benchmark files come from several devices: {sorted(devices)}")
+    points: dict = {}
+    for d in docs:  # later runs replace earlier ones
+        for p in cost_points(d):
+            points[(p["scheme"], p["model"], p["gemm"], p["tokens"])] = p
+    latest = docs[-1]
+    table = {
+        "device": latest["provenance"]["device"],
+        "provenance": [d["provenance"] for d in docs],
+        "roofline": latest["roofline"],
+        "sources": [str(p) for p in paths],
+        "cost_points": sorted(points.values(), key=lambda p: (p["scheme"], p["K"], p["N"], p["tokens"])),
+    }
+    sweeps = [d for d in docs if d.get("tuning")]
+    if sweeps:
+        table["tile_sweep"] = {"kernel_commit": sweeps[-1]["provenance"]["git_commit"],
+                               "best": sweeps[-1]["tuned_best"], "runs": sweeps[-1]["tuning"]}
+    return table
+
+
+def main() -> None:
+    """Write kernels/<gpu>.json from benchmark files."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bench", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    table = build_table(args.bench)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(table, indent=1))
+    print(f"wrote {args.out}: {len(table['cost_points'])} cost points on {table['device']}")
+
+
+if __name__ == "__main__":
+    main()
