@@ -43,11 +43,11 @@ class MoefyConfig:
     num_experts: int = 32
     top_k: int = 8
     shared_width: int = 512
-    calib_windows: int = 32
+    calib_windows: int = 24
     calib_seqlen: int = 512
     router_tokens: int = 4096
     router_spread: float = 0.02
-    kmeans_iters: int = 15
+    kmeans_iters: int = 8
     seed: int = 0
 
 
@@ -247,7 +247,8 @@ def assemble(dense, splits: dict[int, LayerSplit], cfg: MoefyConfig) -> Qwen2Moe
 def choose_moe_layers(dense, blocks: dict[int, nn.Module], errors: dict[int, float], dev: torch.Tensor,
                       dense_ppl: float, max_ratio: float) -> tuple[list[int], float]:
     """The largest set of layers, taken in order of increasing FFN error, whose sparse blocks keep the
-    dev-set perplexity within ``max_ratio`` × dense (binary search on the count; blocks swapped in place)."""
+    dev-set perplexity within ``max_ratio`` × dense (search on the count; blocks swapped in place).
+    Returns the chosen layers and their dev perplexity."""
     order = sorted(errors, key=errors.get)
     originals = {i: dense.model.layers[i].mlp for i in order}
 
@@ -260,14 +261,20 @@ def choose_moe_layers(dense, blocks: dict[int, nn.Module], errors: dict[int, flo
             for i in order:
                 dense.model.layers[i].mlp = originals[i]
 
-    lo, hi, best = 1, len(order), None
-    while lo <= hi:
+    fits = {}
+
+    def fit(count: int) -> bool:
+        fits[count] = ppl_with(count)
+        return fits[count] <= max_ratio * dense_ppl
+
+    if not fit(1):
+        raise MxMoEError(f"even one sparse layer exceeds {max_ratio}x the dense perplexity ({fits[1]:.2f} vs "
+                         f"{dense_ppl:.2f}); raise top_k or shared_width")
+    lo, hi = 1, 2  # exponential then binary search: few evaluations when few layers fit
+    while hi <= len(order) and fit(hi):
+        lo, hi = hi, 2 * hi
+    hi = min(hi, len(order) + 1)
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        ppl = ppl_with(mid)
-        if ppl <= max_ratio * dense_ppl:
-            lo, best = mid + 1, (mid, ppl)
-        else:
-            hi = mid - 1
-    if best is None:
-        raise MxMoEError(f"even one sparse layer exceeds {max_ratio}x the dense perplexity; raise top_k or shared_width")
-    return sorted(order[: best[0]]), best[1]
+        lo, hi = (mid, hi) if fit(mid) else (lo, mid)
+    return sorted(order[:lo]), fits[lo]

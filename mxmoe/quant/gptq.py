@@ -79,11 +79,6 @@ class GPTQWeight(IntWeight):
     tokens: int = 0
 
 
-def _per_channel(s: Scheme) -> Scheme:
-    """The same grid as ``s`` with one group per row (to find one group's parameters)."""
-    return Scheme(s.w_bits, s.a_bits, -1, s.symmetric, s.fmt)
-
-
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, s: Scheme) -> torch.Tensor:
     """Round one column ``w[N]`` onto the grid given by ``scale[N]``, ``zero[N]`` (as RTN does)."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -210,7 +205,7 @@ def gptq_quantize(
             if s.group_size > 0 and not static_groups and col % g == 0:
                 # the reference finds the group on W, which holds this block's columns before
                 # the in-block updates (identical to W1 when the group starts a block)
-                grid = quantize_weight_int(W[:, col : col + g], _per_channel(s))
+                grid = quantize_weight_int(W[:, col : col + g], s)  # one group: the slice
                 scale[:, col // g], zero[:, col // g] = grid.scale[:, 0], grid.zero[:, 0]
             gi = group_of[col]
             wcol, d = W1[:, i], Hinv1[i, i]

@@ -8,8 +8,10 @@ Weights ``w[N, K]`` are quantized in groups of ``g`` along K (the last group is 
 * sym: ``s = absmax / (2^(b-1) - 1)``, ``q = round(x / s)`` in ``±(2^(b-1) - 1)``, ``x̂ = q·s``;
 * fp8: per-channel ``s = absmax / 448``, ``x̂ = e4m3(x / s)·s``.
 
-A constant group (max == min, e.g. all zeros) gets scale 0 and reproduces its value exactly:
-never a NaN. Activations ``x[T, K]`` are quantized symmetrically per token (per token and
+Grouped schemes store scale and zero in float16 (the 16 + 16 bits per group of the bit
+accounting), so the grid here is exactly the one the kernel runs; per-channel schemes keep
+float32. A constant group (max == min, e.g. all zeros) gets scale 0 and reproduces its value
+(up to that storage): never a NaN. Activations ``x[T, K]`` are quantized symmetrically per token (per token and
 group when ``g > 0``); 16-bit activations pass through unchanged.
 """
 
@@ -77,16 +79,18 @@ def quantize_weight_int(w: torch.Tensor, s: "Scheme | str") -> IntWeight:
         return IntWeight(q, scale, torch.zeros_like(scale), s)
     g = s.effective_group(k)
     xg = _grouped(wf, g)  # [N, G, g]
+    stored = torch.float16 if s.group_size > 0 else torch.float32  # grouped: 16-bit scale + 16-bit zero
     if s.symmetric:
         qmax = 2 ** (s.w_bits - 1) - 1
-        scale = xg.abs().amax(dim=2) / qmax  # [N, G]
+        scale = (xg.abs().amax(dim=2) / qmax).to(stored).float()  # [N, G]
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(xg / safe[..., None]), -qmax, qmax)
         zero = torch.zeros_like(scale)
     else:
         qmax = 2**s.w_bits - 1
         lo, hi = xg.amin(dim=2), xg.amax(dim=2)  # [N, G]
-        scale = (hi - lo) / qmax
+        lo = lo.to(stored).float()
+        scale = ((hi - lo) / qmax).to(stored).float()
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round((xg - lo[..., None]) / safe[..., None]), 0, qmax)
         zero = lo
