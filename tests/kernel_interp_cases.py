@@ -54,6 +54,8 @@ def main() -> None:
     x = torch.randn(sum(rows), 576)
     cases["mixed_fp32"] = _compare(x, _offsets(rows), pws)
     cases["mixed_fp16"] = _compare(x.half(), _offsets(rows), pws)
+    cases["mixed_per_scheme_launches"] = _compare(x, _offsets(rows), pws, mode="per_scheme")
+    cases["mixed_unified_kernel"] = _compare(x, _offsets(rows), pws, mode="unified")
     group = ExpertGroup(pws)  # activations quantized beforehand, as the token gather hands them over
     x_q = quantize_activations(x, _offsets(rows), group)
     cases["mixed_given_x_q"] = _compare(x, _offsets(rows), group, reference_group_gemm(x, _offsets(rows), pws), x_q=x_q)

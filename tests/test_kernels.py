@@ -20,7 +20,8 @@ from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
-INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "mixed_given_x_q", "unswapped_mixed",
+INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "mixed_per_scheme_launches",
+                                                   "mixed_unified_kernel", "mixed_given_x_q", "unswapped_mixed",
                                                    "swapped_mixed_fp8_weight_only", "k32_mixed",
                                                    "intweight"]
 TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3}  # fp16 output rounding; fp16 group scales vs fp32 IntWeight
@@ -99,6 +100,11 @@ def test_bad_inputs_fail_before_launch(make, match):
     x, off, packed = make()
     with pytest.raises(ValueError, match=match):
         group_gemm(x, off, packed)
+
+
+def test_unknown_mode_is_rejected_before_launch():
+    with pytest.raises(ValueError, match="mode must be"):
+        group_gemm(torch.randn(4, 128), torch.tensor([0, 1, 4]), _experts(), mode="split")
 
 
 def test_tampered_storage_is_rejected():

@@ -51,6 +51,7 @@ UNIFORM = {"bf16": "bf16", "w4a16_g128": "w4a16_g128_asym", "w4a16_g-1": "w4a16_
            "w8a8_int8": "w8a8_g-1_sym", "w8a8_fp8": "w8a8_g-1_sym_fp8", "w4a4_g-1": "w4a4_g-1_sym"}
 # ablations: (scheme, tile-config fields changed from the default)
 ABLATIONS = {"w4a16_g-1_noswap": ("w4a16_g-1_asym", {"swap_ab": False})}
+TABLE6_MODES = ("per_scheme", "unified")  # each mix also runs as one launch per scheme and as the unified kernel
 # mixes: (scheme of the heaviest `frac` experts, scheme of the rest); average bits in the name
 MIXES = {"mix4.25_w4a16+w8a8": ("w8a8_g-1_sym", "w4a16_g-1_asym", 1 / 16),
          "mix5_w4a4+w8a8": ("w8a8_g-1_sym", "w4a4_g-1_sym", 1 / 4)}
@@ -160,7 +161,11 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
     active = [i for i in range(e) if rows[i] > 0]
     for name, (s, change) in ABLATIONS.items():
         assign[name] = [Scheme.parse(s)] * e
+    for name in MIXES:
+        for mode in TABLE6_MODES:
+            assign[f"{name}@{mode}"] = assign[name]
     for name, schemes in assign.items():
+        mode = name.split("@")[1] if "@" in name else "fused"
         configs = None
         if name in ABLATIONS:
             sc, change = Scheme.parse(ABLATIONS[name][0]), ABLATIONS[name][1]
@@ -172,15 +177,17 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
         peak = sum(2.0 * rows[i] * n * k / _peak(schemes[i], ceil) for i in active)  # seconds * 1e-12
         row = dict(base, variant="ours_" + name, bits=round(bits, 3), weight_bytes=wbytes)
         try:
-            y = group_gemm(x, offs, group, configs=configs)  # quantizes activations itself when it must
+            y = group_gemm(x, offs, group, configs=configs, mode=mode)  # quantizes activations itself when it must
             row["rel_err_vs_reference"] = _rel(y, reference_group_gemm(x, offs, pws))
             x_q = quantize_activations(x, offs, group)  # as the token gather hands them over
-            fn = lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, validate=False)  # noqa: E731
+            fn = lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, validate=False, mode=mode)  # noqa: E731
             row["ms"] = _ms(fn)
             row["launches"] = count_launches(fn) if count else None
-            row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t, configs)}
+            row["mode"] = mode
+            if mode == "fused":
+                row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t, configs)}
             if any(not s.weight_only for s in schemes):  # standalone: quantize + GEMM, two launches
-                full = lambda: group_gemm(x, offs, group, validate=False)  # noqa: E731
+                full = lambda: group_gemm(x, offs, group, validate=False, mode=mode)  # noqa: E731
                 row["ms_with_act_quant"] = _ms(full)
                 row["ms_act_quant"] = _ms(lambda: quantize_activations(x, offs, group))
                 row["launches_with_act_quant"] = count_launches(full) if count else None

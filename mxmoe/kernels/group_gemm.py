@@ -9,11 +9,12 @@ import torch
 from mxmoe.kernels import triton_kernel as tk
 from mxmoe.kernels.act_quant import QuantizedRows, quantize_rows
 from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, tile_cost
-from mxmoe.kernels.pack import PackedWeight
-from mxmoe.schemes import Scheme
+from mxmoe.kernels.pack import PACK_K, PackedWeight
+from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
 # triton.jit chose interpreter or compiler when triton_kernel was imported; follow the same switch.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MODES = ("fused", "per_scheme", "unified")  # see group_gemm
 
 
 class ExpertGroup:
@@ -53,13 +54,18 @@ class ExpertGroup:
     def __len__(self) -> int:
         return len(self.packed)
 
-    def schedule(self, slots: "tuple[Scheme, ...]") -> torch.Tensor:
-        """[E, 2] int32 (expert, slot) with experts of earlier (heavier) slots first."""
-        if slots not in self._sched:
-            order = sorted(range(len(self.packed)), key=lambda e: (slots.index(self.packed[e].scheme), e))
+    def schedule(self, slots: "tuple[Scheme, ...]", only: bool = False) -> torch.Tensor:
+        """[E, 2] int32 (expert, slot) with experts of earlier (heavier) slots first; ``only``: just the
+        experts whose scheme is in ``slots`` (a per-scheme launch)."""
+        key = (slots, only)
+        if key not in self._sched:
+            mine = [e for e, pw in enumerate(self.packed) if pw.scheme in slots]
+            if not only and len(mine) != len(self.packed):
+                raise ValueError("every expert's scheme needs a slot in the launch")
+            order = sorted(mine, key=lambda e: (slots.index(self.packed[e].scheme), e))
             rows = [[e, slots.index(self.packed[e].scheme)] for e in order]
-            self._sched[slots] = torch.tensor(rows, dtype=torch.int32, device=self.device)
-        return self._sched[slots]
+            self._sched[key] = torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(-1, 2)
+        return self._sched[key]
 
 
 def _check_storage(e: int, pw: PackedWeight) -> None:
@@ -117,7 +123,7 @@ def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) ->
 def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeight] | ExpertGroup", *,
                x_q: "QuantizedRows | None" = None, configs: "dict | None" = None,
                num_warps: "int | None" = None, num_programs: "int | None" = None,
-               validate: bool = True) -> torch.Tensor:
+               validate: bool = True, mode: str = "fused") -> torch.Tensor:
     """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]``, one launch.
 
     x: [T, K] (bf16/fp16 on GPU; fp32/fp16 under the CPU interpreter); offsets: [E+1] int rows per
@@ -125,9 +131,14 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
     Rows of weight-activation experts are quantized per each expert's scheme once, by
     ``quantize_activations`` (a second launch), unless the caller hands them over as ``x_q`` (the
     token gather of an MoE layer produces them in passing): then the GEMM is one launch.
-    Returns y: [T, N] in x's dtype. ``configs`` maps a scheme (or its string) to a TileConfig; ``validate=False`` skips the
-    host read of ``offsets`` (no synchronisation; for timing loops after a validated call).
+    Returns y: [T, N] in x's dtype. ``configs`` maps a scheme (or its string) to a TileConfig;
+    ``validate=False`` skips the host read of ``offsets`` (no synchronisation; for timing loops).
+    ``mode`` (the paper's Table 6): "fused" (default) one launch, a compile-time-specialised path with
+    its own tile per scheme; "per_scheme" one launch per scheme; "unified" one launch of the kernel
+    compiled with every Hopper scheme's path and one shared tile shape.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     group = packed if isinstance(packed, ExpertGroup) else ExpertGroup(packed)
     if x.dim() != 2 or x.shape[1] != group.k:
         raise ValueError(f"x must be [T, K={group.k}] to match the experts' weights, got shape {tuple(x.shape)}")
@@ -147,19 +158,42 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
     elif x_q.q.shape != x.shape or x_q.scale.shape != (x.shape[0], -(-group.k // 128)):
         raise ValueError(f"x_q must hold q [T, K] = {tuple(x.shape)} and scale [T, {-(-group.k // 128)}], "
                          f"got {tuple(x_q.q.shape)} and {tuple(x_q.scale.shape)}")
-    t, e = x.shape[0], len(group)
+    t = x.shape[0]
     y = torch.empty(t, group.n, dtype=x.dtype, device=x.device)
     if t == 0:
         return y
-    plan = launch_plan(group, t, configs)
+    if mode == "fused":
+        plan = launch_plan(group, t, configs)
+        _launch(x, x_q, y, offsets, group, plan, group.schedule(tuple(s for s, _ in plan)), num_programs, num_warps)
+    elif mode == "per_scheme":
+        for s, c in launch_plan(group, t, configs):
+            _launch(x, x_q, y, offsets, group, [(s, c)], group.schedule((s,), only=True), num_programs, num_warps)
+    else:  # unified
+        c = unified_config(t / len(group))
+        slots = tuple(dict.fromkeys(HOPPER_SCHEMES + group.schemes))
+        _launch(x, x_q, y, offsets, group, [(s, c) for s in slots], group.schedule(slots), num_programs, num_warps)
+    return y
+
+
+def unified_config(rows_per_expert: float) -> TileConfig:
+    """The one tile shape every path of the ``unified`` kernel uses (Table 6's runtime-branch kernel)."""
+    if INTERPRET:
+        return TileConfig(32, 32, PACK_K, 1)
+    bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
+    return TileConfig(bm, 128, PACK_K, 3)
+
+
+def _launch(x, x_q, y, offsets, group: ExpertGroup, plan, sched: torch.Tensor, num_programs, num_warps) -> None:
+    """One kernel launch over the experts listed in ``sched`` ([E', 2] int32 (expert, slot))."""
     slots = tuple(s for s, _ in plan)
     cfgs = [c for _, c in plan]
     if num_programs is None:
         num_programs = 4 if INTERPRET else 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
     if num_warps is None:
         num_warps = 4 if max(c.bm for c in cfgs) <= 32 else 8
+    e = sched.shape[0]
     tk.group_gemm_kernel[(num_programs,)](
-        x, x_q.q, x_q.scale, y, offsets, group.schedule(slots), group.addr,
+        x, x_q.q, x_q.scale, y, offsets, sched, group.addr,
         e, group.n, group.k, group.k_pad, x_q.scale.shape[1], x.stride(0), y.stride(0),
         KINDS=tuple(kind_of(s) for s in slots), WBITS=tuple(s.w_bits for s in slots),
         GROUPS=tuple(s.group_size for s in slots),
@@ -168,4 +202,3 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
         SWAPS=tuple(c.swap_ab for c in cfgs), NSLOTS=len(slots),
         E_PAD=max(16, 1 << (e - 1).bit_length()), INTERPRET=INTERPRET, num_warps=num_warps,
     )
-    return y
