@@ -12,11 +12,13 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from mxmoe.kernels import TileConfig, group_gemm, pack, quantize_activations, reference_group_gemm  # noqa: E402
 from mxmoe.kernels.group_gemm import ExpertGroup  # noqa: E402
+from mxmoe.kernels.moe import moe_experts_forward, route  # noqa: E402
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
 
@@ -27,8 +29,8 @@ def _offsets(rows: list[int]) -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32)
 
 
-def _compare(x, offsets, packed, ref=None, **kw) -> dict:
-    y = group_gemm(x, offsets, packed, **kw).float()  # [T, N]
+def _compare(x, offsets, packed, ref=None, result=None, **kw) -> dict:
+    y = (group_gemm(x, offsets, packed, **kw) if result is None else result).float()  # [T, N]
     r = reference_group_gemm(x, offsets, packed) if ref is None else ref
     row_err = (y - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-6)  # [T]
     return {"rel": float((y - r).norm() / r.norm()), "row_rel": float(row_err.max()), "finite": bool(torch.isfinite(y).all())}
@@ -82,6 +84,20 @@ def main() -> None:
     ref = torch.cat([xe.float() @ iw.dequantize().t() for xe, iw in zip((x[:4], x[4:]), ints)])
     ref[4:] = reference_group_gemm(x, _offsets(rows), [pack(iw) for iw in ints])[4:]  # w4a8 quantizes x
     cases["intweight"] = _compare(x, _offsets(rows), [pack(iw) for iw in ints], ref)
+    # a routed MoE experts forward (mixed schemes per expert) against the same steps on the reference
+    e, h, inter, tokens, top_k = 6, 128, 96, 9, 2
+    mix = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g-1_sym", "w3a16_g128_asym", "w8a8_g-1_sym_fp8"]
+    gu = [pack(w, s) for w, s in zip(_weights(2 * inter, h, e), mix)]
+    dn = [pack(w, s) for w, s in zip(_weights(h, inter, e), mix[::-1])]
+    hidden = torch.randn(tokens, h)
+    idx = torch.stack([torch.randperm(e)[:top_k] for _ in range(tokens)])  # [T, k], expert 5 may get no token
+    wts = torch.softmax(torch.randn(tokens, top_k), dim=1)
+    out = moe_experts_forward(hidden, idx, wts, ExpertGroup(gu), ExpertGroup(dn))
+    order, offs = route(idx, e)
+    hh = reference_group_gemm(hidden[order // top_k], offs, gu)
+    oo = reference_group_gemm(F.silu(hh[:, :inter]) * hh[:, inter:], offs, dn)
+    ref = torch.zeros(tokens, h).index_add_(0, order // top_k, oo * wts.reshape(-1)[order, None])
+    cases["moe_experts_forward"] = _compare(hidden, None, None, ref, result=out)
     json.dump({"seed": seed, "cases": cases}, sys.stdout)
 
 

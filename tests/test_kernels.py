@@ -23,8 +23,10 @@ QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
 INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "mixed_per_scheme_launches",
                                                    "mixed_unified_kernel", "mixed_given_x_q", "unswapped_mixed",
                                                    "swapped_mixed_fp8_weight_only", "k32_mixed",
-                                                   "intweight"]
-TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3}  # fp16 output rounding; fp16 group scales vs fp32 IntWeight
+                                                   "intweight", "moe_experts_forward"]
+# fp16 output rounding; fp16 group scales vs fp32 IntWeight; the MoE forward re-quantizes the SiLU output,
+# whose last bits differ between the two paths, so a few activation codes may round the other way
+TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 1e-3}
 
 
 @pytest.fixture(scope="module")
