@@ -147,3 +147,13 @@ def test_cost_table_tiles_and_device_check(tmp_path):
     b.write_text(json.dumps({"provenance": dict(prov, device="GPU B"), "roofline": {}, "results": []}))
     with pytest.raises(ValueError, match="several devices"):
         build_table([a, b])
+
+
+@pytest.mark.parametrize("rows", [1, 20, 50, 500])
+def test_default_tiles_are_valid_for_every_scheme(rows):
+    from mxmoe.kernels.configs import check_config, default_config
+
+    for s in HOPPER_SCHEMES:
+        for interpret in (False, True):
+            check_config(s, default_config(s, rows, interpret))
+        check_config(s, gg_module.unified_config(rows))
