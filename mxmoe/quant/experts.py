@@ -1,0 +1,97 @@
+"""The tokens each expert of one MoE block sees, and one expert's forward under given block schemes.
+
+Shared by the sensitivity measurement and sequential GPTQ: both need, per expert, the rows of the
+block input routed to it with their gate values, the expert's weights, and its SiLU-gated MLP with
+activation fake quantization and an optional online Hadamard on the down_proj input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mxmoe.models.blocks import MoEBlock
+from mxmoe.quant.apply import block_weight, expert_ids
+from mxmoe.quant.gptq import HessianAccumulator, InsufficientCalibration, gptq_quantize
+from mxmoe.quant.hadamard import apply_online_hadamard
+from mxmoe.quant.rtn import IntWeight, quantize_activation, quantize_weight_int
+from mxmoe.schemes import BF16, Scheme
+
+
+@dataclass
+class ExpertTokens:
+    """The tokens of one expert: inputs x [T, H] and the weight g [T, 1] its output gets in the block sum."""
+
+    expert: "int | str"
+    x: torch.Tensor
+    g: torch.Tensor
+
+
+@torch.no_grad()
+def split_by_expert(block: MoEBlock, x: torch.Tensor) -> list[ExpertTokens]:
+    """Route block inputs ``x[N, H]`` and return every expert's tokens (routed ones, then shared ones).
+
+    A routed expert gets the rows routed to it with their routing weights; a shared expert gets
+    every row, weighted by Qwen2-MoE's sigmoid shared gate when the block has one (else 1).
+    """
+    x = x.float()
+    weights, idx = block.route(x)  # [N, k] each
+    out = []
+    for e in range(block.num_experts):
+        rows, slot = torch.where(idx == e)
+        out.append(ExpertTokens(e, x[rows], weights[rows, slot][:, None]))
+    shared_g = torch.sigmoid(block.shared_gate(x).float()) if block.shared_gate is not None else torch.ones(x.shape[0], 1)
+    out += [ExpertTokens(e, x, shared_g) for e in expert_ids(block)[block.num_experts:]]
+    return out
+
+
+def expert_weights(block: MoEBlock, expert, rotate_down: bool = False) -> dict[str, torch.Tensor]:
+    """Float32 copies of an expert's gate/up [I, H] and down [H, I] (down rotated by the online Hadamard if asked)."""
+    w = {n: block_weight(block, expert, n).detach().float().clone() for n in ("gate", "up", "down")}
+    if rotate_down:
+        w["down"] = apply_online_hadamard(w["down"])  # W·H/√I pairs with the rotated input
+    return w
+
+
+def intermediate(x: torch.Tensor, w: dict, schemes: dict) -> torch.Tensor:
+    """SiLU(gate) * up [T, I] with each block's input activation fake-quantized by its scheme."""
+    gate = quantize_activation(x, schemes.get("gate", BF16)) @ w["gate"].T
+    up = quantize_activation(x, schemes.get("up", BF16)) @ w["up"].T
+    return F.silu(gate) * up
+
+
+def expert_output(x: torch.Tensor, w: dict, schemes: dict, rotate_down: bool = False) -> torch.Tensor:
+    """Unweighted expert output [T, H] from weights ``w`` with activation fake quant per block."""
+    h = intermediate(x, w, schemes)
+    if rotate_down:
+        h = apply_online_hadamard(h)
+    return quantize_activation(h, schemes.get("down", BF16)) @ w["down"].T
+
+
+@dataclass
+class QuantizedBlock:
+    """One block's quantized weight and how it was found ('rtn', 'gptq', or 'rtn-fallback' with the reason)."""
+
+    weight: IntWeight
+    how: str
+    reason: str = ""
+
+
+def quantize_block(w: torch.Tensor, scheme: Scheme, hessian: "HessianAccumulator | None", min_tokens: int,
+                   **gptq_kw) -> QuantizedBlock:
+    """GPTQ when a Hessian is given and has enough tokens, otherwise RTN; ``w`` is [out, in]."""
+    if hessian is None:
+        return QuantizedBlock(quantize_weight_int(w, scheme), "rtn")
+    try:
+        return QuantizedBlock(gptq_quantize(w, hessian, scheme, min_tokens=min_tokens, **gptq_kw), "gptq")
+    except (InsufficientCalibration, torch.linalg.LinAlgError) as e:
+        return QuantizedBlock(quantize_weight_int(w, scheme), "rtn-fallback", str(e).splitlines()[0])
+
+
+def hessian_of(x: torch.Tensor) -> HessianAccumulator:
+    """A Hessian accumulator over the rows of ``x[T, K]``."""
+    acc = HessianAccumulator(x.shape[-1])
+    acc.add(x)
+    return acc

@@ -1,0 +1,97 @@
+"""Run a decoder one layer at a time over calibration windows (GPTQ's sequential scheme).
+
+``LayerwiseRunner`` captures the inputs of decoder layer 0 (hidden states and the keyword
+arguments the model passes: position embeddings, mask, ...) once, then advances the hidden
+states layer by layer. At each layer the input of its MoE block can be collected, so callers
+(sensitivity, sequential GPTQ) see exactly what the block sees, without a full-model rerun per
+layer. Windows run one at a time (batch 1) so the captured arguments fit every window.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass after layer 0's inputs are seen."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers (``model.model.layers``) of a Hugging Face causal LM."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers: not a Hugging Face decoder")
+    return layers
+
+
+class LayerwiseRunner:
+    """Hidden states [n, seqlen, H] of calibration windows, advanced through the decoder layer by layer."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, windows: torch.Tensor):
+        """Embed ``windows`` [n, seqlen] and capture decoder layer 0's inputs for each window."""
+        if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] == 0:
+            raise ValueError(f"calibration windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.next_layer = 0
+        device = next(model.parameters()).device
+        hidden, kwargs = [], []
+
+        def grab(module, args, kw):
+            hidden.append(args[0] if args else kw.pop("hidden_states"))
+            kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for w in windows:
+                try:
+                    model(w[None].to(device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        self.hidden = torch.cat(hidden)  # [n, seqlen, H]
+        self.kwargs = kwargs  # one dict per window
+
+    @torch.no_grad()
+    def advance(self, capture: "nn.Module | None" = None) -> "torch.Tensor | None":
+        """Run layer ``next_layer`` on every window; returns the inputs [n·seqlen, H] of ``capture`` if given."""
+        if self.next_layer >= len(self.layers):
+            raise IndexError(f"the decoder has {len(self.layers)} layers; all have run")
+        layer = self.layers[self.next_layer]
+        seen = []
+        handle = capture.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]))) \
+            if capture is not None else None
+        try:
+            for i in range(self.hidden.shape[0]):
+                out = layer(self.hidden[i : i + 1], **self.kwargs[i])
+                self.hidden[i : i + 1] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.next_layer += 1
+        return torch.cat(seen) if capture is not None else None
+
+    @torch.no_grad()
+    def block_inputs(self, block: nn.Module) -> torch.Tensor:
+        """Inputs [n·seqlen, H] that ``block`` (inside layer ``next_layer``) receives, without advancing."""
+        layer = self.layers[self.next_layer]
+        seen = []
+
+        def grab(m, a):
+            seen.append(a[0].reshape(-1, a[0].shape[-1]))
+            raise _Stop
+
+        handle = block.register_forward_pre_hook(grab)
+        try:
+            for i in range(self.hidden.shape[0]):
+                try:
+                    layer(self.hidden[i : i + 1], **self.kwargs[i])
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(seen)

@@ -1,0 +1,180 @@
+"""Per-block quantization sensitivity (paper Eq. 6), computed locally.
+
+Δ[layer, expert, block, scheme] = ‖Ô − O‖_F of one MoE block's output over the calibration
+tokens when only that linear block of that expert is quantized, every layer fed full-precision
+inputs. Only the tokens routed to the expert change, so
+
+    Δ = ‖ g ⊙ (expert_q(x) − expert(x)) ‖_F   over the expert's tokens x, gate values g,
+
+and no layer is ever rerun per block. Shared experts are blocks too (every token, g = 1 or
+Qwen2-MoE's sigmoid gate). Methods: ``rtn``; ``gptq`` (Hessian from the expert's own tokens —
+for down_proj its full-precision intermediate activations); ``gptq-had`` (the residual stream
+rotated by a seeded random Hadamard with ``rotate_model`` and the down_proj input rotated online,
+then GPTQ). Activations are fake-quantized per the scheme in all methods.
+
+An expert that receives no calibration token has no measured Δ: it is stored as ``null`` and
+listed under ``no_tokens`` (``sensitivity_array`` fills it, see there). A GPTQ block with too few
+tokens falls back to RTN and is listed under ``rtn_fallbacks``. Results are cached per
+(model, method, scheme set, calibration set) in results/<model>/sensitivity/, rewritten
+atomically after each layer, so a killed run resumes at the first missing layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import warnings
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mxmoe.errors import MxMoEError
+from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
+from mxmoe.paths import results_dir, write_json_atomic
+from mxmoe.quant.apply import check_scheme
+from mxmoe.quant.experts import expert_output, expert_weights, hessian_of, intermediate, quantize_block, split_by_expert
+from mxmoe.quant.hadamard import apply_online_hadamard, rotate_model
+from mxmoe.quant.layerwise import LayerwiseRunner
+
+METHODS = ("rtn", "gptq", "gptq-had")
+log = logging.getLogger(__name__)
+
+
+def cache_path(model_name: str, method: str, schemes, calib: str):
+    """results/<model>/sensitivity/<method>_<schemes hash>_<calib>.json for one (method, scheme set, calibration)."""
+    names = ",".join(str(check_scheme(s)) for s in schemes)
+    digest = hashlib.sha256(names.encode()).hexdigest()[:8]
+    return results_dir() / model_name / "sensitivity" / f"{method}_{len(schemes)}schemes-{digest}_{calib}.json"
+
+
+@torch.no_grad()
+def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down: bool = False,
+                  min_tokens: int = 16, **gptq_kw) -> tuple[list, list]:
+    """Δ [3][S] for one expert's blocks under each scheme, and the RTN fallbacks as (block, scheme, reason).
+
+    ``tokens`` is an ``ExpertTokens`` (x [T, H], gates g [T, 1]); T must be positive.
+    """
+    x, g = tokens.x, tokens.g
+    w = expert_weights(block, tokens.expert, rotate_down)
+    ref = expert_output(x, w, {}, rotate_down)  # [T, H]
+    hessians = {}
+    if method != "rtn":
+        h = intermediate(x, w, {})  # [T, I]
+        hessians = {"gate": hessian_of(x), "up": hessian_of(x),
+                    "down": hessian_of(h if not rotate_down else apply_online_hadamard(h))}
+    deltas, fallbacks = [], []
+    for name in BLOCKS:
+        row = []
+        for s in schemes:
+            if s.is_full_precision:
+                row.append(0.0)
+                continue
+            q = quantize_block(w[name], s, hessians.get(name), min_tokens, **gptq_kw)
+            if q.how == "rtn-fallback":
+                fallbacks.append((name, str(s), q.reason))
+            out = expert_output(x, {**w, name: q.weight.dequantize()}, {name: s}, rotate_down)
+            row.append(float(torch.linalg.norm(g * (out - ref))))
+        deltas.append(row)
+    return deltas, fallbacks
+
+
+@torch.no_grad()
+def layer_sensitivity(block: MoEBlock, x: torch.Tensor, schemes, method: str = "rtn", *, rotate_down: bool = False,
+                      min_tokens: int = 16, **gptq_kw) -> dict:
+    """Δ of every expert block of one MoE layer from its full-precision inputs ``x[N, H]``; a JSON-ready dict.
+
+    Keys: experts (ids), tokens (per expert), delta [experts][3][S] (null where an expert got no
+    token), no_tokens (expert ids), rtn_fallbacks ([expert, block, scheme, reason]).
+    """
+    if x.shape[0] == 0:
+        raise MxMoEError(f"layer {block.layer}: no calibration tokens reached this MoE block")
+    result = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}
+    for tokens in split_by_expert(block, x):
+        result["experts"].append(tokens.expert)
+        result["tokens"].append(int(tokens.x.shape[0]))
+        if tokens.x.shape[0] == 0:
+            result["delta"].append([[None] * len(schemes) for _ in BLOCKS])
+            result["no_tokens"].append(tokens.expert)
+            continue
+        deltas, fallbacks = expert_deltas(block, tokens, schemes, method, rotate_down=rotate_down,
+                                          min_tokens=min_tokens, **gptq_kw)
+        if not all(math.isfinite(d) for row in deltas for d in row):
+            raise FloatingPointError(f"layer {block.layer} expert {tokens.expert}: non-finite Δ {deltas}")
+        result["delta"].append(deltas)
+        result["rtn_fallbacks"] += [[tokens.expert, *f] for f in fallbacks]
+    if result["no_tokens"]:
+        warnings.warn(f"layer {block.layer}: experts {result['no_tokens']} got no calibration token; "
+                      "their Δ is null (see sensitivity_array)", stacklevel=2)
+    if result["rtn_fallbacks"]:
+        log.warning("layer %d: %d GPTQ blocks fell back to RTN (too few tokens)", block.layer, len(result["rtn_fallbacks"]))
+    return result
+
+
+def compute_sensitivity(model, windows: torch.Tensor, schemes, method: str = "rtn", *, path=None, params: "dict | None" = None,
+                        seed: int = 0, min_tokens: int = 16, progress: bool = True, **gptq_kw) -> dict:
+    """Δ for every MoE layer of ``model`` on calibration ``windows`` [n, seqlen]; resumable when ``path`` is given.
+
+    ``schemes``: Scheme objects or strings. ``params`` (model, calibration, ...) go into the file and
+    must match a partial file to resume from it. The model is not modified (gptq-had rotates a copy).
+    Returns {"params", "schemes", "blocks", "layers": {str(layer): layer_sensitivity(...)}}.
+    """
+    if method not in METHODS:
+        raise MxMoEError(f"unknown sensitivity method {method!r}; use one of {', '.join(METHODS)}")
+    schemes = [check_scheme(s) for s in schemes]
+    if not schemes:
+        raise MxMoEError("no schemes given for the sensitivity measurement")
+    params = {**(params or {}), "method": method, "seed": seed, "min_tokens": min_tokens,
+              "windows": list(windows.shape), **gptq_kw}
+    result = {"params": params, "schemes": [str(s) for s in schemes], "blocks": list(BLOCKS), "layers": {}}
+    if path is not None and path.exists():
+        old = json.loads(path.read_text())
+        if old.get("params") == params and old.get("schemes") == result["schemes"]:
+            result["layers"] = old["layers"]
+    rotate = method == "gptq-had"
+    if rotate:
+        model = copy.deepcopy(model)
+        rotation = rotate_model(model, seed)
+        params["rotation"] = {"seed": rotation.seed, "kind": rotation.kind}
+    blocks = {b.layer: b for b in moe_blocks(model)}
+    todo = [layer for layer in blocks if str(layer) not in result["layers"]]
+    if not todo:
+        return result
+    runner = LayerwiseRunner(model, windows)
+    bar = tqdm(total=len(todo), desc=f"sensitivity {method}", unit="layer", disable=not progress)
+    for layer in range(max(todo) + 1):
+        if layer not in todo:
+            runner.advance()
+            continue
+        x = runner.advance(capture=blocks[layer].module)  # [N, H] full-precision block inputs
+        result["layers"][str(layer)] = layer_sensitivity(blocks[layer], x, schemes, method, rotate_down=rotate,
+                                                         min_tokens=min_tokens, **gptq_kw)
+        if path is not None:
+            write_json_atomic(path, result)
+        bar.update(1)
+    bar.close()
+    return result
+
+
+def sensitivity_array(result: dict, layer: int, fill: str = "max") -> tuple[np.ndarray, list]:
+    """Δ of one layer as float array [experts, 3, S] (routed then shared) and the expert ids.
+
+    Experts without calibration tokens (null Δ) are filled per block and scheme with the layer's
+    ``fill`` ('max', conservative: never chosen for low bits by accident; or 'mean') over the
+    measured experts; 'nan' keeps NaN for callers that handle it.
+    """
+    key = str(layer)
+    if key not in result["layers"]:
+        raise MxMoEError(f"layer {layer} is not in the sensitivity result; layers: {sorted(map(int, result['layers']))}")
+    lay = result["layers"][key]
+    arr = np.array([[[np.nan if v is None else v for v in row] for row in d] for d in lay["delta"]], dtype=float)
+    if fill != "nan" and np.isnan(arr).any():
+        measured = arr[~np.isnan(arr).any(axis=(1, 2))]
+        if measured.size == 0:
+            raise MxMoEError(f"layer {layer}: no expert has calibration tokens; use more calibration windows")
+        value = measured.max(axis=0) if fill == "max" else measured.mean(axis=0)  # [3, S]
+        arr = np.where(np.isnan(arr), value[None], arr)
+    return arr, lay["experts"]

@@ -1,0 +1,109 @@
+import copy
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mxmoe.sensitivity as sens
+from mxmoe.errors import MxMoEError
+from mxmoe.models import moe_blocks
+from mxmoe.models.zoo import tiny_model
+from mxmoe.quant.apply import UnsupportedScheme, apply_schemes
+from mxmoe.quant.layerwise import LayerwiseRunner
+
+SCHEMES = ["bf16", "w3a16_g16_asym", "w4a4_g-1_sym"]
+WINDOWS = torch.randint(3, 500, (3, 32), generator=torch.Generator().manual_seed(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _built(name):
+    return tiny_model(name)
+
+
+def fresh(name="tiny-qwen2-moe"):
+    return copy.deepcopy(_built(name))
+
+
+def test_local_delta_equals_full_block_recomputation():
+    model = fresh()
+    b = moe_blocks(model)[1]
+    runner = LayerwiseRunner(model, WINDOWS)
+    runner.advance()
+    x = runner.block_inputs(b.module)  # [N, H] full-precision inputs of layer 1's MoE block
+    res = sens.layer_sensitivity(b, x, [sens.check_scheme(s) for s in SCHEMES], "rtn")
+    assert res["experts"][-1] == "shared0" and sum(res["tokens"][:-1]) == x.shape[0] * b.top_k
+    with torch.no_grad():
+        ref = b.module(x[None])[0]
+    cases = [(3, "gate", 2), (3, "up", 2), (3, "down", 2), (5, "down", 1), ("shared0", "gate", 2), ("shared0", "down", 1)]
+    for expert, block, k in cases:
+        i, j = res["experts"].index(expert), ("gate", "up", "down").index(block)
+        q = fresh()
+        apply_schemes(q, {(b.layer, expert, block): SCHEMES[k]})
+        with torch.no_grad():
+            full = torch.linalg.norm(moe_blocks(q)[1].module(x[None])[0] - ref).item()
+        assert full > 0 and res["delta"][i][j][k] == pytest.approx(full, rel=1e-3), (expert, block, SCHEMES[k])
+    assert all(d[j][0] == 0.0 for d in res["delta"] if d[0][0] is not None for j in range(3))  # bf16
+
+
+def test_gptq_beats_rtn_in_aggregate_and_had_runs():
+    model = fresh()
+    schemes = ["w3a16_g-1_asym"]
+    rtn = sens.compute_sensitivity(model, WINDOWS, schemes, "rtn", progress=False)
+    gptq = sens.compute_sensitivity(model, WINDOWS, schemes, "gptq", min_tokens=4, progress=False)
+    had = sens.compute_sensitivity(model, WINDOWS, schemes, "gptq-had", min_tokens=4, progress=False)
+    total = {k: sum(np.nansum(sens.sensitivity_array(r, layer, fill="nan")[0]) for layer in (0, 1))
+             for k, r in (("rtn", rtn), ("gptq", gptq), ("had", had))}
+    assert total["gptq"] < 0.9 * total["rtn"]
+    assert np.isfinite(total["had"]) and total["had"] > 0
+    assert had["params"]["rotation"]["seed"] == 0
+
+
+def test_experts_without_tokens_are_null_and_filled():
+    b = moe_blocks(fresh())[0]
+    x = torch.randn(2, b.hidden_size)  # 2 tokens x top-2: at most 4 of 8 experts see a token
+    with pytest.warns(UserWarning, match="no calibration token"):
+        res = sens.layer_sensitivity(b, x, [sens.check_scheme("w4a16_g-1_asym")], "gptq", min_tokens=16)
+    assert len(res["no_tokens"]) >= 4 and all(res["delta"][res["experts"].index(e)][0][0] is None for e in res["no_tokens"])
+    assert len(res["rtn_fallbacks"]) == 3 * (len(res["experts"]) - len(res["no_tokens"]))  # 2 tokens < 16
+    arr, ids = sens.sensitivity_array({"layers": {"0": res}}, 0)
+    measured = [i for i, e in enumerate(ids) if e not in res["no_tokens"]]
+    assert np.isfinite(arr).all() and arr[ids.index(res["no_tokens"][0]), 0, 0] == arr[measured, 0, 0].max()
+
+
+def test_resume_after_a_killed_run(tmp_path, monkeypatch):
+    path = tmp_path / "s.json"
+    full = sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, "rtn", path=tmp_path / "ref.json", progress=False)
+    real, calls = sens.layer_sensitivity, []
+
+    def dies_after_one(block, *a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(block.layer)
+        return real(block, *a, **k)
+
+    monkeypatch.setattr(sens, "layer_sensitivity", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, "rtn", path=path, progress=False)
+    assert list(json.loads(path.read_text())["layers"]) == ["0"]
+    calls.clear()
+    monkeypatch.setattr(sens, "layer_sensitivity", lambda block, *a, **k: calls.append(block.layer) or real(block, *a, **k))
+    resumed = sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, "rtn", path=path, progress=False)
+    assert calls == [1]
+    assert resumed["layers"] == full["layers"]
+
+
+def test_bad_input():
+    model = fresh()
+    b = moe_blocks(model)[0]
+    with pytest.raises(MxMoEError, match="unknown sensitivity method"):
+        sens.compute_sensitivity(model, WINDOWS, SCHEMES, "awq")
+    with pytest.raises(UnsupportedScheme):
+        sens.compute_sensitivity(model, WINDOWS, ["w1a16_g-1_sym"], "rtn")
+    with pytest.raises(MxMoEError, match="no schemes"):
+        sens.compute_sensitivity(model, WINDOWS, [], "rtn")
+    with pytest.raises(MxMoEError, match="no calibration tokens"):
+        sens.layer_sensitivity(b, torch.zeros(0, b.hidden_size), [sens.check_scheme("w4a16_g-1_asym")])
+    with pytest.raises(MxMoEError, match="layer 5"):
+        sens.sensitivity_array({"layers": {"0": {}}}, 5)
