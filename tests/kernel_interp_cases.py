@@ -18,7 +18,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from mxmoe.kernels import TileConfig, group_gemm, pack, quantize_activations, reference_group_gemm  # noqa: E402
 from mxmoe.kernels.group_gemm import ExpertGroup  # noqa: E402
-from mxmoe.kernels.moe import moe_experts_forward, route  # noqa: E402
+from mxmoe.kernels.moe import attach_packed_experts, moe_experts_forward, register_experts_implementation, route  # noqa: E402
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
 
@@ -98,7 +98,52 @@ def main() -> None:
     oo = reference_group_gemm(F.silu(hh[:, :inter]) * hh[:, inter:], offs, dn)
     ref = torch.zeros(tokens, h).index_add_(0, order // top_k, oo * wts.reshape(-1)[order, None])
     cases["moe_experts_forward"] = _compare(hidden, None, None, ref, result=out)
+    cases.update(_transformers_cases())
     json.dump({"seed": seed, "cases": cases}, sys.stdout)
+
+
+def _transformers_cases() -> dict:
+    """A tiny random Qwen2-MoE run through the 'mxmoe' experts implementation vs eager / the reference."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from mxmoe.models import moe_blocks
+
+    cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    model = Qwen2MoeForCausalLM(cfg).eval()
+    with torch.no_grad():  # bf16-representable weights: the all-bf16 allocation then packs them exactly
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    ids = torch.randint(0, 64, (1, 12))
+    register_experts_implementation()
+
+    def reference(self, hidden, idx, wts):
+        gu, dn = self.mxmoe_groups
+        order, offs = route(idx, len(gu))
+        h = reference_group_gemm(hidden[order // idx.shape[1]], offs, gu.packed)
+        o = reference_group_gemm(self._apply_gate(h), offs, dn.packed)
+        return torch.zeros_like(hidden).index_add_(0, order // idx.shape[1], o * wts.reshape(-1)[order, None])
+
+    ALL_EXPERTS_FUNCTIONS.register("mxmoe_reference", reference)
+    out = {}
+    with torch.no_grad():
+        model.set_experts_implementation("eager")
+        eager = model(ids).logits[0]
+        for b in moe_blocks(model):
+            attach_packed_experts(b, [("bf16",) * 3] * b.num_experts)
+        model.set_experts_implementation("mxmoe")
+        out["hf_qwen2moe_bf16_vs_eager"] = _compare(None, None, None, eager, result=model(ids).logits[0])
+        mix = ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g-1_sym", "bf16"]
+        for b in moe_blocks(model):
+            attach_packed_experts(b, [(s, s, mix[(e + 1) % 4]) for e, s in enumerate(mix)])
+        got = model(ids).logits[0]
+        model.set_experts_implementation("mxmoe_reference")
+        out["hf_qwen2moe_mixed_vs_reference"] = _compare(None, None, None, model(ids).logits[0], result=got)
+        # the quantized experts really ran: their logits move away from the float model's
+        out["hf_qwen2moe_mixed_vs_reference"]["vs_eager"] = float((got - eager).norm() / eager.norm())
+    return out
 
 
 if __name__ == "__main__":

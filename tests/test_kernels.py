@@ -23,10 +23,11 @@ QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
 INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "mixed_per_scheme_launches",
                                                    "mixed_unified_kernel", "mixed_given_x_q", "unswapped_mixed",
                                                    "swapped_mixed_fp8_weight_only", "k32_mixed",
-                                                   "intweight", "moe_experts_forward"]
+                                                   "intweight", "moe_experts_forward", "hf_qwen2moe_bf16_vs_eager",
+                                                   "hf_qwen2moe_mixed_vs_reference"]
 # fp16 output rounding; fp16 group scales vs fp32 IntWeight; the MoE forward re-quantizes the SiLU output,
 # whose last bits differ between the two paths, so a few activation codes may round the other way
-TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 1e-3}
+TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 1e-3, "hf_qwen2moe_mixed_vs_reference": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,8 @@ def test_kernel_matches_reference(interp_results, case):
     tol = TOL.get(case, 1e-5)  # float32 math on both sides
     assert r["finite"], f"{case}: non-finite output (seed {interp_results['seed']})"
     assert r["rel"] < tol and r["row_rel"] < 3 * tol, f"{case}: {r} (seed {interp_results['seed']})"
+    if "vs_eager" in r:  # a mixed allocation must actually change the model
+        assert r["vs_eager"] > 1e-3, f"{case}: quantized experts did not run: {r}"
 
 
 @pytest.mark.parametrize("s", QUANTIZED, ids=str)
