@@ -48,7 +48,8 @@ def check_config(s: Scheme, c: TileConfig) -> None:
 def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
     """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average.
 
-    Seeded from the sweep on an H200 (results/kernels/bench_NVIDIA_H200.json, ``tuning``)."""
+    Seeded from the tile sweep on an H200 (kernels/nvidia_h200.json, ``tile_sweep``) and the swap-AB
+    ablation (results/kernels/NOTES.md)."""
     kind = kind_of(s)
     if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
         return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1, swap_ab=kind in (tk.W_INT, tk.W_FP8))

@@ -1,4 +1,4 @@
-"""``group_gemm``: checks the inputs, builds the work-list metadata, launches the kernel once."""
+"""``group_gemm``: checks the inputs, builds the work-list metadata, launches the kernel (once by default)."""
 
 from __future__ import annotations
 

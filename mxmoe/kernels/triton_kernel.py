@@ -18,6 +18,10 @@ Slot kinds:
   WA_INT  integer weight x int8 activations (quantized per row by act_quant.py), int8 dot
   WA_FP8  e4m3 weight x e4m3 activations, fp8 dot
 
+Weight-only packed slots may compute the transposed tile (``SWAP``: y^T = W x^T) so that the unpacked
+weight is the dot's A operand, which wgmma reads from registers (B must sit in shared memory), and
+a few token rows fill the MMA's N instead of padding its M to 64.
+
 Packed weights are read one 128-long K block at a time: each bit plane's bytes are loaded once and
 unpacked with compile-time shifts into slices of ``16 * widest plane`` K rows (64 rows for 4-bit),
 one dot per slice, so no byte is loaded twice. Codes become bf16 without an int->float convert:
