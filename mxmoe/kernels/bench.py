@@ -252,7 +252,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     ap.add_argument("--tune-seconds", type=float, default=0.0, help="time budget of the tile-config sweep")
-    ap.add_argument("--deadline-seconds", type=float, default=1e9, help="skip the remaining cases after this")
+    ap.add_argument("--deadline-seconds", type=float, default=480.0,
+                    help="skip the remaining cases after this many seconds (the device allows 10 minutes a command)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
