@@ -219,6 +219,49 @@ def rotate_down_inputs(model: nn.Module) -> None:
             set_block_weight(b, e, "down", apply_online_hadamard(w.float()))
 
 
+def validate_scheme_map(model: nn.Module, scheme_map: dict) -> tuple[dict, dict]:
+    """(MoE blocks by layer, {key: Scheme}) after checking every key, scheme and expert layout.
+
+    Raises BadBlockKey, UnsupportedScheme, or MxMoEError when the model is already fake-quantized
+    or its experts use a layout the fake quantizer cannot run.
+    """
+    if getattr(model, "_mxmoe_applied", False):
+        raise MxMoEError("this model is already fake-quantized; load a fresh copy to apply another scheme map")
+    blocks = blocks_by_layer(model)
+    plan = {check_key(blocks, k): check_scheme(s) for k, s in scheme_map.items()}
+    for b in blocks.values():
+        if b.fused:
+            _check_fused(b)
+    return blocks, plan
+
+
+def install_activation_quant(model: nn.Module, plan: dict, online_hadamard: bool = False) -> None:
+    """Quantize every block's input on the fly per ``plan`` (validated), rotating down inputs if asked.
+
+    Fused routed experts get the registered experts implementation; per-expert and shared experts
+    get pre-hooks on their Linear modules. Marks the model as fake-quantized.
+    """
+    fused = False
+    for b in moe_blocks(model):
+        routed_schemes = [tuple(plan.get((b.layer, e, n), BF16) for n in BLOCKS) for e in range(b.num_experts)]
+        if b.fused:
+            b.experts._mxmoe_act = routed_schemes
+            b.experts._mxmoe_hadamard = online_hadamard
+            fused = True
+        else:
+            for e, schemes in enumerate(routed_schemes):
+                for n, s in zip(BLOCKS, schemes):
+                    _hook_linear(_mlp_linear(b.experts[e], n), s, online_hadamard and n == "down")
+        for si in range(len(b.shared)):
+            for n in BLOCKS:
+                s = plan.get((b.layer, shared_key(si), n), BF16)
+                _hook_linear(_mlp_linear(b.shared[si], n), s, online_hadamard and n == "down")
+    if fused:
+        _register()
+        model.set_experts_implementation(EXPERTS_IMPL)
+    model._mxmoe_applied = True
+
+
 @torch.no_grad()
 def apply_schemes(model: nn.Module, scheme_map: dict, *, weights: "dict | None" = None,
                   online_hadamard: bool = False) -> AppliedQuantization:
@@ -229,10 +272,7 @@ def apply_schemes(model: nn.Module, scheme_map: dict, *, weights: "dict | None" 
     when ``online_hadamard``). Other keys are quantized with RTN. Every key and scheme is checked
     before the model is touched (BadBlockKey, UnsupportedScheme). A model can be quantized once.
     """
-    if getattr(model, "_mxmoe_applied", False):
-        raise MxMoEError("this model is already fake-quantized; load a fresh copy to apply another scheme map")
-    blocks = blocks_by_layer(model)
-    plan = {check_key(blocks, k): check_scheme(s) for k, s in scheme_map.items()}
+    blocks, plan = validate_scheme_map(model, scheme_map)
     weights = weights or {}
     for k, iw in weights.items():
         if k not in plan or not isinstance(iw, IntWeight) or iw.scheme != plan[k]:
@@ -252,25 +292,5 @@ def apply_schemes(model: nn.Module, scheme_map: dict, *, weights: "dict | None" 
             w = quantize_weight(block_weight(b, e, name).float(), s)
         set_block_weight(b, e, name, w)
         report.blocks_per_scheme[str(s)] = report.blocks_per_scheme.get(str(s), 0) + 1
-
-    fused = False
-    for layer, b in blocks.items():
-        routed_schemes = [tuple(plan.get((layer, e, n), BF16) for n in BLOCKS) for e in range(b.num_experts)]
-        if b.fused:
-            _check_fused(b)
-            b.experts._mxmoe_act = routed_schemes
-            b.experts._mxmoe_hadamard = online_hadamard
-            fused = True
-        else:
-            for e, schemes in enumerate(routed_schemes):
-                for n, s in zip(BLOCKS, schemes):
-                    _hook_linear(_mlp_linear(b.experts[e], n), s, online_hadamard and n == "down")
-        for si in range(len(b.shared)):
-            for n in BLOCKS:
-                s = plan.get((layer, shared_key(si), n), BF16)
-                _hook_linear(_mlp_linear(b.shared[si], n), s, online_hadamard and n == "down")
-    if fused:
-        _register()
-        model.set_experts_implementation(EXPERTS_IMPL)
-    model._mxmoe_applied = True
+    install_activation_quant(model, plan, online_hadamard)
     return report

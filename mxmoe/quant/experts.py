@@ -57,6 +57,8 @@ def expert_weights(block: MoEBlock, expert, rotate_down: bool = False) -> dict[s
 
 def intermediate(x: torch.Tensor, w: dict, schemes: dict) -> torch.Tensor:
     """SiLU(gate) * up [T, I] with each block's input activation fake-quantized by its scheme."""
+    if x.shape[0] == 0:  # quantize_activation cannot group an empty tensor
+        return x.new_zeros(0, w["gate"].shape[0])
     gate = quantize_activation(x, schemes.get("gate", BF16)) @ w["gate"].T
     up = quantize_activation(x, schemes.get("up", BF16)) @ w["up"].T
     return F.silu(gate) * up

@@ -1,0 +1,111 @@
+"""GPTQ over a whole MoE model, layer by layer (the "GPTQ" / "GPTQ*" accuracy path).
+
+For each MoE layer in order: the calibration windows run through the model as quantized so far
+(upstream experts' weights quantized, activation fake quant on) to give the block input; each
+expert's gate and up are quantized with the Hessian of the tokens routed to it, then its down with
+the Hessian of its intermediate activations computed from the already-quantized gate/up (true
+sequential, QuaRot/GPTQ style). Experts with fewer than ``min_tokens`` tokens (or none) fall back
+to RTN, with a warning, and are listed in the report. With ``hadamard=True`` the residual stream is
+rotated first (``rotate_model``, seeded) and the down_proj inputs are rotated online, as in QuaRot.
+Attention, routers and embeddings stay full precision.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from mxmoe.quant.apply import install_activation_quant, rotate_down_inputs, set_block_weight, validate_scheme_map
+from mxmoe.quant.experts import expert_weights, hessian_of, intermediate, quantize_block, split_by_expert
+from mxmoe.quant.hadamard import Rotation, apply_online_hadamard, rotate_model
+from mxmoe.quant.layerwise import LayerwiseRunner
+from mxmoe.schemes import BF16
+
+
+@dataclass
+class GPTQReport:
+    """What ``quantize_model_gptq`` did.
+
+    gptq_blocks: blocks quantized by GPTQ; rtn_fallbacks: one dict per block that fell back to RTN
+    (layer, expert, block, tokens, reason); rotation: the residual rotation used (None without
+    ``hadamard``); seconds: wall time.
+    """
+
+    gptq_blocks: int = 0
+    rtn_fallbacks: list = field(default_factory=list)
+    rotation: "Rotation | None" = None
+    online_hadamard: bool = False
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        """JSON-ready counts and the fallback list."""
+        return {"gptq_blocks": self.gptq_blocks, "rtn_fallbacks": len(self.rtn_fallbacks),
+                "fallbacks": self.rtn_fallbacks, "online_hadamard": self.online_hadamard,
+                "rotation": None if self.rotation is None else {"seed": self.rotation.seed, "kind": self.rotation.kind},
+                "seconds": round(self.seconds, 1)}
+
+
+@torch.no_grad()
+def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadamard: bool = False, seed: int = 0,
+                        rotation: "Rotation | None" = None, min_tokens: int = 16, progress: bool = True,
+                        **gptq_kw) -> GPTQReport:
+    """Quantize ``model`` in place with GPTQ per ``scheme_map`` {(layer, expert, block): Scheme} on ``windows`` [n, seqlen].
+
+    ``hadamard`` rotates the residual stream first (``rotation`` or a random Hadamard from ``seed``)
+    and the down_proj inputs online. ``gptq_kw`` go to ``gptq_quantize`` (blocksize, percdamp,
+    act_order, ...). The model ends fake-quantized exactly as ``apply_schemes`` leaves it.
+    """
+    start = time.time()
+    blocks, plan = validate_scheme_map(model, scheme_map)
+    report = GPTQReport(online_hadamard=hadamard)
+    if hadamard:
+        report.rotation = rotate_model(model, seed, rotation=rotation)
+        rotate_down_inputs(model)
+    install_activation_quant(model, plan, online_hadamard=hadamard)
+    runner = LayerwiseRunner(model, windows)
+    todo = sorted(layer for layer in blocks if any(k[0] == layer and not s.is_full_precision for k, s in plan.items()))
+    bar = tqdm(total=len(todo), desc="GPTQ", unit="layer", disable=not progress)
+    for layer in range(max(todo) + 1 if todo else 0):
+        if layer in todo:
+            b = blocks[layer]
+            x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
+            before = len(report.rtn_fallbacks)
+            for tokens in split_by_expert(b, x):
+                _quantize_expert(b, tokens, plan, report, hadamard, min_tokens, gptq_kw)
+            if len(report.rtn_fallbacks) > before:
+                warnings.warn(f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
+                              f"{min_tokens} calibration tokens and were quantized with RTN", stacklevel=2)
+            bar.update(1)
+        runner.advance()
+    bar.close()
+    report.seconds = time.time() - start
+    return report
+
+
+def _quantize_expert(b, tokens, plan: dict, report: GPTQReport, rotate_down: bool, min_tokens: int, gptq_kw: dict) -> None:
+    """GPTQ (or RTN fallback) of one expert's gate, up, then down, written into the model."""
+    schemes = {n: plan.get((b.layer, tokens.expert, n), BF16) for n in ("gate", "up", "down")}
+    if all(s.is_full_precision for s in schemes.values()):
+        return
+    x = tokens.x  # [T, H], possibly no rows: GPTQ then raises and RTN takes over
+    w = expert_weights(b, tokens.expert)  # the model's weights (down already rotated when rotate_down)
+    hessian = hessian_of(x)
+    for name in ("gate", "up", "down"):
+        s = schemes[name]
+        if s.is_full_precision:
+            continue
+        if name == "down":
+            h = intermediate(x, w, schemes)  # [T, I] from the quantized gate/up
+            hessian = hessian_of(apply_online_hadamard(h) if rotate_down and h.shape[0] else h)
+        q = quantize_block(w[name], s, hessian, min_tokens, **gptq_kw)
+        if q.how == "rtn-fallback":
+            report.rtn_fallbacks.append({"layer": b.layer, "expert": tokens.expert, "block": name,
+                                         "tokens": int(x.shape[0]), "reason": q.reason})
+        else:
+            report.gptq_blocks += 1
+        w[name] = q.weight.dequantize()
+        set_block_weight(b, tokens.expert, name, w[name])
