@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mxmoe.data import calibration_windows
+from mxmoe.errors import MxMoEError
+from mxmoe.evaluate import eval_windows
+from mxmoe.models import load_model
 from mxmoe.models.blocks import moe_blocks
+from mxmoe.paths import results_dir, write_json_atomic
 
 
 @torch.no_grad()
@@ -42,3 +49,108 @@ def skew(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=float)
     with np.errstate(divide="ignore"):
         return counts.max(axis=1) / counts.min(axis=1)
+
+
+# ---- profiles across corpora, skew statistics and kernel workloads ---------------------------------
+
+# WikiText-2 test and C4 as in the paper; State of the Union addresses as the corpus "of a different
+# kind": political speech from 1790 to 2021 differs in register from encyclopedia and web text, and,
+# unlike Gutenberg (half of the windows that fitted smollm2-moe's routers), the routers never saw it.
+CORPORA = ("wikitext2", "c4", "sotu")
+BATCH_TOKENS = (512, 8192)
+
+
+def corpus_windows(tokenizer, corpus: str, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Token windows [n, seqlen] of a corpus: WikiText-2 test (first windows) or random windows of C4 / sotu / gutenberg."""
+    try:
+        if corpus == "wikitext2":
+            windows = eval_windows(tokenizer, seqlen, n)
+        else:
+            windows = calibration_windows(tokenizer, corpus, n, seqlen, seed)
+    except ValueError as e:  # unknown corpus, or too little text for one window
+        raise MxMoEError(f"routing corpus {corpus!r}: {e}") from None
+    if windows.shape[0] < n:
+        raise MxMoEError(f"routing corpus {corpus!r} has only {windows.shape[0]} windows of {seqlen} tokens, {n} asked")
+    return windows
+
+
+def gini(counts: np.ndarray) -> np.ndarray:
+    """Gini coefficient of tokens per expert for each layer of [layers, experts] (0 uniform, →1 one expert)."""
+    x = np.sort(np.asarray(counts, dtype=float), axis=1)  # [L, E] ascending
+    n = x.shape[1]
+    rank = np.arange(1, n + 1)
+    total = x.sum(axis=1)
+    if (total == 0).any():
+        raise ValueError("a layer of the profile has no tokens: the Gini coefficient is undefined")
+    return ((2 * rank - n - 1) * x).sum(axis=1) / (n * total)
+
+
+def top_share(counts: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """Share of all routed tokens taken by the busiest ceil(fraction·E) experts, per layer."""
+    x = np.sort(np.asarray(counts, dtype=float), axis=1)[:, ::-1]
+    top = max(1, int(np.ceil(fraction * x.shape[1])))
+    return x[:, :top].sum(axis=1) / x.sum(axis=1)
+
+
+def batch_workload(counts: np.ndarray, batch_tokens: int, top_k: int) -> np.ndarray:
+    """Tokens per expert [layers, experts] (int) for a batch of ``batch_tokens`` tokens routed like the profile.
+
+    Each row sums to ``batch_tokens · top_k``; the profile's frequencies are scaled and rounded by
+    largest remainders, so rarely used experts get 0 at small batches as they would in serving.
+    """
+    freq = np.asarray(counts, dtype=float)
+    freq = freq / freq.sum(axis=1, keepdims=True)
+    exact = freq * batch_tokens * top_k  # [L, E]
+    out = np.floor(exact).astype(np.int64)
+    short = batch_tokens * top_k - out.sum(axis=1)  # [L]
+    for layer, k in enumerate(short):
+        out[layer, np.argsort(-(exact[layer] - out[layer]), kind="stable")[:k]] += 1
+    return out
+
+
+def skew_stats(counts: np.ndarray) -> dict:
+    """Per-layer skew of a profile: max/min (None where an expert got no token), Gini, top-10% share, unused experts."""
+    counts = np.asarray(counts)
+    ratio = skew(counts)
+    return {
+        "max_over_min": [None if not np.isfinite(r) else float(r) for r in ratio],
+        "gini": [float(g) for g in gini(counts)],
+        "top10_share": [float(s) for s in top_share(counts, 0.1)],
+        "unused_experts": [int((row == 0).sum()) for row in counts],
+    }
+
+
+def routing_report(model, windows: torch.Tensor, batches=BATCH_TOKENS) -> dict:
+    """Profile ``windows`` [n, seqlen]: counts, skew statistics and batch workloads, JSON-ready."""
+    blocks = moe_blocks(model)
+    counts = profile_routing(model, windows)
+    top_k = blocks[0].top_k
+    return {
+        "layers": [b.layer for b in blocks],
+        "top_k": top_k,
+        "tokens": int(windows.numel()),
+        "counts": counts.tolist(),
+        "skew": skew_stats(counts),
+        "workloads": {str(bt): batch_workload(counts, bt, top_k).tolist() for bt in batches},
+    }
+
+
+def profile_corpora(model_name: str, corpora=CORPORA, n: int = 8, seqlen: int = 512, seed: int = 0,
+                    batches=BATCH_TOKENS) -> dict:
+    """Routing of ``model_name`` on each corpus; writes results/<model>/routing/<corpus>_n<n>_s<seqlen>.json each.
+
+    Returns {corpus: report}. Reports carry their parameters, device and date.
+    """
+    from mxmoe.models.smollm2 import device_name  # smollm2 imports this module: import here, not at the top
+
+    model, tok = load_model(model_name)
+    if tok is None:
+        raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): routing on text needs a real model")
+    out = {}
+    for corpus in corpora:
+        report = routing_report(model, corpus_windows(tok, corpus, n, seqlen, seed), batches)
+        report["params"] = {"model": model_name, "corpus": corpus, "windows": n, "seqlen": seqlen, "seed": seed,
+                            "device": device_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+        write_json_atomic(results_dir() / model_name / "routing" / f"{corpus}_n{n}_s{seqlen}.json", report)
+        out[corpus] = report
+    return out
