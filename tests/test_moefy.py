@@ -45,3 +45,18 @@ def test_sparse_layers_subset_keeps_other_layers_dense():
     moe = moefy.assemble(dense, {1: split}, cfg)
     assert [b.layer for b in moe_blocks(moe)] == [1] and moe_blocks(moe)[0].top_k == 2
     torch.testing.assert_close(moe.model.layers[0].mlp.gate_proj.weight, dense.model.layers[0].mlp.gate_proj.weight)
+
+
+def test_half_written_cache_is_not_used(tmp_path, monkeypatch):
+    import pytest
+
+    from mxmoe.errors import ModelNotFound
+    from mxmoe.models import load_model, smollm2
+
+    monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path))
+    partial = smollm2.model_dir()
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")  # a build killed before build.json was written
+    assert not smollm2.is_built()
+    with pytest.raises(ModelNotFound, match="not built yet"):
+        load_model("smollm2-moe", build=False)

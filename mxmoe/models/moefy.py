@@ -217,6 +217,8 @@ def moe_config(dense_config, cfg: MoefyConfig, moe_layers: list[int]) -> Qwen2Mo
 def sparse_block(config: Qwen2MoeConfig, mlp: nn.Module, sp: LayerSplit) -> Qwen2MoeSparseMoeBlock:
     """The Qwen2-MoE block that replaces dense FFN ``mlp`` according to split ``sp``."""
     wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    if getattr(config, "_experts_implementation", None) is None:
+        config._experts_implementation = "eager"  # a standalone block gets no dispatch from a model
     block = Qwen2MoeSparseMoeBlock(config).to(torch.float32).eval()
     block.gate.weight.copy_(sp.router)
     block.experts.gate_up_proj.copy_(torch.cat([wg[sp.experts], wu[sp.experts]], dim=1))  # [E, 2w, H]
