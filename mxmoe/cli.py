@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from mxmoe.data import TASKS
 from mxmoe.errors import MxMoEError
 
 
@@ -69,6 +70,27 @@ def _eval_ppl(args) -> None:
     print(f"{args.name}: {args.dataset} test token perplexity {ppl:.3f} (seqlen {args.seqlen}, {windows.shape[0]} windows)")
 
 
+def _eval_zeroshot(args) -> None:
+    import time
+
+    from mxmoe.models import load_model
+    from mxmoe.models.smollm2 import device_name
+    from mxmoe.paths import write_json_atomic
+    from mxmoe.zeroshot import check_args, evaluate_tasks, record
+
+    tasks = check_args(args.tasks, args.limit)
+    model, tok = load_model(args.name, build=False)
+    start = time.perf_counter()
+    results = evaluate_tasks(model, tok, tasks, limit=args.limit, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    for task, r in results.items():
+        print(f"{task:<17} {r['metric']:<8} {r['value']:.4f}  (n={r['n']})")
+    print(f"{args.name}: zero-shot, limit {args.limit}, {device_name()}, {seconds:.0f} s")
+    if args.out:
+        write_json_atomic(args.out, record(args.name, results, args.limit, seconds, device_name()))
+        print(f"written to {args.out}")
+
+
 def _routing_profile(args) -> None:
     from mxmoe.evaluate import eval_windows
     from mxmoe.models import load_model
@@ -80,10 +102,36 @@ def _routing_profile(args) -> None:
         print(f"MoE layer {layer:2d}: max/min {s:6.1f}  tokens per expert {row.tolist()}")
 
 
+def _routing_corpora(args) -> None:
+    from mxmoe.routing import profile_corpora
+
+    reports = profile_corpora(args.name, args.corpora.split(","), args.windows, args.seqlen, args.seed)
+    for corpus, r in reports.items():
+        s = r["skew"]
+        for i, layer in enumerate(r["layers"]):
+            ratio = s["max_over_min"][i]
+            print(f"{corpus:10s} layer {layer:2d}: gini {s['gini'][i]:.3f}  top-10% share {s['top10_share'][i]:.3f}  "
+                  f"max/min {'inf' if ratio is None else f'{ratio:.1f}'}  unused {s['unused_experts'][i]}")
+
+
+def _sensitivity(args) -> None:
+    import numpy as np
+
+    from mxmoe.sensitivity import run_sensitivity
+
+    result, path = run_sensitivity(args.name, args.method, args.schemes, args.calib, args.windows, args.seqlen, args.seed)
+    for layer, lay in result["layers"].items():
+        d = np.array([[[np.nan if v is None else v for v in row] for row in e] for e in lay["delta"]])  # [E, 3, S]
+        mean = np.nanmean(d, axis=(0, 1))
+        print(f"layer {layer}: mean Δ per scheme " + "  ".join(f"{s}={m:.3g}" for s, m in zip(result["schemes"], mean))
+              + f"  (no tokens: {len(lay['no_tokens'])}, RTN fallbacks: {len(lay['rtn_fallbacks'])})")
+    print(f"written to {path}")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per pipeline stage."""
     p = argparse.ArgumentParser(prog="mxmoe", description="MxMoE on Hopper: mixed-precision MoE quantization. Stages:")
-    stages = p.add_subparsers(dest="stage", required=True, metavar="{model,eval,routing}")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="{model,eval,routing,sensitivity}")
 
     model = stages.add_parser("model", help="build or describe a model").add_subparsers(dest="action", required=True)
     b = model.add_parser("build", help="build the embedded smollm2-moe into the cache (about 10 min on 2 CPU cores)")
@@ -100,6 +148,13 @@ def parser() -> argparse.ArgumentParser:
     ppl.add_argument("--windows", type=int, default=16, help="number of windows (default 16; 0 = the whole split)")
     ppl.add_argument("--dataset", default="wikitext2", choices=["wikitext2"])
     ppl.set_defaults(func=_eval_ppl)
+    zs = ev.add_parser("zeroshot", help="zero-shot accuracy with lm-eval (acc_norm for ARC, HellaSwag, PIQA; acc otherwise)")
+    zs.add_argument("name", nargs="?", default="smollm2-moe")
+    zs.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK", help=f"default: all of {', '.join(TASKS)}")
+    zs.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    zs.add_argument("--batch-size", type=int, default=16)
+    zs.add_argument("--out", default=None, help="also write the results, device, limit, date and time to this JSON file")
+    zs.set_defaults(func=_eval_zeroshot)
 
     rt = stages.add_parser("routing", help="expert routing profiles").add_subparsers(dest="action", required=True)
     prof = rt.add_parser("profile", help="tokens per expert per MoE layer")
@@ -108,6 +163,23 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--windows", type=int, default=8)
     prof.add_argument("--dataset", default="wikitext2", choices=["wikitext2"])
     prof.set_defaults(func=_routing_profile)
+    corp = rt.add_parser("corpora", help="profiles, skew and batch workloads on several corpora -> results/<model>/routing/")
+    corp.add_argument("name", nargs="?", default="smollm2-moe")
+    corp.add_argument("--corpora", default="wikitext2,c4,sotu", help="comma-separated: wikitext2, c4, sotu, gutenberg")
+    corp.add_argument("--seqlen", type=int, default=512)
+    corp.add_argument("--windows", type=int, default=8)
+    corp.add_argument("--seed", type=int, default=0)
+    corp.set_defaults(func=_routing_corpora)
+
+    sens = stages.add_parser("sensitivity", help="per-block Δ (paper Eq. 6) -> results/<model>/sensitivity/")
+    sens.add_argument("name", nargs="?", default="smollm2-moe")
+    sens.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq-had"])
+    sens.add_argument("--schemes", default="hopper", help="scheme set (hopper, weight_only, w5a5) or comma-separated schemes")
+    sens.add_argument("--calib", default="wikitext2", choices=["wikitext2", "c4"])
+    sens.add_argument("--windows", type=int, default=8)
+    sens.add_argument("--seqlen", type=int, default=512)
+    sens.add_argument("--seed", type=int, default=0)
+    sens.set_defaults(func=_sensitivity)
     return p
 
 

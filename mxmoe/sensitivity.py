@@ -26,7 +26,9 @@ import hashlib
 import json
 import logging
 import math
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,11 +36,13 @@ from tqdm.auto import tqdm
 
 from mxmoe.errors import MxMoEError
 from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
+from mxmoe.models.smollm2 import device_name
 from mxmoe.paths import results_dir, write_json_atomic
 from mxmoe.quant.apply import check_scheme
 from mxmoe.quant.experts import expert_output, expert_weights, hessian_of, intermediate, quantize_block, split_by_expert
 from mxmoe.quant.hadamard import apply_online_hadamard, rotate_model
 from mxmoe.quant.layerwise import LayerwiseRunner
+from mxmoe.schemes import scheme_set
 
 METHODS = ("rtn", "gptq", "gptq-had")
 log = logging.getLogger(__name__)
@@ -150,8 +154,11 @@ def compute_sensitivity(model, windows: torch.Tensor, schemes, method: str = "rt
             runner.advance()
             continue
         x = runner.advance(capture=blocks[layer].module)  # [N, H] full-precision block inputs
+        start = time.time()
         result["layers"][str(layer)] = layer_sensitivity(blocks[layer], x, schemes, method, rotate_down=rotate,
                                                          min_tokens=min_tokens, **gptq_kw)
+        result["layers"][str(layer)]["seconds"] = round(time.time() - start, 2)
+        result["device"] = device_name()
         if path is not None:
             write_json_atomic(path, result)
         bar.update(1)
@@ -178,3 +185,29 @@ def sensitivity_array(result: dict, layer: int, fill: str = "max") -> tuple[np.n
         value = measured.max(axis=0) if fill == "max" else measured.mean(axis=0)  # [3, S]
         arr = np.where(np.isnan(arr), value[None], arr)
     return arr, lay["experts"]
+
+
+def run_sensitivity(model_name: str, method: str = "rtn", schemes: str = "hopper", calib: str = "wikitext2",
+                    n: int = 8, seqlen: int = 512, seed: int = 0, progress: bool = True, **kw) -> tuple[dict, Path]:
+    """Load ``model_name``, draw ``n`` calibration windows of ``calib`` and compute (or resume) its Δ file.
+
+    ``schemes`` is a scheme-set name or a comma-separated list (``mxmoe.schemes.scheme_set``).
+    Returns (result, path of results/<model>/sensitivity/<...>.json).
+    """
+    from mxmoe.data import calibration_windows
+    from mxmoe.models import load_model
+
+    try:
+        scheme_list = scheme_set(schemes)
+    except ValueError as e:
+        raise MxMoEError(str(e)) from None
+    scheme_list = [check_scheme(s) for s in scheme_list]  # fail before loading the model
+    model, tok = load_model(model_name)
+    if tok is None:
+        raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): calibration on text needs a real model")
+    tag = f"{calib}-n{n}-s{seqlen}-seed{seed}"
+    path = cache_path(model_name, method, scheme_list, tag)
+    windows = calibration_windows(tok, calib, n, seqlen, seed)
+    params = {"model": model_name, "calibration": tag, "scheme_set": schemes}
+    return compute_sensitivity(model, windows, scheme_list, method, path=path, params=params, seed=seed,
+                               progress=progress, **kw), path

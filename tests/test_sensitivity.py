@@ -107,3 +107,12 @@ def test_bad_input():
         sens.layer_sensitivity(b, torch.zeros(0, b.hidden_size), [sens.check_scheme("w4a16_g-1_asym")])
     with pytest.raises(MxMoEError, match="layer 5"):
         sens.sensitivity_array({"layers": {"0": {}}}, 5)
+
+
+def test_cli_bad_input_exits_2(capsys):
+    from mxmoe.cli import main
+
+    assert main(["sensitivity", "tiny-mixtral", "--schemes", "w4a16_g-1_asym"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["sensitivity", "tiny-mixtral", "--schemes", "w1a16_g-1_sym"]) == 2
+    assert "at least 2 bits" in capsys.readouterr().err
