@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 
-from mxmoe.data import TASKS
 from mxmoe.errors import MxMoEError
 
 
@@ -73,12 +72,13 @@ def _eval_ppl(args) -> None:
 def _eval_zeroshot(args) -> None:
     import time
 
+    from mxmoe.data import TASKS
     from mxmoe.models import load_model
     from mxmoe.models.smollm2 import device_name
     from mxmoe.paths import write_json_atomic
     from mxmoe.zeroshot import check_args, evaluate_tasks, record
 
-    tasks = check_args(args.tasks, args.limit)
+    tasks = check_args(args.tasks or TASKS, args.limit)
     model, tok = load_model(args.name, build=False)
     start = time.perf_counter()
     results = evaluate_tasks(model, tok, tasks, limit=args.limit, batch_size=args.batch_size)
@@ -150,7 +150,8 @@ def parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=_eval_ppl)
     zs = ev.add_parser("zeroshot", help="zero-shot accuracy with lm-eval (acc_norm for ARC, HellaSwag, PIQA; acc otherwise)")
     zs.add_argument("name", nargs="?", default="smollm2-moe")
-    zs.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK", help=f"default: all of {', '.join(TASKS)}")
+    zs.add_argument("--tasks", nargs="+", metavar="TASK", help="arc_easy arc_challenge piqa winogrande lambada_openai "
+                    "lambada_standard hellaswag boolq (default: all)")
     zs.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
     zs.add_argument("--batch-size", type=int, default=16)
     zs.add_argument("--out", default=None, help="also write the results, device, limit, date and time to this JSON file")
