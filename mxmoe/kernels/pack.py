@@ -3,7 +3,9 @@
 Layout (what ``group_gemm`` reads):
 
 * ``bf16``: the weight itself, ``[N, K]`` bfloat16.
-* integer schemes: code ``u = q + 2^(b-1)`` (sym) or ``u = q`` (asym), ``b`` bits. ``b`` is split
+* integer schemes: code ``u = q + 2^(b-1)`` (sym) or ``u = q`` (asym), ``b`` bits; 8-bit symmetric
+  codes are stored as ``q`` itself (int8 two's complement, ``u ^ 0x80``), the int8 dot's operand
+  as loaded. ``b`` is split
   into bit planes of 8, 4, 2 and 1 bits (3 bits = a 2-bit plane + a 1-bit plane, so storage is
   exactly ``b`` bits per weight). The plane of width ``p`` holds bits ``[low, low + p)`` of ``u``,
   ``low`` counting the wider planes before it. K is padded with zero codes to ``K_pad``, a multiple
@@ -102,6 +104,8 @@ class PackedWeight:
             fields = [(plane >> (j * p)) & ((1 << p) - 1) for j in range(8 // p)]  # each [N, blocks, 16p]
             u |= torch.cat(fields, dim=2).reshape(n, kp) << low
             start, low = start + size, low + p
+        if _signed_bytes(s):
+            u ^= 0x80
         return u[:, : self.k]
 
     def int_weight(self) -> IntWeight:
@@ -123,6 +127,11 @@ class PackedWeight:
         if self.scheme.is_full_precision:
             return self.data.float()
         return self.int_weight().dequantize(torch.float32)
+
+
+def _signed_bytes(s: Scheme) -> bool:
+    """8-bit symmetric integer codes are stored as int8 q (see the module docstring)."""
+    return s.fmt == "int" and s.symmetric and s.w_bits == 8
 
 
 def _pack_codes(u: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
@@ -176,4 +185,6 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
     sdt = torch.float16 if s.group_size > 0 else torch.float32
     scale = iw.scale.t().to(sdt).contiguous()  # [n_groups, N]
     zero = None if s.symmetric else iw.zero.t().to(sdt).contiguous()
+    if _signed_bytes(s):
+        u = u ^ 0x80
     return PackedWeight(s, n, k, _pack_codes(u, s.w_bits, k_pad), scale, zero)

@@ -12,11 +12,13 @@ at run time by a branch on the tile's slot. All slots share ``num_warps``.
 
 Slot kinds:
   BF16    bf16 weight, dot in the activation dtype
-  W_INT   b-bit integer weight, bf16 dot on the integer values q; scale and zero point applied to
-          the accumulator (``y = s * x.q + z * sum(x)`` per group)
-  W_FP8   e4m3 weight upcast to 16 bits, scale on the accumulator
+  W_INT   b-bit integer weight dequantized in registers (``w = s q + z``, 16-bit, scale and zero of
+          the weight's group), 16-bit dot
+  W_FP8   e4m3 weight upcast to 16 bits and scaled in registers, 16-bit dot
   WA_INT  integer weight x int8 activations (quantized per row by act_quant.py), int8 dot
   WA_FP8  e4m3 weight x e4m3 activations, fp8 dot
+  8-bit weight-activation codes are stored as the dot's operand type and go from memory to the MMA
+  as loaded; narrower codes are unpacked in registers.
 
 Weight-only packed slots may compute the transposed tile (``SWAP``: y^T = W x^T) so that the unpacked
 weight is the dot's A operand, which wgmma reads from registers (B must sit in shared memory), and
@@ -25,7 +27,8 @@ a few token rows fill the MMA's N instead of padding its M to 64.
 Packed weights are read one 128-long K block at a time: each bit plane's bytes are loaded once and
 unpacked with compile-time shifts into slices of ``16 * widest plane`` K rows (64 rows for 4-bit),
 one dot per slice, so no byte is loaded twice. Codes become bf16 without an int->float convert:
-``bits(0x4300 | u) = 128 + u`` for ``u < 128``, then one exact bf16 subtraction.
+``bits(0x4300 | u) = 128 + u`` for ``u < 128``, then one exact bf16 subtraction and one fused
+multiply-add with the group's scale and zero point (rounded to the dot type, like the weight).
 
 Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
 values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
@@ -46,12 +49,15 @@ def _as_ptr(addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _plane(w_ptr, kb, rn, n_mask, N, KP, WBITS: tl.constexpr, P: tl.constexpr, T: tl.constexpr = False):
+def _plane(w_ptr, kb, rn, n_mask, N, KP, WBITS: tl.constexpr, P: tl.constexpr, T: tl.constexpr = False,
+           SIGNED: tl.constexpr = False):
     """Bytes [16 P, BN] (int32; [BN, 16 P] when T) of the P-bit plane for 128-long K block kb;
-    0 when WBITS has no such plane."""
+    0 when WBITS has no such plane. SIGNED: the bytes are int8 (the 8-bit plane of a symmetric scheme)."""
     if (WBITS & P) != 0:
         LOW: tl.constexpr = WBITS & ~(2 * P - 1)  # code bits held by wider planes
         plane = w_ptr + (N * KP // 8) * LOW + kb * (16 * P)  # [N, KP * P / 8] bytes
+        if SIGNED:
+            plane = plane.to(tl.pointer_type(tl.int8))
         if T:
             ptrs = plane + rn[:, None] * (KP * P // 8) + tl.arange(0, 16 * P)[None, :]
             return tl.load(ptrs, mask=n_mask[:, None], other=0).to(tl.int32)
@@ -72,7 +78,9 @@ def _field(b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.cons
     else:
         LOW: tl.constexpr = WBITS & ~(2 * P - 1)
         C: tl.constexpr = 16 * P
-        if C == CW:
+        if P == 8:  # the whole byte (sign-extended when the plane is signed)
+            return b
+        elif C == CW:
             return ((b >> (j * P)) & ((1 << P) - 1)) << LOW
         else:  # a narrower plane: this slice spans CW // C of its byte blocks, each at its own shift
             R: tl.constexpr = CW // C
@@ -106,10 +114,41 @@ def _load_x(ptr, rm, m_mask, stride, k0, K, W: tl.constexpr, T: tl.constexpr = F
     rk = k0 + tl.arange(0, W)
     if T:
         return tl.load(ptr + rm.to(tl.int64)[None, :] * stride + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
-                       other=0)
+                       other=0.0)
     else:
         return tl.load(ptr + rm.to(tl.int64)[:, None] * stride + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
-                       other=0)
+                       other=0.0)
+
+
+@triton.jit
+def _scale_zero(s_addr, z_addr, g, rn, n_mask, N, SDT: tl.constexpr, SYM: tl.constexpr, cdt: tl.constexpr):
+    """Scale and zero point [BN] of weight group g (stored [n_groups, N] in SDT), in the dot type; zero 0 when SYM."""
+    sc = tl.load(_as_ptr(s_addr, SDT) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32).to(cdt)
+    if SYM:
+        return sc, 0
+    else:
+        return sc, tl.load(_as_ptr(z_addr, SDT) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32).to(cdt)
+
+
+@triton.jit
+def _dequant(u, sc, zr, KIND: tl.constexpr, WBITS: tl.constexpr, OFF: tl.constexpr, SYM: tl.constexpr,
+             T: tl.constexpr, cdt: tl.constexpr, INTERPRET: tl.constexpr):
+    """Weight values s q + z [CW, BN] ([BN, CW] when T) in the dot type from codes u; sc, zr: [BN]."""
+    if KIND == 2:
+        q = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(cdt)
+    elif WBITS < 8:  # bits(0x4300 | u) is the bf16 value 128 + u: no int->float convert
+        wb = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        if INTERPRET:
+            q = wb.to(tl.float32) - (128 + OFF)
+        else:
+            q = (wb - (128 + OFF)).to(cdt)  # exact
+    else:
+        q = u.to(cdt)  # 8-bit codes: integers in [-128, 255], exact in 16 bits
+    s = tl.expand_dims(sc, 1 if T else 0)
+    if SYM:
+        return q * s
+    else:
+        return tl.fma(q, s, tl.expand_dims(zr, 1 if T else 0))
 
 
 @triton.jit
@@ -137,87 +176,62 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
         wp = _as_ptr(w_addr, tl.uint8)
         CW: tl.constexpr = 128 if WBITS >= 8 else 64 if WBITS >= 4 else 32 if WBITS >= 2 else 16  # K rows per slice
         NSL: tl.constexpr = 128 // CW  # slices per 128-long K block
-        if KIND == 1 or KIND == 2:  # W_INT, W_FP8: 16-bit dots on exact integer / e4m3 values, scales after
-            # SWAP: compute the [BN, BM] tile y^T = W x^T, so the unpacked weight is the dot's A operand
-            # (wgmma reads A from registers; B must come from shared memory) and few rows fill its N.
-            OFF: tl.constexpr = (1 << (WBITS - 1)) if SYM else 0  # q = u - OFF
-            NAX: tl.constexpr = 0 if SWAP else 1  # axis of the accumulator that runs over N
+        OFF: tl.constexpr = (1 << (WBITS - 1)) if SYM and WBITS < 8 else 0  # q = u - OFF (8-bit sym: stored signed)
+        SIGNED: tl.constexpr = SYM and WBITS == 8 and KIND != 2 and KIND != 4
+        if KIND == 1 or KIND == 2:  # W_INT, W_FP8: weight dequantized in registers (s q + z), 16-bit dot
+            # The scale and zero point multiply the weight before the dot, so the accumulator chain runs
+            # through all of K for any group size. SWAP: compute the [BN, BM] tile y^T = W x^T, so the
+            # unpacked weight is the dot's A operand (wgmma reads A from registers; B must come from
+            # shared memory) and few rows fill its N.
             if SWAP:
                 acc = tl.zeros([BN, BM], dtype=tl.float32)
-            xsum = tl.zeros([BM], dtype=tl.float32)  # sum of x per row, for the zero point (asym)
+            if GROUP < 0:
+                sc, zr = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float32, SYM, cdt)
             for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
-                b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8, SWAP)
+                b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8, SWAP, SIGNED)
                 b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
                 b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2, SWAP)
                 b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1, SWAP)
                 if GROUP > 0:
-                    part = tl.zeros(acc.shape, dtype=tl.float32)
-                    psum = tl.zeros([BM], dtype=tl.float32)
-                else:
-                    part = acc
-                    psum = xsum
+                    sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, cdt)
                 for j in tl.static_range(NSL):
                     a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
                     u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
-                    if KIND == 2:
-                        w = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(cdt)
-                    elif WBITS < 8:  # bits(0x4300 | u) is the bf16 value 128 + u: no int->float convert
-                        wb = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                        if INTERPRET:
-                            w = wb.to(tl.float32) - (128 + OFF)
-                        else:
-                            w = (wb - (128 + OFF)).to(cdt)
-                    else:
-                        w = (u - OFF).to(cdt)
+                    w = _dequant(u, sc, zr, KIND, WBITS, OFF, SYM, SWAP, cdt, INTERPRET)
                     if SWAP:
-                        part = tl.dot(w, a.to(cdt), part)
+                        acc = tl.dot(w, a.to(cdt), acc)
                     else:
-                        part = tl.dot(a.to(cdt), w, part)
-                    if not SYM:
-                        psum += tl.sum(a.to(tl.float32), axis=NAX)  # over K
-                if GROUP > 0:
-                    g = kb * 128 // GROUP
-                    sc = tl.load(_as_ptr(s_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                    acc += part * tl.expand_dims(sc, 1 - NAX)
-                    if not SYM:
-                        zr = tl.load(_as_ptr(z_addr, tl.float16) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                        acc += tl.expand_dims(psum, NAX) * tl.expand_dims(zr, 1 - NAX)
-                else:
-                    acc = part
-                    xsum = psum
-            if GROUP < 0:
-                sc = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
-                acc = acc * tl.expand_dims(sc, 1 - NAX)
-                if not SYM:
-                    zr = tl.load(_as_ptr(z_addr, tl.float32) + rn, mask=n_mask, other=0.0)
-                    acc += tl.expand_dims(xsum, NAX) * tl.expand_dims(zr, 1 - NAX)
+                        acc = tl.dot(a.to(cdt), w, acc)
         else:  # WA_INT, WA_FP8: activations pre-quantized per row into xq (codes) and xs (scales)
+            # 8-bit codes are stored as the dot's operand type (int8 / e4m3 bits): loaded straight into
+            # shared memory for the MMA, with no pass through registers.
+            DT: tl.constexpr = tl.int8 if KIND == 3 else tl.uint8 if INTERPRET else tl.float8e4nv
+            xq8 = xq_ptr.to(tl.pointer_type(DT))
             if KIND == 3:
                 acc_i = tl.zeros([BM, BN], dtype=tl.int32)
             for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
-                b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8)
-                b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4)
-                b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2)
-                b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1)
+                if WBITS < 8:
+                    b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4)
+                    b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2)
+                    b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1)
                 if GROUP > 0:
                     part_i = tl.zeros([BM, BN], dtype=tl.int32)
                 for j in tl.static_range(NSL):
-                    qa = _load_x(xq_ptr, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW] uint8
-                    u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN)  # [CW, BN]
-                    if KIND == 4:
-                        qa = qa.to(tl.float8e4nv, bitcast=True)
-                        qw = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-                        if INTERPRET:
-                            qa = qa.to(tl.float32)
-                            qw = qw.to(tl.float32)
-                        acc = tl.dot(qa, qw, acc)
+                    qa = _load_x(xq8, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW]
+                    if WBITS == 8:
+                        qw = tl.load(wp.to(tl.pointer_type(DT)) + rn[None, :] * KP + kb * 128 + tl.arange(0, 128)[:, None],
+                                     mask=n_mask[None, :], other=0.0)  # [128, BN]
                     else:
-                        qa = qa.to(tl.int8, bitcast=True)
-                        qw = (u - (1 << (WBITS - 1))).to(tl.int8)
-                        if GROUP > 0:
-                            part_i = tl.dot(qa, qw, part_i, out_dtype=tl.int32)
-                        else:
-                            acc_i = tl.dot(qa, qw, acc_i, out_dtype=tl.int32)
+                        qw = (_codes(0, b4, b2, b1, j, WBITS, CW, BN) - OFF).to(DT)  # [CW, BN]
+                    if KIND == 4:
+                        if INTERPRET:
+                            qa = qa.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                            qw = qw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                        acc = tl.dot(qa, qw, acc)
+                    elif GROUP > 0:
+                        part_i = tl.dot(qa, qw, part_i, out_dtype=tl.int32)
+                    else:
+                        acc_i = tl.dot(qa, qw, acc_i, out_dtype=tl.int32)
                 if GROUP > 0:  # one activation and weight group per 128-long K block
                     sx = tl.load(xs_ptr + rm.to(tl.int64) * NG + kb, mask=m_mask, other=0.0)
                     sw = tl.load(_as_ptr(s_addr, tl.float16) + kb * N + rn, mask=n_mask, other=0.0).to(tl.float32)
