@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mxmoe.errors import MxMoEError
@@ -39,9 +40,10 @@ from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
 from mxmoe.models.smollm2 import device_name
 from mxmoe.paths import results_dir, write_json_atomic
 from mxmoe.quant.apply import check_scheme
-from mxmoe.quant.experts import expert_output, expert_weights, hessian_of, intermediate, quantize_block, split_by_expert
+from mxmoe.quant.experts import expert_weights, hessian_of, quantize_block, split_by_expert
 from mxmoe.quant.hadamard import apply_online_hadamard, rotate_model
 from mxmoe.quant.layerwise import LayerwiseRunner
+from mxmoe.quant.rtn import quantize_activation
 from mxmoe.schemes import scheme_set
 
 METHODS = ("rtn", "gptq", "gptq-had")
@@ -62,14 +64,16 @@ def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down:
 
     ``tokens`` is an ``ExpertTokens`` (x [T, H], gates g [T, 1]); T must be positive.
     """
-    x, g = tokens.x, tokens.g
+    x, g = tokens.x, tokens.g  # [T, H], [T, 1]
     w = expert_weights(block, tokens.expert, rotate_down)
-    ref = expert_output(x, w, {}, rotate_down)  # [T, H]
+    pre = {"gate": x @ w["gate"].T, "up": x @ w["up"].T}  # [T, I] each, full precision
+    h = F.silu(pre["gate"]) * pre["up"]
+    h_in = apply_online_hadamard(h) if rotate_down else h  # [T, I] what down_proj reads
+    ref = h_in @ w["down"].T  # [T, H]
     hessians = {}
     if method != "rtn":
-        h = intermediate(x, w, {})  # [T, I]
-        hessians = {"gate": hessian_of(x), "up": hessian_of(x),
-                    "down": hessian_of(h if not rotate_down else apply_online_hadamard(h))}
+        hx = hessian_of(x)
+        hessians = {"gate": hx, "up": hx, "down": hessian_of(h_in)}
     deltas, fallbacks = [], []
     for name in BLOCKS:
         row = []
@@ -80,7 +84,13 @@ def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down:
             q = quantize_block(w[name], s, hessians.get(name), min_tokens, **gptq_kw)
             if q.how == "rtn-fallback":
                 fallbacks.append((name, str(s), q.reason))
-            out = expert_output(x, {**w, name: q.weight.dequantize()}, {name: s}, rotate_down)
+            wq = q.weight.dequantize()
+            if name == "down":
+                out = quantize_activation(h_in, s) @ wq.T
+            else:  # only this projection changes; the other one and down stay full precision
+                p = quantize_activation(x, s) @ wq.T  # [T, I]
+                hq = F.silu(p) * pre["up"] if name == "gate" else F.silu(pre["gate"]) * p
+                out = (apply_online_hadamard(hq) if rotate_down else hq) @ w["down"].T
             row.append(float(torch.linalg.norm(g * (out - ref))))
         deltas.append(row)
     return deltas, fallbacks
