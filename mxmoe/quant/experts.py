@@ -1,8 +1,8 @@
 """The tokens each expert of one MoE block sees, and one expert's forward under given block schemes.
 
 Shared by the sensitivity measurement and sequential GPTQ: both need, per expert, the rows of the
-block input routed to it with their gate values, the expert's weights, and its SiLU-gated MLP with
-activation fake quantization and an optional online Hadamard on the down_proj input.
+block input routed to it with their gate values, the expert's weights, its SiLU-gated intermediate
+with activation fake quantization, and GPTQ-or-RTN for one block.
 """
 
 from __future__ import annotations
@@ -62,14 +62,6 @@ def intermediate(x: torch.Tensor, w: dict, schemes: dict) -> torch.Tensor:
     gate = quantize_activation(x, schemes.get("gate", BF16)) @ w["gate"].T
     up = quantize_activation(x, schemes.get("up", BF16)) @ w["up"].T
     return F.silu(gate) * up
-
-
-def expert_output(x: torch.Tensor, w: dict, schemes: dict, rotate_down: bool = False) -> torch.Tensor:
-    """Unweighted expert output [T, H] from weights ``w`` with activation fake quant per block."""
-    h = intermediate(x, w, schemes)
-    if rotate_down:
-        h = apply_online_hadamard(h)
-    return quantize_activation(h, schemes.get("down", BF16)) @ w["down"].T
 
 
 @dataclass
