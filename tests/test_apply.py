@@ -1,5 +1,6 @@
 import copy
 import functools
+import json
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from mxmoe.quant.apply import (
     apply_schemes,
     block_weight,
     expert_ids,
+    scheme_map_from_rows,
+    scheme_map_to_rows,
     set_block_weight,
     shared_key,
     uniform_scheme_map,
@@ -157,3 +160,13 @@ def test_unsupported_scheme_and_double_apply():
     apply_schemes(model, {(0, 0, "gate"): "w2a16_g-1_asym"})
     with pytest.raises(MxMoEError, match="already"):
         apply_schemes(model, {})
+
+
+def test_scheme_map_rows_round_trip():
+    model = fresh("tiny-qwen2-moe")
+    smap = {(1, 3, "down"): Scheme.parse("w4a4_g-1_sym"), (0, "shared0", "gate"): Scheme.parse("w8a8_g-1_sym_fp8")}
+    rows = json.loads(json.dumps(scheme_map_to_rows(smap)))
+    assert scheme_map_from_rows(rows) == smap
+    apply_schemes(model, scheme_map_from_rows(rows))
+    with pytest.raises(BadBlockKey, match="fields"):
+        scheme_map_from_rows([{"layer": 0, "expert": 1}])

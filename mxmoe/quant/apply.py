@@ -37,7 +37,6 @@ from mxmoe.schemes import BF16, Scheme
 EXPERTS_IMPL = "mxmoe_fake_quant"
 SHARED_PREFIX = "shared"
 
-BlockKey = tuple  # (layer: int, expert: int | "sharedN", block: "gate" | "up" | "down")
 
 
 class UnsupportedScheme(MxMoEError):
@@ -126,6 +125,19 @@ def uniform_scheme_map(model: nn.Module, scheme: "Scheme | str", shared: bool = 
         ids = expert_ids(b) if shared else range(b.num_experts)
         out.update({(b.layer, e, name): s for e in ids for name in BLOCKS})
     return out
+
+
+def scheme_map_to_rows(scheme_map: dict) -> list[dict]:
+    """A scheme map as JSON-ready rows ``{"layer", "expert", "block", "scheme"}`` (for results/*/alloc files)."""
+    return [{"layer": k[0], "expert": k[1], "block": k[2], "scheme": str(Scheme.parse(s))} for k, s in scheme_map.items()]
+
+
+def scheme_map_from_rows(rows: list) -> dict:
+    """The scheme map back from ``scheme_map_to_rows`` output; schemes are parsed and checked."""
+    try:
+        return {(int(r["layer"]), r["expert"], r["block"]): check_scheme(r["scheme"]) for r in rows}
+    except (KeyError, TypeError) as e:
+        raise BadBlockKey(f"scheme-map rows need layer, expert, block and scheme fields: {e}") from None
 
 
 @dataclass
