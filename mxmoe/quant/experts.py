@@ -42,7 +42,7 @@ def split_by_expert(block: MoEBlock, x: torch.Tensor) -> list[ExpertTokens]:
     for e in range(block.num_experts):
         rows, slot = torch.where(idx == e)
         out.append(ExpertTokens(e, x[rows], weights[rows, slot][:, None]))
-    shared_g = torch.sigmoid(block.shared_gate(x).float()) if block.shared_gate is not None else torch.ones(x.shape[0], 1)
+    shared_g = torch.sigmoid(block.shared_gate(x).float()) if block.shared_gate is not None else x.new_ones(x.shape[0], 1)
     out += [ExpertTokens(e, x, shared_g) for e in expert_ids(block)[block.num_experts:]]
     return out
 
@@ -86,6 +86,6 @@ def quantize_block(w: torch.Tensor, scheme: Scheme, hessian: "HessianAccumulator
 
 def hessian_of(x: torch.Tensor) -> HessianAccumulator:
     """A Hessian accumulator over the rows of ``x[T, K]``."""
-    acc = HessianAccumulator(x.shape[-1])
+    acc = HessianAccumulator(x.shape[-1], device=x.device)
     acc.add(x)
     return acc
