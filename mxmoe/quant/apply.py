@@ -38,7 +38,6 @@ EXPERTS_IMPL = "mxmoe_fake_quant"
 SHARED_PREFIX = "shared"
 
 
-
 class UnsupportedScheme(MxMoEError):
     """A scheme the fake quantizer cannot run (e.g. a 1-bit symmetric grid)."""
 
