@@ -4,13 +4,16 @@
 arguments the model passes: position embeddings, mask, ...) once, then advances the hidden
 states layer by layer. At each layer the input of its MoE block can be collected, so callers
 (sensitivity, sequential GPTQ) see exactly what the block sees, without a full-model rerun per
-layer. Windows run one at a time (batch 1) so the captured arguments fit every window.
+layer. Windows run one at a time (batch 1) so the captured arguments fit every window; layer 0's
+arguments serve every layer, so models that mix attention kinds (sliding and full) are refused.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from mxmoe.errors import MxMoEError
 
 
 class _Stop(Exception):
@@ -33,6 +36,9 @@ class LayerwiseRunner:
         """Embed ``windows`` [n, seqlen] and capture decoder layer 0's inputs for each window."""
         if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] == 0:
             raise ValueError(f"calibration windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
+        kinds = set(getattr(model.config, "layer_types", None) or [])
+        if len(kinds) > 1:  # layer 0's mask would be wrong for the other kind of layer
+            raise MxMoEError(f"layer-by-layer calibration needs one attention kind for every layer, got {sorted(kinds)}")
         self.model = model
         self.layers = decoder_layers(model)
         self.next_layer = 0
