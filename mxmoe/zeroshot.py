@@ -39,11 +39,9 @@ def check_args(tasks, limit) -> list[str]:
     return tasks
 
 
-def load_tasks(tasks) -> dict:
-    """{task: lm-eval Task}: the repo's YAMLs on local data, else the stock hub tasks."""
+def _load(tasks: list[str]):
     from lm_eval.tasks import TaskManager
 
-    tasks = check_args(tasks, None)
     local = data_dir() is not None
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False) if local else TaskManager()
     names = {t: f"mxmoe_{t}" if local else t for t in tasks}
@@ -54,7 +52,12 @@ def load_tasks(tasks) -> dict:
     except Exception as e:  # hub unreachable, datasets missing: one readable message
         raise DataUnavailable(f"could not load the zero-shot tasks {', '.join(tasks)} from the Hugging Face hub "
                               f"({type(e).__name__}: {str(e)[:200]}); set MXMOE_DATA_DIR to a local copy") from None
-    return {t: loaded[name] for t, name in names.items()}
+    return manager, {t: loaded[name] for t, name in names.items()}
+
+
+def load_tasks(tasks) -> dict:
+    """{task: lm-eval Task}: the repo's YAMLs on local data, else the stock hub tasks."""
+    return _load(check_args(tasks, None))[1]
 
 
 def evaluate_tasks(model, tokenizer, tasks=TASKS, limit: int | None = None, batch_size: int = 16) -> dict:
@@ -69,9 +72,9 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, limit: int | None = None, batc
     tasks = check_args(tasks, limit)
     if tokenizer is None:
         raise MxMoEError("zero-shot evaluation needs a tokenizer (random tiny zoo models have none)")
-    loaded = load_tasks(tasks)
+    manager, loaded = _load(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(loaded.values()), num_fewshot=0, limit=limit,
+    out = simple_evaluate(model=lm, tasks=list(loaded.values()), num_fewshot=0, limit=limit, task_manager=manager,
                           bootstrap_iters=0, log_samples=False)
     result = {}
     for t, task in loaded.items():
