@@ -24,7 +24,7 @@ from mxmoe.kernels.bench import MODELS, expert_loads
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.schemes import Scheme
 
-SCHEMES = {512: ["w4a16_g-1_asym", "w4a16_g128_asym", "w8a8_g-1_sym"],
+SCHEMES = {512: ["bf16", "w4a16_g-1_asym", "w4a16_g128_asym", "w8a8_g-1_sym"],
            8192: ["bf16", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8", "w4a4_g-1_sym"]}
 
 

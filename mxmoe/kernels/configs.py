@@ -48,8 +48,8 @@ def check_config(s: Scheme, c: TileConfig) -> None:
 def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
     """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average.
 
-    Seeded from the tile sweep on an H200 (kernels/nvidia_h200.json, ``tile_sweep``) and the swap-AB
-    ablation (results/kernels/NOTES.md)."""
+    Seeded from the tile sweep on an H200 (kernels/nvidia_h200.json, ``tile_sweep``), the swap-AB
+    ablation and the H100 sweep of weight-activation tiles at 8192 tokens (results/kernels/NOTES.md)."""
     kind = kind_of(s)
     if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
         return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1, swap_ab=kind in (tk.W_INT, tk.W_FP8))
@@ -57,8 +57,20 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -
     if kind == tk.BF16:
         return TileConfig(bm, 256 if bm >= 128 else 128, 64, 3 if bm >= 128 else 4)
     if kind in (tk.WA_INT, tk.WA_FP8):
-        return TileConfig(bm, 256 if bm >= 128 else 128, PACK_K, 2 if bm >= 128 else 3)
+        if bm < 128:
+            return TileConfig(bm, 128, PACK_K, 3)
+        if s.w_bits == 8:  # codes go memory -> shared -> MMA: deep prefetch (4 x 48 KiB stages)
+            return TileConfig(128, 256, PACK_K, 4)
+        # narrower codes are unpacked in registers: tall tiles share each unpacked weight over more rows
+        return TileConfig(256 if rows_per_expert > 256 else 128, 128, PACK_K, 3)
     return TileConfig(bm, 128, PACK_K, 3 if bm >= 64 else 4, swap_ab=True)  # unpacked weight as register A
+
+
+def launch_warps(configs: "list[TileConfig]") -> int:
+    """Warps of a launch (shared by all its slots): 8 (two warpgroups) when a tile has more than
+    64 x 128 outputs, else 4, so that two programs fit an SM and one unpacks while the other multiplies.
+    (H100 sweep, results/kernels/NOTES.md.)"""
+    return 8 if max(c.bm * c.bn for c in configs) > 64 * 128 else 4
 
 
 def tile_cost(s: Scheme, c: TileConfig, k: int) -> float:

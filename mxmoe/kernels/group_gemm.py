@@ -8,7 +8,7 @@ import torch
 
 from mxmoe.kernels import triton_kernel as tk
 from mxmoe.kernels.act_quant import QuantizedRows, quantize_rows
-from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, tile_cost
+from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, launch_warps, tile_cost
 from mxmoe.kernels.pack import PACK_K, PackedWeight
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
@@ -190,7 +190,7 @@ def _launch(x, x_q, y, offsets, group: ExpertGroup, plan, sched: torch.Tensor, n
     if num_programs is None:
         num_programs = 4 if INTERPRET else 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
     if num_warps is None:
-        num_warps = 4 if max(c.bm for c in cfgs) <= 32 else 8
+        num_warps = launch_warps(cfgs)
     e = sched.shape[0]
     tk.group_gemm_kernel[(num_programs,)](
         x, x_q.q, x_q.scale, y, offsets, sched, group.addr,

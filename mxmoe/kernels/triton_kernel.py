@@ -13,7 +13,7 @@ at run time by a branch on the tile's slot. All slots share ``num_warps``.
 Slot kinds:
   BF16    bf16 weight, dot in the activation dtype
   W_INT   b-bit integer weight dequantized in registers (``w = s q + z``, 16-bit, scale and zero of
-          the weight's group), 16-bit dot
+          the weight's group, q centred on 0), 16-bit dot
   W_FP8   e4m3 weight upcast to 16 bits and scaled in registers, 16-bit dot
   WA_INT  integer weight x int8 activations (quantized per row by act_quant.py), int8 dot
   WA_FP8  e4m3 weight x e4m3 activations, fp8 dot
@@ -121,13 +121,17 @@ def _load_x(ptr, rm, m_mask, stride, k0, K, W: tl.constexpr, T: tl.constexpr = F
 
 
 @triton.jit
-def _scale_zero(s_addr, z_addr, g, rn, n_mask, N, SDT: tl.constexpr, SYM: tl.constexpr, cdt: tl.constexpr):
-    """Scale and zero point [BN] of weight group g (stored [n_groups, N] in SDT), in the dot type; zero 0 when SYM."""
-    sc = tl.load(_as_ptr(s_addr, SDT) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32).to(cdt)
+def _scale_zero(s_addr, z_addr, g, rn, n_mask, N, SDT: tl.constexpr, SYM: tl.constexpr, OFF: tl.constexpr,
+                cdt: tl.constexpr):
+    """Scale s and zero point [BN] of weight group g (stored [n_groups, N] in SDT), in the dot type; zero 0
+    when SYM. Asymmetric: the zero point of the centred code q = u - OFF, z + OFF s (near 0, so its
+    rounding to 16 bits costs little, unlike z, which is about -OFF s)."""
+    sc = tl.load(_as_ptr(s_addr, SDT) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
     if SYM:
-        return sc, 0
+        return sc.to(cdt), 0
     else:
-        return sc, tl.load(_as_ptr(z_addr, SDT) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32).to(cdt)
+        zr = tl.load(_as_ptr(z_addr, SDT) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+        return sc.to(cdt), (zr + OFF * sc).to(cdt)
 
 
 @triton.jit
@@ -143,7 +147,7 @@ def _dequant(u, sc, zr, KIND: tl.constexpr, WBITS: tl.constexpr, OFF: tl.constex
         else:
             q = (wb - (128 + OFF)).to(cdt)  # exact
     else:
-        q = u.to(cdt)  # 8-bit codes: integers in [-128, 255], exact in 16 bits
+        q = (u - OFF).to(cdt)  # 8-bit codes: integers in [-128, 127], exact in 16 bits
     s = tl.expand_dims(sc, 1 if T else 0)
     if SYM:
         return q * s
@@ -176,7 +180,7 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
         wp = _as_ptr(w_addr, tl.uint8)
         CW: tl.constexpr = 128 if WBITS >= 8 else 64 if WBITS >= 4 else 32 if WBITS >= 2 else 16  # K rows per slice
         NSL: tl.constexpr = 128 // CW  # slices per 128-long K block
-        OFF: tl.constexpr = (1 << (WBITS - 1)) if SYM and WBITS < 8 else 0  # q = u - OFF (8-bit sym: stored signed)
+        OFF: tl.constexpr = 0 if SYM and WBITS == 8 else 1 << (WBITS - 1)  # centred code q = u - OFF (8-bit sym: stored signed)
         SIGNED: tl.constexpr = SYM and WBITS == 8 and KIND != 2 and KIND != 4
         if KIND == 1 or KIND == 2:  # W_INT, W_FP8: weight dequantized in registers (s q + z), 16-bit dot
             # The scale and zero point multiply the weight before the dot, so the accumulator chain runs
@@ -186,14 +190,14 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
             if SWAP:
                 acc = tl.zeros([BN, BM], dtype=tl.float32)
             if GROUP < 0:
-                sc, zr = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float32, SYM, cdt)
+                sc, zr = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float32, SYM, OFF, cdt)
             for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
                 b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8, SWAP, SIGNED)
                 b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
                 b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2, SWAP)
                 b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1, SWAP)
                 if GROUP > 0:
-                    sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, cdt)
+                    sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
                 for j in tl.static_range(NSL):
                     a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
                     u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
