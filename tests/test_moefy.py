@@ -60,3 +60,27 @@ def test_half_written_cache_is_not_used(tmp_path, monkeypatch):
     assert not smollm2.is_built()
     with pytest.raises(ModelNotFound, match="not built yet"):
         load_model("smollm2-moe", build=False)
+
+
+def test_choose_moe_layers_takes_the_most_that_fit(monkeypatch):
+    import pytest
+
+    from mxmoe.errors import MxMoEError
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=7, num_attention_heads=2,
+                      num_key_value_heads=1)
+    dense = LlamaForCausalLM(cfg)
+    layers = dense.model.layers
+    errors = {i: 0.1 * i for i in range(7)}
+    blocks = {i: torch.nn.Identity() for i in range(7)}
+
+    def fake_ppl(model, dev, desc=""):  # 10 + 1 per sparse layer
+        return 10.0 + sum(isinstance(layer.mlp, torch.nn.Identity) for layer in model.model.layers)
+
+    monkeypatch.setattr(moefy, "perplexity", fake_ppl)
+    chosen, ppl = moefy.choose_moe_layers(dense, blocks, errors, None, 10.0, max_ratio=1.35)
+    assert chosen == [0, 1, 2] and ppl == 13.0  # lowest-error layers first; 4 would give 14 > 13.5
+    assert all(not isinstance(layer.mlp, torch.nn.Identity) for layer in layers)  # originals restored
+    assert moefy.choose_moe_layers(dense, blocks, errors, None, 10.0, max_ratio=2.0)[0] == list(range(7))
+    with pytest.raises(MxMoEError, match="even one sparse layer"):
+        moefy.choose_moe_layers(dense, blocks, errors, None, 10.0, max_ratio=1.05)
