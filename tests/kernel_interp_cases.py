@@ -22,6 +22,7 @@ from mxmoe.kernels.moe import attach_packed_experts, moe_experts_forward, regist
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
 
+EXTRA = [Scheme.parse("w8a16_g128_asym")]  # outside the Hopper set: the unsigned 8-bit weight-only path
 MIXED = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g128_sym", "w8a8_g-1_sym_fp8", "w3a16_g128_asym"]
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     torch.manual_seed(seed)
     cases = {}
     # every scheme alone: K not a multiple of the 128 group, N not a multiple of the tile, a 0-row expert
-    for s in HOPPER_SCHEMES:
+    for s in HOPPER_SCHEMES + tuple(EXTRA):
         rows = [3, 0, 37]
         pws = [pack(w, s) for w in _weights(80, 576, len(rows))]
         cases[str(s)] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws)

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm
+from mxmoe.kernels.configs import TileConfig, launch_warps
 from mxmoe.quant import quantize_weight, quantize_weight_int
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
-INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["mixed_fp32", "mixed_fp16", "mixed_per_scheme_launches",
+INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["w8a16_g128_asym", "mixed_fp32", "mixed_fp16", "mixed_per_scheme_launches",
                                                    "mixed_unified_kernel", "mixed_given_x_q", "unswapped_mixed",
                                                    "swapped_mixed_fp8_weight_only", "k32_mixed",
                                                    "intweight", "moe_experts_forward", "hf_qwen2moe_bf16_vs_eager",
@@ -59,6 +60,19 @@ def test_pack_round_trip(s):
     ref = quantize_weight(w, s)
     assert ((pw.dequantize() - ref).norm() / ref.norm()) < (2e-3 if s.group_size > 0 else 1e-6)
     assert pw.data.numel() == 40 * 384 * s.w_bits // 8  # K padded to 384, exactly w_bits per code
+
+
+def test_pack_stores_8bit_sym_as_int8():
+    """8-bit symmetric codes are stored as the int8 dot operand itself (two's complement q)."""
+    w = torch.randn(16, 128)
+    iw = quantize_weight_int(w, "w8a8_g-1_sym")
+    pw = pack(iw)
+    assert torch.equal(pw.data.view(torch.int8).view(16, 128).to(torch.int32), iw.q)
+
+
+def test_launch_warps():
+    assert launch_warps([TileConfig(64, 128, 128, 3, True), TileConfig(32, 128, 128, 4)]) == 4
+    assert launch_warps([TileConfig(64, 128, 128, 3, True), TileConfig(128, 256, 128, 4)]) == 8
 
 
 def test_pack_intweight_and_bf16():
