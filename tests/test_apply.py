@@ -25,6 +25,9 @@ from mxmoe.quant.apply import (
 )
 from mxmoe.schemes import Scheme
 
+torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shared 2-core machine
+
+
 @functools.lru_cache(maxsize=None)
 def _built(name):
     return tiny_model(name)

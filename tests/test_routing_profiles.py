@@ -8,6 +8,9 @@ from mxmoe.models.zoo import tiny_model
 from mxmoe.routing import batch_workload, corpus_windows, gini, profile_corpora, routing_report, skew_stats, top_share
 
 
+torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shared 2-core machine
+
+
 def char_tokenizer(text, add_special_tokens=False):
     """A stand-in tokenizer: one id per character."""
     return {"input_ids": [ord(c) % 500 for c in text]}

@@ -13,6 +13,8 @@ from mxmoe.models.zoo import tiny_model
 from mxmoe.quant.apply import UnsupportedScheme, apply_schemes
 from mxmoe.quant.layerwise import LayerwiseRunner
 
+torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shared 2-core machine
+
 SCHEMES = ["bf16", "w3a16_g16_asym", "w4a4_g-1_sym"]
 WINDOWS = torch.randint(3, 500, (3, 32), generator=torch.Generator().manual_seed(1))
 

@@ -8,6 +8,8 @@ from mxmoe.models.zoo import tiny_model
 from mxmoe.quant.apply import apply_schemes, uniform_scheme_map
 from mxmoe.quant.sequential import quantize_model_gptq
 
+torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shared 2-core machine
+
 CALIB = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(2))
 
 
