@@ -144,15 +144,15 @@ def compute_sensitivity(model, windows: torch.Tensor, schemes, method: str = "rt
     params = {**(params or {}), "method": method, "seed": seed, "min_tokens": min_tokens,
               "windows": list(windows.shape), **gptq_kw}
     result = {"params": params, "schemes": [str(s) for s in schemes], "blocks": list(BLOCKS), "layers": {}}
-    if path is not None and path.exists():
-        old = json.loads(path.read_text())
-        if old.get("params") == params and old.get("schemes") == result["schemes"]:
-            result["layers"] = old["layers"]
     rotate = method == "gptq-had"
     if rotate:
         model = copy.deepcopy(model)
         rotation = rotate_model(model, seed)
         params["rotation"] = {"seed": rotation.seed, "kind": rotation.kind}
+    if path is not None and path.exists():  # resume: keep the layers of a file made with the same parameters
+        old = json.loads(path.read_text())
+        if old.get("params") == params and old.get("schemes") == result["schemes"]:
+            result["layers"] = old["layers"]
     blocks = {b.layer: b for b in moe_blocks(model)}
     todo = [layer for layer in blocks if str(layer) not in result["layers"]]
     if not todo:

@@ -74,9 +74,10 @@ def test_experts_without_tokens_are_null_and_filled():
     assert np.isfinite(arr).all() and arr[ids.index(res["no_tokens"][0]), 0, 0] == arr[measured, 0, 0].max()
 
 
-def test_resume_after_a_killed_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["rtn", "gptq-had"])
+def test_resume_after_a_killed_run(tmp_path, monkeypatch, method):
     path = tmp_path / "s.json"
-    full = sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, "rtn", path=tmp_path / "ref.json", progress=False)
+    full = sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, method, path=tmp_path / "ref.json", progress=False)
     real, calls = sens.layer_sensitivity, []
 
     def dies_after_one(block, *a, **k):
@@ -87,11 +88,11 @@ def test_resume_after_a_killed_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sens, "layer_sensitivity", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
-        sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, "rtn", path=path, progress=False)
+        sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, method, path=path, progress=False)
     assert list(json.loads(path.read_text())["layers"]) == ["0"]
     calls.clear()
     monkeypatch.setattr(sens, "layer_sensitivity", lambda block, *a, **k: calls.append(block.layer) or real(block, *a, **k))
-    resumed = sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, "rtn", path=path, progress=False)
+    resumed = sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, method, path=path, progress=False)
     assert calls == [1]
     timeless = lambda r: {k: {f: v for f, v in lay.items() if f != "seconds"} for k, lay in r["layers"].items()}  # noqa: E731
     assert timeless(resumed) == timeless(full)
