@@ -53,3 +53,8 @@ def test_activation_per_token_and_per_group():
 def test_fp8_with_group_is_rejected():
     with pytest.raises(ValueError, match="per-channel"):
         quantize_weight(torch.ones(2, 2), "w8a16_g128_sym_fp8")
+
+
+def test_activation_with_no_tokens():
+    x = torch.zeros(0, 576)
+    assert quantize_activation(x, "w4a4_g128_sym").shape == (0, 576)

@@ -112,6 +112,8 @@ def quantize_activation(x: torch.Tensor, s: "Scheme | str") -> torch.Tensor:
     if s.a_bits >= 16:
         return x
     shape, k = x.shape, x.shape[-1]
+    if x.numel() == 0:  # no tokens (an expert nobody was routed to)
+        return x
     xf = x.detach().float().reshape(-1, k)  # [T, K]
     if s.fmt == "fp8":
         scale = xf.abs().amax(dim=1, keepdim=True) / FP8_MAX
