@@ -1,15 +1,13 @@
-import copy
-import functools
 import json
 
 import numpy as np
 import pytest
 import torch
+from tiny import fresh
 
 import mxmoe.sensitivity as sens
 from mxmoe.errors import MxMoEError
 from mxmoe.models import moe_blocks
-from mxmoe.models.zoo import tiny_model
 from mxmoe.quant.apply import UnsupportedScheme, apply_schemes
 from mxmoe.quant.layerwise import LayerwiseRunner
 
@@ -17,15 +15,6 @@ torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shar
 
 SCHEMES = ["bf16", "w3a16_g16_asym", "w4a4_g-1_sym"]
 WINDOWS = torch.randint(3, 500, (3, 32), generator=torch.Generator().manual_seed(1))
-
-
-@functools.lru_cache(maxsize=None)
-def _built(name):
-    return tiny_model(name)
-
-
-def fresh(name="tiny-qwen2-moe"):
-    return copy.deepcopy(_built(name))
 
 
 def test_local_delta_equals_full_block_recomputation():

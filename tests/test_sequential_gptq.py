@@ -1,25 +1,14 @@
-import copy
-import functools
 
 import pytest
 import torch
+from tiny import fresh
 
-from mxmoe.models.zoo import tiny_model
 from mxmoe.quant.apply import apply_schemes, uniform_scheme_map
 from mxmoe.quant.sequential import quantize_model_gptq
 
 torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shared 2-core machine
 
 CALIB = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(2))
-
-
-@functools.lru_cache(maxsize=None)
-def _built(name):
-    return tiny_model(name)
-
-
-def fresh(name="tiny-qwen2-moe"):
-    return copy.deepcopy(_built(name))
 
 
 def logits(model, ids=CALIB):
