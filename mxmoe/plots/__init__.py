@@ -1,0 +1,67 @@
+"""Plots for every paper figure, one function each, with one style and provenance on every figure.
+
+Notebooks and the book call these; each figure is saved as PNG plus a JSON sidecar with its
+provenance (device, model, profile, measured / predicted / paper) and the parameters that made it.
+Topic modules (``mxmoe.plots.accuracy``, ``.kernels``, ``.allocation``) hold the figure functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: notebooks under papermill, CI  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from mxmoe.paths import results_dir, write_json_atomic  # noqa: E402
+
+KINDS = ("measured", "predicted", "paper", "smoke")
+WIDTH = 6.4  # inches of a one-column figure
+
+
+def use_style() -> None:
+    """The one style of every mxmoe figure (seaborn whitegrid, colour-blind palette, readable sizes)."""
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight", "axes.titleweight": "bold"})
+
+
+def figure(nrows: int = 1, ncols: int = 1, width: float = WIDTH, height: "float | None" = None, **kw):
+    """(fig, axes) in the mxmoe style; height defaults to a 0.6 aspect per row."""
+    use_style()
+    height = height or 0.6 * width * nrows / max(ncols, 1) + 0.4
+    return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
+
+
+def provenance(device: str, model: str, profile: str, kind: str) -> str:
+    """One caption line: where the numbers came from (e.g. 'measured · NVIDIA H100 · smollm2-moe · quick')."""
+    if kind not in KINDS:
+        raise ValueError(f"provenance kind must be one of {KINDS}, got {kind!r}")
+    return f"{kind} · {device} · {model} · profile {profile}"
+
+
+def figures_dir(model: str) -> Path:
+    """results/<model>/figures (results/kernels/figures for kernel figures: pass model='kernels')."""
+    return results_dir() / model / "figures" if model != "kernels" else results_dir() / "kernels" / "figures"
+
+
+def save(fig, model: str, name: str, meta: dict) -> Path:
+    """Save ``fig`` as <figures_dir(model)>/<name>.png with <name>.json beside it holding ``meta``.
+
+    ``meta`` must say device, model, profile and kind (see ``provenance``); the provenance line is
+    drawn under the figure so the PNG alone says where its numbers came from.
+    """
+    missing = {"device", "model", "profile", "kind"} - set(meta)
+    if missing:
+        raise ValueError(f"figure {name!r} meta lacks {sorted(missing)}: every figure says where its numbers came from")
+    fig.text(0.01, -0.02, provenance(meta["device"], meta["model"], meta["profile"], meta["kind"]),
+             fontsize=7, color="0.4", ha="left", va="top")
+    out = figures_dir(model)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{name}.png"
+    tmp = out / f".{name}.tmp.png"
+    fig.savefig(tmp)
+    tmp.replace(png)
+    write_json_atomic(out / f"{name}.json", meta)
+    return png
