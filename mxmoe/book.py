@@ -1,0 +1,244 @@
+"""Build the Jupyter Book from the executed notebooks (nothing is executed here).
+
+``python -m mxmoe.book [--profile P] [--model M] [--stage DIR] [--out DIR] [--strict]``:
+
+1. copies the executed notebooks ``<results>/<model>/notebooks/NN_*.ipynb`` into ``<src>/chapters/``
+   (``<src>`` is ``book/``, or a copy of it in ``--stage DIR`` so a CI build leaves book/ alone);
+2. writes ``<src>/runs.md``: device, profile, time and software of every run behind the book;
+3. runs ``jupyter-book build`` (``--strict``: ``-W -n --keep-going``) into ``--out`` (default book/_build);
+4. scans the HTML for scripts or stylesheets fetched from the network and reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from mxmoe.paths import REPO_ROOT
+
+BOOK = REPO_ROOT / "book"
+SOFTWARE = ("torch", "triton", "transformers", "accelerate", "lm-eval", "pulp", "papermill", "jupyter-book",
+            "myst-nb", "sphinx-book-theme")
+
+
+def executed_notebooks(root: Path, model: str) -> list[Path]:
+    from mxmoe.reproduce import STAGES, model_dirname
+
+    d = root / model_dirname(model) / "notebooks"
+    return [d / f"{s.stem}.ipynb" for s in STAGES if (d / f"{s.stem}.ipynb").exists()]
+
+
+def stage_source(src: "Path | None") -> Path:
+    """``book/`` itself, or a fresh copy of its sources in ``src`` (chapters and builds left out)."""
+    if src is None or Path(src).resolve() == BOOK.resolve():
+        return BOOK
+    src = Path(src)
+    if src.exists():
+        shutil.rmtree(src)
+    shutil.copytree(BOOK, src, ignore=shutil.ignore_patterns("_build", "chapters", ".gitignore"))
+    return src
+
+
+def copy_chapters(src: Path, notebooks: list[Path]) -> list[Path]:
+    """Replace ``src/chapters`` with the executed notebooks; return the copies."""
+    chapters = src / "chapters"
+    if chapters.exists():
+        shutil.rmtree(chapters)
+    chapters.mkdir(parents=True)
+    out = []
+    for nb in notebooks:
+        data = json.loads(nb.read_text())
+        # papermill marks a failed run with an error banner; such a notebook must not become a chapter silently
+        if any("papermill-error-cell-tag" in c.get("metadata", {}).get("tags", []) for c in data.get("cells", [])):
+            raise RuntimeError(f"{nb} is a partial notebook from a failed run; re-run its stage first")
+        dst = chapters / nb.name
+        shutil.copy2(nb, dst)
+        out.append(dst)
+    return out
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
+    for pkg in SOFTWARE:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _md_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_none yet_\n"
+    cols = list(rows[0])
+    esc = lambda v: str("—" if v in (None, "") else v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(esc(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _du(path: Path) -> str:
+    if not path.exists():
+        return "—"
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return f"{total / 2**20:.1f} MiB"
+
+
+def _result_provenance(root: Path, model: str) -> list[dict]:
+    """device / date / software recorded inside the result files (first level of their JSON)."""
+    from mxmoe.reproduce import model_dirname
+
+    rows = []
+    files = sorted((root / model_dirname(model)).glob("*.json")) + sorted((root / model_dirname(model)).glob("*/*.json"))
+    files += sorted((root / "kernels").glob("*.json"))
+    for f in files:
+        if "/figures/" in str(f) or "/notebooks/" in str(f):
+            continue
+        try:
+            d = json.loads(f.read_text())
+        except (ValueError, OSError):
+            continue
+        if not isinstance(d, dict):
+            continue
+        prov = d.get("provenance") if isinstance(d.get("provenance"), dict) else {}
+        params = d.get("params") if isinstance(d.get("params"), dict) else {}
+        dev = prov.get("device") or d.get("device") or params.get("device") or d.get("label")
+        sw = ", ".join(f"{k} {prov[k]}" for k in ("torch", "triton", "cuda") if k in prov)
+        date = prov.get("date_utc") or d.get("date") or params.get("date")
+        profile = d.get("profile") or params.get("profile")
+        if isinstance(profile, dict):
+            profile = profile.get("name")
+        rows.append({"result file": str(f.relative_to(root)), "device": dev, "profile": profile,
+                     "software": sw, "date": date})
+    return rows
+
+
+def write_runs_page(src: Path, root: Path, model: str) -> Path:
+    """``src/runs.md``: every stage run (from the stamps), every result file's provenance, disk use, versions."""
+    from mxmoe.reproduce import STAGES, model_dirname
+
+    nb_dir = root / model_dirname(model) / "notebooks"
+    stages = []
+    for s in STAGES:
+        stamp = nb_dir / f"{s.stem}.stamp.json"
+        if stamp.exists():
+            st = json.loads(stamp.read_text())
+            stages.append({"notebook": s.stem, "profile": st["parameters"].get("profile"), "model": st["parameters"].get("model"),
+                           "device": st.get("device"), "wall time (s)": st.get("seconds"), "finished (UTC)": st.get("finished")})
+        else:
+            stages.append({"notebook": s.stem, "profile": None, "model": None, "device": None,
+                           "wall time (s)": None, "finished (UTC)": "not run" if not (nb_dir / f"{s.stem}.ipynb").exists() else "no stamp"})
+    total = sum(r["wall time (s)"] or 0 for r in stages)
+    ver = _versions()
+    text = f"""# Runs
+
+Generated by `python -m mxmoe.book` from
+`{_display(root)}` (model `{model}`). Do not edit by hand.
+
+## Notebook runs
+
+One row per stage, taken from the stamp that `python -m mxmoe.reproduce` wrote beside each
+executed notebook. Total wall time of the stages listed: {total:.0f} s.
+
+{_md_table(stages)}
+## Result files and where they were measured
+
+What each result file says about its own origin (device, profile, software, date). Kernel results
+come from a GPU machine. The others come from the machine named in their `device` field.
+
+{_md_table(_result_provenance(root, model))}
+## Software of the book build
+
+{_md_table([ver])}
+## Disk use
+
+{_md_table([{"results (this model)": _du(root / model_dirname(model)), "results/kernels": _du(root / "kernels"),
+             "book sources": _du(src)}])}"""
+    out = src / "runs.md"
+    out.write_text(text)
+    return out
+
+
+def _display(root: Path) -> str:
+    try:
+        return str(root.resolve().relative_to(REPO_ROOT)) + "/"
+    except ValueError:
+        return "$MXMOE_RESULTS_DIR (" + root.name + ")"
+
+
+REMOTE = re.compile(r"""<(?:script|link|img|iframe)[^>]+(?:src|href)=["'](https?:)?//[^"']+["']""", re.I)
+
+
+def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
+    """{page: [tags]} of scripts, stylesheets, images and frames loaded from another host."""
+    found = {}
+    for page in sorted(html_dir.rglob("*.html")):
+        hits = [m.group(0)[:160] for m in REMOTE.finditer(page.read_text(errors="replace"))
+                if "rel=\"canonical\"" not in m.group(0)]
+        if hits:
+            found[str(page.relative_to(html_dir))] = hits
+    return found
+
+
+def build(src: Path, out: Path, strict: bool, log=print) -> int:
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--path-output", str(out)]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    log("$ " + " ".join(cmd))
+    t0 = time.time()
+    rc = subprocess.call(cmd)
+    log(f"jupyter-book build: exit {rc} in {time.time() - t0:.1f} s")
+    return rc
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    from mxmoe.profiles import default_profile
+    from mxmoe.reproduce import default_model, resolve_results_dir
+
+    p = argparse.ArgumentParser(prog="python -m mxmoe.book", description=__doc__.split("\n")[0])
+    p.add_argument("--profile", choices=("smoke", "quick", "full"), default=None,
+                   help="which run's notebooks (decides the results folder and default model)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--stage", type=Path, default=None, help="assemble the book sources here instead of in book/")
+    p.add_argument("--out", type=Path, default=None, help="build folder (default: <book sources>/_build)")
+    p.add_argument("--strict", action="store_true", help="warnings are errors: -W -n --keep-going")
+    args = p.parse_args(argv)
+    profile = args.profile or default_profile()
+    model = args.model or default_model(profile)
+    root = resolve_results_dir(profile)
+    t0 = time.time()
+    src = stage_source(args.stage)
+    notebooks = executed_notebooks(root, model)
+    try:
+        copy_chapters(src, notebooks)
+    except RuntimeError as e:
+        print(f"mxmoe book: {e}", file=sys.stderr)
+        return 1
+    write_runs_page(src, root, model)
+    print(f"mxmoe book: {len(notebooks)} executed notebooks from {root} -> {src / 'chapters'}")
+    out = args.out or src
+    rc = build(src, out, args.strict)
+    html = Path(out) / "_build" / "html"
+    if rc == 0 and html.exists():
+        remote = remote_fetches(html)
+        if remote:
+            print(f"mxmoe book: {len(remote)} pages load something from the network at view time:")
+            for page, tags in list(remote.items())[:10]:
+                print(f"  {page}: {tags[0]}")
+        else:
+            print("mxmoe book: no page loads scripts, stylesheets or images from the network")
+        print(f"mxmoe book: {html / 'index.html'} ({time.time() - t0:.1f} s in all)")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
