@@ -1,4 +1,5 @@
-# mxmoe — two commands: `make test` and `make reproduce`.
+# mxmoe — two commands: `make test` and `make reproduce` (plus `make book`, `make lab`).
+# PROFILE=smoke|quick|full (default: full with a CUDA GPU, else quick), MODEL=<zoo name | HF id | folder>.
 # Everything installs into .venv unless a virtual environment is active or PYTHON is given
 # (GPU machines: `make reproduce PYTHON=python3` uses that interpreter and its CUDA torch).
 
@@ -11,8 +12,13 @@ ifneq ($(wildcard ../shared/data),)
 export MXMOE_DATA_DIR ?= $(abspath ../shared/data)
 endif
 STAMP := $(dir $(PYTHON)).mxmoe-installed
+PROFILE ?=
+MODEL ?=
+RUN_ARGS := $(if $(PROFILE),--profile $(PROFILE)) $(if $(MODEL),--model $(MODEL))
+LAB_PORT ?= 8888
+LAB_IP ?= 127.0.0.1
 
-.PHONY: install test reproduce model clean-cache
+.PHONY: install test smoke reproduce book lab model clean-cache
 install: $(STAMP)
 
 .venv/bin/python:
@@ -37,14 +43,40 @@ $(STAMP): requirements.txt pyproject.toml | $(if $(filter .venv/bin/python,$(PYT
 
 test: install
 	$(PYTHON) -m pytest tests
+	$(MAKE) --no-print-directory smoke PYTHON=$(PYTHON)
+
+# Every notebook under the smoke profile (tiny random MoE) and a strict book build, all in a temp
+# folder: a broken notebook or a broken book fails CI. The folder is kept when something fails.
+smoke: install
+	@tmp=$$(mktemp -d -t mxmoe-smoke.XXXXXX); \
+	if MXMOE_RESULTS_DIR=$$tmp/results OMP_NUM_THREADS=1 $(PYTHON) -m mxmoe.reproduce --profile smoke $(if $(MODEL),--model $(MODEL)) \
+	   && MXMOE_RESULTS_DIR=$$tmp/results $(PYTHON) -m mxmoe.book --profile smoke $(if $(MODEL),--model $(MODEL)) \
+	        --stage $$tmp/book --strict > $$tmp/book.log 2>&1; then \
+		tail -n 3 $$tmp/book.log; rm -rf $$tmp; \
+	else \
+		tail -n 40 $$tmp/book.log 2>/dev/null; echo "smoke run failed: notebooks, results and book log kept in $$tmp"; exit 1; \
+	fi
 
 model: install
 	$(PYTHON) -m mxmoe model build
 	$(PYTHON) -m mxmoe model info smollm2-moe
 
-# The main job; later stages (sensitivity, kernels, allocation, book) are added here as they land.
-reproduce: model
-	$(PYTHON) -m mxmoe eval ppl smollm2-moe --seqlen 1024 --windows 16
+# The main job: install, build smollm2-moe (when it is the model), run notebooks 00-06 through
+# papermill (unchanged stages are skipped), build the book with warnings as errors.
+reproduce: install
+	@if [ "$(PROFILE)" != smoke ] && { [ -z "$(MODEL)" ] || [ "$(MODEL)" = smollm2-moe ]; }; then \
+		$(PYTHON) -m mxmoe model build && $(PYTHON) -m mxmoe model info smollm2-moe; fi
+	$(PYTHON) -m mxmoe.reproduce $(RUN_ARGS)
+	$(PYTHON) -m mxmoe.book $(RUN_ARGS) --strict
+
+# Rebuild the book from the executed notebooks already under results/ (nothing is executed).
+book: install
+	$(PYTHON) -m mxmoe.book $(RUN_ARGS) --strict
+
+# JupyterLab on the project's environment; installs it on first use. --allow-root: containers run as root.
+lab: install
+	@$(PYTHON) -c "import jupyterlab" 2>/dev/null || $(PYTHON) -m pip install -q "jupyterlab>=4,<5"
+	$(PYTHON) -m jupyterlab --allow-root --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --notebook-dir=notebooks
 
 clean-cache:
 	rm -rf $${MXMOE_CACHE_DIR:-$$HOME/.cache/mxmoe}/models

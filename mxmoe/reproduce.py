@@ -177,10 +177,11 @@ def run_stage(nb_path: Path, out_path: Path, params: dict, cwd: Path, progress: 
 
 def reproduce(profile: "str | None" = None, model: "str | None" = None, notebooks_dir: "Path | None" = None,
               only: "list[str] | None" = None, force: bool = False, extra: "dict | None" = None,
-              stages=STAGES, progress: "bool | None" = None, log=print, heartbeat: float = 60.0) -> list[StageResult]:
+              stages=None, progress: "bool | None" = None, log=print, heartbeat: float = 60.0) -> list[StageResult]:
     """Run the stages in order; return what happened to each. Raises NotebookFailed on the first failure."""
     from mxmoe.profiles import default_profile, get_profile
 
+    stages = STAGES if stages is None else stages
     profile = profile or default_profile()
     get_profile(profile)  # validates the name
     model = model or default_model(profile)
