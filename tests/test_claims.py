@@ -1,0 +1,113 @@
+"""Claims map: every row has the schema, absent files give not-run with a reason, verdict rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mxmoe import claims
+
+KEYS = {"id", "claim", "paper", "ours", "unit", "tolerance", "verdict", "source"}
+ITEMS = {"fig1a", "fig1b", "fig2", "fig3", "fig4", "fig5", "fig6", *(f"table{i}" for i in range(1, 8))}
+
+
+def _by_id(rows):
+    return {r["id"]: r for r in rows}
+
+
+def _table1(root, model="m", **ppl):
+    rows = {label: {"w_bits": 0, "a_bits": 0, "ppl": v, "tasks": {}, "profile": "quick", "device": "cpu"}
+            for label, v in ppl.items()}
+    p = root / model / "eval" / "table1.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(rows))
+
+
+def _bench(root, rows, targets=None, device="NVIDIA H100 80GB HBM3"):
+    p = root / "kernels" / "bench_test.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"provenance": {"device": device, "date_utc": "2026-01-01"}, "results": rows,
+                             "targets": targets or {}}))
+
+
+def _r(variant, ms, tokens=8192, gemm="gate_up", speedup=None, launches=1):
+    return {"model": "q", "gemm": gemm, "tokens": tokens, "variant": variant, "ms": ms,
+            "speedup_vs_torch_bf16": speedup, "launches": launches}
+
+
+def test_empty_results_give_not_run_with_reasons(tmp_path):
+    rows = claims.build_claims("m", tmp_path)
+    assert rows and all(KEYS <= set(r) for r in rows)
+    assert {r["verdict"] for r in rows} == {"not-run"}
+    assert all(r["note"] for r in rows)  # each says why
+    assert "table1.json" in _by_id(rows)["ppl-2.25bit"]["note"]
+
+
+@pytest.mark.parametrize("gptq,mx,verdict", [(11.19, 8.79, "reproduced"), (10.0, 9.0, "direction"),
+                                             (10.0, 10.5, "not-reproduced")])
+def test_ppl_225_verdicts(tmp_path, gptq, mx, verdict):
+    _table1(tmp_path, **{"gptq*-2.25": gptq, "mxmoe-2.25": mx})
+    row = _by_id(claims.build_claims("m", tmp_path))["ppl-2.25bit"]
+    assert row["verdict"] == verdict
+    assert row["ours"] == pytest.approx(1 - mx / gptq, abs=1e-3)
+    assert row["source"] == "results/m/eval/table1.json"
+
+
+def test_missing_row_in_present_file_is_not_run(tmp_path):
+    _table1(tmp_path, **{"fp16": 10.0, "mxmoe-w5a5": 10.5})  # no quarot-w4a4 row
+    row = _by_id(claims.build_claims("m", tmp_path))["w5a5-accuracy"]
+    assert row["verdict"] == "not-run" and "quarot-w4a4" in row["note"]
+
+
+def test_w5a5_rule(tmp_path):
+    _table1(tmp_path, **{"fp16": 10.0, "mxmoe-w5a5": 10.5, "quarot-w4a4": 30.0})
+    assert _by_id(claims.build_claims("m", tmp_path))["w5a5-accuracy"]["verdict"] == "reproduced"
+    _table1(tmp_path, **{"fp16": 10.0, "mxmoe-w5a5": 13.0, "quarot-w4a4": 30.0})
+    assert _by_id(claims.build_claims("m", tmp_path))["w5a5-accuracy"]["verdict"] == "direction"
+
+
+def test_kernel_rules(tmp_path):
+    rows = [
+        _r("ours_mix4.25_w4a16+w8a8", 0.1, tokens=512, speedup=2.4),
+        _r("ours_mix4.25_w4a16+w8a8", 0.1, tokens=512, gemm="down", speedup=2.6),
+        _r("ours_w8a8_int8", 1.0), _r("ours_mix5_w4a4+w8a8", 0.9, speedup=1.5),
+        _r("ours_mix5_w4a4+w8a8@unified", 1.2), _r("ours_mix5_w4a4+w8a8@per_scheme", 0.95),
+    ]
+    _bench(tmp_path, rows, {"bf16_vs_torch_grouped_min": 0.85})
+    got = _by_id(claims.build_claims("m", tmp_path))
+    assert got["mix4.25-speedup"]["verdict"] == "reproduced" and got["mix4.25-speedup"]["ours"] == [2.4, 2.6]
+    assert got["mix5-vs-w8a8"]["verdict"] == "direction"  # +11%: faster, short of +29.4%
+    assert got["mix5-vs-w8a8"]["ours"] == pytest.approx(11.1, abs=0.1)
+    assert got["one-launch"]["verdict"] == "reproduced"
+    assert got["fused-vs-unified"]["verdict"] == "reproduced"
+    assert got["bf16-baseline"]["verdict"] == "direction"
+    assert got["speedup-vs-fp"]["verdict"] == "direction"  # 2.6 < 0.9 x 3.4
+
+
+def test_h100_bench_preferred_over_others(tmp_path):
+    _bench(tmp_path, [_r("ours_mix4.25_w4a16+w8a8", 0.1, tokens=512, speedup=3.0)], device="NVIDIA H200")
+    (tmp_path / "kernels" / "bench_test.json").rename(tmp_path / "kernels" / "bench_h200.json")
+    _bench(tmp_path, [_r("ours_mix4.25_w4a16+w8a8", 0.1, tokens=512, speedup=1.2)])
+    row = _by_id(claims.build_claims("m", tmp_path))["mix4.25-speedup"]
+    assert row["source"] == "results/kernels/bench_test.json" and row["verdict"] == "direction"
+
+
+def test_write_claims_and_manifest(tmp_path):
+    _table1(tmp_path, **{"gptq*-2.25": 11.0, "mxmoe-2.25": 9.0})
+    c, m = claims.write("m", tmp_path)
+    data = json.loads(c.read_text())
+    assert {r["verdict"] for r in data["claims"]} <= set(claims.VERDICTS)
+    assert any("int4" in d["text"] for d in data["deviations"])
+    man = json.loads(m.read_text())["items"]
+    assert set(man) == ITEMS
+    assert man["table1"]["status"] == "present" and man["table1"]["results"] == ["results/m/eval/table1.json"]
+    assert man["table1"]["notebook"] == "notebooks/05_end_to_end.ipynb" and man["table3"]["status"] == "missing"
+    assert all({"notebook", "results", "figures", "device", "profile"} <= set(v) for v in man.values())
+
+
+def test_committed_results_are_readable():
+    """The rules run on the repository's own results without a rule crashing."""
+    rows = claims.build_claims("smollm2-moe")
+    assert not [r for r in rows if "unreadable" in r["note"]]
+    assert claims.counts(rows)["not-run"] < len(rows)
