@@ -49,3 +49,64 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
         nll += loss.item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+_PRISTINE: dict = {}
+
+
+def fresh_model(name: str):
+    """(model, tokenizer): an unquantized copy of ``name``, loaded once per process and deep-copied after."""
+    import copy
+
+    from mxmoe.models import load_model
+
+    if name not in _PRISTINE:
+        _PRISTINE.clear()  # keep one model in memory
+        _PRISTINE[name] = load_model(name)
+    model, tok = _PRISTINE[name]
+    return copy.deepcopy(model), tok
+
+
+def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zeroshot: bool = True, tasks=None,
+                    progress: bool = True) -> dict:
+    """Quantize a fresh ``profile.model`` per ``config`` (``mxmoe.baselines.QuantConfig``) and measure it.
+
+    ``scheme_map`` replaces the config's uniform scheme (an allocation). WikiText-2 perplexity on the
+    profile's test windows; zero-shot accuracy on ``tasks`` (default: all) with the profile's limit
+    when ``zeroshot`` and the model has a tokenizer. GPTQ calibrates on the profile's WikiText-2 train
+    windows. The row is cached under results/<model>/eval/runs/, keyed by everything that made it, and
+    returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device", "seconds", "params"}.
+    """
+    import hashlib
+    import json
+    import time
+
+    from mxmoe.baselines import quantize
+    from mxmoe.data import TASKS
+    from mxmoe.models.smollm2 import device_name
+    from mxmoe.paths import results_dir, write_json_atomic
+    from mxmoe.profiles import calibration, evaluation
+    from mxmoe.quant.apply import scheme_map_to_rows
+
+    tasks = list(tasks or TASKS) if zeroshot else []
+    params = {"config": config.as_dict(), "profile": profile.as_dict(), "tasks": tasks,
+              "scheme_map": None if scheme_map is None else scheme_map_to_rows(scheme_map)}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = results_dir() / profile.model / "eval" / "runs" / f"{config.label.replace('*', 'star')}-{profile.name}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    start = time.time()
+    model, tok = fresh_model(profile.model)
+    calib = calibration(model, tok, profile, seed=config.seed) if config.method == "gptq" else None
+    report = quantize(model, config, calib, scheme_map, progress=progress)
+    ppl = perplexity(model, evaluation(model, tok, profile), desc=f"perplexity {config.label}")
+    accuracy = {}
+    if tasks and tok is not None:
+        from mxmoe.zeroshot import evaluate_tasks
+
+        accuracy = {t: r["value"] for t, r in evaluate_tasks(model, tok, tasks, profile.zeroshot_limit).items()}
+    row = {"label": config.label, "w_bits": report["w_bits"], "a_bits": report["a_bits"], "ppl": ppl,
+           "tasks": accuracy, "profile": profile.name, "device": device_name(),
+           "seconds": round(time.time() - start, 1), "quantization": report, "params": params}
+    write_json_atomic(path, row)
+    return row

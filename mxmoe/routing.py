@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -136,21 +137,34 @@ def routing_report(model, windows: torch.Tensor, batches=BATCH_TOKENS) -> dict:
 
 
 def profile_corpora(model_name: str, corpora=CORPORA, n: int = 8, seqlen: int = 512, seed: int = 0,
-                    batches=BATCH_TOKENS) -> dict:
+                    batches=BATCH_TOKENS, allow_random: bool = False) -> dict:
     """Routing of ``model_name`` on each corpus; writes results/<model>/routing/<corpus>_n<n>_s<seqlen>.json each.
 
-    Returns {corpus: report}. Reports carry their parameters, device and date.
+    Returns {corpus: report}. Reports carry their parameters, device and date; a file made with the
+    same parameters and batch sizes is reused. ``allow_random``: a
+    model without a tokenizer (smoke profile) is profiled on one corpus of seeded random ids, "random".
     """
     from mxmoe.models.smollm2 import device_name  # smollm2 imports this module: import here, not at the top
+    from mxmoe.profiles import random_windows
 
     model, tok = load_model(model_name)
-    if tok is None:
+    if tok is None and not allow_random:
         raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): routing on text needs a real model")
+    if tok is None:
+        corpora = ("random",)
     out = {}
     for corpus in corpora:
-        report = routing_report(model, corpus_windows(tok, corpus, n, seqlen, seed), batches)
-        report["params"] = {"model": model_name, "corpus": corpus, "windows": n, "seqlen": seqlen, "seed": seed,
-                            "device": device_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-        write_json_atomic(results_dir() / model_name / "routing" / f"{corpus}_n{n}_s{seqlen}.json", report)
+        path = results_dir() / model_name / "routing" / f"{corpus}_n{n}_s{seqlen}.json"
+        params = {"model": model_name, "corpus": corpus, "windows": n, "seqlen": seqlen, "seed": seed}
+        if path.exists():  # reuse a profile made with the same parameters and batch sizes
+            old = json.loads(path.read_text())
+            if {k: old["params"].get(k) for k in params} == params and set(old["workloads"]) == {str(b) for b in batches}:
+                out[corpus] = old
+                continue
+        windows = (random_windows(model.config.vocab_size, n, seqlen, seed) if tok is None
+                   else corpus_windows(tok, corpus, n, seqlen, seed))
+        report = routing_report(model, windows, batches)
+        report["params"] = {**params, "device": device_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+        write_json_atomic(path, report)
         out[corpus] = report
     return out

@@ -1,0 +1,112 @@
+"""Accuracy-side figures: sensitivity (Figure 1a, layer x block summary, Table 4) and routing (Figure 1b right)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.colors import LogNorm
+
+from mxmoe.plots import figure
+from mxmoe.sensitivity import sensitivity_array
+
+BLOCK_NAMES = ("gate", "up", "down")
+
+
+def sensitivity_frame(result: dict) -> pd.DataFrame:
+    """Long table of one sensitivity result: layer, expert, block, scheme, delta (experts without tokens dropped)."""
+    rows = []
+    for layer in result["layers"]:
+        arr, experts = sensitivity_array(result, int(layer), fill="nan")  # [E, 3, S]
+        for i, e in enumerate(experts):
+            for j, block in enumerate(result["blocks"]):
+                for k, scheme in enumerate(result["schemes"]):
+                    rows.append((int(layer), str(e), block, scheme, arr[i, j, k]))
+    return pd.DataFrame(rows, columns=["layer", "expert", "block", "scheme", "delta"]).dropna()
+
+
+def fig1a_sensitivity(result: dict, layer: int, schemes, block: str = "gate", compare: str = "w4a4_g-1_sym"):
+    """Figure 1a: Δ per expert of one layer for several schemes (log scale), and gate vs down under ``compare``.
+
+    Experts are ordered by their Δ under the first scheme so the spread across experts is visible.
+    """
+    df = sensitivity_frame(result)
+    df = df[(df.layer == layer) & ~df.expert.str.startswith("shared")]  # shared experts see every token: own scale
+    fig, axes = figure(1, 2, width=11, height=3.6)
+    ax1, ax2 = axes[0]
+    one = df[(df.block == block) & df.scheme.isin(schemes)]
+    order = one[one.scheme == schemes[0]].sort_values("delta").expert.tolist()
+    sns.pointplot(one, x="expert", y="delta", hue="scheme", order=order, hue_order=list(schemes), ax=ax1,
+                  markersize=3, linewidth=1)
+    ax1.set(yscale="log", xlabel=f"expert (sorted by Δ under {schemes[0]})", ylabel="Δ = ‖Ô − O‖₂",
+            title=f"layer {layer} {block}_proj: Δ per routed expert")
+    ax1.tick_params(axis="x", labelrotation=90, labelsize=6)
+    ax1.legend(fontsize=7, title=None)
+    pair = df[(df.scheme == compare) & df.block.isin(["gate", "down"])].pivot(index="expert", columns="block", values="delta")
+    ax2.scatter(pair["gate"], pair["down"], s=14)
+    lim = [pair.min().min() * 0.8, pair.max().max() * 1.25]
+    ax2.plot(lim, lim, color="0.6", lw=0.8, ls="--", label="equal")
+    ax2.set(xscale="log", yscale="log", xlim=lim, ylim=lim, xlabel="Δ gate_proj", ylabel="Δ down_proj",
+            title=f"layer {layer}, {compare}: gate vs down")
+    ax2.legend(fontsize=7)
+    return fig
+
+
+def layer_block_summary(result: dict, scheme: str):
+    """Heatmap: median Δ over experts per (layer, block type) under one scheme, log colour scale."""
+    df = sensitivity_frame(result)
+    df = df[(df.scheme == scheme) & ~df.expert.str.startswith("shared")]
+    table = df.groupby(["layer", "block"]).delta.median().unstack()[list(BLOCK_NAMES)]  # [layers, 3]
+    fig, axes = figure(1, 1, width=4.2, height=0.5 * len(table) + 1.2)
+    ax = axes[0][0]
+    sns.heatmap(table, annot=True, fmt=".3g", norm=LogNorm(), cmap="rocket_r", cbar_kws={"label": "median Δ"}, ax=ax)
+    ax.set(title=f"median Δ over routed experts, {scheme}", xlabel="linear block", ylabel="MoE layer")
+    return fig
+
+
+def table4_heatmap(grid: pd.DataFrame, fp_ppl: float):
+    """Table 4 as a heatmap: WikiText-2 PPL under RTN, rows weight bits, columns activation bits."""
+    fig, axes = figure(1, 1, width=5.2, height=4.0)
+    ax = axes[0][0]
+    sns.heatmap(grid, annot=True, fmt=".1f", norm=LogNorm(), cmap="mako_r", cbar_kws={"label": "PPL"}, ax=ax)
+    ax.set(title=f"RTN perplexity (full precision {fp_ppl:.2f})", xlabel="activation bits", ylabel="weight bits")
+    return fig
+
+
+def routing_frequencies(reports: dict, layer_index: int):
+    """Figure 1b right: share of routed tokens per expert of one MoE layer on several corpora."""
+    rows = []
+    for corpus, r in reports.items():
+        counts = np.asarray(r["counts"][layer_index], dtype=float)  # [E]
+        rows += [(corpus, str(e), c / counts.sum()) for e, c in enumerate(counts)]
+    df = pd.DataFrame(rows, columns=["corpus", "expert", "share"])
+    first = next(iter(reports))
+    order = df[df.corpus == first].sort_values("share", ascending=False).expert.tolist()
+    fig, axes = figure(1, 1, width=9, height=3.4)
+    ax = axes[0][0]
+    sns.barplot(df, x="expert", y="share", hue="corpus", order=order, ax=ax)
+    layer = reports[first]["layers"][layer_index]
+    k = reports[first]["top_k"]
+    ax.axhline(1 / len(order), color="0.4", lw=0.8, ls="--", label="uniform")
+    ax.set(xlabel=f"expert (sorted by {first} share)", ylabel="share of routed tokens",
+           title=f"MoE layer {layer} (top-{k}): activation frequency per expert")
+    ax.tick_params(axis="x", labelrotation=90, labelsize=6)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def skew_across_layers(reports: dict):
+    """Routing skew per MoE layer and corpus: max/min ratio (log) and Gini coefficient."""
+    rows = []
+    for corpus, r in reports.items():
+        s = r["skew"]
+        for i, layer in enumerate(r["layers"]):
+            ratio = s["max_over_min"][i]
+            rows.append((corpus, layer, np.inf if ratio is None else ratio, s["gini"][i]))
+    df = pd.DataFrame(rows, columns=["corpus", "layer", "max/min", "gini"])
+    fig, axes = figure(1, 2, width=10, height=3.4)
+    for ax, col in zip(axes[0], ["max/min", "gini"]):
+        sns.pointplot(df.replace(np.inf, np.nan), x="layer", y=col, hue="corpus", ax=ax, markersize=4, linewidth=1)
+        ax.set(title=f"{col} of tokens per expert", xlabel="MoE layer")
+    axes[0][0].set_yscale("log")
+    return fig
