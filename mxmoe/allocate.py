@@ -1,0 +1,580 @@
+"""Scheme allocation (paper §4.3): one quantization scheme per linear block, by integer programs.
+
+For one MoE layer with E experts (routed, then shared), blocks j = gate, up, down and S schemes:
+
+    minimise  L^r · T^(1-r),   L = Σ loss[e, j, c[e, j]],   T = Σ time[e, j, c[e, j]]
+    s.t.      Σ_e size[e] · Σ_j bits[c[e, j]]  ≤  budget_bits · 3 · Σ_e size[e]
+
+``size[e]`` is the parameter count of one block of expert e (shared experts are larger), so the
+budget is the parameter-weighted mean bits per weight, with the paper's accounting
+(``Scheme.bits_per_weight``). Gate and up are tied by default (they run as one GEMM); the
+``"expert"`` granularity ties all three blocks of an expert.
+
+Exact solution without non-linear constraints: every choice is a point (L, T) and
+f = r·log L + (1-r)·log T is concave, so its minimum over the finite set of points is attained at a
+vertex of their convex hull, and (f increasing in L and T) at a *supported* Pareto point — one that
+minimises a positive weighted sum w_L·L + w_T·T. Those points are found exactly with CBC (PuLP) by
+the dichotomic search of Aneja & Nair between the two lexicographic end points (min L then T; min
+T then L). ``pareto_front`` returns them, and ``Front.pick(r)`` serves every r from one front;
+``pareto_front(..., method="epsilon")`` traces the complete front (supported or not) with
+ε-constraint programs (min L s.t. T ≤ τ, tightening τ), slower, for checks and plots.
+``solve_layer`` for a single r prunes the search: a segment whose best corner cannot beat the best
+point so far is not explored.
+
+``layer_problem`` builds the inputs of one layer from the sensitivity, routing and cost-table files;
+``write_allocation`` / ``load_allocation`` store a solution as results/<model>/alloc/<setting>.json and
+return it as the scheme map that ``mxmoe.quant.apply.apply_schemes`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pulp
+
+from mxmoe.errors import MxMoEError
+from mxmoe.paths import results_dir, write_json_atomic
+from mxmoe.schemes import Scheme, scheme_set
+
+BLOCK_NAMES = ("gate", "up", "down")
+GRANULARITIES = ("block", "expert")
+log = logging.getLogger(__name__)
+
+
+class InfeasibleBudget(ValueError):
+    """No allocation meets the bit budget; ``smallest`` is the smallest achievable budget (bits per weight)."""
+
+    def __init__(self, budget: float, smallest: float):
+        self.budget, self.smallest = budget, smallest
+        super().__init__(f"bit budget {budget:g} bits/weight is infeasible: the smallest achievable budget with "
+                         f"these schemes is {smallest:g} bits/weight (every block at its fewest bits); "
+                         f"raise the budget to at least {smallest:g} or add lower-bit schemes")
+
+
+@dataclass
+class Point:
+    """One allocation: loss L, time T, mean bits per weight, and the scheme index per block [E, 3]."""
+
+    L: float
+    T: float
+    bits: float
+    choice: np.ndarray
+
+
+@dataclass
+class Front:
+    """Pareto points (L ascending, T descending) of one problem, and how long finding them took."""
+
+    points: list
+    method: str
+    seconds: float
+    solves: int
+    meta: dict = field(default_factory=dict)
+
+    def pick(self, r: float) -> Point:
+        """The point minimising r·log L + (1-r)·log T (ties: smaller T, then smaller L)."""
+        _check_r(r)
+        return min(self.points, key=lambda p: (objective(p.L, p.T, r), p.T, p.L))
+
+
+def objective(L: float, T: float, r: float) -> float:
+    """r·log L + (1-r)·log T, the log of the paper's L^r·T^(1-r); a zero-weight term is dropped."""
+    with np.errstate(divide="ignore"):
+        return (r * np.log(L) if r > 0 else 0.0) + ((1 - r) * np.log(T) if r < 1 else 0.0)
+
+
+def _check_r(r: float) -> None:
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"r must be in [0, 1] (1: accuracy only, 0: speed only), got {r}")
+
+
+def check_inputs(loss, time_, bits, size, labels=None) -> tuple:
+    """Validated float arrays (loss [E,3,S], time [E,3,S], bits [S], size [E]).
+
+    ``labels``: E names of the experts (e.g. (layer, expert)) used in error messages. Raises
+    ValueError naming the block and scheme index of a NaN, infinite or negative loss or time.
+    """
+    loss, time_ = np.asarray(loss, dtype=float), np.asarray(time_, dtype=float)
+    bits, size = np.asarray(bits, dtype=float), np.asarray(size, dtype=float)
+    if loss.ndim != 3 or loss.shape[1] != 3 or time_.shape != loss.shape:
+        raise ValueError(f"loss and time must both be [experts, 3, schemes], got {loss.shape} and {time_.shape}")
+    e, _, s = loss.shape
+    if bits.shape != (s,) or size.shape != (e,):
+        raise ValueError(f"bits must be [{s}] and size [{e}] for loss {loss.shape}, got {bits.shape} and {size.shape}")
+    labels = list(labels) if labels is not None else [f"expert {i}" for i in range(e)]
+    for name, arr in (("loss", loss), ("time", time_)):
+        bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
+        if len(bad):
+            i, j, k = bad[0]
+            raise ValueError(f"{name} of {labels[i]}, block {BLOCK_NAMES[j]}, scheme index {k} is {arr[i, j, k]}: "
+                             f"losses and times must be finite and >= 0 ({len(bad)} bad entries); "
+                             "check the sensitivity / cost inputs of that block")
+    if not np.all(np.isfinite(bits)) or np.any(bits <= 0) or not np.all(np.isfinite(size)) or np.any(size <= 0):
+        raise ValueError(f"bits per weight and expert sizes must be finite and > 0, got bits {bits}, size {size}")
+    return loss, time_, bits, size
+
+
+def block_groups(tie_gate_up: bool = True, granularity: str = "block") -> list:
+    """Blocks of one expert that share a scheme: [[0, 1], [2]] (tied gate/up), [[0], [1], [2]], or [[0, 1, 2]]."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "expert":
+        return [[0, 1, 2]]
+    return [[0, 1], [2]] if tie_gate_up else [[0], [1], [2]]
+
+
+class _ILP:
+    """One PuLP/CBC model: binaries x[e, g, s] (group g of expert e takes scheme s), one scheme per group,
+    the budget, and caps on (normalised) L and T; objective and caps change between solves."""
+
+    def __init__(self, loss, time_, bits, size, budget_bits, groups):
+        e, _, s = loss.shape
+        self.shape, self.groups, self.budget = (e, s), groups, budget_bits
+        w = size / (3.0 * size.sum())  # [E] share of the layer's weights held by one block
+        gl = np.stack([loss[:, g, :].sum(1) for g in groups], 1)  # [E, G, S]
+        gt = np.stack([time_[:, g, :].sum(1) for g in groups], 1)  # [E, G, S]
+        gb = np.stack([np.outer(w * len(g), bits) for g in groups], 1)  # [E, G, S] bits contribution
+        smallest = float(gb.min(2).sum())
+        if smallest > budget_bits * (1 + 1e-9) + 1e-12:
+            raise InfeasibleBudget(budget_bits, round(smallest, 6))
+        self.l_scale, self.t_scale = max(gl.max(2).sum(), 1e-30), max(gt.max(2).sum(), 1e-30)
+        self.gl, self.gt, self.gb = gl / self.l_scale, gt / self.t_scale, gb
+        self.solves = 0
+        e, s = self.shape
+        ng = len(self.groups)
+        self.prob = pulp.LpProblem("mxmoe_alloc", pulp.LpMinimize)
+        self.x = [[[pulp.LpVariable(f"x_{i}_{g}_{k}", cat="Binary") for k in range(s)] for g in range(ng)]
+                  for i in range(e)]
+        flat = [(i, g, k) for i in range(e) for g in range(ng) for k in range(s)]
+        for i in range(e):
+            for g in range(ng):
+                self.prob += pulp.lpSum(self.x[i][g]) == 1, f"one_{i}_{g}"
+        self.L = pulp.lpSum(self.gl[i, g, k] * self.x[i][g][k] for i, g, k in flat)
+        self.T = pulp.lpSum(self.gt[i, g, k] * self.x[i][g][k] for i, g, k in flat)
+        self.prob += pulp.lpSum(self.gb[i, g, k] * self.x[i][g][k] for i, g, k in flat) <= self.budget + 1e-9, "budget"
+        self.prob += self.L <= 2.0, "capL"  # normalised L and T are <= 1: caps start inactive
+        self.prob += self.T <= 2.0, "capT"
+
+    def _pick(self, wl, wt, cap_l, cap_t) -> "np.ndarray | None":
+        """Scheme index per group [E, G] of an optimal solution, or None when infeasible."""
+        self.prob.constraints["capL"].constant = -cap_l
+        self.prob.constraints["capT"].constant = -cap_t
+        self.prob.setObjective(wl * self.L + wt * self.T)
+        status = pulp.LpStatus[self.prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0))]
+        if status == "Infeasible":
+            return None
+        if status != "Optimal":
+            raise RuntimeError(f"CBC ended with status {status} on an allocation problem")
+        return np.array([[[self.x[i][g][k].varValue or 0.0 for k in range(self.shape[1])]
+                          for g in range(len(self.groups))] for i in range(self.shape[0])]).argmax(2)  # [E, G]
+
+    def solve(self, wl: float, wt: float, cap_l: float = 2.0, cap_t: float = 2.0) -> "Point | None":
+        """Minimise wl·L + wt·T (normalised) with L ≤ cap_l, T ≤ cap_t; None when infeasible."""
+        pick = self._pick(wl, wt, cap_l, cap_t)
+        self.solves += 1
+        if pick is None:
+            return None
+        e, _ = self.shape
+        choice = np.zeros((e, 3), dtype=int)
+        for g, blocks in enumerate(self.groups):
+            choice[:, blocks] = pick[:, [g]]
+        at = (np.arange(e)[:, None], np.arange(len(self.groups))[None], pick)
+        return Point(float(self.gl[at].sum()), float(self.gt[at].sum()), float(self.gb[at].sum()), choice)
+
+    def lexmin(self, first: str) -> Point:
+        """Lexicographic minimum: min L then min T s.t. L stays minimal ('L'), or the reverse ('T')."""
+        if first == "L":
+            p = self.solve(1.0, 0.0)
+            return self.solve(0.0, 1.0, cap_l=p.L + 1e-9)
+        p = self.solve(0.0, 1.0)
+        return self.solve(1.0, 0.0, cap_t=p.T + 1e-9)
+
+    def real(self, p: Point) -> Point:
+        """A point with L and T back in the caller's units (the model works on normalised ones)."""
+        return Point(p.L * self.l_scale, p.T * self.t_scale, p.bits, p.choice)
+
+
+def _weighted(m: _ILP, a: Point, b: Point, cuts: list) -> "Point | None":
+    """A supported point strictly below segment a-b (a: lower L), or None when a and b are adjacent on the hull.
+
+    The solve's optimum w_L·L + w_T·T ≥ v holds for every feasible point: it is appended to ``cuts``.
+    """
+    wl, wt = a.T - b.T, b.L - a.L
+    if wl <= 0 or wt <= 0:
+        return None
+    norm = max(wl, wt)
+    wl, wt = wl / norm, wt / norm
+    c = m.solve(wl, wt)
+    cuts.append((wl, wt, wl * c.L + wt * c.T))
+    if wl * c.L + wt * c.T >= wl * a.L + wt * a.T - 1e-9 * (abs(wl * a.L) + abs(wt * a.T)):
+        return None
+    return c
+
+
+def _bound(cuts: list, lo: float, hi: float, t_min: float, r: float) -> float:
+    """Lower bound of the objective over points with L in [lo, hi], T ≥ t_min and every cut w_L·L + w_T·T ≥ v.
+
+    That region's lower-left boundary T_env(L) is piecewise linear and f is concave along each piece,
+    so the minimum is at a breakpoint: the ends or where two cut lines (or a cut and T = t_min) cross.
+    """
+    w = np.array([c for c in cuts if c[0] > 0 and c[1] > 0] or [(0.0, 1.0, t_min)])  # [C, 3]
+    w = np.vstack([w, [0.0, 1.0, t_min]])  # T >= t_min as one more line
+    a, b, v = w[:, 0], w[:, 1], w[:, 2]  # line k: T = (v_k - a_k L) / b_k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = (v[:, None] * b[None] - v[None] * b[:, None]) / (a[:, None] * b[None] - a[None] * b[:, None])  # [C, C]
+    cand = np.concatenate([[lo, hi], cross[np.isfinite(cross) & (cross > lo) & (cross < hi)]])  # [n]
+    env = ((v[None] - a[None] * cand[:, None]) / b[None]).max(1)  # [n] lowest T allowed at each L
+    return min(objective(L, T, r) for L, T in zip(cand, np.maximum(env, 1e-300)))
+
+
+def _supported(m: _ILP, r: "float | None") -> list:
+    """Supported Pareto points by dichotomic search (Aneja & Nair) between the lexicographic end points.
+
+    With ``r``: first a descent for a good incumbent, then segments whose lower bound (``_bound``)
+    cannot beat it are skipped, so only the part of the front that can hold the optimum is traced.
+    """
+    a, b = m.lexmin("L"), m.lexmin("T")
+    found = [a] if b.L <= a.L + 1e-12 else [a, b]
+    cuts = [(1.0, 0.0, a.L), (0.0, 1.0, b.T)]  # L >= L_min and T >= T_min hold everywhere
+    best = min(found, key=lambda p: objective(p.L, p.T, r)) if r is not None else None
+    if r is not None and len(found) == 2:
+        best = _descend(m, best, r, found, cuts)
+    found = sorted(found, key=lambda p: p.L)
+    stack = list(zip(found, found[1:]))
+    while stack:
+        p, q = stack.pop()
+        if r is not None and _bound(cuts, p.L, q.L, q.T, r) >= objective(best.L, best.T, r) - 1e-12:
+            continue
+        c = _weighted(m, p, q, cuts)
+        if c is None:
+            continue
+        found.append(c)
+        if r is not None and objective(c.L, c.T, r) < objective(best.L, best.T, r):
+            best = c
+        stack += [(p, c), (c, q)]
+    return sorted(found, key=lambda p: (p.L, p.T))
+
+
+def _descend(m: _ILP, p: Point, r: float, found: list, cuts: list) -> Point:
+    """Incumbent by descent: minimise the objective's linearisation at p until it stops improving.
+
+    f is concave, so a point with a smaller linearisation has a smaller f; each step is a supported point
+    and its optimum is a valid cut.
+    """
+    while p.L > 0 and p.T > 0:
+        wl, wt = r / p.L, (1 - r) / p.T
+        norm = max(wl, wt)
+        wl, wt = wl / norm, wt / norm
+        c = m.solve(wl, wt)
+        cuts.append((wl, wt, wl * c.L + wt * c.T))
+        if objective(c.L, c.T, r) >= objective(p.L, p.T, r) - 1e-12:
+            break
+        found.append(c)
+        p = c
+    return p
+
+
+def _epsilon(m: _ILP, max_points: "int | None") -> list:
+    """The complete Pareto front: min L s.t. T ≤ τ, then min T at that L, τ just below the last T."""
+    p = m.lexmin("L")
+    out = [p]
+    while max_points is None or len(out) < max_points:
+        tau = p.T - 1e-9
+        q = m.solve(1.0, 0.0, cap_t=tau)
+        if q is None:
+            break
+        p = m.solve(0.0, 1.0, cap_l=q.L + 1e-9, cap_t=tau)
+        out.append(p)
+    return out
+
+
+def pareto_front(loss, time_, bits, size, budget_bits: float, tie_gate_up: bool = True, granularity: str = "block",
+                 method: str = "supported", labels=None, max_points: "int | None" = None) -> Front:
+    """The (L, T) Pareto front under the budget; ``Front.pick(r)`` gives the optimum for any r.
+
+    ``method="supported"``: the supported points (exact for every r, see module doc);
+    ``"epsilon"``: every Pareto point by ε-constraint programs (at most ``max_points``).
+    """
+    if method not in ("supported", "epsilon"):
+        raise ValueError(f"method must be 'supported' or 'epsilon', got {method!r}")
+    loss, time_, bits, size = check_inputs(loss, time_, bits, size, labels)
+    start = time.perf_counter()
+    m = _ILP(loss, time_, bits, size, budget_bits, block_groups(tie_gate_up, granularity))
+    pts = _supported(m, None) if method == "supported" else _epsilon(m, max_points)
+    seconds = time.perf_counter() - start
+    log.info("pareto front (%s): %d points, %d CBC solves, %.2f s", method, len(pts), m.solves, seconds)
+    return Front([m.real(p) for p in pts], method, seconds, m.solves)
+
+
+def solve_layer(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_up: bool = True,
+                granularity: str = "block", labels=None) -> np.ndarray:
+    """Scheme index per block, int array [E, 3] (0 gate, 1 up, 2 down), minimising L^r·T^(1-r) under the budget.
+
+    See the module doc for the problem and why the answer is exact. r = 1: least loss (ties: least
+    time); r = 0: least time (ties: least loss). Raises InfeasibleBudget, or ValueError for bad inputs.
+    """
+    return solve_point(loss, time_, bits, size, budget_bits, r, tie_gate_up, granularity, labels).choice
+
+
+def solve_point(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_up: bool = True,
+                granularity: str = "block", labels=None) -> Point:
+    """``solve_layer`` returning the whole optimal Point (L, T, bits, choice)."""
+    _check_r(r)
+    loss, time_, bits, size = check_inputs(loss, time_, bits, size, labels)
+    start = time.perf_counter()
+    m = _ILP(loss, time_, bits, size, budget_bits, block_groups(tie_gate_up, granularity))
+    if r in (0.0, 1.0):  # one lexicographic end point of the front
+        best = m.lexmin("L" if r == 1.0 else "T")
+    else:
+        best = min(_supported(m, r), key=lambda p: (objective(p.L, p.T, r), p.T, p.L))
+    log.info("solve r=%g: %d CBC solves, %.2f s", r, m.solves, time.perf_counter() - start)
+    return m.real(best)
+
+
+def stack_layers(problems: list) -> tuple:
+    """Concatenate per-layer (loss, time, size) along experts for one global budget; returns arrays and splits."""
+    loss = np.concatenate([p[0] for p in problems])  # [sum E, 3, S]
+    time_ = np.concatenate([p[1] for p in problems])  # [sum E, 3, S]
+    size = np.concatenate([p[3] for p in problems])  # [sum E]
+    splits = np.cumsum([len(p[3]) for p in problems])[:-1]
+    return loss, time_, size, splits
+
+
+def solve_model(problems: list, bits, budget_bits: float, r: float, tie_gate_up: bool = True,
+                granularity: str = "block", labels=None) -> tuple:
+    """One global budget over several layers: ``problems`` = [(loss, time, bits, size), ...] with the same schemes.
+
+    The size-weighted budget then holds for the whole model, so bits can move between layers.
+    Returns (list of [E_l, 3] choices, the optimal Point over all layers).
+    """
+    loss, time_, size, splits = stack_layers(problems)
+    p = solve_point(loss, time_, bits, size, budget_bits, r, tie_gate_up, granularity, labels)
+    return np.split(p.choice, splits), p
+
+
+# ---- inputs from result files, and the allocation files --------------------------------------------
+
+
+@dataclass
+class LayerProblem:
+    """The allocation inputs of one MoE layer: experts routed then shared, arrays as ``solve_layer`` takes them."""
+
+    model: str
+    layer: int
+    experts: list  # expert ids: 0..E-1 then "shared0", ...
+    schemes: list  # Scheme per index s
+    loss: np.ndarray  # [E, 3, S] sensitivity Δ
+    time: np.ndarray  # [E, 3, S] ms, additive share of the layer's grouped-GEMM launches
+    bits: np.ndarray  # [S] bits per weight (paper accounting)
+    size: np.ndarray  # [E] parameters of one block
+    rows: np.ndarray  # [E] routed rows at the batch size (shared experts: every token)
+    gemms: list  # per expert (N_gate_up, K_gate_up, N_down, K_down)
+    time_source: str  # least measured perfmodel source among the blocks
+    params: dict
+
+    @property
+    def labels(self) -> list:
+        """'layer L expert e' per expert, for error messages."""
+        return [f"layer {self.layer} expert {e}" for e in self.experts]
+
+    def totals(self, choice: np.ndarray) -> tuple:
+        """(L, T ms) of a choice [E, 3]."""
+        at = (np.arange(len(self.experts))[:, None], np.arange(3)[None], choice)
+        return float(self.loss[at].sum()), float(self.time[at].sum())
+
+
+def _result_file(model: str, kind: str, prefix: str) -> Path:
+    """The newest results/<model>/<kind>/<prefix>*.json, or MxMoEError naming what to run."""
+    files = sorted((results_dir() / model / kind).glob(f"{prefix}*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise MxMoEError(f"no {kind} result {prefix}*.json for {model} under {results_dir() / model / kind}; "
+                         f"run the {kind} stage (notebooks 01/02) first")
+    return files[-1]
+
+
+def model_dims(model) -> dict:
+    """{'hidden', 'expert_width', 'shared_widths'} of a loaded MoE model (first MoE block)."""
+    from mxmoe.models.blocks import moe_blocks
+
+    b = moe_blocks(model)[0]
+    inter, hidden = b.expert_weight(0, "gate").shape
+    return {"hidden": int(hidden), "expert_width": int(inter),
+            "shared_widths": [int(b.shared_weight(i, "gate").shape[0]) for i in range(len(b.shared))]}
+
+
+def card_dims(model: str) -> dict:
+    """``model_dims`` from results/<model>/model.json (the smollm2-moe card)."""
+    path = results_dir() / model / "model.json"
+    if not path.exists():
+        raise MxMoEError(f"no model card {path}: pass dims=model_dims(loaded_model)")
+    card = json.loads(path.read_text())
+    n = card.get("shared_experts", 0)
+    return {"hidden": card["hidden_size"], "expert_width": card["expert_width"],
+            "shared_widths": [card["shared_width"] // max(n, 1)] * n}
+
+
+def layer_problem(model: str, layer: int, method: str = "gptq-had", schemes: str = "w5a5", batch_tokens: int = 512,
+                  gpu: str = "nvidia_h100", *, sensitivity: "dict | None" = None, routing: "dict | None" = None,
+                  dims: "dict | None" = None, corpus: str = "wikitext2") -> LayerProblem:
+    """Loss, time, bits and sizes of one MoE layer for the allocation.
+
+    Loss: Δ from the ``method`` sensitivity result (given, or the newest results/<model>/sensitivity/
+    <method>_*.json) restricted to the scheme set ``schemes`` (a name or list, ``mxmoe.schemes.scheme_set``).
+    Time: ``mxmoe.perfmodel`` shares of the layer's launches (gate_up fused: N = 2I, split evenly between
+    gate and up; down) with the tokens per expert of a ``batch_tokens`` batch routed like the routing
+    profile (given, or results/<model>/routing/<corpus>_*.json); shared experts see every token.
+    """
+    from mxmoe.perfmodel import SOURCES, block_time, load_table
+    from mxmoe.routing import batch_workload
+    from mxmoe.sensitivity import sensitivity_array
+
+    sens = sensitivity or json.loads(_result_file(model, "sensitivity", f"{method}_").read_text())
+    rout = routing or json.loads(_result_file(model, "routing", f"{corpus}_").read_text())
+    dims = dims or card_dims(model)
+    chosen = [Scheme.parse(x) for x in (scheme_set(schemes) if isinstance(schemes, str) else schemes)]
+    have = [Scheme.parse(x) for x in sens["schemes"]]
+    missing = [str(x) for x in chosen if x not in have]
+    if missing:
+        raise MxMoEError(f"schemes {missing} have no sensitivity in the {method} result (it has {sens['schemes']}); "
+                         "rerun the sensitivity with them or choose a subset")
+    delta, experts = sensitivity_array(sens, layer)  # [E, 3, S_all]
+    loss = delta[:, :, [have.index(x) for x in chosen]]  # [E, 3, S]
+    if layer not in rout["layers"]:
+        raise MxMoEError(f"layer {layer} is not in the routing profile (layers {rout['layers']})")
+    routed = batch_workload(np.asarray(rout["counts"]), batch_tokens, rout["top_k"])[rout["layers"].index(layer)]
+    n_routed = len(routed)
+    rows = np.array([routed[e] if isinstance(e, int) else batch_tokens for e in experts])  # [E]
+    h, inter = dims["hidden"], dims["expert_width"]
+    widths = [inter if isinstance(e, int) else dims["shared_widths"][int(str(e)[len("shared"):])] for e in experts]
+    gemms = [(2 * w, h, h, w) for w in widths]
+    table = load_table(gpu)
+    mean_rows = rows.mean()
+    time_ = np.zeros(loss.shape)  # [E, 3, S]
+    sources = set()
+    for i, (m, (n_gu, k_gu, n_d, k_d)) in enumerate(zip(rows, gemms)):
+        for k, sch in enumerate(chosen):
+            gu = block_time(sch, m, n_gu, k_gu, table, rows_per_expert=mean_rows)
+            dn = block_time(sch, m, n_d, k_d, table, rows_per_expert=mean_rows)
+            time_[i, :, k] = gu.ms / 2, gu.ms / 2, dn.ms
+            sources |= {gu.source, dn.source}
+    params = {"model": model, "layer": layer, "method": method, "scheme_set": schemes if isinstance(schemes, str)
+              else ",".join(map(str, chosen)), "batch_tokens": batch_tokens, "gpu": table.gpu, "device": table.device,
+              "routed_experts": n_routed, "sensitivity": sens.get("params"), "routing": rout.get("params")}
+    return LayerProblem(model, layer, list(experts), chosen, loss, time_, np.array([x.bits_per_weight for x in chosen]),
+                        np.array([w * h for w in widths], dtype=float), rows, gemms,
+                        max(sources, key=SOURCES.index), params)
+
+
+def scheme_map(problems: list, choices: list) -> dict:
+    """{(layer, expert, block): Scheme} of per-layer choices [E, 3], as apply_schemes takes it."""
+    return {(p.layer, e, BLOCK_NAMES[j]): p.schemes[c[i, j]]
+            for p, c in zip(problems, choices) for i, e in enumerate(p.experts) for j in range(3)}
+
+
+def allocation_doc(problems: list, choices: list, setting: str, r: float, budget_bits: float, *,
+                   granularity: str = "block", global_budget: bool = False, tie_gate_up: bool = True,
+                   profile: str = "", solve_seconds: "float | None" = None) -> dict:
+    """The JSON document of one allocation: parameters, predicted L and T per layer and in all, and the rows."""
+    from mxmoe.perfmodel import launch_time, load_table
+
+    from mxmoe.quant.apply import scheme_map_to_rows
+
+    layers, bits_num, bits_den = [], 0.0, 0.0
+    for p, c in zip(problems, choices):
+        L, T = p.totals(c)
+        table = load_table(p.params["gpu"])
+        launches = [launch_time([(p.schemes[c[i, 0]], m, g[0], g[1]) for i, (m, g) in enumerate(zip(p.rows, p.gemms))], table),
+                    launch_time([(p.schemes[c[i, 2]], m, g[2], g[3]) for i, (m, g) in enumerate(zip(p.rows, p.gemms))], table)]
+        bits = float((p.size[:, None] * p.bits[c]).sum() / (3 * p.size.sum()))
+        bits_num, bits_den = bits_num + bits * p.size.sum(), bits_den + p.size.sum()
+        counts = {str(s): int((c == k).sum()) for k, s in enumerate(p.schemes)}
+        layers.append({"layer": p.layer, "L": L, "T_ms": T, "T_launch_ms": sum(x.ms for x in launches), "bits": bits,
+                       "blocks_per_scheme": counts, "time_source": p.time_source})
+    p0 = problems[0]
+    return {
+        "model": p0.model, "setting": setting, "r": r, "budget_bits": budget_bits, "granularity": granularity,
+        "global_budget": global_budget, "tie_gate_up": tie_gate_up, "scheme_set": p0.params["scheme_set"],
+        "schemes": [str(s) for s in p0.schemes], "batch_tokens": p0.params["batch_tokens"], "method": p0.params["method"],
+        "gpu": p0.params["gpu"], "device": p0.params["device"], "profile": profile,
+        "time_kind": f"predicted ({p0.time_source}, mxmoe.perfmodel)",
+        "predicted": {"L": sum(x["L"] for x in layers), "T_ms": sum(x["T_ms"] for x in layers),
+                      "T_launch_ms": sum(x["T_launch_ms"] for x in layers), "bits": bits_num / bits_den},
+        "layers": layers, "solve_seconds": solve_seconds, "inputs": {"sensitivity": p0.params["sensitivity"],
+                                                                   "routing": p0.params["routing"]},
+        "rows": scheme_map_to_rows(scheme_map(problems, choices)),
+    }
+
+
+def alloc_path(model: str, setting: str) -> Path:
+    """results/<model>/alloc/<setting>.json."""
+    return results_dir() / model / "alloc" / f"{setting}.json"
+
+
+def write_allocation(doc: dict) -> Path:
+    """Write an ``allocation_doc`` to results/<model>/alloc/<setting>.json (atomically); returns the path."""
+    return write_json_atomic(alloc_path(doc["model"], doc["setting"]), doc)
+
+
+def load_allocation(path_or_model: "str | Path", setting: "str | None" = None) -> dict:
+    """The scheme map {(layer, expert | "shared0", block): Scheme} of an allocation file.
+
+    Pass a path, or a model name and a setting (results/<model>/alloc/<setting>.json).
+    """
+    from mxmoe.quant.apply import scheme_map_from_rows
+
+    path = alloc_path(str(path_or_model), setting) if setting is not None else Path(path_or_model)
+    if not path.exists():
+        raise MxMoEError(f"no allocation file {path}; run notebooks/04_allocation.ipynb for it")
+    return scheme_map_from_rows(json.loads(path.read_text())["rows"])
+
+
+def random_problem(experts: int = 64, schemes: int = 6, seed: int = 0) -> tuple:
+    """A random instance shaped like one layer (loss falls and time varies with bits): (loss, time, bits, size)."""
+    rng = np.random.default_rng(seed)
+    bits = np.sort(rng.choice([2.25, 3.25, 4.0, 4.25, 5.0, 8.0, 16.0], schemes, replace=False))[::-1]  # [S]
+    tokens = rng.gamma(2.0, 50.0, experts) + 1  # [E] routed rows
+    sens = rng.lognormal(0.0, 1.0, (experts, 3, 1))  # [E, 3, 1]
+    loss = sens * 2.0 ** (-bits)[None, None] * rng.uniform(0.8, 1.2, (experts, 3, schemes))  # [E, 3, S]
+    speed = rng.uniform(0.5, 1.5, schemes) * (0.3 + bits / 16)  # [S] time per row
+    time_ = tokens[:, None, None] * speed[None, None] * rng.uniform(0.9, 1.1, (experts, 3, schemes)) * 1e-4
+    size = np.full(experts, 1.0)
+    return loss, time_, bits, size
+
+
+def bench(experts: int = 64, schemes: int = 6, seed: int = 0, budget: float = 5.0, front: bool = True) -> dict:
+    """Time one-r solves (r = 0.75, 1, 0.5, 0) and the whole front on a random layer; prints and returns them."""
+    loss, time_, bits, size = random_problem(experts, schemes, seed)
+    out = {"experts": experts, "schemes": schemes, "budget_bits": budget, "solver": f"PuLP {pulp.__version__} CBC"}
+    for r in (0.75, 1.0, 0.5, 0.0):
+        start = time.perf_counter()
+        solve_layer(loss, time_, bits, size, budget, r)
+        out[f"one_r_{r:g}_s"] = round(time.perf_counter() - start, 3)
+    if front:
+        f = pareto_front(loss, time_, bits, size, budget)
+        out.update(front_s=round(f.seconds, 3), front_points=len(f.points), front_solves=f.solves)
+    for key, value in out.items():
+        print(f"{key:>16}: {value}")
+    return out
+
+
+def main() -> None:
+    """``python -m mxmoe.allocate --bench``: solve-time benchmark on a random 64-expert, 6-scheme layer."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--bench", action="store_true", help="run the solve-time benchmark")
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--schemes", type=int, default=6)
+    ap.add_argument("--no-front", action="store_true", help="skip timing the whole front")
+    args = ap.parse_args()
+    if not args.bench:
+        ap.error("nothing to do: pass --bench")
+    bench(args.experts, args.schemes, front=not args.no_front)
+
+
+if __name__ == "__main__":
+    main()
