@@ -43,7 +43,12 @@ MODELS = {
     "qwen2-57b-a14b": (64, 3584, 2560, 8),
     "olmoe-1b-7b": (64, 2048, 1024, 8),
     "qwen3-30b-a3b": (128, 2048, 768, 8),
+    # the embedded model (mxmoe.models.moefy): 32 routed experts of width 32, top-8, and its shared
+    # expert (width 512) as a one-expert "grouped" GEMM that sees every token
+    "smollm2-moe": (32, 576, 32, 8),
+    "smollm2-moe-shared": (1, 576, 512, 1),
 }
+PAPER = ("qwen1.5-moe-a2.7b", "deepseek-v2-lite", "mixtral-8x7b", "qwen2-57b-a14b", "olmoe-1b-7b", "qwen3-30b-a3b")
 TOKENS = (16, 512, 8192)
 LOAD_RATIO = 8.0  # max/min expert routing probability (assumed)
 DEV = "cuda"
@@ -67,8 +72,11 @@ def expert_loads(tokens: int, experts: int, top_k: int, ratio: float = LOAD_RATI
     return [min(int(r), tokens) for r in rows]  # an expert sees each token at most once
 
 
+TIMER = {"warmup": 25, "rep": 100}  # ms; --warmup-ms / --rep-ms change it for a run
+
+
 def _ms(fn) -> float:
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(do_bench(fn, warmup=TIMER["warmup"], rep=TIMER["rep"], return_mode="median"))
 
 
 def count_launches(fn) -> int:
@@ -124,8 +132,11 @@ def _baselines(x, offs_host, ends, w, y_loop) -> dict:
     return out
 
 
-def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, packs, ceil, count: bool) -> list[dict]:
-    """All variants of one (shape, tokens) case; returns result rows."""
+def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, packs, ceil, count: bool,
+             table6: bool = True, ablation: bool = True) -> list[dict]:
+    """All variants of one (shape, tokens) case; returns result rows. ``table6``: also time each mix as
+    one launch per scheme and as the unified kernel; ``ablation``: also the ABLATIONS variants."""
+    t_case = time.time()
     e = w.shape[0]
     rows = expert_loads(tokens, e, top_k)
     offs_host = [0] + torch.tensor(rows).cumsum(0).tolist()
@@ -159,9 +170,9 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
             t_torch = row.get("ms")
         out.append(row)
     active = [i for i in range(e) if rows[i] > 0]
-    for name, (s, change) in ABLATIONS.items():
+    for name, (s, change) in ABLATIONS.items() if ablation else ():
         assign[name] = [Scheme.parse(s)] * e
-    for name in MIXES:
+    for name in MIXES if table6 else ():
         for mode in TABLE6_MODES:
             assign[f"{name}@{mode}"] = assign[name]
     for name, schemes in assign.items():
@@ -186,7 +197,7 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
             row["mode"] = mode
             if mode == "fused":
                 row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t, configs)}
-            if any(not s.weight_only for s in schemes):  # standalone: quantize + GEMM, two launches
+            if mode == "fused" and any(not s.weight_only for s in schemes):  # standalone: quantize + GEMM, two launches
                 full = lambda: group_gemm(x, offs, group, validate=False, mode=mode)  # noqa: E731
                 row["ms_with_act_quant"] = _ms(full)
                 row["ms_act_quant"] = _ms(lambda: quantize_activations(x, offs, group))
@@ -206,6 +217,7 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
             row["TFLOPs"] = flops / (row["ms"] / 1e3) / 1e12
             if t_torch:
                 row["speedup_vs_torch_bf16"] = t_torch / row["ms"]
+    out[0]["case_wall_s"] = round(time.time() - t_case, 2)  # all variants of the case, compiles included
     return out
 
 
@@ -223,7 +235,9 @@ def _packs_for(w: torch.Tensor) -> dict:
 
 
 def targets(results: list[dict]) -> dict:
-    """The issue's targets, evaluated on this run."""
+    """The issue's targets, evaluated on this run (paper model shapes only)."""
+    results = [r for r in results if r["model"] in PAPER]
+
     def get(model, tokens, variant, key="speedup_vs_torch_bf16", gemm=None):
         return [r.get(key) for r in results if r["tokens"] == tokens and r["variant"] == variant
                 and (model is None or r["model"] == model) and (gemm is None or r["gemm"] == gemm) and r.get(key)]
@@ -254,28 +268,54 @@ def main() -> None:
     ap.add_argument("--tune-seconds", type=float, default=0.0, help="time budget of the tile-config sweep")
     ap.add_argument("--deadline-seconds", type=float, default=480.0,
                     help="skip the remaining cases after this many seconds (the device allows 10 minutes a command)")
+    ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup per timing")
+    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per timing")
+    ap.add_argument("--table6-models", nargs="*", default=None,
+                    help="models whose mixes also run per scheme and unified (Table 6); default: all")
+    ap.add_argument("--ablation-models", nargs="*", default=None, help="models that run ABLATIONS; default: all")
+    ap.add_argument("--tag", default="", help="suffix of the output file name: bench_<gpu>[_<tag>].json")
     args = ap.parse_args()
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown models {unknown}; known: {list(MODELS)}")
+    TIMER.update(warmup=args.warmup_ms, rep=args.rep_ms)
     torch.manual_seed(0)
     t0 = time.time()
-    doc = {"provenance": provenance(), "load_ratio_assumed": LOAD_RATIO, "timer": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms"}
+    doc = {"provenance": provenance(), "load_ratio_assumed": LOAD_RATIO,
+           "timer": f"triton.testing.do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms",
+           "argv": vars(args)}
     doc["roofline"] = measure_roofline()
     doc["edge_check"] = edge_check()
     print(json.dumps(doc, indent=1), flush=True)
     results = []
     doc["ms_note"] = ("ours: GEMM launch alone, rows of weight-activation experts quantized beforehand as the token "
                       "gather hands them over; ms_with_act_quant: group_gemm quantizing them itself (two launches)")
-    out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}{tag}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    doc["skipped"] = []
     for mi, model in enumerate(args.models):
         e, h, inter, top_k = MODELS[model]
         for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
+            if time.time() - t0 > args.deadline_seconds:
+                doc["skipped"] += [f"{model} {gemm} T={tokens}: deadline" for tokens in args.tokens]
+                print(f"deadline: skipped {model} {gemm}", flush=True)
+                continue
             w = torch.randn(e, n, k, device=DEV, dtype=torch.bfloat16) * 0.02  # [E, N, K]
             packs = _packs_for(w)
             for tokens in args.tokens:
                 if time.time() - t0 > args.deadline_seconds:
+                    doc["skipped"].append(f"{model} {gemm} T={tokens}: deadline")
                     print(f"deadline: skipped {model} {gemm} T={tokens}", flush=True)
                     continue
-                rows = run_case(model, gemm, n, k, tokens, top_k, w, packs, doc["roofline"], count=(mi == 0))
+                try:
+                    rows = run_case(model, gemm, n, k, tokens, top_k, w, packs, doc["roofline"], count=(mi == 0),
+                                    table6=args.table6_models is None or model in args.table6_models,
+                                    ablation=args.ablation_models is None or model in args.ablation_models)
+                except Exception as err:  # noqa: BLE001 - one broken case must not lose the others
+                    doc["skipped"].append(f"{model} {gemm} T={tokens}: {type(err).__name__}: {str(err)[:200]}")
+                    print(f"error: {model} {gemm} T={tokens}: {err}", flush=True)
+                    continue
                 results.extend(rows)
                 _print_case(rows)
             del w, packs

@@ -1,10 +1,12 @@
 """Focused timing of chosen schemes and tile configs on the issue's target cases, one process, one GPU.
 
-``python -m mxmoe.kernels.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps ...]``
+``python -m mxmoe.kernels.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps ...]
+[--programs P ...]``
 
 For each case (both GEMMs of the model, routed as in ``bench``) it times torch's bf16 grouped GEMM and
 every scheme with its default tile and with each ``--sweep`` config (``triton.testing.do_bench``
-median), checks the default against ``reference_group_gemm``, and reports the speedup over torch and
+median), and the default tile on each ``--programs`` grid size (persistent programs; the kernel's own choice
+is 2 per SM), checks the default against ``reference_group_gemm``, and reports the speedup over torch and
 the weight bytes moved per second as a fraction of the copy bandwidth measured in the same run.
 Runs unchanged against an older checkout of the package (``PYTHONPATH=old python path/to/compare.py``),
 so a before/after pair shares one card. Writes ``DIR/compare_<label>.json`` and prints a table.
@@ -39,7 +41,8 @@ def copy_gbps() -> float:
     return 2 * a.numel() * 2 / _ms(lambda: b.copy_(a)) / 1e6
 
 
-def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tuple]", bw: float) -> "list[dict]":
+def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tuple]", bw: float,
+             programs: "tuple[int, ...]" = ()) -> "list[dict]":
     """Rows for one GEMM of one model at one token count."""
     e, top_k = MODELS[model][0], MODELS[model][3]
     rows = expert_loads(tokens, e, top_k)
@@ -57,16 +60,23 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tu
         wbytes = sum(pw.nbytes for pw, r in zip(pws, rows) if r)
         x_q = quantize_activations(x, offs, group)
         rel = float((group_gemm(x, offs, group).float() - (ref := reference_group_gemm(x, offs, pws))).norm() / ref.norm())
-        for cfg in [None] + sweep:
-            if cfg is not None and cfg[3] and (not s.weight_only or s.is_full_precision):
+        for cfg in [None] + sweep + [("programs", p) for p in programs]:
+            npg = None
+            if cfg is not None and cfg[0] == "programs":
+                npg = cfg[1]
+                label, cfg = f"default,P={npg}", None
+            elif cfg is not None and cfg[3] and (not s.weight_only or s.is_full_precision):
                 continue  # swap-AB is a path of weight-only packed schemes
+            else:
+                label = "default" if cfg is None else ",".join(map(str, cfg))
             configs = None if cfg is None else {s: TileConfig(cfg[0], cfg[1], 64 if s.is_full_precision else 128, cfg[2], bool(cfg[3]))}
             nw = None if cfg is None else cfg[4]
-            row = dict(base, scheme=name, config="default" if cfg is None else ",".join(map(str, cfg)))
+            row = dict(base, scheme=name, config=label)
             try:
-                ms = _ms(lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, num_warps=nw, validate=False))
+                ms = _ms(lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, num_warps=nw, num_programs=npg,
+                                            validate=False))
                 row.update(us=ms * 1e3, speedup=t_torch / ms, weight_bw_frac=wbytes / (ms / 1e3) / (bw * 1e9))
-                if cfg is None:
+                if label == "default":
                     row["rel_err"] = rel
             except Exception as err:  # noqa: BLE001 - a config that does not fit is recorded, not fatal
                 row["error"] = str(err).splitlines()[0][:200]
@@ -82,6 +92,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/kernels")
     ap.add_argument("--cases", nargs="*", default=["qwen1.5-moe-a2.7b:512", "deepseek-v2-lite:512", "qwen1.5-moe-a2.7b:8192"])
     ap.add_argument("--sweep", nargs="*", default=[], help="TOKENS:bm,bn,stages,swap,warps")
+    ap.add_argument("--programs", nargs="*", type=int, default=[], help="grid sizes to time the default tiles on")
     args = ap.parse_args()
     torch.manual_seed(0)
     sweep: dict = {}  # tokens -> [(bm, bn, stages, swap, warps)]
@@ -93,7 +104,8 @@ def main() -> None:
         model, tokens = case.split(":")
         _, h, inter, _ = MODELS[model]
         for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
-            for r in run_case(model, gemm, n, k, int(tokens), sweep.get(int(tokens), []), doc["copy_GBps"]):
+            for r in run_case(model, gemm, n, k, int(tokens), sweep.get(int(tokens), []), doc["copy_GBps"],
+                              tuple(args.programs)):
                 doc["rows"].append(r)
                 print(f"{args.label} {model[:10]} {gemm:7s} T={tokens:>5} {r['scheme']:18s} {r['config']:14s} "
                       f"{r.get('us', float('nan')):8.1f}us {r.get('speedup', float('nan')):5.2f}x "
