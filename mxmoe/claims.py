@@ -473,7 +473,7 @@ def build_manifest(model: str = "smollm2-moe", root: "Path | None" = None) -> di
             **_provenance(sorted(files) + sidecars),
             "status": "present" if primary else "partial" if files else "missing",
         }
-    return {"model": model, "results_root": str(root), "items": items}
+    return {"model": model, "results_root": _rel(root, root).rstrip("/.") or "results", "items": items}
 
 
 def write(model: str = "smollm2-moe", root: "Path | None" = None) -> tuple[Path, Path]:

@@ -42,17 +42,23 @@ class Stage:
     reads: tuple[str, ...] = field(default=())
 
 
+# Each stage's inputs: the result files it reads and the package modules whose code it shows
+# (a change there re-runs the notebook; the notebook's own caches decide what is recomputed).
 STAGES = (
-    Stage("00_model", ("{model}/model.json",)),
-    Stage("01_sensitivity", ("{model}/model.json",)),
-    Stage("02_activation_frequency", ("{model}/model.json",)),
-    Stage("03_kernels", ("kernels/*.json", "@repo/kernels/*.json")),
+    Stage("00_model", ("{model}/model.json", "@repo/mxmoe/models/*.py")),
+    Stage("01_sensitivity", ("{model}/model.json", "@repo/mxmoe/sensitivity.py", "@repo/mxmoe/quant/*.py",
+                             "@repo/mxmoe/plots/accuracy.py")),
+    Stage("02_activation_frequency", ("{model}/model.json", "@repo/mxmoe/routing.py", "@repo/mxmoe/plots/accuracy.py")),
+    Stage("03_kernels", ("kernels/*.json", "@repo/kernels/*.json", "@repo/mxmoe/plots/kernels.py")),
     Stage("04_allocation", ("{model}/sensitivity/*.json", "{model}/routing/*.json", "kernels/*.json",
-                            "@repo/kernels/*.json")),
+                            "@repo/kernels/*.json", "@repo/mxmoe/allocate.py", "@repo/mxmoe/perfmodel.py",
+                            "@repo/mxmoe/plots/allocation.py")),
     Stage("05_end_to_end", ("{model}/alloc/*.json", "{model}/sensitivity/*.json", "{model}/routing/*.json",
-                            "kernels/*.json", "@repo/kernels/*.json")),
+                            "kernels/*.json", "@repo/kernels/*.json", "@repo/mxmoe/evaluate.py",
+                            "@repo/mxmoe/baselines.py", "@repo/mxmoe/plots/allocation.py")),
     Stage("06_claims", ("{model}/model.json", "{model}/sensitivity/*.json", "{model}/routing/*.json",
-                        "{model}/alloc/*.json", "{model}/eval/*.json", "kernels/*.json", "kernels/NOTES.md")),
+                        "{model}/alloc/*.json", "{model}/eval/*.json", "kernels/*.json", "kernels/NOTES.md",
+                        "@repo/mxmoe/claims.py")),
 )
 
 STAMP_VERSION = 1
@@ -115,13 +121,25 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def stage_key(nb_path: Path, params: dict, inputs: list[Path]) -> tuple[str, dict]:
+def _input_name(path: Path, root: Path, repo: Path = REPO_ROOT) -> str:
+    """A path relative to the results root ('smollm2-moe/model.json') or the repository ('@repo/mxmoe/x.py'),
+    so a clone in another folder computes the same keys."""
+    path = Path(path)
+    if path.is_relative_to(root):
+        return str(path.relative_to(root))
+    if path.is_relative_to(repo):
+        return "@repo/" + str(path.relative_to(repo))
+    return str(path)
+
+
+def stage_key(nb_path: Path, params: dict, inputs: list[Path], root: "Path | None" = None) -> tuple[str, dict]:
     """(key, parts): the hash that decides whether a stage must re-run, and what went into it."""
+    root = Path(root) if root is not None else results_dir()
     parts = {
         "version": STAMP_VERSION,
         "notebook": notebook_source_hash(nb_path),
         "parameters": params,
-        "inputs": {str(p): file_hash(p) for p in inputs},
+        "inputs": {_input_name(p, root): file_hash(p) for p in inputs},
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return key, parts
@@ -204,7 +222,7 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
         nb_path = nb_dir / f"{stage.stem}.ipynb"
         out_path = out_dir / f"{stage.stem}.ipynb"
         stamp_path = out_dir / f"{stage.stem}.stamp.json"
-        key, _ = stage_key(nb_path, params, input_files(stage, root, model))
+        key, _ = stage_key(nb_path, params, input_files(stage, root, model), root)
         stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
         tag = f"[{i}/{len(present)}] {stage.stem}"
         if not force and out_path.exists() and stamp.get("key") == key:
@@ -214,12 +232,11 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
         log(f"{tag}: running ... (total so far {time.time() - t_all:.0f} s)")
         stamp_path.unlink(missing_ok=True)
         seconds = run_stage(nb_path, out_path, params, nb_dir, progress, log, heartbeat)
-        key, parts = stage_key(nb_path, params, input_files(stage, root, model))  # after: own writes included
+        key, parts = stage_key(nb_path, params, input_files(stage, root, model), root)  # after: own writes included
         write_json_atomic(stamp_path, {
             "key": key, "stage": stage.stem, "parameters": params, "seconds": round(seconds, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": _device(),
-            "inputs": {str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p): h
-                       for p, h in parts["inputs"].items()},
+            "inputs": parts["inputs"],
         })
         log(f"{tag}: done in {seconds:.1f} s -> {out_path}")
         results.append(StageResult(stage.stem, "ran", seconds, out_path))

@@ -156,3 +156,16 @@ def test_book_helpers(tmp_path):
     page = book.write_runs_page(tmp_path, root, "m").read_text()
     assert "| 00_model | smoke | m | CPU | 1.5 | now |" in page
     assert "m/model.json | CPU (test)" in page
+
+
+def test_key_does_not_depend_on_where_results_live(tmp_path):
+    nb = _write_nb(tmp_path / "00_a.ipynb", "x = 1")
+    keys = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        (root / "m").mkdir(parents=True)
+        (root / "m" / "in.json").write_text("{}")
+        files = reproduce.input_files(Stage("00_a", ("{model}/in.json", "@repo/mxmoe/claims.py")), root, "m")
+        assert len(files) == 2
+        keys.append(reproduce.stage_key(nb, {"model": "m"}, files, root)[0])
+    assert keys[0] == keys[1]
