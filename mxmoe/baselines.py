@@ -33,7 +33,7 @@ class QuantConfig:
     """How to quantize every expert block: one ``scheme`` (unless a scheme map is given), ``method``, rotation."""
 
     label: str
-    scheme: str = "bf16"
+    scheme: "str | None" = "bf16"  # None: the scheme map passed to ``quantize`` decides (an allocation)
     method: str = "fp"  # "fp" | "rtn" | "gptq"
     hadamard: bool = False  # random Hadamard rotation of the residual stream + online on down_proj inputs
     seed: int = 0  # rotation seed
@@ -41,7 +41,8 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise MxMoEError(f"config {self.label!r}: method must be one of {METHODS}, got {self.method!r}")
-        check_scheme(self.scheme)
+        if self.scheme is not None:
+            check_scheme(self.scheme)
 
     def as_dict(self) -> dict:
         """JSON-ready fields, stored with every result of this configuration."""
@@ -63,6 +64,16 @@ def baseline(name: str, **overrides) -> QuantConfig:
     if name not in BASELINES:
         raise MxMoEError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     return replace(BASELINES[name], **overrides)
+
+
+def allocation_config(label: str, seed: int = 0) -> QuantConfig:
+    """An MxMoE allocation, quantized as in the paper: GPTQ after a random Hadamard rotation (scheme map given)."""
+    return QuantConfig(label, None, "gptq", hadamard=True, seed=seed)
+
+
+def rotated_uniform_config(w_bits: int, a_bits: int) -> QuantConfig:
+    """Table 5 row: uniform w<b>a<b> per-channel symmetric, GPTQ after rotation (QuaRot-style)."""
+    return QuantConfig(f"rotated-w{w_bits}a{a_bits}", f"w{w_bits}a{a_bits}_g-1_sym", "gptq", hadamard=True)
 
 
 def rtn_grid_config(w_bits: int, a_bits: int) -> QuantConfig:
@@ -89,6 +100,8 @@ def quantize(model, config: QuantConfig, calib: "torch.Tensor | None" = None, sc
     the scheme count, average weight/activation bits and, for GPTQ, the fallbacks and time.
     """
     if scheme_map is None:
+        if config.scheme is None:
+            raise MxMoEError(f"config {config.label!r} has no uniform scheme: pass its allocation as scheme_map")
         if config.method == "fp":
             return {"config": config.as_dict(), "w_bits": 16.0, "a_bits": 16.0}
         scheme_map = uniform_scheme_map(model, config.scheme)

@@ -74,7 +74,8 @@ def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zerosh
     ``scheme_map`` replaces the config's uniform scheme (an allocation). WikiText-2 perplexity on the
     profile's test windows; zero-shot accuracy on ``tasks`` (default: all) with the profile's limit
     when ``zeroshot`` and the model has a tokenizer. GPTQ calibrates on the profile's WikiText-2 train
-    windows. The row is cached under results/<model>/eval/runs/, keyed by everything that made it, and
+    windows. The row is cached under results/<model>/eval/runs/, keyed by the config, the scheme map
+    and the profile sizes it used (not the profile's name), and
     returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device", "seconds", "params"}.
     """
     import hashlib
@@ -89,7 +90,10 @@ def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zerosh
     from mxmoe.quant.apply import scheme_map_to_rows
 
     tasks = list(tasks or TASKS) if zeroshot else []
-    params = {"config": config.as_dict(), "profile": profile.as_dict(), "tasks": tasks,
+    sizes = {k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")}
+    if tasks:
+        sizes["zeroshot_limit"] = profile.zeroshot_limit
+    params = {"config": config.as_dict(), "profile": sizes, "tasks": tasks,
               "scheme_map": None if scheme_map is None else scheme_map_to_rows(scheme_map)}
     key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = results_dir() / profile.model / "eval" / "runs" / f"{config.label.replace('*', 'star')}-{profile.name}-{key}.json"

@@ -39,8 +39,9 @@ PROFILES = {
                      routing_windows=2, zeroshot_limit=2,
                      description="CI plumbing check: tiny random MoE, random token ids; numbers mean nothing"),
     "quick": Profile("quick", "smollm2-moe", calib_windows=8, calib_seqlen=512, eval_windows=4, eval_seqlen=1024,
-                     routing_windows=8, zeroshot_limit=50,
-                     description="2-core CPU: 8x512 calibration windows, 4x1024 WikiText-2 test windows, 50 examples per task"),
+                     routing_windows=8, zeroshot_limit=10,
+                     description="2-core CPU: 8x512 calibration windows, 4x1024 WikiText-2 test windows, "
+                                 "10 examples per task (accuracies are +-15 points: a run check, not a result)"),
     "full": Profile("full", "smollm2-moe", calib_windows=128, calib_seqlen=512, eval_windows=None, eval_seqlen=1024,
                     routing_windows=64, zeroshot_limit=None,
                     description="one GPU: 128x512 calibration windows, the whole WikiText-2 test split, whole task sets"),

@@ -1,0 +1,46 @@
+"""End-to-end figures: Figure 5 (throughput with perplexity marked) and Figure 6 (the r trade-off)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import seaborn as sns
+
+from mxmoe.plots import figure
+
+
+def fig5_throughput(df: pd.DataFrame):
+    """Figure 5: MoE-block tokens/s per setting at each batch size, each bar labelled with its WikiText-2 PPL.
+
+    ``df`` columns: setting, batch, tokens_per_s, ppl (None where not measured).
+    """
+    batches = sorted(df.batch.unique())
+    fig, axes = figure(1, len(batches), width=5 * len(batches), height=3.6)
+    for ax, batch in zip(axes[0], batches):
+        part = df[df.batch == batch]
+        sns.barplot(part, x="setting", y="tokens_per_s", hue="setting", ax=ax, legend=False)
+        for patch, (_, row) in zip(ax.patches, part.iterrows()):
+            label = "PPL n/a" if pd.isna(row.ppl) else f"PPL {row.ppl:.2f}"
+            ax.annotate(label, (patch.get_x() + patch.get_width() / 2, patch.get_height()), ha="center", va="bottom",
+                        fontsize=7)
+        base = part[part.setting == part.setting.iloc[0]].tokens_per_s.iloc[0]
+        ax.set(title=f"{batch} tokens (speedup vs {part.setting.iloc[0]}: "
+                     f"{part.tokens_per_s.max() / base:.2f}x best)", xlabel="", ylabel="MoE-block tokens/s")
+        ax.tick_params(axis="x", labelrotation=20)
+    return fig
+
+
+def fig6_tradeoff(df: pd.DataFrame):
+    """Figure 6: throughput vs PPL of the allocations for each r (points labelled with r, joined in r order).
+
+    ``df`` columns: r, ppl, tokens_per_s.
+    """
+    fig, axes = figure(1, 1, width=5.5, height=4.0)
+    ax = axes[0][0]
+    df = df.sort_values("r")
+    ax.plot(df.tokens_per_s, df.ppl, color="0.6", lw=0.8, zorder=1)
+    sns.scatterplot(df, x="tokens_per_s", y="ppl", hue="r", palette="viridis", s=50, ax=ax, zorder=2)
+    for _, row in df.iterrows():
+        ax.annotate(f"r={row.r:g}", (row.tokens_per_s, row.ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="MoE-block tokens/s (predicted)", ylabel="WikiText-2 PPL (measured)",
+           title="accuracy vs performance as r varies")
+    return fig

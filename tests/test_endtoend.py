@@ -1,0 +1,40 @@
+"""End-to-end helpers on the smoke profile: r sweep from one front per layer, predicted MoE-block throughput."""
+
+import pytest
+
+from mxmoe.endtoend import predicted_throughput, r_sweep_allocations, table1_row
+from mxmoe.profiles import get_profile
+from mxmoe.routing import profile_corpora
+from mxmoe.sensitivity import profile_sensitivity
+
+
+@pytest.fixture
+def smoke_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    smoke = get_profile("smoke")
+    profile_sensitivity("rtn", smoke, "w5a5", progress=False)
+    profile_corpora(smoke.model, n=2, seqlen=64, allow_random=True)
+    return smoke.model
+
+
+def test_r_sweep_trades_loss_for_time_within_budget(smoke_results):
+    sweep = r_sweep_allocations(smoke_results, [0.0, 1.0], budget_bits=5.0, method="rtn")
+    (_, map0, doc0), (_, map1, doc1) = sweep[0.0], sweep[1.0]
+    assert doc0["predicted"]["bits"] <= 5.0 + 1e-9 and doc1["predicted"]["bits"] <= 5.0 + 1e-9
+    assert doc1["predicted"]["L"] <= doc0["predicted"]["L"] and doc0["predicted"]["T_ms"] <= doc1["predicted"]["T_ms"]
+    assert set(map0) == set(map1) and all(k[2] in ("gate", "up", "down") for k in map0)
+    assert all(map0[(l, e, "gate")] == map0[(l, e, "up")] for l, e, _ in map0)  # gate and up tied
+
+
+def test_predicted_throughput(smoke_results):
+    fast = predicted_throughput(smoke_results, 8192, scheme="w8a8_g-1_sym")
+    slow = predicted_throughput(smoke_results, 8192, scheme="bf16")
+    assert fast["T_ms"] > 0 and slow["tokens_per_s"] == pytest.approx(8192 / slow["T_ms"] * 1e3)
+    with pytest.raises(ValueError, match="exactly one"):
+        predicted_throughput(smoke_results, 512)
+
+
+def test_table1_row_keeps_the_schema():
+    row = {"label": "x", "w_bits": 3.25, "a_bits": 16.0, "ppl": 9.0, "tasks": {}, "profile": "quick", "device": "cpu",
+           "seconds": 1.0, "params": {}}
+    assert table1_row(row) == {"w_bits": 3.25, "a_bits": 16.0, "ppl": 9.0, "tasks": {}, "profile": "quick", "device": "cpu"}
