@@ -127,7 +127,20 @@ def _rows_with(obj, *needles: str) -> dict:
 def _row(id, item, claim, paper, ours, unit, tolerance, verdict, source, note=""):
     assert verdict in VERDICTS, verdict
     return {"id": id, "item": item, "claim": claim, "paper": paper, "ours": ours, "unit": unit,
-            "tolerance": tolerance, "verdict": verdict, "source": source, "note": note}
+            "tolerance": tolerance, "verdict": verdict, "source": source, "note": note,
+            "notebook": _notebook_for(source, item)}
+
+
+# which stage writes a result file (by its folder), so a claim links to the chapter that shows its numbers
+_WRITERS = (("perfmodel", "04_allocation"), ("/kernels/", "03_kernels"), ("/sensitivity/", "01_sensitivity"), ("/routing/", "02_activation_frequency"),
+            ("/alloc/", "04_allocation"), ("/eval/", "05_end_to_end"), ("model.json", "00_model"))
+
+
+def _notebook_for(source: str, item: str) -> "str | None":
+    for part, nb in _WRITERS:
+        if source and part in "/" + source:
+            return nb
+    return ITEMS[item][0] if item in ITEMS else None
 
 
 def _r(x, nd=3):
