@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import default_config
@@ -72,10 +72,14 @@ def expert_loads(tokens: int, experts: int, top_k: int, ratio: float = LOAD_RATI
     return [min(int(r), tokens) for r in rows]  # an expert sees each token at most once
 
 
-TIMER = {"warmup": 25, "rep": 100}  # ms; --warmup-ms / --rep-ms change it for a run
+TIMER = {"warmup": 25, "rep": 100, "kind": "events"}  # ms; --warmup-ms / --rep-ms / --timer change it for a run
 
 
 def _ms(fn) -> float:
+    """Median ms per call: CUDA events around each call after an L2 flush ("events"), or replays of a
+    CUDA graph of many calls ("cudagraph": no host launch overhead, no L2 flush)."""
+    if TIMER["kind"] == "cudagraph":
+        return float(do_bench_cudagraph(fn, rep=TIMER["rep"], return_mode="median"))
     return float(do_bench(fn, warmup=TIMER["warmup"], rep=TIMER["rep"], return_mode="median"))
 
 
@@ -270,6 +274,9 @@ def main() -> None:
                     help="skip the remaining cases after this many seconds (the device allows 10 minutes a command)")
     ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup per timing")
     ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per timing")
+    ap.add_argument("--timer", choices=("events", "cudagraph"), default="events",
+                    help="events: do_bench (host launch overhead shows when a call is shorter than it); "
+                         "cudagraph: do_bench_cudagraph (graph replays, as a captured decode step runs)")
     ap.add_argument("--table6-models", nargs="*", default=None,
                     help="models whose mixes also run per scheme and unified (Table 6); default: all")
     ap.add_argument("--ablation-models", nargs="*", default=None, help="models that run ABLATIONS; default: all")
@@ -278,11 +285,14 @@ def main() -> None:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         ap.error(f"unknown models {unknown}; known: {list(MODELS)}")
-    TIMER.update(warmup=args.warmup_ms, rep=args.rep_ms)
+    TIMER.update(warmup=args.warmup_ms, rep=args.rep_ms, kind=args.timer)
     torch.manual_seed(0)
     t0 = time.time()
     doc = {"provenance": provenance(), "load_ratio_assumed": LOAD_RATIO,
-           "timer": f"triton.testing.do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms",
+           "timer": (f"triton.testing.do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms"
+                     if args.timer == "events" else
+                     f"triton.testing.do_bench_cudagraph median of 10 graph replays, rep {args.rep_ms:g} ms, no L2 flush"),
+           "timer_kind": args.timer,
            "argv": vars(args)}
     doc["roofline"] = measure_roofline()
     doc["edge_check"] = edge_check()

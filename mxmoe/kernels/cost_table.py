@@ -4,7 +4,8 @@
 
 For every uniform-scheme run of our kernel in the given benchmark files, one cost point: the
 tiles of that launch (from the routed rows per expert and the tile config it used), tiles per
-SM, and the measured time; a later run of the same case replaces an earlier one. The allocation's
+SM, the measured time and its timer (`events` or `cudagraph`, from the benchmark's `--timer`); a later run
+of the same case replaces an earlier one. The allocation's
 performance model fits ``time = a + b * tiles_per_sm`` per scheme and K from these points.
 """
 
@@ -37,6 +38,7 @@ def cost_points(bench: dict) -> "list[dict]":
         out.append({"scheme": scheme, "K": r["K"], "N": r["N"], "model": r["model"], "gemm": r["gemm"],
                     "tokens": r["tokens"], "tile": tile, "tiles": tiles, "tiles_per_sm": tiles / sms,
                     "ms": r["ms"], "us_per_tile_per_sm": r["ms"] * 1e3 / (tiles / sms),
+                    "timer": bench.get("timer_kind", "events"),
                     "kernel_commit": bench["provenance"]["git_commit"], "date_utc": bench["provenance"]["date_utc"]})
     return out
 
