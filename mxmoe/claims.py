@@ -181,8 +181,14 @@ def claim_w5a5(root, model):
                 note=f"PPL full precision {fp:.2f}, MxMoE W5A5 {m:.2f}, uniform W4A4 (QuaRot-style) {q:.2f}")
 
 
+def _paper_rows(bench: dict) -> list[dict]:
+    """Benchmark rows on the paper's model shapes (the embedded smollm2-moe's tiny GEMMs are left out:
+    they time launch overhead, and the paper's speed claims are about its models)."""
+    return [r for r in bench.get("results", []) if not str(r.get("model", "")).startswith("smollm2")]
+
+
 def _speedups(bench: dict, variant: str, tokens: int) -> list[float]:
-    return [r["speedup_vs_torch_bf16"] for r in bench["results"]
+    return [r["speedup_vs_torch_bf16"] for r in _paper_rows(bench)
             if r.get("variant") == variant and r.get("tokens") == tokens and r.get("speedup_vs_torch_bf16")]
 
 
@@ -194,13 +200,13 @@ def claim_mix425(root, model):
     lo, hi = min(s), max(s)
     v = "reproduced" if lo >= 2.3 else "direction" if lo > 1.0 else "not-reproduced"
     return dict(ours=_r([lo, hi], 2), verdict=v, source=_rel(p, root),
-                note=f"{len(s)} GEMMs (Qwen1.5-MoE / DeepSeek-V2-Lite shapes) on {b['provenance']['device']}; "
+                note=f"{len(s)} GEMMs on the paper models' shapes at 512 tokens on {b['provenance']['device']}; "
                      "paper on RTX 4090")
 
 
 def claim_mix5_vs_w8a8(root, model):
     b, p = _bench(root)
-    ms = {(r["model"], r["gemm"], r["variant"]): r["ms"] for r in b["results"] if r.get("tokens") == 8192 and r.get("ms")}
+    ms = {(r["model"], r["gemm"], r["variant"]): r["ms"] for r in _paper_rows(b) if r.get("tokens") == 8192 and r.get("ms")}
     gains = [ms[(m, g, "ours_w8a8_int8")] / t - 1 for (m, g, v), t in ms.items()
              if v == "ours_mix5_w4a4+w8a8" and (m, g, "ours_w8a8_int8") in ms]
     if not gains:
@@ -208,13 +214,14 @@ def claim_mix5_vs_w8a8(root, model):
     best = max(gains)
     v = "reproduced" if best >= 0.294 * 0.8 else "direction" if best > 0 else "not-reproduced"
     return dict(ours=_r(100 * best, 1), verdict=v, source=_rel(p, root),
-                note=f"best of {len(gains)} GEMMs on {b['provenance']['device']}; Hopper has no int4 tensor cores, "
+                note=f"best of {len(gains)} GEMMs at 8192 tokens (median {100 * statistics.median(gains):+.1f}%) on "
+                     f"{b['provenance']['device']}; Hopper has no int4 tensor cores, "
                      "so the 4-bit part computes at the int8 rate")
 
 
 def claim_up_to_fp(root, model):
     b, p = _bench(root)
-    s = [r["speedup_vs_torch_bf16"] for r in b["results"]
+    s = [r["speedup_vs_torch_bf16"] for r in _paper_rows(b)
          if str(r.get("variant", "")).startswith("ours_mix") and "@" not in r["variant"] and r.get("speedup_vs_torch_bf16")]
     if not s:
         raise NotRun(f"{_rel(p, root)} has no mixed-precision rows")
@@ -227,7 +234,7 @@ def claim_up_to_fp(root, model):
 
 def claim_one_launch(root, model):
     b, p = _bench(root)
-    launches = [r["launches"] for r in b["results"] if str(r.get("variant", "")).startswith("ours_mix")
+    launches = [r["launches"] for r in _paper_rows(b) if str(r.get("variant", "")).startswith("ours_mix")
                 and "@" not in r["variant"] and r.get("launches") is not None]
     if not launches:
         raise NotRun(f"{_rel(p, root)} records no launch counts")
@@ -239,7 +246,7 @@ def claim_one_launch(root, model):
 
 def claim_fused_vs_unified(root, model):
     b, p = _bench(root)
-    ms = {(r["model"], r["gemm"], r["tokens"], r["variant"]): r["ms"] for r in b["results"] if r.get("ms")}
+    ms = {(r["model"], r["gemm"], r["tokens"], r["variant"]): r["ms"] for r in _paper_rows(b) if r.get("ms")}
     vs_uni, vs_per = [], []
     for (m, g, t, v), x in ms.items():
         if v.startswith("ours_mix") and "@" not in v:
@@ -260,11 +267,15 @@ def claim_fused_vs_unified(root, model):
 
 def claim_bf16(root, model):
     b, p = _bench(root)
-    x = b.get("targets", {}).get("bf16_vs_torch_grouped_min")
-    if x is None:
-        raise NotRun(f"{_rel(p, root)} has no bf16 target")
+    ms = {(r["model"], r["gemm"], r["tokens"], r["variant"]): r["ms"] for r in _paper_rows(b) if r.get("ms")}
+    ratios = [ms[(m, g, t, "torch_grouped_bf16")] / x for (m, g, t, v), x in ms.items()
+              if v == "ours_bf16" and (m, g, t, "torch_grouped_bf16") in ms]
+    if not ratios:
+        raise NotRun(f"{_rel(p, root)} has no ours_bf16 / torch_grouped_bf16 pair")
+    x = min(ratios)
     return dict(ours=_r(x, 2), verdict="reproduced" if x >= 0.9 else "direction" if x >= 0.8 else "not-reproduced",
-                source=_rel(p, root), note="minimum over the benchmark's GEMMs")
+                source=_rel(p, root), note=f"minimum over {len(ratios)} GEMMs on the paper's shapes "
+                                           f"(median {statistics.median(ratios):.2f}x)")
 
 
 def claim_w8a8(root, model):
