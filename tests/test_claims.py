@@ -73,8 +73,11 @@ def test_kernel_rules(tmp_path):
         _r("ours_mix4.25_w4a16+w8a8", 0.1, tokens=512, gemm="down", speedup=2.6),
         _r("ours_w8a8_int8", 1.0), _r("ours_mix5_w4a4+w8a8", 0.9, speedup=1.5),
         _r("ours_mix5_w4a4+w8a8@unified", 1.2), _r("ours_mix5_w4a4+w8a8@per_scheme", 0.95),
+        _r("torch_grouped_bf16", 0.85, tokens=512), _r("ours_bf16", 1.0, tokens=512),
+        # the embedded model's tiny GEMMs time launch overhead: left out of the paper's speed claims
+        {**_r("ours_w8a8_int8", 1.0), "model": "smollm2-moe"}, {**_r("ours_mix5_w4a4+w8a8", 0.1), "model": "smollm2-moe"},
     ]
-    _bench(tmp_path, rows, {"bf16_vs_torch_grouped_min": 0.85})
+    _bench(tmp_path, rows)
     got = _by_id(claims.build_claims("m", tmp_path))
     assert got["mix4.25-speedup"]["verdict"] == "reproduced" and got["mix4.25-speedup"]["ours"] == [2.4, 2.6]
     assert got["mix5-vs-w8a8"]["verdict"] == "direction"  # +11%: faster, short of +29.4%
