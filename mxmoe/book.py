@@ -190,7 +190,9 @@ def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
 
 def build(src: Path, out: Path, strict: bool, log=print) -> int:
     exe = Path(sys.executable).parent / "jupyter-book"
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--path-output", str(out)]
+    # the script beside this interpreter, else the same package through this interpreter (no PATH lookup)
+    runner = [str(exe)] if exe.exists() else [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
+    cmd = runner + ["build", str(src), "--path-output", str(out)]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     log("$ " + " ".join(cmd))

@@ -40,6 +40,7 @@ class Stage:
 
     stem: str
     reads: tuple[str, ...] = field(default=())
+    needs: tuple[str, ...] = field(default=())  # stages whose notebooks must exist for this one to run
 
 
 # Each stage's inputs: the result files it reads and the package modules whose code it shows
@@ -52,10 +53,11 @@ STAGES = (
     Stage("03_kernels", ("kernels/*.json", "@repo/kernels/*.json", "@repo/mxmoe/plots/kernels.py")),
     Stage("04_allocation", ("{model}/sensitivity/*.json", "{model}/routing/*.json", "kernels/*.json",
                             "@repo/kernels/*.json", "@repo/mxmoe/allocate.py", "@repo/mxmoe/perfmodel.py",
-                            "@repo/mxmoe/plots/allocation.py")),
+                            "@repo/mxmoe/plots/allocation.py"), needs=("01_sensitivity", "02_activation_frequency")),
     Stage("05_end_to_end", ("{model}/alloc/*.json", "{model}/sensitivity/*.json", "{model}/routing/*.json",
                             "kernels/*.json", "@repo/kernels/*.json", "@repo/mxmoe/evaluate.py",
-                            "@repo/mxmoe/baselines.py", "@repo/mxmoe/plots/allocation.py")),
+                            "@repo/mxmoe/baselines.py", "@repo/mxmoe/endtoend.py", "@repo/mxmoe/plots/endtoend.py"),
+          needs=("04_allocation",)),
     Stage("06_claims", ("{model}/model.json", "{model}/sensitivity/*.json", "{model}/routing/*.json",
                         "{model}/alloc/*.json", "{model}/eval/*.json", "kernels/*.json", "kernels/NOTES.md",
                         "@repo/mxmoe/claims.py")),
@@ -148,7 +150,7 @@ def stage_key(nb_path: Path, params: dict, inputs: list[Path], root: "Path | Non
 @dataclass
 class StageResult:
     stem: str
-    status: str  # "ran" | "skipped" | "missing"
+    status: str  # "ran" | "skipped" | "missing" | "blocked" (a stage it needs has no notebook yet)
     seconds: float = 0.0
     output: "Path | None" = None
 
@@ -211,10 +213,15 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
     progress = sys.stderr.isatty() if progress is None else progress
 
     wanted = [s for s in stages if not only or s.stem in only or s.stem[:2] in only]
-    present = [s for s in wanted if (nb_dir / f"{s.stem}.ipynb").exists()]
-    missing = [s.stem for s in wanted if s not in present]
+    exists = {s.stem for s in stages if (nb_dir / f"{s.stem}.ipynb").exists()}
+    missing = [s.stem for s in wanted if s.stem not in exists]
+    blocked = {s.stem: [n for n in s.needs if n not in exists] for s in wanted if s.stem in exists}
+    blocked = {k: v for k, v in blocked.items() if v}
+    present = [s for s in wanted if s.stem in exists and s.stem not in blocked]
     log(f"mxmoe reproduce: profile {profile}, model {model}, results {root}")
-    log(f"  notebooks: {len(present)} of {len(wanted)} present" + (f"; missing: {', '.join(missing)}" if missing else ""))
+    log(f"  notebooks: {len(present)} of {len(wanted)} to run" + (f"; missing: {', '.join(missing)}" if missing else ""))
+    for stem, needs in blocked.items():
+        log(f"  {stem}: not run, it needs {', '.join(needs)}, which has no notebook yet")
 
     results: list[StageResult] = []
     t_all = time.time()
@@ -240,10 +247,10 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
         })
         log(f"{tag}: done in {seconds:.1f} s -> {out_path}")
         results.append(StageResult(stage.stem, "ran", seconds, out_path))
-    results += [StageResult(m, "missing") for m in missing]
+    results += [StageResult(m, "missing") for m in missing] + [StageResult(b, "blocked") for b in blocked]
     ran = sum(r.status == "ran" for r in results)
     log(f"mxmoe reproduce: {ran} ran, {sum(r.status == 'skipped' for r in results)} skipped, "
-        f"{len(missing)} missing, {time.time() - t_all:.1f} s")
+        f"{len(missing)} missing, {len(blocked)} blocked, {time.time() - t_all:.1f} s")
     return results
 
 

@@ -103,6 +103,17 @@ def test_missing_notebooks_are_reported_not_fatal(env):
     assert any("missing: 03_c" in line for line in lines)
 
 
+def test_stage_whose_upstream_notebook_is_missing_is_blocked(env):
+    nbs, *_ = env
+    _write_nb(nbs / "00_a.ipynb", "x = 1")
+    _write_nb(nbs / "05_e.ipynb", "y = 1")
+    lines = []
+    got = reproduce.reproduce("smoke", "m", nbs, stages=(Stage("00_a"), Stage("04_d"), Stage("05_e", needs=("04_d",))),
+                              log=lines.append)
+    assert [(r.stem, r.status) for r in got] == [("00_a", "ran"), ("04_d", "missing"), ("05_e", "blocked")]
+    assert any("05_e: not run, it needs 04_d" in line for line in lines)
+
+
 def test_smoke_never_writes_into_committed_results(monkeypatch, tmp_path):
     monkeypatch.delenv("MXMOE_RESULTS_DIR", raising=False)
     monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path))
