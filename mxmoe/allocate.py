@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +150,11 @@ class _ILP:
         e, s = self.shape
         ng = len(self.groups)
         self.prob = pulp.LpProblem("mxmoe_alloc", pulp.LpMinimize)
-        self.x = [[[pulp.LpVariable(f"x_{i}_{g}_{k}", cat="Binary") for k in range(s)] for g in range(ng)]
-                  for i in range(e)]
+        self.x = [[[self.prob.add_variable(f"x_{i}_{g}_{k}", 0, 1, cat="Binary") for k in range(s)]
+                   for g in range(ng)] for i in range(e)]
+        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for 4.0; 3.3.2 is pinned
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0)
         flat = [(i, g, k) for i in range(e) for g in range(ng) for k in range(s)]
         for i in range(e):
             for g in range(ng):
@@ -163,10 +167,10 @@ class _ILP:
 
     def _pick(self, wl, wt, cap_l, cap_t) -> "np.ndarray | None":
         """Scheme index per group [E, G] of an optimal solution, or None when infeasible."""
-        self.prob.constraints["capL"].constant = -cap_l
-        self.prob.constraints["capT"].constant = -cap_t
+        self.prob.get_constraint_by_name("capL").constant = -cap_l
+        self.prob.get_constraint_by_name("capT").constant = -cap_t
         self.prob.setObjective(wl * self.L + wt * self.T)
-        status = pulp.LpStatus[self.prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0))]
+        status = pulp.LpStatus[self.prob.solve(self.cmd)]
         if status == "Infeasible":
             return None
         if status != "Optimal":
@@ -280,12 +284,16 @@ def _descend(m: _ILP, p: Point, r: float, found: list, cuts: list) -> Point:
     return p
 
 
-def _epsilon(m: _ILP, max_points: "int | None") -> list:
-    """The complete Pareto front: min L s.t. T ≤ τ, then min T at that L, τ just below the last T."""
+def _epsilon(m: _ILP, max_points: "int | None", step: float = 1e-6) -> list:
+    """The complete Pareto front: min L s.t. T ≤ τ, then min T at that L, τ just below the last T.
+
+    ``step`` (a fraction of the largest possible T) is the front's resolution: above CBC's feasibility
+    tolerance, so a point is never found twice.
+    """
     p = m.lexmin("L")
     out = [p]
     while max_points is None or len(out) < max_points:
-        tau = p.T - 1e-9
+        tau = p.T - step
         q = m.solve(1.0, 0.0, cap_t=tau)
         if q is None:
             break
@@ -436,7 +444,7 @@ def layer_problem(model: str, layer: int, method: str = "gptq-had", schemes: str
 
     sens = sensitivity or json.loads(_result_file(model, "sensitivity", f"{method}_").read_text())
     rout = routing or json.loads(_result_file(model, "routing", f"{corpus}_").read_text())
-    dims = dims or card_dims(model)
+    dims = dims if dims is not None else card_dims(model)
     chosen = [Scheme.parse(x) for x in (scheme_set(schemes) if isinstance(schemes, str) else schemes)]
     have = [Scheme.parse(x) for x in sens["schemes"]]
     missing = [str(x) for x in chosen if x not in have]

@@ -5,24 +5,26 @@ A block (one expert's gate_up, or down, GEMM) of scheme ``s`` with ``M`` routed 
 our kernel uses for ``s`` at the launch's rows per expert (``mxmoe.kernels.configs.default_config``).
 All tiles of a launch share the GPU's SMs, so
 
-    launch time = (sum over tiles of their per-tile cost) / SMs,   at least one tile's cost;
+    launch time = c0 + (sum over tiles of their per-tile cost) / SMs,   the sum at least one tile's cost;
 
 the *wave effect*: a launch with fewer tiles than SMs still takes one whole tile time, and a
 block alone takes ``max(tiles / SMs, 1)`` tile times. A block's additive *share* of a launch,
 ``tiles * cost / SMs``, is what the allocation ILP sums (the wave floor is not linear; it matters
 only for launches of under one wave).
 
-Per-tile cost ``u(s, tile, K)`` (µs of one SM per tile) comes from the measured cost points of
-``kernels/<gpu>.json`` (``us_per_tile_per_sm``), in this order; every estimate carries its source:
+Per-tile cost ``u(s, tile, K)`` (µs of one SM per tile) and a fixed launch cost ``c0`` come from the
+measured cost points of ``kernels/<gpu>.json``, in this order; every estimate carries its source:
 
-1. ``"cost-table"`` — points of the same scheme and tile shape. Over K the cost is linear,
-   ``u = a + b K`` (least squares over the per-K means when two or more K were measured; the
-   intercept is the K-independent part: output write, prologue). A fit with ``a < 0`` or ``b < 0``,
-   or a single measured K, falls back to ``u ∝ K`` from the nearest measured K. Outside the
-   measured K range this is an extrapolation (smollm2-moe's K = 32 / 576 are far below 1408).
-2. ``"cost-table-scaled"`` — no point of that (scheme, tile): the nearest measured (scheme, tile) of
-   the same kernel path (bf16 / weight-only int / weight-activation int / fp8), scaled by the ratio
-   of the two tiles' roofline times. This is how w3/w2 g128, w8a16, w4a8 and w4a4 g128 get times.
+1. ``"cost-table"`` — the points of the same scheme and tile shape (every model shape and token
+   count measured with it) are fitted by non-negative least squares on relative error:
+   ``ms = c0 + max(tiles / SMs, 1) · (a + b·K)``. Linear in K: ``a`` is the K-independent part of a
+   tile (output write, prologue), ``b`` the K loop; between measured K this interpolates, beyond it
+   extrapolates (the fit reports its K range). Fewer than three points, or one K: ``c0 = a = 0``
+   and the cost is proportional to K.
+2. ``"cost-table-scaled"`` — no point of that (scheme, tile): the nearest fitted (scheme, tile) of
+   the same kernel path (bf16 / weight-only int / weight-activation int / fp8), its per-tile cost
+   scaled by the ratio of the two tiles' roofline times. This is how w3/w2 g128, w8a16, w4a8 and
+   w4a4 g128 get times.
 3. ``"predicted-roofline"`` — no table for the GPU (or no point on the path): the tile's roofline
    time, ``max(bytes / (bandwidth / SMs), flops / (peak / SMs))``, from the table's measured
    roofline or the vendor figures in ``VENDOR`` (declared, not measured).
@@ -135,45 +137,76 @@ def _tile_of(p: dict) -> TileConfig:
     return TileConfig(t["bm"], t["bn"], t["bk"], t.get("stages", 3), t.get("swap_ab", False))
 
 
-def _same_shape(a: TileConfig, b: TileConfig) -> bool:
-    return (a.bm, a.bn) == (b.bm, b.bn)
+@dataclass(frozen=True)
+class TileFit:
+    """Launch time of one (scheme, tile shape) from its cost points: ms = c0 + waves · (a + b·K) / 1000."""
+
+    c0_ms: float  # launch overhead and latency, independent of the work
+    a_us: float  # per-tile µs independent of K (output write, prologue)
+    b_us: float  # per-tile µs per unit of K
+    points: int
+    k_range: tuple
 
 
-def _fit_over_k(points: list, k: int) -> float:
-    """Per-tile µs at ``k`` from points of one (scheme, tile): linear in K, or proportional (see module doc)."""
-    by_k: dict = {}
-    for p in points:
-        by_k.setdefault(p["K"], []).append(p["us_per_tile_per_sm"])
-    ks = np.array(sorted(by_k), dtype=float)  # [n_k]
-    us = np.array([np.mean(by_k[x]) for x in sorted(by_k)])  # [n_k]
-    if len(ks) >= 2:
-        b, a = np.polyfit(ks, us, 1)
-        if a >= 0 and b >= 0:
-            return float(a + b * k)
-    near = int(np.argmin(np.abs(ks - k)))
-    return float(us[near] * k / ks[near])
+def fit_points(points: list, sms: int) -> TileFit:
+    """Non-negative least squares of measured launch times on [1, waves, waves·K], waves = max(tiles / SMs, 1).
+
+    Relative errors are minimised (small launches count as much as large ones). The wave floor is in
+    the fit: a launch with fewer tiles than SMs costs one tile time. With fewer than three points or
+    one K, the overhead is 0 and the per-tile cost is proportional to K (mean µs per K).
+    """
+    from scipy.optimize import nnls
+
+    ks = np.array([p["K"] for p in points], dtype=float)  # [n]
+    waves = np.maximum(np.array([p["tiles"] for p in points], dtype=float) / sms, 1.0)  # [n]
+    ms = np.array([p["ms"] for p in points])  # [n]
+    if len(points) < 3 or len(set(ks)) < 2:
+        return TileFit(0.0, 0.0, float(np.mean(ms * 1e3 / waves / ks)), len(points), (ks.min(), ks.max()))
+    x = np.stack([np.ones_like(ks), waves * 1e-3, waves * ks * 1e-3], 1)  # [n, 3] ms per unit of each coefficient
+    coef, _ = nnls(x / ms[:, None], np.ones_like(ms))
+    return TileFit(float(coef[0]), float(coef[1]), float(coef[2]), len(points), (ks.min(), ks.max()))
+
+
+@lru_cache(maxsize=None)
+def table_fits(table: CostTable) -> dict:
+    """{(scheme string, BM, BN): TileFit} over the table's cost points."""
+    groups: dict = {}
+    for p in table.points:
+        t = _tile_of(p)
+        groups.setdefault((str(Scheme.parse(p["scheme"])), t.bm, t.bn), []).append(p)
+    return {key: fit_points(pts, table.sms) for key, pts in groups.items()}
 
 
 @lru_cache(maxsize=4096)
-def tile_cost(s: Scheme, tile: TileConfig, k: int, table: CostTable) -> tuple[float, str]:
-    """(µs per tile on one SM, source) for scheme ``s`` with ``tile`` over input width ``k``."""
-    pts = [p for p in table.points if Scheme.parse(p["scheme"]) == s and _same_shape(_tile_of(p), tile)]
-    if pts:
-        return _fit_over_k(pts, k), "cost-table"
+def tile_fit(s: Scheme, tile: TileConfig, table: CostTable) -> tuple:
+    """(fit, factor, source): the fit that times scheme ``s`` with ``tile`` and a factor for its per-tile cost."""
+    fits = table_fits(table)
+    key = (str(s), tile.bm, tile.bn)
+    if key in fits:
+        return fits[key], 1.0, "cost-table"
     path = kind_of(s)
-    same_path = [p for p in table.points if kind_of(Scheme.parse(p["scheme"])) == path]
+    same_path = [k for k in fits if kind_of(Scheme.parse(k[0])) == path]
     if not same_path:
-        return roofline_tile_us(s, tile, k, table), "predicted-roofline"
+        return TileFit(0.0, 0.0, 0.0, 0, (0, 0)), 1.0, "predicted-roofline"
 
-    def distance(p: dict) -> tuple:
-        ps, pt = Scheme.parse(p["scheme"]), _tile_of(p)
-        return (ps != s, abs(math.log2(pt.bm * pt.bn / (tile.bm * tile.bn))), abs(ps.bits_per_weight - s.bits_per_weight))
+    def distance(k: tuple) -> tuple:
+        ks = Scheme.parse(k[0])
+        return (ks != s, abs(math.log2(k[1] * k[2] / (tile.bm * tile.bn))), abs(ks.bits_per_weight - s.bits_per_weight),
+                -fits[k].points)
 
-    best = min(same_path, key=distance)
-    ref_s, ref_tile = Scheme.parse(best["scheme"]), _tile_of(best)
-    ref_pts = [p for p in same_path if p["scheme"] == best["scheme"] and _same_shape(_tile_of(p), ref_tile)]
-    ratio = roofline_tile_us(s, tile, k, table) / roofline_tile_us(ref_s, ref_tile, k, table)
-    return _fit_over_k(ref_pts, k) * ratio, "cost-table-scaled"
+    ref = min(same_path, key=distance)
+    ref_k = int(np.mean(fits[ref].k_range))
+    ratio = (roofline_tile_us(s, tile, ref_k, table)
+             / roofline_tile_us(Scheme.parse(ref[0]), TileConfig(ref[1], ref[2], tile.bk), ref_k, table))
+    return fits[ref], ratio, "cost-table-scaled"
+
+
+def tile_cost(s: Scheme, tile: TileConfig, k: int, table: CostTable) -> tuple:
+    """(µs per tile on one SM, source) for scheme ``s`` with ``tile`` over input width ``k``."""
+    fit, factor, source = tile_fit(s, tile, table)
+    if source == "predicted-roofline":
+        return roofline_tile_us(s, tile, k, table), source
+    return (fit.a_us + fit.b_us * k) * factor, source
 
 
 def tiles_of(rows: int, n: int, tile: TileConfig) -> int:
@@ -199,6 +232,13 @@ def block_time(s: "Scheme | str", rows: int, n: int, k: int, table: CostTable, r
     return Estimate(waves * us / 1e3, source, tiles)
 
 
+def launch_overhead(blocks: list, table: CostTable) -> float:
+    """Fixed ms of a launch (overhead, latency): the largest fitted c0 among the launch's schemes."""
+    mean_rows = sum(b[1] for b in blocks) / max(len(blocks), 1)
+    fits = [tile_fit(s, default_config(s, mean_rows), table) for s in {Scheme.parse(b[0]) for b in blocks}]
+    return max((f.c0_ms for f, _, source in fits if source != "predicted-roofline"), default=0.0)
+
+
 def launch_time(blocks: list, table: CostTable) -> Estimate:
     """Time (ms) of one grouped-GEMM launch of ``blocks`` = [(scheme, rows, N, K), ...] (one per expert).
 
@@ -211,6 +251,7 @@ def launch_time(blocks: list, table: CostTable) -> Estimate:
     busy = [p for p in parts if p.tiles]
     if busy:  # wave floor: never faster than the slowest single tile
         ms = max(ms, max(p.ms / p.tiles * table.sms for p in busy))
+    ms += launch_overhead(blocks, table)
     source = max((p.source for p in parts), key=SOURCES.index, default="cost-table")
     return Estimate(ms, source, sum(p.tiles for p in parts))
 
