@@ -180,3 +180,13 @@ def test_key_does_not_depend_on_where_results_live(tmp_path):
         assert len(files) == 2
         keys.append(reproduce.stage_key(nb, {"model": "m"}, files, root)[0])
     assert keys[0] == keys[1]
+
+
+def test_pipeline_diagram_is_self_contained(tmp_path):
+    from mxmoe.plots import pipeline
+
+    svg, png = pipeline.save(tmp_path)
+    text = svg.read_text()
+    assert png.stat().st_size > 10_000
+    assert "@font-face" not in text and "<text" not in text  # glyphs drawn as paths: no font to fetch
+    assert "04 allocation" not in text  # (text is outlined, so labels are not searchable strings)
