@@ -174,3 +174,34 @@ def test_default_tiles_are_valid_for_every_scheme(rows):
         for interpret in (False, True):
             check_config(s, default_config(s, rows, interpret))
         check_config(s, gg_module.unified_config(rows))
+
+
+def test_roofline_crossover_balances_memory_and_compute():
+    from mxmoe.plots.kernels import crossover_tokens
+
+    peak, bw, n, k = 700.0, 3000.0, 2816, 2048  # TFLOP/s, GB/s
+    for w_bits, a_bits in ((16, 16), (4, 16), (8, 8)):
+        m = crossover_tokens(peak, bw, w_bits, a_bits, n, k)
+        compute = 2 * m * n * k / (peak * 1e12)
+        memory = (n * k * w_bits / 8 + m * k * a_bits / 8 + 2 * m * n) / (bw * 1e9)
+        assert compute == pytest.approx(memory, rel=1e-9)
+    assert crossover_tokens(peak, bw, 4, 16, n, k) < crossover_tokens(peak, bw, 16, 16, n, k)
+
+
+def test_kernel_tables_from_committed_h100_runs():
+    """The notebook-03 tables build from the committed benchmark files: every paper shape in Figure 2,
+    Table 6 rows with all three launch modes, one targets row per issue target."""
+    from mxmoe.plots import kernels as kp
+
+    docs = [kp.load_bench(ROOT / "results" / "kernels" / f) for f in kp.COMMITTED_H100]
+    df = kp.case_rows(docs)
+    assert not df.duplicated(["model", "gemm", "tokens", "variant"]).any()  # each case from one file
+    blocks = kp.block_times(df)
+    assert set(kp.PAPER_MODELS) <= set(blocks.model)
+    assert (blocks[blocks.variant == "torch_grouped_bf16"].speedup_vs_torch_grouped == 1).all()
+    t6 = kp.table6(df)
+    assert len(t6) and t6[["fused_us", "unified_us", "per_scheme_us"]].notna().all().all()
+    targets = kp.targets_table(df, docs[0]["roofline"])
+    assert len(targets) == 7 and targets.status.notna().all()
+    tiles = kp.fused_tiles(df, "qwen1.5-moe-a2.7b")
+    assert set(tiles.num_warps) <= {4, 8} and tiles.groupby(["mix", "tokens"]).num_warps.nunique().max() == 1

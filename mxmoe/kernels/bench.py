@@ -13,7 +13,13 @@ on one GPU it times, with ``triton.testing.do_bench`` medians:
 
 It measures the roofline (copy bandwidth, bf16/int8/fp8 matmul peaks) in the same run, counts
 kernel launches per grouped GEMM with the profiler, prints a short table and writes
-``DIR/bench_<gpu>.json``.
+``DIR/bench_<gpu>[_<tag>].json``.
+
+Shapes: the six paper models and the embedded smollm2-moe (routed experts and, as a one-expert GEMM,
+its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it
+for GEMMs of a few microseconds, where ``do_bench``'s per-call events measure the host's launch work.
+All six paper shapes at 16/512/8192 tokens take ~7.5 minutes on one H100, mostly Triton compilation
+(``--rep-ms 50``, Table 6 on four models; results/kernels/NOTES.md).
 """
 
 from __future__ import annotations
