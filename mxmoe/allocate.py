@@ -33,7 +33,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,6 @@ class Front:
     method: str
     seconds: float
     solves: int
-    meta: dict = field(default_factory=dict)
 
     def pick(self, r: float) -> Point:
         """The point minimising r·log L + (1-r)·log T (ties: smaller T, then smaller L)."""
@@ -147,6 +146,10 @@ class _ILP:
         self.l_scale, self.t_scale = max(gl.max(2).sum(), 1e-30), max(gt.max(2).sum(), 1e-30)
         self.gl, self.gt, self.gb = gl / self.l_scale, gt / self.t_scale, gb
         self.solves = 0
+        self._build()
+
+    def _build(self) -> None:
+        """The PuLP model: binaries, one scheme per group, the budget, and the (inactive) caps."""
         e, s = self.shape
         ng = len(self.groups)
         self.prob = pulp.LpProblem("mxmoe_alloc", pulp.LpMinimize)

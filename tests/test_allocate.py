@@ -149,6 +149,10 @@ def test_alloc_file_round_trip_applies_to_tiny_model(tmp_path, monkeypatch):
     assert ((problems[0].layer, "shared0", "down") in loaded) and len(loaded) == 2 * 9 * 3
     report = apply_schemes(model, loaded)
     assert sum(report.blocks_per_scheme.values()) == len(loaded)
+    from mxmoe.plots.allocation import allocation_map
+
+    _, table7 = allocation_map(saved, problems[0].layer)
+    assert list(table7) == [str(e) for e in problems[0].experts] and all(len(v) == 3 for v in table7.values())
 
 
 def test_missing_schemes_in_sensitivity(tmp_path, monkeypatch):
