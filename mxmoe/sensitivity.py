@@ -153,6 +153,7 @@ def compute_sensitivity(model, windows: torch.Tensor, schemes, method: str = "rt
         old = json.loads(path.read_text())
         if old.get("params") == params and old.get("schemes") == result["schemes"]:
             result["layers"] = old["layers"]
+            result["device"] = old.get("device", "unknown")
     blocks = {b.layer: b for b in moe_blocks(model)}
     todo = [layer for layer in blocks if str(layer) not in result["layers"]]
     if not todo:

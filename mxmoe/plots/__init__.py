@@ -50,7 +50,8 @@ def save(fig, model: str, name: str, meta: dict) -> Path:
     """Save ``fig`` as <figures_dir(model)>/<name>.png with <name>.json beside it holding ``meta``.
 
     ``meta`` must say device, model, profile and kind (see ``provenance``); the provenance line is
-    drawn under the figure so the PNG alone says where its numbers came from.
+    drawn on the figure so the PNG alone says where its numbers came from. In a notebook the PNG is
+    displayed (so executed notebooks and the book show it) and the figure closed.
     """
     missing = {"device", "model", "profile", "kind"} - set(meta)
     if missing:
@@ -64,4 +65,17 @@ def save(fig, model: str, name: str, meta: dict) -> Path:
     fig.savefig(tmp)
     tmp.replace(png)
     write_json_atomic(out / f"{name}.json", meta)
+    _show(png)
+    plt.close(fig)
     return png
+
+
+def _show(png: Path) -> None:
+    """Display the saved PNG when running in a notebook (the Agg backend shows nothing by itself)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(Image(filename=str(png)))
