@@ -57,10 +57,10 @@ def allocation_map(doc: dict, layer: int, title: "str | None" = None):
 
 
 def front_plot(front_points: list, picks: dict, tokens: int, measured: "dict | None" = None,
-               title: str = "Speed vs accuracy"):
+               title: str = "Speed vs accuracy", label: str = "Pareto front (ILP, predicted)"):
     """Figure 6: predicted throughput (tokens / T) against predicted loss L along the ILP's Pareto front.
 
-    ``front_points``: [(L, T_ms), ...]; ``picks``: {r: (L, T_ms)} optimal points per r (marked and
+    ``front_points``: [(L, T_ms), ...] drawn as a line named ``label``; ``picks``: {r: (L, T_ms)} optimal points per r (marked and
     labelled); ``measured``: optional {label: (throughput tokens/s, y)} points measured elsewhere, drawn
     on a second y axis (e.g. WikiText-2 PPL from notebook 05).
     """
@@ -68,7 +68,7 @@ def front_plot(front_points: list, picks: dict, tokens: int, measured: "dict | N
     ax = axes[0, 0]
     pts = sorted(front_points, key=lambda p: p[1])
     tp = [tokens / (t * 1e-3) for _, t in pts]
-    ax.plot(tp, [l for l, _ in pts], "-o", ms=3, lw=1, label="Pareto front (ILP, predicted)")
+    ax.plot(tp, [l for l, _ in pts], "-o", ms=3, lw=1, label=label)
     for r, (L, T) in sorted(picks.items()):
         ax.plot(tokens / (T * 1e-3), L, "s", ms=7, mfc="none", mew=1.5)
         ax.annotate(f"r={r:g}", (tokens / (T * 1e-3), L), textcoords="offset points", xytext=(5, 5), fontsize=8)
