@@ -45,6 +45,7 @@ from mxmoe.schemes import Scheme, scheme_set
 
 BLOCK_NAMES = ("gate", "up", "down")
 GRANULARITIES = ("block", "expert")
+FRONT_METHODS = ("supported", "epsilon")
 log = logging.getLogger(__name__)
 
 
@@ -240,32 +241,38 @@ def _bound(cuts: list, lo: float, hi: float, t_min: float, r: float) -> float:
     return min(objective(L, T, r) for L, T in zip(cand, np.maximum(env, 1e-300)))
 
 
-def _supported(m: _ILP, r: "float | None") -> list:
-    """Supported Pareto points by dichotomic search (Aneja & Nair) between the lexicographic end points.
+class _Search:
+    """A search on one model: the supported points found so far and the valid cuts w_L·L + w_T·T ≥ v learnt."""
 
-    With ``r``: first a descent for a good incumbent, then segments whose lower bound (``_bound``)
-    cannot beat it are skipped, so only the part of the front that can hold the optimum is traced.
-    """
-    a, b = m.lexmin("L"), m.lexmin("T")
-    found = [a] if b.L <= a.L + 1e-12 else [a, b]
-    cuts = [(1.0, 0.0, a.L), (0.0, 1.0, b.T)]  # L >= L_min and T >= T_min hold everywhere
-    best = min(found, key=lambda p: objective(p.L, p.T, r)) if r is not None else None
-    if r is not None and len(found) == 2:
-        best = _descend(m, best, r, found, cuts)
-    found = sorted(found, key=lambda p: p.L)
-    stack = list(zip(found, found[1:]))
-    while stack:
-        p, q = stack.pop()
-        if r is not None and _bound(cuts, p.L, q.L, q.T, r) >= objective(best.L, best.T, r) - 1e-12:
-            continue
-        c = _weighted(m, p, q, cuts)
-        if c is None:
-            continue
-        found.append(c)
-        if r is not None and objective(c.L, c.T, r) < objective(best.L, best.T, r):
-            best = c
-        stack += [(p, c), (c, q)]
-    return sorted(found, key=lambda p: (p.L, p.T))
+    def __init__(self, m: _ILP):
+        self.m = m
+        a, b = m.lexmin("L"), m.lexmin("T")
+        self.found = [a] if b.L <= a.L + 1e-12 else [a, b]
+        self.cuts = [(1.0, 0.0, a.L), (0.0, 1.0, b.T)]  # L >= L_min and T >= T_min hold everywhere
+
+    def best(self, r: float) -> Point:
+        """The optimum for r, exactly: descent for an incumbent, then every segment that could beat it is split."""
+        best = min(self.found, key=lambda p: objective(p.L, p.T, r))
+        if 0.0 < r < 1.0:
+            best = _descend(self.m, best, r, self.found, self.cuts)
+        self.split(r, best)
+        return min(self.found, key=lambda p: (objective(p.L, p.T, r), p.T, p.L))
+
+    def split(self, r: "float | None", best: "Point | None" = None) -> None:
+        """Dichotomic search (Aneja & Nair) between found points; with r, skip segments that cannot beat ``best``."""
+        pts = sorted(self.found, key=lambda p: p.L)
+        stack = list(zip(pts, pts[1:]))
+        while stack:
+            p, q = stack.pop()
+            if r is not None and _bound(self.cuts, p.L, q.L, q.T, r) >= objective(best.L, best.T, r) - 1e-12:
+                continue
+            c = _weighted(self.m, p, q, self.cuts)
+            if c is None:
+                continue
+            self.found.append(c)
+            if r is not None and objective(c.L, c.T, r) < objective(best.L, best.T, r):
+                best = c
+            stack += [(p, c), (c, q)]
 
 
 def _descend(m: _ILP, p: Point, r: float, found: list, cuts: list) -> Point:
@@ -309,15 +316,20 @@ def pareto_front(loss, time_, bits, size, budget_bits: float, tie_gate_up: bool 
                  method: str = "supported", labels=None, max_points: "int | None" = None) -> Front:
     """The (L, T) Pareto front under the budget; ``Front.pick(r)`` gives the optimum for any r.
 
-    ``method="supported"``: the supported points (exact for every r, see module doc);
+    ``method="supported"``: every supported point (exact for every r, see module doc);
     ``"epsilon"``: every Pareto point by ε-constraint programs (at most ``max_points``).
     """
-    if method not in ("supported", "epsilon"):
-        raise ValueError(f"method must be 'supported' or 'epsilon', got {method!r}")
+    if method not in FRONT_METHODS:
+        raise ValueError(f"method must be one of {FRONT_METHODS}, got {method!r}")
     loss, time_, bits, size = check_inputs(loss, time_, bits, size, labels)
     start = time.perf_counter()
     m = _ILP(loss, time_, bits, size, budget_bits, block_groups(tie_gate_up, granularity))
-    pts = _supported(m, None) if method == "supported" else _epsilon(m, max_points)
+    if method == "epsilon":
+        pts = _epsilon(m, max_points)
+    else:
+        search = _Search(m)
+        search.split(None)
+        pts = sorted(search.found, key=lambda p: (p.L, p.T))
     seconds = time.perf_counter() - start
     log.info("pareto front (%s): %d points, %d CBC solves, %.2f s", method, len(pts), m.solves, seconds)
     return Front([m.real(p) for p in pts], method, seconds, m.solves)
@@ -343,7 +355,7 @@ def solve_point(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_
     if r in (0.0, 1.0):  # one lexicographic end point of the front
         best = m.lexmin("L" if r == 1.0 else "T")
     else:
-        best = min(_supported(m, r), key=lambda p: (objective(p.L, p.T, r), p.T, p.L))
+        best = _Search(m).best(r)
     log.info("solve r=%g: %d CBC solves, %.2f s", r, m.solves, time.perf_counter() - start)
     return m.real(best)
 

@@ -62,15 +62,16 @@ def test_solve_layer_matches_brute_force(seed, r, tie, granularity):
 
 def test_one_front_serves_every_r_and_epsilon_front_agrees():
     loss, time_, bits, size = _instance(7)
-    front = pareto_front(loss, time_, bits, size, 5.0)
+    fronts = [pareto_front(loss, time_, bits, size, 5.0, method=m) for m in ("supported",)]
     full = pareto_front(loss, time_, bits, size, 5.0, method="epsilon")
-    assert {(round(p.L, 9), round(p.T, 9)) for p in front.points} <= {(round(p.L, 9), round(p.T, 9)) for p in full.points}
+    every = {(round(p.L, 9), round(p.T, 9)) for p in full.points}
+    assert all({(round(p.L, 9), round(p.T, 9)) for p in f.points} <= every for f in fronts)
     Ls, Ts = [p.L for p in full.points], [p.T for p in full.points]
     assert Ls == sorted(Ls) and Ts == sorted(Ts, reverse=True)  # a Pareto front
-    for r in (0.0, 0.3, 0.75, 1.0):
+    for r in (0.0, 0.1, 0.3, 0.5, 0.75, 0.9, 1.0):
         key, _ = _brute(loss, time_, bits, size, 5.0, r, True, "block")
-        assert objective(front.pick(r).L, front.pick(r).T, r) == pytest.approx(key[0], rel=1e-7, abs=1e-9)
-        assert objective(full.pick(r).L, full.pick(r).T, r) == pytest.approx(key[0], rel=1e-7, abs=1e-9)
+        for f in (*fronts, full):
+            assert objective(f.pick(r).L, f.pick(r).T, r) == pytest.approx(key[0], rel=1e-7, abs=1e-9)
 
 
 def test_global_budget_moves_bits_between_layers():
