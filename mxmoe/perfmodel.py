@@ -221,6 +221,7 @@ def block_time(s: "Scheme | str", rows: int, n: int, k: int, table: CostTable, r
     The tile is the kernel's default for ``rows_per_expert`` (the launch's mean rows per expert;
     default ``rows``). ``standalone=False``: the block's additive share of a launch (tiles x cost / SMs,
     what the ILP sums); ``True``: the block alone in a launch, with the wave floor of one tile time.
+    Either way the launch's fixed cost is not included (``launch_time`` adds it once per launch).
     """
     s = Scheme.parse(s)
     tile = default_config(s, rows if rows_per_expert is None else rows_per_expert)
