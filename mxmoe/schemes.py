@@ -99,7 +99,8 @@ class Scheme:
 BF16 = Scheme(16, 16, -1, True, "bf16")
 
 # What Hopper (H100/H200) runs in our kernel. 4-bit activations compute at int8 rate:
-# Hopper has no int4 tensor cores.
+# Hopper has no int4 tensor cores. Weight-only widths come per channel (g-1) and g128, as in the
+# paper's candidate set, so a 2.25-bit budget can still mix (w2 g-1 is 2.0 bits).
 HOPPER_SCHEMES = tuple(
     Scheme.parse(s)
     for s in (
@@ -107,7 +108,9 @@ HOPPER_SCHEMES = tuple(
         "w8a16_g-1_sym",
         "w4a16_g-1_asym",
         "w4a16_g128_asym",
+        "w3a16_g-1_asym",
         "w3a16_g128_asym",
+        "w2a16_g-1_asym",
         "w2a16_g128_asym",
         "w8a8_g-1_sym",
         "w8a8_g-1_sym_fp8",
