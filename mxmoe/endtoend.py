@@ -93,3 +93,16 @@ def r_sweep_allocations(model: str, rs, budget_bits: float, schemes: str = "w5a5
         write_allocation(doc)
         out[r] = (setting, scheme_map(problems, choices), doc)
     return out
+
+
+def measured_throughput(model: str) -> "dict | None":
+    """{(setting, batch): row} from the newest GPU run of ``mxmoe.kernels.alloc_bench`` for ``model``, or None.
+
+    Each row has ms, tokens_per_s and the run's device; the file is results/kernels/figure5_<model>_<gpu>.json.
+    """
+    files = sorted((results_dir() / "kernels").glob(f"figure5_{model}_*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    doc = json.loads(files[-1].read_text())
+    device = doc["provenance"]["device"]
+    return {(r["setting"], r["batch"]): {**r, "device": device, "source": files[-1].name} for r in doc["rows"]}

@@ -29,10 +29,10 @@ def fig5_throughput(df: pd.DataFrame):
     return fig
 
 
-def fig6_tradeoff(df: pd.DataFrame):
+def fig6_tradeoff(df: pd.DataFrame, kind: str = "predicted"):
     """Figure 6: throughput vs PPL of the allocations for each r (points labelled with r, joined in r order).
 
-    ``df`` columns: r, ppl, tokens_per_s.
+    ``df`` columns: r, ppl, tokens_per_s; ``kind`` says whether throughput was measured or predicted.
     """
     fig, axes = figure(1, 1, width=5.5, height=4.0)
     ax = axes[0][0]
@@ -41,6 +41,6 @@ def fig6_tradeoff(df: pd.DataFrame):
     sns.scatterplot(df, x="tokens_per_s", y="ppl", hue="r", palette="viridis", s=50, ax=ax, zorder=2)
     for _, row in df.iterrows():
         ax.annotate(f"r={row.r:g}", (row.tokens_per_s, row.ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(xlabel="MoE-block tokens/s (predicted)", ylabel="WikiText-2 PPL (measured)",
+    ax.set(xlabel=f"MoE-block tokens/s ({kind})", ylabel="WikiText-2 PPL (measured)",
            title="accuracy vs performance as r varies")
     return fig
