@@ -38,3 +38,12 @@ def test_table1_row_keeps_the_schema():
     row = {"label": "x", "w_bits": 3.25, "a_bits": 16.0, "ppl": 9.0, "tasks": {}, "profile": "quick", "device": "cpu",
            "seconds": 1.0, "params": {}}
     assert table1_row(row) == {"w_bits": 3.25, "a_bits": 16.0, "ppl": 9.0, "tasks": {}, "profile": "quick", "device": "cpu"}
+
+
+def test_alloc_bench_settings_read_allocation_files(smoke_results):
+    from mxmoe.kernels.alloc_bench import UNIFORM, settings
+
+    r_sweep_allocations(smoke_results, [1.0], budget_bits=5.0, method="rtn")
+    found = settings(smoke_results)
+    assert set(UNIFORM) <= set(found) and "w5a5-b5-r1" in found
+    assert all(k[2] in ("gate", "up", "down") for k in found["w5a5-b5-r1"])
