@@ -74,8 +74,8 @@ def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zerosh
     ``scheme_map`` replaces the config's uniform scheme (an allocation). WikiText-2 perplexity on the
     profile's test windows; zero-shot accuracy on ``tasks`` (default: all) with the profile's limit
     when ``zeroshot`` and the model has a tokenizer. GPTQ calibrates on the profile's WikiText-2 train
-    windows. The row is cached under results/<model>/eval/runs/, keyed by the config, the scheme map
-    and the profile sizes it used (not the profile's name), and
+    windows. The row is cached under results/<model>/eval/runs/, keyed by the quantization recipe (not
+    its label), the scheme map and the profile sizes it used (not the profile's name), and
     returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device", "seconds", "params"}.
     """
     import hashlib
@@ -93,12 +93,13 @@ def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zerosh
     sizes = {k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")}
     if tasks:
         sizes["zeroshot_limit"] = profile.zeroshot_limit
-    params = {"config": config.as_dict(), "profile": sizes, "tasks": tasks,
+    recipe = {k: v for k, v in config.as_dict().items() if k != "label"}  # the label names, the recipe decides
+    params = {"config": recipe, "profile": sizes, "tasks": tasks,
               "scheme_map": None if scheme_map is None else scheme_map_to_rows(scheme_map)}
     key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    path = results_dir() / profile.model / "eval" / "runs" / f"{config.label.replace('*', 'star')}-{profile.name}-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    path = results_dir() / profile.model / "eval" / "runs" / f"{config.method}-{profile.name}-{key}.json"
+    if path.exists():  # the same quantization measured before, perhaps under another label
+        return {**json.loads(path.read_text()), "label": config.label}
     start = time.time()
     model, tok = fresh_model(profile.model)
     calib = calibration(model, tok, profile, seed=config.seed) if config.method == "gptq" else None

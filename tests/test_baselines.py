@@ -63,10 +63,12 @@ def test_evaluate_config_caches_by_parameters(tmp_path, monkeypatch):
     row = evaluate_config(baseline("gptq*-2.25"), smoke, progress=False)
     assert row["label"] == "gptq*-2.25" and row["w_bits"] == 2.25 and row["ppl"] > 1 and row["tasks"] == {}
     assert row["quantization"]["gptq"]["gptq_blocks"] + row["quantization"]["gptq"]["rtn_fallbacks"] > 0
-    (path,) = (tmp_path / "tiny-qwen2-moe" / "eval" / "runs").glob("gptqstar-2.25-smoke-*.json")
+    (path,) = (tmp_path / "tiny-qwen2-moe" / "eval" / "runs").glob("gptq-smoke-*.json")
     assert json.loads(path.read_text())["ppl"] == row["ppl"]
     monkeypatch.setattr(baselines, "quantize_model_gptq", lambda *a, **k: pytest.fail("cache not used"))
     assert evaluate_config(baseline("gptq*-2.25"), smoke, progress=False) == row
+    renamed = evaluate_config(baseline("gptq*-2.25", label="same recipe"), smoke, progress=False)
+    assert renamed == {**row, "label": "same recipe"}  # the label names a row, the recipe keys it
     other = evaluate_config(rtn_grid_config(8, 8), get_profile("smoke", eval_windows=1), zeroshot=False, progress=False)
     assert other["ppl"] != row["ppl"] and len(list(path.parent.glob("*.json"))) == 2
 
