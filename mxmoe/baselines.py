@@ -96,8 +96,8 @@ def quantize(model, config: QuantConfig, calib: "torch.Tensor | None" = None, sc
              progress: bool = True) -> dict:
     """Quantize ``model`` in place per ``config`` (or per ``scheme_map`` with the config's method).
 
-    ``calib`` [n, seqlen] calibration windows are required by GPTQ. Returns a JSON-ready report:
-    the scheme count, average weight/activation bits and, for GPTQ, the fallbacks and time.
+    ``calib`` [n, seqlen] calibration windows are required by GPTQ. Returns a JSON-ready report: the
+    config, the parameter-weighted weight/activation bits and, for GPTQ, its fallbacks and time.
     """
     if scheme_map is None:
         if config.scheme is None:

@@ -68,12 +68,14 @@ def _load(path: Path) -> dict:
 
 
 def _bench_files(root: Path) -> list[Path]:
-    """Kernel benchmark files, best first: H100 (the issue's card) before others, newest first."""
+    """Kernel benchmark files, best first: H100 (the issue's card) before others, then the run covering the
+    most cases (a partial re-run must not hide the full one), then newest first."""
     files = [Path(p) for p in glob.glob(str(root / "kernels" / "bench_*.json"))]
 
     def key(p: Path):
-        prov = _load(p).get("provenance", {})
-        return ("H100" in prov.get("device", p.name), prov.get("date_utc", ""), p.name)
+        doc = _load(p)
+        prov = doc.get("provenance", {})
+        return ("H100" in prov.get("device", p.name), len(doc.get("results", [])), prov.get("date_utc", ""), p.name)
 
     return sorted(files, key=key, reverse=True)
 
