@@ -22,7 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from mxmoe.paths import REPO_ROOT
+from mxmoe.paths import REPO_ROOT, kernel_results_dir
 
 BOOK = REPO_ROOT / "book"
 SOFTWARE = ("torch", "triton", "transformers", "accelerate", "lm-eval", "pulp", "papermill", "jupyter-book",
@@ -34,6 +34,15 @@ def executed_notebooks(root: Path, model: str) -> list[Path]:
 
     d = root / model_dirname(model) / "notebooks"
     return [d / f"{s.stem}.ipynb" for s in STAGES if (d / f"{s.stem}.ipynb").exists()]
+
+
+def book_profile() -> str:
+    """The run a book shows by default: the full (GPU) run when its executed notebooks exist, else this machine's default."""
+    from mxmoe.paths import resolve_results_dir
+    from mxmoe.profiles import default_profile
+    from mxmoe.reproduce import default_model
+
+    return "full" if executed_notebooks(resolve_results_dir("full"), default_model("full")) else default_profile()
 
 
 def stage_source(src: "Path | None") -> Path:
@@ -98,7 +107,7 @@ def _result_provenance(root: Path, model: str) -> list[dict]:
 
     rows = []
     files = sorted((root / model_dirname(model)).glob("*.json")) + sorted((root / model_dirname(model)).glob("*/*.json"))
-    files += sorted((root / "kernels").glob("*.json"))
+    files += sorted(kernel_results_dir(root).glob("*.json"))
     for f in files:
         if "/figures/" in str(f) or "/notebooks/" in str(f):
             continue
@@ -116,7 +125,7 @@ def _result_provenance(root: Path, model: str) -> list[dict]:
         profile = d.get("profile") or params.get("profile")
         if isinstance(profile, dict):
             profile = profile.get("name")
-        rows.append({"result file": str(f.relative_to(root)), "device": dev, "profile": profile,
+        rows.append({"result file": str(f.relative_to(root) if f.is_relative_to(root) else f.relative_to(REPO_ROOT)), "device": dev, "profile": profile,
                      "software": sw, "date": date})
     return rows
 
@@ -160,7 +169,7 @@ come from a GPU machine. The others come from the machine named in their `device
 {_md_table([ver])}
 ## Disk use
 
-{_md_table([{"results (this model)": _du(root / model_dirname(model)), "results/kernels": _du(root / "kernels"),
+{_md_table([{"results (this model)": _du(root / model_dirname(model)), "results/kernels": _du(kernel_results_dir(root)),
              "book sources": _du(src)}])}"""
     out = src / "runs.md"
     out.write_text(text)
@@ -203,8 +212,8 @@ def build(src: Path, out: Path, strict: bool, log=print) -> int:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    from mxmoe.profiles import default_profile
-    from mxmoe.reproduce import default_model, resolve_results_dir
+    from mxmoe.paths import resolve_results_dir
+    from mxmoe.reproduce import default_model
 
     p = argparse.ArgumentParser(prog="python -m mxmoe.book", description=__doc__.split("\n")[0])
     p.add_argument("--profile", choices=("smoke", "quick", "full"), default=None,
@@ -214,7 +223,7 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="build folder (default: <book sources>/_build)")
     p.add_argument("--strict", action="store_true", help="warnings are errors: -W -n --keep-going")
     args = p.parse_args(argv)
-    profile = args.profile or default_profile()
+    profile = args.profile or book_profile()
     model = args.model or default_model(profile)
     root = resolve_results_dir(profile)
     t0 = time.time()

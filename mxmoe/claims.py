@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from mxmoe.paths import REPO_ROOT, results_dir, write_json_atomic
+from mxmoe.paths import REPO_ROOT, kernel_results_dir, results_dir, write_json_atomic
 
 VERDICTS = ("reproduced", "direction", "not-reproduced", "not-run")
 
@@ -55,7 +55,7 @@ class NotRun(Exception):
 
 def _rel(path: Path, root: Path) -> str:
     path = Path(path)
-    for base, prefix in ((root, "results/"), (REPO_ROOT, "")):
+    for base, prefix in ((REPO_ROOT, ""), (root, "results/")):  # repo-relative first: results/quick/... stays so
         try:
             return prefix + str(path.relative_to(base))
         except ValueError:
@@ -70,7 +70,7 @@ def _load(path: Path) -> dict:
 def _bench_files(root: Path) -> list[Path]:
     """Kernel benchmark files, best first: H100 (the issue's card) before others, then the run covering the
     most cases (a partial re-run must not hide the full one), then newest first."""
-    files = [Path(p) for p in glob.glob(str(root / "kernels" / "bench_*.json"))]
+    files = [Path(p) for p in glob.glob(str(kernel_results_dir(root) / "bench_*.json"))]
 
     def key(p: Path):
         doc = _load(p)
@@ -83,7 +83,7 @@ def _bench_files(root: Path) -> list[Path]:
 def _bench(root: Path) -> tuple[dict, Path]:
     files = _bench_files(root)
     if not files:
-        raise NotRun(f"no kernel benchmark in {_rel(root / 'kernels', root)} (notebook 03 / python -m mxmoe.kernels.bench on a GPU)")
+        raise NotRun(f"no kernel benchmark in {_rel(kernel_results_dir(root), root)} (notebook 03 / python -m mxmoe.kernels.bench on a GPU)")
     return _load(files[0]), files[0]
 
 
@@ -403,7 +403,7 @@ def claim_fig6_tradeoff(root, model):
 
 
 def claim_perfmodel(root, model):
-    hits = sorted(glob.glob(str(root / "kernels" / "perfmodel*.json")) +
+    hits = sorted(glob.glob(str(kernel_results_dir(root) / "perfmodel*.json")) +
                   glob.glob(str(root / model / "alloc" / "perfmodel*.json")))
     if not hits:
         raise NotRun("no perfmodel*.json validation file yet (notebook 04)")
@@ -538,6 +538,8 @@ def build_manifest(model: str = "smollm2-moe", root: "Path | None" = None) -> di
         for i, g in enumerate(globs):
             if g.startswith("@repo/"):
                 files.update(Path(p) for p in glob.glob(str(REPO_ROOT / g[6:]), recursive=True))
+            elif g.startswith("kernels/"):
+                files.update(Path(p) for p in glob.glob(str(kernel_results_dir(root) / g[8:]), recursive=True))
             else:
                 files.update(Path(p) for p in glob.glob(str(root / g.format(m=model)), recursive=True))
             if i == 0:

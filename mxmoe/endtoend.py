@@ -15,7 +15,7 @@ import numpy as np
 from mxmoe.allocate import (allocation_doc, card_dims, layer_problem, model_dims, pareto_front, scheme_map,
                             write_allocation)
 from mxmoe.errors import MxMoEError
-from mxmoe.paths import results_dir
+from mxmoe.paths import kernel_results_dir, results_dir
 from mxmoe.perfmodel import launch_time, load_table
 from mxmoe.routing import batch_workload
 from mxmoe.schemes import Scheme
@@ -100,7 +100,7 @@ def measured_throughput(model: str) -> "dict | None":
 
     Each row has ms, tokens_per_s and the run's device; the file is results/kernels/figure5_<model>_<gpu>.json.
     """
-    files = sorted((results_dir() / "kernels").glob(f"figure5_{model}_*.json"), key=lambda p: p.stat().st_mtime)
+    files = sorted(kernel_results_dir().glob(f"figure5_{model}_*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
         return None
     doc = json.loads(files[-1].read_text())

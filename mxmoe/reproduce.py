@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mxmoe.errors import MxMoEError
-from mxmoe.paths import REPO_ROOT, cache_dir, results_dir, write_json_atomic
+from mxmoe.paths import REPO_ROOT, kernel_results_dir, resolve_results_dir, results_dir, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -85,17 +85,6 @@ def default_model(profile: str) -> str:
     return get_profile(profile).model
 
 
-def smoke_results_dir() -> Path:
-    return cache_dir() / "smoke-results"
-
-
-def resolve_results_dir(profile: str) -> Path:
-    """The results root for a run: $MXMOE_RESULTS_DIR, else results/ (smoke: a cache folder, never results/)."""
-    if os.environ.get("MXMOE_RESULTS_DIR"):
-        return Path(os.environ["MXMOE_RESULTS_DIR"])
-    return smoke_results_dir() if profile == "smoke" else results_dir()
-
-
 def notebook_source_hash(path: Path) -> str:
     """sha256 of a notebook's cell types and sources (outputs and metadata ignored)."""
     nb = json.loads(Path(path).read_text())
@@ -113,6 +102,8 @@ def input_files(stage: Stage, root: Path, model: str, repo: Path = REPO_ROOT) ->
     for pattern in stage.reads:
         if pattern.startswith("@repo/"):
             base, pat = repo, pattern[len("@repo/"):]
+        elif pattern.startswith("kernels/"):
+            base, pat = kernel_results_dir(root), pattern[len("kernels/"):]
         else:
             base, pat = root, pattern.format(model=model_dirname(model))
         out.update(p for p in base.glob(pat) if p.is_file())

@@ -8,6 +8,7 @@ import nbformat
 import pytest
 
 from mxmoe import book, reproduce
+from mxmoe.paths import REPO_ROOT
 from mxmoe.reproduce import NotebookFailed, Stage
 
 
@@ -118,6 +119,8 @@ def test_smoke_never_writes_into_committed_results(monkeypatch, tmp_path):
     monkeypatch.delenv("MXMOE_RESULTS_DIR", raising=False)
     monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path))
     assert reproduce.resolve_results_dir("smoke") == tmp_path / "smoke-results"
+    assert reproduce.resolve_results_dir("quick") == REPO_ROOT / "results" / "quick"
+    assert reproduce.resolve_results_dir("full") == REPO_ROOT / "results"
     assert reproduce.model_dirname("Qwen/Qwen1.5-MoE-A2.7B") == "Qwen--Qwen1.5-MoE-A2.7B"
 
 
