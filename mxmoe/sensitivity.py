@@ -39,8 +39,8 @@ from mxmoe.errors import MxMoEError
 from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
 from mxmoe.models.smollm2 import device_name
 from mxmoe.paths import results_dir, write_json_atomic
-from mxmoe.quant.apply import check_scheme
-from mxmoe.quant.experts import expert_weights, hessian_of, quantize_block, split_by_expert
+from mxmoe.quant.apply import block_weight, check_scheme
+from mxmoe.quant.experts import expert_weights, hessian_of, quantize_blocks, split_by_expert
 from mxmoe.quant.hadamard import apply_online_hadamard, rotate_model
 from mxmoe.quant.layerwise import LayerwiseRunner
 from mxmoe.quant.rtn import quantize_activation
@@ -57,13 +57,8 @@ def cache_path(model_name: str, method: str, schemes, calib: str):
     return results_dir() / model_name / "sensitivity" / f"{method}_{len(schemes)}schemes-{digest}_{calib}.json"
 
 
-@torch.no_grad()
-def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down: bool = False,
-                  min_tokens: int = 16, **gptq_kw) -> tuple[list, list]:
-    """Δ [3][S] for one expert's blocks under each scheme, and the RTN fallbacks as (block, scheme, reason).
-
-    ``tokens`` is an ``ExpertTokens`` (x [T, H], gates g [T, 1]); T must be positive.
-    """
+def _expert_context(block: MoEBlock, tokens, method: str, rotate_down: bool) -> dict:
+    """One expert's tokens, weights, full-precision activations and output, and its Hessians (none for rtn)."""
     x, g = tokens.x, tokens.g  # [T, H], [T, 1]
     w = expert_weights(block, tokens.expert, rotate_down)
     pre = {"gate": x @ w["gate"].T, "up": x @ w["up"].T}  # [T, I] each, full precision
@@ -74,26 +69,52 @@ def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down:
     if method != "rtn":
         hx = hessian_of(x)
         hessians = {"gate": hx, "up": hx, "down": hessian_of(h_in)}
-    deltas, fallbacks = [], []
-    for name in BLOCKS:
-        row = []
+    return {"x": x, "g": g, "w": w, "pre": pre, "h_in": h_in, "ref": ref, "hessians": hessians}
+
+
+def _delta(c: dict, name: str, s, wq: torch.Tensor, rotate_down: bool) -> float:
+    """Δ of one expert (context ``c``) with only block ``name`` quantized: weight ``wq``, activations on ``s``."""
+    if name == "down":
+        out = quantize_activation(c["h_in"], s) @ wq.T  # [T, H]
+    else:  # only this projection changes; the other one and down stay full precision
+        p = quantize_activation(c["x"], s) @ wq.T  # [T, I]
+        hq = F.silu(p) * c["pre"]["up"] if name == "gate" else F.silu(c["pre"]["gate"]) * p
+        out = (apply_online_hadamard(hq) if rotate_down else hq) @ c["w"]["down"].T
+    return float(torch.linalg.norm(c["g"] * (out - c["ref"])))
+
+
+@torch.no_grad()
+def group_deltas(block: MoEBlock, group: list, schemes, method: str, *, rotate_down: bool = False,
+                 min_tokens: int = 16, **gptq_kw) -> list[tuple[list, list]]:
+    """``expert_deltas`` of experts with same-shape weights, each (block, scheme) quantized for all in one batch.
+
+    ``group``: ``ExpertTokens`` with T > 0 each. Returns (Δ [3][S], fallbacks) per expert, in order.
+    """
+    ctx = [_expert_context(block, t, method, rotate_down) for t in group]
+    deltas = [[[] for _ in BLOCKS] for _ in group]
+    fallbacks = [[] for _ in group]
+    for j, name in enumerate(BLOCKS):
+        w = torch.stack([c["w"][name] for c in ctx])  # [E, out, in]
+        hessians = [c["hessians"].get(name) for c in ctx]
         for s in schemes:
             if s.is_full_precision:
-                row.append(0.0)
+                for d in deltas:
+                    d[j].append(0.0)
                 continue
-            q = quantize_block(w[name], s, hessians.get(name), min_tokens, **gptq_kw)
-            if q.how == "rtn-fallback":
-                fallbacks.append((name, str(s), q.reason))
-            wq = q.weight.dequantize()
-            if name == "down":
-                out = quantize_activation(h_in, s) @ wq.T
-            else:  # only this projection changes; the other one and down stay full precision
-                p = quantize_activation(x, s) @ wq.T  # [T, I]
-                hq = F.silu(p) * pre["up"] if name == "gate" else F.silu(pre["gate"]) * p
-                out = (apply_online_hadamard(hq) if rotate_down else hq) @ w["down"].T
-            row.append(float(torch.linalg.norm(g * (out - ref))))
-        deltas.append(row)
-    return deltas, fallbacks
+            for c, q, d, f in zip(ctx, quantize_blocks(w, s, hessians, min_tokens, **gptq_kw), deltas, fallbacks):
+                if q.how == "rtn-fallback":
+                    f.append((name, str(s), q.reason))
+                d[j].append(_delta(c, name, s, q.weight.dequantize(), rotate_down))
+    return list(zip(deltas, fallbacks))
+
+
+def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down: bool = False,
+                  min_tokens: int = 16, **gptq_kw) -> tuple[list, list]:
+    """Δ [3][S] for one expert's blocks under each scheme, and the RTN fallbacks as (block, scheme, reason).
+
+    ``tokens`` is an ``ExpertTokens`` (x [T, H], gates g [T, 1]); T must be positive.
+    """
+    return group_deltas(block, [tokens], schemes, method, rotate_down=rotate_down, min_tokens=min_tokens, **gptq_kw)[0]
 
 
 @torch.no_grad()
@@ -101,21 +122,32 @@ def layer_sensitivity(block: MoEBlock, x: torch.Tensor, schemes, method: str = "
                       min_tokens: int = 16, **gptq_kw) -> dict:
     """Δ of every expert block of one MoE layer from its full-precision inputs ``x[N, H]``; a JSON-ready dict.
 
-    Keys: experts (ids), tokens (per expert), delta [experts][3][S] (null where an expert got no
-    token), no_tokens (expert ids), rtn_fallbacks ([expert, block, scheme, reason]).
+    Experts with tokens are quantized together per weight shape (routed ones, shared ones), one
+    batched GPTQ per block and scheme. Keys: experts (ids), tokens (per expert), delta
+    [experts][3][S] (null where an expert got no token), no_tokens (expert ids), rtn_fallbacks
+    ([expert, block, scheme, reason]).
     """
     if x.shape[0] == 0:
         raise MxMoEError(f"layer {block.layer}: no calibration tokens reached this MoE block")
+    experts = split_by_expert(block, x)
+    by_shape: dict = {}  # gate weight shape -> indices of the experts with tokens
+    for i, tokens in enumerate(experts):
+        if tokens.x.shape[0]:
+            by_shape.setdefault(tuple(block_weight(block, tokens.expert, "gate").shape), []).append(i)
+    measured = {}
+    for idx in by_shape.values():
+        out = group_deltas(block, [experts[i] for i in idx], schemes, method, rotate_down=rotate_down,
+                           min_tokens=min_tokens, **gptq_kw)
+        measured.update(zip(idx, out))
     result = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}
-    for tokens in split_by_expert(block, x):
+    for i, tokens in enumerate(experts):
         result["experts"].append(tokens.expert)
         result["tokens"].append(int(tokens.x.shape[0]))
-        if tokens.x.shape[0] == 0:
+        if i not in measured:
             result["delta"].append([[None] * len(schemes) for _ in BLOCKS])
             result["no_tokens"].append(tokens.expert)
             continue
-        deltas, fallbacks = expert_deltas(block, tokens, schemes, method, rotate_down=rotate_down,
-                                          min_tokens=min_tokens, **gptq_kw)
+        deltas, fallbacks = measured[i]
         if not all(math.isfinite(d) for row in deltas for d in row):
             raise FloatingPointError(f"layer {block.layer} expert {tokens.expert}: non-finite Δ {deltas}")
         result["delta"].append(deltas)

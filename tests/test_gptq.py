@@ -1,8 +1,17 @@
+import time
+import warnings
+
 import pytest
 import torch
 
 from mxmoe.quant import quantize_weight_int
-from mxmoe.quant.gptq import GPTQWeight, HessianAccumulator, InsufficientCalibration, gptq_quantize
+from mxmoe.quant.gptq import (
+    GPTQWeight,
+    HessianAccumulator,
+    InsufficientCalibration,
+    gptq_quantize,
+    gptq_quantize_batched,
+)
 
 SCHEMES = [
     "w4a16_g128_asym",
@@ -186,3 +195,102 @@ def test_kernel_packs_gptq_codes_exactly(setup, scheme):
     assert torch.equal(stored.q.to(out.q.dtype), out.q)
     # the kernel stores grouped scales and zeros in fp16: the dequantized weights agree to that rounding
     torch.testing.assert_close(stored.dequantize(), out.dequantize(), rtol=2e-3, atol=2e-3 * w.abs().max().item())
+
+
+def batch_instance(k: int = 200, n: int = 16):
+    """Weights [7, n, k] and Hessians of experts that differ: normal, dead inputs, too few tokens,
+    all inputs dead, indefinite (needs damping retries), hopeless (no damping helps)."""
+    w = torch.randn(7, n, k, generator=torch.Generator().manual_seed(10))
+    xs = [correlated(300, k, 11, basis_seed=1), correlated(260, k, 12, basis_seed=2), correlated(280, k, 13),
+          correlated(8, k, 14), torch.zeros(40, k), correlated(300, k, 15, basis_seed=3), torch.randn(40, k)]
+    xs[2][:, [0, 5, k - 70, k - 1]] = 0  # dead inputs, two in the shorter last g128 group when k = 200
+    hs = [hessian_of(x) for x in xs]
+    evals, evecs = torch.linalg.eigh(hs[5].H.double())
+    evals[0] = -0.005 * hs[5].H.diagonal().mean()  # slightly indefinite: retries until the damping covers it
+    hs[5].H = (evecs @ torch.diag(evals) @ evecs.T).float()
+    hs[6].H.fill_(0).diagonal().fill_(-1.0)  # hopeless: LinAlgError
+    return w, hs
+
+
+def run_recording(fn):
+    """fn()'s result (or the exception it raised) and the messages of the warnings it gave."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            out = fn()
+        except (InsufficientCalibration, torch.linalg.LinAlgError) as e:
+            out = e
+    return out, [str(r.message) for r in rec]
+
+
+@pytest.mark.parametrize(
+    "scheme,act_order,static_groups",
+    [
+        ("w4a16_g128_asym", True, True),
+        ("w4a16_g128_asym", False, False),
+        ("w3a16_g128_sym", False, True),
+        ("w2a16_g64_asym", False, False),
+        ("w4a16_g-1_asym", True, True),
+        ("w8a8_g-1_sym", False, True),
+        ("w8a8_g-1_sym_fp8", True, True),
+        ("w8a8_g-1_sym_fp8", False, False),
+    ],
+)
+def test_batched_equals_per_expert(scheme, act_order, static_groups):
+    w, hs = batch_instance()
+    kw = dict(act_order=act_order, static_groups=static_groups, blocksize=64, percdamp=1e-6, min_tokens=20,
+              max_damp_retries=6)
+    batched, warned = run_recording(lambda: gptq_quantize_batched(w, hs, scheme, **kw))
+    assert len(batched) == len(hs)
+    expected_warnings = []
+    for e, h in enumerate(hs):
+        ref, ref_warned = run_recording(lambda: gptq_quantize(w[e], h, scheme, **kw))
+        expected_warnings += ref_warned
+        out = batched[e]
+        assert type(out) is type(ref), (e, out, ref)
+        if isinstance(ref, Exception):
+            assert str(out) == str(ref)
+            continue
+        assert torch.equal(out.q, ref.q) and out.q.dtype == ref.q.dtype, e
+        torch.testing.assert_close(out.scale, ref.scale, rtol=1e-6, atol=0)
+        torch.testing.assert_close(out.zero, ref.zero, rtol=1e-6, atol=1e-7)
+        assert out.loss == pytest.approx(ref.loss, rel=1e-6)
+        assert (out.percdamp, out.dead_inputs, out.tokens, out.scheme) == (ref.percdamp, ref.dead_inputs, ref.tokens,
+                                                                           ref.scheme)
+    assert sorted(warned) == sorted(expected_warnings)
+    kinds = [GPTQWeight] * 3 + [InsufficientCalibration] * 2 + [GPTQWeight, torch.linalg.LinAlgError]
+    assert all(isinstance(o, t) for o, t in zip(batched, kinds))
+    assert batched[2].dead_inputs == 4
+    if batched[2].scheme.symmetric:  # a zeroed column is exactly on a symmetric grid
+        assert torch.all(batched[2].dequantize()[:, [0, 5, 130, 199]] == 0)
+    assert batched[0].percdamp == 1e-6 and 1e-2 <= batched[5].percdamp <= 1e-1
+
+
+def test_batched_rejects_bad_input():
+    w, hs = batch_instance(k=40)
+    with pytest.raises(ValueError, match="E, N, K"):
+        gptq_quantize_batched(w[0], hs[:1], "w4a16_g-1_asym")
+    with pytest.raises(ValueError, match="7 weights but 2"):
+        gptq_quantize_batched(w, hs[:2], "w4a16_g-1_asym")
+    with pytest.raises(ValueError, match="K=12"):
+        gptq_quantize_batched(w[:, :, :12], hs, "w4a16_g-1_asym")
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq_quantize_batched(w, hs, "w4a16_g128_asym", act_order=True, static_groups=False)
+    out = gptq_quantize_batched(w[3:5], hs[3:5], "w4a16_g-1_asym", min_tokens=20)  # nothing left to batch
+    assert all(isinstance(r, InsufficientCalibration) for r in out)
+
+
+def test_batched_timing_against_per_expert():
+    """32 experts of [32, 576]: one batched call against 32 calls (printed, not asserted; run with -s)."""
+    torch.set_num_threads(1)
+    e, n, k = 32, 32, 576
+    w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(20))
+    hs = [hessian_of(correlated(200, k, 30 + i)) for i in range(e)]
+    t0 = time.perf_counter()
+    batched = gptq_quantize_batched(w, hs, "w4a16_g128_asym")
+    t1 = time.perf_counter()
+    single = [gptq_quantize(w[i], hs[i], "w4a16_g128_asym") for i in range(e)]
+    t2 = time.perf_counter()
+    assert all(torch.equal(b.q, s.q) for b, s in zip(batched, single))
+    print(f"\nGPTQ of {e} experts [{n}, {k}] w4a16_g128_asym on CPU (1 thread): batched {t1 - t0:.2f} s, "
+          f"per expert {t2 - t1:.2f} s ({(t2 - t1) / (t1 - t0):.1f}x)")

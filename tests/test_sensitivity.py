@@ -109,3 +109,41 @@ def test_cli_bad_input_exits_2(capsys):
     assert "no tokenizer" in capsys.readouterr().err
     assert main(["sensitivity", "tiny-mixtral", "--schemes", "w1a16_g-1_sym"]) == 2
     assert "at least 2 bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,rotate", [("gptq", False), ("gptq", True), ("rtn", False)])
+def test_batched_layer_equals_expert_by_expert(monkeypatch, method, rotate):
+    import mxmoe.quant.experts as experts
+
+    model = fresh()
+    b = moe_blocks(model)[1]
+    runner = LayerwiseRunner(model, WINDOWS)
+    runner.advance()
+    x = runner.block_inputs(b.module)  # [N, H]
+    schemes = [sens.check_scheme(s) for s in SCHEMES]
+    split = experts.split_by_expert(b, x)
+    min_tokens = sorted(int(t.x.shape[0]) for t in split)[len(split) // 2]  # about half the experts fall back
+    batch_sizes = []
+    real = experts.gptq_quantize_batched
+    monkeypatch.setattr(experts, "gptq_quantize_batched",
+                        lambda w, *a, **k: batch_sizes.append(w.shape[0]) or real(w, *a, **k))
+    res = sens.layer_sensitivity(b, x, schemes, method, rotate_down=rotate, min_tokens=min_tokens)
+    monkeypatch.setattr(experts, "gptq_quantize_batched", real)
+
+    ref = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}  # the per-expert loop
+    for tokens in split:
+        ref["experts"].append(tokens.expert)
+        ref["tokens"].append(int(tokens.x.shape[0]))
+        deltas, fallbacks = sens.expert_deltas(b, tokens, schemes, method, rotate_down=rotate, min_tokens=min_tokens)
+        ref["delta"].append(deltas)
+        ref["rtn_fallbacks"] += [[tokens.expert, *f] for f in fallbacks]
+    assert {k: v for k, v in res.items() if k != "delta"} == {k: v for k, v in ref.items() if k != "delta"}
+    assert np.allclose(np.array(res["delta"], float), np.array(ref["delta"], float), rtol=1e-5, atol=0)
+    shapes = {tuple(experts.block_weight(b, e, "gate").shape) for e in res["experts"]}
+    if method == "gptq":
+        assert len(shapes) == 2 and res["rtn_fallbacks"]  # routed and shared experts differ in shape
+        assert len(res["rtn_fallbacks"]) < 3 * (len(SCHEMES) - 1) * len(res["experts"])  # and some ran GPTQ
+        # one batched GPTQ per (shape, block, quantized scheme), holding every expert of that shape
+        assert sorted(batch_sizes) == sorted([len(res["experts"]) - 1] * 6 + [1] * 6)
+    else:
+        assert batch_sizes == []

@@ -1,4 +1,6 @@
 
+import warnings
+
 import pytest
 import torch
 from tiny import fresh
@@ -51,3 +53,58 @@ def test_hadamard_keeps_full_precision_and_quantizes():
     out = logits(q)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)
     assert report.summary()["rotation"] == {"seed": 0, "kind": "hadamard"}
+
+
+def _per_expert_layer(b, experts, plan, report, rotate_down, min_tokens, gptq_kw):
+    """The expert-by-expert reference: gate, up, then down of one expert before the next one."""
+    from mxmoe.quant.apply import set_block_weight
+    from mxmoe.quant.experts import expert_weights, hessian_of, intermediate, quantize_block
+    from mxmoe.quant.hadamard import apply_online_hadamard
+    from mxmoe.schemes import BF16
+
+    for tokens in experts:
+        schemes = {n: plan.get((b.layer, tokens.expert, n), BF16) for n in ("gate", "up", "down")}
+        if all(s.is_full_precision for s in schemes.values()):
+            continue
+        w, hessian = expert_weights(b, tokens.expert), hessian_of(tokens.x)
+        for name in ("gate", "up", "down"):
+            if schemes[name].is_full_precision:
+                continue
+            if name == "down":
+                h = intermediate(tokens.x, w, schemes)  # [T, I] from the quantized gate/up
+                hessian = hessian_of(apply_online_hadamard(h) if rotate_down and h.shape[0] else h)
+            q = quantize_block(w[name], schemes[name], hessian, min_tokens, **gptq_kw)
+            if q.how == "rtn-fallback":
+                report.rtn_fallbacks.append({"layer": b.layer, "expert": tokens.expert, "block": name,
+                                             "tokens": int(tokens.x.shape[0]), "reason": q.reason})
+            else:
+                report.gptq_blocks += 1
+            w[name] = q.weight.dequantize()
+            set_block_weight(b, tokens.expert, name, w[name])
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_batched_layers_equal_expert_by_expert(monkeypatch, hadamard):
+    import mxmoe.quant.sequential as seq
+    from mxmoe.models import moe_blocks
+    from mxmoe.quant.apply import block_weight, expert_ids
+
+    choice = ["w3a16_g-1_asym", "w4a8_g16_sym", "bf16", "w3a16_g-1_asym"]  # mixed schemes: several batches per block
+    pick = torch.Generator().manual_seed(5)
+    scheme_map = {k: choice[int(torch.randint(4, (1,), generator=pick))] for k in uniform_scheme_map(fresh(), "bf16")}
+    models, reports = [], []
+    for layer_fn in (seq._quantize_layer, _per_expert_layer):
+        monkeypatch.setattr(seq, "_quantize_layer", layer_fn)
+        m = fresh()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reports.append(quantize_model_gptq(m, CALIB[:2], scheme_map, hadamard=hadamard, min_tokens=12,
+                                               progress=False))
+        models.append(m)
+    batched, ref = reports
+    assert batched.gptq_blocks == ref.gptq_blocks > 0 and batched.rtn_fallbacks == ref.rtn_fallbacks != []
+    for b, rb in zip(moe_blocks(models[0]), moe_blocks(models[1])):
+        for e in expert_ids(b):
+            for name in ("gate", "up", "down"):
+                assert torch.equal(block_weight(b, e, name), block_weight(rb, e, name)), (b.layer, e, name)
+    torch.testing.assert_close(logits(models[0]), logits(models[1]), rtol=0, atol=0)

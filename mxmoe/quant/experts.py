@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mxmoe.models.blocks import MoEBlock
 from mxmoe.quant.apply import block_weight, expert_ids
-from mxmoe.quant.gptq import HessianAccumulator, InsufficientCalibration, gptq_quantize
+from mxmoe.quant.gptq import HessianAccumulator, InsufficientCalibration, gptq_quantize_batched
 from mxmoe.quant.hadamard import apply_online_hadamard
 from mxmoe.quant.rtn import IntWeight, quantize_activation, quantize_weight_int
 from mxmoe.schemes import BF16, Scheme
@@ -76,12 +76,29 @@ class QuantizedBlock:
 def quantize_block(w: torch.Tensor, scheme: Scheme, hessian: "HessianAccumulator | None", min_tokens: int,
                    **gptq_kw) -> QuantizedBlock:
     """GPTQ when a Hessian is given and has enough tokens, otherwise RTN; ``w`` is [out, in]."""
-    if hessian is None:
-        return QuantizedBlock(quantize_weight_int(w, scheme), "rtn")
-    try:
-        return QuantizedBlock(gptq_quantize(w, hessian, scheme, min_tokens=min_tokens, **gptq_kw), "gptq")
-    except (InsufficientCalibration, torch.linalg.LinAlgError) as e:
-        return QuantizedBlock(quantize_weight_int(w, scheme), "rtn-fallback", str(e).splitlines()[0])
+    return quantize_blocks(w[None], scheme, [hessian], min_tokens, **gptq_kw)[0]
+
+
+def quantize_blocks(w: torch.Tensor, scheme: Scheme, hessians: list, min_tokens: int,
+                    **gptq_kw) -> list[QuantizedBlock]:
+    """``quantize_block`` for same-shape weights ``w[E, out, in]`` at once, expert e with ``hessians[e]`` (or None).
+
+    The experts with a Hessian go through one batched GPTQ; the others, and GPTQ's fallbacks, get RTN.
+    """
+    out: list = [None] * len(hessians)
+    with_h = [e for e, h in enumerate(hessians) if h is not None]
+    if with_h:
+        idx = torch.tensor(with_h, device=w.device)
+        res = gptq_quantize_batched(w[idx], [hessians[e] for e in with_h], scheme, min_tokens=min_tokens, **gptq_kw)
+        for e, r in zip(with_h, res):
+            if isinstance(r, (InsufficientCalibration, torch.linalg.LinAlgError)):
+                out[e] = QuantizedBlock(quantize_weight_int(w[e], scheme), "rtn-fallback", str(r).splitlines()[0])
+            else:
+                out[e] = QuantizedBlock(r, "gptq")
+    for e, h in enumerate(hessians):
+        if h is None:
+            out[e] = QuantizedBlock(quantize_weight_int(w[e], scheme), "rtn")
+    return out
 
 
 def hessian_of(x: torch.Tensor) -> HessianAccumulator:

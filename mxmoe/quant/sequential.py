@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mxmoe.quant.apply import install_activation_quant, rotate_down_inputs, set_block_weight, validate_scheme_map
-from mxmoe.quant.experts import expert_weights, hessian_of, intermediate, quantize_block, split_by_expert
+from mxmoe.quant.experts import expert_weights, hessian_of, intermediate, quantize_blocks, split_by_expert
 from mxmoe.quant.hadamard import Rotation, apply_online_hadamard, rotate_model
 from mxmoe.quant.layerwise import LayerwiseRunner
 from mxmoe.schemes import BF16
@@ -74,8 +74,7 @@ def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadam
             b = blocks[layer]
             x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
             before = len(report.rtn_fallbacks)
-            for tokens in split_by_expert(b, x):
-                _quantize_expert(b, tokens, plan, report, hadamard, min_tokens, gptq_kw)
+            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw)
             if len(report.rtn_fallbacks) > before:
                 warnings.warn(f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
                               f"{min_tokens} calibration tokens and were quantized with RTN", stacklevel=2)
@@ -86,26 +85,47 @@ def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadam
     return report
 
 
-def _quantize_expert(b, tokens, plan: dict, report: GPTQReport, rotate_down: bool, min_tokens: int, gptq_kw: dict) -> None:
-    """GPTQ (or RTN fallback) of one expert's gate, up, then down, written into the model."""
-    schemes = {n: plan.get((b.layer, tokens.expert, n), BF16) for n in ("gate", "up", "down")}
-    if all(s.is_full_precision for s in schemes.values()):
-        return
-    x = tokens.x  # [T, H], possibly no rows: GPTQ then raises and RTN takes over
-    w = expert_weights(b, tokens.expert)  # the model's weights (down already rotated when rotate_down)
-    hessian = hessian_of(x)
+def _quantize_layer(b, experts: list, plan: dict, report: GPTQReport, rotate_down: bool, min_tokens: int,
+                    gptq_kw: dict) -> None:
+    """GPTQ (or RTN fallback) of every expert's gate and up, then down, written into the model.
+
+    Experts are independent within a layer, so each block is quantized for all experts sharing its
+    (scheme, weight shape) in one batched GPTQ; down's Hessian comes from the expert's quantized
+    gate/up (true sequential). The report gets the same entries, in the same order, as expert by expert.
+    """
+    todo = []  # (tokens, schemes, weights, Hessian of x) of the experts with a quantized block
+    for tokens in experts:
+        schemes = {n: plan.get((b.layer, tokens.expert, n), BF16) for n in ("gate", "up", "down")}
+        if not all(s.is_full_precision for s in schemes.values()):
+            # the model's weights (down already rotated when rotate_down); x may have no rows: RTN then
+            todo.append((tokens, schemes, expert_weights(b, tokens.expert), hessian_of(tokens.x)))
+    done = {}  # (position in todo, block) -> QuantizedBlock
     for name in ("gate", "up", "down"):
-        s = schemes[name]
-        if s.is_full_precision:
-            continue
-        if name == "down":
-            h = intermediate(x, w, schemes)  # [T, I] from the quantized gate/up
-            hessian = hessian_of(apply_online_hadamard(h) if rotate_down and h.shape[0] else h)
-        q = quantize_block(w[name], s, hessian, min_tokens, **gptq_kw)
-        if q.how == "rtn-fallback":
-            report.rtn_fallbacks.append({"layer": b.layer, "expert": tokens.expert, "block": name,
-                                         "tokens": int(x.shape[0]), "reason": q.reason})
-        else:
-            report.gptq_blocks += 1
-        w[name] = q.weight.dequantize()
-        set_block_weight(b, tokens.expert, name, w[name])
+        groups: dict = {}  # (scheme, weight shape) -> positions in todo
+        for i, (_, schemes, w, _) in enumerate(todo):
+            if not schemes[name].is_full_precision:
+                groups.setdefault((str(schemes[name]), tuple(w[name].shape)), []).append(i)
+        for idx in groups.values():
+            hs = []
+            for i in idx:
+                tokens, schemes, w, hx = todo[i]
+                if name == "down":  # from the quantized gate/up, already in w
+                    h = intermediate(tokens.x, w, schemes)  # [T, I]
+                    hx = hessian_of(apply_online_hadamard(h) if rotate_down and h.shape[0] else h)
+                hs.append(hx)
+            ws = torch.stack([todo[i][2][name] for i in idx])  # [E, out, in]
+            for i, q in zip(idx, quantize_blocks(ws, todo[idx[0]][1][name], hs, min_tokens, **gptq_kw)):
+                tokens, _, w, _ = todo[i]
+                w[name] = q.weight.dequantize()
+                set_block_weight(b, tokens.expert, name, w[name])
+                done[i, name] = q
+    for i, (tokens, _, _, _) in enumerate(todo):  # report in expert, then block order
+        for name in ("gate", "up", "down"):
+            q = done.get((i, name))
+            if q is None:
+                continue
+            if q.how == "rtn-fallback":
+                report.rtn_fallbacks.append({"layer": b.layer, "expert": tokens.expert, "block": name,
+                                             "tokens": int(tokens.x.shape[0]), "reason": q.reason})
+            else:
+                report.gptq_blocks += 1
