@@ -1,0 +1,30 @@
+"""mxmoe.prewarm: its rows land in the cache the notebooks read, under the same keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from mxmoe import prewarm
+from mxmoe.evaluate import evaluate_config
+from mxmoe.profiles import get_profile
+
+
+def test_parts_and_bad_part():
+    assert [c.label for c, z in prewarm.part_configs("table1")] == ["fp16", "gptq*-3.25", "gptq*-2.25", "quarot-w4a4"]
+    assert all(z for _, z in prewarm.part_configs("table1"))
+    assert len(prewarm.part_configs("table4")) == 26 and not any(z for _, z in prewarm.part_configs("table4"))
+    with pytest.raises(ValueError, match="unknown part"):
+        prewarm.part_configs("table9")
+
+
+def test_prewarmed_rows_are_cache_hits_for_the_notebooks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    assert prewarm.main(["--profile", "smoke", "--part", "table5"]) == 0
+    runs = sorted((tmp_path / "tiny-qwen2-moe" / "eval" / "runs").glob("*.json"))
+    assert len(runs) == 5
+    P = get_profile("smoke")
+    config, zeroshot = prewarm.part_configs("table5")[0]
+    before = {p: p.stat().st_mtime_ns for p in runs}
+    row = evaluate_config(config, P, zeroshot=zeroshot, progress=False)  # what notebook 05 calls: a cache hit
+    assert row["label"] == config.label
+    assert {p: p.stat().st_mtime_ns for p in runs[0].parent.glob("*.json")} == before  # nothing new, nothing rewritten
