@@ -86,26 +86,39 @@ def _delta(c: dict, name: str, s, wq: torch.Tensor, rotate_down: bool) -> float:
 @torch.no_grad()
 def group_deltas(block: MoEBlock, group: list, schemes, method: str, *, rotate_down: bool = False,
                  min_tokens: int = 16, **gptq_kw) -> list[tuple[list, list]]:
-    """``expert_deltas`` of experts with same-shape weights, each (block, scheme) quantized for all in one batch.
+    """``expert_deltas`` of experts with same-shape weights, quantized in one batch per weight shape.
 
-    ``group``: ``ExpertTokens`` with T > 0 each. Returns (Δ [3][S], fallbacks) per expert, in order.
+    Every (expert, block, quantized scheme) whose weight has a given shape (gate and up share one,
+    and their Hessian) goes into one mixed-scheme batched GPTQ. ``group``: ``ExpertTokens`` with
+    T > 0 each. Returns (Δ [3][S], fallbacks) per expert, in order.
     """
     ctx = [_expert_context(block, t, method, rotate_down) for t in group]
-    deltas = [[[] for _ in BLOCKS] for _ in group]
-    fallbacks = [[] for _ in group]
+    batches: dict = {}  # weight shape -> [(expert, block, scheme position)]
     for j, name in enumerate(BLOCKS):
-        w = torch.stack([c["w"][name] for c in ctx])  # [E, out, in]
-        hessians = [c["hessians"].get(name) for c in ctx]
-        for s in schemes:
-            if s.is_full_precision:
-                for d in deltas:
-                    d[j].append(0.0)
-                continue
-            for c, q, d, f in zip(ctx, quantize_blocks(w, s, hessians, min_tokens, **gptq_kw), deltas, fallbacks):
+        for si, s in enumerate(schemes):
+            if not s.is_full_precision:
+                for e, c in enumerate(ctx):
+                    batches.setdefault(tuple(c["w"][name].shape), []).append((e, j, si))
+    quantized = {}  # (expert, block, scheme position) -> QuantizedBlock
+    for batch in batches.values():
+        w = torch.stack([ctx[e]["w"][BLOCKS[j]] for e, j, _ in batch])  # [B, out, in]
+        hessians = [ctx[e]["hessians"].get(BLOCKS[j]) for e, j, _ in batch]  # shared per expert: deduped in GPTQ
+        quantized.update(zip(batch, quantize_blocks(w, [schemes[si] for _, _, si in batch], hessians, min_tokens,
+                                                    **gptq_kw)))
+    out = []
+    for e, c in enumerate(ctx):
+        deltas, fallbacks = [[] for _ in BLOCKS], []
+        for j, name in enumerate(BLOCKS):
+            for si, s in enumerate(schemes):
+                if s.is_full_precision:
+                    deltas[j].append(0.0)
+                    continue
+                q = quantized[e, j, si]
                 if q.how == "rtn-fallback":
-                    f.append((name, str(s), q.reason))
-                d[j].append(_delta(c, name, s, q.weight.dequantize(), rotate_down))
-    return list(zip(deltas, fallbacks))
+                    fallbacks.append((name, str(s), q.reason))
+                deltas[j].append(_delta(c, name, s, q.weight.dequantize(), rotate_down))
+        out.append((deltas, fallbacks))
+    return out
 
 
 def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down: bool = False,
@@ -123,7 +136,7 @@ def layer_sensitivity(block: MoEBlock, x: torch.Tensor, schemes, method: str = "
     """Δ of every expert block of one MoE layer from its full-precision inputs ``x[N, H]``; a JSON-ready dict.
 
     Experts with tokens are quantized together per weight shape (routed ones, shared ones), one
-    batched GPTQ per block and scheme. Keys: experts (ids), tokens (per expert), delta
+    batched GPTQ per weight shape over all blocks of that shape and quantized schemes. Keys: experts (ids), tokens (per expert), delta
     [experts][3][S] (null where an expert got no token), no_tokens (expert ids), rtn_fallbacks
     ([expert, block, scheme, reason]).
     """

@@ -294,3 +294,62 @@ def test_batched_timing_against_per_expert():
     assert all(torch.equal(b.q, s.q) for b, s in zip(batched, single))
     print(f"\nGPTQ of {e} experts [{n}, {k}] w4a16_g128_asym on CPU (1 thread): batched {t1 - t0:.2f} s, "
           f"per expert {t2 - t1:.2f} s ({(t2 - t1) / (t1 - t0):.1f}x)")
+
+
+MIXED = ["w4a16_g128_asym", "w3a16_g128_sym", "w2a16_g64_asym", "w4a16_g-1_asym", "w8a8_g-1_sym",
+         "w8a8_g-1_sym_fp8", "w4a4_g32_sym"]
+
+
+@pytest.mark.parametrize("act_order,static_groups", [(True, True), (False, True), (False, False)])
+def test_mixed_scheme_batch_equals_single_scheme_calls(act_order, static_groups):
+    """Every scheme on every expert of batch_instance (K=200: shorter last g128 group, dead inputs, too few
+    tokens, damping retries, hopeless) in one shuffled batch, each expert's Hessian shared by its schemes."""
+    w, hs = batch_instance()
+    kw = dict(act_order=act_order, static_groups=static_groups, blocksize=64, percdamp=1e-6, min_tokens=20,
+              max_damp_retries=6)
+    jobs = [(e, s) for s in MIXED for e in range(len(hs))]
+    order = torch.randperm(len(jobs), generator=torch.Generator().manual_seed(3)).tolist()
+    jobs = [jobs[i] for i in order]
+    batched, warned = run_recording(lambda: gptq_quantize_batched(
+        torch.stack([w[e] for e, _ in jobs]), [hs[e] for e, _ in jobs], [s for _, s in jobs], **kw))
+    expected_warnings = set()
+    for (e, s), out in zip(jobs, batched):
+        ref, ref_warned = run_recording(lambda: gptq_quantize(w[e], hs[e], s, **kw))
+        expected_warnings.update(ref_warned)
+        assert type(out) is type(ref), (e, s, out, ref)
+        if isinstance(ref, Exception):
+            assert str(out) == str(ref)
+            continue
+        assert torch.equal(out.q, ref.q) and out.q.dtype == ref.q.dtype, (e, s)
+        assert torch.equal(out.scale, ref.scale) and torch.equal(out.zero, ref.zero), (e, s)
+        assert out.loss == pytest.approx(ref.loss, rel=1e-6)
+        assert (out.percdamp, out.dead_inputs, out.tokens, out.scheme) == (ref.percdamp, ref.dead_inputs, ref.tokens,
+                                                                           ref.scheme)
+    assert set(warned) == expected_warnings != set()  # once per distinct Hessian, not once per scheme
+
+
+def test_mixed_schemes_reject_bad_input():
+    w, hs = batch_instance(k=40)
+    with pytest.raises(ValueError, match="7 weights but 2 schemes"):
+        gptq_quantize_batched(w, hs, ["w4a16_g-1_asym"] * 2)
+    with pytest.raises(ValueError, match="bf16"):
+        gptq_quantize_batched(w, hs, ["w4a16_g-1_asym"] * 6 + ["bf16"])
+
+
+def test_mixed_batch_timing_against_per_scheme_calls():
+    """32 experts [32, 576] × 12 schemes: one mixed batch against 12 single-scheme calls (printed; run with -s)."""
+    from mxmoe.schemes import scheme_set
+
+    torch.set_num_threads(1)
+    schemes = [s for s in scheme_set("hopper") if not s.is_full_precision]
+    e, n, k = 32, 32, 576
+    w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(20))
+    hs = [hessian_of(correlated(200, k, 30 + i)) for i in range(e)]
+    t0 = time.perf_counter()
+    mixed = gptq_quantize_batched(w.repeat(len(schemes), 1, 1), hs * len(schemes), [s for s in schemes for _ in hs])
+    t1 = time.perf_counter()
+    single = [r for s in schemes for r in gptq_quantize_batched(w, hs, s)]
+    t2 = time.perf_counter()
+    assert all(torch.equal(a.q, b.q) for a, b in zip(mixed, single))
+    print(f"\nGPTQ of {e} experts [{n}, {k}] x {len(schemes)} schemes on CPU (1 thread): one mixed batch "
+          f"{t1 - t0:.2f} s, one call per scheme {t2 - t1:.2f} s ({(t2 - t1) / (t1 - t0):.1f}x)")

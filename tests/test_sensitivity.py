@@ -111,8 +111,32 @@ def test_cli_bad_input_exits_2(capsys):
     assert "at least 2 bits" in capsys.readouterr().err
 
 
+def _split_calls(monkeypatch, key):
+    """Make sensitivity quantize its batches in sub-batches grouped by ``key(element, scheme)``
+    (one call per element, or per scheme as before mixed batches); returns the batch sizes seen."""
+    import mxmoe.quant.experts as experts
+
+    sizes = []
+    real = experts.quantize_blocks
+
+    def split(w, schemes, hessians, *a, **k):
+        sizes.append(len(hessians))
+        out, groups = [None] * len(hessians), {}
+        for i, s in enumerate(schemes):
+            groups.setdefault(key(i, s), []).append(i)
+        for idx in groups.values():
+            for i, q in zip(idx, real(w[idx], [schemes[i] for i in idx], [hessians[i] for i in idx], *a, **k)):
+                out[i] = q
+        return out
+
+    monkeypatch.setattr(sens, "quantize_blocks", split)
+    return sizes
+
+
 @pytest.mark.parametrize("method,rotate", [("gptq", False), ("gptq", True), ("rtn", False)])
 def test_batched_layer_equals_expert_by_expert(monkeypatch, method, rotate):
+    import time
+
     import mxmoe.quant.experts as experts
 
     model = fresh()
@@ -120,30 +144,40 @@ def test_batched_layer_equals_expert_by_expert(monkeypatch, method, rotate):
     runner = LayerwiseRunner(model, WINDOWS)
     runner.advance()
     x = runner.block_inputs(b.module)  # [N, H]
-    schemes = [sens.check_scheme(s) for s in SCHEMES]
+    schemes = [sens.check_scheme(s) for s in SCHEMES + ["w8a8_g-1_sym_fp8", "w4a16_g16_sym"]]
     split = experts.split_by_expert(b, x)
     min_tokens = sorted(int(t.x.shape[0]) for t in split)[len(split) // 2]  # about half the experts fall back
     batch_sizes = []
     real = experts.gptq_quantize_batched
     monkeypatch.setattr(experts, "gptq_quantize_batched",
                         lambda w, *a, **k: batch_sizes.append(w.shape[0]) or real(w, *a, **k))
+    t0 = time.perf_counter()
     res = sens.layer_sensitivity(b, x, schemes, method, rotate_down=rotate, min_tokens=min_tokens)
+    t1 = time.perf_counter()
+    first_run = sorted(batch_sizes)
+    _split_calls(monkeypatch, lambda i, s: str(s))  # one GPTQ per (shape, block, scheme), as before mixed batches
+    per_scheme = sens.layer_sensitivity(b, x, schemes, method, rotate_down=rotate, min_tokens=min_tokens)
+    t2 = time.perf_counter()
     monkeypatch.setattr(experts, "gptq_quantize_batched", real)
+    print(f"\nsensitivity {method} of one tiny layer: mixed batches {t1 - t0:.2f} s, per scheme {t2 - t1:.2f} s")
+    assert res == per_scheme
 
-    ref = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}  # the per-expert loop
+    _split_calls(monkeypatch, lambda i, s: i)  # the reference: every block of every expert alone
+    ref = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}
     for tokens in split:
         ref["experts"].append(tokens.expert)
         ref["tokens"].append(int(tokens.x.shape[0]))
         deltas, fallbacks = sens.expert_deltas(b, tokens, schemes, method, rotate_down=rotate, min_tokens=min_tokens)
         ref["delta"].append(deltas)
         ref["rtn_fallbacks"] += [[tokens.expert, *f] for f in fallbacks]
-    assert {k: v for k, v in res.items() if k != "delta"} == {k: v for k, v in ref.items() if k != "delta"}
-    assert np.allclose(np.array(res["delta"], float), np.array(ref["delta"], float), rtol=1e-5, atol=0)
+    assert res == ref  # exact, Δ included
     shapes = {tuple(experts.block_weight(b, e, "gate").shape) for e in res["experts"]}
     if method == "gptq":
         assert len(shapes) == 2 and res["rtn_fallbacks"]  # routed and shared experts differ in shape
-        assert len(res["rtn_fallbacks"]) < 3 * (len(SCHEMES) - 1) * len(res["experts"])  # and some ran GPTQ
-        # one batched GPTQ per (shape, block, quantized scheme), holding every expert of that shape
-        assert sorted(batch_sizes) == sorted([len(res["experts"]) - 1] * 6 + [1] * 6)
+        assert len(res["rtn_fallbacks"]) < 3 * (len(schemes) - 1) * len(res["experts"])  # and some ran GPTQ
+        # one mixed-scheme GPTQ per (expert shape, weight shape): every quantized scheme of gate and up
+        # together, down apart (the shared expert's down has their shape too: one call)
+        q, routed = len(schemes) - 1, len(res["experts"]) - 1
+        assert first_run == sorted([2 * q * routed, q * routed, 3 * q])
     else:
         assert batch_sizes == []

@@ -85,13 +85,23 @@ def _per_expert_layer(b, experts, plan, report, rotate_down, min_tokens, gptq_kw
 
 @pytest.mark.parametrize("hadamard", [False, True])
 def test_batched_layers_equal_expert_by_expert(monkeypatch, hadamard):
+    import mxmoe.quant.experts as experts
     import mxmoe.quant.sequential as seq
     from mxmoe.models import moe_blocks
     from mxmoe.quant.apply import block_weight, expert_ids
 
-    choice = ["w3a16_g-1_asym", "w4a8_g16_sym", "bf16", "w3a16_g-1_asym"]  # mixed schemes: several batches per block
+    choice = ["w3a16_g-1_asym", "w4a8_g16_sym", "bf16", "w3a16_g-1_asym", "w8a8_g-1_sym_fp8", "w4a16_g128_asym"]
     pick = torch.Generator().manual_seed(5)
-    scheme_map = {k: choice[int(torch.randint(4, (1,), generator=pick))] for k in uniform_scheme_map(fresh(), "bf16")}
+    scheme_map = {k: choice[int(torch.randint(len(choice), (1,), generator=pick))]
+                  for k in uniform_scheme_map(fresh(), "bf16")}
+    calls = []  # the schemes of each batched GPTQ
+    real = experts.gptq_quantize_batched
+    monkeypatch.setattr(experts, "gptq_quantize_batched", lambda w, h, s, **k: calls.append(s) or real(w, h, s, **k))
+    expected_calls = 0  # one per (layer, gate+up or down, weight shape) with a quantized block
+    for b in moe_blocks(fresh()):
+        for names in (("gate", "up"), ("down",)):
+            expected_calls += len({tuple(block_weight(b, e, n).shape) for e in expert_ids(b) for n in names
+                                   if scheme_map[b.layer, e, n] != "bf16"})
     models, reports = [], []
     for layer_fn in (seq._quantize_layer, _per_expert_layer):
         monkeypatch.setattr(seq, "_quantize_layer", layer_fn)
@@ -101,7 +111,10 @@ def test_batched_layers_equal_expert_by_expert(monkeypatch, hadamard):
             reports.append(quantize_model_gptq(m, CALIB[:2], scheme_map, hadamard=hadamard, min_tokens=12,
                                                progress=False))
         models.append(m)
+        if layer_fn is not _per_expert_layer:
+            batched_calls = list(calls)
     batched, ref = reports
+    assert len(batched_calls) == expected_calls and any(len(set(map(str, c))) > 2 for c in batched_calls)
     assert batched.gptq_blocks == ref.gptq_blocks > 0 and batched.rtn_fallbacks == ref.rtn_fallbacks != []
     for b, rb in zip(moe_blocks(models[0]), moe_blocks(models[1])):
         for e in expert_ids(b):

@@ -79,25 +79,28 @@ def quantize_block(w: torch.Tensor, scheme: Scheme, hessian: "HessianAccumulator
     return quantize_blocks(w[None], scheme, [hessian], min_tokens, **gptq_kw)[0]
 
 
-def quantize_blocks(w: torch.Tensor, scheme: Scheme, hessians: list, min_tokens: int,
+def quantize_blocks(w: torch.Tensor, schemes: "Scheme | list", hessians: list, min_tokens: int,
                     **gptq_kw) -> list[QuantizedBlock]:
-    """``quantize_block`` for same-shape weights ``w[E, out, in]`` at once, expert e with ``hessians[e]`` (or None).
+    """``quantize_block`` for same-shape weights ``w[B, out, in]`` at once, element b with ``hessians[b]`` (or None).
 
-    The experts with a Hessian go through one batched GPTQ; the others, and GPTQ's fallbacks, get RTN.
+    ``schemes``: one scheme for all, or one per element. The elements with a Hessian go through one
+    batched GPTQ (mixed schemes allowed); the others, and GPTQ's fallbacks, get RTN.
     """
+    ss = [schemes] * len(hessians) if isinstance(schemes, (str, Scheme)) else list(schemes)
     out: list = [None] * len(hessians)
     with_h = [e for e, h in enumerate(hessians) if h is not None]
     if with_h:
         idx = torch.tensor(with_h, device=w.device)
-        res = gptq_quantize_batched(w[idx], [hessians[e] for e in with_h], scheme, min_tokens=min_tokens, **gptq_kw)
+        res = gptq_quantize_batched(w[idx], [hessians[e] for e in with_h], [ss[e] for e in with_h],
+                                    min_tokens=min_tokens, **gptq_kw)
         for e, r in zip(with_h, res):
             if isinstance(r, (InsufficientCalibration, torch.linalg.LinAlgError)):
-                out[e] = QuantizedBlock(quantize_weight_int(w[e], scheme), "rtn-fallback", str(r).splitlines()[0])
+                out[e] = QuantizedBlock(quantize_weight_int(w[e], ss[e]), "rtn-fallback", str(r).splitlines()[0])
             else:
                 out[e] = QuantizedBlock(r, "gptq")
     for e, h in enumerate(hessians):
         if h is None:
-            out[e] = QuantizedBlock(quantize_weight_int(w[e], scheme), "rtn")
+            out[e] = QuantizedBlock(quantize_weight_int(w[e], ss[e]), "rtn")
     return out
 
 

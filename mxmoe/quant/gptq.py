@@ -16,7 +16,8 @@ Every scheme quantizes onto exactly the grid ``mxmoe.quant.rtn`` defines (asym f
 g-1 and g>0 with a shorter last group, fp8 e4m3 per channel); only the rounded values differ.
 
 ``gptq_quantize_batched`` runs the same algorithm on a batch of same-shape weights (the experts of
-one MoE layer) with one Python column loop; ``gptq_quantize`` is its batch of one.
+one MoE layer, each under its own scheme) with one Python column loop; ``gptq_quantize`` is its
+batch of one.
 """
 
 from __future__ import annotations
@@ -82,16 +83,18 @@ class GPTQWeight(IntWeight):
     tokens: int = 0
 
 
-def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, s: Scheme) -> torch.Tensor:
-    """Round one column ``w[N]`` onto the grid given by ``scale[N]``, ``zero[N]`` (as RTN does)."""
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+           fp8: "torch.Tensor | None") -> torch.Tensor:
+    """Round one column ``w[B, N]`` per element onto its grid ``scale[B, N]``, ``zero[B, N]`` (as RTN does).
+
+    Integers: ``clamp(round((w - zero) / scale), lo, hi)`` with ``lo``/``hi`` [B, 1] (sym: zero 0,
+    ±qmax; asym: 0, 2^b - 1); the elements flagged in ``fp8`` [B, 1] (or None) are cast to e4m3.
+    """
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if s.fmt == "fp8":
-        q = (w / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    elif s.symmetric:
-        qmax = 2 ** (s.w_bits - 1) - 1
-        q = torch.clamp(torch.round(w / safe), -qmax, qmax)
-    else:
-        q = torch.clamp(torch.round((w - zero) / safe), 0, 2**s.w_bits - 1)
+    x = (w - zero) / safe  # zero is exactly 0 on sym/fp8 grids, so this is w / scale there
+    q = torch.clamp(torch.round(x), lo, hi)
+    if fp8 is not None:
+        q = torch.where(fp8, x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float(), q)
     return torch.where(scale > 0, q, torch.zeros_like(q))  # a constant group keeps its value via zero
 
 
@@ -179,10 +182,24 @@ def gptq_quantize(
     return out
 
 
+def _schemes_of(schemes, b: int) -> list:
+    """One parsed, GPTQ-able ``Scheme`` per batch element from a scheme or a sequence of ``b``."""
+    many = not isinstance(schemes, (str, Scheme))
+    ss = [Scheme.parse(s) for s in schemes] if many else [Scheme.parse(schemes)] * b
+    if len(ss) != b:
+        raise ValueError(f"{b} weights but {len(ss)} schemes")
+    for s in dict.fromkeys(ss):
+        if s.is_full_precision:
+            raise ValueError("bf16 is not quantized: there is no grid for GPTQ to round onto")
+        if s.fmt == "fp8" and s.group_size > 0:
+            raise ValueError(f"scheme '{s}': fp8 weights are per channel only; use g-1 (e.g. 'w8a8_g-1_sym_fp8')")
+    return ss
+
+
 def gptq_quantize_batched(
     w: torch.Tensor,
     hessians: "list[HessianAccumulator]",
-    scheme: "Scheme | str",
+    schemes: "Scheme | str | list",
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
@@ -191,22 +208,21 @@ def gptq_quantize_batched(
     min_tokens: int = 1,
     max_damp_retries: int = 3,
 ) -> list:
-    """GPTQ of a batch of same-shape weights ``w[E, N, K]``, expert e with ``hessians[e]``.
+    """GPTQ of a batch of same-shape weights ``w[B, N, K]``, element b with ``hessians[b]`` and its own scheme.
 
-    Per expert the result is exactly ``gptq_quantize``'s (see there for the options), but the
-    column loop runs once for the whole batch. Returns one entry per expert: a ``GPTQWeight``, or
-    the ``InsufficientCalibration`` / ``torch.linalg.LinAlgError`` instance ``gptq_quantize``
-    would have raised for it. Invalid schemes, shapes and non-finite Hessians still raise.
+    ``schemes``: one scheme for all, or one per element (any mix of bit widths, sym/asym, group
+    sizes, fp8). Per element the result is exactly ``gptq_quantize``'s (see there for the options),
+    but the column loop runs once for the whole batch. Elements may share a Hessian object (e.g. one
+    expert under several schemes): its checks, act-order and Cholesky then run once. Returns one
+    entry per element: a ``GPTQWeight``, or the ``InsufficientCalibration`` /
+    ``torch.linalg.LinAlgError`` instance ``gptq_quantize`` would have raised for it. Invalid
+    schemes, shapes and non-finite Hessians still raise.
     """
-    s = Scheme.parse(scheme)
     if w.dim() != 3:
         raise ValueError(f"gptq_quantize_batched expects weights [E, N, K], got shape {tuple(w.shape)}")
     if len(hessians) != w.shape[0]:
         raise ValueError(f"{w.shape[0]} weights but {len(hessians)} Hessians")
-    if s.is_full_precision:
-        raise ValueError("bf16 is not quantized: there is no grid for GPTQ to round onto")
-    if s.fmt == "fp8" and s.group_size > 0:
-        raise ValueError(f"scheme '{s}': fp8 weights are per channel only; use g-1 (e.g. 'w8a8_g-1_sym_fp8')")
+    ss = _schemes_of(schemes, w.shape[0])
     if act_order and not static_groups:
         raise ValueError(
             "act_order without static_groups scatters groups over K (a g_idx layout the kernel cannot run); "
@@ -214,104 +230,138 @@ def gptq_quantize_batched(
         )
     _, n, k = w.shape
     results: list = [None] * w.shape[0]
-    active, Hs = [], []
+    slot: dict = {}  # id(Hessian) -> its index in Hs, or the exception its elements get
+    Hs, active, uidx = [], [], []  # distinct usable Hessians; elements with one, and which
     for e, hessian in enumerate(hessians):
-        if hessian.in_features != k:
-            raise ValueError(f"Hessian is {hessian.in_features}x{hessian.in_features} but the weight has K={k} inputs")
-        if hessian.tokens < max(min_tokens, 1):
-            results[e] = InsufficientCalibration(
-                f"GPTQ needs at least {max(min_tokens, 1)} calibration tokens for this layer, got {hessian.tokens}; "
-                "quantize it with RTN instead"
-            )
-            continue
-        H = hessian.H.to(w.device, torch.float32)  # [K, K]
-        if not torch.isfinite(H).all():
-            raise ValueError("GPTQ: the Hessian contains NaN or Inf; check the calibration activations")
-        if (torch.diag(H) == 0).all():
-            results[e] = InsufficientCalibration(
-                f"GPTQ: all {k} inputs are zero on the {hessian.tokens} calibration tokens; quantize with RTN instead"
-            )
-            continue
-        active.append(e)
-        Hs.append(H)
+        if id(hessian) not in slot:
+            if hessian.in_features != k:
+                raise ValueError(
+                    f"Hessian is {hessian.in_features}x{hessian.in_features} but the weight has K={k} inputs")
+            slot[id(hessian)] = _checked(hessian, k, min_tokens, w.device, Hs)
+        u = slot[id(hessian)]
+        if isinstance(u, Exception):
+            results[e] = u
+        else:
+            active.append(e)
+            uidx.append(u)
     if not active:
         return results
 
-    b = len(active)
-    H = torch.stack(Hs)  # [B, K, K] (a copy)
-    W = w.detach()[torch.tensor(active, device=w.device)].to(torch.float32)  # [B, N, K] (a copy)
-    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [B, K]
-    g = s.effective_group(k)
-    if s.group_size < 0:  # one group per row, found (as the reference does) before dead inputs are zeroed
-        grid = quantize_weight_int(W.reshape(b * n, k), s)  # grids are per row: experts stay apart
-        scale, zero = grid.scale.reshape(b, n, 1), grid.zero.reshape(b, n, 1)  # [B, N, 1]
+    H = torch.stack(Hs)  # [U, K, K] (a copy), one per distinct Hessian
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [U, K]
     H.diagonal(dim1=-2, dim2=-1)[dead] = 1
-    W.masked_fill_(dead[:, None, :], 0)
-    if s.group_size > 0 and static_groups:  # every group on the original column order, before any update
-        grid = quantize_weight_int(W.reshape(b * n, k), s)
-        scale, zero = grid.scale.reshape(b, n, -1), grid.zero.reshape(b, n, -1)  # [B, N, n_groups]
-    elif s.group_size > 0:  # filled as each group starts, from the error-corrected weight
-        scale = torch.zeros(b, n, -(-k // g), device=W.device)
-        zero = torch.zeros_like(scale)
-
+    u_n = H.shape[0]
     if act_order:
-        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # [B, K]
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # [U, K]
     else:
-        perm = torch.arange(k, device=W.device).expand(b, k)
-    W = W.gather(2, perm[:, None, :].expand(b, n, k))  # [B, N, K] processed order
-    H = H.gather(1, perm[:, :, None].expand(b, k, k)).gather(2, perm[:, None, :].expand(b, k, k))
+        perm = torch.arange(k, device=w.device).expand(u_n, k)
+    H = H.gather(1, perm[:, :, None].expand(u_n, k, k)).gather(2, perm[:, None, :].expand(u_n, k, k))
     chol = _inverse_cholesky(H, percdamp, max_damp_retries)
-    for j, c in enumerate(chol):
-        if isinstance(c, Exception):
-            results[active[j]] = c
-    keep = [j for j, c in enumerate(chol) if not isinstance(c, Exception)]
+    for e, u in zip(active, uidx):
+        if isinstance(chol[u], Exception):
+            results[e] = chol[u]
+    keep = [j for j, u in enumerate(uidx) if not isinstance(chol[u], Exception)]
     if not keep:
         return results
-    if len(keep) < b:  # drop the experts Cholesky gave up on
-        sel = torch.tensor(keep, device=W.device)
-        W, perm, dead, scale, zero = W[sel], perm[sel], dead[sel], scale[sel], zero[sel]
-        active, b = [active[j] for j in keep], len(keep)
-    Hinv = torch.stack([chol[j][0] for j in keep])  # [B, K, K] upper
-    used_damp = [chol[j][1] for j in keep]
+    active, uidx = [active[j] for j in keep], [uidx[j] for j in keep]
+    ok_u = sorted(set(uidx))  # renumber the surviving Hessians
+    uidx = [ok_u.index(u) for u in uidx]
+    Hinv = torch.stack([chol[u][0] for u in ok_u])  # [U', K, K] upper
+    used_damp = [chol[u][1] for u in ok_u]
+    ut = torch.tensor(uidx, device=w.device)  # [B] element -> Hessian
+    perm, dead = perm[ok_u][ut], dead[ok_u][ut]  # [B, K] each
+    b = len(active)
+    ss = [ss[e] for e in active]
 
-    dynamic = s.group_size > 0 and not static_groups
-    if not dynamic:  # each processed column's grid, gathered once: [B, N, K]
-        col_group = (perm // g)[:, None, :].expand(b, n, k)
-        scale_col, zero_col = scale.gather(2, col_group), zero.gather(2, col_group)
+    W = w.detach()[torch.tensor(active, device=w.device)].to(torch.float32)  # [B, N, K] (a copy)
+    by_scheme: dict = {}  # scheme -> positions in the batch
+    for j, s in enumerate(ss):
+        by_scheme.setdefault(s, []).append(j)
+    grids = {}  # scheme -> (scale, zero) [P, N, n_groups] of its elements
+    for s, pos in by_scheme.items():
+        if s.group_size < 0:  # one group per row, found (as the reference does) before dead inputs are zeroed
+            grids[s] = _grid(W[pos], s)
+    W.masked_fill_(dead[:, None, :], 0)
+    dynamic = {}  # scheme -> (positions, group) of the schemes whose groups are found as they start
+    for s, pos in by_scheme.items():
+        if s.group_size > 0 and static_groups:  # every group on the original column order, before any update
+            grids[s] = _grid(W[pos], s)
+        elif s.group_size > 0:  # filled as each group starts, from the error-corrected weight
+            sc = torch.zeros(len(pos), n, -(-k // s.effective_group(k)), device=W.device)
+            grids[s] = (sc, torch.zeros_like(sc))
+            dynamic[s] = (torch.tensor(pos, device=W.device), s.effective_group(k))
+
+    W = W.gather(2, perm[:, None, :].expand(b, n, k))  # [B, N, K] processed order
+    scale_col = torch.zeros(b, n, k, device=W.device)  # [B, N, K] each processed column's grid
+    zero_col = torch.zeros_like(scale_col)
+    lo, hi = torch.empty(b, 1, device=W.device), torch.empty(b, 1, device=W.device)  # [B, 1] code range
+    for s, pos in by_scheme.items():
+        qmax = 2 ** (s.w_bits - 1) - 1 if s.symmetric else 2**s.w_bits - 1
+        lo[pos], hi[pos] = (-qmax if s.symmetric else 0), qmax
+        if s not in dynamic:
+            idx = torch.tensor(pos, device=W.device)
+            col_group = (perm[idx] // s.effective_group(k))[:, None, :].expand(len(pos), n, k)
+            scale_col[idx], zero_col[idx] = grids[s][0].gather(2, col_group), grids[s][1].gather(2, col_group)
+    fp8 = torch.tensor([s.fmt == "fp8" for s in ss], device=W.device)[:, None]  # [B, 1]
+    fp8 = fp8 if any(s.fmt == "fp8" for s in ss) else None
+
     Q = torch.zeros_like(W)  # [B, N, K] codes, processed order
     loss = torch.zeros(b, dtype=torch.float64, device=W.device)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         W1 = W[:, :, i1:i2].clone()  # [B, N, Bk]
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]  # [B, Bk, Bk]
+        Hinv1 = Hinv[ut, i1:i2, i1:i2]  # [B, Bk, Bk]
         for i in range(i2 - i1):
             col = i1 + i
-            if dynamic:
+            for s, (pos, g) in dynamic.items():
                 if col % g == 0:
                     # the reference finds the group on W, which holds this block's columns before
                     # the in-block updates (identical to W1 when the group starts a block)
-                    part = W[:, :, col : col + g]  # [B, N, <=g] one group
-                    grid = quantize_weight_int(part.reshape(b * n, -1), s)
-                    scale[:, :, col // g] = grid.scale.reshape(b, n)
-                    zero[:, :, col // g] = grid.zero.reshape(b, n)
-                sc, zc = scale[:, :, col // g], zero[:, :, col // g]  # [B, N]
-            else:
-                sc, zc = scale_col[:, :, col], zero_col[:, :, col]  # [B, N]
+                    sc, zc = _grid(W[pos, :, col : col + g], s)  # [P, N, 1]
+                    grids[s][0][:, :, col // g], grids[s][1][:, :, col // g] = sc[:, :, 0], zc[:, :, 0]
+                    scale_col[pos, :, col : col + g], zero_col[pos, :, col : col + g] = sc, zc
+            sc, zc = scale_col[:, :, col], zero_col[:, :, col]  # [B, N]
             wcol, d = W1[:, :, i], Hinv1[:, i, i]  # [B, N], [B]
-            q = _codes(wcol, sc, zc, s)  # [B, N]
+            q = _codes(wcol, sc, zc, lo, hi, fp8)  # [B, N]
             Q[:, :, col] = q
             err = (wcol - (q * sc + zc)) / d[:, None]  # [B, N]
             loss += (err.double() ** 2).sum(dim=1) / 2
             W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
             Err1[:, :, i] = err
-        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+        W[:, :, i2:] -= Err1 @ Hinv[ut, i1:i2, i2:]
 
     q = torch.empty_like(Q).scatter_(2, perm[:, None, :].expand(b, n, k), Q)  # [B, N, K] original order
-    if s.fmt == "int":
-        q = q.to(torch.int32)
     losses, n_dead = loss.tolist(), dead.sum(dim=1).tolist()
-    for j, e in enumerate(active):
-        results[e] = GPTQWeight(q[j], scale[j], zero[j], s, loss=losses[j], percdamp=used_damp[j],
-                                dead_inputs=int(n_dead[j]), tokens=hessians[e].tokens)
+    for s, pos in by_scheme.items():
+        for p, j in enumerate(pos):
+            e = active[j]
+            results[e] = GPTQWeight(q[j].to(torch.int32) if s.fmt == "int" else q[j], grids[s][0][p], grids[s][1][p],
+                                    s, loss=losses[j], percdamp=used_damp[uidx[j]], dead_inputs=int(n_dead[j]),
+                                    tokens=hessians[e].tokens)
     return results
+
+
+def _checked(hessian: HessianAccumulator, k: int, min_tokens: int, device, Hs: list) -> "int | Exception":
+    """Append a usable Hessian's float32 H [K, K] to ``Hs`` and return its index, else the exception for it."""
+    if hessian.tokens < max(min_tokens, 1):
+        return InsufficientCalibration(
+            f"GPTQ needs at least {max(min_tokens, 1)} calibration tokens for this layer, got {hessian.tokens}; "
+            "quantize it with RTN instead"
+        )
+    H = hessian.H.to(device, torch.float32)  # [K, K]
+    if not torch.isfinite(H).all():
+        raise ValueError("GPTQ: the Hessian contains NaN or Inf; check the calibration activations")
+    if (torch.diag(H) == 0).all():
+        return InsufficientCalibration(
+            f"GPTQ: all {k} inputs are zero on the {hessian.tokens} calibration tokens; quantize with RTN instead"
+        )
+    Hs.append(H)
+    return len(Hs) - 1
+
+
+def _grid(w: torch.Tensor, s: Scheme) -> tuple:
+    """RTN scale and zero [P, N, n_groups] of ``w[P, N, K']`` on scheme ``s`` (rows are independent)."""
+    p, n, _ = w.shape
+    grid = quantize_weight_int(w.reshape(p * n, -1), s)
+    return grid.scale.reshape(p, n, -1), grid.zero.reshape(p, n, -1)

@@ -89,9 +89,10 @@ def _quantize_layer(b, experts: list, plan: dict, report: GPTQReport, rotate_dow
                     gptq_kw: dict) -> None:
     """GPTQ (or RTN fallback) of every expert's gate and up, then down, written into the model.
 
-    Experts are independent within a layer, so each block is quantized for all experts sharing its
-    (scheme, weight shape) in one batched GPTQ; down's Hessian comes from the expert's quantized
-    gate/up (true sequential). The report gets the same entries, in the same order, as expert by expert.
+    Experts are independent within a layer, so gate and up of all experts, each with its own
+    scheme, are quantized in one batched GPTQ per weight shape, then down likewise; down's Hessian
+    comes from the expert's quantized gate/up (true sequential). The report gets the same entries,
+    in the same order, as expert by expert.
     """
     todo = []  # (tokens, schemes, weights, Hessian of x) of the experts with a quantized block
     for tokens in experts:
@@ -100,21 +101,23 @@ def _quantize_layer(b, experts: list, plan: dict, report: GPTQReport, rotate_dow
             # the model's weights (down already rotated when rotate_down); x may have no rows: RTN then
             todo.append((tokens, schemes, expert_weights(b, tokens.expert), hessian_of(tokens.x)))
     done = {}  # (position in todo, block) -> QuantizedBlock
-    for name in ("gate", "up", "down"):
-        groups: dict = {}  # (scheme, weight shape) -> positions in todo
+    for names in (("gate", "up"), ("down",)):  # gate and up share x's Hessian; down's needs them quantized
+        groups: dict = {}  # weight shape -> [(position in todo, block)]
         for i, (_, schemes, w, _) in enumerate(todo):
-            if not schemes[name].is_full_precision:
-                groups.setdefault((str(schemes[name]), tuple(w[name].shape)), []).append(i)
-        for idx in groups.values():
+            for name in names:
+                if not schemes[name].is_full_precision:
+                    groups.setdefault(tuple(w[name].shape), []).append((i, name))
+        for batch in groups.values():
             hs = []
-            for i in idx:
+            for i, name in batch:
                 tokens, schemes, w, hx = todo[i]
                 if name == "down":  # from the quantized gate/up, already in w
                     h = intermediate(tokens.x, w, schemes)  # [T, I]
                     hx = hessian_of(apply_online_hadamard(h) if rotate_down and h.shape[0] else h)
                 hs.append(hx)
-            ws = torch.stack([todo[i][2][name] for i in idx])  # [E, out, in]
-            for i, q in zip(idx, quantize_blocks(ws, todo[idx[0]][1][name], hs, min_tokens, **gptq_kw)):
+            ws = torch.stack([todo[i][2][name] for i, name in batch])  # [B, out, in]
+            qs = quantize_blocks(ws, [todo[i][1][name] for i, name in batch], hs, min_tokens, **gptq_kw)
+            for (i, name), q in zip(batch, qs):
                 tokens, _, w, _ = todo[i]
                 w[name] = q.weight.dequantize()
                 set_block_weight(b, tokens.expert, name, w[name])
