@@ -21,6 +21,13 @@ T then L). ``pareto_front`` returns them, and ``Front.pick(r)`` serves every r f
 ``solve_layer`` for a single r prunes the search: a segment whose best corner cannot beat the best
 point so far is not explored.
 
+One limit on exactness: the second stage of a lexicographic end point (least T among the least-L
+allocations, or the reverse) can make CBC's branch and bound explode when many allocations tie
+within its tolerances (seen on smollm2-moe's full-profile sensitivity: no proof after minutes). That
+stage is warm-started from the first stage's optimum and given ``TIE_BREAK_SECONDS``; the end point is
+then still optimal in its first criterion, and its tie-break is the best CBC found
+(``_ILP.unproven`` counts such solves; ``Front.unproven`` reports them).
+
 ``layer_problem`` builds the inputs of one layer from the sensitivity, routing and cost-table files;
 ``write_allocation`` / ``load_allocation`` store a solution as results/<model>/alloc/<setting>.json and
 return it as the scheme map that ``mxmoe.quant.apply.apply_schemes`` takes.
@@ -43,6 +50,7 @@ from mxmoe.errors import MxMoEError
 from mxmoe.paths import results_dir, write_json_atomic
 from mxmoe.schemes import Scheme, scheme_set
 
+TIE_BREAK_SECONDS = 2.0  # time for the second stage of a lexicographic minimum (see the module doc)
 BLOCK_NAMES = ("gate", "up", "down")
 GRANULARITIES = ("block", "expert")
 FRONT_METHODS = ("supported", "epsilon")
@@ -77,6 +85,7 @@ class Front:
     method: str
     seconds: float
     solves: int
+    unproven: int = 0  # lexicographic tie-breaks that ended on their time limit (module doc)
 
     def pick(self, r: float) -> Point:
         """The point minimising r·log L + (1-r)·log T (ties: smaller T, then smaller L)."""
@@ -147,6 +156,7 @@ class _ILP:
         self.l_scale, self.t_scale = max(gl.max(2).sum(), 1e-30), max(gt.max(2).sum(), 1e-30)
         self.gl, self.gt, self.gb = gl / self.l_scale, gt / self.t_scale, gb
         self.solves = 0
+        self.unproven = 0  # tie-break solves that ended on their time limit
         self._build()
 
     def _build(self) -> None:
@@ -159,6 +169,8 @@ class _ILP:
         with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for 4.0; 3.3.2 is pinned
             warnings.simplefilter("ignore", DeprecationWarning)
             self.cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0)
+            self.tie_cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0, timeLimit=TIE_BREAK_SECONDS,
+                                             warmStart=True)
         flat = [(i, g, k) for i in range(e) for g in range(ng) for k in range(s)]
         for i in range(e):
             for g in range(ng):
@@ -169,22 +181,27 @@ class _ILP:
         self.prob += self.L <= 2.0, "capL"  # normalised L and T are <= 1: caps start inactive
         self.prob += self.T <= 2.0, "capT"
 
-    def _pick(self, wl, wt, cap_l, cap_t) -> "np.ndarray | None":
-        """Scheme index per group [E, G] of an optimal solution, or None when infeasible."""
+    def _pick(self, wl, wt, cap_l, cap_t, tie_break: bool = False) -> "np.ndarray | None":
+        """Scheme index per group [E, G] of an optimal solution, or None when infeasible.
+
+        ``tie_break``: a time-limited solve warm-started from the last solution, which may end with
+        the best solution found instead of a proven optimum (counted in ``unproven``)."""
         self.prob.get_constraint_by_name("capL").constant = -cap_l
         self.prob.get_constraint_by_name("capT").constant = -cap_t
         self.prob.setObjective(wl * self.L + wt * self.T)
-        status = pulp.LpStatus[self.prob.solve(self.cmd)]
+        status = pulp.LpStatus[self.prob.solve(self.tie_cmd if tie_break else self.cmd)]
         if status == "Infeasible":
             return None
-        if status != "Optimal":
+        if tie_break and self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
+            self.unproven += 1
+        elif status != "Optimal" or self.prob.sol_status != pulp.LpSolutionOptimal:
             raise RuntimeError(f"CBC ended with status {status} on an allocation problem")
         return np.array([[[self.x[i][g][k].varValue or 0.0 for k in range(self.shape[1])]
                           for g in range(len(self.groups))] for i in range(self.shape[0])]).argmax(2)  # [E, G]
 
-    def solve(self, wl: float, wt: float, cap_l: float = 2.0, cap_t: float = 2.0) -> "Point | None":
+    def solve(self, wl: float, wt: float, cap_l: float = 2.0, cap_t: float = 2.0, tie_break: bool = False) -> "Point | None":
         """Minimise wl·L + wt·T (normalised) with L ≤ cap_l, T ≤ cap_t; None when infeasible."""
-        pick = self._pick(wl, wt, cap_l, cap_t)
+        pick = self._pick(wl, wt, cap_l, cap_t, tie_break)
         self.solves += 1
         if pick is None:
             return None
@@ -199,9 +216,11 @@ class _ILP:
         """Lexicographic minimum: min L then min T s.t. L stays minimal ('L'), or the reverse ('T')."""
         if first == "L":
             p = self.solve(1.0, 0.0)
-            return self.solve(0.0, 1.0, cap_l=p.L + 1e-9)
+            q = self.solve(0.0, 1.0, cap_l=p.L + 1e-9, tie_break=True)
+            return q if q is not None and q.T <= p.T else p
         p = self.solve(0.0, 1.0)
-        return self.solve(1.0, 0.0, cap_t=p.T + 1e-9)
+        q = self.solve(1.0, 0.0, cap_t=p.T + 1e-9, tie_break=True)
+        return q if q is not None and q.L <= p.L else p
 
     def real(self, p: Point) -> Point:
         """A point with L and T back in the caller's units (the model works on normalised ones)."""
@@ -307,7 +326,7 @@ def _epsilon(m: _ILP, max_points: "int | None", step: float = 1e-6) -> list:
         q = m.solve(1.0, 0.0, cap_t=tau)
         if q is None:
             break
-        p = m.solve(0.0, 1.0, cap_l=q.L + 1e-9, cap_t=tau)
+        p = m.solve(0.0, 1.0, cap_l=q.L + 1e-9, cap_t=tau, tie_break=True) or q
         out.append(p)
     return out
 
@@ -332,7 +351,7 @@ def pareto_front(loss, time_, bits, size, budget_bits: float, tie_gate_up: bool 
         pts = sorted(search.found, key=lambda p: (p.L, p.T))
     seconds = time.perf_counter() - start
     log.info("pareto front (%s): %d points, %d CBC solves, %.2f s", method, len(pts), m.solves, seconds)
-    return Front([m.real(p) for p in pts], method, seconds, m.solves)
+    return Front([m.real(p) for p in pts], method, seconds, m.solves, m.unproven)
 
 
 def solve_layer(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_up: bool = True,
@@ -356,7 +375,8 @@ def solve_point(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_
         best = m.lexmin("L" if r == 1.0 else "T")
     else:
         best = _Search(m).best(r)
-    log.info("solve r=%g: %d CBC solves, %.2f s", r, m.solves, time.perf_counter() - start)
+    log.info("solve r=%g: %d CBC solves (%d tie-breaks unproven), %.2f s", r, m.solves, m.unproven,
+             time.perf_counter() - start)
     return m.real(best)
 
 

@@ -93,17 +93,24 @@ def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zerosh
     from mxmoe.profiles import calibration, evaluation
     from mxmoe.quant.apply import scheme_map_to_rows
 
-    tasks = list(tasks or TASKS) if zeroshot else []
-    sizes = {k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")}
-    if tasks:
-        sizes["zeroshot_limit"] = profile.zeroshot_limit
     recipe = {k: v for k, v in config.as_dict().items() if k != "label"}  # the label names, the recipe decides
-    params = {"config": recipe, "profile": sizes, "tasks": tasks,
-              "scheme_map": None if scheme_map is None else scheme_map_to_rows(scheme_map)}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    path = results_dir() / profile.model / "eval" / "runs" / f"{config.method}-{profile.name}-{key}.json"
-    if path.exists():  # the same quantization measured before, perhaps under another label
-        return {**json.loads(path.read_text()), "label": config.label}
+    rows = None if scheme_map is None else scheme_map_to_rows(scheme_map)
+
+    def cache(tasks: list) -> tuple[dict, Path]:
+        sizes = {k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")}
+        if tasks:
+            sizes["zeroshot_limit"] = profile.zeroshot_limit
+        params = {"config": recipe, "profile": sizes, "tasks": tasks, "scheme_map": rows}
+        key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return params, results_dir() / profile.model / "eval" / "runs" / f"{config.method}-{profile.name}-{key}.json"
+
+    tasks = list(tasks or TASKS) if zeroshot else []
+    params, path = cache(tasks)
+    # the same quantization measured before (perhaps under another label); a perplexity-only request
+    # also takes the row of a run that added the default zero-shot tasks
+    for hit in [path] + ([] if tasks else [cache(list(TASKS))[1]]):
+        if hit.exists():
+            return {**json.loads(hit.read_text()), "label": config.label}
     start = time.time()
     model, tok = fresh_model(profile.model)
     calib = calibration(model, tok, profile, seed=config.seed) if config.method == "gptq" else None

@@ -10,9 +10,9 @@ from mxmoe.profiles import get_profile
 
 
 def test_parts_and_bad_part():
-    assert [c.label for c, z in prewarm.part_configs("table1")] == ["fp16", "gptq*-3.25", "gptq*-2.25", "quarot-w4a4"]
-    assert all(z for _, z in prewarm.part_configs("table1"))
-    assert len(prewarm.part_configs("table4")) == 26 and not any(z for _, z in prewarm.part_configs("table4"))
+    assert [c.label for c, _, z in prewarm.part_configs("table1")] == ["fp16", "gptq*-3.25", "gptq*-2.25", "quarot-w4a4"]
+    assert all(z for _, _, z in prewarm.part_configs("table1"))
+    assert len(prewarm.part_configs("table4")) == 26 and not any(z for _, _, z in prewarm.part_configs("table4"))
     with pytest.raises(ValueError, match="unknown part"):
         prewarm.part_configs("table9")
 
@@ -23,8 +23,20 @@ def test_prewarmed_rows_are_cache_hits_for_the_notebooks(tmp_path, monkeypatch):
     runs = sorted((tmp_path / "tiny-qwen2-moe" / "eval" / "runs").glob("*.json"))
     assert len(runs) == 5
     P = get_profile("smoke")
-    config, zeroshot = prewarm.part_configs("table5")[0]
+    config, _, zeroshot = prewarm.part_configs("table5")[0]
     before = {p: p.stat().st_mtime_ns for p in runs}
     row = evaluate_config(config, P, zeroshot=zeroshot, progress=False)  # what notebook 05 calls: a cache hit
     assert row["label"] == config.label
     assert {p: p.stat().st_mtime_ns for p in runs[0].parent.glob("*.json")} == before  # nothing new, nothing rewritten
+
+
+def test_perplexity_only_request_reuses_a_zero_shot_row(tmp_path, monkeypatch):
+    from mxmoe.baselines import rtn_grid_config
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    P = get_profile("smoke")
+    with_tasks = evaluate_config(rtn_grid_config(4, 8), P, zeroshot=True, progress=False)
+    runs = list((tmp_path / "tiny-qwen2-moe" / "eval" / "runs").glob("*.json"))
+    ppl_only = evaluate_config(rtn_grid_config(4, 8), P, zeroshot=False, progress=False)
+    assert ppl_only["ppl"] == with_tasks["ppl"]
+    assert list(runs[0].parent.glob("*.json")) == runs  # nothing quantized or written again
