@@ -24,8 +24,8 @@ point so far is not explored.
 One limit on exactness: the second stage of a lexicographic end point (least T among the least-L
 allocations, or the reverse) can make CBC's branch and bound explode when many allocations tie
 within its tolerances (seen on smollm2-moe's full-profile sensitivity: no proof after minutes). That
-stage is warm-started from the first stage's optimum and given ``TIE_BREAK_SECONDS``; the end point is
-then still optimal in its first criterion, and its tie-break is the best CBC found
+stage is warm-started from the first stage's optimum and stops after ``TIE_BREAK_NODES`` nodes; the end
+point is then still optimal in its first criterion, and its tie-break is the best CBC found
 (``_ILP.unproven`` counts such solves; ``Front.unproven`` reports them).
 
 ``layer_problem`` builds the inputs of one layer from the sensitivity, routing and cost-table files;
@@ -50,7 +50,8 @@ from mxmoe.errors import MxMoEError
 from mxmoe.paths import results_dir, write_json_atomic
 from mxmoe.schemes import Scheme, scheme_set
 
-TIE_BREAK_SECONDS = 2.0  # time for the second stage of a lexicographic minimum (see the module doc)
+TIE_BREAK_NODES = 500  # branch-and-bound nodes for the second stage of a lexicographic minimum (module doc):
+# a node limit, unlike a time limit, gives the same allocation on every machine
 BLOCK_NAMES = ("gate", "up", "down")
 GRANULARITIES = ("block", "expert")
 FRONT_METHODS = ("supported", "epsilon")
@@ -85,7 +86,7 @@ class Front:
     method: str
     seconds: float
     solves: int
-    unproven: int = 0  # lexicographic tie-breaks that ended on their time limit (module doc)
+    unproven: int = 0  # lexicographic tie-breaks that ended on their node limit (module doc)
 
     def pick(self, r: float) -> Point:
         """The point minimising r·log L + (1-r)·log T (ties: smaller T, then smaller L)."""
@@ -156,7 +157,7 @@ class _ILP:
         self.l_scale, self.t_scale = max(gl.max(2).sum(), 1e-30), max(gt.max(2).sum(), 1e-30)
         self.gl, self.gt, self.gb = gl / self.l_scale, gt / self.t_scale, gb
         self.solves = 0
-        self.unproven = 0  # tie-break solves that ended on their time limit
+        self.unproven = 0  # tie-break solves that ended on their node limit
         self._build()
 
     def _build(self) -> None:
@@ -169,7 +170,7 @@ class _ILP:
         with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for 4.0; 3.3.2 is pinned
             warnings.simplefilter("ignore", DeprecationWarning)
             self.cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0)
-            self.tie_cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0, timeLimit=TIE_BREAK_SECONDS,
+            self.tie_cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0, maxNodes=TIE_BREAK_NODES,
                                              warmStart=True)
         flat = [(i, g, k) for i in range(e) for g in range(ng) for k in range(s)]
         for i in range(e):
@@ -184,7 +185,7 @@ class _ILP:
     def _pick(self, wl, wt, cap_l, cap_t, tie_break: bool = False) -> "np.ndarray | None":
         """Scheme index per group [E, G] of an optimal solution, or None when infeasible.
 
-        ``tie_break``: a time-limited solve warm-started from the last solution, which may end with
+        ``tie_break``: a node-limited solve warm-started from the last solution, which may end with
         the best solution found instead of a proven optimum (counted in ``unproven``)."""
         self.prob.get_constraint_by_name("capL").constant = -cap_l
         self.prob.get_constraint_by_name("capT").constant = -cap_t

@@ -12,7 +12,7 @@ Parts (the notebooks' default parameters):
 * ``table1``: the Table 1 baselines of notebook 05 (fp16, GPTQ* 3.25 / 2.25, QuaRot-style W4A4) with zero-shot;
 * ``mxmoe``: Table 1's MxMoE rows (3.25, 2.25, W5A5 allocations of notebook 04) with zero-shot;
 * ``sweep``: Table 3's expert-granularity W5A5 allocation and Figure 6's r sweep (perplexity only; the
-  sweep's allocations are solved and written as notebook 05 does);
+  sweep's allocations are read, or solved and written as notebook 05 does when missing);
 * ``table5``: notebook 05's rotated uniform w4a4 ... w8a8 models (perplexity only);
 * ``table4``: notebook 01's RTN grid, w4..8 × a4..8, and its full-precision reference (perplexity only).
 
@@ -41,11 +41,13 @@ def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> li
     if part == "mxmoe":
         return [(allocation_config(s), load_allocation(model, s), True) for s in MXMOE_SETTINGS]
     if part == "sweep":
+        from mxmoe.allocate import alloc_path
         from mxmoe.endtoend import r_sweep_allocations
 
-        sweep = r_sweep_allocations(model, R_SWEEP, budget_bits=5.0, schemes="w5a5", batch_tokens=512, profile=profile)
-        return [(allocation_config("mxmoe-w5a5-expert"), load_allocation(model, "mxmoe-w5a5-expert"), False)] + [
-            (allocation_config(setting), smap, False) for setting, smap, _ in sweep.values()]
+        settings = [f"w5a5-b5-r{r:g}" for r in R_SWEEP]
+        if not all(alloc_path(model, s).exists() for s in settings):
+            r_sweep_allocations(model, R_SWEEP, budget_bits=5.0, schemes="w5a5", batch_tokens=512, profile=profile)
+        return [(allocation_config(s), load_allocation(model, s), False) for s in ["mxmoe-w5a5-expert", *settings]]
     if part == "table5":
         return [(rotated_uniform_config(b, b), None, False) for b in BITS]
     if part == "table4":
