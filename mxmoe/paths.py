@@ -16,8 +16,13 @@ def cache_dir() -> Path:
 
 
 def results_dir() -> Path:
-    """Root of stage outputs: $MXMOE_RESULTS_DIR, else results/ in the repository."""
-    return Path(os.environ.get("MXMOE_RESULTS_DIR", REPO_ROOT / "results"))
+    """Root of stage outputs: $MXMOE_RESULTS_DIR, else the root of this machine's default profile
+    (results/ with a CUDA GPU, results/quick/ without; see ``resolve_results_dir``)."""
+    if os.environ.get("MXMOE_RESULTS_DIR"):
+        return Path(os.environ["MXMOE_RESULTS_DIR"])
+    from mxmoe.profiles import default_profile
+
+    return resolve_results_dir(default_profile())
 
 
 def smoke_results_dir() -> Path:

@@ -2,7 +2,7 @@
 
 ``build()`` runs :mod:`mxmoe.models.moefy` on SmolLM2-135M, saves the result as a standard
 transformers checkpoint under the cache (written to a temporary folder, then renamed: a killed
-build never leaves a readable half-written cache) and writes results/smollm2-moe/model.json.
+build never leaves a readable half-written cache) and writes <results>/smollm2-moe/model.json.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def device_name() -> str:
 
 
 def build(cfg: moefy.MoefyConfig = RECIPE, force: bool = False) -> Path:
-    """Build smollm2-moe into the cache (unless already complete) and write results/smollm2-moe/model.json."""
+    """Build smollm2-moe into the cache (unless already complete) and write <results>/smollm2-moe/model.json."""
     final = model_dir(cfg)
     if is_built(cfg) and not force:
         return final
@@ -97,7 +97,11 @@ def build(cfg: moefy.MoefyConfig = RECIPE, force: bool = False) -> Path:
 
 
 def write_card(dense, moe, tok, info: dict) -> dict:
-    """Measure dense vs MoE WikiText-2 test perplexity and routing skew; write results/smollm2-moe/model.json."""
+    """Measure dense vs MoE WikiText-2 test perplexity and routing skew (on the GPU when there is one);
+    write <results>/smollm2-moe/model.json."""
+    from mxmoe.models import default_device
+
+    dense, moe = dense.to(default_device()), moe.to(default_device())
     test = eval_windows(tok, EVAL_SEQLEN, EVAL_WINDOWS)
     ppl_dense = perplexity(dense, test, desc="test ppl, dense")
     ppl_moe = perplexity(moe, test, desc="test ppl, moe")
