@@ -130,6 +130,18 @@ def _result_provenance(root: Path, model: str) -> list[dict]:
     return rows
 
 
+def _evaluation_devices(runs: Path) -> list[dict]:
+    """Rows per (device, profile) of the cached evaluations under ``runs``, with their summed seconds."""
+    counts: dict = {}
+    for f in sorted(runs.glob("*.json")):
+        d = json.loads(f.read_text())
+        key = (d.get("device", "?"), d.get("profile", "?"))
+        n, sec = counts.get(key, (0, 0.0))
+        counts[key] = (n + 1, sec + (d.get("seconds") or 0.0))
+    return [{"device": dev, "profile": prof, "evaluations": n, "compute (s, summed)": round(sec)}
+            for (dev, prof), (n, sec) in counts.items()] or [{"device": "none yet"}]
+
+
 def write_runs_page(src: Path, root: Path, model: str) -> Path:
     """``src/runs.md``: every stage run (from the stamps), every result file's provenance, disk use, versions."""
     from mxmoe.reproduce import STAGES, model_dirname
@@ -164,6 +176,13 @@ What each result file says about its own origin (device, profile, software, date
 come from a GPU machine. The others come from the machine named in their `device` field.
 
 {_md_table(_result_provenance(root, model))}
+## Evaluations and where they ran
+
+Every quantized-and-evaluated model is one cached row under `eval/runs/` (computed by a notebook or by
+`python -m mxmoe.prewarm`, and read by the notebooks): a stage's wall time above can be short
+because its evaluations ran earlier, elsewhere. Rows per device and profile:
+
+{_md_table(_evaluation_devices(root / model_dirname(model) / "eval" / "runs"))}
 ## Software of the book build
 
 {_md_table([ver])}

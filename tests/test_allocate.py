@@ -163,3 +163,22 @@ def test_missing_schemes_in_sensitivity(tmp_path, monkeypatch):
     sens = {"schemes": ["w8a8_g-1_sym"], "layers": {}}
     with pytest.raises(MxMoEError, match="have no sensitivity"):
         layer_problem("tiny", 0, "rtn", "w5a5", 64, sensitivity=sens, routing={"layers": [0]}, dims={})
+
+
+def test_tie_break_cut_short_keeps_the_first_criterion_optimal(monkeypatch):
+    """With the tie-break stage stopped at once (node limit 1), r = 1 still returns a least-L allocation."""
+    from mxmoe import allocate
+
+    rng = np.random.default_rng(0)
+    bits = np.array([8.0, 4.25, 2.25, 4.0, 16.0])  # [S]
+    loss = np.broadcast_to(np.round(100 * 2.0 ** -bits), (12, 3, 5)).copy()  # every expert alike: many L ties
+    time_ = rng.uniform(0.5, 1.5, (12, 3, 5)) * (0.2 + bits / 8)  # [E, 3, S]
+    size = rng.integers(1, 4, 12).astype(float)  # [E]
+    exact = solve_point(loss, time_, bits, size, 4.0, 1.0)
+    models = []
+    monkeypatch.setattr(allocate, "TIE_BREAK_NODES", 1)
+    monkeypatch.setattr(allocate._ILP, "_build", lambda self, build=allocate._ILP._build: (models.append(self), build(self))[1])
+    cut = solve_point(loss, time_, bits, size, 4.0, 1.0)
+    assert models[0].unproven == 1  # the node limit was hit ...
+    assert cut.L == pytest.approx(exact.L, rel=1e-9)  # ... and the allocation is still least-loss
+    assert cut.T >= exact.T - 1e-12  # never better than the proven tie-break
