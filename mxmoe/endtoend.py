@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 
 from mxmoe.allocate import (allocation_doc, card_dims, layer_problem, model_dims, pareto_front, scheme_map,
                             write_allocation)
@@ -106,3 +107,29 @@ def measured_throughput(model: str) -> "dict | None":
     doc = json.loads(files[-1].read_text())
     device = doc["provenance"]["device"]
     return {(r["setting"], r["batch"]): {**r, "device": device, "source": files[-1].name} for r in doc["rows"]}
+
+
+# Figure 5 panels of the paper's models (no weights here: throughput only) -> benchmark variant per setting
+PAPER_FIG5_VARIANTS = {"fp16": "torch_grouped_bf16", "w4a16": "ours_w4a16_g128", "w8a8": "ours_w8a8_int8",
+                       "w4a4": "ours_w4a4_g-1", "mix 4.25 (w4a16+w8a8)": "ours_mix4.25_w4a16+w8a8",
+                       "mix 5 (w4a4+w8a8)": "ours_mix5_w4a4+w8a8"}
+
+
+def paper_model_throughput(bench_files, batches=(512, 8192)) -> "pd.DataFrame":
+    """Figure 5 rows for the paper's models from kernel benchmark files: MoE-block (gate_up + down GEMM)
+    tokens/s per model, batch and setting, and the speedup over fp16 (torch's bf16 grouped GEMM).
+
+    Their weights cannot be loaded here, so there is no PPL and no allocation: the mixes are the
+    benchmark's fixed expert mixes at the named average width, not MxMoE allocations.
+    """
+    from mxmoe.plots import kernels as kp
+
+    blocks = kp.block_times(kp.case_rows([kp.load_bench(f) for f in bench_files]), tuple(PAPER_FIG5_VARIANTS.values()))
+    blocks = blocks[blocks.model.isin(kp.PAPER_MODELS) & blocks.tokens.isin(batches)]
+    setting = {v: k for k, v in PAPER_FIG5_VARIANTS.items()}
+    rows = blocks.assign(setting=blocks.variant.map(setting), batch=blocks.tokens)
+    rows = rows.drop_duplicates(["model", "batch", "setting"])  # the first file that measured a case wins
+    order = {k: i for i, k in enumerate(PAPER_FIG5_VARIANTS)}
+    rows = rows.sort_values(["model", "batch", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
+    return rows[["model", "batch", "setting", "block_us", "tokens_per_s", "speedup_vs_torch_grouped"]].rename(
+        columns={"speedup_vs_torch_grouped": "speedup_vs_fp16"}).reset_index(drop=True)

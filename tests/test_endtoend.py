@@ -47,3 +47,16 @@ def test_alloc_bench_settings_read_allocation_files(smoke_results):
     found = settings(smoke_results)
     assert set(UNIFORM) <= set(found) and "w5a5-b5-r1" in found
     assert all(k[2] in ("gate", "up", "down") for k in found["w5a5-b5-r1"])
+
+
+def test_paper_model_throughput_from_committed_benchmarks():
+    from mxmoe.endtoend import PAPER_FIG5_VARIANTS, paper_model_throughput
+    from mxmoe.paths import REPO_ROOT
+    from mxmoe.plots import kernels as kp
+
+    df = paper_model_throughput([REPO_ROOT / "results" / "kernels" / f for f in kp.COMMITTED_H100])
+    assert set(df.model) == set(kp.PAPER_MODELS) and set(df.batch) == {512, 8192}
+    assert set(df.setting) <= set(PAPER_FIG5_VARIANTS) and "fp16" in set(df.setting)
+    assert (df[df.setting == "fp16"].speedup_vs_fp16 == 1.0).all()
+    assert not df.duplicated(["model", "batch", "setting"]).any()
+    assert (df.tokens_per_s > 0).all()

@@ -29,6 +29,22 @@ def fig5_throughput(df: pd.DataFrame):
     return fig
 
 
+def fig5_paper_models(df: pd.DataFrame):
+    """Figure 5, the paper's models: MoE-block throughput over fp16 per model, one panel per batch size
+    ("throughput only": no weights, so no PPL). ``df``: ``mxmoe.endtoend.paper_model_throughput`` rows."""
+    batches = sorted(df.batch.unique())
+    fig, axes = figure(len(batches), 1, width=11, height=3.2 * len(batches))
+    for ax, batch in zip(axes[:, 0], batches):
+        sns.barplot(df[df.batch == batch], x="model", y="speedup_vs_fp16", hue="setting", ax=ax)
+        ax.axhline(1.0, color="0.3", lw=0.8)
+        ax.set(title=f"{batch} tokens: throughput only (no weights, no PPL)", xlabel="",
+               ylabel="MoE-block speedup vs fp16")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig
+
+
 def fig6_tradeoff(df: pd.DataFrame, kind: str = "predicted"):
     """Figure 6: throughput vs PPL of the allocations for each r (points labelled with r, joined in r order).
 
