@@ -67,9 +67,11 @@ reproduce: install
 	@if [ "$(PROFILE)" != smoke ] && { [ -z "$(MODEL)" ] || [ "$(MODEL)" = smollm2-moe ]; }; then \
 		$(PYTHON) -m mxmoe model build && $(PYTHON) -m mxmoe model info smollm2-moe; fi
 	$(PYTHON) -m mxmoe.reproduce $(RUN_ARGS)
-	$(PYTHON) -m mxmoe.book $(RUN_ARGS) --strict
+	$(PYTHON) -m mxmoe.book --profile $(or $(PROFILE),$$($(PYTHON) -c 'from mxmoe.profiles import default_profile as d; print(d())')) \
+		$(if $(MODEL),--model $(MODEL)) --strict
 
-# Rebuild the book from the executed notebooks already under results/ (nothing is executed).
+# Rebuild the book from executed notebooks already there (nothing is executed): the full run's, else
+# the quick run's, or PROFILE=.
 book: install
 	$(PYTHON) -m mxmoe.book $(RUN_ARGS) --strict
 
