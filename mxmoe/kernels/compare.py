@@ -1,7 +1,7 @@
 """Focused timing of chosen schemes and tile configs on the issue's target cases, one process, one GPU.
 
 ``python -m mxmoe.kernels.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps ...]
-[--programs P ...]``
+[--programs P ...] [--schemes SCHEME ...]``
 
 For each case (both GEMMs of the model, routed as in ``bench``) it times torch's bf16 grouped GEMM and
 every scheme with its default tile and with each ``--sweep`` config (``triton.testing.do_bench``
@@ -42,8 +42,8 @@ def copy_gbps() -> float:
 
 
 def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tuple]", bw: float,
-             programs: "tuple[int, ...]" = ()) -> "list[dict]":
-    """Rows for one GEMM of one model at one token count."""
+             programs: "tuple[int, ...]" = (), schemes: "list[str] | None" = None) -> "list[dict]":
+    """Rows for one GEMM of one model at one token count (``schemes``: default SCHEMES[tokens])."""
     e, top_k = MODELS[model][0], MODELS[model][3]
     rows = expert_loads(tokens, e, top_k)
     offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -53,7 +53,7 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tu
     t_torch = _ms(lambda: gmm(x, w.transpose(1, 2), offs=offs[1:].contiguous()))
     base = {"model": model, "gemm": gemm, "tokens": tokens, "N": n, "K": k}
     out = [dict(base, scheme="torch_grouped_bf16", config="-", us=t_torch * 1e3, speedup=1.0)]
-    for name in SCHEMES[tokens]:
+    for name in schemes or SCHEMES[tokens]:
         s = Scheme.parse(name)
         pws = [pack(w[i], s) for i in range(e)]
         group = ExpertGroup(pws)
@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=["qwen1.5-moe-a2.7b:512", "deepseek-v2-lite:512", "qwen1.5-moe-a2.7b:8192"])
     ap.add_argument("--sweep", nargs="*", default=[], help="TOKENS:bm,bn,stages,swap,warps")
     ap.add_argument("--programs", nargs="*", type=int, default=[], help="grid sizes to time the default tiles on")
+    ap.add_argument("--schemes", nargs="*", default=None, help="schemes to time (default: SCHEMES of the token count)")
     args = ap.parse_args()
     torch.manual_seed(0)
     sweep: dict = {}  # tokens -> [(bm, bn, stages, swap, warps)]
@@ -105,7 +106,7 @@ def main() -> None:
         _, h, inter, _ = MODELS[model]
         for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
             for r in run_case(model, gemm, n, k, int(tokens), sweep.get(int(tokens), []), doc["copy_GBps"],
-                              tuple(args.programs)):
+                              tuple(args.programs), args.schemes):
                 doc["rows"].append(r)
                 print(f"{args.label} {model[:10]} {gemm:7s} T={tokens:>5} {r['scheme']:18s} {r['config']:14s} "
                       f"{r.get('us', float('nan')):8.1f}us {r.get('speedup', float('nan')):5.2f}x "
