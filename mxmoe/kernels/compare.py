@@ -1,6 +1,6 @@
 """Focused timing of chosen schemes and tile configs on the issue's target cases, one process, one GPU.
 
-``python -m mxmoe.kernels.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps ...]
+``python -m mxmoe.kernels.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps[,programs] ...]
 [--programs P ...] [--schemes SCHEME ...]``
 
 For each case (both GEMMs of the model, routed as in ``bench``) it times torch's bf16 grouped GEMM and
@@ -69,6 +69,7 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tu
                 continue  # swap-AB is a path of weight-only packed schemes
             else:
                 label = "default" if cfg is None else ",".join(map(str, cfg))
+                npg = cfg[5] if cfg is not None and len(cfg) > 5 else None
             configs = None if cfg is None else {s: TileConfig(cfg[0], cfg[1], 64 if s.is_full_precision else 128, cfg[2], bool(cfg[3]))}
             nw = None if cfg is None else cfg[4]
             row = dict(base, scheme=name, config=label)
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--label", required=True)
     ap.add_argument("--out", default="results/kernels")
     ap.add_argument("--cases", nargs="*", default=["qwen1.5-moe-a2.7b:512", "deepseek-v2-lite:512", "qwen1.5-moe-a2.7b:8192"])
-    ap.add_argument("--sweep", nargs="*", default=[], help="TOKENS:bm,bn,stages,swap,warps")
+    ap.add_argument("--sweep", nargs="*", default=[], help="TOKENS:bm,bn,stages,swap,warps[,programs]")
     ap.add_argument("--programs", nargs="*", type=int, default=[], help="grid sizes to time the default tiles on")
     ap.add_argument("--schemes", nargs="*", default=None, help="schemes to time (default: SCHEMES of the token count)")
     args = ap.parse_args()
