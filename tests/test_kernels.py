@@ -166,6 +166,18 @@ def test_cost_table_tiles_and_device_check(tmp_path):
         build_table([a, b])
 
 
+def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
+    """``bench --table-dir`` writes kernels/<gpu>.json from the run: the committed H100 run -> nvidia_h100.json."""
+    from mxmoe.kernels.cost_table import write_table
+
+    run = ROOT / "results" / "kernels" / "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json"
+    out = write_table([run], tmp_path / "kernels")
+    assert out.name == "nvidia_h100.json" and not list(out.parent.glob("*.tmp"))
+    table = json.loads(out.read_text())
+    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == "50dfdc6"
+    assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe-a2.7b", "deepseek-v2-lite"}
+
+
 @pytest.mark.parametrize("rows", [1, 20, 50, 500])
 def test_default_tiles_are_valid_for_every_scheme(rows):
     from mxmoe.kernels.configs import check_config, default_config

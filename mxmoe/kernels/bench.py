@@ -13,7 +13,8 @@ on one GPU it times, with ``triton.testing.do_bench`` medians:
 
 It measures the roofline (copy bandwidth, bf16/int8/fp8 matmul peaks) in the same run, counts
 kernel launches per grouped GEMM with the profiler, prints a short table and writes
-``DIR/bench_<gpu>[_<tag>].json``.
+``DIR/bench_<gpu>[_<tag>].json``; with ``--table-dir kernels`` also the run's cost table
+``kernels/<gpu>.json`` that the performance model reads.
 
 Shapes: the six paper models and the embedded smollm2-moe (routed experts and, as a one-expert GEMM,
 its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it
@@ -287,6 +288,9 @@ def main() -> None:
                     help="models whose mixes also run per scheme and unified (Table 6); default: all")
     ap.add_argument("--ablation-models", nargs="*", default=None, help="models that run ABLATIONS; default: all")
     ap.add_argument("--tag", default="", help="suffix of the output file name: bench_<gpu>[_<tag>].json")
+    ap.add_argument("--table-dir", default=None,
+                    help="also write this run's cost table to DIR/<gpu>.json (e.g. kernels; the committed "
+                         "tables merge several runs: python -m mxmoe.kernels.cost_table)")
     args = ap.parse_args()
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -348,6 +352,10 @@ def main() -> None:
             print(scheme, {c: (v["config"], v["num_warps"], round(v["ms"] * 1e3)) for c, v in classes.items()})
     print(json.dumps(doc["targets"], indent=1))
     print(f"wrote {out_path} in {time.time() - t0:.0f} s")
+    if args.table_dir:
+        from mxmoe.kernels.cost_table import write_table  # cost_table imports this module
+
+        print(f"wrote {write_table([out_path], args.table_dir)}")
 
 
 def tune(deadline: float, model: str = "qwen1.5-moe-a2.7b") -> list[dict]:

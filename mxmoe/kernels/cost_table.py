@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from mxmoe.kernels.bench import MODELS, UNIFORM, expert_loads
+from mxmoe.perfmodel import gpu_key
 
 
 def launch_tiles(rows: "list[int]", n: int, tile: dict) -> int:
@@ -66,6 +67,17 @@ def build_table(paths: "list[Path]") -> dict:
         table["tile_sweep"] = {"kernel_commit": sweeps[-1]["provenance"]["git_commit"],
                                "best": sweeps[-1]["tuned_best"], "runs": sweeps[-1]["tuning"]}
     return table
+
+
+def write_table(paths: "list[Path]", table_dir: "str | Path") -> Path:
+    """Build the table of ``paths`` and write it to ``table_dir/<gpu>.json`` (atomically); returns the path."""
+    table = build_table(paths)
+    out = Path(table_dir) / f"{gpu_key(table['device'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(out)
+    return out
 
 
 def main() -> None:
