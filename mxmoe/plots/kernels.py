@@ -28,14 +28,11 @@ FIG2_VARIANTS = ("torch_loop_bf16", "torch_grouped_bf16", "torch_scaled_grouped_
                  "ours_w4a16_g128", "ours_w8a8_int8", "ours_w8a8_fp8", "ours_w4a4_g-1", "ours_mix4.25_w4a16+w8a8",
                  "ours_mix5_w4a4+w8a8")
 MIXES = ("mix4.25_w4a16+w8a8", "mix5_w4a4+w8a8")
-# committed H100 runs (results/kernels/NOTES.md), in the order cases are taken: the current kernel
-# (50dfdc6: 4-bit unpacking in PTX) on the Qwen1.5 and DeepSeek shapes with Table 6 (do_bench events; the
-# second file finishes DeepSeek `down`), then the earlier kernel (60ab36b: all other shapes, whose
-# weight-activation and bf16 paths are unchanged since) from the all-shapes run, the Qwen1.5/DeepSeek run and
-# the CUDA-graph run
+# committed H100 runs of the current kernel (results/kernels/NOTES.md), in the order cases are taken: the
+# Qwen1.5/DeepSeek run with Table 6 (do_bench events; the second file finishes DeepSeek `down`), then the
+# all-shapes run (Table 6 on the other four models)
 COMMITTED_H100 = ("bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json",
-                  "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_deepseek.json", "bench_NVIDIA_H100_da30954_all.json",
-                  "bench_NVIDIA_H100_60ab36b_qwen-deepseek.json", "bench_NVIDIA_H100_a87e84d_cudagraph.json")
+                  "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_deepseek.json", "bench_NVIDIA_H100_80GB_HBM3_eeb53d4_all.json")
 
 
 def load_bench(path: "str | Path") -> dict:
