@@ -223,9 +223,16 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
             # NIB: 4-bit codes of the transposed tile, unpacked two at a time (_nibble_values) into
             # v = 128 + u = q + 128 + OFF, then w = s (v - 128 - OFF) + zr (the subtraction is exact).
             NIB: tl.constexpr = KIND == 1 and WBITS == 4 and SWAP
+            # PREFETCH: per-group scales of block kb + 1 are loaded during block kb. Triton does not pipeline
+            # loads this small, and on short tiles (few rows, memory-bound) a load at the point of use stalls
+            # every block; tall tiles hide it behind their MMA work and lose registers to the prefetch.
+            PREFETCH: tl.constexpr = GROUP > 0 and BM <= 64
+            nkb = tl.cdiv(K, 128)
             if GROUP < 0:
                 sc, zr = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float32, SYM, OFF, cdt)
-            for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
+            elif PREFETCH:
+                sc_next, zr_next = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
+            for kb in tl.range(0, nkb, num_stages=STAGES):
                 if NIB:
                     lo, hi = _nibble_values(_nibble_bytes(wp, kb, rn, n_mask, KP), INTERPRET)
                 else:
@@ -233,7 +240,11 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
                     b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
                     b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2, SWAP)
                     b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1, SWAP)
-                if GROUP > 0:
+                if PREFETCH:
+                    sc, zr = sc_next, zr_next
+                    sc_next, zr_next = _scale_zero(s_addr, z_addr, (kb + 1) * 128 // GROUP, rn, n_mask & (kb + 1 < nkb),
+                                                   N, tl.float16, SYM, OFF, cdt)
+                elif GROUP > 0:
                     sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
                 for j in tl.static_range(NSL):
                     a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
