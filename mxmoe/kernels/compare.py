@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="*", default=None, help="schemes to time (default: SCHEMES of the token count)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    sweep: dict = {}  # tokens -> [(bm, bn, stages, swap, warps)]
+    sweep: dict = {}  # tokens -> [(bm, bn, stages, swap, warps[, programs])]
     for c in args.sweep:
         tokens, cfg = c.split(":")
         sweep.setdefault(int(tokens), []).append(tuple(int(v) for v in cfg.split(",")))
