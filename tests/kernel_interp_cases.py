@@ -68,6 +68,13 @@ def main() -> None:
     pws = [pack(w, s) for w, s in zip(_weights(80, 576, len(rows)), plain + ["bf16", "w8a8_g-1_sym"])]
     configs = {s: TileConfig(32, 64, 128, 1, swap_ab=False) for s in plain}
     cases["unswapped_mixed"] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws, configs=configs)
+    # 128-row transposed tiles of grouped weight-only schemes: the per-block scales load at the point of use
+    # (tiles of <= 64 rows, the default here, load them one block ahead)
+    tall = ["w4a16_g128_asym", "w2a16_g128_asym"]
+    rows_tall = [0, 130, 1]
+    pws_tall = [pack(w, s) for w, s in zip(_weights(80, 576, len(rows_tall)), tall + tall[:1])]
+    cases["tall_swapped_grouped"] = _compare(torch.randn(sum(rows_tall), 576), _offsets(rows_tall), pws_tall,
+                                             configs={s: TileConfig(128, 32, 128, 1, swap_ab=True) for s in tall})
     pws[3] = pack(_weights(80, 576, 1)[0], "w8a16_g-1_sym_fp8")
     cases["swapped_mixed_fp8_weight_only"] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws)
     # K = 32: shorter than a K tile and than the group
