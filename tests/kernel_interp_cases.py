@@ -22,7 +22,8 @@ from mxmoe.kernels.moe import attach_packed_experts, moe_experts_forward, regist
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
 
-EXTRA = [Scheme.parse("w8a16_g128_asym")]  # outside the Hopper set: the unsigned 8-bit weight-only path
+# outside the Hopper set: the unsigned 8-bit weight-only path; symmetric 4-bit weight-only (no zero point)
+EXTRA = [Scheme.parse("w8a16_g128_asym"), Scheme.parse("w4a16_g128_sym")]
 MIXED = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g128_sym", "w8a8_g-1_sym_fp8", "w3a16_g128_asym"]
 
 

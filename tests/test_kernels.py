@@ -21,8 +21,8 @@ from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
-INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["w8a16_g128_asym", "mixed_fp32", "mixed_fp16", "mixed_per_scheme_launches",
-                                                   "mixed_unified_kernel", "mixed_given_x_q", "unswapped_mixed",
+INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["w8a16_g128_asym", "w4a16_g128_sym", "mixed_fp32", "mixed_fp16",
+                                                   "mixed_per_scheme_launches", "mixed_unified_kernel", "mixed_given_x_q", "unswapped_mixed",
                                                    "tall_swapped_grouped", "swapped_mixed_fp8_weight_only", "k32_mixed",
                                                    "intweight", "moe_experts_forward", "hf_qwen2moe_bf16_vs_eager",
                                                    "hf_qwen2moe_mixed_vs_reference"]

@@ -179,6 +179,12 @@ def _dequant(u, sc, zr, KIND: tl.constexpr, WBITS: tl.constexpr, OFF: tl.constex
             q = (wb - (128 + OFF)).to(cdt)  # exact
     else:
         q = (u - OFF).to(cdt)  # 8-bit codes: integers in [-128, 127], exact in 16 bits
+    return _scaled(q, sc, zr, SYM, T)
+
+
+@triton.jit
+def _scaled(q, sc, zr, SYM: tl.constexpr, T: tl.constexpr):
+    """s q + z [CW, BN] ([BN, CW] when T) from centred codes q in the dot type; sc, zr: [BN] (zr unused when SYM)."""
     s = tl.expand_dims(sc, 1 if T else 0)
     if SYM:
         return q * s
@@ -250,7 +256,7 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
                     a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
                     if NIB:
                         v = (lo if j == 0 else hi).to(cdt)  # [BN, 64]
-                        w = tl.fma(v - (128 + OFF), sc[:, None], zr[:, None])
+                        w = _scaled(v - (128 + OFF), sc, zr, SYM, True)
                     else:
                         u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
                         w = _dequant(u, sc, zr, KIND, WBITS, OFF, SYM, SWAP, cdt, INTERPRET)
