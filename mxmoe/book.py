@@ -22,7 +22,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from mxmoe.paths import REPO_ROOT, kernel_results_dir
+from mxmoe.env import REPO_ROOT
+from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir
+from mxmoe.profiles import default_profile
+from mxmoe.stages import STAGES
 
 BOOK = REPO_ROOT / "book"
 SOFTWARE = ("torch", "triton", "transformers", "accelerate", "lm-eval", "pulp", "papermill", "jupyter-book",
@@ -30,7 +33,6 @@ SOFTWARE = ("torch", "triton", "transformers", "accelerate", "lm-eval", "pulp", 
 
 
 def executed_notebooks(root: Path, model: str) -> list[Path]:
-    from mxmoe.reproduce import STAGES, model_dirname
 
     d = root / model_dirname(model) / "notebooks"
     return [d / f"{s.stem}.ipynb" for s in STAGES if (d / f"{s.stem}.ipynb").exists()]
@@ -38,9 +40,6 @@ def executed_notebooks(root: Path, model: str) -> list[Path]:
 
 def book_profile() -> str:
     """The run a book shows by default: the full (GPU) run when its executed notebooks exist, else this machine's default."""
-    from mxmoe.paths import resolve_results_dir
-    from mxmoe.profiles import default_profile
-    from mxmoe.reproduce import default_model
 
     return "full" if executed_notebooks(resolve_results_dir("full"), default_model("full")) else default_profile()
 
@@ -103,7 +102,6 @@ def _du(path: Path) -> str:
 
 def _result_provenance(root: Path, model: str) -> list[dict]:
     """device / date / software recorded inside the result files (first level of their JSON)."""
-    from mxmoe.reproduce import model_dirname
 
     rows = []
     files = sorted((root / model_dirname(model)).glob("*.json")) + sorted((root / model_dirname(model)).glob("*/*.json"))
@@ -144,7 +142,6 @@ def _evaluation_devices(runs: Path) -> list[dict]:
 
 def write_runs_page(src: Path, root: Path, model: str) -> Path:
     """``src/runs.md``: every stage run (from the stamps), every result file's provenance, disk use, versions."""
-    from mxmoe.reproduce import STAGES, model_dirname
 
     nb_dir = root / model_dirname(model) / "notebooks"
     stages = []
@@ -231,8 +228,6 @@ def build(src: Path, out: Path, strict: bool, log=print) -> int:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    from mxmoe.paths import resolve_results_dir
-    from mxmoe.reproduce import default_model
 
     p = argparse.ArgumentParser(prog="python -m mxmoe.book", description=__doc__.split("\n")[0])
     p.add_argument("--profile", choices=("smoke", "quick", "full"), default=None,
