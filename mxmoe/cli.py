@@ -73,9 +73,9 @@ def _eval_zeroshot(args) -> None:
     import time
 
     from mxmoe.data import TASKS
-    from mxmoe.models import load_model
     from mxmoe.env import device_name
     from mxmoe.files import write_json_atomic
+    from mxmoe.models import load_model
     from mxmoe.zeroshot import check_args, evaluate_tasks, record
 
     tasks = check_args(args.tasks or TASKS, args.limit)

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mxmoe.env import COST_TABLES
 from mxmoe.errors import MxMoEError
 from mxmoe.kernels.configs import TileConfig, default_config, kind_of
-from mxmoe.env import COST_TABLES
 from mxmoe.schemes import Scheme
 
 SOURCES = ("cost-table", "cost-table-scaled", "predicted-roofline")

@@ -29,13 +29,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mxmoe.errors import MxMoEError
 from mxmoe.env import REPO_ROOT
+from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
-from mxmoe.profiles import default_profile, get_profile
 from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir, results_dir
+from mxmoe.profiles import default_profile, get_profile
 from mxmoe.stages import STAGES, Stage
-
 
 STAMP_VERSION = 1
 

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mxmoe.data import calibration_windows
 from mxmoe import plan
+from mxmoe.data import calibration_windows
 from mxmoe.errors import MxMoEError
 from mxmoe.metrics import eval_windows
 from mxmoe.models.blocks import moe_blocks

@@ -6,8 +6,18 @@ import json
 import numpy as np
 import pytest
 
-from mxmoe.allocate import (InfeasibleBudget, allocation_doc, block_groups, layer_problem, objective, pareto_front,
-                            scheme_map, solve_layer, solve_model, solve_point)
+from mxmoe.allocate import (
+    InfeasibleBudget,
+    allocation_doc,
+    block_groups,
+    layer_problem,
+    objective,
+    pareto_front,
+    scheme_map,
+    solve_layer,
+    solve_model,
+    solve_point,
+)
 from mxmoe.perfmodel import load_table
 from mxmoe.stages.allocation import load_allocation, write_allocation
 
@@ -111,11 +121,11 @@ def test_bad_r_and_granularity():
 
 def _tiny_problem(tmp_path, monkeypatch):
     """A layer problem of the tiny Qwen2-MoE from fake sensitivity and routing (no files from other stages)."""
+    from tiny import fresh
+
     from mxmoe.allocate import model_dims
     from mxmoe.models.blocks import moe_blocks
     from mxmoe.schemes import scheme_set
-
-    from tiny import fresh
 
     monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
     model = fresh()

@@ -4,17 +4,17 @@ import json
 
 import pytest
 import torch
+from tiny import fresh
 
 import mxmoe.baselines as baselines
 import mxmoe.stages.routing as routing
 from mxmoe.baselines import BASELINES, QuantConfig, average_bits, baseline, quantize, rtn_grid_config
 from mxmoe.errors import MxMoEError
-from mxmoe.stages.evaluate import evaluate_config
 from mxmoe.profiles import get_profile
 from mxmoe.quant.apply import uniform_scheme_map
 from mxmoe.schemes import Scheme
+from mxmoe.stages.evaluate import evaluate_config
 from mxmoe.stages.sensitivity import profile_sensitivity
-from tiny import fresh
 
 
 def test_named_baselines_match_the_paper():

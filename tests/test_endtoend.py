@@ -2,10 +2,10 @@
 
 import pytest
 
+from mxmoe.profiles import get_profile
 from mxmoe.stages.allocation import r_sweep_allocations
 from mxmoe.stages.endtoend import predicted_throughput
 from mxmoe.stages.evaluate import table1_row
-from mxmoe.profiles import get_profile
 from mxmoe.stages.routing import profile_corpora
 from mxmoe.stages.sensitivity import profile_sensitivity
 
@@ -25,7 +25,7 @@ def test_r_sweep_trades_loss_for_time_within_budget(smoke_results):
     assert doc0["predicted"]["bits"] <= 5.0 + 1e-9 and doc1["predicted"]["bits"] <= 5.0 + 1e-9
     assert doc1["predicted"]["L"] <= doc0["predicted"]["L"] and doc0["predicted"]["T_ms"] <= doc1["predicted"]["T_ms"]
     assert set(map0) == set(map1) and all(k[2] in ("gate", "up", "down") for k in map0)
-    assert all(map0[(l, e, "gate")] == map0[(l, e, "up")] for l, e, _ in map0)  # gate and up tied
+    assert all(map0[(layer, e, "gate")] == map0[(layer, e, "up")] for layer, e, _ in map0)  # gate and up tied
 
 
 def test_predicted_throughput(smoke_results):
@@ -54,7 +54,6 @@ def test_alloc_bench_settings_read_allocation_files(smoke_results):
 def test_paper_model_throughput_from_committed_benchmarks():
     from mxmoe.bench.runs import COUNTED, PAPER, PAPER_FIG5_VARIANTS, paper_model_throughput
     from mxmoe.env import REPO_ROOT
-    from mxmoe.plots import kernels as kp
 
     df = paper_model_throughput([REPO_ROOT / "results" / "kernels" / f for f in COUNTED])
     assert set(df.model) == set(PAPER) and set(df.batch) == {512, 8192}

@@ -1,8 +1,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mxmoe.models import moe_blocks
-from mxmoe.models import moefy
+from mxmoe.models import moe_blocks, moefy
 
 
 def tiny_dense():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mxmoe import prewarm
-from mxmoe.stages.evaluate import evaluate_config
 from mxmoe.profiles import get_profile
+from mxmoe.stages.evaluate import evaluate_config
 
 
 def test_parts_and_bad_part():

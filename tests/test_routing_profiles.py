@@ -8,7 +8,6 @@ from mxmoe.models.zoo import tiny_model
 from mxmoe.routing import batch_workload, corpus_windows, gini, routing_report, skew_stats, top_share
 from mxmoe.stages.routing import profile_corpora
 
-
 torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shared 2-core machine
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.bench.cases import MODELS, expert_loads
+from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.schemes import Scheme
 
@@ -84,7 +84,7 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tu
             except Exception as err:  # noqa: BLE001 - a config that does not fit is recorded, not fatal
                 row["error"] = str(err).splitlines()[0][:200]
             out.append(row)
-        del pws, group
+        pws = group = None  # free before the next scheme
     return out
 
 

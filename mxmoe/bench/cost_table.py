@@ -18,7 +18,6 @@ from pathlib import Path
 from mxmoe.bench.cases import MODELS, UNIFORM, expert_loads
 from mxmoe.perfmodel import gpu_key
 
-
 PROG = "mxmoe bench cost-table"  # also python -m mxmoe.bench.cost_table
 
 def launch_tiles(rows: "list[int]", n: int, tile: dict) -> int:

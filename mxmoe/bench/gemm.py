@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
-from mxmoe.kernels.configs import default_config
-from mxmoe.kernels.group_gemm import launch_plan
 from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
+from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
+from mxmoe.kernels.configs import default_config
+from mxmoe.kernels.group_gemm import launch_plan
 from mxmoe.schemes import Scheme
 
 DEV = "cuda"

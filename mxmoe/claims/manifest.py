@@ -11,7 +11,6 @@ from mxmoe.env import REPO_ROOT
 from mxmoe.paths import kernel_results_dir, results_dir
 from mxmoe.stages import paper_items
 
-
 _FIG_ALIASES = {"fig": ("fig", "figure"), "table": ("table", "tab")}
 
 

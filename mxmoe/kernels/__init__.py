@@ -3,8 +3,8 @@
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU.
 """
 
-from mxmoe.kernels.configs import TileConfig
 from mxmoe.kernels.act_quant import QuantizedRows
+from mxmoe.kernels.configs import TileConfig
 from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm, quantize_activations
 from mxmoe.kernels.moe import attach_packed_experts, moe_experts_forward, register_experts_implementation
 from mxmoe.kernels.pack import PackedWeight, pack

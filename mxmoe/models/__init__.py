@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mxmoe.env import default_device
 from mxmoe.errors import ModelNotFound
-from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
 from mxmoe.models import smollm2
+from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
 from mxmoe.models.zoo import PAPER_MODELS, TINY_CONFIGS, tiny_model, zoo_names
 
 __all__ = ["BLOCKS", "MoEBlock", "default_device", "load_model", "moe_blocks", "zoo_names"]

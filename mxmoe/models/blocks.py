@@ -35,6 +35,7 @@ _PER_EXPERT_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down
 
 
 def mlp_linear(mlp: nn.Module, block: str) -> nn.Linear:
+    """The gate, up or down nn.Linear of a per-expert MLP module (names differ between families)."""
     for attr in _PER_EXPERT_NAMES[block]:
         if hasattr(mlp, attr):
             return getattr(mlp, attr)

@@ -68,7 +68,7 @@ def front_plot(front_points: list, picks: dict, tokens: int, measured: "dict | N
     ax = axes[0, 0]
     pts = sorted(front_points, key=lambda p: p[1])
     tp = [tokens / (t * 1e-3) for _, t in pts]
-    ax.plot(tp, [l for l, _ in pts], "-o", ms=3, lw=1, label=label)
+    ax.plot(tp, [loss for loss, _ in pts], "-o", ms=3, lw=1, label=label)
     for r, (L, T) in sorted(picks.items()):
         ax.plot(tokens / (T * 1e-3), L, "s", ms=7, mfc="none", mew=1.5)
         ax.annotate(f"r={r:g}", (tokens / (T * 1e-3), L), textcoords="offset points", xytext=(5, 5), fontsize=8)

@@ -7,7 +7,6 @@ nothing here needs a GPU.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import seaborn as sns

@@ -17,8 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from mxmoe import plan
-from mxmoe.allocate import (LayerProblem, allocation_doc, layer_problem, model_dims, pareto_front, scheme_map,
-                            solve_model, solve_point)
+from mxmoe.allocate import (
+    LayerProblem,
+    allocation_doc,
+    layer_problem,
+    model_dims,
+    pareto_front,
+    scheme_map,
+    solve_model,
+    solve_point,
+)
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.models import load_model

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 
 from mxmoe import plan
 from mxmoe.baselines import allocation_config
