@@ -26,7 +26,7 @@ class MoEShape:
     moe_layers: int = 0
 
 
-# Paper models (Table 2 and the kernel benchmarks of issue 4).
+# Paper models (Table 2; the kernel benchmarks run their expert shapes).
 PAPER_MODELS = {
     "qwen1.5-moe": ("Qwen/Qwen1.5-MoE-A2.7B", MoEShape(60, 2048, 1408, 4, 4 * 1408, 24)),
     "deepseek-v2-lite": ("deepseek-ai/DeepSeek-V2-Lite", MoEShape(64, 2048, 1408, 6, 2 * 1408, 26)),

@@ -207,7 +207,7 @@ def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
          f"under 0.9x: {low_txt or 'none'}; all at 8192 tokens, where torch's grouped GEMM (cuBLAS/CUTLASS, "
          "warp-specialised, TMA) beats Triton's software pipeline"),
         ("512 tok, Qwen1.5/DeepSeek: w4a16 >= 70% of HBM on weight bytes", rng(w4, "{:.0%}"), met(w4, 0.7),
-         "unpacking is down to ~1 instruction per weight (PTX, kernel 50dfdc6), but the unpacked weight is "
+         "unpacking is down to ~1 instruction per weight (inline PTX), but the unpacked weight is "
          "wgmma's register operand and Triton waits for each such wgmma before unpacking the next slice, and half "
          "of the MMA's N=64 is padding at ~34 rows per expert; tile heights fitted per expert did not help (NOTES.md)"),
         ("512 tok, Qwen1.5/DeepSeek: mix4.25 (w4a16+w8a8) >= 2.5x torch bf16", rng(mix425), met(mix425, 2.5),
