@@ -235,7 +235,7 @@ def claim_one_launch(root, model):
                 and "@" not in r["variant"] and r.get("launches") is not None]
     if not launches:
         raise NotRun(f"{p} records no launch counts")
-    worst = max(launches)
+    worst = int(max(launches))
     return dict(ours=worst, verdict="reproduced" if worst == 1 else "not-reproduced", source=p,
                 note=f"kernel launches per mixed grouped GEMM over {len(launches)} cases (activation quantization "
                      "happens in the token gather)")
