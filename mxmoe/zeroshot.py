@@ -92,7 +92,7 @@ def record(model_name: str, results: dict, limit: int | None, seconds: float, de
 
     return {
         "model": model_name,
-        "data": f"local files under $MXMOE_DATA_DIR ({data_dir()})" if data_dir() is not None else "Hugging Face hub (stock lm-eval tasks)",
+        "data": "local files under $MXMOE_DATA_DIR" if data_dir() is not None else "Hugging Face hub (stock lm-eval tasks)",
         "lm_eval": lm_eval.__version__,
         "num_fewshot": 0,
         "limit": limit,

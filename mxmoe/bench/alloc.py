@@ -105,7 +105,7 @@ def main(argv: "list[str] | None" = None) -> None:
     out = Path(args.out) / f"figure5_{args.model}_{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out} in {doc['wall_s']} s")
+    print(f"wrote {Path(out).name} in {doc['wall_s']} s")
 
 
 if __name__ == "__main__":

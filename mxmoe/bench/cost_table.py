@@ -90,7 +90,7 @@ def main(argv: "list[str] | None" = None) -> None:
     table = build_table(args.bench)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(table, indent=1))
-    print(f"wrote {args.out}: {len(table['cost_points'])} cost points on {table['device']}")
+    print(f"wrote {Path(args.out).name}: {len(table['cost_points'])} cost points on {table['device']}")
 
 
 if __name__ == "__main__":

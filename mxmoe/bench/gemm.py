@@ -276,7 +276,7 @@ def main(argv: "list[str] | None" = None) -> None:
                      if args.timer == "events" else
                      f"triton.testing.do_bench_cudagraph median of 10 graph replays, rep {args.rep_ms:g} ms, no L2 flush"),
            "timer_kind": args.timer,
-           "argv": vars(args)}
+           "argv": {k: v for k, v in vars(args).items() if k not in ("out", "table_dir")}}  # no machine paths
     doc["roofline"] = measure_roofline()
     doc["edge_check"] = edge_check()
     print(json.dumps(doc, indent=1), flush=True)
@@ -324,10 +324,10 @@ def main(argv: "list[str] | None" = None) -> None:
         for scheme, classes in doc["tuned_best"].items():
             print(scheme, {c: (v["config"], v["num_warps"], round(v["ms"] * 1e3)) for c, v in classes.items()})
     print(json.dumps(doc["targets"], indent=1))
-    print(f"wrote {out_path} in {time.time() - t0:.0f} s")
+    print(f"wrote {Path(out_path).name} in {time.time() - t0:.0f} s")
     if args.table_dir:
 
-        print(f"wrote {write_table([out_path], args.table_dir)}")
+        print(f"wrote {write_table([out_path], args.table_dir).name}")
 
 
 def tune(deadline: float, model: str = "qwen1.5-moe") -> list[dict]:
