@@ -3,15 +3,19 @@
 ``python -m mxmoe.book [--profile P] [--model M] [--stage DIR] [--out DIR] [--strict]``:
 
 1. copies the executed notebooks ``<results>/<model>/notebooks/NN_*.ipynb`` into ``<src>/chapters/``
-   (``<src>`` is ``book/``, or a copy of it in ``--stage DIR`` so a CI build leaves book/ alone);
+   (``<src>`` is ``book/``, or a copy of it in ``--stage DIR`` so a CI build leaves book/ alone), folding
+   code cells (``hide-input``) and writing machine paths in outputs relative to the repository;
 2. writes ``<src>/runs.md``: device, profile, time and software of every run behind the book;
 3. runs ``jupyter-book build`` (``--strict``: ``-W -n --keep-going``) into ``--out`` (default book/_build);
-4. scans the HTML for scripts or stylesheets fetched from the network and reports them.
+4. scans the HTML for scripts or stylesheets fetched from the network and reports them, and for noise
+   in the rendered text (absolute paths, warnings, tracebacks): ``--strict`` fails on it;
+5. ``--publish``: also ``<out>/_build/mxmoe-book.zip`` (the HTML, offline) and ``<out>/_build/mxmoe-book.pdf``.
 """
 
 from __future__ import annotations
 
 import argparse
+import html.parser
 import json
 import platform
 import re
@@ -56,8 +60,61 @@ def stage_source(src: "Path | None") -> Path:
     return src
 
 
-def copy_chapters(src: Path, notebooks: list[Path]) -> list[Path]:
-    """Replace ``src/chapters`` with the executed notebooks; return the copies."""
+# A code cell with one of these tags already says how it is shown; "show-input" keeps its code unfolded.
+DISPLAY_TAGS = {"remove-cell", "remove-input", "remove-output", "hide-cell", "hide-input", "hide-output", "show-input"}
+# Absolute paths in output text that the path rewriting did not turn into repository-relative ones.
+ABS_PATH = re.compile(r"""(?<![\w.~-])(?:/(?:root|home|tmp|work|usr|opt|var|private|Users|mnt|srv|scratch)/[^\s"'<>|,;)]*"""
+                      r"""|[A-Za-z]:\\[^\s"'<>|,;)]+)""")
+NOISE = re.compile(r"\b\w*Warning:|\b\w*Warning\b(?=\s*\()|DeprecationWarning|Traceback \(most recent call last\)"
+                   r"|\bsite-packages/|\.venv/lib/")
+# Any absolute folder that ends in results/ (a run on another machine, a temp smoke folder) reads as results/.
+_ANY_RESULTS = re.compile(r"(?<![\w.~-])(?:/[\w.+@-]+)*/results(?=[/\s'\"]|$)")
+_SITE_PACKAGES = re.compile(r"(?<![\w.~-])(?:/[\w.+@-]+)+/site-packages/")
+
+
+def relative_paths(text: str, root: "Path | None" = None) -> str:
+    """``text`` with machine paths made relative: the results ``root`` and any ``…/results`` folder -> ``results``,
+    the repository root -> nothing, a ``…/site-packages/`` folder -> ``<site-packages>/``."""
+    if root is not None:
+        text = text.replace(str(Path(root).resolve()), _display(root).rstrip("/"))
+    text = text.replace(str(REPO_ROOT) + "/", "")
+    text = _ANY_RESULTS.sub("results", text)
+    return _SITE_PACKAGES.sub("<site-packages>/", text)
+
+
+def _map_text(value, fn):
+    if isinstance(value, list):
+        return [fn(v) if isinstance(v, str) else v for v in value]
+    return fn(value) if isinstance(value, str) else value
+
+
+def prepare_notebook(data: dict, root: "Path | None" = None) -> dict:
+    """A chapter from an executed notebook (in place): code folded, output paths relative (see ``relative_paths``).
+
+    A code cell without a display tag gets ``hide-input`` (its outputs lead, the code is one click away), or
+    ``hide-cell`` when it has no output. Text outputs (streams, text/plain, html, markdown, tracebacks) have
+    their machine paths rewritten; stderr streams are left for the book config (``nb_output_stderr``) to drop.
+    """
+    fix = lambda t: relative_paths(t, root)  # noqa: E731
+    for cell in data.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if not DISPLAY_TAGS & set(tags):
+            tags.append("hide-input" if cell.get("outputs") else "hide-cell")
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = _map_text(out["text"], fix)
+            if "traceback" in out:
+                out["traceback"] = _map_text(out["traceback"], fix)
+            for mime, val in (out.get("data") or {}).items():
+                if mime.startswith("text/"):
+                    out["data"][mime] = _map_text(val, fix)
+    return data
+
+
+def copy_chapters(src: Path, notebooks: list[Path], root: "Path | None" = None) -> list[Path]:
+    """Replace ``src/chapters`` with the executed notebooks, made chapters by ``prepare_notebook``; return the copies."""
     chapters = src / "chapters"
     if chapters.exists():
         shutil.rmtree(chapters)
@@ -69,7 +126,8 @@ def copy_chapters(src: Path, notebooks: list[Path]) -> list[Path]:
         if any("papermill-error-cell-tag" in c.get("metadata", {}).get("tags", []) for c in data.get("cells", [])):
             raise RuntimeError(f"{nb} is a partial notebook from a failed run; re-run its stage first")
         dst = chapters / nb.name
-        shutil.copy2(nb, dst)
+        dst.write_text(json.dumps(prepare_notebook(data, root), indent=1, ensure_ascii=False) + "\n")
+        shutil.copystat(nb, dst)
         out.append(dst)
     return out
 
@@ -185,7 +243,7 @@ because its evaluations ran earlier, elsewhere. Rows per device and profile:
 {_md_table(_evaluation_devices(root / model_dirname(model) / "eval" / "runs"))}
 ## Software of the book build
 
-{_md_table([ver])}
+{_md_table([{"package": k, "version": v} for k, v in ver.items()])}
 ## Disk use
 
 {_md_table([{"results (this model)": _du(root / model_dirname(model)), "results/kernels": _du(kernel_results_dir(root)),
@@ -216,11 +274,81 @@ def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
     return found
 
 
-def build(src: Path, out: Path, strict: bool, log=print) -> int:
+def page_noise(text: str) -> list[str]:
+    """What in a page's rendered text a reader should not see: absolute machine paths, warning text, tracebacks."""
+    hits = [f"absolute path {m.group(0)[:100]}" for m in ABS_PATH.finditer(text)]
+    hits += [f"noise {text[max(m.start() - 30, 0):m.end() + 50].strip()!r}" for m in NOISE.finditer(text)]
+    return list(dict.fromkeys(hits))
+
+
+class _ArticleText(html.parser.HTMLParser):
+    """The text of a Sphinx page's ``<article>`` (the main column), without scripts and styles."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.depth = 0
+        self.skip = 0
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "article":
+            self.depth += 1
+        elif tag in ("script", "style"):
+            self.skip += 1
+
+    def handle_endtag(self, tag):
+        if tag == "article":
+            self.depth -= 1
+        elif tag in ("script", "style"):
+            self.skip -= 1
+
+    def handle_data(self, data):
+        if self.depth > 0 and self.skip == 0:
+            self.parts.append(data)
+
+
+def rendered_noise(html_dir: Path) -> dict[str, list[str]]:
+    """{page: [noise]} over the built pages' main column (see ``page_noise``); pages without noise are left out."""
+    found = {}
+    for page in sorted(Path(html_dir).rglob("*.html")):
+        if "_static" in page.parts or "_sources" in page.parts:
+            continue
+        parser = _ArticleText()
+        parser.feed(page.read_text(errors="replace"))
+        hits = page_noise("".join(parser.parts))
+        if hits:
+            found[str(page.relative_to(html_dir))] = hits
+    return found
+
+
+def _jupyter_book() -> list[str]:
     exe = Path(sys.executable).parent / "jupyter-book"
     # the script beside this interpreter, else the same package through this interpreter (no PATH lookup)
-    runner = [str(exe)] if exe.exists() else [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
-    cmd = runner + ["build", str(src), "--path-output", str(out)]
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
+
+
+def write_zip(html_dir: Path, dest: Path) -> Path:
+    """``dest``: a zip of the built HTML under one folder ``mxmoe-book/`` (open ``mxmoe-book/index.html``; works offline).
+
+    Entries are sorted and carry a fixed date, so the same pages give the same archive.
+    """
+    import zipfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for f in sorted(p for p in html_dir.rglob("*") if p.is_file() and ".buildinfo" not in p.name):
+            info = zipfile.ZipInfo(f"mxmoe-book/{f.relative_to(html_dir).as_posix()}", date_time=(2025, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            z.writestr(info, f.read_bytes())
+    tmp.replace(dest)
+    return dest
+
+
+def build(src: Path, out: Path, strict: bool, log=print, builder: str = "html") -> int:
+    """Run ``jupyter-book build`` of ``src`` into ``out/_build/<builder>`` (``strict``: ``-W -n --keep-going``); its exit status."""
+    cmd = _jupyter_book() + ["build", str(src), "--path-output", str(out), "--builder", builder]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     log("$ " + " ".join(cmd))
@@ -228,6 +356,23 @@ def build(src: Path, out: Path, strict: bool, log=print) -> int:
     rc = subprocess.call(cmd)
     log(f"jupyter-book build: exit {rc} in {time.time() - t0:.1f} s")
     return rc
+
+
+def _drop_thebe(app, pagename, templatename, context, doctree):
+    """Leave sphinx-thebe's scripts out of a page: this book has no live code, Jupyter Book adds them twice
+    (a console error: ``THEBE_JS_URL`` declared twice) and they name a CDN."""
+    def thebe(js) -> bool:
+        body = getattr(js, "attributes", {}).get("body", "") if not isinstance(js, str) else ""
+        return "sphinx-thebe.js" in str(getattr(js, "filename", js) or "") or "THEBE_JS_URL" in body
+
+    if "script_files" in context:
+        context["script_files"] = [js for js in context["script_files"] if not thebe(js)]
+
+
+def setup(app):
+    """Sphinx extension of the book (``extra_extensions: [mxmoe.book]`` in book/_config.yml)."""
+    app.connect("html-page-context", _drop_thebe, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -249,7 +394,7 @@ def main(argv: "list[str] | None" = None) -> int:
     src = stage_source(args.stage)
     notebooks = executed_notebooks(root, model)
     try:
-        copy_chapters(src, notebooks)
+        copy_chapters(src, notebooks, root)
     except RuntimeError as e:
         print(f"mxmoe book: {e}", file=sys.stderr)
         return 1
@@ -257,16 +402,22 @@ def main(argv: "list[str] | None" = None) -> int:
     print(f"mxmoe book: {len(notebooks)} executed notebooks from {root} -> {src / 'chapters'}")
     out = args.out or src
     rc = build(src, out, args.strict)
-    html = Path(out) / "_build" / "html"
-    if rc == 0 and html.exists():
-        remote = remote_fetches(html)
+    html_dir = Path(out) / "_build" / "html"
+    if rc == 0 and html_dir.exists():
+        remote = remote_fetches(html_dir)
         if remote:
             print(f"mxmoe book: {len(remote)} pages load something from the network at view time:")
             for page, tags in list(remote.items())[:10]:
                 print(f"  {page}: {tags[0]}")
         else:
             print("mxmoe book: no page loads scripts, stylesheets or images from the network")
-        print(f"mxmoe book: {html / 'index.html'} ({time.time() - t0:.1f} s in all)")
+        noise = rendered_noise(html_dir)
+        for page, hits in noise.items():
+            print(f"mxmoe book: {page}: {len(hits)} noise in the rendered text: " + "; ".join(hits[:3]))
+        if noise and args.strict:
+            print(f"mxmoe book: {len(noise)} pages show absolute paths, warnings or tracebacks (--strict fails on them)")
+            rc = 1
+        print(f"mxmoe book: {html_dir / 'index.html'} ({time.time() - t0:.1f} s in all)")
     return rc
 
 
