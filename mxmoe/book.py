@@ -330,20 +330,75 @@ def _jupyter_book() -> list[str]:
 def write_zip(html_dir: Path, dest: Path) -> Path:
     """``dest``: a zip of the built HTML under one folder ``mxmoe-book/`` (open ``mxmoe-book/index.html``; works offline).
 
-    Entries are sorted and carry a fixed date, so the same pages give the same archive.
+    Entries are sorted and carry a fixed date, so the same pages give the same archive. Source maps
+    (``*.map``, only read by a browser's developer tools) and Sphinx's ``.buildinfo`` are left out.
     """
     import zipfile
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-        for f in sorted(p for p in html_dir.rglob("*") if p.is_file() and ".buildinfo" not in p.name):
+        for f in sorted(p for p in html_dir.rglob("*") if p.is_file() and p.suffix not in (".map", ".buildinfo")):
             info = zipfile.ZipInfo(f"mxmoe-book/{f.relative_to(html_dir).as_posix()}", date_time=(2025, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             z.writestr(info, f.read_bytes())
     tmp.replace(dest)
     return dest
+
+
+PDF_FOOTER = ('<div style="font-size:8px;width:100%;text-align:center;color:#555">'
+              '<span class="pageNumber"></span> / <span class="totalPages"></span></div>')
+
+
+def print_pdf(page: Path, dest: Path, chromium: str) -> Path:
+    """``dest``: ``page`` (the single-page HTML build) printed to an A4 PDF by headless Chromium, offline.
+
+    The book's print CSS (``book/_static/mxmoe.css``) leaves out folded code and the sidebars; any request
+    to the network is blocked, so the PDF shows exactly what the offline HTML shows.
+    """
+    from playwright.sync_api import sync_playwright
+
+    from mxmoe.book_check import CHROMIUM_ARGS, LOCAL_SCHEMES
+    from urllib.parse import urlsplit
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        ctx = browser.new_context()
+        ctx.route(lambda url: urlsplit(url).scheme not in LOCAL_SCHEMES, lambda r: r.abort("blockedbyclient"))
+        tab = ctx.new_page()
+        tab.goto(page.resolve().as_uri(), wait_until="load", timeout=60_000)
+        tab.emulate_media(media="print")
+        tab.pdf(path=str(dest), format="A4", print_background=True, display_header_footer=True,
+                header_template="<span></span>", footer_template=PDF_FOOTER,
+                margin={"top": "14mm", "bottom": "16mm", "left": "12mm", "right": "12mm"})
+        browser.close()
+    return dest
+
+
+def publish(src: Path, out: Path, strict: bool, log=print) -> int:
+    """The book as files to attach to a paper: ``<out>/_build/mxmoe-book.zip`` (the HTML) and ``mxmoe-book.pdf``
+    (the single-page HTML build printed by Chromium; see ``print_pdf``). Exit status 0 when both were written."""
+    from mxmoe.book_check import find_chromium
+
+    t0 = time.time()
+    build_dir = Path(out) / "_build"
+    zipped = write_zip(build_dir / "html", build_dir / "mxmoe-book.zip")
+    log(f"mxmoe book: {zipped} ({zipped.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f} s)")
+    chromium = find_chromium()
+    if not chromium:
+        log("mxmoe book: no PDF: Chromium not found (apt-get install -y chromium, or set MXMOE_CHROMIUM)")
+        return 1
+    t0 = time.time()
+    rc = build(src, out, strict, log=log, builder="singlehtml")
+    page = build_dir / "singlehtml" / "intro.html"
+    if rc != 0 or not page.exists():
+        log(f"mxmoe book: no PDF: the single-page build failed (exit {rc})")
+        return rc or 1
+    pdf = print_pdf(page, build_dir / "mxmoe-book.pdf", chromium)
+    log(f"mxmoe book: {pdf} ({pdf.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f} s with its single-page build)")
+    return 0
 
 
 def build(src: Path, out: Path, strict: bool, log=print, builder: str = "html") -> int:
@@ -386,6 +441,8 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--stage", type=Path, default=None, help="assemble the book sources here instead of in book/")
     p.add_argument("--out", type=Path, default=None, help="build folder (default: <book sources>/_build)")
     p.add_argument("--strict", action="store_true", help="warnings are errors: -W -n --keep-going")
+    p.add_argument("--publish", action="store_true",
+                   help="also write <out>/_build/mxmoe-book.zip (the HTML) and mxmoe-book.pdf (needs Chromium)")
     args = p.parse_args(argv)
     profile = args.profile or book_profile()
     model = args.model or default_model(profile)
@@ -417,6 +474,8 @@ def main(argv: "list[str] | None" = None) -> int:
         if noise and args.strict:
             print(f"mxmoe book: {len(noise)} pages show absolute paths, warnings or tracebacks (--strict fails on them)")
             rc = 1
+        if rc == 0 and args.publish:
+            rc = publish(src, out, args.strict)
         print(f"mxmoe book: {html_dir / 'index.html'} ({time.time() - t0:.1f} s in all)")
     return rc
 
