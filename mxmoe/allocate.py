@@ -28,27 +28,28 @@ stage is warm-started from the first stage's optimum and stops after ``TIE_BREAK
 point is then still optimal in its first criterion, and its tie-break is the best CBC found
 (``_ILP.unproven`` counts such solves; ``Front.unproven`` reports them).
 
-``layer_problem`` builds the inputs of one layer from the sensitivity, routing and cost-table files;
-``write_allocation`` / ``load_allocation`` store a solution as results/<model>/alloc/<setting>.json and
-return it as the scheme map that ``mxmoe.quant.apply.apply_schemes`` takes.
+``layer_problem`` builds the inputs of one layer from a sensitivity result, a routing profile and a
+cost table; ``scheme_map`` turns the choices into the map ``mxmoe.quant.apply.apply_schemes`` takes
+and ``allocation_doc`` into the JSON document that ``mxmoe.stages.allocation`` stores.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pulp
 
 from mxmoe.errors import MxMoEError
-from mxmoe.paths import results_dir, write_json_atomic
+from mxmoe.models.blocks import moe_blocks
+from mxmoe.perfmodel import SOURCES, block_time, launch_time, load_table
+from mxmoe.quant.apply import scheme_map_to_rows
+from mxmoe.routing import batch_workload
 from mxmoe.schemes import Scheme, scheme_set
+from mxmoe.sensitivity import sensitivity_array
 
 TIE_BREAK_NODES = 500  # branch-and-bound nodes for the second stage of a lexicographic minimum (module doc):
 # a node limit, unlike a time limit, gives the same allocation on every machine
@@ -402,7 +403,7 @@ def solve_model(problems: list, bits, budget_bits: float, r: float, tie_gate_up:
     return np.split(p.choice, splits), p
 
 
-# ---- inputs from result files, and the allocation files --------------------------------------------
+# ---- one layer's inputs, and the allocation document --------------------------------------------
 
 
 @dataclass
@@ -433,59 +434,31 @@ class LayerProblem:
         return float(self.loss[at].sum()), float(self.time[at].sum())
 
 
-def _result_file(model: str, kind: str, prefix: str) -> Path:
-    """The newest results/<model>/<kind>/<prefix>*.json, or MxMoEError naming what to run."""
-    files = sorted((results_dir() / model / kind).glob(f"{prefix}*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise MxMoEError(f"no {kind} result {prefix}*.json for {model} under {results_dir() / model / kind}; "
-                         f"run the {kind} stage (notebooks 01/02) first")
-    return files[-1]
-
-
 def model_dims(model) -> dict:
     """{'hidden', 'expert_width', 'shared_widths'} of a loaded MoE model (first MoE block)."""
-    from mxmoe.models.blocks import moe_blocks
-
     b = moe_blocks(model)[0]
     inter, hidden = b.expert_weight(0, "gate").shape
     return {"hidden": int(hidden), "expert_width": int(inter),
             "shared_widths": [int(b.shared_weight(i, "gate").shape[0]) for i in range(len(b.shared))]}
 
 
-def card_dims(model: str) -> dict:
-    """``model_dims`` from results/<model>/model.json (the smollm2-moe card)."""
-    path = results_dir() / model / "model.json"
-    if not path.exists():
-        raise MxMoEError(f"no model card {path}: pass dims=model_dims(loaded_model)")
-    card = json.loads(path.read_text())
-    n = card.get("shared_experts", 0)
-    return {"hidden": card["hidden_size"], "expert_width": card["expert_width"],
-            "shared_widths": [card["shared_width"] // max(n, 1)] * n}
+def layer_problem(sensitivity: dict, routing: dict, dims: dict, layer: int, table, schemes="w5a5",
+                  batch_tokens: int = 512, model: str = "") -> LayerProblem:
+    """Loss, time, bits and sizes of one MoE layer for the allocation, from plain data.
 
-
-def layer_problem(model: str, layer: int, method: str = "gptq-had", schemes: str = "w5a5", batch_tokens: int = 512,
-                  gpu: str = "nvidia_h100", *, sensitivity: "dict | None" = None, routing: "dict | None" = None,
-                  dims: "dict | None" = None, corpus: str = "wikitext2") -> LayerProblem:
-    """Loss, time, bits and sizes of one MoE layer for the allocation.
-
-    Loss: Δ from the ``method`` sensitivity result (given, or the newest results/<model>/sensitivity/
-    <method>_*.json) restricted to the scheme set ``schemes`` (a name or list, ``mxmoe.schemes.scheme_set``).
-    Time: ``mxmoe.perfmodel`` shares of the layer's launches (gate_up fused: N = 2I, split evenly between
-    gate and up; down) with the tokens per expert of a ``batch_tokens`` batch routed like the routing
-    profile (given, or results/<model>/routing/<corpus>_*.json); shared experts see every token.
+    Loss: Δ of the ``sensitivity`` result (``mxmoe.sensitivity.compute_sensitivity``) restricted to the
+    scheme set ``schemes`` (a name or list, ``mxmoe.schemes.scheme_set``). Time: ``mxmoe.perfmodel``
+    shares (cost table ``table``) of the layer's launches (gate_up fused: N = 2I, split evenly between
+    gate and up; down) with the tokens per expert of a ``batch_tokens`` batch routed like ``routing``
+    (``mxmoe.routing.routing_report``); shared experts see every token. ``dims``: ``model_dims``.
     """
-    from mxmoe.perfmodel import SOURCES, block_time, load_table
-    from mxmoe.routing import batch_workload
-    from mxmoe.sensitivity import sensitivity_array
-
-    sens = sensitivity or json.loads(_result_file(model, "sensitivity", f"{method}_").read_text())
-    rout = routing or json.loads(_result_file(model, "routing", f"{corpus}_").read_text())
-    dims = dims if dims is not None else card_dims(model)
+    sens, rout = sensitivity, routing
+    method = sens.get("params", {}).get("method", "")
     chosen = [Scheme.parse(x) for x in (scheme_set(schemes) if isinstance(schemes, str) else schemes)]
     have = [Scheme.parse(x) for x in sens["schemes"]]
     missing = [str(x) for x in chosen if x not in have]
     if missing:
-        raise MxMoEError(f"schemes {missing} have no sensitivity in the {method} result (it has {sens['schemes']}); "
+        raise MxMoEError(f"schemes {missing} have no sensitivity in the {method or 'given'} result (it has {sens['schemes']}); "
                          "rerun the sensitivity with them or choose a subset")
     delta, experts = sensitivity_array(sens, layer)  # [E, 3, S_all]
     loss = delta[:, :, [have.index(x) for x in chosen]]  # [E, 3, S]
@@ -497,7 +470,6 @@ def layer_problem(model: str, layer: int, method: str = "gptq-had", schemes: str
     h, inter = dims["hidden"], dims["expert_width"]
     widths = [inter if isinstance(e, int) else dims["shared_widths"][int(str(e)[len("shared"):])] for e in experts]
     gemms = [(2 * w, h, h, w) for w in widths]
-    table = load_table(gpu)
     mean_rows = rows.mean()
     time_ = np.zeros(loss.shape)  # [E, 3, S]
     sources = set()
@@ -525,10 +497,6 @@ def allocation_doc(problems: list, choices: list, setting: str, r: float, budget
                    granularity: str = "block", global_budget: bool = False, tie_gate_up: bool = True,
                    profile: str = "", solve_seconds: "float | None" = None) -> dict:
     """The JSON document of one allocation: parameters, predicted L and T per layer and in all, and the rows."""
-    from mxmoe.perfmodel import launch_time, load_table
-
-    from mxmoe.quant.apply import scheme_map_to_rows
-
     layers, bits_num, bits_den = [], 0.0, 0.0
     for p, c in zip(problems, choices):
         L, T = p.totals(c)
@@ -553,72 +521,3 @@ def allocation_doc(problems: list, choices: list, setting: str, r: float, budget
                                                                    "routing": p0.params["routing"]},
         "rows": scheme_map_to_rows(scheme_map(problems, choices)),
     }
-
-
-def alloc_path(model: str, setting: str) -> Path:
-    """results/<model>/alloc/<setting>.json."""
-    return results_dir() / model / "alloc" / f"{setting}.json"
-
-
-def write_allocation(doc: dict) -> Path:
-    """Write an ``allocation_doc`` to results/<model>/alloc/<setting>.json (atomically); returns the path."""
-    return write_json_atomic(alloc_path(doc["model"], doc["setting"]), doc)
-
-
-def load_allocation(path_or_model: "str | Path", setting: "str | None" = None) -> dict:
-    """The scheme map {(layer, expert | "shared0", block): Scheme} of an allocation file.
-
-    Pass a path, or a model name and a setting (results/<model>/alloc/<setting>.json).
-    """
-    from mxmoe.quant.apply import scheme_map_from_rows
-
-    path = alloc_path(str(path_or_model), setting) if setting is not None else Path(path_or_model)
-    if not path.exists():
-        raise MxMoEError(f"no allocation file {path}; run notebooks/04_allocation.ipynb for it")
-    return scheme_map_from_rows(json.loads(path.read_text())["rows"])
-
-
-def random_problem(experts: int = 64, schemes: int = 6, seed: int = 0) -> tuple:
-    """A random instance shaped like one layer (loss falls and time varies with bits): (loss, time, bits, size)."""
-    rng = np.random.default_rng(seed)
-    bits = np.sort(rng.choice([2.25, 3.25, 4.0, 4.25, 5.0, 8.0, 16.0], schemes, replace=False))[::-1]  # [S]
-    tokens = rng.gamma(2.0, 50.0, experts) + 1  # [E] routed rows
-    sens = rng.lognormal(0.0, 1.0, (experts, 3, 1))  # [E, 3, 1]
-    loss = sens * 2.0 ** (-bits)[None, None] * rng.uniform(0.8, 1.2, (experts, 3, schemes))  # [E, 3, S]
-    speed = rng.uniform(0.5, 1.5, schemes) * (0.3 + bits / 16)  # [S] time per row
-    time_ = tokens[:, None, None] * speed[None, None] * rng.uniform(0.9, 1.1, (experts, 3, schemes)) * 1e-4
-    size = np.full(experts, 1.0)
-    return loss, time_, bits, size
-
-
-def bench(experts: int = 64, schemes: int = 6, seed: int = 0, budget: float = 5.0, front: bool = True) -> dict:
-    """Time one-r solves (r = 0.75, 1, 0.5, 0) and the whole front on a random layer; prints and returns them."""
-    loss, time_, bits, size = random_problem(experts, schemes, seed)
-    out = {"experts": experts, "schemes": schemes, "budget_bits": budget, "solver": f"PuLP {pulp.__version__} CBC"}
-    for r in (0.75, 1.0, 0.5, 0.0):
-        start = time.perf_counter()
-        solve_layer(loss, time_, bits, size, budget, r)
-        out[f"one_r_{r:g}_s"] = round(time.perf_counter() - start, 3)
-    if front:
-        f = pareto_front(loss, time_, bits, size, budget)
-        out.update(front_s=round(f.seconds, 3), front_points=len(f.points), front_solves=f.solves)
-    for key, value in out.items():
-        print(f"{key:>16}: {value}")
-    return out
-
-
-def main() -> None:
-    """``python -m mxmoe.allocate --bench``: solve-time benchmark on a random 64-expert, 6-scheme layer."""
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--bench", action="store_true", help="run the solve-time benchmark")
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--schemes", type=int, default=6)
-    ap.add_argument("--no-front", action="store_true", help="skip timing the whole front")
-    args = ap.parse_args()
-    if not args.bench:
-        ap.error("nothing to do: pass --bench")
-    bench(args.experts, args.schemes, front=not args.no_front)
-
-
-if __name__ == "__main__":
-    main()

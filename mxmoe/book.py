@@ -26,7 +26,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from mxmoe.paths import REPO_ROOT, kernel_results_dir
+from mxmoe.book_check import find_chromium, page_noise
+from mxmoe.env import REPO_ROOT
+from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir
+from mxmoe.profiles import default_profile
+from mxmoe.stages import STAGES
 
 BOOK = REPO_ROOT / "book"
 SOFTWARE = ("torch", "triton", "transformers", "accelerate", "lm-eval", "pulp", "papermill", "jupyter-book",
@@ -34,7 +38,6 @@ SOFTWARE = ("torch", "triton", "transformers", "accelerate", "lm-eval", "pulp", 
 
 
 def executed_notebooks(root: Path, model: str) -> list[Path]:
-    from mxmoe.reproduce import STAGES, model_dirname
 
     d = root / model_dirname(model) / "notebooks"
     return [d / f"{s.stem}.ipynb" for s in STAGES if (d / f"{s.stem}.ipynb").exists()]
@@ -42,9 +45,6 @@ def executed_notebooks(root: Path, model: str) -> list[Path]:
 
 def book_profile() -> str:
     """The run a book shows by default: the full (GPU) run when its executed notebooks exist, else this machine's default."""
-    from mxmoe.paths import resolve_results_dir
-    from mxmoe.profiles import default_profile
-    from mxmoe.reproduce import default_model
 
     return "full" if executed_notebooks(resolve_results_dir("full"), default_model("full")) else default_profile()
 
@@ -62,11 +62,6 @@ def stage_source(src: "Path | None") -> Path:
 
 # A code cell with one of these tags already says how it is shown; "show-input" keeps its code unfolded.
 DISPLAY_TAGS = {"remove-cell", "remove-input", "remove-output", "hide-cell", "hide-input", "hide-output", "show-input"}
-# Absolute paths in output text that the path rewriting did not turn into repository-relative ones.
-ABS_PATH = re.compile(r"""(?<![\w.~-])(?:/(?:root|home|tmp|work|usr|opt|var|private|Users|mnt|srv|scratch)/[^\s"'<>|,;)]*"""
-                      r"""|[A-Za-z]:\\[^\s"'<>|,;)]+)""")
-NOISE = re.compile(r"\b\w*Warning:|\b\w*Warning\b(?=\s*\()|DeprecationWarning|Traceback \(most recent call last\)"
-                   r"|\bsite-packages/|\.venv/lib/")
 # Any absolute folder that ends in results/ (a run on another machine, a temp smoke folder) reads as results/.
 _ANY_RESULTS = re.compile(r"(?<![\w.~-])(?:/[\w.+@-]+)*/results(?=[/\s'\"]|$)")
 _SITE_PACKAGES = re.compile(r"(?<![\w.~-])(?:/[\w.+@-]+)+/site-packages/")
@@ -161,7 +156,6 @@ def _du(path: Path) -> str:
 
 def _result_provenance(root: Path, model: str) -> list[dict]:
     """device / date / software recorded inside the result files (first level of their JSON)."""
-    from mxmoe.reproduce import model_dirname
 
     rows = []
     files = sorted((root / model_dirname(model)).glob("*.json")) + sorted((root / model_dirname(model)).glob("*/*.json"))
@@ -202,7 +196,6 @@ def _evaluation_devices(runs: Path) -> list[dict]:
 
 def write_runs_page(src: Path, root: Path, model: str) -> Path:
     """``src/runs.md``: every stage run (from the stamps), every result file's provenance, disk use, versions."""
-    from mxmoe.reproduce import STAGES, model_dirname
 
     nb_dir = root / model_dirname(model) / "notebooks"
     stages = []
@@ -272,13 +265,6 @@ def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
         if hits:
             found[str(page.relative_to(html_dir))] = hits
     return found
-
-
-def page_noise(text: str) -> list[str]:
-    """What in a page's rendered text a reader should not see: absolute machine paths, warning text, tracebacks."""
-    hits = [f"absolute path {m.group(0)[:100]}" for m in ABS_PATH.finditer(text)]
-    hits += [f"noise {text[max(m.start() - 30, 0):m.end() + 50].strip()!r}" for m in NOISE.finditer(text)]
-    return list(dict.fromkeys(hits))
 
 
 class _ArticleText(html.parser.HTMLParser):
@@ -359,8 +345,9 @@ def print_pdf(page: Path, dest: Path, chromium: str) -> Path:
     """
     from playwright.sync_api import sync_playwright
 
-    from mxmoe.book_check import CHROMIUM_ARGS, LOCAL_SCHEMES
     from urllib.parse import urlsplit
+
+    from mxmoe.book_check import CHROMIUM_ARGS, LOCAL_SCHEMES
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
@@ -380,8 +367,6 @@ def print_pdf(page: Path, dest: Path, chromium: str) -> Path:
 def publish(src: Path, out: Path, strict: bool, log=print) -> int:
     """The book as files to attach to a paper: ``<out>/_build/mxmoe-book.zip`` (the HTML) and ``mxmoe-book.pdf``
     (the single-page HTML build printed by Chromium; see ``print_pdf``). Exit status 0 when both were written."""
-    from mxmoe.book_check import find_chromium
-
     t0 = time.time()
     build_dir = Path(out) / "_build"
     zipped = write_zip(build_dir / "html", build_dir / "mxmoe-book.zip")
@@ -413,26 +398,7 @@ def build(src: Path, out: Path, strict: bool, log=print, builder: str = "html") 
     return rc
 
 
-def _drop_thebe(app, pagename, templatename, context, doctree):
-    """Leave sphinx-thebe's scripts out of a page: this book has no live code, Jupyter Book adds them twice
-    (a console error: ``THEBE_JS_URL`` declared twice) and they name a CDN."""
-    def thebe(js) -> bool:
-        body = getattr(js, "attributes", {}).get("body", "") if not isinstance(js, str) else ""
-        return "sphinx-thebe.js" in str(getattr(js, "filename", js) or "") or "THEBE_JS_URL" in body
-
-    if "script_files" in context:
-        context["script_files"] = [js for js in context["script_files"] if not thebe(js)]
-
-
-def setup(app):
-    """Sphinx extension of the book (``extra_extensions: [mxmoe.book]`` in book/_config.yml)."""
-    app.connect("html-page-context", _drop_thebe, priority=900)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
-
-
 def main(argv: "list[str] | None" = None) -> int:
-    from mxmoe.paths import resolve_results_dir
-    from mxmoe.reproduce import default_model
 
     p = argparse.ArgumentParser(prog="python -m mxmoe.book", description=__doc__.split("\n")[0])
     p.add_argument("--profile", choices=("smoke", "quick", "full"), default=None,

@@ -17,6 +17,9 @@ Each page is loaded from disk (``file://``) and fails the check on:
 A full-page screenshot of every page goes to ``--screenshots``. Chromium comes from ``--chromium``,
 ``$MXMOE_CHROMIUM`` or the PATH (Debian's ``chromium``), driven by Playwright. Exit status: 0 when every
 page passes, 1 when one fails, 2 on bad input, 3 when Chromium or Playwright is missing.
+
+The module is also the book's Sphinx extension (``extra_extensions: [mxmoe.book_check]`` in
+book/_config.yml): it keeps sphinx-thebe's scripts off the pages, so they have nothing to fail on.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import html.parser
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,6 +36,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 LOCAL_SCHEMES = ("file", "data", "blob", "about")
+# Absolute paths in a page's text (output that the book build did not make repository-relative).
+ABS_PATH = re.compile(r"""(?<![\w.~-])(?:/(?:root|home|tmp|work|usr|opt|var|private|Users|mnt|srv|scratch)/[^\s"'<>|,;)]*"""
+                      r"""|[A-Za-z]:\\[^\s"'<>|,;)]+)""")
+NOISE = re.compile(r"\b\w*Warning:|\b\w*Warning\b(?=\s*\()|DeprecationWarning|Traceback \(most recent call last\)"
+                   r"|\bsite-packages/|\.venv/lib/")
 # Chromium on a closed network: no background traffic, no sandbox (CI runs as root), no GPU.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -66,6 +75,13 @@ _IMAGES_JS = """() => Array.from(document.images)
   .map(i => i.currentSrc || i.src || i.outerHTML.slice(0, 120))"""
 
 _LINKS_JS = """() => Array.from(document.querySelectorAll('a[href]')).map(a => a.href)"""
+
+
+def page_noise(text: str) -> list[str]:
+    """What in a page's rendered text a reader should not see: absolute machine paths, warning text, tracebacks."""
+    hits = [f"absolute path {m.group(0)[:100]}" for m in ABS_PATH.finditer(text)]
+    hits += [f"noise {text[max(m.start() - 30, 0):m.end() + 50].strip()!r}" for m in NOISE.finditer(text)]
+    return list(dict.fromkeys(hits))
 
 
 @dataclass
@@ -147,8 +163,6 @@ def check_pages(html_dir: Path, shots: "Path | None", chromium: str, width: int 
     """
     from playwright.sync_api import sync_playwright
 
-    from mxmoe.book import page_noise
-
     html_dir = html_dir.resolve()
     pages = pages if pages is not None else book_pages(html_dir)
     if shots:
@@ -210,6 +224,23 @@ def check_pages(html_dir: Path, shots: "Path | None", chromium: str, width: int 
                 log(f"       ... and {len(rep.problems) - 12} more")
         browser.close()
     return reports
+
+
+def _drop_thebe(app, pagename, templatename, context, doctree):
+    """Leave sphinx-thebe's scripts out of a page: this book has no live code, Jupyter Book adds them twice
+    (a console error: ``THEBE_JS_URL`` declared twice) and they name a CDN."""
+    def thebe(js) -> bool:
+        body = getattr(js, "attributes", {}).get("body", "") if not isinstance(js, str) else ""
+        return "sphinx-thebe.js" in str(getattr(js, "filename", js) or "") or "THEBE_JS_URL" in body
+
+    if "script_files" in context:
+        context["script_files"] = [js for js in context["script_files"] if not thebe(js)]
+
+
+def setup(app):
+    """Sphinx extension of the book (``extra_extensions: [mxmoe.book_check]`` in book/_config.yml)."""
+    app.connect("html-page-context", _drop_thebe, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
 def main(argv: "list[str] | None" = None) -> int:

@@ -14,9 +14,9 @@ from mxmoe.errors import MxMoEError
 
 
 def _model_build(args) -> None:
-    from mxmoe.models import smollm2
+    from mxmoe.stages.model import build_model
 
-    path = smollm2.build(force=args.force)
+    path = build_model(force=args.force)
     print(f"smollm2-moe is built at {path}")
     _model_info(argparse.Namespace(name="smollm2-moe"))
 
@@ -58,7 +58,7 @@ def _model_info(args) -> None:
 
 
 def _eval_ppl(args) -> None:
-    from mxmoe.evaluate import eval_windows, perplexity
+    from mxmoe.metrics import eval_windows, perplexity
     from mxmoe.models import load_model
 
     model, tok = load_model(args.name)
@@ -74,8 +74,8 @@ def _eval_zeroshot(args) -> None:
 
     from mxmoe.data import TASKS
     from mxmoe.models import load_model
-    from mxmoe.models.smollm2 import device_name
-    from mxmoe.paths import write_json_atomic
+    from mxmoe.env import device_name
+    from mxmoe.files import write_json_atomic
     from mxmoe.zeroshot import check_args, evaluate_tasks, record
 
     tasks = check_args(args.tasks or TASKS, args.limit)
@@ -92,7 +92,7 @@ def _eval_zeroshot(args) -> None:
 
 
 def _routing_profile(args) -> None:
-    from mxmoe.evaluate import eval_windows
+    from mxmoe.metrics import eval_windows
     from mxmoe.models import load_model
     from mxmoe.routing import profile_routing, skew
 
@@ -103,7 +103,7 @@ def _routing_profile(args) -> None:
 
 
 def _routing_corpora(args) -> None:
-    from mxmoe.routing import profile_corpora
+    from mxmoe.stages.routing import profile_corpora
 
     reports = profile_corpora(args.name, args.corpora.split(","), args.windows, args.seqlen, args.seed)
     for corpus, r in reports.items():
@@ -117,7 +117,7 @@ def _routing_corpora(args) -> None:
 def _sensitivity(args) -> None:
     import numpy as np
 
-    from mxmoe.sensitivity import run_sensitivity
+    from mxmoe.stages.sensitivity import run_sensitivity
 
     result, path = run_sensitivity(args.name, args.method, args.schemes, args.calib, args.windows, args.seqlen, args.seed)
     for layer, lay in result["layers"].items():
@@ -128,10 +128,39 @@ def _sensitivity(args) -> None:
     print(f"written to {path}")
 
 
+# subcommands that hand the rest of the command line to a module's own main(argv)
+TOOLS = {
+    "reproduce": ("mxmoe.reproduce", "run the numbered notebooks (papermill), skipping unchanged stages"),
+    "book": ("mxmoe.book", "build the Jupyter Book from the executed notebooks"),
+    "claims": ("mxmoe.claims", "write claims.json and manifest.json (paper vs ours, a verdict per claim)"),
+    "prewarm": ("mxmoe.prewarm", "compute a group of cached evaluations ahead of the notebooks"),
+}
+BENCHMARKS = {
+    "gemm": ("mxmoe.bench.gemm", "time the grouped GEMMs on the paper's shapes (GPU); writes bench_<gpu>.json"),
+    "compare": ("mxmoe.bench.compare", "A/B the kernel's tile configurations on chosen cases (GPU)"),
+    "cost-table": ("mxmoe.bench.cost_table", "build cost_tables/<gpu>.json from benchmark files"),
+    "alloc": ("mxmoe.bench.alloc", "time a model's allocations through the kernel (GPU); Figure 5 measured"),
+    "ilp": ("mxmoe.bench.ilp", "solve times of the allocation ILP on a random layer"),
+}
+
+
+def _run_module(module: str, argv: list) -> int:
+    """Call ``module.main(argv)``; its return value (None: 0) is the exit code."""
+    import importlib
+
+    return importlib.import_module(module).main(argv) or 0
+
+
 def parser() -> argparse.ArgumentParser:
-    """The argument parser with one subcommand per pipeline stage."""
-    p = argparse.ArgumentParser(prog="mxmoe", description="MxMoE on Hopper: mixed-precision MoE quantization. Stages:")
-    stages = p.add_subparsers(dest="stage", required=True, metavar="{model,eval,routing,sensitivity}")
+    """The argument parser: one subcommand per pipeline stage, the apps and the benchmarks."""
+    p = argparse.ArgumentParser(prog="mxmoe", description="MxMoE on Hopper: mixed-precision MoE quantization.")
+    stages = p.add_subparsers(dest="stage", required=True,
+                              metavar="{model,eval,routing,sensitivity,reproduce,book,claims,prewarm,bench}")
+    for name, (_, text) in TOOLS.items():  # listed for --help; main() hands their arguments over
+        stages.add_parser(name, help=text)
+    bench = stages.add_parser("bench", help="kernel and solver benchmarks").add_subparsers(dest="action", required=True)
+    for name, (_, text) in BENCHMARKS.items():
+        bench.add_parser(name, help=text)
 
     model = stages.add_parser("model", help="build or describe a model").add_subparsers(dest="action", required=True)
     b = model.add_parser("build", help="build the embedded smollm2-moe into the cache (about 10 min on 2 CPU cores)")
@@ -186,6 +215,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mxmoe`` command; returns the exit code (2 for bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return _run_module(TOOLS[argv[0]][0], argv[1:])
+    if len(argv) > 1 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        return _run_module(BENCHMARKS[argv[1]][0], argv[2:])
     args = parser().parse_args(argv)
     if getattr(args, "windows", None) == 0:
         args.windows = None

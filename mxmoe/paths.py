@@ -1,18 +1,12 @@
-"""Where mxmoe keeps caches and results, and how it writes them safely."""
+"""The results tree: which root a profile writes to (stage layer: only stages, plots and apps use it)."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def cache_dir() -> Path:
-    """Cache for built models and tokenized data: $MXMOE_CACHE_DIR, else ~/.cache/mxmoe."""
-    return Path(os.environ.get("MXMOE_CACHE_DIR", Path.home() / ".cache" / "mxmoe"))
+from mxmoe.env import REPO_ROOT, cache_dir
+from mxmoe.profiles import default_profile, get_profile
 
 
 def results_dir() -> Path:
@@ -20,8 +14,6 @@ def results_dir() -> Path:
     (results/ with a CUDA GPU, results/quick/ without; see ``resolve_results_dir``)."""
     if os.environ.get("MXMOE_RESULTS_DIR"):
         return Path(os.environ["MXMOE_RESULTS_DIR"])
-    from mxmoe.profiles import default_profile
-
     return resolve_results_dir(default_profile())
 
 
@@ -52,7 +44,7 @@ def use_profile_results(profile: str) -> Path:
 
 
 def kernel_results_dir(root: "str | Path | None" = None) -> Path:
-    """Kernel benchmark results (GPU runs of ``mxmoe.kernels.bench`` / ``alloc_bench``), shared by every profile.
+    """Kernel benchmark results (GPU runs of ``mxmoe.bench.gemm`` / ``mxmoe.bench.alloc``), shared by every profile.
 
     ``<root>/kernels`` when it holds a benchmark file (root: the results root in use), else the
     committed ``results/kernels`` of the repository.
@@ -63,17 +55,11 @@ def kernel_results_dir(root: "str | Path | None" = None) -> Path:
     return REPO_ROOT / "results" / "kernels"
 
 
-def write_json_atomic(path: "str | Path", obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def model_dirname(model: str) -> str:
+    """Folder name of a model's results: the zoo name, or an HF id / path with '/' made safe."""
+    return model.strip("/").replace("/", "--")
+
+
+def default_model(profile: str) -> str:
+    """The model a profile runs on (``mxmoe.plan.PROFILES``)."""
+    return get_profile(profile).model

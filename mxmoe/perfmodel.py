@@ -13,7 +13,7 @@ block alone takes ``max(tiles / SMs, 1)`` tile times. A block's additive *share*
 only for launches of under one wave).
 
 Per-tile cost ``u(s, tile, K)`` (µs of one SM per tile) and a fixed launch cost ``c0`` come from the
-measured cost points of ``kernels/<gpu>.json``, in this order; every estimate carries its source:
+measured cost points of ``cost_tables/<gpu>.json``, in this order; every estimate carries its source:
 
 1. ``"cost-table"`` — the points of the same scheme and tile shape (every model shape and token
    count measured with it) are fitted by non-negative least squares on relative error:
@@ -29,7 +29,7 @@ measured cost points of ``kernels/<gpu>.json``, in this order; every estimate ca
    time, ``max(bytes / (bandwidth / SMs), flops / (peak / SMs))``, from the table's measured
    roofline or the vendor figures in ``VENDOR`` (declared, not measured).
 
-``validate`` compares predictions with measured mixed grouped GEMMs from a benchmark file.
+``mxmoe.bench.validate`` compares predictions with measured mixed grouped GEMMs of a benchmark file.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import numpy as np
 
 from mxmoe.errors import MxMoEError
 from mxmoe.kernels.configs import TileConfig, default_config, kind_of
-from mxmoe.paths import REPO_ROOT
+from mxmoe.env import COST_TABLES
 from mxmoe.schemes import Scheme
 
 SOURCES = ("cost-table", "cost-table-scaled", "predicted-roofline")
@@ -59,7 +59,7 @@ VENDOR = {
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: cached per loaded table
 class CostTable:
-    """The measured cost points and roofline of one GPU (``kernels/<gpu>.json``), or vendor figures only."""
+    """The measured cost points and roofline of one GPU (``cost_tables/<gpu>.json``), or vendor figures only."""
 
     gpu: str
     device: str
@@ -79,7 +79,7 @@ class Estimate:
 
 
 def gpu_key(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' / 'h100' / 'nvidia_h100' -> 'nvidia_h100' (the kernels/<gpu>.json stem)."""
+    """'NVIDIA H100 80GB HBM3' / 'h100' / 'nvidia_h100' -> 'nvidia_h100' (the cost_tables/<gpu>.json stem)."""
     low = name.lower()
     for chip in ("h200", "h100"):
         if chip in low:
@@ -88,13 +88,13 @@ def gpu_key(name: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def load_table(gpu: str = "nvidia_h100", kernels_dir: "str | None" = None) -> CostTable:
-    """The cost table of ``gpu`` from kernels/<gpu>.json, else its vendor figures (no cost points).
+def load_table(gpu: str = "nvidia_h100", tables_dir: "str | None" = None) -> CostTable:
+    """The cost table of ``gpu`` from cost_tables/<gpu>.json (or ``tables_dir``), else its vendor figures.
 
     Raises MxMoEError for a GPU with neither, naming the tables and vendor entries there are.
     """
     key = gpu_key(gpu)
-    folder = Path(kernels_dir) if kernels_dir else REPO_ROOT / "kernels"
+    folder = Path(tables_dir) if tables_dir else COST_TABLES
     path = folder / f"{key}.json"
     if path.exists():
         doc = json.loads(path.read_text())
@@ -255,52 +255,3 @@ def launch_time(blocks: list, table: CostTable) -> Estimate:
     ms += launch_overhead(blocks, table)
     source = max((p.source for p in parts), key=SOURCES.index, default="cost-table")
     return Estimate(ms, source, sum(p.tiles for p in parts))
-
-
-@lru_cache(maxsize=64)
-def _without_case(table: CostTable, model: str, gemm: str) -> CostTable:
-    """``table`` without the cost points measured on one (model, GEMM) case."""
-    keep = tuple(p for p in table.points if (p.get("model"), p.get("gemm")) != (model, gemm))
-    return CostTable(table.gpu, table.device, table.sms, table.roofline, keep, table.measured)
-
-
-def validate(bench_path: "str | Path", table: CostTable, holdout: bool = False) -> dict:
-    """Predicted vs measured time of the fused grouped GEMMs in a benchmark file (``mxmoe.kernels.bench``).
-
-    Mixed launches (``ours_mix*``) are the test: the table holds uniform-scheme points only, so their
-    mixing is out of sample. Uniform launches are reported apart. ``holdout=True`` predicts each case
-    from a table without the points of its own (model, GEMM), so shapes are out of sample too.
-    Returns {"cases": [...], "mixed_median_abs_err", "uniform_median_abs_err", ...}.
-    """
-    from mxmoe.kernels.bench import MIXES, MODELS, UNIFORM, expert_loads
-
-    doc = json.loads(Path(bench_path).read_text())
-    cases = []
-    for r in doc["results"]:
-        name = r["variant"].removeprefix("ours_")
-        if not r["variant"].startswith("ours_") or "ms" not in r or r.get("mode", "fused") != "fused":
-            continue
-        if name not in UNIFORM and name not in MIXES:
-            continue
-        e, top_k = r["experts"], MODELS[r["model"]][3]
-        rows = expert_loads(r["tokens"], e, top_k)
-        if name in UNIFORM:
-            schemes = [UNIFORM[name]] * e
-        else:
-            hot, cold, frac = MIXES[name]
-            order = sorted(range(e), key=lambda i: -rows[i])
-            hot_set = set(order[: max(1, round(frac * e))])
-            schemes = [hot if i in hot_set else cold for i in range(e)]
-        used = _without_case(table, r["model"], r["gemm"]) if holdout else table
-        est = launch_time([(s, m, r["N"], r["K"]) for s, m in zip(schemes, rows)], used)
-        cases.append({"model": r["model"], "gemm": r["gemm"], "tokens": r["tokens"], "variant": name,
-                      "mixed": name in MIXES, "measured_ms": r["ms"], "predicted_ms": est.ms, "source": est.source,
-                      "rel_err": (est.ms - r["ms"]) / r["ms"]})
-    mixed = [abs(c["rel_err"]) for c in cases if c["mixed"]]
-    uniform = [abs(c["rel_err"]) for c in cases if not c["mixed"]]
-    return {"bench": str(bench_path), "device": doc["provenance"]["device"], "table": table.gpu, "holdout": holdout,
-            "cases": cases,
-            "mixed_median_abs_err": float(np.median(mixed)) if mixed else None,
-            "mixed_max_abs_err": float(np.max(mixed)) if mixed else None,
-            "uniform_median_abs_err": float(np.median(uniform)) if uniform else None,
-            "n_mixed": len(mixed), "n_uniform": len(uniform)}

@@ -2,12 +2,12 @@
 
 On a GPU the accuracy path of a small model is launch-bound (thousands of tiny kernels per forward),
 so a few processes share one card well. ``python -m mxmoe.prewarm --profile full --part table1``
-computes, through the same ``mxmoe.evaluate.evaluate_config`` cache the notebooks read, one group of
+computes, through the same ``mxmoe.stages.evaluate.evaluate_config`` cache the notebooks read, one group of
 rows; the notebooks then find them cached. The numbers are the ones the notebooks would compute
 themselves (same code, same cache keys); only the wall-clock time of the notebook that shows them
 shrinks, so time a run that uses this by its total, not per notebook.
 
-Parts (the notebooks' default parameters):
+Parts (the settings of ``mxmoe.plan``):
 
 * ``table1``: the Table 1 baselines of notebook 05 (fp16, GPTQ* 3.25 / 2.25, QuaRot-style W4A4) with zero-shot;
 * ``mxmoe``: Table 1's MxMoE rows (3.25, 2.25, W5A5 allocations of notebook 04) with zero-shot;
@@ -25,33 +25,34 @@ import argparse
 import sys
 import time
 
-BITS = (4, 5, 6, 7, 8)
+from mxmoe import plan
+from mxmoe.baselines import allocation_config, baseline, rotated_uniform_config, rtn_grid_config
+from mxmoe.models import smollm2
+from mxmoe.paths import use_profile_results
+from mxmoe.profiles import get_profile
+from mxmoe.stages.allocation import alloc_path, load_allocation, r_sweep_allocations, sweep_setting
+from mxmoe.stages.evaluate import evaluate_config
+
 PARTS = ("table1", "mxmoe", "sweep", "table4", "table5")
-MXMOE_SETTINGS = ("mxmoe-3.25", "mxmoe-2.25", "mxmoe-w5a5")  # notebook 05's Table 1 allocations
-R_SWEEP = (0.0, 0.25, 0.5, 1.0, 0.75)  # Figure 6; 0.75 last: it is mxmoe-w5a5's allocation, often measured by then
 
 
 def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> list:
     """[(QuantConfig, scheme map or None, zeroshot)] of one part (``mxmoe``/``sweep`` read the allocations)."""
-    from mxmoe.allocate import load_allocation
-    from mxmoe.baselines import allocation_config, baseline, rotated_uniform_config, rtn_grid_config
-
     if part == "table1":
-        return [(baseline(n), None, True) for n in ("fp16", "gptq*-3.25", "gptq*-2.25", "quarot-w4a4")]
+        return [(baseline(n), None, True) for n in plan.TABLE1_BASELINES]
     if part == "mxmoe":
-        return [(allocation_config(s), load_allocation(model, s), True) for s in MXMOE_SETTINGS]
+        return [(allocation_config(label), load_allocation(model, s), True) for label, s in plan.TABLE1_MXMOE.items()]
     if part == "sweep":
-        from mxmoe.allocate import alloc_path
-        from mxmoe.endtoend import r_sweep_allocations
-
-        settings = [f"w5a5-b5-r{r:g}" for r in R_SWEEP]
+        rs = sorted(plan.R_SWEEP, key=lambda r: r == plan.allocation("mxmoe-w5a5").r)  # that one is often measured by then
+        settings = [sweep_setting(r) for r in rs]
         if not all(alloc_path(model, s).exists() for s in settings):
-            r_sweep_allocations(model, R_SWEEP, budget_bits=5.0, schemes="w5a5", batch_tokens=512, profile=profile)
-        return [(allocation_config(s), load_allocation(model, s), False) for s in ["mxmoe-w5a5-expert", *settings]]
+            r_sweep_allocations(model, rs, profile=profile)
+        return [(allocation_config(s), load_allocation(model, s), False) for s in [plan.TABLE3["expert"], *settings]]
     if part == "table5":
-        return [(rotated_uniform_config(b, b), None, False) for b in BITS]
+        return [(rotated_uniform_config(b, b), None, False) for b in plan.TABLE5_BITS]
     if part == "table4":
-        return [(baseline("fp16"), None, False)] + [(rtn_grid_config(w, a), None, False) for w in BITS for a in BITS]
+        return [(baseline("fp16"), None, False)] + [(rtn_grid_config(w, a), None, False)
+                                                    for w in plan.TABLE4_BITS for a in plan.TABLE4_BITS]
     raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
 
 
@@ -59,8 +60,6 @@ def wait_for_model(name: str, timeout_s: float, poll_s: float = 10.0) -> None:
     """Block until the embedded model's build is complete (another process builds it), or raise after ``timeout_s``."""
     if name != "smollm2-moe":
         return
-    from mxmoe.models import smollm2
-
     start = time.time()
     while not smollm2.is_built():
         if time.time() - start > timeout_s:
@@ -74,10 +73,6 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--part", required=True, choices=PARTS)
     p.add_argument("--wait-model-s", type=float, default=1800, help="wait this long for another process's model build")
     args = p.parse_args(argv)
-
-    from mxmoe.evaluate import evaluate_config
-    from mxmoe.paths import use_profile_results
-    from mxmoe.profiles import get_profile
 
     P = get_profile(args.profile)
     root = use_profile_results(P.name)

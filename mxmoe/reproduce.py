@@ -26,42 +26,16 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mxmoe.errors import MxMoEError
-from mxmoe.paths import REPO_ROOT, kernel_results_dir, resolve_results_dir, results_dir, write_json_atomic
+from mxmoe.env import REPO_ROOT
+from mxmoe.files import write_json_atomic
+from mxmoe.profiles import default_profile, get_profile
+from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir, results_dir
+from mxmoe.stages import STAGES, Stage
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One notebook and the result files it reads (globs; ``{model}`` is the model's results folder
-    name, paths are relative to the results root, ``@repo/`` marks a path relative to the repository)."""
-
-    stem: str
-    reads: tuple[str, ...] = field(default=())
-    needs: tuple[str, ...] = field(default=())  # stages whose notebooks must exist for this one to run
-
-
-# Each stage's inputs: the result files it reads and the package modules whose code it shows
-# (a change there re-runs the notebook; the notebook's own caches decide what is recomputed).
-STAGES = (
-    Stage("00_model", ("{model}/model.json", "@repo/mxmoe/models/*.py")),
-    Stage("01_sensitivity", ("{model}/model.json", "@repo/mxmoe/sensitivity.py", "@repo/mxmoe/quant/*.py",
-                             "@repo/mxmoe/plots/accuracy.py")),
-    Stage("02_activation_frequency", ("{model}/model.json", "@repo/mxmoe/routing.py", "@repo/mxmoe/plots/accuracy.py")),
-    Stage("03_kernels", ("kernels/*.json", "@repo/kernels/*.json", "@repo/mxmoe/plots/kernels.py")),
-    Stage("04_allocation", ("{model}/sensitivity/*.json", "{model}/routing/*.json", "kernels/*.json",
-                            "@repo/kernels/*.json", "@repo/mxmoe/allocate.py", "@repo/mxmoe/perfmodel.py",
-                            "@repo/mxmoe/plots/allocation.py"), needs=("01_sensitivity", "02_activation_frequency")),
-    Stage("05_end_to_end", ("{model}/alloc/*.json", "{model}/sensitivity/*.json", "{model}/routing/*.json",
-                            "kernels/*.json", "@repo/kernels/*.json", "@repo/mxmoe/evaluate.py",
-                            "@repo/mxmoe/baselines.py", "@repo/mxmoe/endtoend.py", "@repo/mxmoe/plots/endtoend.py"),
-          needs=("04_allocation",)),
-    Stage("06_claims", ("{model}/model.json", "{model}/sensitivity/*.json", "{model}/routing/*.json",
-                        "{model}/alloc/*.json", "{model}/eval/*.json", "kernels/*.json", "kernels/NOTES.md",
-                        "@repo/mxmoe/claims.py")),
-)
 
 STAMP_VERSION = 1
 
@@ -72,17 +46,6 @@ class NotebookFailed(MxMoEError):
     def __init__(self, stem: str, cell: str, partial: Path, error: str):
         self.stem, self.cell, self.partial, self.error = stem, cell, partial, error
         super().__init__(f"notebook {stem} failed in {cell}: {error}\n  partial notebook saved at {partial}")
-
-
-def model_dirname(model: str) -> str:
-    """Folder name of a model's results: the zoo name, or an HF id / path with '/' made safe."""
-    return model.strip("/").replace("/", "--")
-
-
-def default_model(profile: str) -> str:
-    from mxmoe.profiles import get_profile
-
-    return get_profile(profile).model
 
 
 def notebook_source_hash(path: Path) -> str:
@@ -190,7 +153,6 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
               only: "list[str] | None" = None, force: bool = False, extra: "dict | None" = None,
               stages=None, progress: "bool | None" = None, log=print, heartbeat: float = 60.0) -> list[StageResult]:
     """Run the stages in order; return what happened to each. Raises NotebookFailed on the first failure."""
-    from mxmoe.profiles import default_profile, get_profile
 
     stages = STAGES if stages is None else stages
     profile = profile or default_profile()

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mxmoe.data import calibration_windows
+from mxmoe import plan
 from mxmoe.errors import MxMoEError
-from mxmoe.evaluate import eval_windows
-from mxmoe.models import load_model
+from mxmoe.metrics import eval_windows
 from mxmoe.models.blocks import moe_blocks
-from mxmoe.paths import results_dir, write_json_atomic
 
 
 @torch.no_grad()
@@ -53,13 +49,6 @@ def skew(counts: np.ndarray) -> np.ndarray:
 
 
 # ---- profiles across corpora, skew statistics and kernel workloads ---------------------------------
-
-# WikiText-2 test and C4 as in the paper; State of the Union addresses as the corpus "of a different
-# kind": political speech from 1790 to 2021 differs in register from encyclopedia and web text, and,
-# unlike Gutenberg (half of the windows that fitted smollm2-moe's routers), the routers never saw it.
-CORPORA = ("wikitext2", "c4", "sotu")
-BATCH_TOKENS = (512, 8192)
-
 
 def corpus_windows(tokenizer, corpus: str, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """Token windows [n, seqlen] of a corpus: WikiText-2 test (first windows) or random windows of C4 / sotu / gutenberg."""
@@ -121,7 +110,7 @@ def skew_stats(counts: np.ndarray) -> dict:
     }
 
 
-def routing_report(model, windows: torch.Tensor, batches=BATCH_TOKENS) -> dict:
+def routing_report(model, windows: torch.Tensor, batches=plan.BATCHES) -> dict:
     """Profile ``windows`` [n, seqlen]: counts, skew statistics and batch workloads, JSON-ready."""
     blocks = moe_blocks(model)
     counts = profile_routing(model, windows)
@@ -134,37 +123,3 @@ def routing_report(model, windows: torch.Tensor, batches=BATCH_TOKENS) -> dict:
         "skew": skew_stats(counts),
         "workloads": {str(bt): batch_workload(counts, bt, top_k).tolist() for bt in batches},
     }
-
-
-def profile_corpora(model_name: str, corpora=CORPORA, n: int = 8, seqlen: int = 512, seed: int = 0,
-                    batches=BATCH_TOKENS, allow_random: bool = False) -> dict:
-    """Routing of ``model_name`` on each corpus; writes results/<model>/routing/<corpus>_n<n>_s<seqlen>.json each.
-
-    Returns {corpus: report}. Reports carry their parameters, device and date; a file made with the
-    same parameters and batch sizes is reused. ``allow_random``: a
-    model without a tokenizer (smoke profile) is profiled on one corpus of seeded random ids, "random".
-    """
-    from mxmoe.models.smollm2 import device_name  # smollm2 imports this module: import here, not at the top
-    from mxmoe.profiles import random_windows
-
-    model, tok = load_model(model_name)
-    if tok is None and not allow_random:
-        raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): routing on text needs a real model")
-    if tok is None:
-        corpora = ("random",)
-    out = {}
-    for corpus in corpora:
-        path = results_dir() / model_name / "routing" / f"{corpus}_n{n}_s{seqlen}.json"
-        params = {"model": model_name, "corpus": corpus, "windows": n, "seqlen": seqlen, "seed": seed}
-        if path.exists():  # reuse a profile made with the same parameters and batch sizes
-            old = json.loads(path.read_text())
-            if {k: old["params"].get(k) for k in params} == params and set(old["workloads"]) == {str(b) for b in batches}:
-                out[corpus] = old
-                continue
-        windows = (random_windows(model.config.vocab_size, n, seqlen, seed) if tok is None
-                   else corpus_windows(tok, corpus, n, seqlen, seed))
-        report = routing_report(model, windows, batches)
-        report["params"] = {**params, "device": device_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-        write_json_atomic(path, report)
-        out[corpus] = report
-    return out

@@ -14,47 +14,37 @@ then GPTQ). Activations are fake-quantized per the scheme in all methods.
 
 An expert that receives no calibration token has no measured Δ: it is stored as ``null`` and
 listed under ``no_tokens`` (``sensitivity_array`` fills it, see there). A GPTQ block with too few
-tokens falls back to RTN and is listed under ``rtn_fallbacks``. Results are cached per
-(model, method, scheme set, calibration set) in results/<model>/sensitivity/, rewritten
+tokens falls back to RTN and is listed under ``rtn_fallbacks``. ``compute_sensitivity`` rewrites its
+file (``mxmoe.stages.sensitivity`` names it per model, method, scheme set and calibration)
 atomically after each layer, so a killed run resumes at the first missing layer.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mxmoe.env import device_name
 from mxmoe.errors import MxMoEError
+from mxmoe.files import write_json_atomic
 from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
-from mxmoe.models.smollm2 import device_name
-from mxmoe.paths import results_dir, write_json_atomic
 from mxmoe.quant.apply import block_weight, check_scheme
 from mxmoe.quant.experts import expert_weights, hessian_of, quantize_blocks, split_by_expert
 from mxmoe.quant.hadamard import apply_online_hadamard, rotate_model
 from mxmoe.quant.layerwise import LayerwiseRunner
 from mxmoe.quant.rtn import quantize_activation
-from mxmoe.schemes import scheme_set
 
 METHODS = ("rtn", "gptq", "gptq-had")
 log = logging.getLogger(__name__)
-
-
-def cache_path(model_name: str, method: str, schemes, calib: str):
-    """results/<model>/sensitivity/<method>_<schemes hash>_<calib>.json for one (method, scheme set, calibration)."""
-    names = ",".join(str(check_scheme(s)) for s in schemes)
-    digest = hashlib.sha256(names.encode()).hexdigest()[:8]
-    return results_dir() / model_name / "sensitivity" / f"{method}_{len(schemes)}schemes-{digest}_{calib}.json"
 
 
 def _expert_context(block: MoEBlock, tokens, method: str, rotate_down: bool) -> dict:
@@ -241,46 +231,3 @@ def sensitivity_array(result: dict, layer: int, fill: str = "max") -> tuple[np.n
         value = measured.max(axis=0) if fill == "max" else measured.mean(axis=0)  # [3, S]
         arr = np.where(np.isnan(arr), value[None], arr)
     return arr, lay["experts"]
-
-
-def run_sensitivity(model_name: str, method: str = "rtn", schemes: str = "hopper", calib: str = "wikitext2",
-                    n: int = 8, seqlen: int = 512, seed: int = 0, progress: bool = True, allow_random: bool = False,
-                    **kw) -> tuple[dict, Path]:
-    """Load ``model_name``, draw ``n`` calibration windows of ``calib`` and compute (or resume) its Δ file.
-
-    ``schemes`` is a scheme-set name or a comma-separated list (``mxmoe.schemes.scheme_set``).
-    ``allow_random``: a model without a tokenizer (tiny random MoE, smoke profile) is calibrated on
-    seeded random token ids instead of text (calibration tag ``random-...``).
-    Returns (result, path of results/<model>/sensitivity/<...>.json).
-    """
-    from mxmoe.data import calibration_windows
-    from mxmoe.models import load_model
-    from mxmoe.profiles import random_windows
-
-    try:
-        scheme_list = scheme_set(schemes)
-    except ValueError as e:
-        raise MxMoEError(str(e)) from None
-    scheme_list = [check_scheme(s) for s in scheme_list]  # fail before loading the model
-    model, tok = load_model(model_name)
-    if tok is None and not allow_random:
-        raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): calibration on text needs a real model")
-    if tok is None:
-        calib = "random"
-        windows = random_windows(model.config.vocab_size, n, seqlen, seed)
-    else:
-        windows = calibration_windows(tok, calib, n, seqlen, seed)
-    tag = f"{calib}-n{n}-s{seqlen}-seed{seed}"
-    path = cache_path(model_name, method, scheme_list, tag)
-    params = {"model": model_name, "calibration": tag, "scheme_set": schemes}
-    return compute_sensitivity(model, windows, scheme_list, method, path=path, params=params, seed=seed,
-                               progress=progress, **kw), path
-
-
-def profile_sensitivity(method: str, profile, schemes: str = "hopper", seed: int = 0, progress: bool = True) -> tuple[dict, Path]:
-    """``run_sensitivity`` at the sizes of a run profile (``mxmoe.profiles.Profile``) on its model.
-
-    The smoke profile's tiny model has no tokenizer and is calibrated on random ids.
-    """
-    return run_sensitivity(profile.model, method, schemes, "wikitext2", profile.calib_windows, profile.calib_seqlen,
-                           seed, progress, allow_random=profile.name == "smoke")

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from mxmoe.allocate import (InfeasibleBudget, allocation_doc, block_groups, layer_problem, load_allocation,
-                            objective, pareto_front, scheme_map, solve_layer, solve_model, solve_point,
-                            write_allocation)
+from mxmoe.allocate import (InfeasibleBudget, allocation_doc, block_groups, layer_problem, objective, pareto_front,
+                            scheme_map, solve_layer, solve_model, solve_point)
+from mxmoe.perfmodel import load_table
+from mxmoe.stages.allocation import load_allocation, write_allocation
 
 
 def _instance(seed, experts=3, schemes=3):
@@ -127,8 +128,8 @@ def _tiny_problem(tmp_path, monkeypatch):
         str(b.layer): {"experts": experts, "delta": rng.uniform(0, 1, (len(experts), 3, 3)).tolist()} for b in blocks}}
     counts = rng.integers(1, 50, (len(blocks), b0.num_experts))
     rout = {"layers": [b.layer for b in blocks], "top_k": b0.top_k, "counts": counts.tolist(), "params": {"fake": True}}
-    problems = [layer_problem("tiny", b.layer, "rtn", "w5a5", 64, sensitivity=sens, routing=rout, dims=model_dims(model))
-                for b in blocks]
+    table = load_table("nvidia_h100")
+    problems = [layer_problem(sens, rout, model_dims(model), b.layer, table, "w5a5", 64, model="tiny") for b in blocks]
     return model, problems
 
 
@@ -162,7 +163,7 @@ def test_missing_schemes_in_sensitivity(tmp_path, monkeypatch):
     monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
     sens = {"schemes": ["w8a8_g-1_sym"], "layers": {}}
     with pytest.raises(MxMoEError, match="have no sensitivity"):
-        layer_problem("tiny", 0, "rtn", "w5a5", 64, sensitivity=sens, routing={"layers": [0]}, dims={})
+        layer_problem(sens, {"layers": [0]}, {}, 0, load_table("nvidia_h100"), "w5a5", 64, model="tiny")
 
 
 def test_tie_break_cut_short_keeps_the_first_criterion_optimal(monkeypatch):

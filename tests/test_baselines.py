@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import mxmoe.baselines as baselines
-import mxmoe.routing as routing
+import mxmoe.stages.routing as routing
 from mxmoe.baselines import BASELINES, QuantConfig, average_bits, baseline, quantize, rtn_grid_config
 from mxmoe.errors import MxMoEError
-from mxmoe.evaluate import evaluate_config
+from mxmoe.stages.evaluate import evaluate_config
 from mxmoe.profiles import get_profile
 from mxmoe.quant.apply import uniform_scheme_map
 from mxmoe.schemes import Scheme
-from mxmoe.sensitivity import profile_sensitivity
+from mxmoe.stages.sensitivity import profile_sensitivity
 from tiny import fresh
 
 

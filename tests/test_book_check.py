@@ -51,12 +51,12 @@ def test_broken_link_finds_missing_files_and_anchors(tmp_path):
 
 
 def test_page_noise_names_paths_and_warnings():
-    hits = book.page_noise("wrote /root/run/results/a.json\n/work/main/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: "
+    hits = book_check.page_noise("wrote /root/run/results/a.json\n/work/main/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: "
                            "TqdmWarning: IProgress\nTraceback (most recent call last):\nC:\\Users\\me\\x.json")
     text = " ".join(hits)
     for needle in ("/root/run/results/a.json", "TqdmWarning", "Traceback", "C:\\Users", "site-packages"):
         assert needle in text
-    assert book.page_noise("see results/smollm2-moe/eval/table1.json and https://example.org/usr/x") == []
+    assert book_check.page_noise("see results/smollm2-moe/eval/table1.json and https://example.org/usr/x") == []
 
 
 def test_relative_paths_and_folded_cells(tmp_path):

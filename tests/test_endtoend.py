@@ -2,10 +2,12 @@
 
 import pytest
 
-from mxmoe.endtoend import predicted_throughput, r_sweep_allocations, table1_row
+from mxmoe.stages.allocation import r_sweep_allocations
+from mxmoe.stages.endtoend import predicted_throughput
+from mxmoe.stages.evaluate import table1_row
 from mxmoe.profiles import get_profile
-from mxmoe.routing import profile_corpora
-from mxmoe.sensitivity import profile_sensitivity
+from mxmoe.stages.routing import profile_corpora
+from mxmoe.stages.sensitivity import profile_sensitivity
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def test_table1_row_keeps_the_schema():
 
 
 def test_alloc_bench_settings_read_allocation_files(smoke_results):
-    from mxmoe.kernels.alloc_bench import UNIFORM, settings
+    from mxmoe.bench.alloc import UNIFORM, settings
 
     r_sweep_allocations(smoke_results, [1.0], budget_bits=5.0, method="rtn")
     found = settings(smoke_results)
@@ -50,12 +52,12 @@ def test_alloc_bench_settings_read_allocation_files(smoke_results):
 
 
 def test_paper_model_throughput_from_committed_benchmarks():
-    from mxmoe.endtoend import PAPER_FIG5_VARIANTS, paper_model_throughput
-    from mxmoe.paths import REPO_ROOT
+    from mxmoe.bench.runs import COUNTED, PAPER, PAPER_FIG5_VARIANTS, paper_model_throughput
+    from mxmoe.env import REPO_ROOT
     from mxmoe.plots import kernels as kp
 
-    df = paper_model_throughput([REPO_ROOT / "results" / "kernels" / f for f in kp.COMMITTED_H100])
-    assert set(df.model) == set(kp.PAPER_MODELS) and set(df.batch) == {512, 8192}
+    df = paper_model_throughput([REPO_ROOT / "results" / "kernels" / f for f in COUNTED])
+    assert set(df.model) == set(PAPER) and set(df.batch) == {512, 8192}
     assert set(df.setting) <= set(PAPER_FIG5_VARIANTS) and "fp16" in set(df.setting)
     assert (df[df.setting == "fp16"].speedup_vs_fp16 == 1.0).all()
     assert not df.duplicated(["model", "batch", "setting"]).any()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from mxmoe.paths import REPO_ROOT
+from mxmoe.env import REPO_ROOT
 
 PIN = re.compile(r"^\s*(?:-\s+)?([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s#]+)")
 

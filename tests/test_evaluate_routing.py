@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mxmoe.errors import SeqLenTooLong
-from mxmoe.evaluate import perplexity
+from mxmoe.metrics import perplexity
 from mxmoe.models import moe_blocks
 from mxmoe.models.zoo import TINY_CONFIGS, tiny_model
 from mxmoe.routing import profile_routing, skew

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mxmoe.bench import runs
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm
 from mxmoe.kernels.configs import TileConfig, launch_warps
 from mxmoe.quant import quantize_weight, quantize_weight_int
@@ -148,12 +149,12 @@ def test_fp8_needs_sm89(monkeypatch):
 
 
 def test_cost_table_tiles_and_device_check(tmp_path):
-    from mxmoe.kernels.bench import expert_loads
-    from mxmoe.kernels.cost_table import build_table, launch_tiles
+    from mxmoe.bench.cases import expert_loads
+    from mxmoe.bench.cost_table import build_table, launch_tiles
 
     assert launch_tiles([0, 1, 17], 200, {"bm": 16, "bn": 128}) == 0 + 1 * 2 + 2 * 2
     prov = {"device": "GPU A", "multiprocessors": 2, "git_commit": "abc", "date_utc": "2026-01-01T00:00:00+00:00"}
-    row = {"variant": "ours_w4a16_g-1", "tokens": 16, "experts": 60, "model": "qwen1.5-moe-a2.7b", "gemm": "down",
+    row = {"variant": "ours_w4a16_g-1", "tokens": 16, "experts": 60, "model": "qwen1.5-moe", "gemm": "down",
            "N": 2048, "K": 1408, "ms": 0.1, "tiles": {"w4a16_g-1_asym": {"bm": 16, "bn": 128}}}
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"provenance": prov, "roofline": {}, "results": [row]}))
@@ -168,14 +169,14 @@ def test_cost_table_tiles_and_device_check(tmp_path):
 
 def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
     """``bench --table-dir`` writes kernels/<gpu>.json from the run: the committed H100 run -> nvidia_h100.json."""
-    from mxmoe.kernels.cost_table import write_table
+    from mxmoe.bench.cost_table import write_table
 
     run = ROOT / "results" / "kernels" / "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json"
     out = write_table([run], tmp_path / "kernels")
     assert out.name == "nvidia_h100.json" and not list(out.parent.glob("*.tmp"))
     table = json.loads(out.read_text())
     assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == "50dfdc6"
-    assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe-a2.7b", "deepseek-v2-lite"}
+    assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe", "deepseek-v2-lite"}
 
 
 @pytest.mark.parametrize("rows", [1, 20, 50, 500])
@@ -205,15 +206,15 @@ def test_kernel_tables_from_committed_h100_runs():
     Table 6 rows with all three launch modes, one targets row per issue target."""
     from mxmoe.plots import kernels as kp
 
-    docs = [kp.load_bench(ROOT / "results" / "kernels" / f) for f in kp.COMMITTED_H100]
-    df = kp.case_rows(docs)
+    docs = [runs.load_bench(ROOT / "results" / "kernels" / f) for f in runs.COUNTED]
+    df = runs.case_rows(docs)
     assert not df.duplicated(["model", "gemm", "tokens", "variant"]).any()  # each case from one file
-    blocks = kp.block_times(df)
-    assert set(kp.PAPER_MODELS) <= set(blocks.model)
+    blocks = runs.block_times(df, kp.FIG2_VARIANTS)
+    assert set(runs.PAPER) <= set(blocks.model)
     assert (blocks[blocks.variant == "torch_grouped_bf16"].speedup_vs_torch_grouped == 1).all()
     t6 = kp.table6(df)
     assert len(t6) and t6[["fused_us", "unified_us", "per_scheme_us"]].notna().all().all()
     targets = kp.targets_table(df, docs[0]["roofline"])
     assert len(targets) == 7 and targets.status.notna().all()
-    tiles = kp.fused_tiles(df, "qwen1.5-moe-a2.7b")
+    tiles = kp.fused_tiles(df, "qwen1.5-moe")
     assert set(tiles.num_warps) <= {4, 8} and tiles.groupby(["mix", "tokens"]).num_warps.nunique().max() == 1

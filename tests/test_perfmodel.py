@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mxmoe.perfmodel import (SOURCES, block_time, launch_time, load_table, roofline_table, tile_cost, tiles_of,
-                             validate)
+from mxmoe.bench.validate import validate
+from mxmoe.perfmodel import SOURCES, block_time, launch_time, load_table, roofline_table, tile_cost, tiles_of
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.schemes import Scheme
 
@@ -45,7 +45,7 @@ def test_source_labels(h100):
     bare = roofline_table("some gpu", 100, 2000.0, 500.0, 1000.0, 1000.0)
     est = block_time("w8a8_g-1_sym", 512, 2816, 2048, bare)
     assert est.source == "predicted-roofline" and est.ms > 0
-    vendor = load_table("nvidia_h100", kernels_dir="/nonexistent")
+    vendor = load_table("nvidia_h100", tables_dir="/nonexistent")
     assert not vendor.measured and block_time("bf16", 64, 256, 256, vendor).source == "predicted-roofline"
     mixed = launch_time([("w8a8_g-1_sym", 40, 2816, 2048), ("w3a16_g128_asym", 40, 2816, 2048)], h100)
     assert mixed.source == "cost-table-scaled" and set(SOURCES) >= {mixed.source}
@@ -55,7 +55,7 @@ def test_unknown_gpu_is_clear():
     from mxmoe.errors import MxMoEError
 
     with pytest.raises(MxMoEError, match="no cost table .* vendor"):
-        load_table("mi300x", kernels_dir="/nonexistent")
+        load_table("mi300x", tables_dir="/nonexistent")
 
 
 def test_validation_on_h100_bench(h100):

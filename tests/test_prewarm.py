@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mxmoe import prewarm
-from mxmoe.evaluate import evaluate_config
+from mxmoe.stages.evaluate import evaluate_config
 from mxmoe.profiles import get_profile
 
 

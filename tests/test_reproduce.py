@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from mxmoe import book, reproduce
-from mxmoe.paths import REPO_ROOT
+from mxmoe.env import REPO_ROOT
 from mxmoe.reproduce import NotebookFailed, Stage
 
 

@@ -1,4 +1,4 @@
-"""Committed result files name no machine: no absolute path (/root, /home, /tmp, /work, /usr, C:\\...) and no
+"""Committed result files (results/, cost_tables/*.json) name no machine: no absolute path (/root, /home, /tmp, /work, /usr, C:\\...) and no
 virtual environment, so a fresh clone's files read the same wherever they were written."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from mxmoe.paths import REPO_ROOT
+from mxmoe.env import REPO_ROOT
 
 ABSOLUTE = re.compile(
     r"(?<![\w.~<>-])/(?:root|home|tmp|work|usr|opt|var|private|Users|mnt|srv|scratch|data|nfs|gpfs|lustre)/[^\s\"'<>|,;)\\]*"
@@ -21,15 +21,18 @@ def absolute_paths(text: str) -> list[str]:
     return list(dict.fromkeys(m.group(0)[:120] for m in ABSOLUTE.finditer(text)))
 
 
+TABLE_DIRS = ("cost_tables", "kernels")  # per-GPU cost tables at the top level (kernels/ in older layouts)
+
+
 def committed_result_files() -> list[str]:
-    """Tracked text files under results/ and the cost tables kernels/*.json (repository-relative)."""
+    """Tracked text files under results/ and the top-level cost tables (``cost_tables/*.json``), repository-relative."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "results", "kernels"], cwd=REPO_ROOT, capture_output=True,
+        out = subprocess.run(["git", "ls-files", "-z", "results", *TABLE_DIRS], cwd=REPO_ROOT, capture_output=True,
                              check=True).stdout.decode()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the committed files are unknown")
-    return [f for f in out.split("\0") if f.startswith("results/") or (f.startswith("kernels/") and f.count("/") == 1
-                                                                       and f.endswith(".json"))]
+    return [f for f in out.split("\0") if f.startswith("results/")
+            or (f.split("/")[0] in TABLE_DIRS and f.count("/") == 1 and f.endswith(".json"))]
 
 
 def test_the_pattern_finds_machine_paths_and_spares_relative_ones():

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-import mxmoe.evaluate
+import mxmoe.metrics
 from mxmoe.errors import MxMoEError
 from mxmoe.models.zoo import tiny_model
-from mxmoe.routing import batch_workload, corpus_windows, gini, profile_corpora, routing_report, skew_stats, top_share
+from mxmoe.routing import batch_workload, corpus_windows, gini, routing_report, skew_stats, top_share
+from mxmoe.stages.routing import profile_corpora
 
 
 torch.set_num_threads(1)  # tiny tensors: a second thread only spins on the shared 2-core machine
@@ -58,7 +59,7 @@ def test_corpus_windows(shared_data, monkeypatch):
         corpus_windows(char_tokenizer, "python-code", 2, 64)
     with pytest.raises(MxMoEError, match="only"):
         corpus_windows(char_tokenizer, "wikitext2", 10**6, 64)
-    monkeypatch.setattr(mxmoe.evaluate, "load_text", lambda *a, **k: "")
+    monkeypatch.setattr(mxmoe.metrics, "load_text", lambda *a, **k: "")
     with pytest.raises(MxMoEError, match="fewer than one window"):
         corpus_windows(char_tokenizer, "wikitext2", 1, 64)
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mxmoe.env import default_device
 from mxmoe.errors import ModelNotFound
 from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
+from mxmoe.models import smollm2
 from mxmoe.models.zoo import PAPER_MODELS, TINY_CONFIGS, tiny_model, zoo_names
 
 __all__ = ["BLOCKS", "MoEBlock", "default_device", "load_model", "moe_blocks", "zoo_names"]
-
-
-def default_device() -> torch.device:
-    """Where models are loaded and quantized: $MXMOE_DEVICE if set, else the first CUDA GPU, else the CPU."""
-    return torch.device(os.environ.get("MXMOE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _from_pretrained(path: str, dtype: torch.dtype, device: torch.device):
@@ -34,8 +30,6 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True
     """
     device = torch.device(device) if device is not None else default_device()
     if name == "smollm2-moe":
-        from mxmoe.models import smollm2
-
         if not smollm2.is_built() and not build:
             raise ModelNotFound("smollm2-moe is not built yet: run `mxmoe model build` (about 10 minutes on 2 CPU cores)")
         return _from_pretrained(str(smollm2.build()), dtype, device)

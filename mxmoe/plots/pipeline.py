@@ -15,19 +15,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-from mxmoe.paths import REPO_ROOT  # noqa: E402
+from mxmoe.env import REPO_ROOT  # noqa: E402
+from mxmoe.stages import STAGES  # noqa: E402
 
 # (key, x, y, title, detail, colour) — boxes in data coordinates of a 16 x 9 canvas
-BOXES = [
-    ("model", 0.3, 5.7, "MoE model + calibration", "HF MoE or smollm2-moe;\nWikiText-2 train, C4", "#e8e8e8"),
-    ("sens", 5.0, 7.0, "01 sensitivity", "Δ[layer, expert, block, scheme]:\nMoE-block output error, one block\nquantized (RTN, GPTQ, +Hadamard)", "#cfe2f3"),
-    ("route", 5.0, 4.4, "02 routing", "tokens per expert per layer\non several corpora", "#cfe2f3"),
-    ("kern", 5.0, 1.6, "03 kernels", "Triton mixed-precision GroupGEMM,\none launch; tuned tiles and\nper-tile cost tables (Hopper)", "#fce5cd"),
-    ("perf", 9.7, 4.4, "performance model", "T[expert, block, scheme] at the\nrouted token counts (02 + 03)", "#fce5cd"),
-    ("ilp", 9.7, 7.0, "04 allocation", "per layer: min L^r · T^(1−r)\ns.t. bit budget; exact Pareto\nfront with PuLP/CBC", "#d9ead3"),
-    ("e2e", 14.4, 4.4, "05 end-to-end", "GPTQ + Hadamard per allocation;\nPPL, zero-shot, block throughput\nthrough the real kernel", "#d9ead3"),
-    ("claims", 14.4, 7.0, "06 claims + book", "paper vs ours, a verdict\nper claim; Jupyter Book", "#ead1dc"),
-]
+# box positions and colours; each numbered stage's title and text come from mxmoe.stages.STAGES
+LAYOUT = {"00_model": ("model", 0.3, 5.7, "#e8e8e8"), "01_sensitivity": ("sens", 5.0, 7.0, "#cfe2f3"),
+          "02_activation_frequency": ("route", 5.0, 4.4, "#cfe2f3"), "03_kernels": ("kern", 5.0, 1.6, "#fce5cd"),
+          "04_allocation": ("ilp", 9.7, 7.0, "#d9ead3"), "05_end_to_end": ("e2e", 14.4, 4.4, "#d9ead3"),
+          "06_claims": ("claims", 14.4, 7.0, "#ead1dc")}
+BOXES = [(key, x, y, s.title, s.summary, colour) for s in STAGES for key, x, y, colour in [LAYOUT[s.stem]]]
+BOXES.insert(4, ("perf", 9.7, 4.4, "performance model", "T[expert, block, scheme] at the\nrouted token counts (02 + 03)",
+                 "#fce5cd"))
 W, H = 4.2, 1.8
 ARROWS = [("model", "sens"), ("model", "route"), ("sens", "ilp"), ("route", "perf"), ("kern", "perf"),
           ("perf", "ilp"), ("ilp", "e2e"), ("kern", "e2e"), ("e2e", "claims")]

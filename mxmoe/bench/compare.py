@@ -1,6 +1,6 @@
 """Focused timing of chosen schemes and tile configs on the issue's target cases, one process, one GPU.
 
-``python -m mxmoe.kernels.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps[,programs] ...]
+``python -m mxmoe.bench.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps[,programs] ...]
 [--programs P ...] [--schemes SCHEME ...]``
 
 For each case (both GEMMs of the model, routed as in ``bench``) it times torch's bf16 grouped GEMM and
@@ -22,13 +22,15 @@ import torch
 from triton.testing import do_bench
 
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
-from mxmoe.kernels.bench import MODELS, expert_loads
+from mxmoe.bench.cases import MODELS, expert_loads
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.schemes import Scheme
 
 SCHEMES = {512: ["bf16", "w4a16_g-1_asym", "w4a16_g128_asym", "w8a8_g-1_sym"],
            8192: ["bf16", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8", "w4a4_g-1_sym"]}
 
+
+PROG = "mxmoe bench compare"  # also python -m mxmoe.bench.compare
 
 def _ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -86,16 +88,16 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tu
     return out
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
     """See the module docstring."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--label", required=True)
     ap.add_argument("--out", default="results/kernels")
-    ap.add_argument("--cases", nargs="*", default=["qwen1.5-moe-a2.7b:512", "deepseek-v2-lite:512", "qwen1.5-moe-a2.7b:8192"])
+    ap.add_argument("--cases", nargs="*", default=["qwen1.5-moe:512", "deepseek-v2-lite:512", "qwen1.5-moe:8192"])
     ap.add_argument("--sweep", nargs="*", default=[], help="TOKENS:bm,bn,stages,swap,warps[,programs]")
     ap.add_argument("--programs", nargs="*", type=int, default=[], help="grid sizes to time the default tiles on")
     ap.add_argument("--schemes", nargs="*", default=None, help="schemes to time (default: SCHEMES of the token count)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     sweep: dict = {}  # tokens -> [(bm, bn, stages, swap, warps[, programs])]
     for c in args.sweep:

@@ -1,4 +1,4 @@
-"""GroupGEMM benchmark on real MoE shapes (random weights): ``python -m mxmoe.kernels.bench --out DIR``.
+"""GroupGEMM benchmark on real MoE shapes (random weights): ``python -m mxmoe.bench.gemm --out DIR``.
 
 For every model shape (gate_up fused: N = 2I, K = H; down: N = H, K = I) and token count, routed
 rows are split over experts by geometric routing probabilities with max/min ratio ``LOAD_RATIO``
@@ -38,49 +38,22 @@ from triton.testing import do_bench, do_bench_cudagraph
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import default_config
 from mxmoe.kernels.group_gemm import launch_plan
-from mxmoe.kernels.roofline import measure_roofline, provenance
-from mxmoe.kernels.tune import LARGE, SMALL, best_configs, rows_class, sweep
+from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads
+from mxmoe.bench.cost_table import write_table
+from mxmoe.bench.roofline import measure_roofline, provenance
+from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
 from mxmoe.schemes import Scheme
 
-# name: (experts, hidden H, expert intermediate I, top_k)
-MODELS = {
-    "qwen1.5-moe-a2.7b": (60, 2048, 1408, 4),
-    "deepseek-v2-lite": (64, 2048, 1408, 6),
-    "mixtral-8x7b": (8, 4096, 14336, 2),
-    "qwen2-57b-a14b": (64, 3584, 2560, 8),
-    "olmoe-1b-7b": (64, 2048, 1024, 8),
-    "qwen3-30b-a3b": (128, 2048, 768, 8),
-    # the embedded model (mxmoe.models.moefy): 32 routed experts of width 32, top-8, and its shared
-    # expert (width 512) as a one-expert "grouped" GEMM that sees every token
-    "smollm2-moe": (32, 576, 32, 8),
-    "smollm2-moe-shared": (1, 576, 512, 1),
-}
-PAPER = ("qwen1.5-moe-a2.7b", "deepseek-v2-lite", "mixtral-8x7b", "qwen2-57b-a14b", "olmoe-1b-7b", "qwen3-30b-a3b")
-TOKENS = (16, 512, 8192)
-LOAD_RATIO = 8.0  # max/min expert routing probability (assumed)
 DEV = "cuda"
-UNIFORM = {"bf16": "bf16", "w4a16_g128": "w4a16_g128_asym", "w4a16_g-1": "w4a16_g-1_asym",
-           "w8a8_int8": "w8a8_g-1_sym", "w8a8_fp8": "w8a8_g-1_sym_fp8", "w4a4_g-1": "w4a4_g-1_sym"}
 # ablations: (scheme, tile-config fields changed from the default)
 ABLATIONS = {"w4a16_g-1_noswap": ("w4a16_g-1_asym", {"swap_ab": False})}
 TABLE6_MODES = ("per_scheme", "unified")  # each mix also runs as one launch per scheme and as the unified kernel
-# mixes: (scheme of the heaviest `frac` experts, scheme of the rest); average bits in the name
-MIXES = {"mix4.25_w4a16+w8a8": ("w8a8_g-1_sym", "w4a16_g-1_asym", 1 / 16),
-         "mix5_w4a4+w8a8": ("w8a8_g-1_sym", "w4a4_g-1_sym", 1 / 4)}
-
-
-def expert_loads(tokens: int, experts: int, top_k: int, ratio: float = LOAD_RATIO) -> list[int]:
-    """Rows per expert, heaviest first: tokens*top_k rows by geometric probabilities (max/min = ratio)."""
-    p = torch.tensor([ratio ** (-i / max(experts - 1, 1)) for i in range(experts)], dtype=torch.float64)
-    want = tokens * top_k * p / p.sum()
-    rows = want.floor().long()
-    for i in torch.argsort(want - rows, descending=True)[: tokens * top_k - int(rows.sum())]:
-        rows[i] += 1
-    return [min(int(r), tokens) for r in rows]  # an expert sees each token at most once
 
 
 TIMER = {"warmup": 25, "rep": 100, "kind": "events"}  # ms; --warmup-ms / --rep-ms / --timer change it for a run
 
+
+PROG = "mxmoe bench gemm"  # also python -m mxmoe.bench.gemm
 
 def _ms(fn) -> float:
     """Median ms per call: CUDA events around each call after an L2 flush ("events"), or replays of a
@@ -255,7 +228,7 @@ def targets(results: list[dict]) -> dict:
     bf16 = [r["speedup_vs_torch_bf16"] for r in results if r["variant"] == "ours_bf16" and r.get("speedup_vs_torch_bf16")]
     out = {"bf16_vs_torch_grouped_min": min(bf16, default=None),
            "bf16_vs_torch_grouped_median": sorted(bf16)[len(bf16) // 2] if bf16 else None}
-    for m in ("qwen1.5-moe-a2.7b", "deepseek-v2-lite"):
+    for m in ("qwen1.5-moe", "deepseek-v2-lite"):
         out[f"{m}_512_w4a16_g-1_weight_bw_frac"] = get(m, 512, "ours_w4a16_g-1", "weight_bw_frac")
         out[f"{m}_512_w4a16_g128_weight_bw_frac"] = get(m, 512, "ours_w4a16_g128", "weight_bw_frac")
         out[f"{m}_512_mix4.25_speedup"] = get(m, 512, "ours_mix4.25_w4a16+w8a8")
@@ -270,9 +243,9 @@ def targets(results: list[dict]) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
     """Run the benchmark; see the module docstring."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/kernels")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
@@ -290,8 +263,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the output file name: bench_<gpu>[_<tag>].json")
     ap.add_argument("--table-dir", default=None,
                     help="also write this run's cost table to DIR/<gpu>.json (e.g. kernels; the committed "
-                         "tables merge several runs: python -m mxmoe.kernels.cost_table)")
-    args = ap.parse_args()
+                         "tables merge several runs: python -m mxmoe.bench.cost_table)")
+    args = ap.parse_args(argv)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         ap.error(f"unknown models {unknown}; known: {list(MODELS)}")
@@ -353,12 +326,11 @@ def main() -> None:
     print(json.dumps(doc["targets"], indent=1))
     print(f"wrote {out_path} in {time.time() - t0:.0f} s")
     if args.table_dir:
-        from mxmoe.kernels.cost_table import write_table  # cost_table imports this module
 
         print(f"wrote {write_table([out_path], args.table_dir)}")
 
 
-def tune(deadline: float, model: str = "qwen1.5-moe-a2.7b") -> list[dict]:
+def tune(deadline: float, model: str = "qwen1.5-moe") -> list[dict]:
     """Tile sweep on one model's gate_up GEMM for the main schemes at each token count."""
     e, h, inter, top_k = MODELS[model]
     n, k = 2 * inter, h

@@ -1,6 +1,6 @@
 """Per-GPU kernel table ``kernels/<gpu>.json``: tile configs and per-tile costs from benchmark runs.
 
-``python -m mxmoe.kernels.cost_table results/kernels/bench_A.json [...] --out kernels/nvidia_h200.json``
+``python -m mxmoe.bench.cost_table results/kernels/bench_A.json [...] --out kernels/nvidia_h200.json``
 
 For every uniform-scheme run of our kernel in the given benchmark files, one cost point: the
 tiles of that launch (from the routed rows per expert and the tile config it used), tiles per
@@ -15,9 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-from mxmoe.kernels.bench import MODELS, UNIFORM, expert_loads
+from mxmoe.bench.cases import MODELS, UNIFORM, expert_loads
 from mxmoe.perfmodel import gpu_key
 
+
+PROG = "mxmoe bench cost-table"  # also python -m mxmoe.bench.cost_table
 
 def launch_tiles(rows: "list[int]", n: int, tile: dict) -> int:
     """Output tiles of one grouped GEMM: sum over experts of ceil(rows/BM) * ceil(N/BN)."""
@@ -80,12 +82,12 @@ def write_table(paths: "list[Path]", table_dir: "str | Path") -> Path:
     return out
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
     """Write kernels/<gpu>.json from benchmark files."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("bench", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     table = build_table(args.bench)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(table, indent=1))

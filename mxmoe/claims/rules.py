@@ -1,26 +1,24 @@
-"""The claims map: every claim of the paper we check, its paper value, our value and a verdict.
+"""The claim rules: for each claim of the paper we check, how its value is read from result files.
 
-``build_claims(model)`` reads the committed result files (never recomputes anything) and returns rows
-``{"id", "item", "claim", "paper", "ours", "unit", "tolerance", "verdict", "source", "note"}``;
-``verdict`` is one of ``reproduced`` / ``direction`` / ``not-reproduced`` / ``not-run``. A claim whose
-result file is absent is ``not-run`` with the reason in ``note``, so the map fills in as the stages
-land. ``build_manifest(model)`` maps each paper item (fig1a ... table7) to the notebook, result files
-and figure files that reproduce it. ``write(model)`` writes results/claims.json and results/manifest.json.
-
-Paper values are quoted from the paper (arXiv 2505.05799) as restated in the project's issues 3-5 and
-results/kernels/NOTES.md; targets that are the project's own (not the paper's) say so in ``tolerance``.
+Each rule takes (results root, model folder) and returns {"ours", "verdict", "source", "note"}, or
+raises ``NotRun`` naming the file that would decide it. ``build_claims`` runs them all.
+Paper values are quoted from the paper (arXiv 2505.05799, see docs/); targets that are the project's
+own (not the paper's) say so in their tolerance.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import re
+import math
 import statistics
-import sys
 from pathlib import Path
 
-from mxmoe.paths import REPO_ROOT, kernel_results_dir, results_dir, write_json_atomic
+from mxmoe.bench import runs
+from mxmoe.bench.gemm import targets
+from mxmoe.env import REPO_ROOT
+from mxmoe.paths import kernel_results_dir, results_dir
+from mxmoe.stages import paper_items
 
 VERDICTS = ("reproduced", "direction", "not-reproduced", "not-run")
 
@@ -51,7 +49,8 @@ class NotRun(Exception):
     """A claim that cannot be evaluated from the files present (the message says why)."""
 
 
-# ---------------------------------------------------------------------------------------------- reading
+
+# ---- reading
 
 def _rel(path: Path, root: Path) -> str:
     path = Path(path)
@@ -67,25 +66,19 @@ def _load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def _bench_files(root: Path) -> list[Path]:
-    """Kernel benchmark files, best first: H100 (the issue's card) before others, then the run covering the
-    most paper-shape GEMMs (a partial re-run must not hide the full one), then newest first."""
-    files = [Path(p) for p in glob.glob(str(kernel_results_dir(root) / "bench_*.json"))]
-
-    def key(p: Path):
-        doc = _load(p)
-        prov = doc.get("provenance", {})
-        cases = {(r.get("model"), r.get("gemm"), r.get("tokens")) for r in _paper_rows(doc)}
-        return ("H100" in prov.get("device", p.name), len(cases), prov.get("date_utc", ""), p.name)
-
-    return sorted(files, key=key, reverse=True)
-
-
-def _bench(root: Path) -> tuple[dict, Path]:
-    files = _bench_files(root)
-    if not files:
-        raise NotRun(f"no kernel benchmark in {_rel(kernel_results_dir(root), root)} (notebook 03 / python -m mxmoe.kernels.bench on a GPU)")
-    return _load(files[0]), files[0]
+def _bench(root: Path) -> "tuple[dict, str]":
+    """The benchmark rows that count (``mxmoe.bench.runs``: each case from the first run that has it) as one
+    document {"provenance", "results", "targets"}, and the files they came from."""
+    docs = runs.bench_docs(kernel_results_dir(root))
+    if not docs:
+        raise NotRun(f"no kernel benchmark in {_rel(kernel_results_dir(root), root)} "
+                     "(notebook 03 / mxmoe bench gemm on a GPU)")
+    df = runs.case_rows(docs)
+    rows = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in df.to_dict("records")]
+    paper = [r for r in rows if r.get("model") in runs.PAPER]
+    files = sorted({r["source"] for r in paper} or {docs[0]["_file"]})
+    source = ", ".join(_rel(kernel_results_dir(root) / f, root) for f in files)
+    return {"provenance": docs[0]["provenance"], "results": rows, "targets": targets(rows)}, source
 
 
 def _table1(root: Path, model: str) -> tuple[dict, Path]:
@@ -127,7 +120,7 @@ def _rows_with(obj, *needles: str) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- claims
+# ---- claims
 
 def _row(id, item, claim, paper, ours, unit, tolerance, verdict, source, note=""):
     assert verdict in VERDICTS, verdict
@@ -145,7 +138,8 @@ def _notebook_for(source: str, item: str) -> "str | None":
     for part, nb in _WRITERS:
         if source and part in "/" + source:
             return nb
-    return ITEMS[item][0] if item in ITEMS else None
+    items = paper_items()
+    return items[item][0] if item in items else None
 
 
 def _r(x, nd=3):
@@ -189,7 +183,7 @@ def claim_w5a5(root, model):
 def _paper_rows(bench: dict) -> list[dict]:
     """Benchmark rows on the paper's model shapes (the embedded smollm2-moe's tiny GEMMs are left out:
     they time launch overhead, and the paper's speed claims are about its models)."""
-    return [r for r in bench.get("results", []) if not str(r.get("model", "")).startswith("smollm2")]
+    return runs.paper_rows(bench)
 
 
 def claim_mix425(root, model):
@@ -197,12 +191,12 @@ def claim_mix425(root, model):
     rows = [r for r in _paper_rows(b) if r.get("variant") == "ours_mix4.25_w4a16+w8a8" and r.get("tokens") == 512
             and r.get("speedup_vs_torch_bf16")]
     if not rows:
-        raise NotRun(f"{_rel(p, root)} has no 4.25-bit mix at 512 tokens")
+        raise NotRun(f"{p} has no 4.25-bit mix at 512 tokens")
     s = [r["speedup_vs_torch_bf16"] for r in rows]
     low = min(rows, key=lambda r: r["speedup_vs_torch_bf16"])
     lo, hi = min(s), max(s)
     v = "reproduced" if lo >= 2.3 else "direction" if lo > 1.0 else "not-reproduced"
-    return dict(ours=_r([lo, hi], 2), verdict=v, source=_rel(p, root),
+    return dict(ours=_r([lo, hi], 2), verdict=v, source=p,
                 note=f"{len(s)} GEMMs on the paper models' shapes at 512 tokens on {b['provenance']['device']} "
                      f"(median {statistics.median(s):.2f}x, lowest {low['model']} {low['gemm']}); paper on RTX 4090")
 
@@ -213,10 +207,10 @@ def claim_mix5_vs_w8a8(root, model):
     gains = [ms[(m, g, "ours_w8a8_int8")] / t - 1 for (m, g, v), t in ms.items()
              if v == "ours_mix5_w4a4+w8a8" and (m, g, "ours_w8a8_int8") in ms]
     if not gains:
-        raise NotRun(f"{_rel(p, root)} has no 5-bit mix and w8a8 pair at 8192 tokens")
+        raise NotRun(f"{p} has no 5-bit mix and w8a8 pair at 8192 tokens")
     best = max(gains)
     v = "reproduced" if best >= 0.294 * 0.8 else "direction" if best > 0 else "not-reproduced"
-    return dict(ours=_r(100 * best, 1), verdict=v, source=_rel(p, root),
+    return dict(ours=_r(100 * best, 1), verdict=v, source=p,
                 note=f"best of {len(gains)} GEMMs at 8192 tokens (median {100 * statistics.median(gains):+.1f}%) on "
                      f"{b['provenance']['device']}; Hopper has no int4 tensor cores, "
                      "so the 4-bit part computes at the int8 rate")
@@ -227,10 +221,10 @@ def claim_up_to_fp(root, model):
     s = [r["speedup_vs_torch_bf16"] for r in _paper_rows(b)
          if str(r.get("variant", "")).startswith("ours_mix") and "@" not in r["variant"] and r.get("speedup_vs_torch_bf16")]
     if not s:
-        raise NotRun(f"{_rel(p, root)} has no mixed-precision rows")
+        raise NotRun(f"{p} has no mixed-precision rows")
     best = max(s)
     v = "reproduced" if best >= 3.4 * 0.9 else "direction" if best > 1 else "not-reproduced"
-    return dict(ours=_r(best, 2), verdict=v, source=_rel(p, root),
+    return dict(ours=_r(best, 2), verdict=v, source=p,
                 note=f"best mixed grouped GEMM vs torch bf16 grouped GEMM over {len(s)} cases on {b['provenance']['device']} "
                      "(GEMM alone; the paper's number is a whole MoE block)")
 
@@ -240,9 +234,9 @@ def claim_one_launch(root, model):
     launches = [r["launches"] for r in _paper_rows(b) if str(r.get("variant", "")).startswith("ours_mix")
                 and "@" not in r["variant"] and r.get("launches") is not None]
     if not launches:
-        raise NotRun(f"{_rel(p, root)} records no launch counts")
+        raise NotRun(f"{p} records no launch counts")
     worst = max(launches)
-    return dict(ours=worst, verdict="reproduced" if worst == 1 else "not-reproduced", source=_rel(p, root),
+    return dict(ours=worst, verdict="reproduced" if worst == 1 else "not-reproduced", source=p,
                 note=f"kernel launches per mixed grouped GEMM over {len(launches)} cases (activation quantization "
                      "happens in the token gather)")
 
@@ -258,14 +252,14 @@ def claim_fused_vs_unified(root, model):
             if (m, g, t, v + "@per_scheme") in ms:
                 vs_per.append(ms[(m, g, t, v + "@per_scheme")] / x)
     if not vs_uni:
-        raise NotRun(f"{_rel(p, root)} has no unified-kernel rows (Table 6)")
+        raise NotRun(f"{p} has no unified-kernel rows (Table 6)")
     wins = sum(x > 1 for x in vs_uni)
     v = "reproduced" if wins == len(vs_uni) else "direction" if statistics.median(vs_uni) > 1 else "not-reproduced"
     note = f"fused faster than unified in {wins}/{len(vs_uni)} cases (median {statistics.median(vs_uni):.2f}x)"
     if vs_per:
         note += (f"; than one launch per scheme in {sum(x > 1 for x in vs_per)}/{len(vs_per)} "
                  f"(median {statistics.median(vs_per):.2f}x)")
-    return dict(ours=_r([min(vs_uni), max(vs_uni)], 2), verdict=v, source=_rel(p, root), note=note)
+    return dict(ours=_r([min(vs_uni), max(vs_uni)], 2), verdict=v, source=p, note=note)
 
 
 def claim_bf16(root, model):
@@ -274,10 +268,10 @@ def claim_bf16(root, model):
     ratios = [ms[(m, g, t, "torch_grouped_bf16")] / x for (m, g, t, v), x in ms.items()
               if v == "ours_bf16" and (m, g, t, "torch_grouped_bf16") in ms]
     if not ratios:
-        raise NotRun(f"{_rel(p, root)} has no ours_bf16 / torch_grouped_bf16 pair")
+        raise NotRun(f"{p} has no ours_bf16 / torch_grouped_bf16 pair")
     x = min(ratios)
     return dict(ours=_r(x, 2), verdict="reproduced" if x >= 0.9 else "direction" if x >= 0.8 else "not-reproduced",
-                source=_rel(p, root), note=f"minimum over {len(ratios)} GEMMs on the paper's shapes "
+                source=p, note=f"minimum over {len(ratios)} GEMMs on the paper's shapes "
                                            f"(median {statistics.median(ratios):.2f}x)")
 
 
@@ -286,10 +280,10 @@ def claim_w8a8(root, model):
     t = b.get("targets", {})
     vals = {k: t[k] for k in ("8192_ours_w8a8_int8_speedup_min", "8192_ours_w8a8_fp8_speedup_min") if k in t}
     if not vals:
-        raise NotRun(f"{_rel(p, root)} has no 8192-token w8a8 targets")
+        raise NotRun(f"{p} has no 8192-token w8a8 targets")
     best = max(vals.values())
     v = "reproduced" if min(vals.values()) >= 1.6 else "direction" if best > 1 else "not-reproduced"
-    return dict(ours=_r(list(vals.values()), 2), verdict=v, source=_rel(p, root),
+    return dict(ours=_r(list(vals.values()), 2), verdict=v, source=p,
                 note="min over GEMMs, [int8, fp8], GEMM alone")
 
 
@@ -417,17 +411,17 @@ def claim_perfmodel(root, model):
 # (id, paper item, claim text, paper value, unit, tolerance, rule)
 CLAIMS = [
     ("ppl-2.25bit", "table1", "At 2.25 bits MxMoE has lower WikiText-2 perplexity than GPTQ* (abstract: 2.4 lower)",
-     0.214, "relative PPL reduction", "reproduced >= 0.15 (issue 5 goal); direction > 0", claim_ppl_225),
+     0.214, "relative PPL reduction", "reproduced >= 0.15 (project goal); direction > 0", claim_ppl_225),
     ("ppl-3.25bit", "table1", "At 3.25 bits MxMoE is no worse than GPTQ*",
      None, "PPL ratio MxMoE/GPTQ*", "reproduced <= 1.00; direction <= 1.02", claim_ppl_325),
     ("w5a5-accuracy", "table1", "MxMoE W5A5 stays close to full precision while uniform W4A4 is far worse",
-     None, "PPL ratio W5A5/full", "reproduced <= 1.10 and W4A4 worse (issue 5 goal); direction: W4A4 worse", claim_w5a5),
+     None, "PPL ratio W5A5/full", "reproduced <= 1.10 and W4A4 worse (project goal); direction: W4A4 worse", claim_w5a5),
     ("granularity", "table3", "Linear-block allocation beats expert-level allocation at W5A5",
      None, "PPL ratio linear/expert", "reproduced < 1", claim_granularity),
     ("mixed-vs-uniform-5bit", "table5", "The mixed 5-bit allocation beats uniform low-bit weight-activation quantization",
      None, "PPL ratio mixed/uniform", "reproduced < 1", claim_mixed_vs_uniform),
     ("mix4.25-speedup", "fig5", "A ~4.25-bit weight-only mix (w4a16 + w8a8) runs 2.3-2.6x faster than bf16 at 512 tokens",
-     [2.3, 2.6], "x vs bf16 grouped GEMM", "reproduced: min >= 2.3 (paper, RTX 4090; issue 4 target 2.5 on H100); direction > 1",
+     [2.3, 2.6], "x vs bf16 grouped GEMM", "reproduced: min >= 2.3 (paper, RTX 4090; project target 2.5 on H100); direction > 1",
      claim_mix425),
     ("mix5-vs-w8a8", "fig5", "The 5-bit weight-activation mix is faster than uniform w8a8 at equal accuracy (abstract: up to +29.4%)",
      29.4, "% faster than w8a8", "reproduced >= 23.5 (0.8 x paper); direction > 0", claim_mix5_vs_w8a8),
@@ -438,7 +432,7 @@ CLAIMS = [
     ("fused-vs-unified", "table6", "The fused launch of specialised tile paths beats a unified (runtime-branch) kernel",
      None, "x vs unified", "reproduced: faster in every case; direction: median > 1", claim_fused_vs_unified),
     ("bf16-baseline", "fig2", "Our bf16 path is not a straw man: >= 0.9x torch's bf16 grouped GEMM (project target)",
-     None, "x vs torch grouped", "reproduced >= 0.9 (issue 4); direction >= 0.8", claim_bf16),
+     None, "x vs torch grouped", "reproduced >= 0.9 (project target); direction >= 0.8", claim_bf16),
     ("w8a8-8192", "fig2", "w8a8 (int8 and fp8) >= 1.6x torch bf16 at 8192 tokens (project target, Hopper)",
      None, "x vs bf16", "reproduced: both >= 1.6; direction > 1", claim_w8a8),
     ("routing-skew", "fig1b", "Expert activation frequencies are heterogeneous across experts",
@@ -471,118 +465,3 @@ def build_claims(model: str = "smollm2-moe", root: "Path | None" = None) -> list
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- manifest
-
-# item -> (notebook, result globs, what the counterpart is)
-ITEMS = {
-    "fig1a": ("01_sensitivity", ["{m}/sensitivity/*.json"], "per-expert block sensitivity (Delta) of one layer, log scale"),
-    "fig1b": ("02_activation_frequency", ["{m}/routing/*.json", "kernels/bench_*.json"],
-              "right: per-expert frequencies on several corpora (02); left: roofline of the GPU (03)"),
-    "fig2": ("03_kernels", ["kernels/bench_*.json"], "grouped-GEMM throughput: bf16 loop, torch grouped, ours uniform and mixed"),
-    "fig3": ("intro", ["@repo/book/figures/pipeline.svg"], "our own pipeline diagram (mxmoe.plots.pipeline)"),
-    "fig4": ("03_kernels", ["kernels/bench_*.json", "@repo/kernels/*.json"], "tile configurations fused in one launch"),
-    "fig5": ("05_end_to_end", ["{m}/eval/figure5.json", "kernels/figure5.json", "{m}/eval/table1.json", "kernels/bench_*.json"],
-             "MoE-block throughput vs PPL; paper models as throughput only"),
-    "fig6": ("05_end_to_end", ["{m}/eval/figure6.json", "{m}/alloc/*.json"], "r sweep: throughput vs PPL with the ILP front"),
-    "table1": ("05_end_to_end", ["{m}/eval/table1.json", "{m}/eval/zeroshot*.json"], "PPL + zero-shot, GPTQ*, QuaRot-style, MxMoE"),
-    "table2": ("00_model", ["{m}/model.json"], "the models: smollm2-moe card and the paper models' shapes"),
-    "table3": ("05_end_to_end", ["{m}/**/table3*.json"], "linear-block vs expert granularity at W5A5"),
-    "table4": ("01_sensitivity", ["{m}/**/table4*.json"], "RTN PPL grid over weight x activation bits"),
-    "table5": ("05_end_to_end", ["{m}/**/table5*.json"], "uniform w4a4..w8a8 with rotation vs the mixed 5-bit result"),
-    "table6": ("03_kernels", ["kernels/bench_*.json"], "fused vs unified vs one launch per precision"),
-    "table7": ("05_end_to_end", ["{m}/alloc/*.json", "{m}/**/table7*.json"], "W5A5 allocation of one layer as a map"),
-}
-_FIG_ALIASES = {"fig": ("fig", "figure"), "table": ("table", "tab")}
-
-
-def _figure_files(root: Path, model: str, item: str) -> list[Path]:
-    kind, num = re.match(r"(fig|table)(\w+)", item).groups()
-    pat = re.compile(rf"(^|[^a-z0-9])({'|'.join(_FIG_ALIASES[kind])})_?{num}([^0-9a-z]|[a-z]?[_.-]|$)", re.I)
-    out = []
-    for d in (root / model / "figures", root / "kernels" / "figures"):
-        if d.is_dir():
-            out += [p for p in sorted(d.iterdir()) if p.suffix in (".png", ".svg", ".pdf") and pat.search(p.name)]
-    if item == "fig3":
-        out.append(REPO_ROOT / "book" / "figures" / "pipeline.svg")
-    return out
-
-
-def _provenance(files: list[Path]) -> dict:
-    """device / profile from the files' own metadata (first that says)."""
-    dev, prof = set(), set()
-    for f in files:
-        if f.suffix != ".json" or not f.exists():
-            continue
-        try:
-            d = _load(f)
-        except (ValueError, OSError):
-            continue
-        if not isinstance(d, dict):
-            continue
-        for src in (d, d.get("params", {}), d.get("provenance", {})):
-            if isinstance(src, dict):
-                if isinstance(src.get("device"), str):
-                    dev.add(src["device"])
-                if isinstance(src.get("profile"), (str, dict)):
-                    prof.add(src["profile"] if isinstance(src["profile"], str) else src["profile"].get("name", "?"))
-    return {"device": sorted(dev), "profile": sorted(prof)}
-
-
-def build_manifest(model: str = "smollm2-moe", root: "Path | None" = None) -> dict:
-    root = Path(root or results_dir())
-    items = {}
-    for item, (nb, globs, what) in ITEMS.items():
-        files: set[Path] = set()
-        primary: set[Path] = set()
-        for i, g in enumerate(globs):
-            if g.startswith("@repo/"):
-                files.update(Path(p) for p in glob.glob(str(REPO_ROOT / g[6:]), recursive=True))
-            elif g.startswith("kernels/"):
-                files.update(Path(p) for p in glob.glob(str(kernel_results_dir(root) / g[8:]), recursive=True))
-            else:
-                files.update(Path(p) for p in glob.glob(str(root / g.format(m=model)), recursive=True))
-            if i == 0:
-                primary = {f for f in files if f.is_file()}
-        files = {f for f in files if f.is_file() and "/figures/" not in str(f) and "/notebooks/" not in str(f)}
-        figs = _figure_files(root, model, item)
-        sidecars = [f.with_suffix(".json") for f in figs if f.with_suffix(".json").exists()]
-        notebook = nb if nb == "intro" else f"notebooks/{nb}.ipynb"
-        items[item] = {
-            "what": what, "notebook": notebook,
-            "executed": None if nb == "intro" else _rel(root / model / "notebooks" / f"{nb}.ipynb", root),
-            "results": sorted(_rel(f, root) for f in files),
-            "figures": sorted(_rel(f, root) for f in figs if f.exists()),
-            **_provenance(sorted(files) + sidecars),
-            "status": "present" if primary else "partial" if files else "missing",
-        }
-    return {"model": model, "results_root": _rel(root, root).rstrip("/.") or "results", "items": items}
-
-
-def write(model: str = "smollm2-moe", root: "Path | None" = None) -> tuple[Path, Path]:
-    """Write <root>/claims.json and <root>/manifest.json; return their paths."""
-    root = Path(root or results_dir())
-    claims = build_claims(model, root)
-    c = write_json_atomic(root / "claims.json", {"model": model, "claims": claims, "deviations": [
-        {"topic": t, "text": x} for t, x in DEVIATIONS]})
-    m = write_json_atomic(root / "manifest.json", build_manifest(model, root))
-    return c, m
-
-
-def counts(claims: list[dict]) -> dict:
-    return {v: sum(c["verdict"] == v for c in claims) for v in VERDICTS}
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m mxmoe.claims", description="write results/claims.json and manifest.json")
-    p.add_argument("--model", default="smollm2-moe")
-    args = p.parse_args(argv)
-    c, m = write(args.model)
-    rows = _load(c)["claims"]
-    print(f"{c}: {len(rows)} claims, {counts(rows)}\n{m}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

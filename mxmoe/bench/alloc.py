@@ -1,6 +1,6 @@
 """Figure 5 measured: a model's MoE-block GEMMs under each setting, through the real kernel.
 
-``python -m mxmoe.kernels.alloc_bench --model smollm2-moe --out DIR`` times, for every MoE layer of
+``python -m mxmoe.bench.alloc --model smollm2-moe --out DIR`` times, for every MoE layer of
 the model's routing profile (results/<model>/routing/wikitext2_*.json, tokens per expert scaled to the
 batch), the gate_up and down grouped GEMMs of the routed experts (one launch each, any mix of
 schemes) and of the shared experts (their own launch: a different width), with the schemes of:
@@ -26,14 +26,17 @@ import numpy as np
 import torch
 from triton.testing import do_bench_cudagraph
 
+from mxmoe.bench.roofline import provenance
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations
-from mxmoe.kernels.roofline import provenance
 from mxmoe.paths import results_dir
 from mxmoe.routing import batch_workload
 from mxmoe.schemes import Scheme
+from mxmoe.stages.allocation import model_shape, routing_profile
 
 UNIFORM = {"fp16": "bf16", "w4a16": "w4a16_g128_asym", "w8a8": "w8a8_g-1_sym", "w4a4": "w4a4_g-1_sym"}
 
+
+PROG = "mxmoe bench alloc"  # also python -m mxmoe.bench.alloc
 
 def settings(model: str) -> dict:
     """{setting: {(layer, expert, block): scheme str} or a uniform scheme str} for the model's allocations."""
@@ -79,15 +82,14 @@ def time_setting(setting, routing: dict, shape: dict, batch: int) -> float:
     return total
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
     """Time every setting of a model at each batch size; see the module docstring."""
-    from mxmoe.endtoend import model_shape, routing_profile
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-moe")
     ap.add_argument("--batches", nargs="*", type=int, default=[512, 8192])
     ap.add_argument("--out", default="results/kernels")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
     routing, shape = routing_profile(args.model), model_shape(args.model)

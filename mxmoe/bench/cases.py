@@ -1,0 +1,32 @@
+"""What the kernel benchmarks measure: the GEMM shapes, token counts, uniform schemes, fixed mixes and
+the assumed routing skew, shared by ``mxmoe bench gemm``, the cost tables and the model's validation."""
+
+from __future__ import annotations
+
+import torch
+
+from mxmoe.models.zoo import PAPER_MODELS
+
+# name: (experts, hidden H, expert intermediate I, top_k): the paper's models (mxmoe.models.zoo), and the
+# embedded model (mxmoe.models.moefy): 32 routed experts of width 32, top-8, and its shared expert (width
+# 512) as a one-expert "grouped" GEMM that sees every token
+MODELS = {name: (s.num_experts, s.hidden, s.expert_width, s.top_k) for name, (_, s) in PAPER_MODELS.items()}
+MODELS.update({"smollm2-moe": (32, 576, 32, 8), "smollm2-moe-shared": (1, 576, 512, 1)})
+PAPER = tuple(PAPER_MODELS)
+TOKENS = (16, 512, 8192)
+LOAD_RATIO = 8.0  # max/min expert routing probability (assumed)
+UNIFORM = {"bf16": "bf16", "w4a16_g128": "w4a16_g128_asym", "w4a16_g-1": "w4a16_g-1_asym",
+           "w8a8_int8": "w8a8_g-1_sym", "w8a8_fp8": "w8a8_g-1_sym_fp8", "w4a4_g-1": "w4a4_g-1_sym"}
+# mixes: (scheme of the heaviest `frac` experts, scheme of the rest); average bits in the name
+MIXES = {"mix4.25_w4a16+w8a8": ("w8a8_g-1_sym", "w4a16_g-1_asym", 1 / 16),
+         "mix5_w4a4+w8a8": ("w8a8_g-1_sym", "w4a4_g-1_sym", 1 / 4)}
+
+
+def expert_loads(tokens: int, experts: int, top_k: int, ratio: float = LOAD_RATIO) -> list[int]:
+    """Rows per expert, heaviest first: tokens*top_k rows by geometric probabilities (max/min = ratio)."""
+    p = torch.tensor([ratio ** (-i / max(experts - 1, 1)) for i in range(experts)], dtype=torch.float64)
+    want = tokens * top_k * p / p.sum()
+    rows = want.floor().long()
+    for i in torch.argsort(want - rows, descending=True)[: tokens * top_k - int(rows.sum())]:
+        rows[i] += 1
+    return [min(int(r), tokens) for r in rows]  # an expert sees each token at most once

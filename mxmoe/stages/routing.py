@@ -1,0 +1,50 @@
+"""Stage 02, routing: tokens per expert of a model on each corpus, stored per corpus and reused.
+
+Writes <results>/<model>/routing/<corpus>_n<n>_s<seqlen>.json (format: ``mxmoe.routing.routing_report``
+plus ``params``: model, corpus, windows, seqlen, seed, device, date).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from mxmoe import plan
+from mxmoe.env import device_name
+from mxmoe.errors import MxMoEError
+from mxmoe.files import write_json_atomic
+from mxmoe.models import load_model
+from mxmoe.paths import results_dir
+from mxmoe.profiles import random_windows
+from mxmoe.routing import corpus_windows, routing_report
+
+
+def profile_corpora(model_name: str, corpora=plan.ROUTING_CORPORA, n: int = 8, seqlen: int = plan.ROUTING_SEQLEN,
+                    seed: int = 0, batches=plan.BATCHES, allow_random: bool = False) -> dict:
+    """Routing of ``model_name`` on each corpus; writes results/<model>/routing/<corpus>_n<n>_s<seqlen>.json each.
+
+    Returns {corpus: report}. Reports carry their parameters, device and date; a file made with the
+    same parameters and batch sizes is reused. ``allow_random``: a
+    model without a tokenizer (smoke profile) is profiled on one corpus of seeded random ids, "random".
+    """
+    model, tok = load_model(model_name)
+    if tok is None and not allow_random:
+        raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): routing on text needs a real model")
+    if tok is None:
+        corpora = ("random",)
+    out = {}
+    for corpus in corpora:
+        path = results_dir() / model_name / "routing" / f"{corpus}_n{n}_s{seqlen}.json"
+        params = {"model": model_name, "corpus": corpus, "windows": n, "seqlen": seqlen, "seed": seed}
+        if path.exists():  # reuse a profile made with the same parameters and batch sizes
+            old = json.loads(path.read_text())
+            if {k: old["params"].get(k) for k in params} == params and set(old["workloads"]) == {str(b) for b in batches}:
+                out[corpus] = old
+                continue
+        windows = (random_windows(model.config.vocab_size, n, seqlen, seed) if tok is None
+                   else corpus_windows(tok, corpus, n, seqlen, seed))
+        report = routing_report(model, windows, batches)
+        report["params"] = {**params, "device": device_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+        write_json_atomic(path, report)
+        out[corpus] = report
+    return out
