@@ -1,6 +1,6 @@
 """Evaluation, calibration and training text: a local folder ($MXMOE_DATA_DIR) or the HF hub.
 
-Layout and schemas of the local folder: ../shared/data/README.md. Every loader tries the local
+Layout and schemas of the local folder: the README.md of the folder $MXMOE_DATA_DIR names. Every loader tries the local
 file first; when MXMOE_DATA_DIR is unset it falls back to Hugging Face ``datasets``; when neither
 works it raises one :class:`DataUnavailable` naming both sources and the variable to set.
 
@@ -48,8 +48,8 @@ def _unavailable(what: str, local: str, hub_error: Exception | None) -> DataUnav
     hub_state = "not tried" if hub_error is None else f"failed ({type(hub_error).__name__}: {str(hub_error)[:160]})"
     return DataUnavailable(
         f"{what} is not available: the local copy ({local_state}) and the Hugging Face hub ({hub_state}) "
-        f"both failed. Set {ENV_VAR} to a folder laid out like ../shared/data (e.g. "
-        f"export {ENV_VAR}=$PWD/../shared/data), or install `datasets` and connect to the hub."
+        f"both failed. Set {ENV_VAR} to the project data folder (its README.md gives the layout), "
+        f"or install `datasets` and connect to the hub."
     )
 
 
@@ -71,10 +71,6 @@ def _hub(path: str, name: str | None = None, split: str = "test", **kw):
     import datasets  # optional dependency, only for the hub fallback
 
     return datasets.load_dataset(path, name, split=split, **kw)
-
-
-def _read_lines_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8")
 
 
 @lru_cache(maxsize=8)
@@ -153,7 +149,7 @@ def _load_task_cached(name: str) -> tuple:
 
 
 def load_task(name: str, limit: int | None = None) -> list[dict]:
-    """Rows of a zero-shot task in the local files' schema (../shared/data/README.md), first ``limit`` rows."""
+    """Rows of a zero-shot task in the local files. schema (the data folder.s README.md), first ``limit`` rows."""
     rows = _load_task_cached(name)
     return list(rows if limit is None else rows[:limit])
 

@@ -68,7 +68,7 @@ def wait_for_model(name: str, timeout_s: float, poll_s: float = 10.0) -> None:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mxmoe.prewarm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mxmoe prewarm", description=__doc__.split("\n")[0])
     p.add_argument("--profile", default=None, help="smoke | quick | full (default: full with a CUDA GPU, else quick)")
     p.add_argument("--part", required=True, choices=PARTS)
     p.add_argument("--wait-model-s", type=float, default=1800, help="wait this long for another process's model build")

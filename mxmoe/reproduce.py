@@ -231,7 +231,7 @@ def _parse_extra(pairs: list[list[str]]) -> dict:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mxmoe.reproduce", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mxmoe reproduce", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd")
     for name in ("run", None):
         q = sub.add_parser("run", help="run the notebooks (the default)") if name else p

@@ -1,7 +1,7 @@
 """Zero-shot accuracy with lm-eval, the model passed in-process.
 
 With $MXMOE_DATA_DIR set, the tasks are the YAMLs in ``mxmoe/tasks/`` (``mxmoe_<task>``), which
-read the local JSONL files and build lm-eval's prompts (../shared/data/README.md says where they
+read the local JSONL files and build lm-eval's prompts (the data folder's README.md says where they
 differ slightly: ARC's few five-option items, HellaSwag's capitalisation). Without it, the stock
 lm-eval tasks of the same names are used and read the Hugging Face hub. The reported metric is
 ``acc_norm`` where lm-eval reports it (ARC, HellaSwag, PIQA) and ``acc`` otherwise.

@@ -179,7 +179,7 @@ def test_key_does_not_depend_on_where_results_live(tmp_path):
         root = tmp_path / name
         (root / "m").mkdir(parents=True)
         (root / "m" / "in.json").write_text("{}")
-        files = reproduce.input_files(Stage("00_a", ("{model}/in.json", "@repo/mxmoe/claims.py")), root, "m")
+        files = reproduce.input_files(Stage("00_a", ("{model}/in.json", "@repo/mxmoe/plan.py")), root, "m")
         assert len(files) == 2
         keys.append(reproduce.stage_key(nb, {"model": "m"}, files, root)[0])
     assert keys[0] == keys[1]

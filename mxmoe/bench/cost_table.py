@@ -1,6 +1,6 @@
-"""Per-GPU kernel table ``kernels/<gpu>.json``: tile configs and per-tile costs from benchmark runs.
+"""Per-GPU kernel table ``cost_tables/<gpu>.json``: tile configs and per-tile costs from benchmark runs.
 
-``python -m mxmoe.bench.cost_table results/kernels/bench_A.json [...] --out kernels/nvidia_h200.json``
+``python -m mxmoe.bench.cost_table results/kernels/bench_A.json [...] --out cost_tables/nvidia_h200.json``
 
 For every uniform-scheme run of our kernel in the given benchmark files, one cost point: the
 tiles of that launch (from the routed rows per expert and the tile config it used), tiles per
@@ -47,7 +47,7 @@ def cost_points(bench: dict) -> "list[dict]":
 
 
 def build_table(paths: "list[Path]") -> dict:
-    """The kernels/<gpu>.json document from benchmark files of one GPU."""
+    """The cost_tables/<gpu>.json document from benchmark files of one GPU."""
     docs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda d: d["provenance"]["date_utc"])
     devices = {d["provenance"]["device"] for d in docs}
     if len(devices) != 1:
@@ -83,7 +83,7 @@ def write_table(paths: "list[Path]", table_dir: "str | Path") -> Path:
 
 
 def main(argv: "list[str] | None" = None) -> None:
-    """Write kernels/<gpu>.json from benchmark files."""
+    """Write cost_tables/<gpu>.json from benchmark files."""
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("bench", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)

@@ -13,8 +13,8 @@ on one GPU it times, with ``triton.testing.do_bench`` medians:
 
 It measures the roofline (copy bandwidth, bf16/int8/fp8 matmul peaks) in the same run, counts
 kernel launches per grouped GEMM with the profiler, prints a short table and writes
-``DIR/bench_<gpu>[_<tag>].json``; with ``--table-dir kernels`` also the run's cost table
-``kernels/<gpu>.json`` that the performance model reads.
+``DIR/bench_<gpu>[_<tag>].json``; with ``--table-dir cost_tables`` also the run's cost table
+``cost_tables/<gpu>.json`` that the performance model reads.
 
 Shapes: the six paper models and the embedded smollm2-moe (routed experts and, as a one-expert GEMM,
 its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it

@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 
 from mxmoe.bench.cases import PAPER
+from mxmoe.files import write_json_atomic
+from mxmoe.paths import kernel_results_dir, results_dir
+from mxmoe.plan import BATCHES
 
 # The committed H100 runs of the current kernel, in the order cases are taken: the Qwen1.5/DeepSeek run
 # with Table 6 (do_bench events; the second file finishes DeepSeek `down`) and the all-shapes run (Table 6
@@ -113,3 +116,18 @@ def paper_model_throughput(bench_files, batches=(512, 8192)) -> "pd.DataFrame":
     rows = rows.sort_values(["model", "batch", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
     return rows[["model", "batch", "setting", "block_us", "tokens_per_s", "speedup_vs_torch_grouped"]].rename(
         columns={"speedup_vs_torch_grouped": "speedup_vs_fp16"}).reset_index(drop=True)
+
+
+def paper_models_figure5(rows_of_model: "list[dict]", profile: str) -> "tuple[pd.DataFrame, str]":
+    """Figure 5 rows of the paper's models (throughput only) from the benchmark runs that count, and the
+    shared results/kernels/figure5.json with ``rows_of_model`` (this model's Figure 5 rows) beside them.
+    Returns (the paper models' rows, the device of the runs)."""
+    docs = bench_docs(kernel_results_dir())
+    files = [kernel_results_dir() / d["_file"] for d in docs]
+    paper = paper_model_throughput(files, BATCHES)
+    device = docs[0]["provenance"]["device"] if docs else "none"
+    write_json_atomic(results_dir() / "kernels" / "figure5.json", {
+        "profile": profile, "rows": rows_of_model + [{**r, "ppl": None, "device": device,
+                                  "time_source": "measured: kernel benchmark (fixed mixes)"}
+                                 for r in paper.to_dict("records")]})
+    return paper, device

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mxmoe.bench.cases import MIXES, MODELS, UNIFORM, expert_loads
-from mxmoe.perfmodel import CostTable, launch_time
+from mxmoe.env import COST_TABLES
+from mxmoe.perfmodel import CostTable, gpu_key, launch_time, load_table
 
 
 @lru_cache(maxsize=64)
@@ -55,9 +56,33 @@ def validate(bench_path: "str | Path", table: CostTable, holdout: bool = False) 
                       "rel_err": (est.ms - r["ms"]) / r["ms"]})
     mixed = [abs(c["rel_err"]) for c in cases if c["mixed"]]
     uniform = [abs(c["rel_err"]) for c in cases if not c["mixed"]]
-    return {"bench": str(bench_path), "device": doc["provenance"]["device"], "table": table.gpu, "holdout": holdout,
+    return {"bench": Path(bench_path).name, "device": doc["provenance"]["device"], "table": table.gpu, "holdout": holdout,
             "cases": cases,
             "mixed_median_abs_err": float(np.median(mixed)) if mixed else None,
             "mixed_max_abs_err": float(np.max(mixed)) if mixed else None,
             "uniform_median_abs_err": float(np.median(uniform)) if uniform else None,
             "n_mixed": len(mixed), "n_uniform": len(uniform)}
+
+
+def validation_report(gpu: str, repo_root: Path) -> dict:
+    """The model's error on the benchmark runs its cost table was built from (``sources`` of
+    cost_tables/<gpu>.json), all cases and shape-held-out: the same inputs give the same report.
+
+    Returns {"median_abs_rel_error", "definition", "table", "device", "table_sources", "per_file"}.
+    """
+    table = load_table(gpu)
+    sources = json.loads((COST_TABLES / f"{gpu_key(gpu)}.json").read_text())["sources"]
+    per_file, errors = {}, []
+    for rel in sources:
+        path = repo_root / rel
+        v, vh = validate(path, table), validate(path, table, holdout=True)
+        if not v["n_mixed"]:
+            continue
+        drop = ("cases", "bench")
+        per_file[Path(rel).name] = {"all": {k: x for k, x in v.items() if k not in drop},
+                                    "holdout": {k: x for k, x in vh.items() if k not in drop}, "cases": v["cases"]}
+        errors += [abs(c["rel_err"]) for c in v["cases"] if c["mixed"]]
+    return {"median_abs_rel_error": float(np.median(errors)) if errors else None,
+            "definition": "median |predicted/measured - 1| over the mixed fused grouped GEMMs of the benchmark "
+                          "files the cost table was built from", "table": table.gpu, "device": table.device,
+            "table_sources": [Path(s).name for s in sources], "per_file": per_file}

@@ -34,7 +34,7 @@ SUPPORTED = (
 _PER_EXPERT_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
 
 
-def _mlp_linear(mlp: nn.Module, block: str) -> nn.Linear:
+def mlp_linear(mlp: nn.Module, block: str) -> nn.Linear:
     for attr in _PER_EXPERT_NAMES[block]:
         if hasattr(mlp, attr):
             return getattr(mlp, attr)
@@ -66,7 +66,7 @@ class MoEBlock:
         """Weight [out, in] of routed expert ``e``'s block ('gate' | 'up' | 'down'); a view when fused."""
         self._check(e, block)
         if not self.fused:
-            return _mlp_linear(self.experts[e], block).weight
+            return mlp_linear(self.experts[e], block).weight
         if block == "down":
             return self.experts.down_proj[e]  # [H, I]
         gate_up = self.experts.gate_up_proj[e]  # [2I, H]
@@ -82,7 +82,7 @@ class MoEBlock:
 
     def shared_weight(self, s: int, block: str) -> torch.Tensor:
         """Weight [out, in] of shared expert ``s``'s block."""
-        return _mlp_linear(self.shared[s], block).weight
+        return mlp_linear(self.shared[s], block).weight
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +138,7 @@ def _as_block(name: str, module: nn.Module) -> MoEBlock | None:
         width = two_i // 2
     elif isinstance(experts, nn.ModuleList) and len(experts) > 0:
         e = len(experts)
-        width, h = _mlp_linear(experts[0], "gate").weight.shape
+        width, h = mlp_linear(experts[0], "gate").weight.shape
     else:
         return None
     top_k = getattr(router, "top_k", None) or getattr(module, "top_k", None) or getattr(module, "num_experts_per_tok", None)

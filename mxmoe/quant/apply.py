@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mxmoe.errors import MxMoEError
-from mxmoe.models.blocks import BLOCKS, MoEBlock, _mlp_linear, moe_blocks
+from mxmoe.models.blocks import BLOCKS, MoEBlock, mlp_linear, moe_blocks
 from mxmoe.quant.hadamard import apply_online_hadamard, hadamard_factors
 from mxmoe.quant.rtn import IntWeight, quantize_activation, quantize_weight, quantize_weight_int
 from mxmoe.schemes import BF16, Scheme
@@ -59,7 +59,7 @@ def expert_ids(block: MoEBlock) -> list:
 def block_weight(block: MoEBlock, expert, name: str) -> torch.Tensor:
     """Weight [out, in] of a routed (int) or shared ("sharedN") expert's linear block."""
     if isinstance(expert, str):
-        return _mlp_linear(block.shared[_shared_index(block, expert)], name).weight
+        return mlp_linear(block.shared[_shared_index(block, expert)], name).weight
     return block.expert_weight(expert, name)
 
 
@@ -262,11 +262,11 @@ def install_activation_quant(model: nn.Module, plan: dict, online_hadamard: bool
         else:
             for e, schemes in enumerate(routed_schemes):
                 for n, s in zip(BLOCKS, schemes):
-                    _hook_linear(_mlp_linear(b.experts[e], n), s, online_hadamard and n == "down")
+                    _hook_linear(mlp_linear(b.experts[e], n), s, online_hadamard and n == "down")
         for si in range(len(b.shared)):
             for n in BLOCKS:
                 s = plan.get((b.layer, shared_key(si), n), BF16)
-                _hook_linear(_mlp_linear(b.shared[si], n), s, online_hadamard and n == "down")
+                _hook_linear(mlp_linear(b.shared[si], n), s, online_hadamard and n == "down")
     if fused:
         _register()
         model.set_experts_implementation(EXPERTS_IMPL)

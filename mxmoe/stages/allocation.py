@@ -21,9 +21,14 @@ from mxmoe.allocate import (LayerProblem, allocation_doc, layer_problem, model_d
                             solve_model, solve_point)
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
+from mxmoe.models import load_model
 from mxmoe.paths import results_dir
 from mxmoe.perfmodel import load_table
+from mxmoe.profiles import calibration
 from mxmoe.quant.apply import scheme_map_from_rows
+from mxmoe.routing import routing_report
+from mxmoe.schemes import scheme_set
+from mxmoe.sensitivity import compute_sensitivity
 
 
 def newest_result(model: str, kind: str, prefix: str) -> Path:
@@ -51,8 +56,6 @@ def model_shape(model: str) -> dict:
     try:
         return card_dims(model)
     except MxMoEError:
-        from mxmoe.models import load_model
-
         return model_dims(load_model(model)[0])
 
 
@@ -186,3 +189,28 @@ def r_sweep_allocations(model: str, rs=plan.R_SWEEP, budget_bits: float = plan.F
         write_allocation(doc)
         out[r] = (setting, scheme_map(problems, choices), doc)
     return out
+
+
+def allocation_inputs(profile, method: str = plan.ALLOCATION_METHOD, batch_tokens: int = plan.ALLOCATION_BATCH,
+                      gpu: str = plan.ALLOCATION_GPU, corpus: str = plan.ALLOCATION_CORPUS) -> "tuple[dict, dict, str]":
+    """The layer problems of ``profile.model`` for every scheme set of ``plan.ALLOCATIONS``, its routing and the
+    sensitivity method used: (problems by scheme set, routing report, method).
+
+    Stages 01 and 02 provide sensitivity and routing; the smoke profile's tiny random model has none
+    committed, so it computes RTN sensitivity and routing on random token ids here (seconds; numbers mean nothing).
+    """
+    sensitivity = dims = None
+    if profile.name == "smoke":
+        method = "rtn"
+        net, tok = load_model(profile.model)
+        windows = calibration(net, tok, profile)
+        sensitivity = compute_sensitivity(net, windows, scheme_set("hopper"), "rtn", progress=False)
+        routing = routing_report(net, windows, batches=(batch_tokens,))
+        routing["params"] = {"model": profile.model, "corpus": "random", "windows": list(windows.shape)}
+        dims = model_dims(net)
+    else:
+        routing = json.loads(newest_result(profile.model, "routing", f"{corpus}_").read_text())
+    problems = {s: layer_problems(profile.model, s, method=method, batch_tokens=batch_tokens, gpu=gpu,
+                                  sensitivity=sensitivity, routing=routing, dims=dims, corpus=corpus)
+                for s in dict.fromkeys(a.scheme_set for a in plan.ALLOCATIONS)}
+    return problems, routing, method

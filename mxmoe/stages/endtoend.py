@@ -63,3 +63,53 @@ def measured_throughput(model: str) -> "dict | None":
     doc = json.loads(files[-1].read_text())
     device = doc["provenance"]["device"]
     return {(r["setting"], r["batch"]): {**r, "device": device, "source": files[-1].name} for r in doc["rows"]}
+
+
+def figure5(profile: Profile, table1: dict, table5: dict, maps: dict, gpu: str = plan.THROUGHPUT_GPU) -> dict:
+    """Figure 5 rows: MoE-block throughput (measured when a GPU run of ``mxmoe bench alloc`` is committed,
+    else predicted) and PPL per setting and batch; writes <results>/<model>/eval/figure5.json.
+
+    ``table1``, ``table5``: the tables of ``mxmoe.stages.evaluate``; ``maps``: Table 1's scheme maps.
+    Returns {"meta": provenance of the figure, "rows": [...]}.
+    """
+    model = profile.model
+    measured = measured_throughput(model)
+    ppl_of = {"fp16": table1["fp16"]["ppl"], "w4a4": table1["quarot-w4a4"]["ppl"], "w8a8": table5.get("w8a8"),
+              plan.FIG5_MIXED: table1[plan.FIG5_MIXED]["ppl"]}
+    rows = []
+    for batch in plan.BATCHES:
+        for label in [*plan.FIG5_UNIFORM, plan.FIG5_MIXED]:
+            spec = {"scheme": plan.FIG5_UNIFORM[label]} if label in plan.FIG5_UNIFORM else {"scheme_map": maps[label]}
+            row = {"setting": label, "batch": batch, "ppl": ppl_of.get(label),
+                   **predicted_throughput(model, batch, gpu, **spec)}
+            row["predicted_tokens_per_s"] = row["tokens_per_s"]
+            if measured and (label, batch) in measured:
+                hit = measured[(label, batch)]
+                row.update(tokens_per_s=hit["tokens_per_s"], time_source=f"measured: {hit['source']}")
+            rows.append(row)
+    is_measured = bool(measured) and all(r["time_source"].startswith("measured") for r in rows)
+    meta = {"device": next(iter(measured.values()))["device"] if is_measured else f"{gpu} cost table",
+            "model": model, "profile": profile.name,
+            "kind": "smoke" if profile.name == "smoke" else ("measured" if is_measured else "predicted"),
+            "ppl_device": table1["fp16"]["device"]}
+    write_json_atomic(results_dir() / model / "eval" / "figure5.json", {**meta, "rows": rows})
+    return {"meta": meta, "rows": rows}
+
+
+def figure6(profile: Profile, meta: dict, seed: int = 0, gpu: str = plan.THROUGHPUT_GPU) -> "list[dict]":
+    """Figure 6: one allocation per r of ``plan.R_SWEEP`` (W5A5, 5 bits), its PPL and its throughput at the
+    first batch size; writes <results>/<model>/eval/figure6.json (``meta`` from ``figure5``)."""
+    model, batch = profile.model, plan.BATCHES[0]
+    measured = measured_throughput(model)
+    sweep = r_sweep_allocations(model, plan.R_SWEEP, batch_tokens=batch, gpu=gpu, profile=profile.name)
+    points = []
+    for r, (setting, smap, doc) in sweep.items():
+        row = evaluate_config(allocation_config(setting, seed), profile, scheme_map=smap, zeroshot=False)
+        point = {"r": r, "setting": setting, "ppl": row["ppl"], "predicted_T_ms": doc["predicted"]["T_launch_ms"],
+                 "L": doc["predicted"]["L"], **predicted_throughput(model, batch, gpu, scheme_map=smap)}
+        if measured and (setting, batch) in measured:
+            point.update(tokens_per_s=measured[(setting, batch)]["tokens_per_s"], time_source="measured")
+        points.append(point)
+    write_json_atomic(results_dir() / model / "eval" / "figure6.json", {**meta, "batch": batch, "rows": points})
+    return points
+

@@ -8,17 +8,20 @@ missing, measures dense vs MoE WikiText-2 perplexity and the routing skew and wr
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
+from transformers import AutoModelForCausalLM
 
 from mxmoe.env import default_device
 from mxmoe.files import write_json_atomic
 from mxmoe.metrics import eval_windows, perplexity
-from mxmoe.models import moefy, smollm2
-from mxmoe.paths import results_dir
+from mxmoe.models import load_model, moefy, smollm2
+from mxmoe.paths import model_dirname, results_dir
+from mxmoe.profiles import evaluation
 from mxmoe.routing import profile_routing, skew
 
 EVAL_SEQLEN, EVAL_WINDOWS = 1024, 16  # WikiText-2 test windows reported in model.json
@@ -30,8 +33,6 @@ def build_model(force: bool = False) -> Path:
     fresh = force or not smollm2.is_built()
     path = smollm2.build(force=force)
     if fresh or not (results_dir() / smollm2.NAME / "model.json").exists():
-        from transformers import AutoModelForCausalLM
-
         dense, tok = moefy.load_dense()
         moe = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         write_card(dense, moe, tok, json.loads((path / "build.json").read_text()))
@@ -80,3 +81,29 @@ def write_card(dense, moe, tok, info: dict) -> dict:
     }
     write_json_atomic(results_dir() / smollm2.NAME / "model.json", card)
     return card
+
+
+def perplexity_summary(model: str, profile) -> dict:
+    """Dense vs MoE perplexity of ``model``: from its card (<results>/<model>/model.json) when there is one,
+    else the MoE perplexity on the profile's windows, computed once and cached in <results>/<model>/eval/."""
+    folder = results_dir() / model_dirname(model)
+    card_path = folder / "model.json"
+    if card_path.exists():
+        card = json.loads(card_path.read_text())
+        return {"dense": card.get("ppl_dense"), "MoE": card.get("ppl_moe"), "MoE / dense": card.get("ppl_ratio"),
+                "windows": f"{card.get('windows')} x {card.get('seqlen')}", "source": "model card",
+                "device": card.get("device")}
+    cache = folder / "eval" / f"ppl_{profile.name}.json"
+    params = {"model": model, "profile": profile.name, "eval_windows": profile.eval_windows,
+              "eval_seqlen": profile.eval_seqlen}
+    hit = json.loads(cache.read_text()) if cache.exists() else None
+    if not hit or hit.get("params") != params:
+        start = time.time()
+        net, tok = load_model(model)
+        hit = {"params": params, "ppl_moe": perplexity(net, evaluation(net, tok, profile)),
+               "seconds": round(time.time() - start, 1),
+               "data": "random token ids (smoke)" if tok is None else "WikiText-2 test, token level"}
+        write_json_atomic(cache, hit)
+    return {"dense": None, "MoE": hit["ppl_moe"], "MoE / dense": None,
+            "windows": f"{profile.eval_windows} x {profile.eval_seqlen}", "source": hit["data"],
+            "device": "this machine"}
