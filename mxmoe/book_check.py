@@ -12,7 +12,7 @@ Each page is loaded from disk (``file://``) and fails the check on:
   column being wider than the window, or a box inside the column that scrolls sideways (a table
   wider than the column; ``--allow-inner-scroll`` reports those boxes without failing);
 - noise in the rendered text (an absolute machine path, warning text, a traceback; see
-  ``mxmoe.book.page_noise``).
+  ``page_noise``, which the book build applies too).
 
 A full-page screenshot of every page goes to ``--screenshots``. Chromium comes from ``--chromium``,
 ``$MXMOE_CHROMIUM`` or the PATH (Debian's ``chromium``), driven by Playwright. Exit status: 0 when every
@@ -151,7 +151,7 @@ def find_chromium(explicit: "str | None" = None) -> "str | None":
 
 
 def book_pages(html_dir: Path) -> list[Path]:
-    """Every page a reader can open: the HTML files of the book, without Sphinx's search and index pages' assets."""
+    """Every page a reader can open: the HTML files of the book (the _static and _sources folders left out)."""
     return sorted(p for p in html_dir.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
 
 

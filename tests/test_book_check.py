@@ -115,3 +115,22 @@ def test_browser_check_fails_a_broken_page_and_passes_a_good_one(tmp_path, chrom
                                      log=lambda *_: None)[0]
     assert any("scrolls sideways" in w for w in lenient.warnings)
     assert not any("scrolls sideways" in p for p in lenient.problems) and lenient.problems  # the rest still fails
+
+
+def test_zip_is_offline_html_and_the_same_twice(tmp_path):
+    import zipfile
+
+    html = _site(tmp_path)
+    (html / "_static").mkdir()
+    (html / "_static" / "theme.js.map").write_text("{}")
+    a = book.write_zip(html, tmp_path / "a.zip")
+    b = book.write_zip(html, tmp_path / "b.zip")
+    assert a.read_bytes() == b.read_bytes()
+    names = zipfile.ZipFile(a).namelist()
+    assert "mxmoe-book/index.html" in names and not any(n.endswith(".map") for n in names)
+
+
+def test_pdf_prints_a_page_offline(tmp_path, chromium):
+    html = _site(tmp_path)
+    pdf = book.print_pdf(html / "index.html", tmp_path / "out.pdf", chromium)
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
