@@ -19,6 +19,13 @@ LAB_PORT ?= 8888
 LAB_IP ?= 127.0.0.1
 
 .PHONY: install test smoke reproduce book lab model clean-cache
+
+# The browser check of a built book: every page in headless Chromium (python -m mxmoe.book_check).
+# MXMOE_BROWSER_CHECK=skip skips it, saying so (.ci/run sets it where Chromium cannot be installed).
+# $(1): the book's HTML folder, $(2): where the screenshots go.
+book_check = if [ "$${MXMOE_BROWSER_CHECK:-}" = skip ]; then \
+		echo "browser check SKIPPED (MXMOE_BROWSER_CHECK=skip): $(1) was not opened in Chromium"; \
+	else $(PYTHON) -m mxmoe.book_check $(1) --screenshots $(2); fi
 install: $(STAMP)
 
 .venv/bin/python:
@@ -45,16 +52,20 @@ test: install
 	$(PYTHON) -m pytest tests
 	$(MAKE) --no-print-directory smoke PYTHON=$(PYTHON)
 
-# Every notebook under the smoke profile (tiny random MoE) and a strict book build, all in a temp
-# folder: a broken notebook or a broken book fails CI. The folder is kept when something fails.
+# Every notebook under the smoke profile (tiny random MoE), a strict book build and the browser check of
+# every page, all in a temp folder: a broken notebook or a broken book fails CI. The folder is kept when
+# something fails; the page screenshots are kept in any case (SCREENSHOTS).
+SCREENSHOTS ?= $${MXMOE_CACHE_DIR:-$$HOME/.cache/mxmoe}/smoke-screenshots
 smoke: install
 	@tmp=$$(mktemp -d -t mxmoe-smoke.XXXXXX); \
 	if MXMOE_RESULTS_DIR=$$tmp/results OMP_NUM_THREADS=1 $(PYTHON) -m mxmoe.reproduce --profile smoke $(if $(MODEL),--model $(MODEL)) \
 	   && MXMOE_RESULTS_DIR=$$tmp/results $(PYTHON) -m mxmoe.book --profile smoke $(if $(MODEL),--model $(MODEL)) \
-	        --stage $$tmp/book --strict > $$tmp/book.log 2>&1; then \
-		tail -n 3 $$tmp/book.log; rm -rf $$tmp; \
+	        --stage $$tmp/book --strict > $$tmp/book.log 2>&1 \
+	   && { tail -n 3 $$tmp/book.log; $(call book_check,$$tmp/book/_build/html,$$tmp/screenshots); }; then \
+		rm -rf $(SCREENSHOTS); if [ -d $$tmp/screenshots ]; then mkdir -p $(SCREENSHOTS) && mv $$tmp/screenshots/* $(SCREENSHOTS)/ \
+		&& echo "screenshots of the smoke book: $(SCREENSHOTS)"; fi; rm -rf $$tmp; \
 	else \
-		tail -n 40 $$tmp/book.log 2>/dev/null; echo "smoke run failed: notebooks, results and book log kept in $$tmp"; exit 1; \
+		tail -n 40 $$tmp/book.log 2>/dev/null; echo "smoke run failed: notebooks, results, book, log and screenshots kept in $$tmp"; exit 1; \
 	fi
 
 model: install
@@ -71,9 +82,11 @@ reproduce: install
 		$(if $(MODEL),--model $(MODEL)) --strict
 
 # Rebuild the book from executed notebooks already there (nothing is executed): the full run's, else
-# the quick run's, or PROFILE=.
+# the quick run's, or PROFILE=. Also book/_build/mxmoe-book.zip and mxmoe-book.pdf; then the browser check
+# (screenshots in book/_build/screenshots).
 book: install
-	$(PYTHON) -m mxmoe.book $(RUN_ARGS) --strict
+	$(PYTHON) -m mxmoe.book $(RUN_ARGS) --strict --publish
+	@$(call book_check,book/_build/html,book/_build/screenshots)
 
 # JupyterLab on the project's environment; installs it on first use. --allow-root: containers run as root.
 lab: install

@@ -3,15 +3,19 @@
 ``mxmoe book [--profile P] [--model M] [--stage DIR] [--out DIR] [--strict]``:
 
 1. copies the executed notebooks ``<results>/<model>/notebooks/NN_*.ipynb`` into ``<src>/chapters/``
-   (``<src>`` is ``book/``, or a copy of it in ``--stage DIR`` so a CI build leaves book/ alone);
+   (``<src>`` is ``book/``, or a copy of it in ``--stage DIR`` so a CI build leaves book/ alone), folding
+   code cells (``hide-input``) and writing machine paths in outputs relative to the repository;
 2. writes ``<src>/runs.md``: device, profile, time and software of every run behind the book;
 3. runs ``jupyter-book build`` (``--strict``: ``-W -n --keep-going``) into ``--out`` (default book/_build);
-4. scans the HTML for scripts or stylesheets fetched from the network and reports them.
+4. scans the HTML for scripts or stylesheets fetched from the network and reports them, and for noise
+   in the rendered text (absolute paths, warnings, tracebacks): ``--strict`` fails on it;
+5. ``--publish``: also ``<out>/_build/mxmoe-book.zip`` (the HTML, offline) and ``<out>/_build/mxmoe-book.pdf``.
 """
 
 from __future__ import annotations
 
 import argparse
+import html.parser
 import json
 import platform
 import re
@@ -22,6 +26,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from mxmoe.book_check import find_chromium, page_noise
 from mxmoe.env import REPO_ROOT
 from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir
 from mxmoe.profiles import default_profile
@@ -55,8 +60,56 @@ def stage_source(src: "Path | None") -> Path:
     return src
 
 
-def copy_chapters(src: Path, notebooks: list[Path]) -> list[Path]:
-    """Replace ``src/chapters`` with the executed notebooks; return the copies."""
+# A code cell with one of these tags already says how it is shown; "show-input" keeps its code unfolded.
+DISPLAY_TAGS = {"remove-cell", "remove-input", "remove-output", "hide-cell", "hide-input", "hide-output", "show-input"}
+# Any absolute folder that ends in results/ (a run on another machine, a temp smoke folder) reads as results/.
+_ANY_RESULTS = re.compile(r"(?<![\w.~-])(?:/[\w.+@-]+)*/results(?=[/\s'\"]|$)")
+_SITE_PACKAGES = re.compile(r"(?<![\w.~-])(?:/[\w.+@-]+)+/site-packages/")
+
+
+def relative_paths(text: str, root: "Path | None" = None) -> str:
+    """``text`` with machine paths made relative: the results ``root`` and any ``…/results`` folder -> ``results``,
+    the repository root -> nothing, a ``…/site-packages/`` folder -> ``<site-packages>/``."""
+    if root is not None:
+        text = text.replace(str(Path(root).resolve()), _display(root).rstrip("/"))
+    text = text.replace(str(REPO_ROOT) + "/", "")
+    text = _ANY_RESULTS.sub("results", text)
+    return _SITE_PACKAGES.sub("<site-packages>/", text)
+
+
+def _map_text(value, fn):
+    if isinstance(value, list):
+        return [fn(v) if isinstance(v, str) else v for v in value]
+    return fn(value) if isinstance(value, str) else value
+
+
+def prepare_notebook(data: dict, root: "Path | None" = None) -> dict:
+    """A chapter from an executed notebook (in place): code folded, output paths relative (see ``relative_paths``).
+
+    A code cell without a display tag gets ``hide-input`` (its outputs lead, the code is one click away), or
+    ``hide-cell`` when it has no output. Text outputs (streams, text/plain, html, markdown, tracebacks) have
+    their machine paths rewritten; stderr streams are left for the book config (``nb_output_stderr``) to drop.
+    """
+    fix = lambda t: relative_paths(t, root)  # noqa: E731
+    for cell in data.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if not DISPLAY_TAGS & set(tags):
+            tags.append("hide-input" if cell.get("outputs") else "hide-cell")
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = _map_text(out["text"], fix)
+            if "traceback" in out:
+                out["traceback"] = _map_text(out["traceback"], fix)
+            for mime, val in (out.get("data") or {}).items():
+                if mime.startswith("text/"):
+                    out["data"][mime] = _map_text(val, fix)
+    return data
+
+
+def copy_chapters(src: Path, notebooks: list[Path], root: "Path | None" = None) -> list[Path]:
+    """Replace ``src/chapters`` with the executed notebooks, made chapters by ``prepare_notebook``; return the copies."""
     chapters = src / "chapters"
     if chapters.exists():
         shutil.rmtree(chapters)
@@ -68,7 +121,8 @@ def copy_chapters(src: Path, notebooks: list[Path]) -> list[Path]:
         if any("papermill-error-cell-tag" in c.get("metadata", {}).get("tags", []) for c in data.get("cells", [])):
             raise RuntimeError(f"{nb} is a partial notebook from a failed run; re-run its stage first")
         dst = chapters / nb.name
-        shutil.copy2(nb, dst)
+        dst.write_text(json.dumps(prepare_notebook(data, root), indent=1, ensure_ascii=False) + "\n")
+        shutil.copystat(nb, dst)
         out.append(dst)
     return out
 
@@ -182,7 +236,7 @@ because its evaluations ran earlier, elsewhere. Rows per device and profile:
 {_md_table(_evaluation_devices(root / model_dirname(model) / "eval" / "runs"))}
 ## Software of the book build
 
-{_md_table([ver])}
+{_md_table([{"package": k, "version": v} for k, v in ver.items()])}
 ## Disk use
 
 {_md_table([{"results (this model)": _du(root / model_dirname(model)), "results/kernels": _du(kernel_results_dir(root)),
@@ -213,11 +267,128 @@ def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
     return found
 
 
-def build(src: Path, out: Path, strict: bool, log=print) -> int:
+class _ArticleText(html.parser.HTMLParser):
+    """The text of a Sphinx page's ``<article>`` (the main column), without scripts and styles."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.depth = 0
+        self.skip = 0
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "article":
+            self.depth += 1
+        elif tag in ("script", "style"):
+            self.skip += 1
+
+    def handle_endtag(self, tag):
+        if tag == "article":
+            self.depth -= 1
+        elif tag in ("script", "style"):
+            self.skip -= 1
+
+    def handle_data(self, data):
+        if self.depth > 0 and self.skip == 0:
+            self.parts.append(data)
+
+
+def rendered_noise(html_dir: Path) -> dict[str, list[str]]:
+    """{page: [noise]} over the built pages' main column (see ``page_noise``); pages without noise are left out."""
+    found = {}
+    for page in sorted(Path(html_dir).rglob("*.html")):
+        if "_static" in page.parts or "_sources" in page.parts:
+            continue
+        parser = _ArticleText()
+        parser.feed(page.read_text(errors="replace"))
+        hits = page_noise("".join(parser.parts))
+        if hits:
+            found[str(page.relative_to(html_dir))] = hits
+    return found
+
+
+def _jupyter_book() -> list[str]:
     exe = Path(sys.executable).parent / "jupyter-book"
     # the script beside this interpreter, else the same package through this interpreter (no PATH lookup)
-    runner = [str(exe)] if exe.exists() else [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
-    cmd = runner + ["build", str(src), "--path-output", str(out)]
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
+
+
+def write_zip(html_dir: Path, dest: Path) -> Path:
+    """``dest``: a zip of the built HTML under one folder ``mxmoe-book/`` (open ``mxmoe-book/index.html``; works offline).
+
+    Entries are sorted and carry a fixed date, so the same pages give the same archive. Source maps
+    (``*.map``, only read by a browser's developer tools) and Sphinx's ``.buildinfo`` are left out.
+    """
+    import zipfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for f in sorted(p for p in html_dir.rglob("*") if p.is_file() and p.suffix not in (".map", ".buildinfo")):
+            info = zipfile.ZipInfo(f"mxmoe-book/{f.relative_to(html_dir).as_posix()}", date_time=(2025, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            z.writestr(info, f.read_bytes())
+    tmp.replace(dest)
+    return dest
+
+
+PDF_FOOTER = ('<div style="font-size:8px;width:100%;text-align:center;color:#555">'
+              '<span class="pageNumber"></span> / <span class="totalPages"></span></div>')
+
+
+def print_pdf(page: Path, dest: Path, chromium: str) -> Path:
+    """``dest``: ``page`` (the single-page HTML build) printed to an A4 PDF by headless Chromium, offline.
+
+    The book's print CSS (``book/_static/mxmoe.css``) leaves out folded code and the sidebars; any request
+    to the network is blocked, so the PDF shows exactly what the offline HTML shows.
+    """
+    from playwright.sync_api import sync_playwright
+
+    from urllib.parse import urlsplit
+
+    from mxmoe.book_check import CHROMIUM_ARGS, LOCAL_SCHEMES
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        ctx = browser.new_context()
+        ctx.route(lambda url: urlsplit(url).scheme not in LOCAL_SCHEMES, lambda r: r.abort("blockedbyclient"))
+        tab = ctx.new_page()
+        tab.goto(page.resolve().as_uri(), wait_until="load", timeout=60_000)
+        tab.emulate_media(media="print")
+        tab.pdf(path=str(dest), format="A4", print_background=True, display_header_footer=True,
+                header_template="<span></span>", footer_template=PDF_FOOTER,
+                margin={"top": "14mm", "bottom": "16mm", "left": "12mm", "right": "12mm"})
+        browser.close()
+    return dest
+
+
+def publish(src: Path, out: Path, strict: bool, log=print) -> int:
+    """The book as files to attach to a paper: ``<out>/_build/mxmoe-book.zip`` (the HTML) and ``mxmoe-book.pdf``
+    (the single-page HTML build printed by Chromium; see ``print_pdf``). Exit status 0 when both were written."""
+    t0 = time.time()
+    build_dir = Path(out) / "_build"
+    zipped = write_zip(build_dir / "html", build_dir / "mxmoe-book.zip")
+    log(f"mxmoe book: {zipped} ({zipped.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f} s)")
+    chromium = find_chromium()
+    if not chromium:
+        log("mxmoe book: no PDF: Chromium not found (apt-get install -y chromium, or set MXMOE_CHROMIUM)")
+        return 1
+    t0 = time.time()
+    rc = build(src, out, strict, log=log, builder="singlehtml")
+    page = build_dir / "singlehtml" / "intro.html"
+    if rc != 0 or not page.exists():
+        log(f"mxmoe book: no PDF: the single-page build failed (exit {rc})")
+        return rc or 1
+    pdf = print_pdf(page, build_dir / "mxmoe-book.pdf", chromium)
+    log(f"mxmoe book: {pdf} ({pdf.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f} s with its single-page build)")
+    return 0
+
+
+def build(src: Path, out: Path, strict: bool, log=print, builder: str = "html") -> int:
+    """Run ``jupyter-book build`` of ``src`` into ``out/_build/<builder>`` (``strict``: ``-W -n --keep-going``); its exit status."""
+    cmd = _jupyter_book() + ["build", str(src), "--path-output", str(out), "--builder", builder]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     log("$ " + " ".join(cmd))
@@ -236,6 +407,8 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--stage", type=Path, default=None, help="assemble the book sources here instead of in book/")
     p.add_argument("--out", type=Path, default=None, help="build folder (default: <book sources>/_build)")
     p.add_argument("--strict", action="store_true", help="warnings are errors: -W -n --keep-going")
+    p.add_argument("--publish", action="store_true",
+                   help="also write <out>/_build/mxmoe-book.zip (the HTML) and mxmoe-book.pdf (needs Chromium)")
     args = p.parse_args(argv)
     profile = args.profile or book_profile()
     model = args.model or default_model(profile)
@@ -244,7 +417,7 @@ def main(argv: "list[str] | None" = None) -> int:
     src = stage_source(args.stage)
     notebooks = executed_notebooks(root, model)
     try:
-        copy_chapters(src, notebooks)
+        copy_chapters(src, notebooks, root)
     except RuntimeError as e:
         print(f"mxmoe book: {e}", file=sys.stderr)
         return 1
@@ -252,16 +425,24 @@ def main(argv: "list[str] | None" = None) -> int:
     print(f"mxmoe book: {len(notebooks)} executed notebooks from {root} -> {src / 'chapters'}")
     out = args.out or src
     rc = build(src, out, args.strict)
-    html = Path(out) / "_build" / "html"
-    if rc == 0 and html.exists():
-        remote = remote_fetches(html)
+    html_dir = Path(out) / "_build" / "html"
+    if rc == 0 and html_dir.exists():
+        remote = remote_fetches(html_dir)
         if remote:
             print(f"mxmoe book: {len(remote)} pages load something from the network at view time:")
             for page, tags in list(remote.items())[:10]:
                 print(f"  {page}: {tags[0]}")
         else:
             print("mxmoe book: no page loads scripts, stylesheets or images from the network")
-        print(f"mxmoe book: {html / 'index.html'} ({time.time() - t0:.1f} s in all)")
+        noise = rendered_noise(html_dir)
+        for page, hits in noise.items():
+            print(f"mxmoe book: {page}: {len(hits)} noise in the rendered text: " + "; ".join(hits[:3]))
+        if noise and args.strict:
+            print(f"mxmoe book: {len(noise)} pages show absolute paths, warnings or tracebacks (--strict fails on them)")
+            rc = 1
+        if rc == 0 and args.publish:
+            rc = publish(src, out, args.strict)
+        print(f"mxmoe book: {html_dir / 'index.html'} ({time.time() - t0:.1f} s in all)")
     return rc
 
 

@@ -145,19 +145,22 @@ def run_stage(nb_path: Path, out_path: Path, params: dict, cwd: Path, progress: 
         stop.set()
         if beat is not None:
             beat.join(timeout=1)
-    relative_papermill_paths(out_path, REPO_ROOT)
+    clean_executed(out_path, REPO_ROOT)
     return time.time() - t0
 
 
-def relative_papermill_paths(executed: Path, root: Path) -> None:
-    """Papermill records the notebook's input and output paths as given (absolute here): store them
-    relative to ``root`` so an executed notebook names no machine path."""
+def clean_executed(executed: Path, root: Path) -> None:
+    """Keep an executed notebook free of machine detail: papermill's input and output paths relative to
+    ``root``, and no stderr stream (progress bars, library warnings that name the environment's paths)."""
     nb = json.loads(executed.read_text())
     meta = nb.get("metadata", {}).get("papermill", {})
     for key in ("input_path", "output_path"):
         path = Path(meta.get(key) or "")
         if path.is_absolute() and path.is_relative_to(root):
             meta[key] = str(path.relative_to(root))
+    for cell in nb.get("cells", []):
+        if cell.get("outputs"):
+            cell["outputs"] = [o for o in cell["outputs"] if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
     executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 

@@ -22,7 +22,7 @@ LAYERS = {
     "stages": ["mxmoe.profiles", "mxmoe.paths", "mxmoe.stages"],
     "bench": ["mxmoe.bench"],
     "plots": ["mxmoe.plots"],
-    "apps": ["mxmoe", "mxmoe.claims", "mxmoe.reproduce", "mxmoe.book", "mxmoe.prewarm", "mxmoe.cli", "mxmoe.__main__"],
+    "apps": ["mxmoe", "mxmoe.claims", "mxmoe.reproduce", "mxmoe.book", "mxmoe.book_check", "mxmoe.prewarm", "mxmoe.cli", "mxmoe.__main__"],
 }
 ORDER = list(LAYERS)
 

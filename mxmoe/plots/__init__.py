@@ -47,7 +47,7 @@ def figures_dir(model: str) -> Path:
     return results_dir() / model / "figures" if model != "kernels" else results_dir() / "kernels" / "figures"
 
 
-def save(fig, model: str, name: str, meta: dict) -> Path:
+def save(fig, model: str, name: str, meta: dict) -> None:
     """Save ``fig`` as <figures_dir(model)>/<name>.png with <name>.json beside it holding ``meta``.
 
     ``meta`` must say device, model, profile and kind (see ``provenance``); the provenance line is
@@ -68,7 +68,6 @@ def save(fig, model: str, name: str, meta: dict) -> Path:
     write_json_atomic(out / f"{name}.json", meta)
     _show(png)
     plt.close(fig)
-    return png
 
 
 def _show(png: Path) -> None:
