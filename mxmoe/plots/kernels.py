@@ -111,7 +111,6 @@ def fig2_block_throughput(blocks: pd.DataFrame, models=PAPER):
 def fused_tiles(df: pd.DataFrame, model: str, gemm: str = "gate_up") -> pd.DataFrame:
     """The tile configurations of each fused mixed launch of one shape: slot order, tile, and the
     launch's shared warp count (``configs.launch_warps``)."""
-
     rows = []
     for r in df[(df.model == model) & (df.gemm == gemm) & df.variant.isin([f"ours_{m}" for m in MIXES])].itertuples():
         tiles = r.tiles if isinstance(r.tiles, dict) else {}
