@@ -27,7 +27,8 @@ from importlib import metadata
 from pathlib import Path
 
 from mxmoe.book_check import find_chromium, page_noise
-from mxmoe.env import REPO_ROOT
+from mxmoe.bench.runs import COUNTED
+from mxmoe.env import COST_TABLES, REPO_ROOT
 from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir
 from mxmoe.profiles import default_profile
 from mxmoe.stages import STAGES
@@ -154,9 +155,22 @@ def _du(path: Path) -> str:
     return f"{total / 2**20:.1f} MiB"
 
 
-def _result_provenance(root: Path, model: str) -> list[dict]:
-    """device / date / software recorded inside the result files (first level of their JSON)."""
+def kernel_file_roles() -> dict:
+    """What each committed kernel result is for: {file name: role} for the benchmark runs that count
+    (``mxmoe.bench.runs.COUNTED``) and the runs each cost table was built from."""
+    roles = {name: f"counted, rank {i + 1}" for i, name in enumerate(COUNTED)}
+    for table in sorted(COST_TABLES.glob("*.json")):
+        for src in json.loads(table.read_text()).get("sources", []):
+            name = Path(src).name
+            roles[name] = f"{roles[name]}; " if name in roles else ""
+            roles[name] += f"source of {table.name}"
+    return roles
 
+
+def _result_provenance(root: Path, model: str) -> list[dict]:
+    """device / date / software recorded inside the result files (first level of their JSON), and what each
+    kernel result is for."""
+    roles = kernel_file_roles()
     rows = []
     files = sorted((root / model_dirname(model)).glob("*.json")) + sorted((root / model_dirname(model)).glob("*/*.json"))
     files += sorted(kernel_results_dir(root).glob("*.json"))
@@ -177,8 +191,8 @@ def _result_provenance(root: Path, model: str) -> list[dict]:
         profile = d.get("profile") or params.get("profile")
         if isinstance(profile, dict):
             profile = profile.get("name")
-        rows.append({"result file": str(f.relative_to(root) if f.is_relative_to(root) else f.relative_to(REPO_ROOT)), "device": dev, "profile": profile,
-                     "software": sw, "date": date})
+        rows.append({"result file": str(f.relative_to(root) if f.is_relative_to(root) else f.relative_to(REPO_ROOT)),
+                     "device": dev, "profile": profile, "software": sw, "date": date, "role": roles.get(f.name, "")})
     return rows
 
 
