@@ -218,3 +218,15 @@ def test_kernel_tables_from_committed_h100_runs():
     assert len(targets) == 7 and targets.status.notna().all()
     tiles = kp.fused_tiles(df, "qwen1.5-moe")
     assert set(tiles.num_warps) <= {4, 8} and tiles.groupby(["mix", "tokens"]).num_warps.nunique().max() == 1
+
+
+def test_a_plain_list_of_experts_builds_its_group_once():
+    from mxmoe.kernels.group_gemm import expert_group
+
+    experts = _experts(count=3)
+    first = expert_group(experts)
+    assert expert_group(experts) is first  # the convenient call reuses the launch metadata
+    assert expert_group(list(experts)) is first  # the same experts in a new list
+    other = _experts(count=3)
+    assert expert_group(other) is not first and expert_group(other).packed == other
+    assert expert_group(first) is first
