@@ -150,6 +150,16 @@ def find_chromium(explicit: "str | None" = None) -> "str | None":
     return None
 
 
+_REDIRECT = re.compile(r'<meta http-equiv="refresh" content="\d+;\s*url=([^"]+)"', re.I)
+
+
+def redirect_target(path: Path) -> "str | None":
+    """The target of a page that only redirects (a meta refresh and nothing to read), else None."""
+    text = path.read_text(errors="replace")
+    m = _REDIRECT.search(text)
+    return m.group(1) if m and len(text) < 500 else None
+
+
 def book_pages(html_dir: Path) -> list[Path]:
     """Every page a reader can open: the HTML files of the book (the _static and _sources folders left out)."""
     return sorted(p for p in html_dir.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
@@ -182,6 +192,13 @@ def check_pages(html_dir: Path, shots: "Path | None", chromium: str, width: int 
             t0 = time.time()
             rel = str(path.relative_to(html_dir))
             rep = PageReport(rel)
+            target = redirect_target(path)
+            if target is not None:  # a bare redirect stub (the book's index.html): its target must exist
+                why = broken_link((path.parent / target).resolve().as_uri(), html_dir)
+                rep.problems += [why] if why else []
+                reports.append(rep)
+                log(f"  {'FAIL' if rep.problems else 'ok  '} {rel} (redirect to {target})")
+                continue
             blocked.clear()
             page = ctx.new_page()
             seen: list[str] = []

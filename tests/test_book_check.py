@@ -134,3 +134,15 @@ def test_pdf_prints_a_page_offline(tmp_path, chromium):
     html = _site(tmp_path)
     pdf = book.print_pdf(html / "index.html", tmp_path / "out.pdf", chromium)
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+
+
+def test_a_redirect_stub_is_checked_by_its_target(tmp_path, chromium):
+    stub = '<meta http-equiv="Refresh" content="0; url={}" />'
+    (tmp_path / "intro.html").write_text("<html><body><article>hello</article></body></html>")
+    (tmp_path / "index.html").write_text(stub.format("intro.html"))
+    (tmp_path / "old.html").write_text(stub.format("gone.html"))
+    assert book_check.redirect_target(tmp_path / "index.html") == "intro.html"
+    assert book_check.redirect_target(tmp_path / "intro.html") is None
+    reports = {r.page: r for r in book_check.check_pages(tmp_path, None, chromium, log=lambda *_: None)}
+    assert not reports["index.html"].problems
+    assert reports["old.html"].problems and "gone.html" in reports["old.html"].problems[0]
