@@ -5,7 +5,12 @@ GPU) checks that one MoE layer's packed experts forward runs under ``set_sync_de
 """
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,13 +140,14 @@ def _fake_doc():
         ms = {"ms": 1.0 + 0.1 * i}
         settings.append({"setting": name, "impl": pm.SETTINGS[name]["impl"], "expert_bytes": 100 - i,
                          "expert_bytes_vs_bf16": (100 - i) / 100,
-                         "block": {str(t): {"eager": ms, "graph": ms} for t in pm.BLOCK_TOKENS},
-                         "prefill": {f"{b}x{n}": {"eager": {"ms": 10.0}, "graph": {"ms": 9.0 + i}} for b, n in pm.PREFILL},
-                         "decode": {str(b): {"graph": {"ms": 5.0}} for b in pm.DECODE_BATCHES},
+                         "block": {str(t): {"eager": ms, "graph": ms} for t in pm.FULL_SIZES["block_tokens"]},
+                         "prefill": {f"{b}x{n}": {"eager": {"ms": 10.0}, "graph": {"ms": 9.0 + i}}
+                                     for b, n in pm.FULL_SIZES["prefill"]},
+                         "decode": {str(b): {"graph": {"ms": 5.0}} for b in pm.FULL_SIZES["decode"]},
                          "syncs": {"experts_forward": 0}, "peak_gib": 1.0})
     return {"schema": pm.SCHEMA_VERSION, "model": "qwen1.5-moe", "hf_id": "Qwen/Qwen1.5-MoE-A2.7B",
             "provenance": {"device": "cpu", "torch": "x", "triton": "x", "transformers": "x", "git_commit": "x"},
-            "build": {"moe_layers": 24}, "routing": {"kind": "measured", "reached_max_over_min": [2.0]},
+            "sizes": pm.FULL_SIZES, "build": {"moe_layers": 24}, "routing": {"kind": "measured", "reached_max_over_min": [2.0]},
             "allocation": {}, "correctness": {"skipped": True}, "settings": settings, "summary": {}, "wall_s": 1.0}
 
 
@@ -166,11 +172,36 @@ def test_result_schema_and_summary():
 def test_committed_results_validate():
     from mxmoe.paths import REPO_ROOT
 
-    import json
-
     files = sorted((REPO_ROOT / "results" / "paper-models").glob("*_NVIDIA_*.json"))
     for f in files:
         pm.validate_doc(json.loads(f.read_text()))
+
+
+DRY_RUN = """
+import json, sys
+from mxmoe.bench import paper_models as pm
+sizes = {"prefill": [[1, 8]], "decode": [1], "context": 4, "block_tokens": [8]}
+doc = pm.run("tiny-qwen2-moe", sys.argv[1], settings=["bf16 grouped_mm", "mxmoe w4a16 g128"], reps=1,
+             device="cpu", sizes=sizes)
+print("DOC" + json.dumps({"passed": doc["correctness"]["passed"], "n": len(doc["settings"])}))
+"""
+
+
+def test_benchmark_dry_run_on_cpu(tmp_path):
+    """The benchmark's whole code path on a tiny config on the CPU (kernels under the interpreter)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", DRY_RUN, str(tmp_path)], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("DOC")[-1])
+    assert got == {"passed": True, "n": 2}
+    doc = json.loads((tmp_path / "tiny-qwen2-moe_cpu.json").read_text())
+    pm.validate_doc(doc)
+    packed = {r["setting"]: r for r in doc["settings"]}["mxmoe w4a16 g128"]
+    assert packed["expert_bytes_vs_bf16"] < 1 and "1x8" in packed["prefill"] and "1" in packed["decode"]
+    assert "error" not in packed["decode"]["1"], packed["decode"]
+    assert doc["correctness"]["cases"]["mxmoe w4a16 g128"]["rel"] < 1e-4  # same fp32 weights, same codes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

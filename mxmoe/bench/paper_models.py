@@ -68,18 +68,33 @@ BASELINE = "bf16 grouped_mm"
 # measuring order when time is short: the baseline and the targets' settings first
 RUN_ORDER = ("bf16 grouped_mm", "mxmoe 4.25 (w-only)", "mxmoe 3.25 (w-only)", "torch fp8 grouped", "mxmoe w4a16 g128",
              "mxmoe w8a8 fp8", "bf16 batched_mm", "mxmoe 5 (w-a mix)", "mxmoe bf16")
-PREFILL = ((1, 512), (4, 2048))  # (batch, length)
-DECODE_BATCHES = (1, 16, 64)
-DECODE_CONTEXT = 256
-BLOCK_TOKENS = (512, 8192)
+# measured sizes: prefill (batch, length), decode batches, decode context, MoE-block tokens
+FULL_SIZES = {"prefill": [[1, 512], [4, 2048]], "decode": [1, 16, 64], "context": 256, "block_tokens": [512, 8192]}
+SMOKE_SIZES = {"prefill": [[1, 16], [2, 16]], "decode": [1, 2], "context": 8, "block_tokens": [16, 32]}  # CPU dry run
 BLOCK_LAYERS = 4  # MoE layers timed alone (one per skew level of the imposed profile)
-DOC_KEYS = ("schema", "model", "hf_id", "provenance", "build", "routing", "allocation", "correctness", "settings",
-            "summary", "wall_s")
+DOC_KEYS = ("schema", "model", "hf_id", "provenance", "sizes", "build", "routing", "allocation", "correctness",
+            "settings", "summary", "wall_s")
 SETTING_KEYS = ("setting", "impl", "expert_bytes", "expert_bytes_vs_bf16", "block", "prefill", "decode", "syncs",
                 "peak_gib")
 
 
 # ---- shapes and allocations (CPU) ----------------------------------------------------------------
+
+
+def config_of(name: str):
+    """The transformers config of a paper model (full size) or of a ``tiny-*`` zoo model."""
+    from transformers import AutoConfig
+
+    from mxmoe.models.paper import PAPER_CONFIGS, paper_config
+    from mxmoe.models.zoo import _TINY_COMMON, TINY_CONFIGS
+
+    if name in PAPER_CONFIGS:
+        return paper_config(name)
+    if name in TINY_CONFIGS:
+        model_type, extra = TINY_CONFIGS[name]
+        return AutoConfig.for_model(model_type, **{**_TINY_COMMON, **extra})
+    raise ValueError(f"unknown model {name!r}: use a paper model ({', '.join(PAPER_CONFIGS)}) or a tiny config "
+                     f"({', '.join(TINY_CONFIGS)})")
 
 
 def moe_layer_ids(config) -> list:
@@ -110,7 +125,7 @@ def model_dims(config) -> dict:
 def stand_in_sensitivity(layers: list, rows: np.ndarray, batch: int, n_shared: int, schemes) -> dict:
     """A sensitivity result (``mxmoe.sensitivity`` format) of the stand-in Δ = rows × (4^-w + 4^-a).
 
-    rows [L, E]: routed rows per expert at ``batch`` tokens; shared experts see every token. Not a
+    rows [L, E]: (expected) routed rows per expert at ``batch`` tokens; shared experts see every token. Not a
     measured sensitivity: it only says that fewer bits cost more and busy experts matter more.
     """
     from mxmoe.schemes import Scheme
@@ -147,19 +162,19 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
     from tqdm.auto import tqdm
 
     from mxmoe.allocate import allocation_doc, layer_problem, solve_point
-    from mxmoe.models.paper import PAPER_MODELS, paper_config
+    from mxmoe.models.paper import PAPER_MODELS
     from mxmoe.models.random_init import target_profile
     from mxmoe.paths import write_json_atomic
-    from mxmoe.routing import batch_workload
     from mxmoe.schemes import scheme_set
 
-    config = paper_config(model)
+    config = config_of(model)
     dims, layers = model_dims(config), moe_layer_ids(config)
     prof = target_profile(dims["num_experts"], len(layers), seed=routing_seed)
     counts = prof["shares"] * 1e6  # [L, E] as a profile of 1e6 routed rows
     routing = {"layers": layers, "top_k": dims["top_k"], "counts": counts.tolist(),
                "params": {"model": model, "imposed": prof["kind"], "source": prof["source"]}}
-    rows = batch_workload(counts, ALLOC_BATCH, dims["top_k"])  # [L, E]
+    rows = prof["shares"] * ALLOC_BATCH * dims["top_k"]  # [L, E] expected routed rows (fractional: integer
+    # rows tie many experts, and exactly tied experts make CBC's branch and bound explode)
     docs = {}
     for setting, spec in SETTINGS.items():
         if "alloc" not in spec:
@@ -176,17 +191,22 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
         seconds = time.perf_counter() - t0
         doc = allocation_doc(problems, choices, setting, ALLOC_R, budget, profile="paper-models",
                              solve_seconds=seconds)
-        doc.update(hf_id=PAPER_MODELS[model][0], sensitivity_stand_in=sens["params"]["method"],
+        doc.update(hf_id=PAPER_MODELS.get(model, (None,))[0], sensitivity_stand_in=sens["params"]["method"],
                    solved_on=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
         write_json_atomic(alloc_file(model, setting, gpu, out), doc)
         docs[setting] = doc
     return docs
 
 
-def load_allocation_map(model: str, setting: str, gpu: str, out=None) -> "tuple[dict, dict]":
-    """(scheme map {(layer, expert, block): scheme str}, doc) of a solved allocation; FileNotFoundError
-    names the command that solves it."""
-    path = alloc_file(model, setting, gpu, out)
+def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: bool = False) -> "tuple[dict, dict]":
+    """(scheme map {(layer, expert, block): scheme str}, doc) of a solved allocation: the committed one
+    (results/paper-models/alloc), else one under ``out``, else solved now into ``out`` when ``solve``
+    (needs PuLP); otherwise FileNotFoundError naming the command that solves it."""
+    path = alloc_file(model, setting, gpu)
+    if not path.exists() and out is not None:
+        path = alloc_file(model, setting, gpu, out)
+        if not path.exists() and solve:
+            solve_allocations(model, gpu, out)
     if not path.exists():
         raise FileNotFoundError(f"no allocation {path}; solve it on a CPU first: "
                                 f"python -m mxmoe.bench.paper_models --model {model} --allocate-only --gpu {gpu}")
@@ -245,23 +265,35 @@ def apply_setting(model, blocks: list, name: str, amap: "dict | None") -> int:
 # ---- timers ---------------------------------------------------------------------------------------
 
 
-def time_eager(fn, reps: int = 10, warmup: int = 2) -> dict:
-    """Median ms of ``fn()`` between CUDA events (after ``warmup`` calls)."""
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_eager(fn, reps: int = 10, warmup: int = 2, device="cuda") -> dict:
+    """Median ms of ``fn()`` between CUDA events (a host clock on the CPU), after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        if torch.device(device).type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return {"ms": statistics.median(times), "min_ms": min(times), "reps": reps}
 
 
-def time_graph(fn, reps: int = 20, warmup: int = 2) -> dict:
+def time_graph(fn, reps: int = 20, warmup: int = 2, device="cuda") -> dict:
     """Median ms of replays of ``fn`` captured in one CUDA graph ({'error': ...} if capture fails)."""
+    if torch.device(device).type != "cuda":
+        return {"error": "CUDA graphs need a GPU"}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -290,8 +322,10 @@ def time_graph(fn, reps: int = 20, warmup: int = 2) -> dict:
     return {"ms": statistics.median(times), "min_ms": min(times), "reps": reps}
 
 
-def count_syncs(fn) -> int:
-    """Host synchronisations in one call of ``fn`` (warnings of ``set_sync_debug_mode('warn')``)."""
+def count_syncs(fn, device="cuda") -> "int | None":
+    """Host synchronisations in one call of ``fn`` (warnings of ``set_sync_debug_mode('warn')``); None on a CPU."""
+    if torch.device(device).type != "cuda":
+        return None
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -303,8 +337,10 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def raises_on_sync(fn) -> "str | None":
-    """None when ``fn()`` runs under ``set_sync_debug_mode('error')``, else the error it raised."""
+def raises_on_sync(fn, device="cuda") -> "str | None":
+    """None when ``fn()`` runs under ``set_sync_debug_mode('error')``, else the error it raised ('n/a' on a CPU)."""
+    if torch.device(device).type != "cuda":
+        return "n/a (no CUDA)"
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -323,7 +359,7 @@ def raises_on_sync(fn) -> "str | None":
 
 @torch.no_grad()
 def block_inputs(model, blocks: list, ids: torch.Tensor) -> list:
-    """Inputs [1, T, H] of the first ``BLOCK_LAYERS`` MoE blocks in one forward of ``ids``."""
+    """Inputs [1, T, H] of the first ``BLOCK_LAYERS`` MoE blocks (of ``blocks``) in one forward of ``ids``."""
     seen = []
     handles = [b.module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(1, -1, a[0].shape[-1])))
                for b in blocks[:BLOCK_LAYERS]]
@@ -347,59 +383,67 @@ def make_static_cache(model, batch: int, max_len: int):
 
 
 @torch.no_grad()
-def measure_setting(model, blocks: list, name: str, inputs: dict, *, reps: int, expert_bytes: int,
+def measure_setting(model, blocks: list, name: str, inputs: dict, sizes: dict, *, reps: int, expert_bytes: int,
                     bf16_bytes: int, deadline: float) -> dict:
     """Every measurement of one setting (module doc); a dict with SETTING_KEYS."""
     vocab = model.config.vocab_size
     dev = model.device
+    cuda = dev.type == "cuda"
+    few, warm = (max(3, reps // 2), 2) if cuda else (1, 1)  # eager repetitions and warm-up calls (CPU: a dry run)
     row = {"setting": name, "impl": SETTINGS[name]["impl"], "expert_bytes": expert_bytes,
            "expert_bytes_vs_bf16": expert_bytes / bf16_bytes, "block": {}, "prefill": {}, "decode": {}, "syncs": {}}
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     # one MoE layer's experts forward: synchronisations and the sync-debug "error" check
-    b0, x0 = blocks[0], inputs["block"][512][0].reshape(-1, blocks[0].hidden_size)
+    t_small = sizes["block_tokens"][0]
+    b0, x0 = blocks[0], inputs["block"][t_small][0].reshape(-1, blocks[0].hidden_size)
     weights, idx = b0.router(x0)[1:]
     experts_fn = lambda: b0.experts(x0, idx, weights)  # noqa: E731
     experts_fn()
-    row["syncs"]["experts_forward"] = count_syncs(experts_fn)
-    row["syncs"]["experts_forward_error_mode"] = raises_on_sync(experts_fn) or "ok"
-    row["syncs"]["moe_block"] = count_syncs(lambda: b0.module(inputs["block"][512][0]))
-    ids512 = inputs["prefill"][(1, 512)]
-    row["syncs"]["model_prefill_512"] = count_syncs(lambda: model(input_ids=ids512, use_cache=False, logits_to_keep=1))
+    row["syncs"]["experts_forward"] = count_syncs(experts_fn, dev)
+    row["syncs"]["experts_forward_error_mode"] = raises_on_sync(experts_fn, dev) or "ok"
+    row["syncs"]["moe_block"] = count_syncs(lambda: b0.module(inputs["block"][t_small][0]), dev)
+    first = tuple(sizes["prefill"][0])
+    ids0 = inputs["prefill"][first]
+    row["syncs"][f"model_prefill_{first[0]}x{first[1]}"] = count_syncs(
+        lambda: model(input_ids=ids0, use_cache=False, logits_to_keep=1), dev)
     # the MoE block alone
-    for tokens in BLOCK_TOKENS:
+    for tokens in sizes["block_tokens"]:
         xs = inputs["block"][tokens]
-        eager = [time_eager(lambda x=x: blocks[i].module(x), reps) for i, x in enumerate(xs)]
-        graph = [time_graph(lambda x=x: blocks[i].module(x), 2 * reps) for i, x in enumerate(xs)]
+        eager = [time_eager(lambda x=x, i=i: blocks[i].module(x), reps if cuda else 1, warm, device=dev)
+                 for i, x in enumerate(xs)]
+        graph = [time_graph(lambda x=x, i=i: blocks[i].module(x), 2 * reps, device=dev) for i, x in enumerate(xs)]
         row["block"][str(tokens)] = {"eager": _mean_ms(eager), "graph": _mean_ms(graph), "layers": len(xs)}
     # whole-model prefill
     for (bsz, length), ids in inputs["prefill"].items():
+        key = f"{bsz}x{length}"
         if time.time() > deadline:
-            row["prefill"][f"{bsz}x{length}"] = {"skipped": "time budget"}
+            row["prefill"][key] = {"skipped": "time budget"}
             continue
         fn = lambda ids=ids: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-        e, g = time_eager(fn, max(3, reps // 2)), time_graph(fn, reps)
-        row["prefill"][f"{bsz}x{length}"] = {"tokens": bsz * length, "eager": e, "graph": g,
-                                             **_tps(bsz * length, e, g)}
+        e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, reps, device=dev)
+        row["prefill"][key] = {"tokens": bsz * length, "eager": e, "graph": g, **_tps(bsz * length, e, g)}
     # decoding one token against a static cache
-    for bsz in DECODE_BATCHES:
+    ctx_len = sizes["context"]
+    for bsz in sizes["decode"]:
         if time.time() > deadline:
             row["decode"][str(bsz)] = {"skipped": "time budget"}
             continue
         try:
-            cache = make_static_cache(model, bsz, DECODE_CONTEXT + 8)
-            ctx = torch.randint(0, vocab, (bsz, DECODE_CONTEXT), device=dev)
-            model(input_ids=ctx, past_key_values=cache, cache_position=torch.arange(DECODE_CONTEXT, device=dev),
+            cache = make_static_cache(model, bsz, ctx_len + 8)
+            ctx = torch.randint(0, vocab, (bsz, ctx_len), device=dev)
+            model(input_ids=ctx, past_key_values=cache, cache_position=torch.arange(ctx_len, device=dev),
                   use_cache=True, logits_to_keep=1)
             tok = torch.randint(0, vocab, (bsz, 1), device=dev)
-            pos = torch.full((1,), DECODE_CONTEXT, device=dev, dtype=torch.long)
+            pos = torch.full((1,), ctx_len, device=dev, dtype=torch.long)
             fn = lambda: model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,  # noqa: E731
                                logits_to_keep=1)
-            e, g = time_eager(fn, max(3, reps // 2)), time_graph(fn, 2 * reps)
-            row["decode"][str(bsz)] = {"context": DECODE_CONTEXT, "eager": e, "graph": g, **_tps(bsz, e, g)}
+            e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, 2 * reps, device=dev)
+            row["decode"][str(bsz)] = {"context": ctx_len, "eager": e, "graph": g, **_tps(bsz, e, g)}
             del cache
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             row["decode"][str(bsz)] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return row
 
 
@@ -423,23 +467,23 @@ def _tps(tokens: int, eager: dict, graph: dict) -> dict:
 
 
 @torch.no_grad()
-def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 256) -> dict:
+def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 256, device="cuda") -> dict:
     """Logits of the packed path vs the fake-quant path on the model cut to its first two MoE layers.
 
-    settings: {setting: scheme map or None (uniform scheme)}; both paths run in bf16 on the same
+    settings: {setting: scheme map or None (uniform scheme)}; both paths run in bf16 (fp32 on a CPU) on the same
     weights (bf16 rounding of RTN's dequantized weights in the fake-quant path is the only
     intended difference). Reports relative Frobenius error of the logits and top-1 agreement, and
     the same for mxmoe bf16 vs transformers' grouped_mm (the noise floor of two bf16 paths).
     """
     from mxmoe.models.blocks import moe_blocks
-    from mxmoe.models.paper import paper_config
     from mxmoe.models.random_init import build_random
     from mxmoe.quant.apply import apply_schemes
 
-    first = moe_layer_ids(paper_config(name))[0]
-    model, _ = build_random(name, device="cuda", dtype=torch.bfloat16, seed=seed, num_hidden_layers=first + 2,
-                            calib_shape=(4, 512))
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device="cuda")
+    first = moe_layer_ids(config_of(name))[0]
+    cuda = torch.device(device).type == "cuda"
+    model, _ = build_random(name, device=device, dtype=torch.bfloat16 if cuda else torch.float32, seed=seed,
+                            num_hidden_layers=first + 2, calib_shape=(4, 512) if cuda else (2, 32))
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
     out = {"layers": first + 2, "tokens": tokens, "tolerance_rel": 3e-2, "cases": {}}
 
     def compare(a, b):
@@ -449,6 +493,7 @@ def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 25
     model.set_experts_implementation("grouped_mm")
     ref_bf16 = model(input_ids=ids, use_cache=False).logits
     for setting, amap in settings.items():
+        apply_setting(model, moe_blocks(model), BASELINE, None)  # unpack first: the copy must hold plain experts
         fake = copy.deepcopy(model)
         spec = SETTINGS[setting]
         blocks = moe_blocks(fake)
@@ -468,7 +513,8 @@ def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 25
     out["cases"]["mxmoe bf16 vs grouped_mm"] = compare(model(input_ids=ids, use_cache=False).logits, ref_bf16)
     out["passed"] = all(c["rel"] <= out["tolerance_rel"] for c in out["cases"].values())
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -487,17 +533,17 @@ def pipeline_stages(model, blocks: list, name: str, schemes: str = WEIGHT_ONLY_S
     out = {}
     model.set_experts_implementation("grouped_mm")
     ids = torch.randint(0, model.config.vocab_size, (16, 512), device=model.device)
-    torch.cuda.synchronize()
+    _sync(model.device)
     t0 = time.perf_counter()
     counts = profile_routing(model, ids, batch_size=4)
-    torch.cuda.synchronize()
+    _sync(model.device)
     out["routing_profile_s"] = time.perf_counter() - t0
     out["routing_profile_tokens"] = int(ids.numel())
     out["routing_profile_max_over_min"] = [float(c.max() / max(c.min(), 1)) for c in counts]
     x = block_inputs(model, blocks[:1], ids[:8])[0].reshape(-1, blocks[0].hidden_size)[:4096]
     t0 = time.perf_counter()
     sens = layer_sensitivity(blocks[0], x.float(), list(scheme_set(schemes)), method="gptq")
-    torch.cuda.synchronize()
+    _sync(model.device)
     out["gptq_sensitivity_one_layer_s"] = time.perf_counter() - t0
     out["gptq_sensitivity_tokens"] = int(x.shape[0])
     out["gptq_sensitivity_schemes"] = schemes
@@ -545,16 +591,18 @@ def summarize(doc: dict) -> dict:
             v = v.get(p, {}) if isinstance(v, dict) else {}
         return v.get("ms") if isinstance(v, dict) else None
 
+    block_sizes = [str(t) for t in doc["sizes"]["block_tokens"]]
     for name, r in rows.items():
         s = {"expert_bytes_vs_bf16": r["expert_bytes_vs_bf16"], "peak_gib": r.get("peak_gib")}
-        for tokens in map(str, BLOCK_TOKENS):
+        for tokens in block_sizes:
             for mode in ("eager", "graph"):
                 a, b = ms(base, "block", tokens, mode), ms(r, "block", tokens, mode)
                 s[f"block_{tokens}_{mode}_speedup"] = a / b if a and b else None
         for key in base["prefill"]:
             a, b = ms(base, "prefill", key, "graph"), ms(r, "prefill", key, "graph")
             s[f"prefill_{key}_graph_speedup"] = a / b if a and b else None
-            blk = "512" if key.endswith("512") else "8192"
+            b, n = map(int, key.split("x"))
+            blk = min(block_sizes, key=lambda t: abs(int(t) - b * n))  # the block timed at the nearest token count
             n_moe = doc["build"]["moe_layers"]
             t_blk = ms(base, "block", blk, "graph")
             if a and t_blk:
@@ -611,16 +659,27 @@ def table(doc: dict) -> str:
 
 
 def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: float = 540.0, pipeline: bool = False,
-        check: bool = True, seed: int = 0, alloc_gpu: str = "nvidia_h200") -> dict:
-    """Build ``name`` at full size on the GPU, check correctness, measure every setting, write the JSON."""
+        check: bool = True, seed: int = 0, alloc_gpu: str = "nvidia_h200", device="cuda",
+        sizes: "dict | None" = None) -> dict:
+    """Build ``name`` at full size, check correctness, measure every setting, write ``<out>/<name>_<gpu>.json``.
+
+    ``device="cpu"`` with ``SMOKE_SIZES`` is a dry run of the same code path on a tiny config (the
+    Triton kernels under the interpreter; no graphs, no synchronisation counts): it tests the
+    benchmark, it measures nothing worth reporting.
+    """
     from tqdm.auto import tqdm
 
     from mxmoe.models.blocks import moe_blocks
     from mxmoe.models.paper import PAPER_MODELS
     from mxmoe.models.random_init import build_random
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("mxmoe.bench.paper_models needs a CUDA GPU (it measures one); use --allocate-only on a CPU")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("mxmoe.bench.paper_models needs a CUDA GPU (it measures one); use --allocate-only on a CPU, "
+                           "or --smoke for a CPU dry run on a tiny config")
+    sizes = sizes or (FULL_SIZES if cuda else SMOKE_SIZES)
+    dtype = torch.bfloat16 if cuda else torch.float32  # the kernel takes fp32 under the CPU interpreter
     t_start = time.time()
     deadline = t_start + budget_s
     settings = list(settings or SETTINGS)
@@ -630,39 +689,48 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
     amaps, alloc_meta = {}, {}
     for s in settings:
         if "alloc" in SETTINGS[s]:
-            amaps[s], d = load_allocation_map(name, s, alloc_gpu)
+            amaps[s], d = load_allocation_map(name, s, alloc_gpu, out, solve=name not in PAPER_MODELS)
             alloc_meta[s] = {k: d[k] for k in ("r", "budget_bits", "scheme_set", "gpu", "batch_tokens", "predicted",
                                                "solve_seconds", "time_kind") if k in d}
             alloc_meta[s]["blocks_per_scheme"] = _count_schemes(d["rows"])
             alloc_meta[s]["sensitivity_stand_in"] = d.get("sensitivity_stand_in")
-    doc = {"schema": SCHEMA_VERSION, "model": name, "hf_id": PAPER_MODELS[name][0], "provenance": provenance(),
-           "settings": [], "allocation": alloc_meta}
+    doc = {"schema": SCHEMA_VERSION, "model": name, "hf_id": PAPER_MODELS.get(name, (None,))[0],
+           "provenance": provenance(), "sizes": sizes, "settings": [], "allocation": alloc_meta}
+    if not cuda:
+        doc["provenance"]["device"] = "cpu (dry run)"
     print(f"{name}: {doc['provenance']['device']}, torch {torch.__version__}", flush=True)
     if check:
         t0 = time.time()
         pick = [s for s in ("mxmoe w4a16 g128", "mxmoe 3.25 (w-only)", "mxmoe 5 (w-a mix)") if s in settings]
-        doc["correctness"] = check_correctness(name, {s: amaps.get(s) for s in pick}, seed=seed)
+        doc["correctness"] = check_correctness(name, {s: amaps.get(s) for s in pick}, seed=seed,
+                                               tokens=256 if cuda else 16, device=device)
         doc["correctness"]["seconds"] = time.time() - t0
         print("correctness:", json.dumps(doc["correctness"]["cases"]), flush=True)
     else:
         doc["correctness"] = {"skipped": True}
-    torch.cuda.synchronize()
+    _sync(device)
     t0 = time.time()
-    model, routing = build_random(name, device="cuda", dtype=torch.bfloat16, seed=seed)
-    torch.cuda.synchronize()
+    model, routing = build_random(name, device=device, dtype=dtype, seed=seed,
+                                  **({} if cuda else {"calib_shape": (2, 32)}))
+    _sync(device)
     blocks = moe_blocks(model)
     n_params = sum(p.numel() for p in model.parameters())
     doc["build"] = {"seconds": time.time() - t0, "params": n_params, "moe_layers": len(blocks),
-                    "weight_gib_bf16": 2 * n_params / 2**30, "how": "random N(0, 0.02^2) on the GPU, no CPU copy"}
+                    "weight_gib_bf16": 2 * n_params / 2**30, "how": f"random N(0, 0.02^2) on {device}, no CPU copy"}
     bf16_bytes = bf16_expert_bytes(blocks)
     doc["build"]["expert_gib_bf16"] = bf16_bytes / 2**30
-    print(f"built {n_params / 1e9:.1f} B params in {doc['build']['seconds']:.1f} s", flush=True)
+    print(f"built {n_params / 1e9:.2f} B params in {doc['build']['seconds']:.1f} s", flush=True)
     # inputs: prefill ids, block inputs as a real forward hands them over, and the routing reached
-    g = torch.Generator(device="cuda").manual_seed(seed + 1)
-    prefill = {(b, n): torch.randint(0, model.config.vocab_size, (b, n), device="cuda", generator=g) for b, n in PREFILL}
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    prefill = {(b, n): torch.randint(0, model.config.vocab_size, (b, n), device=device, generator=g)
+               for b, n in sizes["prefill"]}
     model.set_experts_implementation("grouped_mm")
-    binputs = {512: block_inputs(model, blocks, prefill[(1, 512)]), 8192: block_inputs(model, blocks, prefill[(4, 2048)])}
-    reached = _reached_profile(model, blocks, prefill[(4, 2048)])
+    binputs = {}
+    for tokens in sizes["block_tokens"]:
+        ids = torch.randint(0, model.config.vocab_size, (max(1, tokens // 2048), min(tokens, 2048)), device=device,
+                            generator=g)  # [B, S] with B * S = tokens
+        binputs[tokens] = block_inputs(model, blocks, ids)
+    reached = _reached_profile(model, blocks, prefill[tuple(sizes["prefill"][-1])])
     doc["routing"] = {"kind": routing["kind"], "source": routing["source"],
                       "target_max_over_min": routing["max_over_min"], "reached_max_over_min": reached,
                       "how": "fixed router logit bias per MoE layer fitted on random tokens (mxmoe.models.random_init)"}
@@ -676,19 +744,19 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
             doc["skipped_settings"] = doc.get("skipped_settings", []) + [s]
             print(f"{s}: skipped (time budget)", flush=True)
             continue
-        if SETTINGS[s].get("scheme") == "bf16" and bf16_bytes > 0.8 * torch.cuda.mem_get_info()[0]:
+        if cuda and SETTINGS[s].get("scheme") == "bf16" and bf16_bytes > 0.8 * torch.cuda.mem_get_info()[0]:
             doc["skipped_settings"] = doc.get("skipped_settings", []) + [s]
             print(f"{s}: skipped (a bf16 copy of the experts does not fit)", flush=True)
             continue
         try:
             nbytes = apply_setting(model, blocks, s, amaps.get(s))
-            torch.cuda.synchronize()
+            _sync(device)
             pack_s = time.time() - t0
-            row = measure_setting(model, blocks, s, inputs, reps=reps, expert_bytes=nbytes, bf16_bytes=bf16_bytes,
-                                  deadline=deadline)
+            row = measure_setting(model, blocks, s, inputs, sizes, reps=reps, expert_bytes=nbytes,
+                                  bf16_bytes=bf16_bytes, deadline=deadline)
             row["pack_s"] = pack_s
         except Exception as err:  # noqa: BLE001 - a failed setting is reported, the others still run
-            torch.cuda.synchronize()
+            _sync(device)
             row = {"setting": s, "impl": SETTINGS[s]["impl"], "error": f"{type(err).__name__}: {str(err)[:400]}",
                    "expert_bytes": 1, "expert_bytes_vs_bf16": float("nan"), "block": {}, "prefill": {}, "decode": {},
                    "syncs": {}, "peak_gib": None}
@@ -698,7 +766,7 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
     doc["summary"] = summarize(doc)
     doc["wall_s"] = time.time() - t_start
     validate_doc(doc)
-    gpu = doc["provenance"]["device"].replace(" ", "_")
+    gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
     path = Path(out) / f"{name}_{gpu}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=float))
@@ -733,7 +801,7 @@ def main(argv=None) -> None:
     from mxmoe.models.paper import PAPER_CONFIGS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, choices=list(PAPER_CONFIGS))
+    ap.add_argument("--model", required=True, help=f"a paper model ({', '.join(PAPER_CONFIGS)}); tiny-* with --smoke")
     ap.add_argument("--out", default=str(REPO_ROOT / "results" / "paper-models"))
     ap.add_argument("--settings", nargs="*", default=None, help=f"subset of: {list(SETTINGS)}")
     ap.add_argument("--reps", type=int, default=10)
@@ -742,7 +810,15 @@ def main(argv=None) -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the packed-vs-fake-quant correctness check")
     ap.add_argument("--allocate-only", action="store_true", help="solve the MxMoE allocations (CPU) and exit")
     ap.add_argument("--gpu", default="nvidia_h200", help="cost table of the allocations (kernels/<gpu>.json)")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run of the code path (tiny sizes; set "
+                    "TRITON_INTERPRET=1; no timing worth reporting)")
     args = ap.parse_args(argv)
+    try:
+        config_of(args.model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.smoke and not os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("error: --smoke runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
     if args.allocate_only:
         docs = solve_allocations(args.model, args.gpu)
         for s, d in docs.items():
@@ -751,8 +827,11 @@ def main(argv=None) -> None:
         return
     with contextlib.suppress(AttributeError):
         torch.backends.cuda.matmul.allow_tf32 = True
-    run(args.model, args.out, args.settings, args.reps, args.budget_s, args.pipeline, not args.no_check,
-        alloc_gpu=args.gpu)
+    settings = args.settings
+    if args.smoke and settings is None:  # torch's fp8 grouped GEMM has no CPU kernel
+        settings = [s for s in SETTINGS if SETTINGS[s]["impl"] != "torch_fp8"]
+    run(args.model, args.out, settings, 3 if args.smoke else args.reps, args.budget_s, args.pipeline,
+        not args.no_check, alloc_gpu=args.gpu, device="cpu" if args.smoke else "cuda")
 
 
 if __name__ == "__main__":
