@@ -161,6 +161,9 @@ def test_result_schema_and_summary():
     f = s["prefill_1x512_moe_share"]
     assert f == pytest.approx(min(1.0, 24 * 1.0 / 9.0))
     assert "mxmoe 4.25" in pm.table(doc)
+    targets = {t["measure"]: t for t in pm.target_rows(doc)}
+    assert targets["host syncs per experts forward (max over mxmoe settings)"]["met"] is True
+    assert targets["MoE block 512 tok captured: 4.25-bit vs bf16"]["met"] is False  # 1.0 ms vs 1.7 ms in the fake doc
     for broken, match in ((lambda d: d.pop("routing"), "lacks"), (lambda d: d["settings"][0].pop("decode"), "lacks"),
                           (lambda d: d["routing"].pop("kind"), "skew")):
         bad = copy.deepcopy(doc)
