@@ -18,15 +18,18 @@ implementation and measures, in one process:
 Settings (``SETTINGS``): transformers' bf16 ``grouped_mm`` and ``batched_mm``; torch's fp8 grouped
 GEMM (``torch._scaled_grouped_mm``, rowwise e4m3 weights and activations: what a user would use
 instead); the mxmoe kernel with bf16, fp8 w8a8 and uniform w4a16 g128 everywhere; and MxMoE
-allocations (weight-only 3.25 and 4.25 bits per block, a weight-activation mix at 5 bits per expert). The allocations
-come from ``mxmoe.allocate`` with the GPU's cost table (``mxmoe.perfmodel``) and a **sensitivity
-stand-in** (there are no real weights): Δ = routed rows of the block × (4^-w_bits + 4^-a_bits), the
-error scaling of b-bit rounding weighted by how often the block runs, r = 0.75. They are solved on
-a CPU (``--allocate-only``, written to ``results/paper-models/alloc/``) and loaded here.
+allocations (weight-only 3.25 and 4.25 bits per linear block, a weight-activation mix at 5 bits
+per expert). The allocations come from ``mxmoe.allocate`` with the GPU's cost table
+(``mxmoe.perfmodel``) and a **sensitivity stand-in** (there are no real weights): Δ = expected
+routed rows of the block × (4^-w_bits + 4^-a_bits), the error scaling of b-bit rounding weighted by
+how often the block runs, r = 0.75. They are solved on a CPU (``--allocate-only``, written to
+``results/paper-models/alloc/``) and loaded here. Shared experts are packed too (their own
+one-expert launches).
 
-Correctness first: on a copy of the model cut to its first MoE layers, the packed path's logits are
-compared with the fake-quant path's (``mxmoe.quant.apply_schemes``, the accuracy path), both bf16.
-Writes ``<out>/<model>_<gpu>.json`` (``validate_doc`` checks its schema) and prints a table last.
+Correctness first: on a copy of the model cut to its first two MoE layers, the packed path's logits
+are compared with the fake-quant path's (``mxmoe.quant.apply_schemes``, the accuracy path), both
+bf16, tolerance 3e-2 relative. Writes ``<out>/<model>_<gpu>.json`` (``validate_doc`` checks its
+schema) and prints a table last. ``--smoke`` is a CPU dry run of the same path on a tiny config.
 """
 
 from __future__ import annotations
