@@ -169,7 +169,6 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
     from mxmoe.allocate import allocation_doc, layer_problem, solve_point
     from mxmoe.models.paper import PAPER_MODELS
     from mxmoe.models.random_init import target_profile
-    from mxmoe.paths import write_json_atomic
     from mxmoe.schemes import scheme_set
 
     config = config_of(model)
@@ -199,9 +198,20 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
                              profile="paper-models", solve_seconds=seconds)
         doc.update(hf_id=PAPER_MODELS.get(model, (None,))[0], sensitivity_stand_in=sens["params"]["method"],
                    solved_on=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
-        write_json_atomic(alloc_file(model, setting, gpu, out), doc)
+        _write_compact(alloc_file(model, setting, gpu, out), doc)
         docs[setting] = doc
     return docs
+
+
+def _write_compact(path: Path, doc: dict) -> None:
+    """JSON without indentation, one allocation row per line (tens of thousands of rows), written atomically."""
+    rows = doc.get("rows", [])
+    head = json.dumps({k: v for k, v in doc.items() if k != "rows"}, separators=(",", ":"))
+    body = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(head[:-1] + ',"rows":[\n' + body + "\n]}\n")
+    os.replace(tmp, path)
 
 
 def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: bool = False) -> "tuple[dict, dict]":
