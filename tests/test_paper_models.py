@@ -219,3 +219,34 @@ def test_packed_experts_forward_has_no_host_sync_cuda():
         assert pm.raises_on_sync(lambda: blocks[0].experts(x, idx, w)) is None, setting
         assert pm.count_syncs(lambda: blocks[0].experts(x, idx, w)) == 0, setting
         assert math.isfinite(float(blocks[0].experts(x, idx, w).float().norm()))
+
+
+def _fake_scaled_grouped_mm(align):
+    """A CPU stand-in for torch._scaled_grouped_mm (dequantize, multiply per group); ``align`` > 0 refuses
+    groups whose row count is not a multiple of it, as some builds of the real op do."""
+    def mm(x_q, w_t, x_scale, w_scale, offs, out_dtype, use_fast_accum):
+        x = x_q.float() * x_scale[:, None]  # [S, K]
+        out = torch.zeros(x.shape[0], w_t.shape[2])
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if align:
+                assert (end - start) % align == 0, "group not aligned"
+            out[start:end] = x[start:end] @ (w_t[e].float() * w_scale[e][None])
+            start = end
+        return out.to(out_dtype)
+    return mm
+
+
+def test_fp8_baseline_padding_matches_unpadded():
+    from mxmoe.kernels.moe import _fp8_grouped, _fp8_grouped_aligned, quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(13)])  # [13, 2], some experts idle
+    order, _, offsets = route_with_inverse(idx, 6)
+    x = torch.randn(26, 32, generator=g).bfloat16()
+    w = quantize_fp8_rows(torch.randn(6, 48, 32, generator=g))
+    plain = _fp8_grouped(x, *w, offsets[1:], mm=_fake_scaled_grouped_mm(0))
+    padded = _fp8_grouped_aligned(x, *w, offsets, idx.reshape(-1)[order], 16, mm=_fake_scaled_grouped_mm(16))
+    assert torch.equal(plain, padded)
+    with pytest.raises(AssertionError, match="aligned"):
+        _fp8_grouped(x, *w, offsets[1:], mm=_fake_scaled_grouped_mm(16))

@@ -870,6 +870,8 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
             row = measure_setting(model, blocks, s, inputs, sizes, reps=reps, expert_bytes=nbytes,
                                   bf16_bytes=bf16_bytes, deadline=deadline)
             row["pack_s"] = pack_s
+            if SETTINGS[s]["impl"] == "torch_fp8":  # rows padded to 16 per group where the op demands it
+                row["fp8_group_alignment"] = getattr(blocks[0].experts, "mxmoe_fp8_align", None)
         except Exception as err:  # noqa: BLE001 - a failed setting is reported, the others still run
             _sync(device)
             row = {"setting": s, "impl": SETTINGS[s]["impl"], "error": f"{type(err).__name__}: {str(err)[:400]}",

@@ -273,23 +273,69 @@ def quantize_fp8_rows(x: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
     return q, scale
 
 
-def _fp8_grouped(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """x [S, K] bf16 rows grouped by expert, w_q [E, N, K] e4m3, w_scale [E, N], ends [E] int32 -> [S, N] bf16."""
+def _fp8_grouped(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, ends: torch.Tensor,
+                 mm: "Callable | None" = None) -> torch.Tensor:
+    """x [S, K] bf16 rows grouped by expert, w_q [E, N, K] e4m3, w_scale [E, N], ends [E] int32 -> [S, N] bf16.
+
+    Rowwise e4m3 activations, fast accumulation: as torchao's fp8 MoE training path calls it."""
     x_q, x_scale = quantize_fp8_rows(x)  # [S, K], [S]
-    return torch._scaled_grouped_mm(x_q, w_q.transpose(-2, -1), x_scale, w_scale, offs=ends, out_dtype=torch.bfloat16)
+    mm = mm or torch._scaled_grouped_mm
+    return mm(x_q, w_q.transpose(-2, -1), x_scale, w_scale, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+
+def pad_groups(offsets: torch.Tensor, align: int) -> "tuple[torch.Tensor, torch.Tensor, int]":
+    """Where every expert's group goes when padded to a multiple of ``align`` rows, on the device.
+
+    offsets [E+1] int (rows per expert, cumulated). Returns shift [E] (padded start minus real start
+    of each group: a row of expert e moves by shift[e]), ends [E] int32 (padded group ends) and the
+    extra rows E·(align-1) that a buffer of S + extra rows always has room for.
+    """
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int64)  # [E]
+    padded = (counts + align - 1) // align * align  # [E]
+    ends = torch.cumsum(padded, 0)  # [E]
+    shift = (ends - padded) - offsets[:-1].to(torch.int64)  # [E] padded start minus real start
+    return shift, ends.to(torch.int32), (offsets.numel() - 1) * (align - 1)
+
+
+def _fp8_grouped_aligned(x: torch.Tensor, w_q, w_scale, offsets: torch.Tensor, expert_of_row: torch.Tensor,
+                         align: int, mm: "Callable | None" = None) -> torch.Tensor:
+    """``_fp8_grouped`` for a kernel that needs every group's rows padded to ``align``: scatter the rows
+    into a zero-padded buffer of fixed size, multiply, gather back. x [S, K]; expert_of_row [S]."""
+    shift, ends, extra = pad_groups(offsets, align)
+    pos = torch.arange(x.shape[0], device=x.device) + shift[expert_of_row]  # [S] padded row of each row
+    xp = x.new_zeros(x.shape[0] + extra, x.shape[1])  # [S_pad, K]
+    xp[pos] = x
+    return _fp8_grouped(xp, w_q, w_scale, ends, mm)[pos]  # [S, N]
+
+
+def _fp8_needs_alignment(device, k: int = 128, n: int = 128) -> int:
+    """0 when ``torch._scaled_grouped_mm`` takes groups of any row count here, else 16 (it refused 3 + 5 rows)."""
+    x = torch.randn(8, k, device=device, dtype=torch.bfloat16)
+    w = quantize_fp8_rows(torch.randn(2, n, k, device=device, dtype=torch.bfloat16))
+    try:
+        _fp8_grouped(x, *w, torch.tensor([3, 8], dtype=torch.int32, device=device))
+        torch.cuda.synchronize(device)
+        return 0
+    except RuntimeError:
+        return 16
 
 
 def attach_fp8_experts(block) -> int:
     """Quantize one ``MoEBlock``'s routed and shared experts to rowwise e4m3 for the ``torch_fp8``
-    experts implementation (``torch._scaled_grouped_mm``, what a user would reach for). Returns bytes."""
+    experts implementation (``torch._scaled_grouped_mm``, what a user would reach for). Returns bytes.
+
+    Where the op needs groups of 16-row multiples (probed once per block), rows are padded to them
+    on the device, as torchtitan's MoE does; ``block.experts.mxmoe_fp8_align`` says which."""
     total = 0
     w_gu = block.experts.gate_up_proj.detach()  # [E, 2I, H]
     w_dn = block.experts.down_proj.detach()  # [E, H, I]
     block.experts.mxmoe_fp8 = (quantize_fp8_rows(w_gu), quantize_fp8_rows(w_dn))
+    block.experts.mxmoe_fp8_align = _fp8_needs_alignment(w_gu.device)
     total += sum(q.numel() + s.numel() * 4 for q, s in block.experts.mxmoe_fp8)
     for s, mlp in enumerate(block.shared):
         gu = torch.cat([block.shared_weight(s, "gate"), block.shared_weight(s, "up")]).detach()[None]  # [1, 2I, H]
         mlp.mxmoe_fp8 = (quantize_fp8_rows(gu), quantize_fp8_rows(block.shared_weight(s, "down").detach()[None]))
+        mlp.mxmoe_fp8_align = block.experts.mxmoe_fp8_align
         mlp.forward = types.MethodType(_fp8_shared_forward, mlp)
         total += sum(q.numel() + sc.numel() * 4 for q, sc in mlp.mxmoe_fp8)
     return total
@@ -299,9 +345,13 @@ def _fp8_shared_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Shared-expert MLP through ``torch._scaled_grouped_mm`` with one group: x [..., H] -> [..., H]."""
     (gq, gs), (dq, ds) = self.mxmoe_fp8
     flat = x.reshape(-1, x.shape[-1])  # [T, H]
-    ends = torch.full((1,), flat.shape[0], dtype=torch.int32, device=x.device)  # [1]
-    h = _fp8_grouped(flat, gq, gs, ends)  # [T, 2I]
-    return _fp8_grouped(fused_silu_mul(h), dq, ds, ends).reshape(x.shape)
+    t = flat.shape[0]
+    t_pad = -(-t // self.mxmoe_fp8_align) * self.mxmoe_fp8_align if self.mxmoe_fp8_align else t
+    if t_pad != t:  # one group: pad on the host-known row count
+        flat = torch.cat([flat, flat.new_zeros(t_pad - t, flat.shape[1])])
+    ends = torch.full((1,), t_pad, dtype=torch.int32, device=x.device)  # [1]
+    h = _fp8_grouped(flat, gq, gs, ends)  # [T_pad, 2I]
+    return _fp8_grouped(fused_silu_mul(h), dq, ds, ends)[:t].reshape(x.shape)
 
 
 def torch_fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -313,9 +363,16 @@ def torch_fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     (gq, gs), (dq, ds) = fp8
     t, k = top_k_index.shape
     order, inv, offsets = route_with_inverse(top_k_index, gq.shape[0])
-    ends = offsets[1:]  # [E] int32 row ends
-    h = _fp8_grouped(hidden_states[order // k], gq, gs, ends)  # [T*k, 2I]
-    o = _fp8_grouped(fused_silu_mul(h), dq, ds, ends)  # [T*k, H]
+    x = hidden_states[order // k]  # [T*k, H] grouped by expert
+    align = getattr(self, "mxmoe_fp8_align", 0)
+    if align:
+        expert_of_row = top_k_index.reshape(-1)[order]  # [T*k]
+        h = _fp8_grouped_aligned(x, gq, gs, offsets, expert_of_row, align)  # [T*k, 2I]
+        o = _fp8_grouped_aligned(fused_silu_mul(h), dq, ds, offsets, expert_of_row, align)  # [T*k, H]
+    else:
+        ends = offsets[1:]  # [E] int32 row ends
+        h = _fp8_grouped(x, gq, gs, ends)  # [T*k, 2I]
+        o = _fp8_grouped(fused_silu_mul(h), dq, ds, ends)  # [T*k, H]
     return combine(o, top_k_weights, order, inv, hidden_states.dtype)
 
 
