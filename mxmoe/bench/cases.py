@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mxmoe.models.zoo import PAPER_MODELS
+from mxmoe.models.paper import PAPER_MODELS
 
 # name: (experts, hidden H, expert intermediate I, top_k): the paper's models (mxmoe.models.zoo), and the
 # embedded model (mxmoe.models.moefy): 32 routed experts of width 32, top-8, and its shared expert (width

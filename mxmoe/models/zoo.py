@@ -2,39 +2,18 @@
 
 * ``smollm2-moe`` — built locally from SmolLM2-135M (see :mod:`mxmoe.models.moefy`).
 * ``tiny-<family>`` — random-weight MoEs (seeded, seconds to build) for tests and the smoke profile.
-* paper models — Hugging Face ids with their MoE shapes, so kernels can be benchmarked on the
-  real shapes even where the weights cannot be downloaded.
+* paper models — Hugging Face ids with their MoE shapes and full-size configs (one table,
+  :mod:`mxmoe.models.paper`), so kernels and random-weight copies run on the real shapes even where
+  the weights cannot be downloaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-
-@dataclass(frozen=True)
-class MoEShape:
-    """The shape of one MoE layer as the kernels see it."""
-
-    num_experts: int
-    hidden: int
-    expert_width: int
-    top_k: int
-    shared_width: int = 0  # total width of the shared experts (0: none)
-    moe_layers: int = 0
-
-
-# Paper models (Table 2; the kernel benchmarks run their expert shapes).
-PAPER_MODELS = {
-    "qwen1.5-moe": ("Qwen/Qwen1.5-MoE-A2.7B", MoEShape(60, 2048, 1408, 4, 4 * 1408, 24)),
-    "deepseek-v2-lite": ("deepseek-ai/DeepSeek-V2-Lite", MoEShape(64, 2048, 1408, 6, 2 * 1408, 26)),
-    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", MoEShape(8, 4096, 14336, 2, 0, 32)),
-    "qwen2-57b": ("Qwen/Qwen2-57B-A14B", MoEShape(64, 3584, 2560, 8, 20480, 28)),
-    "olmoe": ("allenai/OLMoE-1B-7B-0924", MoEShape(64, 2048, 1024, 8, 0, 16)),
-    "qwen3-30b": ("Qwen/Qwen3-30B-A3B", MoEShape(128, 2048, 768, 8, 0, 48)),
-}
+# The paper's models live in mxmoe.models.paper (one table for the package); re-exported here.
+from mxmoe.models.paper import PAPER_CONFIGS, PAPER_MODELS, MoEShape  # noqa: F401
 
 _TINY_COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,

@@ -24,7 +24,8 @@ LAYOUT = {"00_model": ("model", 0.3, 5.7, "#e8e8e8"), "01_sensitivity": ("sens",
           "02_activation_frequency": ("route", 5.0, 4.4, "#cfe2f3"), "03_kernels": ("kern", 5.0, 1.6, "#fce5cd"),
           "04_allocation": ("ilp", 9.7, 7.0, "#d9ead3"), "05_end_to_end": ("e2e", 14.4, 4.4, "#d9ead3"),
           "06_claims": ("claims", 14.4, 7.0, "#ead1dc")}
-BOXES = [(key, x, y, s.title, s.summary, colour) for s in STAGES for key, x, y, colour in [LAYOUT[s.stem]]]
+BOXES = [(key, x, y, s.title, s.summary, colour) for s in STAGES if s.stem in LAYOUT  # the method's stages
+         for key, x, y, colour in [LAYOUT[s.stem]]]
 BOXES.insert(4, ("perf", 9.7, 4.4, "performance model", "T[expert, block, scheme] at the\nrouted token counts (02 + 03)",
                  "#fce5cd"))
 W, H = 4.2, 1.8

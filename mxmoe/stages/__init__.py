@@ -70,6 +70,9 @@ STAGES = (
     Stage("06_claims", title="06 claims + book", summary="paper vs ours, a verdict\nper claim; Jupyter Book",
           reads=("{model}/model.json", "{model}/sensitivity/*.json", "{model}/routing/*.json", "{model}/alloc/*.json",
            "{model}/eval/*.json", "kernels/*.json", "kernels/NOTES.md", "@repo/mxmoe/claims/*.py")),
+    Stage("07_paper_models", title="07 paper models", summary="full-size random-weight models:\nwhole-model speed and memory",
+          reads=("@repo/results/paper-models/*.json", "@repo/results/paper-models/alloc/*.json",
+                 "@repo/mxmoe/bench/paper_models.py", "@repo/mxmoe/plots/paper_models.py")),
 )
 # paper items shown outside the numbered notebooks
 OTHER_ITEMS = {"fig3": ("intro", ["@repo/book/figures/pipeline.svg"], "our own pipeline diagram (mxmoe.plots.pipeline)")}

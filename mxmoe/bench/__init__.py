@@ -1,0 +1,1 @@
+"""Benchmarks that run on a GPU and write results/ (kernels, allocations, whole models)."""

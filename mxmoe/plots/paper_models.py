@@ -1,0 +1,77 @@
+"""Figure 5 for the paper's models as whole models: throughput against memory per setting.
+
+``rows_of(docs)`` flattens ``mxmoe.bench.paper_models`` result documents into one table;
+``fig_whole_model`` plots measured whole-model prefill and decode tokens/s (CUDA-graph captured)
+against the weight memory each setting needs; ``fig_predicted`` plots the perfmodel's MoE-block
+GEMM throughput against expert weight memory when no GPU run is committed. Save them with
+``mxmoe.plots.save`` (which draws the provenance line).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from mxmoe.plots import figure
+
+GIB = 2**30
+
+
+def rows_of(docs: list) -> pd.DataFrame:
+    """One row per (model, setting, phase, shape) of measured result documents: tokens/s eager and captured,
+    weight GiB (the model with these experts: bf16 non-expert weights + the setting's expert bytes) and peak GiB."""
+    out = []
+    for doc in docs:
+        non_expert = doc["build"]["weight_gib_bf16"] - doc["build"]["expert_gib_bf16"]
+        for r in doc["settings"]:
+            if "error" in r:
+                continue
+            weight_gib = non_expert + r["expert_bytes"] / GIB
+            for phase, key in (("prefill", "prefill"), ("decode", "decode")):
+                for shape, m in r[key].items():
+                    if "tokens_per_s_graph" not in m and "tokens_per_s_eager" not in m:
+                        continue
+                    out.append({"model": doc["model"], "device": doc["provenance"]["device"], "setting": r["setting"],
+                                "phase": phase, "shape": shape if phase == "prefill" else f"batch {shape}",
+                                "tokens_per_s_graph": m.get("tokens_per_s_graph"),
+                                "tokens_per_s_eager": m.get("tokens_per_s_eager"),
+                                "weight_gib": weight_gib, "expert_gib": r["expert_bytes"] / GIB,
+                                "peak_gib": r.get("peak_gib")})
+    return pd.DataFrame(out)
+
+
+def fig_whole_model(df: pd.DataFrame, prefill_shape: str = "4x2048", decode_shape: str = "batch 16"):
+    """Whole-model tokens/s (captured) vs weight GiB per setting: prefill and decode panels, one row per model."""
+    models = list(dict.fromkeys(df.model))
+    fig, axes = figure(len(models), 2, width=11, height=3.4 * len(models))
+    for row, model in zip(axes, models):
+        for ax, (phase, shape) in zip(row, (("prefill", prefill_shape), ("decode", decode_shape))):
+            d = df[(df.model == model) & (df.phase == phase) & (df["shape"] == shape)]
+            for _, r in d.iterrows():
+                y = r.tokens_per_s_graph if pd.notna(r.tokens_per_s_graph) else r.tokens_per_s_eager
+                ax.scatter(r.weight_gib, y, s=40, marker="o" if r.setting.startswith("mxmoe") else "s")
+                ax.annotate(r.setting, (r.weight_gib, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set(title=f"{model}: {phase} {shape}", xlabel="weight memory (GiB)", ylabel="tokens/s (captured)")
+    fig.tight_layout()
+    return fig
+
+
+def fig_predicted(df: pd.DataFrame):
+    """Predicted MoE-block GEMM tokens/s vs expert weight GiB per setting, one panel per (model, tokens).
+
+    ``df``: ``mxmoe.bench.paper_models.predicted_rows`` rows (the kernel's GEMMs only, from the cost table)."""
+    keys = list(dict.fromkeys(zip(df.model, df.tokens)))
+    ncols = 2
+    nrows = -(-len(keys) // ncols)
+    fig, axes = figure(nrows, ncols, width=11, height=3.2 * nrows)
+    for ax, (model, tokens) in zip(axes.flat, keys):
+        d = df[(df.model == model) & (df.tokens == tokens)]
+        for _, r in d.iterrows():
+            ax.scatter(r.expert_gib, r.tokens_per_s, s=40)
+            ax.annotate(r.setting.removeprefix("mxmoe "), (r.expert_gib, r.tokens_per_s), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set(title=f"{model}: {tokens} tokens (MoE GEMMs, predicted)", xlabel="expert weights (GiB)",
+               ylabel="tokens/s")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
