@@ -141,6 +141,8 @@ BENCHMARKS = {
     "cost-table": ("mxmoe.bench.cost_table", "build cost_tables/<gpu>.json from benchmark files"),
     "alloc": ("mxmoe.bench.alloc", "time a model's allocations through the kernel (GPU); Figure 5 measured"),
     "ilp": ("mxmoe.bench.ilp", "solve times of the allocation ILP on a random layer"),
+    "paper-models": ("mxmoe.bench.paper_models", "the paper's models at full size, random weights: whole-model "
+                     "speed and memory (GPU); --allocate-only solves their allocations on a CPU"),
 }
 
 

@@ -23,6 +23,7 @@ from mxmoe.models.paper import PAPER_CONFIGS, PAPER_MODELS, paper_config
 from mxmoe.models.random_init import build_random, calibrate_bias, target_profile
 from mxmoe.models.zoo import PAPER_MODELS as ZOO_PAPER_MODELS
 from mxmoe.models.zoo import MoEShape
+from mxmoe.stages.routing import embedded_profile
 
 
 def _bincount_route(top_k_index, num_experts):
@@ -73,8 +74,9 @@ def test_full_size_parameter_counts_on_meta():
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-mixtral", "tiny-deepseek-v2", "tiny-olmoe", "tiny-qwen3-moe"])
 def test_build_random_tiny(name):
-    m1, r1 = build_random(name, device="cpu", dtype=torch.float32, seed=3, calib_shape=(2, 64))
-    m2, _ = build_random(name, device="cpu", dtype=torch.float32, seed=3, calib_shape=(2, 64))
+    measured = embedded_profile()
+    m1, r1 = build_random(name, device="cpu", dtype=torch.float32, seed=3, measured=measured, calib_shape=(2, 64))
+    m2, _ = build_random(name, device="cpu", dtype=torch.float32, seed=3, measured=measured, calib_shape=(2, 64))
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         assert torch.equal(a, b), n  # seeded
         assert torch.isfinite(a).all() and (a.dim() < 2 or a.std() > 0), n
@@ -88,7 +90,7 @@ def test_build_random_scaled_paper_config_and_skew():
     m, r = build_random("deepseek-v2-lite", device="cpu", dtype=torch.float32, num_hidden_layers=2, vocab_size=256,
                         hidden_size=256, moe_intermediate_size=64, intermediate_size=128, kv_lora_rank=32,
                         qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, num_attention_heads=4,
-                        num_key_value_heads=4, calib_shape=(4, 128))
+                        num_key_value_heads=4, calib_shape=(4, 128), measured=embedded_profile())
     blocks = moe_blocks(m)
     assert len(blocks) == 1 and blocks[0].num_experts == 64 and blocks[0].top_k == 6  # first layer stays dense
     assert len(r["max_over_min"]) == 1 and r["max_over_min"][0] > 1.5
@@ -108,27 +110,29 @@ def test_calibrated_bias_reaches_target_shares():
 
 
 def test_target_profiles():
-    p = target_profile(60, 24, seed=0)
+    p = target_profile(60, 24, measured=embedded_profile(), seed=0)
     assert p["shares"].shape == (60, 24)[::-1] and np.allclose(p["shares"].sum(1), 1)
     z = target_profile(10, 3, ratio=20.0)
     assert z["max_over_min"] == pytest.approx([20.0] * 3, rel=1e-3)
     with pytest.raises(ValueError, match=">= 1"):
         target_profile(10, 3, ratio=0.5)
+    with pytest.raises(ValueError, match="measured routing profile"):
+        target_profile(10, 3)
 
 
 def test_allocation_inputs_and_one_layer_solve():
     from mxmoe.allocate import layer_problem, solve_point
+    from mxmoe.perfmodel import load_table
     from mxmoe.routing import batch_workload
     from mxmoe.schemes import scheme_set
 
     config = paper_config("qwen1.5-moe")
     dims, layers = pm.model_dims(config), pm.moe_layer_ids(config)
-    prof = target_profile(dims["num_experts"], len(layers))
+    prof = target_profile(dims["num_experts"], len(layers), measured=embedded_profile())
     rows = batch_workload(prof["shares"] * 1e6, 512, dims["top_k"])
     sens = pm.stand_in_sensitivity(layers, rows, 512, 1, [str(s) for s in scheme_set(pm.WEIGHT_ONLY_SET)])
     routing = {"layers": layers, "top_k": dims["top_k"], "counts": (prof["shares"] * 1e6).tolist(), "params": {}}
-    p = layer_problem("qwen1.5-moe", 0, "stand-in", pm.WEIGHT_ONLY_SET, 512, "nvidia_h200", sensitivity=sens,
-                      routing=routing, dims=dims)
+    p = layer_problem(sens, routing, dims, 0, load_table("nvidia_h200"), pm.WEIGHT_ONLY_SET, 512, "qwen1.5-moe")
     assert p.loss.shape == (61, 3, 4) and (p.loss[:, :, 0] > p.loss[:, :, 2]).all()  # 2 bits cost more than 4
     pt = solve_point(p.loss, p.time, p.bits, p.size, 3.25, pm.ALLOC_R)
     assert pt.bits <= 3.25 + 1e-9

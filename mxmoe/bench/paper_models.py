@@ -1,6 +1,6 @@
 """The paper's models at full size with random weights: MoE block, prefill and decode under every setting.
 
-``python -m mxmoe.bench.paper_models --model qwen1.5-moe`` builds the model on the GPU
+``mxmoe bench paper-models --model qwen1.5-moe`` builds the model on the GPU
 (``mxmoe.models.random_init.build_random``: random weights, routing skewed like the embedded model's
 measured profile), then for each setting packs its experts, makes it the transformers experts
 implementation and measures, in one process:
@@ -48,8 +48,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from mxmoe.allocate import allocation_doc, layer_problem, solve_point
+from mxmoe.kernels.moe import (
+    attach_fp8_experts,
+    attach_packed_experts,
+    attach_packed_shared,
+    detach_packed,
+    register_experts_implementation,
+    register_fp8_implementation,
+)
+from mxmoe.models.blocks import moe_blocks
+from mxmoe.models.paper import PAPER_CONFIGS, PAPER_MODELS, paper_config
+from mxmoe.models.random_init import build_random, target_profile
+from mxmoe.models.zoo import _TINY_COMMON, TINY_CONFIGS
 from mxmoe.paths import REPO_ROOT
+from mxmoe.perfmodel import launch_time, load_table
+from mxmoe.quant.apply import apply_schemes
+from mxmoe.routing import batch_workload, profile_routing
+from mxmoe.schemes import Scheme, scheme_set
+from mxmoe.sensitivity import layer_sensitivity
+from mxmoe.stages.routing import embedded_profile
 
 SCHEMA_VERSION = 1
 WEIGHT_ONLY_SET = "w2a16_g128_asym,w3a16_g128_asym,w4a16_g128_asym,w8a16_g-1_sym"
@@ -89,8 +109,6 @@ def config_of(name: str):
     """The transformers config of a paper model (full size) or of a ``tiny-*`` zoo model."""
     from transformers import AutoConfig
 
-    from mxmoe.models.paper import PAPER_CONFIGS, paper_config
-    from mxmoe.models.zoo import _TINY_COMMON, TINY_CONFIGS
 
     if name in PAPER_CONFIGS:
         return paper_config(name)
@@ -132,7 +150,6 @@ def stand_in_sensitivity(layers: list, rows: np.ndarray, batch: int, n_shared: i
     rows [L, E]: (expected) routed rows per expert at ``batch`` tokens; shared experts see every token. Not a
     measured sensitivity: it only says that fewer bits cost more and busy experts matter more.
     """
-    from mxmoe.schemes import Scheme
 
     sch = [Scheme.parse(s) for s in schemes]
     err = [0.0 if s.is_full_precision else 4.0 ** -s.w_bits + (4.0 ** -s.a_bits if s.a_bits < 16 else 0.0)
@@ -164,22 +181,15 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
     ``ALLOC_BATCH`` tokens; loss is ``stand_in_sensitivity``; r = ``ALLOC_R``; one budget per layer.
     ``only``: solve just these settings.
     """
-    from tqdm.auto import tqdm
-
-    from mxmoe.allocate import allocation_doc, layer_problem, solve_point
-    from mxmoe.models.paper import PAPER_MODELS
-    from mxmoe.models.random_init import target_profile
-    from mxmoe.schemes import scheme_set
-
     config = config_of(model)
     dims, layers = model_dims(config), moe_layer_ids(config)
-    prof = target_profile(dims["num_experts"], len(layers), seed=routing_seed)
+    prof = target_profile(dims["num_experts"], len(layers), measured=embedded_profile(), seed=routing_seed)
     counts = prof["shares"] * 1e6  # [L, E] as a profile of 1e6 routed rows
     routing = {"layers": layers, "top_k": dims["top_k"], "counts": counts.tolist(),
                "params": {"model": model, "imposed": prof["kind"], "source": prof["source"]}}
     rows = prof["shares"] * ALLOC_BATCH * dims["top_k"]  # [L, E] expected routed rows (fractional: integer
     # rows tie many experts, and exactly tied experts make CBC's branch and bound explode)
-    docs = {}
+    docs, table = {}, load_table(gpu)
     for setting, spec in SETTINGS.items():
         if "alloc" not in spec or (only and setting not in only):
             continue
@@ -188,8 +198,7 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
                                     [str(s) for s in scheme_set(schemes)])
         problems, choices, t0 = [], [], time.perf_counter()
         for layer in tqdm(layers, desc=f"{model} {setting}", unit="layer"):
-            p = layer_problem(model, layer, "stand-in", schemes, ALLOC_BATCH, gpu, sensitivity=sens, routing=routing,
-                              dims=dims)
+            p = layer_problem(sens, routing, dims, layer, table, schemes, ALLOC_BATCH, model)
             choices.append(solve_point(p.loss, p.time, p.bits, p.size, budget, ALLOC_R, granularity=granularity,
                                        labels=p.labels).choice)
             problems.append(p)
@@ -225,7 +234,7 @@ def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: boo
             solve_allocations(model, gpu, out)
     if not path.exists():
         raise FileNotFoundError(f"no allocation {path}; solve it on a CPU first: "
-                                f"python -m mxmoe.bench.paper_models --model {model} --allocate-only --gpu {gpu}")
+                                f"mxmoe bench paper-models --model {model} --allocate-only --gpu {gpu}")
     doc = json.loads(path.read_text())
     return {(r["layer"], r["expert"], r["block"]): r["scheme"] for r in doc["rows"]}, doc
 
@@ -239,14 +248,10 @@ def predicted_rows(model: str, gpu: str = "nvidia_h200", tokens=(512, 8192), rou
     attention. Allocations are read from results/paper-models/alloc (settings without one are left out).
     Returns [{'model', 'setting', 'tokens', 'T_ms', 'tokens_per_s', 'expert_gib', 'source'}].
     """
-    from mxmoe.models.random_init import target_profile
-    from mxmoe.perfmodel import launch_time, load_table
-    from mxmoe.routing import batch_workload
-    from mxmoe.schemes import Scheme
 
     config = config_of(model)
     dims, layers = model_dims(config), moe_layer_ids(config)
-    prof = target_profile(dims["num_experts"], len(layers), seed=routing_seed)
+    prof = target_profile(dims["num_experts"], len(layers), measured=embedded_profile(), seed=routing_seed)
     table = load_table(gpu)
     h, w, shared = dims["hidden"], dims["expert_width"], dims["shared_widths"]
     out = []
@@ -305,8 +310,6 @@ def bf16_expert_bytes(blocks: list) -> int:
 
 def apply_setting(model, blocks: list, name: str, amap: "dict | None") -> int:
     """Make ``name`` the model's experts implementation, packing every MoE layer; returns expert weight bytes."""
-    from mxmoe.kernels.moe import (attach_fp8_experts, attach_packed_experts, attach_packed_shared, detach_packed,
-                                   register_experts_implementation, register_fp8_implementation)
 
     spec = SETTINGS[name]
     for b in blocks:
@@ -511,7 +514,7 @@ def measure_setting(model, blocks: list, name: str, inputs: dict, sizes: dict, *
                                logits_to_keep=1)
             e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, 2 * reps, device=dev)
             row["decode"][str(bsz)] = {"context": ctx_len, "eager": e, "graph": g, **_tps(bsz, e, g)}
-            del cache
+            cache = None  # free the static cache before the next batch size
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             row["decode"][str(bsz)] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -546,14 +549,11 @@ def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 25
     intended difference). Reports relative Frobenius error of the logits and top-1 agreement, and
     the same for mxmoe bf16 vs transformers' grouped_mm (the noise floor of two bf16 paths).
     """
-    from mxmoe.models.blocks import moe_blocks
-    from mxmoe.models.random_init import build_random
-    from mxmoe.quant.apply import apply_schemes
 
     first = moe_layer_ids(config_of(name))[0]
     cuda = torch.device(device).type == "cuda"
     model, _ = build_random(name, device=device, dtype=torch.bfloat16 if cuda else torch.float32, seed=seed,
-                            num_hidden_layers=first + 2, calib_shape=(4, 512) if cuda else (2, 32))
+                            measured=embedded_profile(), num_hidden_layers=first + 2, calib_shape=(4, 512) if cuda else (2, 32))
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
     out = {"layers": first + 2, "tokens": tokens, "tolerance_rel": 3e-2, "cases": {}}
 
@@ -597,9 +597,6 @@ def pipeline_stages(model, blocks: list, name: str, schemes: str = WEIGHT_ONLY_S
     """Seconds of each pipeline stage on the full-size model: routing profile (16 x 512 random tokens),
     batched GPTQ sensitivity of one MoE layer (4096 calibration tokens, the weight-only scheme set) and
     its projection to every layer. Packing and loading are timed per setting (``pack_s``)."""
-    from mxmoe.routing import profile_routing
-    from mxmoe.schemes import scheme_set
-    from mxmoe.sensitivity import layer_sensitivity
 
     out = {}
     model.set_experts_implementation("grouped_mm")
@@ -775,11 +772,7 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
     Triton kernels under the interpreter; no graphs, no synchronisation counts): it tests the
     benchmark, it measures nothing worth reporting.
     """
-    from tqdm.auto import tqdm
 
-    from mxmoe.models.blocks import moe_blocks
-    from mxmoe.models.paper import PAPER_MODELS
-    from mxmoe.models.random_init import build_random
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -822,7 +815,7 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
         doc["correctness"] = {"skipped": True}
     _sync(device)
     t0 = time.time()
-    model, routing = build_random(name, device=device, dtype=dtype, seed=seed,
+    model, routing = build_random(name, device=device, dtype=dtype, seed=seed, measured=embedded_profile(),
                                   **({} if cuda else {"calib_shape": (2, 32)}))
     _sync(device)
     blocks = moe_blocks(model)
@@ -915,9 +908,8 @@ def _reached_profile(model, blocks: list, ids: torch.Tensor) -> list:
 
 def main(argv=None) -> None:
     """Command line: see the module docstring."""
-    from mxmoe.models.paper import PAPER_CONFIGS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="mxmoe bench paper-models", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help=f"a paper model ({', '.join(PAPER_CONFIGS)}); tiny-* with --smoke")
     ap.add_argument("--out", default=str(REPO_ROOT / "results" / "paper-models"))
     ap.add_argument("--settings", nargs="*", default=None, help=f"subset of: {list(SETTINGS)}")

@@ -9,7 +9,7 @@ like the real one; what it cannot show is accuracy (see the notebook's section o
 **Imposed routing skew.** A random router routes nearly uniformly, and the paper's point is that
 real routing is skewed. Each MoE layer's router gets a fixed logit bias (``route_bias``) so that the
 share of tokens per expert follows a target profile, by default the *measured* WikiText-2 profile of
-the embedded smollm2-moe (``results/smollm2-moe/routing/wikitext2_*.json``): layer ``l`` takes the
+the embedded smollm2-moe (``mxmoe.stages.routing.embedded_profile``): layer ``l`` takes the
 sorted shares of embedded layer ``l mod 4``, interpolated to the model's expert count and assigned to
 experts in a seeded random order. ``target_profile(..., ratio=R)`` instead gives a Zipf-like profile
 with max/min share R. The bias is fitted on the routers' inputs for random tokens (a few
@@ -19,36 +19,19 @@ forward is what the benchmark records.
 
 from __future__ import annotations
 
-import glob
-import json
 import math
 import types
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mxmoe.paths import REPO_ROOT
-
-EMBEDDED_PROFILE = "results/smollm2-moe/routing/wikitext2_*.json"  # relative to the repository root
-
-
-def embedded_profile() -> dict:
-    """The committed WikiText-2 routing profile of smollm2-moe: {'counts' [L, E], 'layers', 'top_k', 'source'}."""
-    files = sorted(glob.glob(str(REPO_ROOT / EMBEDDED_PROFILE)))
-    if not files:
-        raise FileNotFoundError(f"no routing profile {EMBEDDED_PROFILE} in {REPO_ROOT}: run notebook 02 on smollm2-moe, "
-                                "or pass ratio= to target_profile")
-    doc = json.loads(Path(files[-1]).read_text())
-    return {"counts": np.asarray(doc["counts"], dtype=float), "layers": doc["layers"], "top_k": doc["top_k"],
-            "source": str(Path(files[-1]).relative_to(REPO_ROOT))}
-
-
-def target_profile(num_experts: int, moe_layers: int, *, ratio: "float | None" = None, seed: int = 0) -> dict:
+def target_profile(num_experts: int, moe_layers: int, *, measured: "dict | None" = None, ratio: "float | None" = None,
+                   seed: int = 0) -> dict:
     """Target share of routed tokens per expert, [moe_layers, num_experts] (rows sum to 1), and how it was made.
 
-    ``ratio=None``: the embedded model's measured profile (module doc); ``ratio=R``: shares proportional
+    ``measured``: a measured profile {'counts' [L', E'], 'source'} (``mxmoe.stages.routing.embedded_profile``),
+    each target layer taking the sorted shares of one measured layer (module doc); ``ratio=R``: shares proportional
     to (e + 1)^-a with a chosen so that max/min = R (R = 1: uniform). Experts get the shares in a
     seeded random order per layer. Returns {'shares', 'kind', 'source', 'max_over_min' per layer}.
     """
@@ -57,7 +40,9 @@ def target_profile(num_experts: int, moe_layers: int, *, ratio: "float | None" =
     rng = np.random.default_rng(seed)
     rows = []
     if ratio is None:
-        emb = embedded_profile()
+        if measured is None:
+            raise ValueError("give a measured routing profile (measured=) or a max/min ratio (ratio=)")
+        emb = measured
         for layer in range(moe_layers):
             src = np.sort(emb["counts"][layer % len(emb["counts"])])[::-1]  # descending shares of one embedded layer
             src = np.maximum(src, src[src > 0].min() if (src > 0).any() else 1.0)  # an unused expert keeps the rarest share
@@ -182,12 +167,13 @@ def init_random_(model, std: float, seed: int) -> None:
 
 
 def build_random(name: str, device="cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, *,
-                 skew: "float | None" = None, routing_seed: int = 0, calib_shape: tuple = (8, 1024), **overrides):
+                 skew: "float | None" = None, measured: "dict | None" = None, routing_seed: int = 0,
+                 calib_shape: tuple = (8, 1024), **overrides):
     """A random-weight paper model at full size on ``device``, in eval mode, with imposed skewed routing.
 
     ``name``: a paper model (``mxmoe.models.paper.PAPER_CONFIGS``) or a ``tiny-*`` zoo config;
     ``overrides`` replace config fields (e.g. ``num_hidden_layers=2`` for a scaled-down copy).
-    ``skew=None`` imposes the embedded model's measured profile; a number R imposes a Zipf-like
+    ``skew=None`` imposes the ``measured`` profile (the embedded model's: ``mxmoe.stages.routing.embedded_profile``); a number R imposes a Zipf-like
     profile with max/min R; ``skew=0`` leaves the routers unbiased (random routers route with their
     own, uncontrolled, skew). The bias is fitted on random tokens of ``calib_shape`` (batch, length).
     Returns (model, routing) where routing = ``target_profile``'s dict (None when skew=0), also kept
@@ -217,7 +203,7 @@ def build_random(name: str, device="cuda", dtype: torch.dtype = torch.bfloat16, 
     routing = None
     if skew != 0:
         blocks = moe_blocks(model)
-        routing = target_profile(blocks[0].num_experts, len(blocks), ratio=skew, seed=routing_seed)
+        routing = target_profile(blocks[0].num_experts, len(blocks), measured=measured, ratio=skew, seed=routing_seed)
         g = torch.Generator(device=device).manual_seed(routing_seed)
         ids = torch.randint(0, config.vocab_size, calib_shape, generator=g, device=device)  # [B, S] random tokens
         impose_routing(model, routing, ids)

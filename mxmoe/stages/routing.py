@@ -6,11 +6,15 @@ plus ``params``: model, corpus, windows, seqlen, seed, device, date).
 
 from __future__ import annotations
 
+import glob
 import json
 from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
 
 from mxmoe import plan
-from mxmoe.env import device_name
+from mxmoe.env import REPO_ROOT, device_name
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.models import load_model
@@ -48,3 +52,17 @@ def profile_corpora(model_name: str, corpora=plan.ROUTING_CORPORA, n: int = 8, s
         write_json_atomic(path, report)
         out[corpus] = report
     return out
+
+
+EMBEDDED_PROFILE = "results/smollm2-moe/routing/wikitext2_*.json"  # the full run's, relative to the repository
+
+
+def embedded_profile() -> dict:
+    """The committed WikiText-2 routing profile of smollm2-moe: {'counts' [L, E], 'layers', 'top_k', 'source'}."""
+    files = sorted(glob.glob(str(REPO_ROOT / EMBEDDED_PROFILE)))
+    if not files:
+        raise FileNotFoundError(f"no routing profile {EMBEDDED_PROFILE} in {REPO_ROOT}: run notebook 02 on smollm2-moe, "
+                                "or pass ratio= to target_profile")
+    doc = json.loads(Path(files[-1]).read_text())
+    return {"counts": np.asarray(doc["counts"], dtype=float), "layers": doc["layers"], "top_k": doc["top_k"],
+            "source": str(Path(files[-1]).relative_to(REPO_ROOT))}
