@@ -266,6 +266,7 @@ def save_checkpoint(out: "str | Path", model: nn.Module, scheme_map: dict, int_w
         doc = {"format": FORMAT, "version": VERSION, **manifest, "tied": tied, "files": files,
                "schemes": scheme_map_to_rows({k: v for k, v in scheme_map.items()})}
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")  # last: a folder without it is not a checkpoint
+        _readable(tmp)
         if out.exists():  # an old checkpoint (overwrite): move it aside, swap, then delete it
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -277,6 +278,15 @@ def save_checkpoint(out: "str | Path", model: nn.Module, scheme_map: dict, int_w
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _readable(folder: Path) -> None:
+    """Give the folder and its files the usual permissions (safetensors writes its files owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~mask)
 
 
 # ---- reading ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: torch.device):
 def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True, device=None):
     """(model, tokenizer) for a zoo name ('smollm2-moe', 'tiny-<family>', paper names), an HF id or a local path.
 
+    A local path holding an mxmoe checkpoint (``mxmoe.json``) loads through ``mxmoe.load_quantized``.
     The model is placed on ``device`` (default: ``default_device()``). smollm2-moe is built into the
     cache on first use (minutes on a CPU); tiny models have no tokenizer (None). Unknown names raise
     ModelNotFound listing what is accepted.
@@ -43,6 +44,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True
         return tiny_model(name).to(device, dtype), None
     hf_id = PAPER_MODELS[name][0] if name in PAPER_MODELS else name
     if Path(hf_id).expanduser().exists():
+        from mxmoe.checkpoint import is_checkpoint, load_quantized, load_tokenizer
+
+        if is_checkpoint(Path(hf_id).expanduser()):  # bf16 on a GPU: what the kernel takes
+            return load_quantized(hf_id, device, dtype if device.type == "cpu" else None), load_tokenizer(hf_id)
         return _from_pretrained(str(Path(hf_id).expanduser()), dtype, device)
     if "/" not in hf_id:
         raise ModelNotFound(f"unknown model {name!r}: use a zoo name ({', '.join(zoo_names())}), "
