@@ -36,6 +36,12 @@ def uses_kernel(device: torch.device) -> bool:
     return device.type == "cuda" or INTERPRET
 
 
+def _aligned(t: "torch.Tensor | None") -> "torch.Tensor | None":
+    """``t``, copied when it does not start on a 16-byte boundary (the kernel loads 16 bytes at once;
+    tensors read from a safetensors file may start anywhere)."""
+    return t if t is None or t.data_ptr() % 16 == 0 else t.clone()
+
+
 class PackedBlock(nn.Module):
     """One weight [N, K] in kernel storage (``PackedWeight``), held as buffers so ``model.to`` moves it.
 
@@ -46,9 +52,9 @@ class PackedBlock(nn.Module):
     def __init__(self, pw: PackedWeight):
         super().__init__()
         self.scheme, self.n, self.k = pw.scheme, pw.n, pw.k
-        self.register_buffer("data", pw.data)
-        self.register_buffer("scale", pw.scale)
-        self.register_buffer("zero", pw.zero)
+        self.register_buffer("data", _aligned(pw.data))
+        self.register_buffer("scale", _aligned(pw.scale))
+        self.register_buffer("zero", _aligned(pw.zero))
 
     @classmethod
     def from_weight(cls, w: "IntWeight | torch.Tensor") -> "PackedBlock":

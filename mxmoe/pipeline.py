@@ -4,10 +4,11 @@ Stages, each with a progress bar over MoE layers and its wall time in the result
 
 1. **calibration** — ``n`` windows of ``seqlen`` tokens from WikiText-2 *train*, C4 (the local
    validation documents, as GPTQ does) or a text FILE; never test or task data;
-2. **routing** — tokens per expert on those windows, scaled to a ``batch_tokens`` batch;
-3. **sensitivity** — Δ of every (layer, expert, block, scheme), measured with the quantizer that
+2. **sensitivity** — Δ of every (layer, expert, block, scheme), measured with the quantizer that
    will be used (rtn, gptq, gptq-had), cached per layer under ``<cache>/quantize/<weights sha>/``
    and resumed after a kill;
+3. **routing** — tokens per expert on those windows (recorded by the sensitivity pass, so no extra
+   forward), scaled to a ``batch_tokens`` batch;
 4. **allocation** — the ILP (``mxmoe.allocate``) with the cost table of the GPU that will run the
    model (``gpu``; default the local GPU, else nvidia_h100), per layer or one budget for the model;
 5. **quantization** — GPTQ (with the Hadamard rotation for gptq-had) or RTN in that allocation;
@@ -175,6 +176,22 @@ class QuantizeResult:
     out: "Path | None" = None
 
 
+def routing_from_sensitivity(sens: dict, blocks: list, batch_tokens: int, tag: str) -> dict:
+    """The routing profile of the calibration windows, read off the sensitivity pass (no extra forward).
+
+    ``layer_sensitivity`` records the tokens routed to every expert of a layer (routed experts
+    first); those are exactly ``profile_routing``'s counts on the same windows. Returns the dict
+    ``mxmoe.allocate.layer_problem`` takes as ``routing``.
+    """
+    from mxmoe.routing import batch_workload
+
+    counts = np.array([sens["layers"][str(b.layer)]["tokens"][: b.num_experts] for b in blocks])  # [layers, E]
+    top_k = blocks[0].top_k
+    return {"layers": [b.layer for b in blocks], "top_k": top_k, "tokens": int(counts[0].sum() // top_k),
+            "counts": counts.tolist(), "params": {"calibration": tag, "from": "sensitivity pass"},
+            "workloads": {str(batch_tokens): batch_workload(counts, batch_tokens, top_k).tolist()}}
+
+
 def _allocate(model, rec: Recipe, schemes, table, sens: dict, rout: dict, name: str, progress: bool) -> tuple:
     """(scheme map, allocation_doc) of the ILP over every MoE layer."""
     from mxmoe.allocate import InfeasibleBudget, allocation_doc, layer_problem, model_dims, scheme_map, solve_layer, solve_model
@@ -237,7 +254,6 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
     from mxmoe.paths import cache_dir
     from mxmoe.quant.apply import apply_schemes
     from mxmoe.quant.sequential import quantize_model_gptq
-    from mxmoe.routing import batch_workload, profile_routing
     from mxmoe.sensitivity import compute_sensitivity
 
     rec = Recipe(wbits, abits, r, method, granularity, budget, calib, calib_windows, seqlen, seed, gpu, batch_tokens,
@@ -253,21 +269,16 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
     times["calibration"] = time.perf_counter() - start
 
     t0 = time.perf_counter()
-    blocks = moe_blocks(model)
-    counts = profile_routing(model, windows)  # [moe layers, experts]
-    top_k = blocks[0].top_k
-    rout = {"layers": [b.layer for b in blocks], "top_k": top_k, "tokens": int(windows.numel()),
-            "counts": counts.tolist(), "params": {"calibration": tag},
-            "workloads": {str(rec.batch_tokens): batch_workload(counts, rec.batch_tokens, top_k).tolist()}}
-    times["routing"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     names = ",".join(map(str, candidates))
     sens_path = Path(cache or cache_dir() / "quantize") / sha[:16] / \
         f"sensitivity_{method}_{hashlib.sha256(names.encode()).hexdigest()[:8]}_{tag}.json"
     sens = compute_sensitivity(model, windows, candidates, method, path=sens_path, seed=seed, progress=progress,
                                params={"model": base_id, "weights_sha256": sha, "calibration": tag})
     times["sensitivity"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rout = routing_from_sensitivity(sens, moe_blocks(model), rec.batch_tokens, tag)
+    times["routing"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     plan, doc = _allocate(model, rec, candidates, table, sens, rout, base_id, progress)

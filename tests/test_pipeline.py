@@ -83,3 +83,18 @@ def test_never_calibrates_on_test_or_task_data(tmp_path, shared_data):
 def test_a_model_without_tokenizer_needs_random_calibration(tmp_path):
     with pytest.raises(MxMoEError, match="use --calib random"):
         run(tmp_path, calib="wikitext2")
+
+
+def test_routing_read_off_the_sensitivity_pass_equals_profile_routing():
+    from mxmoe.models.blocks import moe_blocks
+    from mxmoe.pipeline import routing_from_sensitivity
+    from mxmoe.profiles import random_windows
+    from mxmoe.routing import profile_routing
+    from mxmoe.sensitivity import compute_sensitivity
+
+    model = fresh("tiny-deepseek-v2")
+    windows = random_windows(512, 2, 32, 0)  # [2, 32]
+    sens = compute_sensitivity(model, windows, ["w4a16_g-1_asym"], "rtn", progress=False)
+    rout = routing_from_sensitivity(sens, moe_blocks(model), 512, "random")
+    assert rout["counts"] == profile_routing(model, windows).tolist() and rout["tokens"] == 64
+    assert [sum(row) for row in rout["workloads"]["512"]] == [512 * 2] * len(rout["layers"])
