@@ -467,6 +467,35 @@ def _stack(g: "IntWeight | torch.Tensor", u: "IntWeight | torch.Tensor", where: 
     return IntWeight(torch.cat([g.q, u.q]), torch.cat([g.scale, u.scale]), torch.cat([g.zero, u.zero]), g.scheme)
 
 
+def stored_bytes(path: "str | Path") -> dict:
+    """{"total_bytes", "expert_bytes", "expert_weights"} of a checkpoint's tensors on disk.
+
+    expert: the blocks stored under ``mxmoe.`` (every routed block, and quantized shared blocks);
+    expert_weights: how many weights those blocks hold (a code plane of B bytes holds 8·B, up to 7 of padding).
+    """
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    total = expert = weights = 0
+    for f in read_manifest(path)["files"]:
+        with safe_open(str(path / f), "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                nbytes = n * _DTYPE_BYTES[sl.get_dtype()]
+                total += nbytes
+                if k.startswith(PREFIX + "."):
+                    expert += nbytes
+                    weights += 8 * sl.get_shape()[1] if k.endswith(".codes") else n if k.endswith(".weight") else 0
+    return {"total_bytes": total, "expert_bytes": expert, "expert_weights": weights}
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def load_tokenizer(path: "str | Path"):
     """The tokenizer saved in a checkpoint folder, or None when the base model had none."""
     from transformers import AutoTokenizer

@@ -244,7 +244,7 @@ def _bench(args) -> None:
 
     import torch
 
-    from mxmoe.checkpoint import check_base, load_quantized, read_manifest
+    from mxmoe.checkpoint import check_base, load_quantized, read_manifest, stored_bytes
     from mxmoe.models import load_model
     from mxmoe.models.smollm2 import device_name
     from mxmoe.throughput import prefill, weight_memory
@@ -266,11 +266,15 @@ def _bench(args) -> None:
             print(f"{label:<10} {r['tokens']:>6} tokens  {r['tokens_per_s']:>10.1f} tokens/s  weights "
                   f"{mem['total_bytes'] / 2**20:8.1f} MiB (experts {mem['expert_bytes'] / 2**20:.1f} MiB, "
                   f"{mem['expert_bytes'] / mem['expert_bf16_bytes']:.3f}x bf16)")
+    disk = stored_bytes(args.name)
+    print(f"on disk: {disk['total_bytes'] / 2**20:.1f} MiB, of which the stored expert blocks {disk['expert_bytes'] / 2**20:.1f} "
+          f"MiB ({disk['expert_bytes'] / (2 * disk['expert_weights']):.3f}x the same weights in bf16)")
     print(f"measured on {where}")
     if args.out:
         from mxmoe.paths import write_json_atomic
 
-        write_json_atomic(args.out, {"checkpoint": str(args.name), "base": base_name, "device": where, "rows": rows})
+        write_json_atomic(args.out, {"checkpoint": str(args.name), "base": base_name, "device": where, "rows": rows,
+                                     "disk": disk})
         print(f"written to {args.out}")
 
 
