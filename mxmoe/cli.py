@@ -240,8 +240,6 @@ def _generate(args) -> None:
 
 
 def _bench(args) -> None:
-    import json as _json
-
     import torch
 
     from mxmoe.checkpoint import check_base, load_quantized, read_manifest, stored_bytes

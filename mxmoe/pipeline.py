@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
-
-import mxmoe
 from mxmoe.errors import MxMoEError
-from mxmoe.schemes import HOPPER_SCHEMES, SCHEME_SETS, Scheme, scheme_set
+from mxmoe.schemes import HOPPER_SCHEMES, SCHEME_SETS, scheme_set
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's parser reads this module's choices
+    import torch
 
 METHODS = ("gptq-had", "gptq", "rtn")
 GRANULARITIES = ("block", "expert")
@@ -78,6 +78,8 @@ class Recipe:
 
 def target_gpu(gpu: "str | None") -> str:
     """The cost-table key: ``gpu`` if given, else the local CUDA GPU's, else nvidia_h100."""
+    import torch
+
     from mxmoe.perfmodel import gpu_key
 
     if gpu:
@@ -92,6 +94,8 @@ def check_recipe(rec: Recipe) -> tuple:
     exist or is test/task data, schemes the kernel cannot run, a budget below the smallest
     achievable bits, a GPU without cost table.
     """
+    import torch
+
     from mxmoe.kernels.pack import check_kernel_scheme
     from mxmoe.perfmodel import load_table
 
@@ -118,7 +122,7 @@ def check_recipe(rec: Recipe) -> tuple:
         except ValueError as e:
             raise MxMoEError(f"{e}; the checkpoint must run in the kernel") from None
     bits = sorted(s.bits_per_weight for s in schemes)
-    if not np.isfinite(rec.wbits) or rec.wbits < bits[0]:
+    if not math.isfinite(rec.wbits) or rec.wbits < bits[0]:
         raise MxMoEError(f"no allocation meets --wbits {rec.wbits:g}: with these schemes the smallest achievable "
                          f"is {bits[0]:g} bits per weight and the largest {bits[-1]:g}")
     gpu = target_gpu(rec.gpu)
@@ -140,8 +144,10 @@ def check_calib_file(path: str) -> Path:
     return p
 
 
-def calibration(rec: Recipe, tokenizer, vocab_size: int) -> tuple[torch.Tensor, str]:
+def calibration(rec: Recipe, tokenizer, vocab_size: int) -> "tuple[torch.Tensor, str]":
     """Calibration windows [n, seqlen] and their tag; a model without a tokenizer takes only ``random``."""
+    import torch
+
     from mxmoe.data import calibration_windows, tokenize_text
     from mxmoe.profiles import random_windows
 
@@ -183,6 +189,8 @@ def routing_from_sensitivity(sens: dict, blocks: list, batch_tokens: int, tag: s
     first); those are exactly ``profile_routing``'s counts on the same windows. Returns the dict
     ``mxmoe.allocate.layer_problem`` takes as ``routing``.
     """
+    import numpy as np
+
     from mxmoe.routing import batch_workload
 
     counts = np.array([sens["layers"][str(b.layer)]["tokens"][: b.num_experts] for b in blocks])  # [layers, E]
@@ -194,6 +202,8 @@ def routing_from_sensitivity(sens: dict, blocks: list, batch_tokens: int, tag: s
 
 def _allocate(model, rec: Recipe, schemes, table, sens: dict, rout: dict, name: str, progress: bool) -> tuple:
     """(scheme map, allocation_doc) of the ILP over every MoE layer."""
+    from tqdm.auto import tqdm
+
     from mxmoe.allocate import InfeasibleBudget, allocation_doc, layer_problem, model_dims, scheme_map, solve_layer, solve_model
 
     dims = model_dims(model)
@@ -248,6 +258,9 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
     cache lives under ``cache`` (default ``<mxmoe cache>/quantize``). Returns a ``QuantizeResult``;
     the model ends fake-quantized, exactly what the checkpoint stores.
     """
+    import torch
+
+    import mxmoe
     from mxmoe.baselines import average_bits
     from mxmoe.checkpoint import check_out_dir, save_checkpoint, weights_sha256
     from mxmoe.models.blocks import moe_blocks

@@ -53,7 +53,7 @@ def test_sensitivity_cache_resumes_per_layer(tmp_path):
 def test_model_budget_and_expert_granularity(tmp_path):
     _, res = run(tmp_path, name="tiny-mixtral", method="rtn", budget="model", granularity="expert", wbits=3.5)
     assert res.manifest["bits"]["weight"] <= 3.5 + 1e-9
-    for (layer, e, block), s in res.scheme_map.items():  # one scheme per expert
+    for (layer, e, _), s in res.scheme_map.items():  # one scheme per expert
         assert s == res.scheme_map[layer, e, "gate"]
 
 
