@@ -157,12 +157,14 @@ def _parse_expert(text: str):
 # ---- writing ---------------------------------------------------------------------------------------
 
 
-def checkpoint_tensors(model: nn.Module, scheme_map: dict, int_weights: dict) -> tuple[dict, dict]:
+def checkpoint_tensors(model: nn.Module, scheme_map: dict, int_weights: dict,
+                       dtype: "torch.dtype | None" = None) -> tuple[dict, dict]:
     """(tensors to store, tied names {dropped: kept}) of a quantized model.
 
     ``scheme_map`` {(layer, expert, block): Scheme}; ``int_weights`` the IntWeight of every quantized
     key (as the model holds the weight). Fused routed experts are stored per block; quantized linear
-    blocks (shared experts) replace their ``.weight``.
+    blocks (shared experts) replace their ``.weight``. ``dtype``: full-precision weights are stored in
+    it (default: as the model holds them); codes, scales and zero points never change.
     """
     plan = {k: Scheme.parse(s) for k, s in scheme_map.items()}
     missing = [k for k, s in plan.items() if not s.is_full_precision and k not in int_weights]
@@ -178,7 +180,7 @@ def checkpoint_tensors(model: nn.Module, scheme_map: dict, int_weights: dict) ->
                     s = plan.get((b.layer, e, name))
                     key = block_key(b.layer, e, name)
                     if s is None or s.is_full_precision:
-                        out[f"{key}.weight"] = b.expert_weight(e, name).detach().contiguous()
+                        out[f"{key}.weight"] = _as(b.expert_weight(e, name).detach(), dtype)
                     else:
                         out.update({f"{key}.{t}": v for t, v in block_tensors(int_weights[b.layer, e, name]).items()})
         linears = [(e, i, _mlp_linear(m, n), n) for i, m in enumerate(b.shared) for e in [f"shared{i}"] for n in BLOCKS]
@@ -199,8 +201,13 @@ def checkpoint_tensors(model: nn.Module, scheme_map: dict, int_weights: dict) ->
             tied[n] = seen[ptr]
             continue
         seen[ptr] = n
-        out[n] = t.detach().contiguous()
+        out[n] = _as(t.detach(), dtype)
     return {k: v.cpu() for k, v in out.items()}, tied
+
+
+def _as(t: torch.Tensor, dtype: "torch.dtype | None") -> torch.Tensor:
+    """A contiguous full-precision tensor in ``dtype`` (unchanged when None or not floating point)."""
+    return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
 
 
 def _shards(tensors: dict, shard_bytes: int) -> list:
@@ -233,19 +240,20 @@ def check_out_dir(out: "str | Path", overwrite: bool = False) -> Path:
 
 def save_checkpoint(out: "str | Path", model: nn.Module, scheme_map: dict, int_weights: dict, manifest: dict, *,
                     base_config=None, tokenizer=None, shard_bytes: int = SHARD_BYTES, overwrite: bool = False,
-                    progress: bool = True) -> Path:
+                    dtype: "torch.dtype | None" = None, progress: bool = True) -> Path:
     """Write a quantized model as an mxmoe checkpoint folder ``out``, atomically; returns the path.
 
     ``manifest``: the recipe fields of mxmoe.json (format, version and the scheme rows are added
     here). ``base_config``: the base model's config as it was before quantization (default: the
-    model's). Writes ``.out.tmp-<pid>`` beside ``out`` and renames it; on any error nothing is left.
+    model's). ``dtype``: of the full-precision weights (default: the model's; bfloat16 halves an
+    fp32 model's non-expert bytes, and the loaded logits then differ by bf16 rounding). Writes ``.out.tmp-<pid>`` beside ``out`` and renames it; on any error nothing is left.
     """
     from safetensors.torch import save_file
 
     from mxmoe.quant.apply import scheme_map_to_rows
 
     out = check_out_dir(out, overwrite)
-    tensors, tied = checkpoint_tensors(model, scheme_map, int_weights)
+    tensors, tied = checkpoint_tensors(model, scheme_map, int_weights, dtype)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -211,7 +211,7 @@ def _quantize(args) -> None:
     res = quantize(model, tok, wbits=args.wbits, abits=args.abits, r=args.r, method=args.method,
                    granularity=args.granularity, budget=args.budget, calib=args.calib, calib_windows=args.calib_windows,
                    seqlen=args.seqlen, seed=args.seed, gpu=args.gpu, batch_tokens=args.batch_tokens, schemes=args.schemes,
-                   base_id=args.name, out=args.out, overwrite=args.overwrite)
+                   base_id=args.name, out=args.out, overwrite=args.overwrite, save_dtype=args.save_dtype)
     m = res.manifest
     counts: dict = {}
     for s in res.scheme_map.values():
@@ -363,7 +363,7 @@ def validate(args) -> None:
 
 def _add_checkpoint_commands(stages) -> None:
     """The quantize, generate and bench subcommands."""
-    from mxmoe.pipeline import ABITS, BUDGETS, GPUS, GRANULARITIES, METHODS
+    from mxmoe.pipeline import ABITS, BUDGETS, GPUS, GRANULARITIES, METHODS, SAVE_DTYPES
 
     q = stages.add_parser("quantize", help="MxMoE end to end: routing, sensitivity, allocation, GPTQ -> a checkpoint folder")
     q.add_argument("name", metavar="MODEL", help="zoo name, Hugging Face id or local model folder")
@@ -390,6 +390,8 @@ def _add_checkpoint_commands(stages) -> None:
                    "(hopper, weight_only, w5a5) or comma-separated schemes")
     q.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write (atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing mxmoe checkpoint at DIR")
+    q.add_argument("--save-dtype", default=None, choices=SAVE_DTYPES, help="type of the full-precision weights in DIR "
+                   "(default: as loaded, float32; bfloat16 halves them)")
     q.set_defaults(func=_quantize)
 
     g = stages.add_parser("generate", help="greedy generation, streamed token by token")

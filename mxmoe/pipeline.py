@@ -46,6 +46,7 @@ ABITS = {
     4: tuple(s for s in HOPPER_SCHEMES if s.a_bits == 4),
 }
 GPUS = ("nvidia_h100", "nvidia_h200")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -249,13 +250,15 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
              granularity: str = "block", budget: str = "layer", calib: str = "wikitext2", calib_windows: int = 8,
              seqlen: int = 512, seed: int = 0, gpu: "str | None" = None, batch_tokens: int = 512,
              schemes: "str | None" = None, base_id: str = "model", out: "str | Path | None" = None,
-             overwrite: bool = False, cache: "str | Path | None" = None, progress: bool = True) -> QuantizeResult:
+             overwrite: bool = False, cache: "str | Path | None" = None, save_dtype: "str | None" = None,
+             progress: bool = True) -> QuantizeResult:
     """MxMoE-quantize ``model`` in place (routing → sensitivity → allocation → GPTQ/RTN) and save it to ``out``.
 
     ``wbits``: mean weight bits of the expert blocks (the paper's accounting); ``abits``: activation
     width (16, 8, 5 or 4, see the module doc); ``r``: 1 favours accuracy, 0 speed; ``budget``: per
     layer or one for the whole model. ``base_id`` names the model in mxmoe.json. The sensitivity
-    cache lives under ``cache`` (default ``<mxmoe cache>/quantize``). Returns a ``QuantizeResult``;
+    cache lives under ``cache`` (default ``<mxmoe cache>/quantize``). ``save_dtype`` (float32, bfloat16,
+    float16) stores the full-precision weights in that type (default: the model's). Returns a ``QuantizeResult``;
     the model ends fake-quantized, exactly what the checkpoint stores.
     """
     import torch
@@ -272,6 +275,8 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
     rec = Recipe(wbits, abits, r, method, granularity, budget, calib, calib_windows, seqlen, seed, gpu, batch_tokens,
                  schemes)
     candidates, table = check_recipe(rec)
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+        raise MxMoEError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     if out is not None:
         check_out_dir(out, overwrite)
     times: dict = {}
@@ -326,11 +331,13 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
         "online_hadamard": hadamard, "rotation_seed": seed if hadamard else None, "rtn_fallbacks": fallbacks,
         "config_overrides": overrides, "mxmoe_version": mxmoe.__version__, "torch": torch.__version__,
         "stage_seconds": {k: round(v, 2) for k, v in times.items()},
+        "saved_dtype": save_dtype or str(next(model.parameters()).dtype).replace("torch.", ""),
     }
     result = QuantizeResult(model, plan, int_weights, manifest, times)
     if out is not None:
         t0 = time.perf_counter()
         result.out = save_checkpoint(out, model, plan, int_weights, manifest, base_config=base_config,
-                                     tokenizer=tokenizer, overwrite=overwrite, progress=progress)
+                                     tokenizer=tokenizer, overwrite=overwrite, progress=progress,
+                                     dtype=getattr(torch, save_dtype) if save_dtype else None)
         times["save"] = time.perf_counter() - t0
     return result

@@ -253,3 +253,15 @@ def test_smollm2_moe_round_trip(tmp_path):
     # weight-only blocks alone match to 1e-6; with 4-bit and fp8 activations one code that rounds the other way
     # in a late MoE layer moves the logits by ~1e-3 (measured 9.3e-4: the paths sum in different orders)
     assert tok2 is not None and float((got - want).norm() / want.norm()) < 5e-3
+
+
+def test_full_precision_weights_can_be_saved_in_bf16(tmp_path):
+    from safetensors import safe_open
+
+    model, out = quantized_checkpoint("tiny-qwen3-moe", tmp_path / "ck", dtype=torch.bfloat16)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+        assert f.get_tensor("mxmoe.1.7.gate.scale").dtype == torch.float16  # g128 scales stay 16-bit
+    with torch.no_grad():
+        want, got = model(ids()).logits, load_quantized(out, device="cpu")(ids()).logits
+    assert 1e-6 < float((got - want).norm() / want.norm()) < 2e-2  # bf16 rounding of the float weights only
