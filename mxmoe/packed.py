@@ -75,6 +75,7 @@ class PackedBlock(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
 
     def extra_repr(self) -> str:
+        """Scheme and shape, for ``print(model)``."""
         return f"{self.scheme}, n={self.n}, k={self.k}"
 
 
@@ -171,6 +172,11 @@ class QuantLinear(nn.Module):
         self.online_hadamard = online_hadamard
         self._cache: dict = {}
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A meta tensor [N, K]: the shape of the packed weight, for code that reads ``Linear.weight.shape``."""
+        return torch.empty(self.out_features, self.in_features, device="meta")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N]."""
         shape = x.shape
@@ -191,6 +197,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
+        """Shape, scheme and rotation, for ``print(model)``."""
         return f"in={self.in_features}, out={self.out_features}, scheme={self.block.scheme}, hadamard={self.online_hadamard}"
 
 

@@ -114,3 +114,8 @@ def test_missing_out_is_an_argparse_error():
     with pytest.raises(SystemExit) as e:
         main(["quantize", "tiny-mixtral", "--wbits", "3"])
     assert e.value.code == 2
+
+
+def test_model_info_on_a_checkpoint(checkpoint, capsys):
+    assert main(["model", "info", str(checkpoint)]) == 0
+    assert "experts (routed + shared)  8 + 0" in capsys.readouterr().out
