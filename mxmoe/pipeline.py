@@ -126,13 +126,11 @@ def check_recipe(rec: Recipe) -> tuple:
     if not math.isfinite(rec.wbits) or rec.wbits < bits[0]:
         raise MxMoEError(f"no allocation meets --wbits {rec.wbits:g}: with these schemes the smallest achievable "
                          f"is {bits[0]:g} bits per weight and the largest {bits[-1]:g}")
-    gpu = target_gpu(rec.gpu)
-    table = load_table(gpu)
-    if torch.cuda.is_available() and rec.gpu is None:
+    if torch.cuda.is_available() and rec.gpu is None:  # for this machine's GPU: it must run every candidate
         from mxmoe.checkpoint import check_capability
 
         check_capability(schemes, torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
-    return schemes, table
+    return schemes, load_table(target_gpu(rec.gpu))
 
 
 def check_calib_file(path: str) -> Path:

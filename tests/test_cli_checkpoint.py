@@ -119,3 +119,26 @@ def test_missing_out_is_an_argparse_error():
 def test_model_info_on_a_checkpoint(checkpoint, capsys):
     assert main(["model", "info", str(checkpoint)]) == 0
     assert "experts (routed + shared)  8 + 0" in capsys.readouterr().out
+
+
+@pytest.fixture
+def a100(monkeypatch):
+    """Pretend this machine has a GPU of compute capability 8.0 (no fp8 tensor cores)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+
+
+def test_fp8_schemes_on_a_pre_sm89_gpu(a100, no_model_loads, tmp_path, capsys):
+    assert main(["quantize", "tiny-mixtral", "--wbits", "8", "--abits", "8", "--out", str(tmp_path / "q")]) == 2
+    assert "needs fp8 tensor cores (sm_89 or newer); NVIDIA A100-SXM4-80GB is sm_80" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_fp8_checkpoint_does_not_load_on_a_pre_sm89_gpu(a100, tmp_path, capsys):
+    from test_checkpoint import quantized_checkpoint  # its MIX allocation has fp8 blocks
+
+    _, out = quantized_checkpoint("tiny-mixtral", tmp_path / "ck")
+    assert main(["generate", str(out), "hi", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "scheme 'w8a8_g-1_sym_fp8' needs fp8 tensor cores" in err and err.count("\n") == 1
