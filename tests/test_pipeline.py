@@ -98,3 +98,20 @@ def test_routing_read_off_the_sensitivity_pass_equals_profile_routing():
     rout = routing_from_sensitivity(sens, moe_blocks(model), 512, "random")
     assert rout["counts"] == profile_routing(model, windows).tolist() and rout["tokens"] == 64
     assert [sum(row) for row in rout["workloads"]["512"]] == [512 * 2] * len(rout["layers"])
+
+
+def test_gptq_hands_back_the_int_weights_the_model_holds():
+    from mxmoe.models.blocks import moe_blocks
+    from mxmoe.profiles import random_windows
+    from mxmoe.quant.apply import block_weight, uniform_scheme_map
+    from mxmoe.quant.sequential import quantize_model_gptq
+
+    model = fresh("tiny-olmoe")
+    plan = uniform_scheme_map(model, "w3a16_g-1_asym")
+    got: dict = {}
+    quantize_model_gptq(model, random_windows(512, 2, 32, 0), plan, hadamard=True, int_weights=got, min_tokens=4,
+                        progress=False)
+    assert set(got) == set(plan)
+    blocks = {b.layer: b for b in moe_blocks(model)}
+    for (layer, e, name), iw in got.items():  # down as the model holds it: rotated for the online Hadamard
+        assert torch.equal(iw.dequantize(), block_weight(blocks[layer], e, name).float()), (layer, e, name)
