@@ -115,3 +115,25 @@ def test_gptq_hands_back_the_int_weights_the_model_holds():
     blocks = {b.layer: b for b in moe_blocks(model)}
     for (layer, e, name), iw in got.items():  # down as the model holds it: rotated for the online Hadamard
         assert torch.equal(iw.dequantize(), block_weight(blocks[layer], e, name).float()), (layer, e, name)
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer: one id per character."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 500 for c in text]}
+
+
+def test_calibration_from_a_text_file(tmp_path):
+    from mxmoe.pipeline import calibration
+
+    text = "".join(chr(97 + i % 26) for i in range(3000)) + "\n"
+    (tmp_path / "mine.txt").write_text(text)
+    windows, tag = calibration(Recipe(3.0, calib=str(tmp_path / "mine.txt"), calib_windows=3, seqlen=100),
+                               _CharTokenizer(), 512)
+    assert tuple(windows.shape) == (3, 100) and tag == "file-mine.txt-n3-s100-seed0"
+    ids = torch.tensor(_CharTokenizer()(text)["input_ids"])
+    for w in windows:  # every window is a slice of the file's tokens
+        assert any(torch.equal(ids[s : s + 100], w) for s in range(len(ids) - 100))
+    with pytest.raises(MxMoEError, match="fewer than one window"):
+        calibration(Recipe(3.0, calib=str(tmp_path / "mine.txt"), seqlen=5000), _CharTokenizer(), 512)
