@@ -2,7 +2,7 @@
 
 Layout of ``DIR``::
 
-    config.json                          the base model's config, unchanged
+    config.json                          the base model's config, unchanged (+ generation_config.json)
     mxmoe.json                           format, version, base model (id, sha256 of its weights), the scheme of
                                          every (layer, expert, block), bits achieved, recipe, cost table, package
     model.safetensors                    or model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -260,6 +260,8 @@ def save_checkpoint(out: "str | Path", model: nn.Module, scheme_map: dict, int_w
     try:
         config = copy.deepcopy(base_config if base_config is not None else model.config)
         config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:  # eos / pad ids and sampling defaults
+            model.generation_config.save_pretrained(tmp)
         groups = _shards(tensors, shard_bytes)
         files = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                                     for i in range(len(groups))]
@@ -458,6 +460,10 @@ def load_quantized(path: "str | Path", device=None, dtype: "torch.dtype | None" 
     still = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still:
         raise CheckpointError(f"{path.name}: no stored tensor for {len(still)} weights, e.g. {still[:3]}")
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.to(device)
     model.set_experts_implementation(register())
     model.eval()
