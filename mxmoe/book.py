@@ -26,8 +26,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from mxmoe.book_check import find_chromium, page_noise
 from mxmoe.bench.runs import COUNTED
+from mxmoe.book_check import find_chromium, page_noise
 from mxmoe.env import COST_TABLES, REPO_ROOT
 from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir
 from mxmoe.profiles import default_profile
@@ -46,7 +46,6 @@ def executed_notebooks(root: Path, model: str) -> list[Path]:
 
 def book_profile() -> str:
     """The run a book shows by default: the full (GPU) run when its executed notebooks exist, else this machine's default."""
-
     return "full" if executed_notebooks(resolve_results_dir("full"), default_model("full")) else default_profile()
 
 
@@ -210,7 +209,6 @@ def _evaluation_devices(runs: Path) -> list[dict]:
 
 def write_runs_page(src: Path, root: Path, model: str) -> Path:
     """``src/runs.md``: every stage run (from the stamps), every result file's provenance, disk use, versions."""
-
     nb_dir = root / model_dirname(model) / "notebooks"
     stages = []
     for s in STAGES:
@@ -283,7 +281,6 @@ def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
 
 class _ArticleText(html.parser.HTMLParser):
     """The text of a Sphinx page's ``<article>`` (the main column), without scripts and styles."""
-
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.depth = 0
@@ -357,9 +354,9 @@ def print_pdf(page: Path, dest: Path, chromium: str) -> Path:
     The book's print CSS (``book/_static/mxmoe.css``) leaves out folded code and the sidebars; any request
     to the network is blocked, so the PDF shows exactly what the offline HTML shows.
     """
-    from playwright.sync_api import sync_playwright
-
     from urllib.parse import urlsplit
+
+    from playwright.sync_api import sync_playwright
 
     from mxmoe.book_check import CHROMIUM_ARGS, LOCAL_SCHEMES
 

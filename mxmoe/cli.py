@@ -22,10 +22,11 @@ def _model_build(args) -> None:
 
 
 def _model_info(args) -> None:
-    from mxmoe.models import load_model, moe_blocks
+    from mxmoe.checkpoint import open_model
+    from mxmoe.models import moe_blocks
     from mxmoe.paths import results_dir
 
-    model, _ = load_model(args.name, build=False)
+    model, _ = open_model(args.name, build=False)
     blocks = moe_blocks(model)
     b = blocks[0]
     params = sum(p.numel() for p in model.parameters())
@@ -58,10 +59,10 @@ def _model_info(args) -> None:
 
 
 def _eval_ppl(args) -> None:
+    from mxmoe.checkpoint import open_model
     from mxmoe.metrics import eval_windows, perplexity
-    from mxmoe.models import load_model
 
-    model, tok = load_model(args.name)
+    model, tok = open_model(args.name)
     if tok is None:
         raise MxMoEError(f"{args.name} has no tokenizer (random tiny model): perplexity on text needs a real model")
     windows = eval_windows(tok, args.seqlen, args.windows, dataset=args.dataset)
@@ -72,14 +73,14 @@ def _eval_ppl(args) -> None:
 def _eval_zeroshot(args) -> None:
     import time
 
+    from mxmoe.checkpoint import open_model
     from mxmoe.data import TASKS
     from mxmoe.env import device_name
     from mxmoe.files import write_json_atomic
-    from mxmoe.models import load_model
     from mxmoe.zeroshot import check_args, evaluate_tasks, record
 
     tasks = check_args(args.tasks or TASKS, args.limit)
-    model, tok = load_model(args.name, build=False)
+    model, tok = open_model(args.name, build=False)
     start = time.perf_counter()
     results = evaluate_tasks(model, tok, tasks, limit=args.limit, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
@@ -92,11 +93,11 @@ def _eval_zeroshot(args) -> None:
 
 
 def _routing_profile(args) -> None:
+    from mxmoe.checkpoint import open_model
     from mxmoe.metrics import eval_windows
-    from mxmoe.models import load_model
     from mxmoe.routing import profile_routing, skew
 
-    model, tok = load_model(args.name)
+    model, tok = open_model(args.name)
     counts = profile_routing(model, eval_windows(tok, args.seqlen, args.windows, dataset=args.dataset))
     for layer, (row, s) in enumerate(zip(counts, skew(counts))):
         print(f"MoE layer {layer:2d}: max/min {s:6.1f}  tokens per expert {row.tolist()}")
@@ -154,15 +155,13 @@ def _run_module(module: str, argv: list) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser: one subcommand per pipeline stage, the apps and the benchmarks."""
-    p = argparse.ArgumentParser(prog="mxmoe", description="MxMoE on Hopper: mixed-precision MoE quantization.")
-    stages = p.add_subparsers(dest="stage", required=True,
-                              metavar="{model,eval,routing,sensitivity,reproduce,book,claims,prewarm,bench}")
+    """The argument parser: one subcommand per pipeline stage, the checkpoint commands, the apps and the benchmarks."""
+    p = argparse.ArgumentParser(prog="mxmoe", description="MxMoE on Hopper: mixed-precision MoE quantization.",
+                                epilog="benchmarks: " + "; ".join(f"mxmoe bench {n}: {t}" for n, (_, t) in BENCHMARKS.items()))
+    stages = p.add_subparsers(dest="stage", required=True, metavar="{model,eval,routing,sensitivity,quantize,generate,"
+                              "bench,reproduce,book,claims,prewarm}")
     for name, (_, text) in TOOLS.items():  # listed for --help; main() hands their arguments over
         stages.add_parser(name, help=text)
-    bench = stages.add_parser("bench", help="kernel and solver benchmarks").add_subparsers(dest="action", required=True)
-    for name, (_, text) in BENCHMARKS.items():
-        bench.add_parser(name, help=text)
 
     model = stages.add_parser("model", help="build or describe a model").add_subparsers(dest="action", required=True)
     b = model.add_parser("build", help="build the embedded smollm2-moe into the cache (about 10 min on 2 CPU cores)")
@@ -212,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     sens.add_argument("--seqlen", type=int, default=512)
     sens.add_argument("--seed", type=int, default=0)
     sens.set_defaults(func=_sensitivity)
+    _add_checkpoint_commands(stages)
     return p
 
 
@@ -223,14 +223,228 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) > 1 and argv[0] == "bench" and argv[1] in BENCHMARKS:
         return _run_module(BENCHMARKS[argv[1]][0], argv[2:])
     args = parser().parse_args(argv)
-    if getattr(args, "windows", None) == 0:
-        args.windows = None
     try:
+        validate(args)
+        if getattr(args, "windows", None) == 0:
+            args.windows = None
         args.func(args)
     except MxMoEError as e:
         print(f"mxmoe: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# ---- quantized checkpoints (quantize, generate, bench) and flag validation before any model loads ----
+
+
+def _quantize(args) -> None:
+    from mxmoe.checkpoint import open_model
+    from mxmoe.pipeline import quantize
+
+    model, tok = open_model(args.name)
+    res = quantize(model, tok, wbits=args.wbits, abits=args.abits, r=args.r, method=args.method,
+                   granularity=args.granularity, budget=args.budget, calib=args.calib, calib_windows=args.calib_windows,
+                   seqlen=args.seqlen, seed=args.seed, gpu=args.gpu, batch_tokens=args.batch_tokens, schemes=args.schemes,
+                   base_id=args.name, out=args.out, overwrite=args.overwrite, save_dtype=args.save_dtype)
+    m = res.manifest
+    counts: dict = {}
+    for s in res.scheme_map.values():
+        counts[str(s)] = counts.get(str(s), 0) + 1
+    print(f"{args.name}: {m['bits']['weight']:.3f} weight bits, {m['bits']['activation']:.2f} activation bits per expert "
+          f"weight; cost table {m['cost_table']['gpu']} ({m['cost_table']['device']})")
+    print("blocks per scheme: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.stage_seconds.items())
+          + f"; total {sum(res.stage_seconds.values()):.1f} s")
+    print(f"written to {res.out}")
+
+
+def _generate(args) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from mxmoe.checkpoint import open_model
+
+    model, tok = open_model(args.name, device=args.device)
+    if tok is None:
+        raise MxMoEError(f"{args.name} has no tokenizer (random tiny model): generation needs a real model")
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False,
+                       streamer=TextStreamer(tok), pad_token_id=tok.pad_token_id or tok.eos_token_id)
+
+
+def _bench(args) -> None:
+    import torch
+
+    from mxmoe.checkpoint import check_base, load_quantized, open_model, read_manifest, stored_bytes
+    from mxmoe.env import device_name
+    from mxmoe.throughput import prefill, weight_memory
+
+    doc = read_manifest(args.name)
+    base_name = args.base or doc["base"]["id"]
+    base, _ = open_model(base_name, build=False, device="cpu")
+    check_base(doc, base, base_name)
+    quant = load_quantized(args.name, args.device, torch.bfloat16)  # the same dtype as the base it is compared with
+    device = next(quant.parameters()).device
+    base = base.to(device, torch.bfloat16)
+    where = device_name() + ("" if device.type == "cuda" else ": a CPU measurement, the experts on the reference path")
+    rows = []
+    for label, model in (("bf16 base", base), ("mxmoe", quant)):
+        mem = weight_memory(model)
+        for tokens in args.tokens:
+            r = prefill(model, tokens, args.seqlen, args.repeats)
+            rows.append({"model": label, **mem, **r})
+            print(f"{label:<10} {r['tokens']:>6} tokens  {r['tokens_per_s']:>10.1f} tokens/s  weights "
+                  f"{mem['total_bytes'] / 2**20:8.1f} MiB (experts {mem['expert_bytes'] / 2**20:.1f} MiB, "
+                  f"{mem['expert_bytes'] / mem['expert_bf16_bytes']:.3f}x bf16)")
+    disk = stored_bytes(args.name)
+    print(f"on disk: {disk['total_bytes'] / 2**20:.1f} MiB, of which the stored expert blocks {disk['expert_bytes'] / 2**20:.1f} "
+          f"MiB ({disk['expert_bytes'] / (2 * disk['expert_weights']):.3f}x the same weights in bf16)")
+    print(f"measured on {where}")
+    if args.out:
+        from mxmoe.files import write_json_atomic
+
+        write_json_atomic(args.out, {"checkpoint": str(args.name), "base": base_name, "device": where, "rows": rows,
+                                     "disk": disk})
+        print(f"written to {args.out}")
+
+
+def _positive(flag: str, value, zero_ok: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _positive(flag, v, zero_ok)
+        return
+    if value < 0 or (value == 0 and not zero_ok):
+        raise MxMoEError(f"{flag} must be {'0 or more' if zero_ok else 'a positive number'}, got {value}")
+
+
+def _check_model_arg(name: str, quantized: "bool | None" = None) -> None:
+    """Reject a model argument that cannot load, before anything is built: a missing folder, a folder that is
+    no model, a broken checkpoint; ``quantized`` True/False demands a checkpoint / a full-precision model."""
+    from pathlib import Path
+
+    from mxmoe.checkpoint import is_checkpoint, read_manifest
+    from mxmoe.models import zoo_names
+
+    path = Path(name).expanduser()
+    if path.exists():
+        if is_checkpoint(path):
+            read_manifest(path)
+            if quantized is False:
+                raise MxMoEError(f"{name} is a quantized mxmoe checkpoint; this command needs its full-precision base "
+                                 f"model ({read_manifest(path)['base']['id']})")
+        elif not (path / "config.json").is_file():
+            raise MxMoEError(f"{name} is neither an mxmoe checkpoint (no mxmoe.json) nor a model folder (no config.json)")
+        elif quantized:
+            read_manifest(path)  # names what is missing
+        return
+    if quantized:
+        read_manifest(path)
+    if name.startswith(("/", "./", "../", "~")):
+        raise MxMoEError(f"no such folder {name}")
+    if name not in zoo_names() and "/" not in name:
+        raise MxMoEError(f"unknown model {name!r}: use a zoo name ({', '.join(zoo_names())}), a Hugging Face id or a "
+                         "local folder (a model or an mxmoe checkpoint)")
+
+
+def _check_device(device: "str | None") -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MxMoEError("--device cuda: no CUDA GPU here; use --device cpu")
+
+
+def validate(args) -> None:
+    """Check every flag of a parsed command line before any model is loaded or built; MxMoEError on the first bad one."""
+    stage, action = args.stage, getattr(args, "action", None)
+    if stage == "model":
+        return
+    for flag in ("seqlen", "batch_size", "max_new_tokens", "repeats", "calib_windows", "batch_tokens"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag, None))
+    if hasattr(args, "windows"):  # 0 means the whole split where a split is read in order
+        _positive("--windows", args.windows, zero_ok=(stage, action) in (("eval", "ppl"), ("routing", "profile")))
+    if stage == "eval" and action == "zeroshot":
+        from mxmoe.data import TASKS
+        from mxmoe.zeroshot import check_args
+
+        check_args(args.tasks or TASKS, args.limit)
+    _check_device(getattr(args, "device", None))
+    if stage == "quantize":
+        from mxmoe.checkpoint import check_out_dir
+        from mxmoe.pipeline import Recipe, check_recipe
+
+        check_recipe(Recipe(args.wbits, args.abits, args.r, args.method, args.granularity, args.budget, args.calib,
+                            args.calib_windows, args.seqlen, args.seed, args.gpu, args.batch_tokens, args.schemes))
+        check_out_dir(args.out, args.overwrite)
+        _check_model_arg(args.name, quantized=False)
+    elif stage == "bench":
+        _positive("--tokens", args.tokens)
+        _check_model_arg(args.name, quantized=True)
+        if args.base:
+            _check_model_arg(args.base, quantized=False)
+    elif stage == "generate":
+        if not args.prompt.strip():
+            raise MxMoEError("the prompt is empty")
+        _check_model_arg(args.name)
+    elif stage == "sensitivity" or (stage, action) == ("routing", "corpora"):
+        _check_model_arg(args.name, quantized=False)
+    else:
+        _check_model_arg(args.name)
+
+
+def _add_checkpoint_commands(stages) -> None:
+    """The quantize, generate and bench subcommands."""
+    from mxmoe.pipeline import ABITS, BUDGETS, GPUS, GRANULARITIES, METHODS, SAVE_DTYPES
+
+    q = stages.add_parser("quantize", help="MxMoE end to end: routing, sensitivity, allocation, GPTQ -> a checkpoint folder")
+    q.add_argument("name", metavar="MODEL", help="zoo name, Hugging Face id or local model folder")
+    q.add_argument("--wbits", type=float, required=True, help="mean weight bits per expert weight, e.g. 3.25 "
+                   "(paper accounting: g128 adds 0.25)")
+    q.add_argument("--abits", type=int, default=16, choices=sorted(ABITS), help="activation bits: 16 weight-only; 8, 4: "
+                   "schemes with 8/4-bit activations; 5: the W5A5 mix of w4a4 and w8a8 (default 16)")
+    q.add_argument("--r", type=float, default=1.0, help="accuracy/speed trade-off of the allocation: 1 accuracy only, "
+                   "0 speed only (default 1)")
+    q.add_argument("--method", default="gptq-had", choices=METHODS, help="quantizer (default gptq-had: GPTQ after a "
+                   "random Hadamard rotation)")
+    q.add_argument("--granularity", default="block", choices=GRANULARITIES, help="one scheme per linear block "
+                   "(gate and up tied) or per expert")
+    q.add_argument("--budget", default="layer", choices=BUDGETS, help="the bit budget holds per layer or for the whole model")
+    q.add_argument("--calib", default="wikitext2", help="wikitext2 (train split), c4, a text FILE, or random "
+                   "(token ids, for tokenizer-less test models)")
+    q.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8; 128 on a GPU is usual)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--gpu", default=None, choices=GPUS, help="cost table of the GPU the model will run on "
+                   "(default: this machine's GPU, else nvidia_h100)")
+    q.add_argument("--batch-tokens", type=int, default=512, help="tokens per batch the allocation optimises for")
+    q.add_argument("--schemes", default=None, help="candidate schemes instead of the --abits set: a set name "
+                   "(hopper, weight_only, w5a5) or comma-separated schemes")
+    q.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write (atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing mxmoe checkpoint at DIR")
+    q.add_argument("--save-dtype", default=None, choices=SAVE_DTYPES, help="type of the full-precision weights in DIR "
+                   "(default: as loaded, float32; bfloat16 halves them)")
+    q.set_defaults(func=_quantize)
+
+    g = stages.add_parser("generate", help="greedy generation, streamed token by token")
+    g.add_argument("name", metavar="MODEL", help="a checkpoint DIR, zoo name, Hugging Face id or model folder")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: a CUDA GPU if there is one")
+    g.set_defaults(func=_generate)
+
+    b = stages.add_parser("bench", help="prefill tokens/s and weight memory of a checkpoint vs its bf16 base; "
+                          f"or a benchmark: {', '.join(BENCHMARKS)} (mxmoe bench NAME --help)")
+    b.add_argument("name", metavar="DIR", help="an mxmoe checkpoint folder")
+    b.add_argument("--tokens", type=int, nargs="+", default=[512, 8192], help="tokens per forward (default 512 8192)")
+    b.add_argument("--seqlen", type=int, default=512, help="tokens per sequence of a batch (default 512)")
+    b.add_argument("--repeats", type=int, default=3, help="timed forwards per size; the median is reported")
+    b.add_argument("--base", default=None, help="the full-precision model (default: the base named in mxmoe.json); "
+                   "its weights must be those the checkpoint was quantized from")
+    b.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: a CUDA GPU if there is one")
+    b.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    b.set_defaults(func=_bench)
 
 
 if __name__ == "__main__":

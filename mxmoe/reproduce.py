@@ -41,7 +41,6 @@ STAMP_VERSION = 1
 
 class NotebookFailed(MxMoEError):
     """A notebook raised: names the notebook, the failing cell and the saved partial notebook."""
-
     def __init__(self, stem: str, cell: str, partial: Path, error: str):
         self.stem, self.cell, self.partial, self.error = stem, cell, partial, error
         super().__init__(f"notebook {stem} failed in {cell}: {error}\n  partial notebook saved at {partial}")
@@ -168,7 +167,6 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
               only: "list[str] | None" = None, force: bool = False, extra: "dict | None" = None,
               stages=None, progress: "bool | None" = None, log=print, heartbeat: float = 60.0) -> list[StageResult]:
     """Run the stages in order; return what happened to each. Raises NotebookFailed on the first failure."""
-
     stages = STAGES if stages is None else stages
     profile = profile or default_profile()
     get_profile(profile)  # validates the name

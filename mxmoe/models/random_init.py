@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 def target_profile(num_experts: int, moe_layers: int, *, measured: "dict | None" = None, ratio: "float | None" = None,
                    seed: int = 0) -> dict:
     """Target share of routed tokens per expert, [moe_layers, num_experts] (rows sum to 1), and how it was made.

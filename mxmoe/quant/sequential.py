@@ -52,12 +52,14 @@ class GPTQReport:
 @torch.no_grad()
 def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadamard: bool = False, seed: int = 0,
                         rotation: "Rotation | None" = None, min_tokens: int = 16, progress: bool = True,
-                        **gptq_kw) -> GPTQReport:
+                        int_weights: "dict | None" = None, **gptq_kw) -> GPTQReport:
     """Quantize ``model`` in place with GPTQ per ``scheme_map`` {(layer, expert, block): Scheme} on ``windows`` [n, seqlen].
 
     ``hadamard`` rotates the residual stream first (``rotation`` or a random Hadamard from ``seed``)
     and the down_proj inputs online. ``gptq_kw`` go to ``gptq_quantize`` (blocksize, percdamp,
     act_order, ...). The model ends fake-quantized exactly as ``apply_schemes`` leaves it.
+    ``int_weights``, when given, receives the ``IntWeight`` of every quantized block keyed like the
+    scheme map (what a checkpoint stores; down weights as the model holds them, rotated with ``hadamard``).
     """
     start = time.time()
     blocks, plan = validate_scheme_map(model, scheme_map)
@@ -74,7 +76,7 @@ def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadam
             b = blocks[layer]
             x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
             before = len(report.rtn_fallbacks)
-            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw)
+            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights)
             if len(report.rtn_fallbacks) > before:
                 warnings.warn(f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
                               f"{min_tokens} calibration tokens and were quantized with RTN", stacklevel=2)
@@ -86,7 +88,7 @@ def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadam
 
 
 def _quantize_layer(b, experts: list, plan: dict, report: GPTQReport, rotate_down: bool, min_tokens: int,
-                    gptq_kw: dict) -> None:
+                    gptq_kw: dict, int_weights: "dict | None" = None) -> None:
     """GPTQ (or RTN fallback) of every expert's gate and up, then down, written into the model.
 
     Experts are independent within a layer, so gate and up of all experts, each with its own
@@ -122,6 +124,8 @@ def _quantize_layer(b, experts: list, plan: dict, report: GPTQReport, rotate_dow
                 w[name] = q.weight.dequantize()
                 set_block_weight(b, tokens.expert, name, w[name])
                 done[i, name] = q
+                if int_weights is not None:
+                    int_weights[b.layer, tokens.expert, name] = q.weight
     for i, (tokens, _, _, _) in enumerate(todo):  # report in expert, then block order
         for name in ("gate", "up", "down"):
             q = done.get((i, name))

@@ -141,7 +141,6 @@ def uniform_totals(problems: "list[LayerProblem]", scheme: str) -> "tuple[float,
 @dataclass
 class FrontResult:
     """The model's W5A5 front: the curve over r, the marked r points and the per-layer fronts' sizes."""
-
     curve_r: list
     curve: list  # (L, T ms) per r of curve_r
     picks: dict  # r -> (L, T ms)
