@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import FuncFormatter
 
 from mxmoe import paper
 from mxmoe.plots import figure
+
+
+def _tokens(x, _pos=None) -> str:
+    """Axis label of a token rate: 2.5M, 800k."""
+    return f"{x / 1e6:g}M" if abs(x) >= 1e6 else f"{x / 1e3:g}k" if abs(x) >= 1e3 else f"{x:g}"
 
 
 def fig5_throughput(df: pd.DataFrame):
@@ -27,6 +33,7 @@ def fig5_throughput(df: pd.DataFrame):
         ax.set(title=f"{batch} tokens (speedup vs {part.setting.iloc[0]}: "
                      f"{part.tokens_per_s.max() / base:.2f}× best)", xlabel="", ylabel="MoE-block throughput (tokens/s)")
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.yaxis.set_major_formatter(FuncFormatter(_tokens))
     fig.tight_layout()
     return fig
 
@@ -84,9 +91,10 @@ def fig6_tradeoff(df: pd.DataFrame, kind: str = "predicted"):
     ax = axes[0][0]
     df = df.sort_values("r")
     ax.plot(df.tokens_per_s, df.ppl, color="0.6", lw=0.8, zorder=1)
-    sns.scatterplot(df, x="tokens_per_s", y="ppl", hue="r", palette="viridis", s=50, ax=ax, zorder=2)
+    sns.scatterplot(df, x="tokens_per_s", y="ppl", hue="r", palette="viridis", s=50, ax=ax, zorder=2, legend=False)
     for _, row in df.iterrows():
         ax.annotate(f"r={row.r:g}", (row.tokens_per_s, row.ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set(xlabel=f"MoE-block throughput (tokens/s, {kind})", ylabel="WikiText-2 PPL (measured)",
-           title="accuracy vs performance as r varies")
+           title="accuracy vs performance as r varies (points labelled with r)")
+    ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
     return fig

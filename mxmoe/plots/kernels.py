@@ -304,20 +304,22 @@ def table6_summary(t6: pd.DataFrame) -> pd.DataFrame:
 
 
 def timer_comparison(docs: list) -> pd.DataFrame:
-    """GEMM time in µs by CUDA events vs CUDA-graph replays for the cases both kinds of run timed (empty if none)."""
+    """GEMM time in µs by CUDA events vs CUDA-graph replays for the cases both kinds of run timed (a one-line
+    note when the runs hold no such pair)."""
     from mxmoe.bench import runs
 
     ev = [d for d in docs if d.get("timer_kind", "events") == "events"
           and "smollm2-moe" in {r["model"] for r in d.get("results", [])}]
     cg = [d for d in docs if d.get("timer_kind") == "cudagraph"]
     if not (ev and cg):
-        return pd.DataFrame()
+        return pd.DataFrame({"note": ["no pair of event- and graph-timed runs among these results"]})
     a, b = runs.case_rows(ev[:1]), runs.case_rows(cg[:1])
     keep = ["torch_grouped_bf16", "ours_bf16", "ours_w4a16_g-1", "ours_w8a8_int8", "ours_mix4.25_w4a16+w8a8"]
     m = a.merge(b, on=["model", "gemm", "tokens", "variant"], suffixes=("_events", "_graph"))
     m = m[m.variant.isin(keep)]
     m["events µs"], m["graph µs"] = m.ms_events * 1e3, m.ms_graph * 1e3
-    return m.pivot_table(index=["model", "gemm", "tokens"], columns="variant", values=["events µs", "graph µs"]).round(0)
+    return m.pivot_table(index=["model", "gemm", "tokens"], columns="variant",
+                         values=["events µs", "graph µs"]).round(0).reset_index()
 
 
 def cost_table_summary(device: str) -> pd.DataFrame:
