@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mxmoe"
 
 LAYERS = {
-    "base": ["mxmoe.errors", "mxmoe.env", "mxmoe.files", "mxmoe.schemes", "mxmoe.plan"],
+    "base": ["mxmoe.errors", "mxmoe.env", "mxmoe.files", "mxmoe.schemes", "mxmoe.plan", "mxmoe.paper"],
     "data": ["mxmoe.data", "mxmoe.tasks", "mxmoe.metrics", "mxmoe.zeroshot"],
     "models": ["mxmoe.models"],
     "compute": ["mxmoe.quant", "mxmoe.kernels", "mxmoe.routing", "mxmoe.sensitivity", "mxmoe.perfmodel",

@@ -6,6 +6,7 @@ Each function returns a matplotlib figure; save it with ``mxmoe.plots.save(fig, 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
@@ -84,3 +85,14 @@ def front_plot(front_points: list, picks: dict, tokens: int, measured: "dict | N
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title)
     return fig
+
+
+def validation_table(perf_doc: dict) -> pd.DataFrame:
+    """The performance model's errors per benchmark run (``mxmoe.bench.validate.validation_report``): mixed cases,
+    median and max |relative error| on the mixed GEMMs, the same with the case's shape held out, and on uniform ones."""
+    return pd.DataFrame([{"bench": name, "mixed cases": d["all"]["n_mixed"],
+                          "median |err| mixed": d["all"]["mixed_median_abs_err"],
+                          "max |err| mixed": d["all"]["mixed_max_abs_err"],
+                          "median |err| mixed, holdout": d["holdout"]["mixed_median_abs_err"],
+                          "median |err| uniform": d["all"]["uniform_median_abs_err"]}
+                         for name, d in perf_doc["per_file"].items()]).set_index("bench")

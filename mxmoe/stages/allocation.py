@@ -131,6 +131,33 @@ def solve_setting(problems: "list[LayerProblem]", setting: plan.AllocationSettin
     return doc
 
 
+def solve_settings(problems: dict, profile: str) -> "tuple[dict, list[dict]]":
+    """Solve and write every allocation of ``mxmoe.plan.ALLOCATIONS`` (``problems``: scheme set -> layer
+    problems). Returns ({setting: document}, one summary row per setting: schemes, budget, r, predicted bits,
+    L, T and the solve time)."""
+    docs, summary = {}, []
+    for setting in plan.ALLOCATIONS:
+        doc = solve_setting(problems[setting.scheme_set], setting, profile)
+        docs[setting.name] = doc
+        summary.append({"setting": setting.name, "schemes": setting.scheme_set, "budget": setting.budget_bits,
+                        "r": setting.r, "bits": doc["predicted"]["bits"], "L": doc["predicted"]["L"],
+                        "T ms": doc["predicted"]["T_ms"], "T launch ms": doc["predicted"]["T_launch_ms"],
+                        "solve s": doc["solve_seconds"]})
+    return docs, summary
+
+
+def predicted_vs_uniform(problems: dict, docs: dict) -> dict:
+    """{label: (L, T ms)} of the uniform points and the allocations that notebook 04 compares."""
+    def pred(name):
+        return docs[name]["predicted"]["L"], docs[name]["predicted"]["T_ms"]
+    return {"uniform w8a8": uniform_totals(problems["w5a5"], "w8a8_g-1_sym"),
+            "uniform w4a4 g-1": uniform_totals(problems["w5a5"], "w4a4_g-1_sym"),
+            "mxmoe-w5a5 (per layer)": pred("mxmoe-w5a5"), "mxmoe-w5a5 (global budget)": pred("mxmoe-w5a5-global"),
+            "mxmoe-w5a5-expert": pred("mxmoe-w5a5-expert"),
+            "uniform w3a16 g128": uniform_totals(problems["weight_only"], "w3a16_g128_asym"),
+            "mxmoe-3.25 (per layer)": pred("mxmoe-3.25"), "mxmoe-3.25 (global budget)": pred("mxmoe-3.25-global")}
+
+
 def uniform_totals(problems: "list[LayerProblem]", scheme: str) -> "tuple[float, float]":
     """(L, T ms) of every block of every layer in one ``scheme`` (the uniform point an allocation is compared to)."""
     k = [str(s) for s in problems[0].schemes].index(scheme)
