@@ -75,8 +75,7 @@ STAGES = (
           reads=("{model}/model.json", "{model}/sensitivity/*.json", "{model}/routing/*.json", "{model}/alloc/*.json",
            "{model}/eval/*.json", "kernels/*.json", "kernels/NOTES.md", "@repo/mxmoe/claims/*.py", "@repo/mxmoe/paper.py",
            "@repo/docs/paper_results.json")),
-    Stage("07_paper_models", title="07 paper models", summary="full-size random-weight models:
-whole-model speed and memory",
+    Stage("07_paper_models", title="07 paper models", summary="full-size random-weight models:\nwhole-model speed and memory",
           reads=("@repo/results/paper-models/*.json", "@repo/results/paper-models/alloc/*.json",
                  "@repo/mxmoe/bench/paper_models.py", "@repo/mxmoe/plots/paper_models.py")),
 )
