@@ -95,8 +95,22 @@ def stage_key(nb_path: Path, params: dict, inputs: list[Path], root: "Path | Non
         "parameters": params,
         "inputs": {_input_name(p, root): file_hash(p) for p in inputs},
     }
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    return key, parts
+    return key_of(parts), parts
+
+
+def key_of(parts: dict) -> str:
+    """The stamp key of a stage's parts (``stage_key``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def key_after_run(before: dict, after: dict) -> "tuple[str, dict]":
+    """The stamp of a stage that just ran: the notebook and the repository's files as they were when it
+    started (an edit made during the run re-runs it next time), the result files as they are now (its own
+    writes included, so a stage that writes a file it also reads is stable)."""
+    repo = {k: v for k, v in before["inputs"].items() if k.startswith("@repo/")}
+    results = {k: v for k, v in after["inputs"].items() if not k.startswith("@repo/")}
+    parts = {**after, "notebook": before["notebook"], "inputs": {**results, **repo}}
+    return key_of(parts), parts
 
 
 @dataclass
@@ -195,7 +209,7 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
         nb_path = nb_dir / f"{stage.stem}.ipynb"
         out_path = out_dir / f"{stage.stem}.ipynb"
         stamp_path = out_dir / f"{stage.stem}.stamp.json"
-        key, _ = stage_key(nb_path, params, input_files(stage, root, model), root)
+        key, before = stage_key(nb_path, params, input_files(stage, root, model), root)
         stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
         tag = f"[{i}/{len(present)}] {stage.stem}"
         if not force and out_path.exists() and stamp.get("key") == key:
@@ -205,7 +219,7 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
         log(f"{tag}: running ... (total so far {time.time() - t_all:.0f} s)")
         stamp_path.unlink(missing_ok=True)
         seconds = run_stage(nb_path, out_path, params, nb_dir, progress, log, heartbeat)
-        key, parts = stage_key(nb_path, params, input_files(stage, root, model), root)  # after: own writes included
+        key, parts = key_after_run(before, stage_key(nb_path, params, input_files(stage, root, model), root)[1])
         write_json_atomic(stamp_path, {
             "key": key, "stage": stage.stem, "parameters": params, "seconds": round(seconds, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": _device(),

@@ -95,6 +95,17 @@ def test_stage_that_writes_what_it_reads_is_stable(env):
     assert [r.status for r in _run(nbs, stages)] == ["skipped"]
 
 
+def test_notebook_edited_during_its_run_runs_again(env):
+    nbs, _, _, fake = env
+    nb = _write_nb(nbs / "00_a.ipynb", "x = 1")
+    stages = (Stage("00_a"),)
+    fake.hooks["00_a"] = lambda: _write_nb(nb, "x = 2")  # the author saves an edit while the stage runs
+    assert [r.status for r in _run(nbs, stages)] == ["ran"]
+    fake.hooks.clear()
+    assert [r.status for r in _run(nbs, stages)] == ["ran"]
+    assert [r.status for r in _run(nbs, stages)] == ["skipped"]
+
+
 def test_missing_notebooks_are_reported_not_fatal(env):
     nbs, *_ = env
     _write_nb(nbs / "00_a.ipynb", "x = 1")
