@@ -945,3 +945,26 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def allocation_summary(models: list, gpu: str) -> "list[dict]":
+    """One row per committed allocation of ``models``: achieved bits, granularity, r, solve time and the
+    number of blocks per scheme (schemes by their short names, most used first)."""
+    rows = []
+    for m in models:
+        for setting, spec in SETTINGS.items():
+            if "alloc" not in spec:
+                continue
+            try:
+                _, d = load_allocation_map(m, setting, gpu)
+            except FileNotFoundError:
+                continue
+            counts: dict = {}
+            for r in d["rows"]:
+                counts[r["scheme"]] = counts.get(r["scheme"], 0) + 1
+            mix = ", ".join(f"{s.replace('_asym', '').replace('_sym', '')} {n}"
+                            for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            rows.append({"model": m, "setting": setting, "bits": round(d["predicted"]["bits"], 3),
+                         "granularity": d["granularity"], "r": d["r"], "solve s (CPU)": round(d["solve_seconds"], 1),
+                         "blocks per scheme": mix})
+    return rows
