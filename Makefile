@@ -18,7 +18,7 @@ RUN_ARGS := $(if $(PROFILE),--profile $(PROFILE)) $(if $(MODEL),--model $(MODEL)
 LAB_PORT ?= 8888
 LAB_IP ?= 127.0.0.1
 
-.PHONY: install test smoke reproduce book lab model clean-cache
+.PHONY: install test lint smoke reproduce book lab model clean-cache
 
 # The browser check of a built book: every page in headless Chromium (python -m mxmoe.book_check).
 # MXMOE_BROWSER_CHECK=skip skips it, saying so (.ci/run sets it where Chromium cannot be installed).
@@ -48,9 +48,14 @@ $(STAMP): requirements.txt pyproject.toml | $(if $(filter .venv/bin/python,$(PYT
 	fi
 	@touch $@
 
-test: install
+test: install lint
 	$(PYTHON) -m pytest tests
 	$(MAKE) --no-print-directory smoke PYTHON=$(PYTHON)
+
+# The formatter and the linter (ruff, configured in pyproject.toml): a change that is not formatted fails.
+lint: install
+	$(PYTHON) -m ruff format --check mxmoe tests
+	$(PYTHON) -m ruff check mxmoe tests
 
 # Every notebook under the smoke profile (tiny random MoE), a strict book build and the browser check of
 # every page, all in a temp folder: a broken notebook or a broken book fails CI. The folder is kept when

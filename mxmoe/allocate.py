@@ -64,9 +64,11 @@ class InfeasibleBudget(ValueError):
 
     def __init__(self, budget: float, smallest: float):
         self.budget, self.smallest = budget, smallest
-        super().__init__(f"bit budget {budget:g} bits/weight is infeasible: the smallest achievable budget with "
-                         f"these schemes is {smallest:g} bits/weight (every block at its fewest bits); "
-                         f"raise the budget to at least {smallest:g} or add lower-bit schemes")
+        super().__init__(
+            f"bit budget {budget:g} bits/weight is infeasible: the smallest achievable budget with "
+            f"these schemes is {smallest:g} bits/weight (every block at its fewest bits); "
+            f"raise the budget to at least {smallest:g} or add lower-bit schemes"
+        )
 
 
 @dataclass
@@ -124,9 +126,11 @@ def check_inputs(loss, time_, bits, size, labels=None) -> tuple:
         bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
         if len(bad):
             i, j, k = bad[0]
-            raise ValueError(f"{name} of {labels[i]}, block {BLOCK_NAMES[j]}, scheme index {k} is {arr[i, j, k]}: "
-                             f"losses and times must be finite and >= 0 ({len(bad)} bad entries); "
-                             "check the sensitivity / cost inputs of that block")
+            raise ValueError(
+                f"{name} of {labels[i]}, block {BLOCK_NAMES[j]}, scheme index {k} is {arr[i, j, k]}: "
+                f"losses and times must be finite and >= 0 ({len(bad)} bad entries); "
+                "check the sensitivity / cost inputs of that block"
+            )
     if not np.all(np.isfinite(bits)) or np.any(bits <= 0) or not np.all(np.isfinite(size)) or np.any(size <= 0):
         raise ValueError(f"bits per weight and expert sizes must be finite and > 0, got bits {bits}, size {size}")
     return loss, time_, bits, size
@@ -166,13 +170,16 @@ class _ILP:
         e, s = self.shape
         ng = len(self.groups)
         self.prob = pulp.LpProblem("mxmoe_alloc", pulp.LpMinimize)
-        self.x = [[[self.prob.add_variable(f"x_{i}_{g}_{k}", 0, 1, cat="Binary") for k in range(s)]
-                   for g in range(ng)] for i in range(e)]
+        self.x = [
+            [[self.prob.add_variable(f"x_{i}_{g}_{k}", 0, 1, cat="Binary") for k in range(s)] for g in range(ng)]
+            for i in range(e)
+        ]
         with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for 4.0; 3.3.2 is pinned
             warnings.simplefilter("ignore", DeprecationWarning)
             self.cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0)
-            self.tie_cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0, maxNodes=TIE_BREAK_NODES,
-                                             warmStart=True)
+            self.tie_cmd = pulp.PULP_CBC_CMD(
+                msg=False, gapRel=0.0, gapAbs=0.0, maxNodes=TIE_BREAK_NODES, warmStart=True
+            )
         flat = [(i, g, k) for i in range(e) for g in range(ng) for k in range(s)]
         for i in range(e):
             for g in range(ng):
@@ -198,10 +205,16 @@ class _ILP:
             self.unproven += 1
         elif status != "Optimal" or self.prob.sol_status != pulp.LpSolutionOptimal:
             raise RuntimeError(f"CBC ended with status {status} on an allocation problem")
-        return np.array([[[self.x[i][g][k].varValue or 0.0 for k in range(self.shape[1])]
-                          for g in range(len(self.groups))] for i in range(self.shape[0])]).argmax(2)  # [E, G]
+        return np.array(
+            [
+                [[self.x[i][g][k].varValue or 0.0 for k in range(self.shape[1])] for g in range(len(self.groups))]
+                for i in range(self.shape[0])
+            ]
+        ).argmax(2)  # [E, G]
 
-    def solve(self, wl: float, wt: float, cap_l: float = 2.0, cap_t: float = 2.0, tie_break: bool = False) -> "Point | None":
+    def solve(
+        self, wl: float, wt: float, cap_l: float = 2.0, cap_t: float = 2.0, tie_break: bool = False
+    ) -> "Point | None":
         """Minimise wl·L + wt·T (normalised) with L ≤ cap_l, T ≤ cap_t; None when infeasible."""
         pick = self._pick(wl, wt, cap_l, cap_t, tie_break)
         self.solves += 1
@@ -333,8 +346,18 @@ def _epsilon(m: _ILP, max_points: "int | None", step: float = 1e-6) -> list:
     return out
 
 
-def pareto_front(loss, time_, bits, size, budget_bits: float, tie_gate_up: bool = True, granularity: str = "block",
-                 method: str = "supported", labels=None, max_points: "int | None" = None) -> Front:
+def pareto_front(
+    loss,
+    time_,
+    bits,
+    size,
+    budget_bits: float,
+    tie_gate_up: bool = True,
+    granularity: str = "block",
+    method: str = "supported",
+    labels=None,
+    max_points: "int | None" = None,
+) -> Front:
     """The (L, T) Pareto front under the budget; ``Front.pick(r)`` gives the optimum for any r.
 
     ``method="supported"``: every supported point (exact for every r, see module doc);
@@ -356,8 +379,17 @@ def pareto_front(loss, time_, bits, size, budget_bits: float, tie_gate_up: bool 
     return Front([m.real(p) for p in pts], method, seconds, m.solves, m.unproven)
 
 
-def solve_layer(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_up: bool = True,
-                granularity: str = "block", labels=None) -> np.ndarray:
+def solve_layer(
+    loss,
+    time_,
+    bits,
+    size,
+    budget_bits: float,
+    r: float,
+    tie_gate_up: bool = True,
+    granularity: str = "block",
+    labels=None,
+) -> np.ndarray:
     """Scheme index per block, int array [E, 3] (0 gate, 1 up, 2 down), minimising L^r·T^(1-r) under the budget.
 
     See the module doc for the problem and why the answer is exact. r = 1: least loss (ties: least
@@ -366,8 +398,17 @@ def solve_layer(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_
     return solve_point(loss, time_, bits, size, budget_bits, r, tie_gate_up, granularity, labels).choice
 
 
-def solve_point(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_up: bool = True,
-                granularity: str = "block", labels=None) -> Point:
+def solve_point(
+    loss,
+    time_,
+    bits,
+    size,
+    budget_bits: float,
+    r: float,
+    tie_gate_up: bool = True,
+    granularity: str = "block",
+    labels=None,
+) -> Point:
     """``solve_layer`` returning the whole optimal Point (L, T, bits, choice)."""
     _check_r(r)
     loss, time_, bits, size = check_inputs(loss, time_, bits, size, labels)
@@ -377,8 +418,13 @@ def solve_point(loss, time_, bits, size, budget_bits: float, r: float, tie_gate_
         best = m.lexmin("L" if r == 1.0 else "T")
     else:
         best = _Search(m).best(r)
-    log.info("solve r=%g: %d CBC solves (%d tie-breaks unproven), %.2f s", r, m.solves, m.unproven,
-             time.perf_counter() - start)
+    log.info(
+        "solve r=%g: %d CBC solves (%d tie-breaks unproven), %.2f s",
+        r,
+        m.solves,
+        m.unproven,
+        time.perf_counter() - start,
+    )
     return m.real(best)
 
 
@@ -391,8 +437,15 @@ def stack_layers(problems: list) -> tuple:
     return loss, time_, size, splits
 
 
-def solve_model(problems: list, bits, budget_bits: float, r: float, tie_gate_up: bool = True,
-                granularity: str = "block", labels=None) -> tuple:
+def solve_model(
+    problems: list,
+    bits,
+    budget_bits: float,
+    r: float,
+    tie_gate_up: bool = True,
+    granularity: str = "block",
+    labels=None,
+) -> tuple:
     """One global budget over several layers: ``problems`` = [(loss, time, bits, size), ...] with the same schemes.
 
     The size-weighted budget then holds for the whole model, so bits can move between layers.
@@ -438,12 +491,23 @@ def model_dims(model) -> dict:
     """{'hidden', 'expert_width', 'shared_widths'} of a loaded MoE model (first MoE block)."""
     b = moe_blocks(model)[0]
     inter, hidden = b.expert_weight(0, "gate").shape
-    return {"hidden": int(hidden), "expert_width": int(inter),
-            "shared_widths": [int(b.shared_weight(i, "gate").shape[0]) for i in range(len(b.shared))]}
+    return {
+        "hidden": int(hidden),
+        "expert_width": int(inter),
+        "shared_widths": [int(b.shared_weight(i, "gate").shape[0]) for i in range(len(b.shared))],
+    }
 
 
-def layer_problem(sensitivity: dict, routing: dict, dims: dict, layer: int, table, schemes="w5a5",
-                  batch_tokens: int = 512, model: str = "") -> LayerProblem:
+def layer_problem(
+    sensitivity: dict,
+    routing: dict,
+    dims: dict,
+    layer: int,
+    table,
+    schemes="w5a5",
+    batch_tokens: int = 512,
+    model: str = "",
+) -> LayerProblem:
     """Loss, time, bits and sizes of one MoE layer for the allocation, from plain data.
 
     Loss: Δ of the ``sensitivity`` result (``mxmoe.sensitivity.compute_sensitivity``) restricted to the
@@ -458,8 +522,10 @@ def layer_problem(sensitivity: dict, routing: dict, dims: dict, layer: int, tabl
     have = [Scheme.parse(x) for x in sens["schemes"]]
     missing = [str(x) for x in chosen if x not in have]
     if missing:
-        raise MxMoEError(f"schemes {missing} have no sensitivity in the {method or 'given'} result (it has {sens['schemes']}); "
-                         "rerun the sensitivity with them or choose a subset")
+        raise MxMoEError(
+            f"schemes {missing} have no sensitivity in the {method or 'given'} result (it has {sens['schemes']}); "
+            "rerun the sensitivity with them or choose a subset"
+        )
     delta, experts = sensitivity_array(sens, layer)  # [E, 3, S_all]
     loss = delta[:, :, [have.index(x) for x in chosen]]  # [E, 3, S]
     if layer not in rout["layers"]:
@@ -468,7 +534,7 @@ def layer_problem(sensitivity: dict, routing: dict, dims: dict, layer: int, tabl
     n_routed = len(routed)
     rows = np.array([routed[e] if isinstance(e, int) else batch_tokens for e in experts])  # [E]
     h, inter = dims["hidden"], dims["expert_width"]
-    widths = [inter if isinstance(e, int) else dims["shared_widths"][int(str(e)[len("shared"):])] for e in experts]
+    widths = [inter if isinstance(e, int) else dims["shared_widths"][int(str(e)[len("shared") :])] for e in experts]
     gemms = [(2 * w, h, h, w) for w in widths]
     mean_rows = rows.mean()
     time_ = np.zeros(loss.shape)  # [E, 3, S]
@@ -479,45 +545,105 @@ def layer_problem(sensitivity: dict, routing: dict, dims: dict, layer: int, tabl
             dn = block_time(sch, m, n_d, k_d, table, rows_per_expert=mean_rows)
             time_[i, :, k] = gu.ms / 2, gu.ms / 2, dn.ms
             sources |= {gu.source, dn.source}
-    params = {"model": model, "layer": layer, "method": method, "scheme_set": schemes if isinstance(schemes, str)
-              else ",".join(map(str, chosen)), "batch_tokens": batch_tokens, "gpu": table.gpu, "device": table.device,
-              "routed_experts": n_routed, "sensitivity": sens.get("params"), "routing": rout.get("params")}
-    return LayerProblem(model, layer, list(experts), chosen, loss, time_, np.array([x.bits_per_weight for x in chosen]),
-                        np.array([w * h for w in widths], dtype=float), rows, gemms,
-                        max(sources, key=SOURCES.index), params)
+    params = {
+        "model": model,
+        "layer": layer,
+        "method": method,
+        "scheme_set": schemes if isinstance(schemes, str) else ",".join(map(str, chosen)),
+        "batch_tokens": batch_tokens,
+        "gpu": table.gpu,
+        "device": table.device,
+        "routed_experts": n_routed,
+        "sensitivity": sens.get("params"),
+        "routing": rout.get("params"),
+    }
+    return LayerProblem(
+        model,
+        layer,
+        list(experts),
+        chosen,
+        loss,
+        time_,
+        np.array([x.bits_per_weight for x in chosen]),
+        np.array([w * h for w in widths], dtype=float),
+        rows,
+        gemms,
+        max(sources, key=SOURCES.index),
+        params,
+    )
 
 
 def scheme_map(problems: list, choices: list) -> dict:
     """{(layer, expert, block): Scheme} of per-layer choices [E, 3], as apply_schemes takes it."""
-    return {(p.layer, e, BLOCK_NAMES[j]): p.schemes[c[i, j]]
-            for p, c in zip(problems, choices) for i, e in enumerate(p.experts) for j in range(3)}
+    return {
+        (p.layer, e, BLOCK_NAMES[j]): p.schemes[c[i, j]]
+        for p, c in zip(problems, choices)
+        for i, e in enumerate(p.experts)
+        for j in range(3)
+    }
 
 
-def allocation_doc(problems: list, choices: list, setting: str, r: float, budget_bits: float, *,
-                   granularity: str = "block", global_budget: bool = False, tie_gate_up: bool = True,
-                   profile: str = "", solve_seconds: "float | None" = None) -> dict:
+def allocation_doc(
+    problems: list,
+    choices: list,
+    setting: str,
+    r: float,
+    budget_bits: float,
+    *,
+    granularity: str = "block",
+    global_budget: bool = False,
+    tie_gate_up: bool = True,
+    profile: str = "",
+    solve_seconds: "float | None" = None,
+) -> dict:
     """The JSON document of one allocation: parameters, predicted L and T per layer and in all, and the rows."""
     layers, bits_num, bits_den = [], 0.0, 0.0
     for p, c in zip(problems, choices):
         L, T = p.totals(c)
         table = load_table(p.params["gpu"])
-        launches = [launch_time([(p.schemes[c[i, 0]], m, g[0], g[1]) for i, (m, g) in enumerate(zip(p.rows, p.gemms))], table),
-                    launch_time([(p.schemes[c[i, 2]], m, g[2], g[3]) for i, (m, g) in enumerate(zip(p.rows, p.gemms))], table)]
+        launches = [
+            launch_time([(p.schemes[c[i, 0]], m, g[0], g[1]) for i, (m, g) in enumerate(zip(p.rows, p.gemms))], table),
+            launch_time([(p.schemes[c[i, 2]], m, g[2], g[3]) for i, (m, g) in enumerate(zip(p.rows, p.gemms))], table),
+        ]
         bits = float((p.size[:, None] * p.bits[c]).sum() / (3 * p.size.sum()))
         bits_num, bits_den = bits_num + bits * p.size.sum(), bits_den + p.size.sum()
         counts = {str(s): int((c == k).sum()) for k, s in enumerate(p.schemes)}
-        layers.append({"layer": p.layer, "L": L, "T_ms": T, "T_launch_ms": sum(x.ms for x in launches), "bits": bits,
-                       "blocks_per_scheme": counts, "time_source": p.time_source})
+        layers.append(
+            {
+                "layer": p.layer,
+                "L": L,
+                "T_ms": T,
+                "T_launch_ms": sum(x.ms for x in launches),
+                "bits": bits,
+                "blocks_per_scheme": counts,
+                "time_source": p.time_source,
+            }
+        )
     p0 = problems[0]
     return {
-        "model": p0.model, "setting": setting, "r": r, "budget_bits": budget_bits, "granularity": granularity,
-        "global_budget": global_budget, "tie_gate_up": tie_gate_up, "scheme_set": p0.params["scheme_set"],
-        "schemes": [str(s) for s in p0.schemes], "batch_tokens": p0.params["batch_tokens"], "method": p0.params["method"],
-        "gpu": p0.params["gpu"], "device": p0.params["device"], "profile": profile,
+        "model": p0.model,
+        "setting": setting,
+        "r": r,
+        "budget_bits": budget_bits,
+        "granularity": granularity,
+        "global_budget": global_budget,
+        "tie_gate_up": tie_gate_up,
+        "scheme_set": p0.params["scheme_set"],
+        "schemes": [str(s) for s in p0.schemes],
+        "batch_tokens": p0.params["batch_tokens"],
+        "method": p0.params["method"],
+        "gpu": p0.params["gpu"],
+        "device": p0.params["device"],
+        "profile": profile,
         "time_kind": f"predicted ({p0.time_source}, mxmoe.perfmodel)",
-        "predicted": {"L": sum(x["L"] for x in layers), "T_ms": sum(x["T_ms"] for x in layers),
-                      "T_launch_ms": sum(x["T_launch_ms"] for x in layers), "bits": bits_num / bits_den},
-        "layers": layers, "solve_seconds": solve_seconds, "inputs": {"sensitivity": p0.params["sensitivity"],
-                                                                   "routing": p0.params["routing"]},
+        "predicted": {
+            "L": sum(x["L"] for x in layers),
+            "T_ms": sum(x["T_ms"] for x in layers),
+            "T_launch_ms": sum(x["T_launch_ms"] for x in layers),
+            "bits": bits_num / bits_den,
+        },
+        "layers": layers,
+        "solve_seconds": solve_seconds,
+        "inputs": {"sensitivity": p0.params["sensitivity"], "routing": p0.params["routing"]},
         "rows": scheme_map_to_rows(scheme_map(problems, choices)),
     }

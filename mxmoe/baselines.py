@@ -92,8 +92,13 @@ def average_bits(model, scheme_map: dict) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def quantize(model, config: QuantConfig, calib: "torch.Tensor | None" = None, scheme_map: "dict | None" = None,
-             progress: bool = True) -> dict:
+def quantize(
+    model,
+    config: QuantConfig,
+    calib: "torch.Tensor | None" = None,
+    scheme_map: "dict | None" = None,
+    progress: bool = True,
+) -> dict:
     """Quantize ``model`` in place per ``config`` (or per ``scheme_map`` with the config's method).
 
     ``calib`` [n, seqlen] calibration windows are required by GPTQ. Returns a JSON-ready report: the
@@ -111,8 +116,9 @@ def quantize(model, config: QuantConfig, calib: "torch.Tensor | None" = None, sc
     if config.method == "gptq":
         if calib is None:
             raise MxMoEError(f"config {config.label!r} uses GPTQ: pass calibration windows (calib=...)")
-        report["gptq"] = quantize_model_gptq(model, calib, scheme_map, hadamard=config.hadamard, seed=config.seed,
-                                             progress=progress).summary()
+        report["gptq"] = quantize_model_gptq(
+            model, calib, scheme_map, hadamard=config.hadamard, seed=config.seed, progress=progress
+        ).summary()
     else:
         if config.hadamard:
             rotate_model(model, config.seed)

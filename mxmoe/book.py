@@ -34,8 +34,18 @@ from mxmoe.profiles import default_profile
 from mxmoe.stages import STAGES
 
 BOOK = REPO_ROOT / "book"
-SOFTWARE = ("torch", "triton", "transformers", "accelerate", "lm-eval", "pulp", "papermill", "jupyter-book",
-            "myst-nb", "sphinx-book-theme")
+SOFTWARE = (
+    "torch",
+    "triton",
+    "transformers",
+    "accelerate",
+    "lm-eval",
+    "pulp",
+    "papermill",
+    "jupyter-book",
+    "myst-nb",
+    "sphinx-book-theme",
+)
 
 
 def executed_notebooks(root: Path, model: str) -> list[Path]:
@@ -171,7 +181,9 @@ def _result_provenance(root: Path, model: str) -> list[dict]:
     kernel result is for."""
     roles = kernel_file_roles()
     rows = []
-    files = sorted((root / model_dirname(model)).glob("*.json")) + sorted((root / model_dirname(model)).glob("*/*.json"))
+    files = sorted((root / model_dirname(model)).glob("*.json")) + sorted(
+        (root / model_dirname(model)).glob("*/*.json")
+    )
     files += sorted(kernel_results_dir(root).glob("*.json"))
     for f in files:
         if "/figures/" in str(f) or "/notebooks/" in str(f):
@@ -190,8 +202,16 @@ def _result_provenance(root: Path, model: str) -> list[dict]:
         profile = d.get("profile") or params.get("profile")
         if isinstance(profile, dict):
             profile = profile.get("name")
-        rows.append({"result file": str(f.relative_to(root) if f.is_relative_to(root) else f.relative_to(REPO_ROOT)),
-                     "device": dev, "profile": profile, "software": sw, "date": date, "role": roles.get(f.name, "")})
+        rows.append(
+            {
+                "result file": str(f.relative_to(root) if f.is_relative_to(root) else f.relative_to(REPO_ROOT)),
+                "device": dev,
+                "profile": profile,
+                "software": sw,
+                "date": date,
+                "role": roles.get(f.name, ""),
+            }
+        )
     return rows
 
 
@@ -203,8 +223,10 @@ def _evaluation_devices(runs: Path) -> list[dict]:
         key = (d.get("device", "?"), d.get("profile", "?"))
         n, sec = counts.get(key, (0, 0.0))
         counts[key] = (n + 1, sec + (d.get("seconds") or 0.0))
-    return [{"device": dev, "profile": prof, "evaluations": n, "compute (s, summed)": round(sec)}
-            for (dev, prof), (n, sec) in counts.items()] or [{"device": "none yet"}]
+    return [
+        {"device": dev, "profile": prof, "evaluations": n, "compute (s, summed)": round(sec)}
+        for (dev, prof), (n, sec) in counts.items()
+    ] or [{"device": "none yet"}]
 
 
 def write_runs_page(src: Path, root: Path, model: str) -> Path:
@@ -215,11 +237,27 @@ def write_runs_page(src: Path, root: Path, model: str) -> Path:
         stamp = nb_dir / f"{s.stem}.stamp.json"
         if stamp.exists():
             st = json.loads(stamp.read_text())
-            stages.append({"notebook": s.stem, "profile": st["parameters"].get("profile"), "model": st["parameters"].get("model"),
-                           "device": st.get("device"), "wall time (s)": st.get("seconds"), "finished (UTC)": st.get("finished")})
+            stages.append(
+                {
+                    "notebook": s.stem,
+                    "profile": st["parameters"].get("profile"),
+                    "model": st["parameters"].get("model"),
+                    "device": st.get("device"),
+                    "wall time (s)": st.get("seconds"),
+                    "finished (UTC)": st.get("finished"),
+                }
+            )
         else:
-            stages.append({"notebook": s.stem, "profile": None, "model": None, "device": None,
-                           "wall time (s)": None, "finished (UTC)": "not run" if not (nb_dir / f"{s.stem}.ipynb").exists() else "no stamp"})
+            stages.append(
+                {
+                    "notebook": s.stem,
+                    "profile": None,
+                    "model": None,
+                    "device": None,
+                    "wall time (s)": None,
+                    "finished (UTC)": "not run" if not (nb_dir / f"{s.stem}.ipynb").exists() else "no stamp",
+                }
+            )
     total = sum(r["wall time (s)"] or 0 for r in stages)
     ver = _versions()
     text = f"""# Runs
@@ -251,8 +289,17 @@ because its evaluations ran earlier, elsewhere. Rows per device and profile:
 {_md_table([{"package": k, "version": v} for k, v in ver.items()])}
 ## Disk use
 
-{_md_table([{"results (this model)": _du(root / model_dirname(model)), "results/kernels": _du(kernel_results_dir(root)),
-             "book sources": _du(src)}])}"""
+{
+        _md_table(
+            [
+                {
+                    "results (this model)": _du(root / model_dirname(model)),
+                    "results/kernels": _du(kernel_results_dir(root)),
+                    "book sources": _du(src),
+                }
+            ]
+        )
+    }"""
     out = src / "runs.md"
     out.write_text(text)
     return out
@@ -272,8 +319,11 @@ def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
     """{page: [tags]} of scripts, stylesheets, images and frames loaded from another host."""
     found = {}
     for page in sorted(html_dir.rglob("*.html")):
-        hits = [m.group(0)[:160] for m in REMOTE.finditer(page.read_text(errors="replace"))
-                if "rel=\"canonical\"" not in m.group(0)]
+        hits = [
+            m.group(0)[:160]
+            for m in REMOTE.finditer(page.read_text(errors="replace"))
+            if 'rel="canonical"' not in m.group(0)
+        ]
         if hits:
             found[str(page.relative_to(html_dir))] = hits
     return found
@@ -281,6 +331,7 @@ def remote_fetches(html_dir: Path) -> dict[str, list[str]]:
 
 class _ArticleText(html.parser.HTMLParser):
     """The text of a Sphinx page's ``<article>`` (the main column), without scripts and styles."""
+
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.depth = 0
@@ -344,8 +395,10 @@ def write_zip(html_dir: Path, dest: Path) -> Path:
     return dest
 
 
-PDF_FOOTER = ('<div style="font-size:8px;width:100%;text-align:center;color:#555">'
-              '<span class="pageNumber"></span> / <span class="totalPages"></span></div>')
+PDF_FOOTER = (
+    '<div style="font-size:8px;width:100%;text-align:center;color:#555">'
+    '<span class="pageNumber"></span> / <span class="totalPages"></span></div>'
+)
 
 
 def print_pdf(page: Path, dest: Path, chromium: str) -> Path:
@@ -368,9 +421,15 @@ def print_pdf(page: Path, dest: Path, chromium: str) -> Path:
         tab = ctx.new_page()
         tab.goto(page.resolve().as_uri(), wait_until="load", timeout=60_000)
         tab.emulate_media(media="print")
-        tab.pdf(path=str(dest), format="A4", print_background=True, display_header_footer=True,
-                header_template="<span></span>", footer_template=PDF_FOOTER,
-                margin={"top": "14mm", "bottom": "16mm", "left": "12mm", "right": "12mm"})
+        tab.pdf(
+            path=str(dest),
+            format="A4",
+            print_background=True,
+            display_header_footer=True,
+            header_template="<span></span>",
+            footer_template=PDF_FOOTER,
+            margin={"top": "14mm", "bottom": "16mm", "left": "12mm", "right": "12mm"},
+        )
         browser.close()
     return dest
 
@@ -393,7 +452,9 @@ def publish(src: Path, out: Path, strict: bool, log=print) -> int:
         log(f"mxmoe book: no PDF: the single-page build failed (exit {rc})")
         return rc or 1
     pdf = print_pdf(page, build_dir / "mxmoe-book.pdf", chromium)
-    log(f"mxmoe book: {pdf} ({pdf.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f} s with its single-page build)")
+    log(
+        f"mxmoe book: {pdf} ({pdf.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f} s with its single-page build)"
+    )
     return 0
 
 
@@ -412,14 +473,21 @@ def build(src: Path, out: Path, strict: bool, log=print, builder: str = "html") 
 def main(argv: "list[str] | None" = None) -> int:
 
     p = argparse.ArgumentParser(prog="mxmoe book", description=__doc__.split("\n")[0])
-    p.add_argument("--profile", choices=("smoke", "quick", "full"), default=None,
-                   help="which run's notebooks (decides the results folder and default model)")
+    p.add_argument(
+        "--profile",
+        choices=("smoke", "quick", "full"),
+        default=None,
+        help="which run's notebooks (decides the results folder and default model)",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--stage", type=Path, default=None, help="assemble the book sources here instead of in book/")
     p.add_argument("--out", type=Path, default=None, help="build folder (default: <book sources>/_build)")
     p.add_argument("--strict", action="store_true", help="warnings are errors: -W -n --keep-going")
-    p.add_argument("--publish", action="store_true",
-                   help="also write <out>/_build/mxmoe-book.zip (the HTML) and mxmoe-book.pdf (needs Chromium)")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="also write <out>/_build/mxmoe-book.zip (the HTML) and mxmoe-book.pdf (needs Chromium)",
+    )
     args = p.parse_args(argv)
     profile = args.profile or book_profile()
     model = args.model or default_model(profile)
@@ -449,7 +517,9 @@ def main(argv: "list[str] | None" = None) -> int:
         for page, hits in noise.items():
             print(f"mxmoe book: {page}: {len(hits)} noise in the rendered text: " + "; ".join(hits[:3]))
         if noise and args.strict:
-            print(f"mxmoe book: {len(noise)} pages show absolute paths, warnings or tracebacks (--strict fails on them)")
+            print(
+                f"mxmoe book: {len(noise)} pages show absolute paths, warnings or tracebacks (--strict fails on them)"
+            )
             rc = 1
         if rc == 0 and args.publish:
             rc = publish(src, out, args.strict)

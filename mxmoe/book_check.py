@@ -37,13 +37,25 @@ from urllib.parse import unquote, urlsplit
 
 LOCAL_SCHEMES = ("file", "data", "blob", "about")
 # Absolute paths in a page's text (output that the book build did not make repository-relative).
-ABS_PATH = re.compile(r"""(?<![\w.~-])(?:/(?:root|home|tmp|work|usr|opt|var|private|Users|mnt|srv|scratch)/[^\s"'<>|,;)]*"""
-                      r"""|[A-Za-z]:\\[^\s"'<>|,;)]+)""")
-NOISE = re.compile(r"\b\w*Warning:|\b\w*Warning\b(?=\s*\()|DeprecationWarning|Traceback \(most recent call last\)"
-                   r"|\bsite-packages/|\.venv/lib/")
+ABS_PATH = re.compile(
+    r"""(?<![\w.~-])(?:/(?:root|home|tmp|work|usr|opt|var|private|Users|mnt|srv|scratch)/[^\s"'<>|,;)]*"""
+    r"""|[A-Za-z]:\\[^\s"'<>|,;)]+)"""
+)
+NOISE = re.compile(
+    r"\b\w*Warning:|\b\w*Warning\b(?=\s*\()|DeprecationWarning|Traceback \(most recent call last\)"
+    r"|\bsite-packages/|\.venv/lib/"
+)
 # Chromium on a closed network: no background traffic, no sandbox (CI runs as root), no GPU.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 # Boxes wider than they are shown: the document, the main column and anything inside the article
 # that scrolls sideways (a code cell, an output, a table), skipping hidden ones (folded cells).
@@ -80,7 +92,7 @@ _LINKS_JS = """() => Array.from(document.querySelectorAll('a[href]')).map(a => a
 def page_noise(text: str) -> list[str]:
     """What in a page's rendered text a reader should not see: absolute machine paths, warning text, tracebacks."""
     hits = [f"absolute path {m.group(0)[:100]}" for m in ABS_PATH.finditer(text)]
-    hits += [f"noise {text[max(m.start() - 30, 0):m.end() + 50].strip()!r}" for m in NOISE.finditer(text)]
+    hits += [f"noise {text[max(m.start() - 30, 0) : m.end() + 50].strip()!r}" for m in NOISE.finditer(text)]
     return list(dict.fromkeys(hits))
 
 
@@ -165,8 +177,16 @@ def book_pages(html_dir: Path) -> list[Path]:
     return sorted(p for p in html_dir.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
 
 
-def check_pages(html_dir: Path, shots: "Path | None", chromium: str, width: int = 1280, height: int = 900,
-                pages: "list[Path] | None" = None, allow_inner_scroll: bool = False, log=print) -> list[PageReport]:
+def check_pages(
+    html_dir: Path,
+    shots: "Path | None",
+    chromium: str,
+    width: int = 1280,
+    height: int = 900,
+    pages: "list[Path] | None" = None,
+    allow_inner_scroll: bool = False,
+    log=print,
+) -> list[PageReport]:
     """Load every page of ``html_dir`` in headless Chromium; return one report per page (see the module doc).
 
     ``allow_inner_scroll``: a box inside the main column that scrolls sideways is a warning, not a problem.
@@ -202,13 +222,21 @@ def check_pages(html_dir: Path, shots: "Path | None", chromium: str, width: int 
             blocked.clear()
             page = ctx.new_page()
             seen: list[str] = []
-            page.on("console", lambda m, rep=rep: rep.problems.append(f"console error: {m.text[:200]}")
-                    if m.type == "error" else None)
+            page.on(
+                "console",
+                lambda m, rep=rep: rep.problems.append(f"console error: {m.text[:200]}") if m.type == "error" else None,
+            )
             page.on("pageerror", lambda e, rep=rep: rep.problems.append(f"script error: {str(e)[:200]}"))
             page.on("request", lambda r: seen.append(r.url))
             page.on("websocket", lambda ws: seen.append(ws.url))
-            page.on("requestfailed", lambda r, rep=rep: rep.problems.append(
-                f"failed to load {r.url[:160]} ({r.failure})") if urlsplit(r.url).scheme == "file" else None)
+            page.on(
+                "requestfailed",
+                lambda r, rep=rep: (
+                    rep.problems.append(f"failed to load {r.url[:160]} ({r.failure})")
+                    if urlsplit(r.url).scheme == "file"
+                    else None
+                ),
+            )
             try:
                 page.goto(path.as_uri(), wait_until="load", timeout=30_000)
                 page.wait_for_timeout(150)  # late scripts (theme, search index) report their errors
@@ -220,8 +248,10 @@ def check_pages(html_dir: Path, shots: "Path | None", chromium: str, width: int 
                 for wide in page.evaluate(_OVERFLOW_JS):
                     inner = "scrolls sideways" in wide
                     (rep.warnings if inner and allow_inner_scroll else rep.problems).append(wide)
-                rep.problems += [f"rendered text: {n}" for n in page_noise(page.inner_text("article") if
-                                                                          page.query_selector("article") else "")]
+                rep.problems += [
+                    f"rendered text: {n}"
+                    for n in page_noise(page.inner_text("article") if page.query_selector("article") else "")
+                ]
                 if shots:
                     rep.screenshot = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
                     page.screenshot(path=str(rep.screenshot), full_page=True)
@@ -246,6 +276,7 @@ def check_pages(html_dir: Path, shots: "Path | None", chromium: str, width: int 
 def _drop_thebe(app, pagename, templatename, context, doctree):
     """Leave sphinx-thebe's scripts out of a page: this book has no live code, Jupyter Book adds them twice
     (a console error: ``THEBE_JS_URL`` declared twice) and they name a CDN."""
+
     def thebe(js) -> bool:
         body = getattr(js, "attributes", {}).get("body", "") if not isinstance(js, str) else ""
         return "sphinx-thebe.js" in str(getattr(js, "filename", js) or "") or "THEBE_JS_URL" in body
@@ -266,18 +297,27 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("html_dir", type=Path, help="the book's HTML folder (…/_build/html)")
     p.add_argument("--screenshots", type=Path, default=None, help="write a full-page PNG of every page here")
     p.add_argument("--width", type=int, default=1280, help="window width in px (default 1280)")
-    p.add_argument("--chromium", default=None, help="Chromium executable (default: $MXMOE_CHROMIUM, else chromium on the PATH)")
-    p.add_argument("--allow-inner-scroll", action="store_true",
-                   help="report boxes inside the main column that scroll sideways (wide tables) without failing")
+    p.add_argument(
+        "--chromium", default=None, help="Chromium executable (default: $MXMOE_CHROMIUM, else chromium on the PATH)"
+    )
+    p.add_argument(
+        "--allow-inner-scroll",
+        action="store_true",
+        help="report boxes inside the main column that scroll sideways (wide tables) without failing",
+    )
     args = p.parse_args(argv)
     if not (args.html_dir / "index.html").is_file():
-        print(f"mxmoe book_check: {args.html_dir} has no index.html: give the built book's HTML folder (…/_build/html)",
-              file=sys.stderr)
+        print(
+            f"mxmoe book_check: {args.html_dir} has no index.html: give the built book's HTML folder (…/_build/html)",
+            file=sys.stderr,
+        )
         return 2
     chromium = find_chromium(args.chromium)
     if not chromium:
-        print("mxmoe book_check: no Chromium found: install it (apt-get install -y chromium) or pass --chromium PATH",
-              file=sys.stderr)
+        print(
+            "mxmoe book_check: no Chromium found: install it (apt-get install -y chromium) or pass --chromium PATH",
+            file=sys.stderr,
+        )
         return 3
     try:
         import playwright.sync_api  # noqa: F401
@@ -286,11 +326,14 @@ def main(argv: "list[str] | None" = None) -> int:
         return 3
     t0 = time.time()
     print(f"mxmoe book_check: {args.html_dir} in {chromium} at {args.width} px")
-    reports = check_pages(args.html_dir, args.screenshots, chromium, width=args.width,
-                          allow_inner_scroll=args.allow_inner_scroll)
+    reports = check_pages(
+        args.html_dir, args.screenshots, chromium, width=args.width, allow_inner_scroll=args.allow_inner_scroll
+    )
     bad = [r for r in reports if r.problems]
     where = f"; screenshots in {args.screenshots}" if args.screenshots else ""
-    print(f"mxmoe book_check: {len(reports) - len(bad)} of {len(reports)} pages pass in {time.time() - t0:.1f} s{where}")
+    print(
+        f"mxmoe book_check: {len(reports) - len(bad)} of {len(reports)} pages pass in {time.time() - t0:.1f} s{where}"
+    )
     return 1 if bad or not reports else 0
 
 

@@ -87,8 +87,10 @@ def check_base(manifest: dict, model: nn.Module, name: str) -> None:
     want = manifest["base"]["sha256"]
     have = weights_sha256(model)
     if have != want:
-        raise CheckpointError(f"the checkpoint was quantized from weights sha256 {want[:12]}… "
-                              f"({manifest['base']['id']}), but {name} has {have[:12]}…: pass the model it was made from")
+        raise CheckpointError(
+            f"the checkpoint was quantized from weights sha256 {want[:12]}… "
+            f"({manifest['base']['id']}), but {name} has {have[:12]}…: pass the model it was made from"
+        )
 
 
 # ---- codes as dense bit planes ---------------------------------------------------------------------
@@ -106,7 +108,7 @@ def to_planes(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes u [N, K] in [0, 2^bits) -> uint8 bit planes [bits, ceil(N·K / 8)] (little-endian bits in a byte)."""
     flat = u.reshape(-1).to(torch.int32)  # [N*K]
     flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))  # [8 * bytes]
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=u.device))  # [8]
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=u.device)  # [8]
     planes = [(((flat >> i) & 1).view(-1, 8) * weights).sum(dim=1) for i in range(bits)]  # each [bytes]
     return torch.stack(planes).to(torch.uint8)
 
@@ -137,8 +139,10 @@ def block_int_weight(tensors: dict, scheme: Scheme, n: int, k: int, where: str) 
     if codes is None or scale is None or (not scheme.symmetric and tensors.get("zero") is None):
         raise CheckpointError(f"{where}: tensors {sorted(tensors)} do not hold a '{scheme}' block")
     if tuple(codes.shape) != (scheme.w_bits, -(-n * k // 8)) or tuple(scale.shape) != (n, g):
-        raise CheckpointError(f"{where}: stored codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit a "
-                              f"'{scheme}' weight [{n}, {k}]")
+        raise CheckpointError(
+            f"{where}: stored codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit a "
+            f"'{scheme}' weight [{n}, {k}]"
+        )
     u = from_planes(codes, n, k)  # [N, K]
     if scheme.fmt == "fp8":
         q = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
@@ -161,8 +165,9 @@ def _parse_expert(text: str):
 # ---- writing ---------------------------------------------------------------------------------------
 
 
-def checkpoint_tensors(model: nn.Module, scheme_map: dict, int_weights: dict,
-                       dtype: "torch.dtype | None" = None) -> tuple[dict, dict]:
+def checkpoint_tensors(
+    model: nn.Module, scheme_map: dict, int_weights: dict, dtype: "torch.dtype | None" = None
+) -> tuple[dict, dict]:
     """(tensors to store, tied names {dropped: kept}) of a quantized model.
 
     ``scheme_map`` {(layer, expert, block): Scheme}; ``int_weights`` the IntWeight of every quantized
@@ -194,8 +199,12 @@ def checkpoint_tensors(model: nn.Module, scheme_map: dict, int_weights: dict,
             s = plan.get((b.layer, e, name))
             if s is not None and not s.is_full_precision:
                 skip.add(f"{names[id(lin)]}.weight")
-                out.update({f"{block_key(b.layer, e, name)}.{t}": v
-                            for t, v in block_tensors(int_weights[b.layer, e, name]).items()})
+                out.update(
+                    {
+                        f"{block_key(b.layer, e, name)}.{t}": v
+                        for t, v in block_tensors(int_weights[b.layer, e, name]).items()
+                    }
+                )
     seen, tied = {}, {}
     for n, t in model.state_dict().items():
         if n in skip:
@@ -242,9 +251,20 @@ def check_out_dir(out: "str | Path", overwrite: bool = False) -> Path:
     return out
 
 
-def save_checkpoint(out: "str | Path", model: nn.Module, scheme_map: dict, int_weights: dict, manifest: dict, *,
-                    base_config=None, tokenizer=None, shard_bytes: int = SHARD_BYTES, overwrite: bool = False,
-                    dtype: "torch.dtype | None" = None, progress: bool = True) -> Path:
+def save_checkpoint(
+    out: "str | Path",
+    model: nn.Module,
+    scheme_map: dict,
+    int_weights: dict,
+    manifest: dict,
+    *,
+    base_config=None,
+    tokenizer=None,
+    shard_bytes: int = SHARD_BYTES,
+    overwrite: bool = False,
+    dtype: "torch.dtype | None" = None,
+    progress: bool = True,
+) -> Path:
     """Write a quantized model as an mxmoe checkpoint folder ``out``, atomically; returns the path.
 
     ``manifest``: the recipe fields of mxmoe.json (format, version and the scheme rows are added
@@ -253,7 +273,6 @@ def save_checkpoint(out: "str | Path", model: nn.Module, scheme_map: dict, int_w
     fp32 model's non-expert bytes, and the loaded logits then differ by bf16 rounding). Writes ``.out.tmp-<pid>`` beside ``out`` and renames it; on any error nothing is left.
     """
     from safetensors.torch import save_file
-
 
     out = check_out_dir(out, overwrite)
     tensors, tied = checkpoint_tensors(model, scheme_map, int_weights, dtype)
@@ -266,18 +285,30 @@ def save_checkpoint(out: "str | Path", model: nn.Module, scheme_map: dict, int_w
         if getattr(model, "generation_config", None) is not None:  # eos / pad ids and sampling defaults
             model.generation_config.save_pretrained(tmp)
         groups = _shards(tensors, shard_bytes)
-        files = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-                                                    for i in range(len(groups))]
+        files = (
+            [SINGLE]
+            if len(groups) == 1
+            else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        )
         for f, names in tqdm(list(zip(files, groups)), desc="save", unit="shard", disable=not progress):
             save_file({n: tensors[n] for n in names}, str(tmp / f), metadata={"format": "pt"})
         if len(files) > 1:
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, ns in zip(files, groups) for n in ns}}
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {n: f for f, ns in zip(files, groups) for n in ns},
+            }
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        doc = {"format": FORMAT, "version": VERSION, **manifest, "tied": tied, "files": files,
-               "schemes": scheme_map_to_rows({k: v for k, v in scheme_map.items()})}
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            **manifest,
+            "tied": tied,
+            "files": files,
+            "schemes": scheme_map_to_rows({k: v for k, v in scheme_map.items()}),
+        }
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")  # last: a folder without it is not a checkpoint
         _readable(tmp)
         if out.exists():  # an old checkpoint (overwrite): move it aside, swap, then delete it
@@ -311,16 +342,22 @@ def read_manifest(path: "str | Path") -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: expected an mxmoe checkpoint written by `mxmoe quantize`")
     if not (path / MANIFEST).is_file():
-        raise CheckpointError(f"{path} is not an mxmoe checkpoint (no {MANIFEST}); write one with `mxmoe quantize MODEL --out DIR`")
+        raise CheckpointError(
+            f"{path} is not an mxmoe checkpoint (no {MANIFEST}); write one with `mxmoe quantize MODEL --out DIR`"
+        )
     try:
         doc = json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / MANIFEST} is not readable JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path / MANIFEST} is not an mxmoe checkpoint manifest (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+        raise CheckpointError(
+            f"{path / MANIFEST} is not an mxmoe checkpoint manifest (format {doc.get('format') if isinstance(doc, dict) else None!r})"
+        )
     if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {doc.get('version')!r}; this mxmoe reads "
-                              f"version {VERSION} and older: upgrade mxmoe")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {doc.get('version')!r}; this mxmoe reads "
+            f"version {VERSION} and older: upgrade mxmoe"
+        )
     for key in ("base", "schemes", "files", "online_hadamard"):
         if key not in doc:
             raise CheckpointError(f"{path / MANIFEST} lacks the field {key!r}")
@@ -353,7 +390,7 @@ def _empty_model(config, dtype: torch.dtype):
 
 def _pop_block(tensors: dict, layer: int, expert, name: str) -> dict:
     prefix = block_key(layer, expert, name) + "."
-    return {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+    return {k[len(prefix) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -374,8 +411,10 @@ def check_capability(schemes, capability: tuple, gpu: str) -> None:
     for s in schemes:
         s = Scheme.parse(s)
         if s.fmt == "fp8" and tuple(capability) < (8, 9):
-            raise CheckpointError(f"scheme '{s}' needs fp8 tensor cores (sm_89 or newer); {gpu} is "
-                                  f"sm_{capability[0]}{capability[1]}: quantize for this GPU without fp8 schemes")
+            raise CheckpointError(
+                f"scheme '{s}' needs fp8 tensor cores (sm_89 or newer); {gpu} is "
+                f"sm_{capability[0]}{capability[1]}: quantize for this GPU without fp8 schemes"
+            )
 
 
 @torch.no_grad()
@@ -388,7 +427,6 @@ def load_quantized(path: "str | Path", device=None, dtype: "torch.dtype | None" 
     ``model.mxmoe_manifest``. Raises CheckpointError for a folder that is not a complete checkpoint.
     """
     from transformers import AutoConfig
-
 
     path = Path(path).expanduser()
     doc = read_manifest(path)
@@ -474,8 +512,10 @@ def load_quantized(path: "str | Path", device=None, dtype: "torch.dtype | None" 
 def _stack(g: "IntWeight | torch.Tensor", u: "IntWeight | torch.Tensor", where: str) -> "IntWeight | torch.Tensor":
     """gate and up [I, H] (same scheme) -> the fused gate_up [2I, H] the kernel runs as one GEMM."""
     if isinstance(g, IntWeight) != isinstance(u, IntWeight) or (isinstance(g, IntWeight) and g.scheme != u.scheme):
-        raise CheckpointError(f"{where}: gate ({getattr(g, 'scheme', 'bf16')}) and up ({getattr(u, 'scheme', 'bf16')}) "
-                              "differ; the kernel runs them as one GEMM")
+        raise CheckpointError(
+            f"{where}: gate ({getattr(g, 'scheme', 'bf16')}) and up ({getattr(u, 'scheme', 'bf16')}) "
+            "differ; the kernel runs them as one GEMM"
+        )
     if not isinstance(g, IntWeight):
         return torch.cat([g, u])
     return IntWeight(torch.cat([g.q, u.q]), torch.cat([g.scale, u.scale]), torch.cat([g.zero, u.zero]), g.scheme)
@@ -506,8 +546,20 @@ def stored_bytes(path: "str | Path") -> dict:
     return {"total_bytes": total, "expert_bytes": expert, "expert_weights": weights}
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def load_tokenizer(path: "str | Path"):
@@ -524,7 +576,6 @@ def open_model(name: str, dtype=None, build: bool = True, device=None):
     """(model, tokenizer) of a name as the command line takes it: an mxmoe checkpoint folder loads through
     ``load_quantized`` (bf16 on a GPU, what the kernel takes), anything else through ``mxmoe.models.load_model``."""
     import torch
-
 
     path = Path(name).expanduser()
     dtype = dtype or torch.float32

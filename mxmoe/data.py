@@ -53,7 +53,9 @@ def _unavailable(what: str, local: str, hub_error: Exception | None) -> DataUnav
     )
 
 
-def _from_local_or_hub(what: str, local: str, read_local: Callable[[Path], object], read_hub: Callable[[], object] | None):
+def _from_local_or_hub(
+    what: str, local: str, read_local: Callable[[Path], object], read_hub: Callable[[], object] | None
+):
     root = data_dir()
     if root is not None:
         if (root / local).exists():
@@ -82,6 +84,7 @@ def load_text(name: str, split: str = "test") -> str:
     local = _LOCAL_TEXT[key]
     what = f"{name} ({split})"
     if name == "wikitext2":
+
         def read_local(p: Path) -> str:
             lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
             return "\n\n".join(line if line.strip() else "" for line in lines)
@@ -92,6 +95,7 @@ def load_text(name: str, split: str = "test") -> str:
 
         return _from_local_or_hub(what, local, read_local, read_hub)
     if name == "c4":
+
         def read_local(p: Path) -> str:
             with open(p, encoding="utf-8") as f:
                 return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
@@ -115,20 +119,39 @@ def _winogrande_row(r: dict) -> dict:
 
 
 _TASK_HUB = {
-    "arc_easy": (("allenai/ai2_arc", "ARC-Easy", "test"), lambda r: {
-        "question": r["question"], "choices": r["choices"]["text"],
-        "label_index": r["choices"]["label"].index(r["answerKey"])}),
-    "arc_challenge": (("allenai/ai2_arc", "ARC-Challenge", "test"), lambda r: {
-        "question": r["question"], "choices": r["choices"]["text"],
-        "label_index": r["choices"]["label"].index(r["answerKey"])}),
+    "arc_easy": (
+        ("allenai/ai2_arc", "ARC-Easy", "test"),
+        lambda r: {
+            "question": r["question"],
+            "choices": r["choices"]["text"],
+            "label_index": r["choices"]["label"].index(r["answerKey"]),
+        },
+    ),
+    "arc_challenge": (
+        ("allenai/ai2_arc", "ARC-Challenge", "test"),
+        lambda r: {
+            "question": r["question"],
+            "choices": r["choices"]["text"],
+            "label_index": r["choices"]["label"].index(r["answerKey"]),
+        },
+    ),
     "piqa": (("baber/piqa", None, "validation"), lambda r: {k: r[k] for k in ("goal", "sol1", "sol2", "label")}),
     "winogrande": (("allenai/winogrande", "winogrande_xl", "validation"), _winogrande_row),
     "lambada_openai": (("EleutherAI/lambada_openai", "default", "test"), lambda r: {"text": r["text"]}),
     "lambada_standard": (("cimec/lambada", None, "test"), lambda r: {"text": r["text"]}),
-    "hellaswag": (("Rowan/hellaswag", None, "validation"), lambda r: {
-        "activity_label": r["activity_label"], "ctx": r["ctx"], "endings": r["endings"], "label": int(r["label"])}),
-    "boolq": (("aps/super_glue", "boolq", "validation"), lambda r: {
-        "passage": r["passage"], "question": r["question"], "label": int(r["label"])}),
+    "hellaswag": (
+        ("Rowan/hellaswag", None, "validation"),
+        lambda r: {
+            "activity_label": r["activity_label"],
+            "ctx": r["ctx"],
+            "endings": r["endings"],
+            "label": int(r["label"]),
+        },
+    ),
+    "boolq": (
+        ("aps/super_glue", "boolq", "validation"),
+        lambda r: {"passage": r["passage"], "question": r["question"], "label": int(r["label"])},
+    ),
 }
 
 
@@ -169,8 +192,9 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_windows(tokenizer, source: str = "wikitext2", n: int = 128, seqlen: int = 2048, seed: int = 0,
-                        split: str | None = None) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, source: str = "wikitext2", n: int = 128, seqlen: int = 2048, seed: int = 0, split: str | None = None
+) -> torch.Tensor:
     """``n`` random token windows [n, seqlen] from a text, the same for the same (source, n, seqlen, seed).
 
     ``source`` is 'wikitext2' (train split), 'c4', 'gutenberg' or 'sotu'. Never use test or task data.

@@ -22,7 +22,9 @@ def model_context(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
-def eval_windows(tokenizer, seqlen: int, windows: int | None = None, dataset: str = "wikitext2", split: str = "test") -> torch.Tensor:
+def eval_windows(
+    tokenizer, seqlen: int, windows: int | None = None, dataset: str = "wikitext2", split: str = "test"
+) -> torch.Tensor:
     """The first ``windows`` non-overlapping windows [n, seqlen] of a split (all when None)."""
     ids = tokenize_text(tokenizer, load_text(dataset, split))
     total = ids.numel() // seqlen
@@ -41,8 +43,9 @@ def perplexity(model, windows: torch.Tensor, batch_size: "int | None" = None, de
     seqlen = windows.shape[1]
     context = model_context(model)
     if context and seqlen > context:
-        raise SeqLenTooLong(f"seqlen {seqlen} is longer than the model's context of {context} tokens; "
-                            f"use --seqlen {context} or less")
+        raise SeqLenTooLong(
+            f"seqlen {seqlen} is longer than the model's context of {context} tokens; use --seqlen {context} or less"
+        )
     device = next(model.parameters()).device
     batch_size = batch_size or (8 if device.type == "cuda" else 1)
     nll, count = 0.0, 0

@@ -118,8 +118,9 @@ class PackedExperts(nn.Module):
         return [(g.scheme, d.scheme) for g, d in zip(self.gate_up, self.down)]
 
 
-def _reference_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                       gate_up: list, down: list, act) -> torch.Tensor:
+def _reference_experts(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: list, down: list, act
+) -> torch.Tensor:
     """``moe_experts_forward`` with ``reference_group_gemm`` in place of the kernel; hidden [T, H] -> [T, H]."""
     k = top_k_index.shape[1]
     order, offsets = route(top_k_index, len(gate_up))  # [T*k], [E+1]
@@ -131,8 +132,9 @@ def _reference_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     return out.index_add_(0, token, o * w[:, None]).to(hidden.dtype)
 
 
-def packed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                           top_k_weights: torch.Tensor) -> torch.Tensor:
+def packed_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """transformers experts function ``mxmoe_packed``: the module's ``mxmoe_packed`` experts.
 
     hidden_states: [T, H]; top_k_index, top_k_weights: [T, k]; returns [T, H].
@@ -190,8 +192,11 @@ class QuantLinear(nn.Module):
             self._cache.clear()
             pw = self.block.packed(kernel)
             self._cache[key] = ExpertGroup([pw]) if kernel else [pw]
-        y = (group_gemm(x2.contiguous(), offsets, self._cache[key]) if kernel
-             else reference_group_gemm(x2, offsets, self._cache[key]).to(x.dtype))  # [T, N]
+        y = (
+            group_gemm(x2.contiguous(), offsets, self._cache[key])
+            if kernel
+            else reference_group_gemm(x2, offsets, self._cache[key]).to(x.dtype)
+        )  # [T, N]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -204,4 +209,3 @@ class QuantLinear(nn.Module):
 def packed_bytes(model: nn.Module) -> int:
     """Bytes held by every packed expert block of a loaded model."""
     return sum(m.nbytes for m in model.modules() if isinstance(m, PackedBlock))
-

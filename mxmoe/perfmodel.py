@@ -50,10 +50,22 @@ from mxmoe.schemes import Scheme
 SOURCES = ("cost-table", "cost-table-scaled", "predicted-roofline")
 # Declared vendor figures (dense tensor-core peaks, HBM bandwidth): used only without a measured table.
 VENDOR = {
-    "nvidia_h100": {"device": "NVIDIA H100 SXM (vendor figures)", "multiprocessors": 132, "copy_GBps": 3350.0,
-                    "bf16_TFLOPs": 989.0, "int8_TOPs": 1979.0, "fp8_TFLOPs": 1979.0},
-    "nvidia_h200": {"device": "NVIDIA H200 SXM (vendor figures)", "multiprocessors": 132, "copy_GBps": 4800.0,
-                    "bf16_TFLOPs": 989.0, "int8_TOPs": 1979.0, "fp8_TFLOPs": 1979.0},
+    "nvidia_h100": {
+        "device": "NVIDIA H100 SXM (vendor figures)",
+        "multiprocessors": 132,
+        "copy_GBps": 3350.0,
+        "bf16_TFLOPs": 989.0,
+        "int8_TOPs": 1979.0,
+        "fp8_TFLOPs": 1979.0,
+    },
+    "nvidia_h200": {
+        "device": "NVIDIA H200 SXM (vendor figures)",
+        "multiprocessors": 132,
+        "copy_GBps": 4800.0,
+        "bf16_TFLOPs": 989.0,
+        "int8_TOPs": 1979.0,
+        "fp8_TFLOPs": 1979.0,
+    },
 }
 
 
@@ -104,12 +116,15 @@ def load_table(gpu: str = "nvidia_h100", tables_dir: "str | None" = None) -> Cos
         v = VENDOR[key]
         return CostTable(key, v["device"], v["multiprocessors"], dict(v), (), False)
     have = sorted(p.stem for p in folder.glob("*.json"))
-    raise MxMoEError(f"no cost table {path} and no vendor figures for GPU {gpu!r}; tables: {have}, "
-                     f"vendor entries: {sorted(VENDOR)}; add a roofline with roofline_table(...)")
+    raise MxMoEError(
+        f"no cost table {path} and no vendor figures for GPU {gpu!r}; tables: {have}, "
+        f"vendor entries: {sorted(VENDOR)}; add a roofline with roofline_table(...)"
+    )
 
 
-def roofline_table(gpu: str, sms: int, copy_GBps: float, bf16_TFLOPs: float, int8_TOPs: float,
-                   fp8_TFLOPs: float) -> CostTable:
+def roofline_table(
+    gpu: str, sms: int, copy_GBps: float, bf16_TFLOPs: float, int8_TOPs: float, fp8_TFLOPs: float
+) -> CostTable:
     """A table with declared roofline figures only, for a GPU without measurements (predictions only)."""
     roof = {"copy_GBps": copy_GBps, "bf16_TFLOPs": bf16_TFLOPs, "int8_TOPs": int8_TOPs, "fp8_TFLOPs": fp8_TFLOPs}
     return CostTable(gpu_key(gpu), gpu, sms, roof, (), False)
@@ -191,13 +206,18 @@ def tile_fit(s: Scheme, tile: TileConfig, table: CostTable) -> tuple:
 
     def distance(k: tuple) -> tuple:
         ks = Scheme.parse(k[0])
-        return (ks != s, abs(math.log2(k[1] * k[2] / (tile.bm * tile.bn))), abs(ks.bits_per_weight - s.bits_per_weight),
-                -fits[k].points)
+        return (
+            ks != s,
+            abs(math.log2(k[1] * k[2] / (tile.bm * tile.bn))),
+            abs(ks.bits_per_weight - s.bits_per_weight),
+            -fits[k].points,
+        )
 
     ref = min(same_path, key=distance)
     ref_k = int(np.mean(fits[ref].k_range))
-    ratio = (roofline_tile_us(s, tile, ref_k, table)
-             / roofline_tile_us(Scheme.parse(ref[0]), TileConfig(ref[1], ref[2], tile.bk), ref_k, table))
+    ratio = roofline_tile_us(s, tile, ref_k, table) / roofline_tile_us(
+        Scheme.parse(ref[0]), TileConfig(ref[1], ref[2], tile.bk), ref_k, table
+    )
     return fits[ref], ratio, "cost-table-scaled"
 
 
@@ -214,8 +234,15 @@ def tiles_of(rows: int, n: int, tile: TileConfig) -> int:
     return -(-int(rows) // tile.bm) * -(-int(n) // tile.bn)
 
 
-def block_time(s: "Scheme | str", rows: int, n: int, k: int, table: CostTable, rows_per_expert: "float | None" = None,
-               standalone: bool = False) -> Estimate:
+def block_time(
+    s: "Scheme | str",
+    rows: int,
+    n: int,
+    k: int,
+    table: CostTable,
+    rows_per_expert: "float | None" = None,
+    standalone: bool = False,
+) -> Estimate:
     """Time (ms) of one block of ``rows`` routed tokens, output width ``n``, input width ``k``.
 
     The tile is the kernel's default for ``rows_per_expert`` (the launch's mean rows per expert;

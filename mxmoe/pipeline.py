@@ -76,6 +76,7 @@ SAVE_DTYPES = ("float32", "bfloat16", "float16")
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides a quantization (stored in mxmoe.json)."""
+
     wbits: float
     abits: int = 16
     r: float = 1.0
@@ -104,7 +105,6 @@ def target_gpu(gpu: "str | None") -> str:
     """The cost-table key: ``gpu`` if given, else the local CUDA GPU's, else nvidia_h100."""
     import torch
 
-
     if gpu:
         return gpu_key(gpu)
     return gpu_key(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "nvidia_h100"
@@ -119,17 +119,22 @@ def check_recipe(rec: Recipe) -> tuple:
     """
     import torch
 
-
     if rec.abits not in ABITS and not rec.schemes:
         raise MxMoEError(f"--abits must be one of {', '.join(map(str, ABITS))}, got {rec.abits}")
     if not 0.0 <= rec.r <= 1.0:
         raise MxMoEError(f"--r must be in [0, 1] (1: accuracy only, 0: speed only), got {rec.r}")
-    for name, value, choices in (("--method", rec.method, METHODS), ("--granularity", rec.granularity, GRANULARITIES),
-                                 ("--budget", rec.budget, BUDGETS)):
+    for name, value, choices in (
+        ("--method", rec.method, METHODS),
+        ("--granularity", rec.granularity, GRANULARITIES),
+        ("--budget", rec.budget, BUDGETS),
+    ):
         if value not in choices:
             raise MxMoEError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    for name, value in (("--calib-windows", rec.calib_windows), ("--seqlen", rec.seqlen),
-                        ("--batch-tokens", rec.batch_tokens)):
+    for name, value in (
+        ("--calib-windows", rec.calib_windows),
+        ("--seqlen", rec.seqlen),
+        ("--batch-tokens", rec.batch_tokens),
+    ):
         if not isinstance(value, int) or value <= 0:
             raise MxMoEError(f"{name} must be a positive integer, got {value}")
     if rec.calib not in CALIB_SOURCES:
@@ -144,10 +149,11 @@ def check_recipe(rec: Recipe) -> tuple:
             raise MxMoEError(f"{e}; the checkpoint must run in the kernel") from None
     bits = sorted(s.bits_per_weight for s in schemes)
     if not math.isfinite(rec.wbits) or rec.wbits < bits[0]:
-        raise MxMoEError(f"no allocation meets --wbits {rec.wbits:g}: with these schemes the smallest achievable "
-                         f"is {bits[0]:g} bits per weight and the largest {bits[-1]:g}")
+        raise MxMoEError(
+            f"no allocation meets --wbits {rec.wbits:g}: with these schemes the smallest achievable "
+            f"is {bits[0]:g} bits per weight and the largest {bits[-1]:g}"
+        )
     if torch.cuda.is_available() and rec.gpu is None:  # for this machine's GPU: it must run every candidate
-
         check_capability(schemes, torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
     return schemes, load_table(target_gpu(rec.gpu))
 
@@ -166,9 +172,10 @@ def calibration(rec: Recipe, tokenizer, vocab_size: int) -> "tuple[torch.Tensor,
     """Calibration windows [n, seqlen] and their tag; a model without a tokenizer takes only ``random``."""
     import torch
 
-
-    tag = f"{rec.calib if rec.calib in CALIB_SOURCES else 'file-' + Path(rec.calib).name}-n{rec.calib_windows}" \
-          f"-s{rec.seqlen}-seed{rec.seed}"
+    tag = (
+        f"{rec.calib if rec.calib in CALIB_SOURCES else 'file-' + Path(rec.calib).name}-n{rec.calib_windows}"
+        f"-s{rec.seqlen}-seed{rec.seed}"
+    )
     if rec.calib == "random":
         return random_windows(vocab_size, rec.calib_windows, rec.seqlen, rec.seed), tag
     if tokenizer is None:
@@ -189,6 +196,7 @@ def calibration(rec: Recipe, tokenizer, vocab_size: int) -> "tuple[torch.Tensor,
 @dataclass
 class QuantizeResult:
     """What ``quantize`` produced: the quantized model (in place), its allocation and integer weights, the manifest."""
+
     model: object
     scheme_map: dict
     int_weights: dict
@@ -206,43 +214,71 @@ def routing_from_sensitivity(sens: dict, blocks: list, batch_tokens: int, tag: s
     """
     import numpy as np
 
-
     counts = np.array([sens["layers"][str(b.layer)]["tokens"][: b.num_experts] for b in blocks])  # [layers, E]
     top_k = blocks[0].top_k
-    return {"layers": [b.layer for b in blocks], "top_k": top_k, "tokens": int(counts[0].sum() // top_k),
-            "counts": counts.tolist(), "params": {"calibration": tag, "from": "sensitivity pass"},
-            "workloads": {str(batch_tokens): batch_workload(counts, batch_tokens, top_k).tolist()}}
+    return {
+        "layers": [b.layer for b in blocks],
+        "top_k": top_k,
+        "tokens": int(counts[0].sum() // top_k),
+        "counts": counts.tolist(),
+        "params": {"calibration": tag, "from": "sensitivity pass"},
+        "workloads": {str(batch_tokens): batch_workload(counts, batch_tokens, top_k).tolist()},
+    }
 
 
 def _allocate(model, rec: Recipe, schemes, table, sens: dict, rout: dict, name: str, progress: bool) -> tuple:
     """(scheme map, allocation_doc) of the ILP over every MoE layer."""
     dims = model_dims(model)
-    problems = [layer_problem(sens, rout, dims, layer, table, list(schemes), rec.batch_tokens, name)
-                for layer in rout["layers"]]
+    problems = [
+        layer_problem(sens, rout, dims, layer, table, list(schemes), rec.batch_tokens, name) for layer in rout["layers"]
+    ]
     start = time.perf_counter()
     try:
         if rec.budget == "model":
-            with tqdm(total=len(problems), desc="allocation (one model budget)", unit="layer", disable=not progress) as bar:
-                choices, _ = solve_model([(p.loss, p.time, p.bits, p.size) for p in problems], problems[0].bits,
-                                         rec.wbits, rec.r, True, rec.granularity)
+            with tqdm(
+                total=len(problems), desc="allocation (one model budget)", unit="layer", disable=not progress
+            ) as bar:
+                choices, _ = solve_model(
+                    [(p.loss, p.time, p.bits, p.size) for p in problems],
+                    problems[0].bits,
+                    rec.wbits,
+                    rec.r,
+                    True,
+                    rec.granularity,
+                )
                 bar.update(len(problems))
         else:
-            choices = [solve_layer(p.loss, p.time, p.bits, p.size, rec.wbits, rec.r, True, rec.granularity, p.labels)
-                       for p in tqdm(problems, desc="allocation", unit="layer", disable=not progress)]
+            choices = [
+                solve_layer(p.loss, p.time, p.bits, p.size, rec.wbits, rec.r, True, rec.granularity, p.labels)
+                for p in tqdm(problems, desc="allocation", unit="layer", disable=not progress)
+            ]
     except InfeasibleBudget as e:
         bits = sorted(s.bits_per_weight for s in schemes)
-        raise MxMoEError(f"no allocation meets --wbits {rec.wbits:g}: the smallest achievable is {e.smallest:g} bits per "
-                         f"weight and the largest {bits[-1]:g}") from None
-    doc = allocation_doc(problems, choices, "quantize", rec.r, rec.wbits, granularity=rec.granularity,
-                         global_budget=rec.budget == "model", solve_seconds=time.perf_counter() - start)
+        raise MxMoEError(
+            f"no allocation meets --wbits {rec.wbits:g}: the smallest achievable is {e.smallest:g} bits per "
+            f"weight and the largest {bits[-1]:g}"
+        ) from None
+    doc = allocation_doc(
+        problems,
+        choices,
+        "quantize",
+        rec.r,
+        rec.wbits,
+        granularity=rec.granularity,
+        global_budget=rec.budget == "model",
+        solve_seconds=time.perf_counter() - start,
+    )
     return scheme_map(problems, choices), doc
 
 
 def _rtn(model, plan: dict) -> dict:
     """RTN IntWeights of every quantized block of ``plan``, from the model's weights."""
     blocks = blocks_by_layer(model)
-    return {k: quantize_weight_int(block_weight(blocks[k[0]], k[1], k[2]).detach().float(), s)
-            for k, s in plan.items() if not s.is_full_precision}
+    return {
+        k: quantize_weight_int(block_weight(blocks[k[0]], k[1], k[2]).detach().float(), s)
+        for k, s in plan.items()
+        if not s.is_full_precision
+    }
 
 
 def _table_sha(gpu: str) -> "str | None":
@@ -251,12 +287,30 @@ def _table_sha(gpu: str) -> "str | None":
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float = 1.0, method: str = "gptq-had",
-             granularity: str = "block", budget: str = "layer", calib: str = "wikitext2", calib_windows: int = 8,
-             seqlen: int = 512, seed: int = 0, gpu: "str | None" = None, batch_tokens: int = 512,
-             schemes: "str | None" = None, base_id: str = "model", out: "str | Path | None" = None,
-             overwrite: bool = False, cache: "str | Path | None" = None, save_dtype: "str | None" = None,
-             progress: bool = True) -> QuantizeResult:
+def quantize(
+    model,
+    tokenizer=None,
+    *,
+    wbits: float,
+    abits: int = 16,
+    r: float = 1.0,
+    method: str = "gptq-had",
+    granularity: str = "block",
+    budget: str = "layer",
+    calib: str = "wikitext2",
+    calib_windows: int = 8,
+    seqlen: int = 512,
+    seed: int = 0,
+    gpu: "str | None" = None,
+    batch_tokens: int = 512,
+    schemes: "str | None" = None,
+    base_id: str = "model",
+    out: "str | Path | None" = None,
+    overwrite: bool = False,
+    cache: "str | Path | None" = None,
+    save_dtype: "str | None" = None,
+    progress: bool = True,
+) -> QuantizeResult:
     """MxMoE-quantize ``model`` in place (routing → sensitivity → allocation → GPTQ/RTN) and save it to ``out``.
 
     ``wbits``: mean weight bits of the expert blocks (the paper's accounting); ``abits``: activation
@@ -270,8 +324,9 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
 
     import mxmoe
 
-    rec = Recipe(wbits, abits, r, method, granularity, budget, calib, calib_windows, seqlen, seed, gpu, batch_tokens,
-                 schemes)
+    rec = Recipe(
+        wbits, abits, r, method, granularity, budget, calib, calib_windows, seqlen, seed, gpu, batch_tokens, schemes
+    )
     candidates, table = check_recipe(rec)
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise MxMoEError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
@@ -286,10 +341,21 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
 
     t0 = time.perf_counter()
     names = ",".join(map(str, candidates))
-    sens_path = Path(cache or cache_dir() / "quantize") / sha[:16] / \
-        f"sensitivity_{method}_{hashlib.sha256(names.encode()).hexdigest()[:8]}_{tag}.json"
-    sens = compute_sensitivity(model, windows, candidates, method, path=sens_path, seed=seed, progress=progress,
-                               params={"model": base_id, "weights_sha256": sha, "calibration": tag})
+    sens_path = (
+        Path(cache or cache_dir() / "quantize")
+        / sha[:16]
+        / f"sensitivity_{method}_{hashlib.sha256(names.encode()).hexdigest()[:8]}_{tag}.json"
+    )
+    sens = compute_sensitivity(
+        model,
+        windows,
+        candidates,
+        method,
+        path=sens_path,
+        seed=seed,
+        progress=progress,
+        params={"model": base_id, "weights_sha256": sha, "calibration": tag},
+    )
     times["sensitivity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -308,34 +374,68 @@ def quantize(model, tokenizer=None, *, wbits: float, abits: int = 16, r: float =
         apply_schemes(model, plan, weights=int_weights)
         fallbacks = 0
     else:
-        report = quantize_model_gptq(model, windows, plan, hadamard=hadamard, seed=seed, progress=progress,
-                                     int_weights=int_weights)
+        report = quantize_model_gptq(
+            model, windows, plan, hadamard=hadamard, seed=seed, progress=progress, int_weights=int_weights
+        )
         fallbacks = len(report.rtn_fallbacks)
     times["quantization"] = time.perf_counter() - t0
 
-    overrides = {k: getattr(model.config, k) for k in ("tie_word_embeddings",)
-                 if getattr(model.config, k, None) != getattr(base_config, k, None)}
+    overrides = {
+        k: getattr(model.config, k)
+        for k in ("tie_word_embeddings",)
+        if getattr(model.config, k, None) != getattr(base_config, k, None)
+    }
     manifest = {
-        "base": {"id": base_id, "sha256": sha, "revision": getattr(base_config, "_commit_hash", None),
-                 "class": type(model).__name__},
-        "recipe": {"wbits": rec.wbits, "abits": rec.abits, "r": rec.r, "method": rec.method,
-                   "granularity": rec.granularity, "budget": rec.budget, "batch_tokens": rec.batch_tokens,
-                   "candidates": [str(s) for s in candidates], "seed": rec.seed},
+        "base": {
+            "id": base_id,
+            "sha256": sha,
+            "revision": getattr(base_config, "_commit_hash", None),
+            "class": type(model).__name__,
+        },
+        "recipe": {
+            "wbits": rec.wbits,
+            "abits": rec.abits,
+            "r": rec.r,
+            "method": rec.method,
+            "granularity": rec.granularity,
+            "budget": rec.budget,
+            "batch_tokens": rec.batch_tokens,
+            "candidates": [str(s) for s in candidates],
+            "seed": rec.seed,
+        },
         "calibration": {"source": rec.calib, "windows": rec.calib_windows, "seqlen": rec.seqlen, "tag": tag},
         "bits": {"weight": doc["predicted"]["bits"], "activation": average_bits(model, plan)[1]},
-        "predicted": doc["predicted"], "layers": doc["layers"],
-        "cost_table": {"gpu": table.gpu, "device": table.device, "measured": table.measured,
-                       "sha256": _table_sha(table.gpu)},
-        "online_hadamard": hadamard, "rotation_seed": seed if hadamard else None, "rtn_fallbacks": fallbacks,
-        "config_overrides": overrides, "mxmoe_version": mxmoe.__version__, "torch": torch.__version__,
+        "predicted": doc["predicted"],
+        "layers": doc["layers"],
+        "cost_table": {
+            "gpu": table.gpu,
+            "device": table.device,
+            "measured": table.measured,
+            "sha256": _table_sha(table.gpu),
+        },
+        "online_hadamard": hadamard,
+        "rotation_seed": seed if hadamard else None,
+        "rtn_fallbacks": fallbacks,
+        "config_overrides": overrides,
+        "mxmoe_version": mxmoe.__version__,
+        "torch": torch.__version__,
         "stage_seconds": {k: round(v, 2) for k, v in times.items()},
         "saved_dtype": save_dtype or str(next(model.parameters()).dtype).replace("torch.", ""),
     }
     result = QuantizeResult(model, plan, int_weights, manifest, times)
     if out is not None:
         t0 = time.perf_counter()
-        result.out = save_checkpoint(out, model, plan, int_weights, manifest, base_config=base_config,
-                                     tokenizer=tokenizer, overwrite=overwrite, progress=progress,
-                                     dtype=getattr(torch, save_dtype) if save_dtype else None)
+        result.out = save_checkpoint(
+            out,
+            model,
+            plan,
+            int_weights,
+            manifest,
+            base_config=base_config,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            progress=progress,
+            dtype=getattr(torch, save_dtype) if save_dtype else None,
+        )
         times["save"] = time.perf_counter() - t0
     return result

@@ -36,19 +36,43 @@ class Profile:
 
 
 PROFILES = {
-    "smoke": Profile("smoke", "tiny-qwen2-moe", calib_windows=2, calib_seqlen=64, eval_windows=2, eval_seqlen=64,
-                     routing_windows=2, zeroshot_limit=2,
-                     description="CI plumbing check: tiny random MoE, random token ids; numbers mean nothing"),
-    "quick": Profile("quick", "smollm2-moe", calib_windows=8, calib_seqlen=512, eval_windows=4, eval_seqlen=1024,
-                     routing_windows=8, zeroshot_limit=10,
-                     description="2-core CPU: 8x512 calibration windows, 4x1024 WikiText-2 test windows, "
-                                 "10 examples per task (accuracies are +-15 points: a run check, not a result)"),
+    "smoke": Profile(
+        "smoke",
+        "tiny-qwen2-moe",
+        calib_windows=2,
+        calib_seqlen=64,
+        eval_windows=2,
+        eval_seqlen=64,
+        routing_windows=2,
+        zeroshot_limit=2,
+        description="CI plumbing check: tiny random MoE, random token ids; numbers mean nothing",
+    ),
+    "quick": Profile(
+        "quick",
+        "smollm2-moe",
+        calib_windows=8,
+        calib_seqlen=512,
+        eval_windows=4,
+        eval_seqlen=1024,
+        routing_windows=8,
+        zeroshot_limit=10,
+        description="2-core CPU: 8x512 calibration windows, 4x1024 WikiText-2 test windows, "
+        "10 examples per task (accuracies are +-15 points: a run check, not a result)",
+    ),
     # whole task sets take ~6 min per model on an H100 (lm-eval through the launch-bound fake-quant
     # forward): Table 1's seven models would not fit one GPU session, so 500 per task (±2.2 points)
-    "full": Profile("full", "smollm2-moe", calib_windows=128, calib_seqlen=512, eval_windows=None, eval_seqlen=1024,
-                    routing_windows=64, zeroshot_limit=500,
-                    description="one GPU: 128x512 calibration windows, the whole WikiText-2 test split, "
-                                "500 examples per zero-shot task"),
+    "full": Profile(
+        "full",
+        "smollm2-moe",
+        calib_windows=128,
+        calib_seqlen=512,
+        eval_windows=None,
+        eval_seqlen=1024,
+        routing_windows=64,
+        zeroshot_limit=500,
+        description="one GPU: 128x512 calibration windows, the whole WikiText-2 test split, "
+        "500 examples per zero-shot task",
+    ),
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +131,11 @@ FRONT_SCHEME_SET, FRONT_BUDGET = "w5a5", 5.0
 # 05 end to end (Tables 1, 3, 5; Figures 5, 6)
 
 TABLE1_BASELINES = ("fp16", "gptq*-3.25", "gptq*-2.25", "quarot-w4a4")  # mxmoe.baselines.BASELINES names
-TABLE1_MXMOE = {"mxmoe-3.25": "mxmoe-3.25", "mxmoe-2.25": "mxmoe-2.25", "mxmoe-w5a5": "mxmoe-w5a5"}  # label -> allocation
+TABLE1_MXMOE = {
+    "mxmoe-3.25": "mxmoe-3.25",
+    "mxmoe-2.25": "mxmoe-2.25",
+    "mxmoe-w5a5": "mxmoe-w5a5",
+}  # label -> allocation
 TABLE3 = {"linear block": "mxmoe-w5a5", "expert": "mxmoe-w5a5-expert"}  # granularity -> allocation
 TABLE5_BITS = (4, 5, 6, 7, 8)  # uniform w<b>a<b> with rotation
 R_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)  # Figure 6 (W5A5 scheme set, 5-bit budget)
@@ -122,4 +150,3 @@ def allocation(name: str) -> AllocationSetting:
         if a.name == name:
             return a
     raise KeyError(f"unknown allocation setting {name!r}; settings: {[a.name for a in ALLOCATIONS]}")
-

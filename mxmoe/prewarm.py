@@ -43,7 +43,9 @@ def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> li
     if part == "mxmoe":
         return [(allocation_config(label), load_allocation(model, s), True) for label, s in plan.TABLE1_MXMOE.items()]
     if part == "sweep":
-        rs = sorted(plan.R_SWEEP, key=lambda r: r == plan.allocation("mxmoe-w5a5").r)  # that one is often measured by then
+        rs = sorted(
+            plan.R_SWEEP, key=lambda r: r == plan.allocation("mxmoe-w5a5").r
+        )  # that one is often measured by then
         settings = [sweep_setting(r) for r in rs]
         if not all(alloc_path(model, s).exists() for s in settings):
             r_sweep_allocations(model, rs, profile=profile)
@@ -51,8 +53,9 @@ def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> li
     if part == "table5":
         return [(rotated_uniform_config(b, b), None, False) for b in plan.TABLE5_BITS]
     if part == "table4":
-        return [(baseline("fp16"), None, False)] + [(rtn_grid_config(w, a), None, False)
-                                                    for w in plan.TABLE4_BITS for a in plan.TABLE4_BITS]
+        return [(baseline("fp16"), None, False)] + [
+            (rtn_grid_config(w, a), None, False) for w in plan.TABLE4_BITS for a in plan.TABLE4_BITS
+        ]
     raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
 
 
@@ -63,7 +66,9 @@ def wait_for_model(name: str, timeout_s: float, poll_s: float = 10.0) -> None:
     start = time.time()
     while not smollm2.is_built():
         if time.time() - start > timeout_s:
-            raise TimeoutError(f"smollm2-moe was not built within {timeout_s:.0f} s; run notebook 00 or `mxmoe model build`")
+            raise TimeoutError(
+                f"smollm2-moe was not built within {timeout_s:.0f} s; run notebook 00 or `mxmoe model build`"
+            )
         time.sleep(poll_s)
 
 

@@ -41,6 +41,7 @@ STAMP_VERSION = 1
 
 class NotebookFailed(MxMoEError):
     """A notebook raised: names the notebook, the failing cell and the saved partial notebook."""
+
     def __init__(self, stem: str, cell: str, partial: Path, error: str):
         self.stem, self.cell, self.partial, self.error = stem, cell, partial, error
         super().__init__(f"notebook {stem} failed in {cell}: {error}\n  partial notebook saved at {partial}")
@@ -62,9 +63,9 @@ def input_files(stage: Stage, root: Path, model: str, repo: Path = REPO_ROOT) ->
     out: set[Path] = set()
     for pattern in stage.reads:
         if pattern.startswith("@repo/"):
-            base, pat = repo, pattern[len("@repo/"):]
+            base, pat = repo, pattern[len("@repo/") :]
         elif pattern.startswith("kernels/"):
-            base, pat = kernel_results_dir(root), pattern[len("kernels/"):]
+            base, pat = kernel_results_dir(root), pattern[len("kernels/") :]
         else:
             base, pat = root, pattern.format(model=model_dirname(model))
         out.update(p for p in base.glob(pat) if p.is_file())
@@ -133,8 +134,9 @@ def _cell_label(err) -> str:
     return f"cell {err.cell_index} (execution count {err.exec_count}): {src!r}"
 
 
-def run_stage(nb_path: Path, out_path: Path, params: dict, cwd: Path, progress: bool, log,
-              heartbeat: float = 60.0) -> float:
+def run_stage(
+    nb_path: Path, out_path: Path, params: dict, cwd: Path, progress: bool, log, heartbeat: float = 60.0
+) -> float:
     """Execute one notebook with papermill; raise NotebookFailed naming the failing cell. Returns seconds."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -147,13 +149,21 @@ def run_stage(nb_path: Path, out_path: Path, params: dict, cwd: Path, progress: 
         beat = threading.Thread(target=_heartbeat, args=(nb_path.stem, t0, stop, heartbeat, log), daemon=True)
         beat.start()
     try:
-        pm.execute_notebook(str(nb_path), str(out_path), parameters=params, cwd=str(cwd), kernel_name="python3",
-                            progress_bar=progress, log_output=False)
+        pm.execute_notebook(
+            str(nb_path),
+            str(out_path),
+            parameters=params,
+            cwd=str(cwd),
+            kernel_name="python3",
+            progress_bar=progress,
+            log_output=False,
+        )
     except PapermillExecutionError as e:
         raise NotebookFailed(nb_path.stem, _cell_label(e), out_path, f"{e.ename}: {e.evalue}") from None
     except Exception as e:  # kernel died, bad notebook JSON, ...
-        raise NotebookFailed(nb_path.stem, "(before or between cells)", out_path,
-                             f"{type(e).__name__}: {str(e).strip()[:500]}") from None
+        raise NotebookFailed(
+            nb_path.stem, "(before or between cells)", out_path, f"{type(e).__name__}: {str(e).strip()[:500]}"
+        ) from None
     finally:
         stop.set()
         if beat is not None:
@@ -173,13 +183,24 @@ def clean_executed(executed: Path, root: Path) -> None:
             meta[key] = str(path.relative_to(root))
     for cell in nb.get("cells", []):
         if cell.get("outputs"):
-            cell["outputs"] = [o for o in cell["outputs"] if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+            cell["outputs"] = [
+                o for o in cell["outputs"] if not (o.get("output_type") == "stream" and o.get("name") == "stderr")
+            ]
     executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
-def reproduce(profile: "str | None" = None, model: "str | None" = None, notebooks_dir: "Path | None" = None,
-              only: "list[str] | None" = None, force: bool = False, extra: "dict | None" = None,
-              stages=None, progress: "bool | None" = None, log=print, heartbeat: float = 60.0) -> list[StageResult]:
+def reproduce(
+    profile: "str | None" = None,
+    model: "str | None" = None,
+    notebooks_dir: "Path | None" = None,
+    only: "list[str] | None" = None,
+    force: bool = False,
+    extra: "dict | None" = None,
+    stages=None,
+    progress: "bool | None" = None,
+    log=print,
+    heartbeat: float = 60.0,
+) -> list[StageResult]:
     """Run the stages in order; return what happened to each. Raises NotebookFailed on the first failure."""
     stages = STAGES if stages is None else stages
     profile = profile or default_profile()
@@ -199,7 +220,9 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
     blocked = {k: v for k, v in blocked.items() if v}
     present = [s for s in wanted if s.stem in exists and s.stem not in blocked]
     log(f"mxmoe reproduce: profile {profile}, model {model}, results {root}")
-    log(f"  notebooks: {len(present)} of {len(wanted)} to run" + (f"; missing: {', '.join(missing)}" if missing else ""))
+    log(
+        f"  notebooks: {len(present)} of {len(wanted)} to run" + (f"; missing: {', '.join(missing)}" if missing else "")
+    )
     for stem, needs in blocked.items():
         log(f"  {stem}: not run, it needs {', '.join(needs)}, which has no notebook yet")
 
@@ -220,17 +243,26 @@ def reproduce(profile: "str | None" = None, model: "str | None" = None, notebook
         stamp_path.unlink(missing_ok=True)
         seconds = run_stage(nb_path, out_path, params, nb_dir, progress, log, heartbeat)
         key, parts = key_after_run(before, stage_key(nb_path, params, input_files(stage, root, model), root)[1])
-        write_json_atomic(stamp_path, {
-            "key": key, "stage": stage.stem, "parameters": params, "seconds": round(seconds, 1),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": _device(),
-            "inputs": parts["inputs"],
-        })
+        write_json_atomic(
+            stamp_path,
+            {
+                "key": key,
+                "stage": stage.stem,
+                "parameters": params,
+                "seconds": round(seconds, 1),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "device": _device(),
+                "inputs": parts["inputs"],
+            },
+        )
         log(f"{tag}: done in {seconds:.1f} s -> {out_path}")
         results.append(StageResult(stage.stem, "ran", seconds, out_path))
     results += [StageResult(m, "missing") for m in missing] + [StageResult(b, "blocked") for b in blocked]
     ran = sum(r.status == "ran" for r in results)
-    log(f"mxmoe reproduce: {ran} ran, {sum(r.status == 'skipped' for r in results)} skipped, "
-        f"{len(missing)} missing, {len(blocked)} blocked, {time.time() - t_all:.1f} s")
+    log(
+        f"mxmoe reproduce: {ran} ran, {sum(r.status == 'skipped' for r in results)} skipped, "
+        f"{len(missing)} missing, {len(blocked)} blocked, {time.time() - t_all:.1f} s"
+    )
     return results
 
 
@@ -262,14 +294,24 @@ def main(argv: "list[str] | None" = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     for name in ("run", None):
         q = sub.add_parser("run", help="run the notebooks (the default)") if name else p
-        q.add_argument("--profile", choices=("smoke", "quick", "full"), default=None,
-                       help="default: full with a CUDA GPU, else quick")
+        q.add_argument(
+            "--profile",
+            choices=("smoke", "quick", "full"),
+            default=None,
+            help="default: full with a CUDA GPU, else quick",
+        )
         q.add_argument("--model", default=None, help="zoo name, HF id or local folder (default: the profile's)")
         q.add_argument("--notebooks", type=Path, default=None, help="folder of the notebooks (default notebooks/)")
         q.add_argument("--only", nargs="*", default=None, help="stems or numbers, e.g. 00 06")
         q.add_argument("--force", action="store_true", help="re-run even unchanged stages")
-        q.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                       help="extra notebook parameter (value parsed as JSON when it can be)")
+        q.add_argument(
+            "-p",
+            "--param",
+            nargs=2,
+            action="append",
+            metavar=("NAME", "VALUE"),
+            help="extra notebook parameter (value parsed as JSON when it can be)",
+        )
         q.add_argument("--book", action="store_true", help="build the book afterwards")
     b = sub.add_parser("book", help="copy the executed notebooks into the book and build it")
     b.add_argument("--profile", choices=("smoke", "quick", "full"), default=None)
@@ -288,8 +330,11 @@ def main(argv: "list[str] | None" = None) -> int:
 
             return book.main(_book_argv(args))
     except NotebookFailed as e:
-        print(f"mxmoe reproduce: FAILED\n  notebook: {e.stem}\n  cell: {e.cell}\n  error: {e.error}\n"
-              f"  partial notebook: {e.partial}", file=sys.stderr)
+        print(
+            f"mxmoe reproduce: FAILED\n  notebook: {e.stem}\n  cell: {e.cell}\n  error: {e.error}\n"
+            f"  partial notebook: {e.partial}",
+            file=sys.stderr,
+        )
         return 1
     except MxMoEError as e:
         print(f"mxmoe reproduce: {e}", file=sys.stderr)

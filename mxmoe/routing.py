@@ -27,13 +27,16 @@ def profile_routing(model, input_ids: torch.Tensor, batch_size: int = 1) -> np.n
             x = args[0].reshape(-1, blocks[i].hidden_size)  # [T, H]
             _, idx = blocks[i].route(x)  # [T, k]
             counts[i] += torch.bincount(idx.flatten().cpu(), minlength=blocks[i].num_experts)
+
         return count
 
     handles = [b.module.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     device = next(model.parameters()).device
     try:
-        for s in tqdm(range(0, ids.shape[0], batch_size), desc="routing profile", unit="batch", disable=ids.shape[0] < 4):
+        for s in tqdm(
+            range(0, ids.shape[0], batch_size), desc="routing profile", unit="batch", disable=ids.shape[0] < 4
+        ):
             model(ids[s : s + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
@@ -49,6 +52,7 @@ def skew(counts: np.ndarray) -> np.ndarray:
 
 
 # ---- profiles across corpora, skew statistics and kernel workloads ---------------------------------
+
 
 def corpus_windows(tokenizer, corpus: str, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """Token windows [n, seqlen] of a corpus: WikiText-2 test (first windows) or random windows of C4 / sotu / gutenberg."""

@@ -47,10 +47,13 @@ class Scheme:
             raise ValueError(f"activation bits must be 2..8 or 16 in scheme '{self}'; grammar: {GRAMMAR}")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group size must be -1 or positive in scheme '{self}'; grammar: {GRAMMAR}")
-        if self.fmt == "fp8" and (self.w_bits != 8 or self.a_bits not in (8, 16) or not self.symmetric
-                                  or self.group_size != -1):
-            raise ValueError(f"fp8 schemes are 8-bit, per-channel and symmetric (w8a8_g-1_sym_fp8 or "
-                             f"w8a16_g-1_sym_fp8), got '{self}'")
+        if self.fmt == "fp8" and (
+            self.w_bits != 8 or self.a_bits not in (8, 16) or not self.symmetric or self.group_size != -1
+        ):
+            raise ValueError(
+                f"fp8 schemes are 8-bit, per-channel and symmetric (w8a8_g-1_sym_fp8 or "
+                f"w8a16_g-1_sym_fp8), got '{self}'"
+            )
 
     @classmethod
     def parse(cls, text: "str | Scheme") -> "Scheme":
@@ -134,4 +137,6 @@ def scheme_set(name: str) -> tuple[Scheme, ...]:
         return SCHEME_SETS[name]
     if "," in name or _PATTERN.match(name.strip().lower()) or name.strip().lower() == "bf16":
         return tuple(Scheme.parse(s) for s in name.split(",") if s.strip())
-    raise ValueError(f"unknown scheme set {name!r}; use one of {sorted(SCHEME_SETS)} or a comma-separated list of schemes")
+    raise ValueError(
+        f"unknown scheme set {name!r}; use one of {sorted(SCHEME_SETS)} or a comma-separated list of schemes"
+    )

@@ -74,8 +74,9 @@ def _delta(c: dict, name: str, s, wq: torch.Tensor, rotate_down: bool) -> float:
 
 
 @torch.no_grad()
-def group_deltas(block: MoEBlock, group: list, schemes, method: str, *, rotate_down: bool = False,
-                 min_tokens: int = 16, **gptq_kw) -> list[tuple[list, list]]:
+def group_deltas(
+    block: MoEBlock, group: list, schemes, method: str, *, rotate_down: bool = False, min_tokens: int = 16, **gptq_kw
+) -> list[tuple[list, list]]:
     """``expert_deltas`` of experts with same-shape weights, quantized in one batch per weight shape.
 
     Every (expert, block, quantized scheme) whose weight has a given shape (gate and up share one,
@@ -93,8 +94,9 @@ def group_deltas(block: MoEBlock, group: list, schemes, method: str, *, rotate_d
     for batch in batches.values():
         w = torch.stack([ctx[e]["w"][BLOCKS[j]] for e, j, _ in batch])  # [B, out, in]
         hessians = [ctx[e]["hessians"].get(BLOCKS[j]) for e, j, _ in batch]  # shared per expert: deduped in GPTQ
-        quantized.update(zip(batch, quantize_blocks(w, [schemes[si] for _, _, si in batch], hessians, min_tokens,
-                                                    **gptq_kw)))
+        quantized.update(
+            zip(batch, quantize_blocks(w, [schemes[si] for _, _, si in batch], hessians, min_tokens, **gptq_kw))
+        )
     out = []
     for e, c in enumerate(ctx):
         deltas, fallbacks = [[] for _ in BLOCKS], []
@@ -111,8 +113,9 @@ def group_deltas(block: MoEBlock, group: list, schemes, method: str, *, rotate_d
     return out
 
 
-def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down: bool = False,
-                  min_tokens: int = 16, **gptq_kw) -> tuple[list, list]:
+def expert_deltas(
+    block: MoEBlock, tokens, schemes, method: str, *, rotate_down: bool = False, min_tokens: int = 16, **gptq_kw
+) -> tuple[list, list]:
     """Δ [3][S] for one expert's blocks under each scheme, and the RTN fallbacks as (block, scheme, reason).
 
     ``tokens`` is an ``ExpertTokens`` (x [T, H], gates g [T, 1]); T must be positive.
@@ -121,8 +124,16 @@ def expert_deltas(block: MoEBlock, tokens, schemes, method: str, *, rotate_down:
 
 
 @torch.no_grad()
-def layer_sensitivity(block: MoEBlock, x: torch.Tensor, schemes, method: str = "rtn", *, rotate_down: bool = False,
-                      min_tokens: int = 16, **gptq_kw) -> dict:
+def layer_sensitivity(
+    block: MoEBlock,
+    x: torch.Tensor,
+    schemes,
+    method: str = "rtn",
+    *,
+    rotate_down: bool = False,
+    min_tokens: int = 16,
+    **gptq_kw,
+) -> dict:
     """Δ of every expert block of one MoE layer from its full-precision inputs ``x[N, H]``; a JSON-ready dict.
 
     Experts with tokens are quantized together per weight shape (routed ones, shared ones), one
@@ -139,8 +150,9 @@ def layer_sensitivity(block: MoEBlock, x: torch.Tensor, schemes, method: str = "
             by_shape.setdefault(tuple(block_weight(block, tokens.expert, "gate").shape), []).append(i)
     measured = {}
     for idx in by_shape.values():
-        out = group_deltas(block, [experts[i] for i in idx], schemes, method, rotate_down=rotate_down,
-                           min_tokens=min_tokens, **gptq_kw)
+        out = group_deltas(
+            block, [experts[i] for i in idx], schemes, method, rotate_down=rotate_down, min_tokens=min_tokens, **gptq_kw
+        )
         measured.update(zip(idx, out))
     result = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}
     for i, tokens in enumerate(experts):
@@ -156,15 +168,31 @@ def layer_sensitivity(block: MoEBlock, x: torch.Tensor, schemes, method: str = "
         result["delta"].append(deltas)
         result["rtn_fallbacks"] += [[tokens.expert, *f] for f in fallbacks]
     if result["no_tokens"]:
-        warnings.warn(f"layer {block.layer}: experts {result['no_tokens']} got no calibration token; "
-                      "their Δ is null (see sensitivity_array)", stacklevel=2)
+        warnings.warn(
+            f"layer {block.layer}: experts {result['no_tokens']} got no calibration token; "
+            "their Δ is null (see sensitivity_array)",
+            stacklevel=2,
+        )
     if result["rtn_fallbacks"]:
-        log.warning("layer %d: %d GPTQ blocks fell back to RTN (too few tokens)", block.layer, len(result["rtn_fallbacks"]))
+        log.warning(
+            "layer %d: %d GPTQ blocks fell back to RTN (too few tokens)", block.layer, len(result["rtn_fallbacks"])
+        )
     return result
 
 
-def compute_sensitivity(model, windows: torch.Tensor, schemes, method: str = "rtn", *, path=None, params: "dict | None" = None,
-                        seed: int = 0, min_tokens: int = 16, progress: bool = True, **gptq_kw) -> dict:
+def compute_sensitivity(
+    model,
+    windows: torch.Tensor,
+    schemes,
+    method: str = "rtn",
+    *,
+    path=None,
+    params: "dict | None" = None,
+    seed: int = 0,
+    min_tokens: int = 16,
+    progress: bool = True,
+    **gptq_kw,
+) -> dict:
     """Δ for every MoE layer of ``model`` on calibration ``windows`` [n, seqlen]; resumable when ``path`` is given.
 
     ``schemes``: Scheme objects or strings. ``params`` (model, calibration, ...) go into the file and
@@ -176,8 +204,14 @@ def compute_sensitivity(model, windows: torch.Tensor, schemes, method: str = "rt
     schemes = [check_scheme(s) for s in schemes]
     if not schemes:
         raise MxMoEError("no schemes given for the sensitivity measurement")
-    params = {**(params or {}), "method": method, "seed": seed, "min_tokens": min_tokens,
-              "windows": list(windows.shape), **gptq_kw}
+    params = {
+        **(params or {}),
+        "method": method,
+        "seed": seed,
+        "min_tokens": min_tokens,
+        "windows": list(windows.shape),
+        **gptq_kw,
+    }
     result = {"params": params, "schemes": [str(s) for s in schemes], "blocks": list(BLOCKS), "layers": {}}
     rotate = method == "gptq-had"
     if rotate:
@@ -201,8 +235,9 @@ def compute_sensitivity(model, windows: torch.Tensor, schemes, method: str = "rt
             continue
         x = runner.advance(capture=blocks[layer].module)  # [N, H] full-precision block inputs
         start = time.time()
-        result["layers"][str(layer)] = layer_sensitivity(blocks[layer], x, schemes, method, rotate_down=rotate,
-                                                         min_tokens=min_tokens, **gptq_kw)
+        result["layers"][str(layer)] = layer_sensitivity(
+            blocks[layer], x, schemes, method, rotate_down=rotate, min_tokens=min_tokens, **gptq_kw
+        )
         result["layers"][str(layer)]["seconds"] = round(time.time() - start, 2)
         result["device"] = device_name()
         if path is not None:
@@ -221,7 +256,9 @@ def sensitivity_array(result: dict, layer: int, fill: str = "max") -> tuple[np.n
     """
     key = str(layer)
     if key not in result["layers"]:
-        raise MxMoEError(f"layer {layer} is not in the sensitivity result; layers: {sorted(map(int, result['layers']))}")
+        raise MxMoEError(
+            f"layer {layer} is not in the sensitivity result; layers: {sorted(map(int, result['layers']))}"
+        )
     lay = result["layers"][key]
     arr = np.array([[[np.nan if v is None else v for v in row] for row in d] for d in lay["delta"]], dtype=float)
     if fill != "nan" and np.isnan(arr).any():

@@ -36,8 +36,11 @@ def weight_memory(model: nn.Module) -> dict:
             expert += sum(blk.nbytes for blk in packed.modules() if isinstance(blk, PackedBlock))
         else:
             expert += sum(_held(t) for t in b.experts.parameters())
-        numel += ((b.experts.gate_up_proj.numel() + b.experts.down_proj.numel()) if b.fused
-                  else sum(p.numel() for p in b.experts.parameters()))
+        numel += (
+            (b.experts.gate_up_proj.numel() + b.experts.down_proj.numel())
+            if b.fused
+            else sum(p.numel() for p in b.experts.parameters())
+        )
         for mlp in b.shared:
             for name in BLOCKS:
                 lin = mlp_linear(mlp, name)
@@ -78,6 +81,11 @@ def prefill(model: nn.Module, tokens: int, seqlen: int = 512, repeats: int = 3, 
         _sync(device)
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    return {"tokens": batch * length, "batch": batch, "seqlen": length, "seconds": seconds,
-            "tokens_per_s": batch * length / seconds,
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    return {
+        "tokens": batch * length,
+        "batch": batch,
+        "seqlen": length,
+        "seconds": seconds,
+        "tokens_per_s": batch * length / seconds,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }

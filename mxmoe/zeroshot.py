@@ -17,8 +17,14 @@ from mxmoe.errors import DataUnavailable, MxMoEError
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 METRIC = {
-    "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",
-    "winogrande": "acc", "lambada_openai": "acc", "lambada_standard": "acc", "boolq": "acc",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "piqa": "acc_norm",
+    "winogrande": "acc",
+    "lambada_openai": "acc",
+    "lambada_standard": "acc",
+    "boolq": "acc",
 }
 
 
@@ -50,8 +56,10 @@ def _load(tasks: list[str]):
     except MxMoEError:
         raise
     except Exception as e:  # hub unreachable, datasets missing: one readable message
-        raise DataUnavailable(f"could not load the zero-shot tasks {', '.join(tasks)} from the Hugging Face hub "
-                              f"({type(e).__name__}: {str(e)[:200]}); set MXMOE_DATA_DIR to a local copy") from None
+        raise DataUnavailable(
+            f"could not load the zero-shot tasks {', '.join(tasks)} from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:200]}); set MXMOE_DATA_DIR to a local copy"
+        ) from None
     return manager, {t: loaded[name] for t, name in names.items()}
 
 
@@ -76,8 +84,15 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, limit: int | None = None, batc
     manager, loaded = _load(tasks)
     batch_size = batch_size or (64 if next(model.parameters()).device.type == "cuda" else 16)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(loaded.values()), num_fewshot=0, limit=limit, task_manager=manager,
-                          bootstrap_iters=0, log_samples=False)
+    out = simple_evaluate(
+        model=lm,
+        tasks=list(loaded.values()),
+        num_fewshot=0,
+        limit=limit,
+        task_manager=manager,
+        bootstrap_iters=0,
+        log_samples=False,
+    )
     result = {}
     for t, task in loaded.items():
         name = task.task_name
@@ -92,7 +107,9 @@ def record(model_name: str, results: dict, limit: int | None, seconds: float, de
 
     return {
         "model": model_name,
-        "data": "local files under $MXMOE_DATA_DIR" if data_dir() is not None else "Hugging Face hub (stock lm-eval tasks)",
+        "data": "local files under $MXMOE_DATA_DIR"
+        if data_dir() is not None
+        else "Hugging Face hub (stock lm-eval tasks)",
         "lm_eval": lm_eval.__version__,
         "num_fewshot": 0,
         "limit": limit,

@@ -35,7 +35,11 @@ def _compare(x, offsets, packed, ref=None, result=None, **kw) -> dict:
     y = (group_gemm(x, offsets, packed, **kw) if result is None else result).float()  # [T, N]
     r = reference_group_gemm(x, offsets, packed) if ref is None else ref
     row_err = (y - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-6)  # [T]
-    return {"rel": float((y - r).norm() / r.norm()), "row_rel": float(row_err.max()), "finite": bool(torch.isfinite(y).all())}
+    return {
+        "rel": float((y - r).norm() / r.norm()),
+        "row_rel": float(row_err.max()),
+        "finite": bool(torch.isfinite(y).all()),
+    }
 
 
 def _weights(n: int, k: int, count: int) -> list[torch.Tensor]:
@@ -74,8 +78,12 @@ def main() -> None:
     tall = ["w4a16_g128_asym", "w2a16_g128_asym"]
     rows_tall = [0, 130, 1]
     pws_tall = [pack(w, s) for w, s in zip(_weights(80, 576, len(rows_tall)), tall + tall[:1])]
-    cases["tall_swapped_grouped"] = _compare(torch.randn(sum(rows_tall), 576), _offsets(rows_tall), pws_tall,
-                                             configs={s: TileConfig(128, 32, 128, 1, swap_ab=True) for s in tall})
+    cases["tall_swapped_grouped"] = _compare(
+        torch.randn(sum(rows_tall), 576),
+        _offsets(rows_tall),
+        pws_tall,
+        configs={s: TileConfig(128, 32, 128, 1, swap_ab=True) for s in tall},
+    )
     pws[3] = pack(_weights(80, 576, 1)[0], "w8a16_g-1_sym_fp8")
     cases["swapped_mixed_fp8_weight_only"] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws)
     # K = 32: shorter than a K tile and than the group
@@ -118,9 +126,19 @@ def _transformers_cases() -> dict:
 
     from mxmoe.models import moe_blocks
 
-    cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-                         shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    cfg = Qwen2MoeConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
     model = Qwen2MoeForCausalLM(cfg).eval()
     with torch.no_grad():  # bf16-representable weights: the all-bf16 allocation then packs them exactly
         for p in model.parameters():

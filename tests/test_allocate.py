@@ -51,9 +51,18 @@ def _brute(loss, time_, bits, size, budget, r, tie, granularity):
     return best
 
 
-@pytest.mark.parametrize("seed,r,tie,granularity", [
-    (0, 1.0, True, "block"), (1, 0.0, True, "block"), (2, 0.5, True, "block"), (3, 0.75, False, "block"),
-    (4, 0.25, False, "block"), (5, 0.75, True, "expert"), (6, 0.5, True, "expert")])
+@pytest.mark.parametrize(
+    "seed,r,tie,granularity",
+    [
+        (0, 1.0, True, "block"),
+        (1, 0.0, True, "block"),
+        (2, 0.5, True, "block"),
+        (3, 0.75, False, "block"),
+        (4, 0.25, False, "block"),
+        (5, 0.75, True, "expert"),
+        (6, 0.5, True, "expert"),
+    ],
+)
 def test_solve_layer_matches_brute_force(seed, r, tie, granularity):
     loss, time_, bits, size = _instance(seed, experts=3 if granularity == "block" and tie else 2)
     if granularity == "expert":
@@ -134,8 +143,14 @@ def _tiny_problem(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     b0 = blocks[0]
     experts = list(range(b0.num_experts)) + ["shared0"]
-    sens = {"schemes": schemes, "params": {"fake": True}, "layers": {
-        str(b.layer): {"experts": experts, "delta": rng.uniform(0, 1, (len(experts), 3, 3)).tolist()} for b in blocks}}
+    sens = {
+        "schemes": schemes,
+        "params": {"fake": True},
+        "layers": {
+            str(b.layer): {"experts": experts, "delta": rng.uniform(0, 1, (len(experts), 3, 3)).tolist()}
+            for b in blocks
+        },
+    }
     counts = rng.integers(1, 50, (len(blocks), b0.num_experts))
     rout = {"layers": [b.layer for b in blocks], "top_k": b0.top_k, "counts": counts.tolist(), "params": {"fake": True}}
     table = load_table("nvidia_h100")
@@ -182,13 +197,15 @@ def test_tie_break_cut_short_keeps_the_first_criterion_optimal(monkeypatch):
 
     rng = np.random.default_rng(0)
     bits = np.array([8.0, 4.25, 2.25, 4.0, 16.0])  # [S]
-    loss = np.broadcast_to(np.round(100 * 2.0 ** -bits), (12, 3, 5)).copy()  # every expert alike: many L ties
+    loss = np.broadcast_to(np.round(100 * 2.0**-bits), (12, 3, 5)).copy()  # every expert alike: many L ties
     time_ = rng.uniform(0.5, 1.5, (12, 3, 5)) * (0.2 + bits / 8)  # [E, 3, S]
     size = rng.integers(1, 4, 12).astype(float)  # [E]
     exact = solve_point(loss, time_, bits, size, 4.0, 1.0)
     models = []
     monkeypatch.setattr(allocate, "TIE_BREAK_NODES", 1)
-    monkeypatch.setattr(allocate._ILP, "_build", lambda self, build=allocate._ILP._build: (models.append(self), build(self))[1])
+    monkeypatch.setattr(
+        allocate._ILP, "_build", lambda self, build=allocate._ILP._build: (models.append(self), build(self))[1]
+    )
     cut = solve_point(loss, time_, bits, size, 4.0, 1.0)
     assert models[0].unproven == 1  # the node limit was hit ...
     assert cut.L == pytest.approx(exact.L, rel=1e-9)  # ... and the allocation is still least-loss

@@ -111,9 +111,13 @@ def test_activation_quantization_per_block():
     x = torch.randn(10, b.hidden_size, generator=torch.Generator().manual_seed(3))
     used = {int(e) for e in b.route(x)[1].flatten()}
     e0, e1 = sorted(used)[:2]
-    plan = {(b.layer, e0, "gate"): Scheme.parse("w8a4_g-1_sym"), (b.layer, e0, "up"): Scheme.parse("w8a8_g-1_sym"),
-            (b.layer, e0, "down"): Scheme.parse("w4a4_g16_sym"), (b.layer, e1, "down"): Scheme.parse("w8a16_g-1_sym"),
-            (b.layer, shared_key(0), "up"): Scheme.parse("w8a4_g-1_sym")}
+    plan = {
+        (b.layer, e0, "gate"): Scheme.parse("w8a4_g-1_sym"),
+        (b.layer, e0, "up"): Scheme.parse("w8a8_g-1_sym"),
+        (b.layer, e0, "down"): Scheme.parse("w4a4_g16_sym"),
+        (b.layer, e1, "down"): Scheme.parse("w8a16_g-1_sym"),
+        (b.layer, shared_key(0), "up"): Scheme.parse("w8a4_g-1_sym"),
+    }
     apply_schemes(model, plan)
     with torch.no_grad():
         got = b.module(x[None])[0]
@@ -145,9 +149,16 @@ def test_per_expert_layout_hooks():
     torch.testing.assert_close(b.expert_weight(1, "down"), quantize_weight(orig_down, plan[(0, 1, "down")]))
 
 
-@pytest.mark.parametrize("key, err", [((7, 0, "gate"), "not an MoE layer"), ((1, 8, "gate"), "out of range"),
-                                      ((1, 0, "o_proj"), "block must be"), ((1, "shared3", "up"), "shared"),
-                                      ((1, 0), "tuples")])
+@pytest.mark.parametrize(
+    "key, err",
+    [
+        ((7, 0, "gate"), "not an MoE layer"),
+        ((1, 8, "gate"), "out of range"),
+        ((1, 0, "o_proj"), "block must be"),
+        ((1, "shared3", "up"), "shared"),
+        ((1, 0), "tuples"),
+    ],
+)
 def test_bad_keys_are_rejected_before_any_change(key, err):
     model = fresh("tiny-qwen2-moe")
     ref = logits(model)

@@ -17,12 +17,30 @@ LAYERS = {
     "base": ["mxmoe.errors", "mxmoe.env", "mxmoe.files", "mxmoe.schemes", "mxmoe.plan", "mxmoe.paper"],
     "data": ["mxmoe.data", "mxmoe.tasks", "mxmoe.metrics", "mxmoe.zeroshot"],
     "models": ["mxmoe.models"],
-    "compute": ["mxmoe.quant", "mxmoe.kernels", "mxmoe.routing", "mxmoe.sensitivity", "mxmoe.perfmodel",
-                "mxmoe.allocate", "mxmoe.baselines", "mxmoe.packed", "mxmoe.checkpoint"],
+    "compute": [
+        "mxmoe.quant",
+        "mxmoe.kernels",
+        "mxmoe.routing",
+        "mxmoe.sensitivity",
+        "mxmoe.perfmodel",
+        "mxmoe.allocate",
+        "mxmoe.baselines",
+        "mxmoe.packed",
+        "mxmoe.checkpoint",
+    ],
     "stages": ["mxmoe.profiles", "mxmoe.paths", "mxmoe.stages", "mxmoe.pipeline", "mxmoe.throughput"],
     "bench": ["mxmoe.bench"],
     "plots": ["mxmoe.plots"],
-    "apps": ["mxmoe", "mxmoe.claims", "mxmoe.reproduce", "mxmoe.book", "mxmoe.book_check", "mxmoe.prewarm", "mxmoe.cli", "mxmoe.__main__"],
+    "apps": [
+        "mxmoe",
+        "mxmoe.claims",
+        "mxmoe.reproduce",
+        "mxmoe.book",
+        "mxmoe.book_check",
+        "mxmoe.prewarm",
+        "mxmoe.cli",
+        "mxmoe.__main__",
+    ],
 }
 ORDER = list(LAYERS)
 
@@ -66,8 +84,10 @@ def layer_of(module: str) -> str:
 def graph() -> dict:
     """{module: set of mxmoe modules it imports}, a package's __init__ importing its own submodules left out."""
     modules = all_modules()
-    return {m: {d for d in imports(p, modules) if d != m and not (p.name == "__init__.py" and d.startswith(m + "."))}
-            for m, p in modules.items()}
+    return {
+        m: {d for d in imports(p, modules) if d != m and not (p.name == "__init__.py" and d.startswith(m + "."))}
+        for m, p in modules.items()
+    }
 
 
 def cycles(g: dict) -> list:
@@ -106,16 +126,24 @@ def test_no_import_loops():
 
 
 def test_no_upward_imports():
-    upward = [f"{m} ({layer_of(m)}) imports {d} ({layer_of(d)})" for m, deps in sorted(graph().items()) for d in sorted(deps)
-              if d != "mxmoe" and ORDER.index(layer_of(d)) > ORDER.index(layer_of(m))]
+    upward = [
+        f"{m} ({layer_of(m)}) imports {d} ({layer_of(d)})"
+        for m, deps in sorted(graph().items())
+        for d in sorted(deps)
+        if d != "mxmoe" and ORDER.index(layer_of(d)) > ORDER.index(layer_of(m))
+    ]
     assert upward == []
 
 
 def test_compute_touches_no_results():
     """Compute modules never resolve the results tree: only stages, benchmarks, plots and apps do."""
     low = ("base", "data", "models", "compute")
-    offenders = [m for m, p in all_modules().items() if layer_of(m) in low
-                 and any(word in p.read_text() for word in ("results_dir(", "mxmoe.paths", "REPO_ROOT / \"results\""))]
+    offenders = [
+        m
+        for m, p in all_modules().items()
+        if layer_of(m) in low
+        and any(word in p.read_text() for word in ("results_dir(", "mxmoe.paths", 'REPO_ROOT / "results"'))
+    ]
     assert offenders == []
 
 

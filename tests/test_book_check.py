@@ -25,7 +25,9 @@ BAD = """<!doctype html><html><head><meta charset="utf-8"><title>bad</title>
 <script>console.error("broken on purpose");</script>
 </article></main></body></html>"""
 
-WIDE = """<!doctype html><html><body><main><article><div style="width:3000px">wide</div></article></main></body></html>"""
+WIDE = (
+    """<!doctype html><html><body><main><article><div style="width:3000px">wide</div></article></main></body></html>"""
+)
 
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
 
@@ -51,8 +53,10 @@ def test_broken_link_finds_missing_files_and_anchors(tmp_path):
 
 
 def test_page_noise_names_paths_and_warnings():
-    hits = book_check.page_noise("wrote /root/run/results/a.json\n/work/main/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: "
-                           "TqdmWarning: IProgress\nTraceback (most recent call last):\nC:\\Users\\me\\x.json")
+    hits = book_check.page_noise(
+        "wrote /root/run/results/a.json\n/work/main/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: "
+        "TqdmWarning: IProgress\nTraceback (most recent call last):\nC:\\Users\\me\\x.json"
+    )
     text = " ".join(hits)
     for needle in ("/root/run/results/a.json", "TqdmWarning", "Traceback", "C:\\Users", "site-packages"):
         assert needle in text
@@ -63,14 +67,22 @@ def test_relative_paths_and_folded_cells(tmp_path):
     root = tmp_path / "res"
     assert book.relative_paths(f"saved {root}/m/fig.png", root) == "saved $MXMOE_RESULTS_DIR (res)/m/fig.png"
     assert book.relative_paths("saved /root/run/results/m/fig.png") == "saved results/m/fig.png"
-    assert book.relative_paths("/opt/v/lib/python3.12/site-packages/tqdm/auto.py:21") == "<site-packages>/tqdm/auto.py:21"
-    nb = {"cells": [
-        {"cell_type": "code", "metadata": {}, "source": "x", "outputs": [{"output_type": "stream", "name": "stdout",
-                                                                           "text": ["at /root/run/results/a\n"]}]},
-        {"cell_type": "code", "metadata": {}, "source": "y", "outputs": []},
-        {"cell_type": "code", "metadata": {"tags": ["remove-input"]}, "source": "z", "outputs": []},
-        {"cell_type": "markdown", "metadata": {}, "source": "# t"},
-    ]}
+    assert (
+        book.relative_paths("/opt/v/lib/python3.12/site-packages/tqdm/auto.py:21") == "<site-packages>/tqdm/auto.py:21"
+    )
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "source": "x",
+                "outputs": [{"output_type": "stream", "name": "stdout", "text": ["at /root/run/results/a\n"]}],
+            },
+            {"cell_type": "code", "metadata": {}, "source": "y", "outputs": []},
+            {"cell_type": "code", "metadata": {"tags": ["remove-input"]}, "source": "z", "outputs": []},
+            {"cell_type": "markdown", "metadata": {}, "source": "# t"},
+        ]
+    }
     book.prepare_notebook(nb)
     assert [c["metadata"].get("tags") for c in nb["cells"]] == [["hide-input"], ["hide-cell"], ["remove-input"], None]
     assert nb["cells"][0]["outputs"][0]["text"] == ["at results/a\n"]
@@ -78,8 +90,16 @@ def test_relative_paths_and_folded_cells(tmp_path):
 
 def test_copy_chapters_writes_prepared_notebooks(tmp_path):
     nb = tmp_path / "00_x.ipynb"
-    nb.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}, "source": "1", "outputs": []}],
-                              "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    nb.write_text(
+        json.dumps(
+            {
+                "cells": [{"cell_type": "code", "metadata": {}, "source": "1", "outputs": []}],
+                "metadata": {},
+                "nbformat": 4,
+                "nbformat_minor": 5,
+            }
+        )
+    )
     (out,) = book.copy_chapters(tmp_path / "src", [nb])
     assert json.loads(out.read_text())["cells"][0]["metadata"]["tags"] == ["hide-cell"]
 
@@ -104,15 +124,24 @@ def test_browser_check_fails_a_broken_page_and_passes_a_good_one(tmp_path, chrom
     reports = {r.page: r for r in book_check.check_pages(html, shots, chromium, log=lambda *_: None)}
     assert reports["index.html"].problems == []  # folded wide code and an outside link are fine
     bad = " | ".join(reports["bad.html"].problems)
-    for needle in ("console error: broken on purpose", "image did not load", "missing.png", "missing file: nowhere.html",
-                   "missing anchor: index.html#no-such-anchor", "network request (blocked): https://cdn.example.invalid/lib.js",
-                   "scrolls sideways", "absolute path /home/someone/run/results/x.json", "TqdmWarning"):
+    for needle in (
+        "console error: broken on purpose",
+        "image did not load",
+        "missing.png",
+        "missing file: nowhere.html",
+        "missing anchor: index.html#no-such-anchor",
+        "network request (blocked): https://cdn.example.invalid/lib.js",
+        "scrolls sideways",
+        "absolute path /home/someone/run/results/x.json",
+        "TqdmWarning",
+    ):
         assert needle in bad, needle
     assert any("page is 3" in p for p in reports["wide.html"].problems)
     assert sorted(p.name for p in shots.glob("*.png")) == ["bad.png", "index.png", "wide.png"]
     assert book_check.main([str(html)]) == 1
-    lenient = book_check.check_pages(html, None, chromium, pages=[html / "bad.html"], allow_inner_scroll=True,
-                                     log=lambda *_: None)[0]
+    lenient = book_check.check_pages(
+        html, None, chromium, pages=[html / "bad.html"], allow_inner_scroll=True, log=lambda *_: None
+    )[0]
     assert any("scrolls sideways" in w for w in lenient.warnings)
     assert not any("scrolls sideways" in p for p in lenient.problems) and lenient.problems  # the rest still fails
 

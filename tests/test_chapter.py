@@ -21,8 +21,10 @@ def test_formats_percent_ppl_and_speedups():
 
 
 def test_table1_shows_percentages_not_fractions():
-    t1 = {"fp16": {"w_bits": 16, "a_bits": 16, "ppl": 29.254, "tasks": {t: 0.4 for t in chapter.TASKS}},
-          "mxmoe-w5a5": {"w_bits": 5, "a_bits": 4.88194, "ppl": 30.79, "tasks": {"arc_easy": 0.1}}}
+    t1 = {
+        "fp16": {"w_bits": 16, "a_bits": 16, "ppl": 29.254, "tasks": {t: 0.4 for t in chapter.TASKS}},
+        "mxmoe-w5a5": {"w_bits": 5, "a_bits": 4.88194, "ppl": 30.79, "tasks": {"arc_easy": 0.1}},
+    }
     f = chapter.table1_frame(t1)
     assert f.loc["fp16", "PPL"] == "29.25" and f.loc["fp16", "AE"] == "40.0%" and f.loc["fp16", "Avg."] == "40.0%"
     assert f.loc["mxmoe-w5a5", "bits"] == "5-4.88" and f.loc["mxmoe-w5a5", "AC"] == "—"

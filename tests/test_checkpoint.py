@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import fresh
 
 from mxmoe.checkpoint import (
     CheckpointError,
@@ -28,12 +29,19 @@ from mxmoe.packed import PackedExperts, QuantLinear
 from mxmoe.quant.apply import apply_schemes, block_weight, expert_ids
 from mxmoe.quant.rtn import quantize_weight_int
 from mxmoe.schemes import Scheme
-from tiny import fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 # weight-only and weight-activation schemes, per channel and g128, int and fp8, plus full precision
-MIX = ["w4a16_g128_asym", "w3a16_g-1_asym", "w8a8_g-1_sym", "w4a4_g128_sym", "bf16", "w8a8_g-1_sym_fp8",
-       "w2a16_g128_asym", "w4a8_g-1_sym"]
+MIX = [
+    "w4a16_g128_asym",
+    "w3a16_g-1_asym",
+    "w8a8_g-1_sym",
+    "w4a4_g128_sym",
+    "bf16",
+    "w8a8_g-1_sym_fp8",
+    "w2a16_g128_asym",
+    "w4a8_g-1_sym",
+]
 
 
 def mixed_map(model) -> dict:
@@ -48,8 +56,11 @@ def mixed_map(model) -> dict:
 
 def rtn_weights(model, plan: dict) -> dict:
     blocks = {b.layer: b for b in moe_blocks(model)}
-    return {k: quantize_weight_int(block_weight(blocks[k[0]], k[1], k[2]).detach().float(), s)
-            for k, s in plan.items() if not s.is_full_precision}
+    return {
+        k: quantize_weight_int(block_weight(blocks[k[0]], k[1], k[2]).detach().float(), s)
+        for k, s in plan.items()
+        if not s.is_full_precision
+    }
 
 
 def quantized_checkpoint(name: str, out: Path, **kw):
@@ -62,8 +73,16 @@ def quantized_checkpoint(name: str, out: Path, **kw):
     apply_schemes(model, plan, weights=weights)
     from transformers import AutoConfig
 
-    save_checkpoint(out, model, plan, weights, {"base": base, "online_hadamard": False}, progress=False,
-                    base_config=AutoConfig.for_model(**config), **kw)
+    save_checkpoint(
+        out,
+        model,
+        plan,
+        weights,
+        {"base": base, "online_hadamard": False},
+        progress=False,
+        base_config=AutoConfig.for_model(**config),
+        **kw,
+    )
     return model, out
 
 
@@ -162,8 +181,13 @@ quantized_checkpoint("tiny-mixtral", Path({out!r}), shard_bytes=60_000)
 def test_a_killed_save_leaves_nothing_that_loads(tmp_path):
     out = tmp_path / "ck"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    proc = subprocess.run([sys.executable, "-c", KILLED.format(tests=str(ROOT / "tests"), out=str(out))], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED.format(tests=str(ROOT / "tests"), out=str(out))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert not out.exists()
     left = list(tmp_path.iterdir())  # the temp folder of the killed run: no manifest, so not a checkpoint
@@ -241,8 +265,16 @@ def test_smollm2_moe_round_trip(tmp_path):
     plan = mixed_map(model)
     weights = rtn_weights(model, plan)
     apply_schemes(model, plan, weights=weights)
-    out = save_checkpoint(tmp_path / "ck", model, plan, weights, {"base": base, "online_hadamard": False},
-                          base_config=config, tokenizer=tok, progress=False)
+    out = save_checkpoint(
+        tmp_path / "ck",
+        model,
+        plan,
+        weights,
+        {"base": base, "online_hadamard": False},
+        base_config=config,
+        tokenizer=tok,
+        progress=False,
+    )
     assert read_manifest(out)["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     from mxmoe.checkpoint import open_model
 

@@ -11,11 +11,14 @@ def test_help_lists_stages(capsys):
         assert stage in out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["model", "info", "no-such-model"], "unknown model 'no-such-model'"),
-    (["eval", "ppl", "tiny-mixtral"], "has no tokenizer"),
-    (["routing", "profile", "not/a-real-model-id"], "could not load 'not/a-real-model-id'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["model", "info", "no-such-model"], "unknown model 'no-such-model'"),
+        (["eval", "ppl", "tiny-mixtral"], "has no tokenizer"),
+        (["routing", "profile", "not/a-real-model-id"], "could not load 'not/a-real-model-id'"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(capsys, monkeypatch, argv, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(argv) == 2

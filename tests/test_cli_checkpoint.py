@@ -10,6 +10,7 @@ from mxmoe.cli import main
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if a command loads or builds a model (validation must come first)."""
+
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the flags were checked")
 
@@ -26,9 +27,26 @@ def checkpoint(tmp_path_factory):
     out = root / "ck"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MXMOE_CACHE_DIR", str(root / "cache"))  # the sensitivity cache, not the user's
-        code = main(["quantize", "tiny-mixtral", "--wbits", "3.25", "--method", "rtn", "--calib", "random",
-                     "--calib-windows", "2", "--seqlen", "32", "--schemes", "w4a16_g-1_asym,w2a16_g-1_asym,w8a16_g-1_sym",
-                     "--out", str(out)])
+        code = main(
+            [
+                "quantize",
+                "tiny-mixtral",
+                "--wbits",
+                "3.25",
+                "--method",
+                "rtn",
+                "--calib",
+                "random",
+                "--calib-windows",
+                "2",
+                "--seqlen",
+                "32",
+                "--schemes",
+                "w4a16_g-1_asym,w2a16_g-1_asym,w8a16_g-1_sym",
+                "--out",
+                str(out),
+            ]
+        )
     assert code == 0
     return out
 
@@ -40,9 +58,29 @@ def test_quantize_prints_stage_times_and_writes_a_checkpoint(checkpoint, capsys,
     assert doc["base"]["id"] == "tiny-mixtral" and doc["bits"]["weight"] <= 3.25
     monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path))
     out = tmp_path / "again"
-    assert main(["quantize", "tiny-mixtral", "--wbits", "3.25", "--method", "rtn", "--calib", "random",
-                 "--calib-windows", "2", "--seqlen", "32", "--schemes", "w4a16_g-1_asym,w2a16_g-1_asym",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "tiny-mixtral",
+                "--wbits",
+                "3.25",
+                "--method",
+                "rtn",
+                "--calib",
+                "random",
+                "--calib-windows",
+                "2",
+                "--seqlen",
+                "32",
+                "--schemes",
+                "w4a16_g-1_asym,w2a16_g-1_asym",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "stage times: calibration" in text and "sensitivity" in text and f"written to {out}" in text
 
@@ -64,30 +102,44 @@ def test_eval_takes_a_checkpoint_folder(checkpoint, capsys):
     assert "has no tokenizer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["eval", "ppl", "smollm2-moe", "--seqlen", "0"], "--seqlen must be a positive number, got 0"),
-    (["eval", "ppl", "smollm2-moe", "--windows", "-2"], "--windows must be 0 or more"),
-    (["routing", "profile", "tiny-mixtral", "--windows", "-1"], "--windows must be 0 or more, got -1"),
-    (["routing", "corpora", "smollm2-moe", "--windows", "0"], "--windows must be a positive number"),
-    (["sensitivity", "smollm2-moe", "--seqlen", "-5"], "--seqlen must be a positive number"),
-    (["eval", "zeroshot", "smollm2-moe", "--limit", "0"], "limit must be a positive"),
-    (["eval", "zeroshot", "smollm2-moe", "--batch-size", "0"], "--batch-size must be a positive"),
-    (["quantize", "smollm2-moe", "--wbits", "1.5", "--out", "{tmp}/q"], "smallest achievable is 2 bits per weight and "
-                                                                         "the largest 16"),
-    (["quantize", "smollm2-moe", "--wbits", "3", "--abits", "4", "--out", "{tmp}/q"], "smallest achievable is 4 bits per weight and the largest 4.25"),
-    (["quantize", "smollm2-moe", "--wbits", "3", "--r", "-0.1", "--out", "{tmp}/q"], "--r must be in [0, 1]"),
-    (["quantize", "smollm2-moe", "--wbits", "3", "--calib", "{tmp}/none.txt", "--out", "{tmp}/q"], "nor an existing"),
-    (["quantize", "smollm2-moe", "--wbits", "3", "--schemes", "w4a4_g-1_asym", "--out", "{tmp}/q"], "must be symmetric"),
-    (["quantize", "no-such-model", "--wbits", "3", "--out", "{tmp}/q"], "unknown model 'no-such-model'"),
-    (["quantize", "smollm2-moe", "--wbits", "3", "--out", "{tmp}/missing/q"], "parent folder"),
-    (["eval", "ppl", "{tmp}"], "neither an mxmoe checkpoint (no mxmoe.json) nor a model folder"),
-    (["eval", "ppl", "./no/such/folder"], "no such folder"),
-    (["bench", "tiny-mixtral"], "is not a folder: expected an mxmoe checkpoint"),
-    (["bench", "{tmp}"], "neither an mxmoe checkpoint"),
-    (["bench", "{tmp}", "--tokens", "0"], "--tokens must be a positive"),
-    (["generate", "smollm2-moe", "hello", "--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
-    (["generate", "smollm2-moe", "  "], "the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "ppl", "smollm2-moe", "--seqlen", "0"], "--seqlen must be a positive number, got 0"),
+        (["eval", "ppl", "smollm2-moe", "--windows", "-2"], "--windows must be 0 or more"),
+        (["routing", "profile", "tiny-mixtral", "--windows", "-1"], "--windows must be 0 or more, got -1"),
+        (["routing", "corpora", "smollm2-moe", "--windows", "0"], "--windows must be a positive number"),
+        (["sensitivity", "smollm2-moe", "--seqlen", "-5"], "--seqlen must be a positive number"),
+        (["eval", "zeroshot", "smollm2-moe", "--limit", "0"], "limit must be a positive"),
+        (["eval", "zeroshot", "smollm2-moe", "--batch-size", "0"], "--batch-size must be a positive"),
+        (
+            ["quantize", "smollm2-moe", "--wbits", "1.5", "--out", "{tmp}/q"],
+            "smallest achievable is 2 bits per weight and the largest 16",
+        ),
+        (
+            ["quantize", "smollm2-moe", "--wbits", "3", "--abits", "4", "--out", "{tmp}/q"],
+            "smallest achievable is 4 bits per weight and the largest 4.25",
+        ),
+        (["quantize", "smollm2-moe", "--wbits", "3", "--r", "-0.1", "--out", "{tmp}/q"], "--r must be in [0, 1]"),
+        (
+            ["quantize", "smollm2-moe", "--wbits", "3", "--calib", "{tmp}/none.txt", "--out", "{tmp}/q"],
+            "nor an existing",
+        ),
+        (
+            ["quantize", "smollm2-moe", "--wbits", "3", "--schemes", "w4a4_g-1_asym", "--out", "{tmp}/q"],
+            "must be symmetric",
+        ),
+        (["quantize", "no-such-model", "--wbits", "3", "--out", "{tmp}/q"], "unknown model 'no-such-model'"),
+        (["quantize", "smollm2-moe", "--wbits", "3", "--out", "{tmp}/missing/q"], "parent folder"),
+        (["eval", "ppl", "{tmp}"], "neither an mxmoe checkpoint (no mxmoe.json) nor a model folder"),
+        (["eval", "ppl", "./no/such/folder"], "no such folder"),
+        (["bench", "tiny-mixtral"], "is not a folder: expected an mxmoe checkpoint"),
+        (["bench", "{tmp}"], "neither an mxmoe checkpoint"),
+        (["bench", "{tmp}", "--tokens", "0"], "--tokens must be a positive"),
+        (["generate", "smollm2-moe", "hello", "--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+        (["generate", "smollm2-moe", "  "], "the prompt is empty"),
+    ],
+)
 def test_bad_input_exits_2_before_any_model_loads(no_model_loads, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
@@ -97,8 +149,11 @@ def test_bad_input_exits_2_before_any_model_loads(no_model_loads, tmp_path, caps
 
 
 def test_checkpoint_is_not_a_base_model(no_model_loads, checkpoint, tmp_path, capsys):
-    for argv in (["sensitivity", str(checkpoint)], ["quantize", str(checkpoint), "--wbits", "3", "--out", str(tmp_path / "q")],
-                 ["bench", str(checkpoint), "--base", str(checkpoint)]):
+    for argv in (
+        ["sensitivity", str(checkpoint)],
+        ["quantize", str(checkpoint), "--wbits", "3", "--out", str(tmp_path / "q")],
+        ["bench", str(checkpoint), "--base", str(checkpoint)],
+    ):
         assert main(argv) == 2
         assert "is a quantized mxmoe checkpoint; this command needs its full-precision base" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()

@@ -23,12 +23,19 @@ def test_wikitext_test_is_the_gptq_string(shared_data):
     assert len(data.load_text("wikitext2", "test")) == 1_294_336
 
 
-@pytest.mark.parametrize("task,count,keys", [
-    ("arc_easy", 2376, {"question", "choices", "label_index"}), ("arc_challenge", 1172, {"question", "choices", "label_index"}),
-    ("piqa", 1838, {"goal", "sol1", "sol2", "label"}), ("winogrande", 1267, {"context_options", "continuation", "label"}),
-    ("lambada_openai", 5153, {"text"}), ("lambada_standard", 5153, {"text"}),
-    ("hellaswag", 10042, {"activity_label", "ctx", "endings", "label"}), ("boolq", 3270, {"passage", "question", "label"}),
-])
+@pytest.mark.parametrize(
+    "task,count,keys",
+    [
+        ("arc_easy", 2376, {"question", "choices", "label_index"}),
+        ("arc_challenge", 1172, {"question", "choices", "label_index"}),
+        ("piqa", 1838, {"goal", "sol1", "sol2", "label"}),
+        ("winogrande", 1267, {"context_options", "continuation", "label"}),
+        ("lambada_openai", 5153, {"text"}),
+        ("lambada_standard", 5153, {"text"}),
+        ("hellaswag", 10042, {"activity_label", "ctx", "endings", "label"}),
+        ("boolq", 3270, {"passage", "question", "label"}),
+    ],
+)
 def test_local_tasks(shared_data, task, count, keys):
     rows = data.load_task(task)
     assert len(rows) == count and set(rows[0]) == keys
@@ -72,15 +79,26 @@ def test_neither_source_gives_one_clear_error(monkeypatch):
 def test_hub_fallback_converts_to_local_schema(monkeypatch):
     monkeypatch.delenv("MXMOE_DATA_DIR", raising=False)
     rows = {
-        "allenai/winogrande": [{"sentence": "Sarah was better than Maria so _ got the easy cases.", "option1": "Sarah",
-                                "option2": "Maria", "answer": "2"}],
-        "allenai/ai2_arc": [{"question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"}],
+        "allenai/winogrande": [
+            {
+                "sentence": "Sarah was better than Maria so _ got the easy cases.",
+                "option1": "Sarah",
+                "option2": "Maria",
+                "answer": "2",
+            }
+        ],
+        "allenai/ai2_arc": [
+            {"question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"}
+        ],
         "wikitext": {"text": [" = A = \n", "", " b \n"]},
     }
     monkeypatch.setattr(data, "_hub", lambda path, name=None, split="test", **kw: rows[path])
     (w,) = data.load_task("winogrande")
-    assert w == {"context_options": ["Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"],
-                 "continuation": "got the easy cases.", "label": 1}
+    assert w == {
+        "context_options": ["Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"],
+        "continuation": "got the easy cases.",
+        "label": 1,
+    }
     assert data.load_task("arc_easy")[0]["label_index"] == 2
     assert data.load_text("wikitext2", "test") == " = A = \n\n\n\n\n b \n"
 

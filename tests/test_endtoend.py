@@ -37,9 +37,25 @@ def test_predicted_throughput(smoke_results):
 
 
 def test_table1_row_keeps_the_schema():
-    row = {"label": "x", "w_bits": 3.25, "a_bits": 16.0, "ppl": 9.0, "tasks": {}, "profile": "quick", "device": "cpu",
-           "seconds": 1.0, "params": {}}
-    assert table1_row(row) == {"w_bits": 3.25, "a_bits": 16.0, "ppl": 9.0, "tasks": {}, "profile": "quick", "device": "cpu"}
+    row = {
+        "label": "x",
+        "w_bits": 3.25,
+        "a_bits": 16.0,
+        "ppl": 9.0,
+        "tasks": {},
+        "profile": "quick",
+        "device": "cpu",
+        "seconds": 1.0,
+        "params": {},
+    }
+    assert table1_row(row) == {
+        "w_bits": 3.25,
+        "a_bits": 16.0,
+        "ppl": 9.0,
+        "tasks": {},
+        "profile": "quick",
+        "device": "cpu",
+    }
 
 
 def test_alloc_bench_settings_read_allocation_files(smoke_results):

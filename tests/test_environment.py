@@ -30,5 +30,7 @@ def test_environment_yml_lists_the_requirements_pins():
     missing = sorted(set(req) - set(env))
     extra = sorted(set(env) - set(req))
     differ = sorted(f"{k}: {req[k]} vs {env[k]}" for k in set(req) & set(env) if req[k] != env[k])
-    assert not (missing or extra or differ), (f"environment.yml lacks {missing}, has extra {extra}, "
-                                             f"versions differ {differ}: make it list requirements.txt's pins")
+    assert not (missing or extra or differ), (
+        f"environment.yml lacks {missing}, has extra {extra}, "
+        f"versions differ {differ}: make it list requirements.txt's pins"
+    )

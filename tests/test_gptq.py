@@ -185,7 +185,9 @@ def test_lazy_batches_do_not_change_the_result(setup):
     assert abs(a.loss - b.loss) < 1e-3 * b.loss
 
 
-@pytest.mark.parametrize("scheme", ["w4a16_g128_asym", "w3a16_g128_asym", "w4a4_g128_sym", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8"])
+@pytest.mark.parametrize(
+    "scheme", ["w4a16_g128_asym", "w3a16_g128_asym", "w4a4_g128_sym", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8"]
+)
 def test_kernel_packs_gptq_codes_exactly(setup, scheme):
     from mxmoe.kernels import pack
 
@@ -201,8 +203,15 @@ def batch_instance(k: int = 200, n: int = 16):
     """Weights [7, n, k] and Hessians of experts that differ: normal, dead inputs, too few tokens,
     all inputs dead, indefinite (needs damping retries), hopeless (no damping helps)."""
     w = torch.randn(7, n, k, generator=torch.Generator().manual_seed(10))
-    xs = [correlated(300, k, 11, basis_seed=1), correlated(260, k, 12, basis_seed=2), correlated(280, k, 13),
-          correlated(8, k, 14), torch.zeros(40, k), correlated(300, k, 15, basis_seed=3), torch.randn(40, k)]
+    xs = [
+        correlated(300, k, 11, basis_seed=1),
+        correlated(260, k, 12, basis_seed=2),
+        correlated(280, k, 13),
+        correlated(8, k, 14),
+        torch.zeros(40, k),
+        correlated(300, k, 15, basis_seed=3),
+        torch.randn(40, k),
+    ]
     xs[2][:, [0, 5, k - 70, k - 1]] = 0  # dead inputs, two in the shorter last g128 group when k = 200
     hs = [hessian_of(x) for x in xs]
     evals, evecs = torch.linalg.eigh(hs[5].H.double())
@@ -238,8 +247,9 @@ def run_recording(fn):
 )
 def test_batched_equals_per_expert(scheme, act_order, static_groups):
     w, hs = batch_instance()
-    kw = dict(act_order=act_order, static_groups=static_groups, blocksize=64, percdamp=1e-6, min_tokens=20,
-              max_damp_retries=6)
+    kw = dict(
+        act_order=act_order, static_groups=static_groups, blocksize=64, percdamp=1e-6, min_tokens=20, max_damp_retries=6
+    )
     batched, warned = run_recording(lambda: gptq_quantize_batched(w, hs, scheme, **kw))
     assert len(batched) == len(hs)
     expected_warnings = []
@@ -255,8 +265,12 @@ def test_batched_equals_per_expert(scheme, act_order, static_groups):
         torch.testing.assert_close(out.scale, ref.scale, rtol=1e-6, atol=0)
         torch.testing.assert_close(out.zero, ref.zero, rtol=1e-6, atol=1e-7)
         assert out.loss == pytest.approx(ref.loss, rel=1e-6)
-        assert (out.percdamp, out.dead_inputs, out.tokens, out.scheme) == (ref.percdamp, ref.dead_inputs, ref.tokens,
-                                                                           ref.scheme)
+        assert (out.percdamp, out.dead_inputs, out.tokens, out.scheme) == (
+            ref.percdamp,
+            ref.dead_inputs,
+            ref.tokens,
+            ref.scheme,
+        )
     assert sorted(warned) == sorted(expected_warnings)
     kinds = [GPTQWeight] * 3 + [InsufficientCalibration] * 2 + [GPTQWeight, torch.linalg.LinAlgError]
     assert all(isinstance(o, t) for o, t in zip(batched, kinds))
@@ -292,12 +306,21 @@ def test_batched_timing_against_per_expert():
     single = [gptq_quantize(w[i], hs[i], "w4a16_g128_asym") for i in range(e)]
     t2 = time.perf_counter()
     assert all(torch.equal(b.q, s.q) for b, s in zip(batched, single))
-    print(f"\nGPTQ of {e} experts [{n}, {k}] w4a16_g128_asym on CPU (1 thread): batched {t1 - t0:.2f} s, "
-          f"per expert {t2 - t1:.2f} s ({(t2 - t1) / (t1 - t0):.1f}x)")
+    print(
+        f"\nGPTQ of {e} experts [{n}, {k}] w4a16_g128_asym on CPU (1 thread): batched {t1 - t0:.2f} s, "
+        f"per expert {t2 - t1:.2f} s ({(t2 - t1) / (t1 - t0):.1f}x)"
+    )
 
 
-MIXED = ["w4a16_g128_asym", "w3a16_g128_sym", "w2a16_g64_asym", "w4a16_g-1_asym", "w8a8_g-1_sym",
-         "w8a8_g-1_sym_fp8", "w4a4_g32_sym"]
+MIXED = [
+    "w4a16_g128_asym",
+    "w3a16_g128_sym",
+    "w2a16_g64_asym",
+    "w4a16_g-1_asym",
+    "w8a8_g-1_sym",
+    "w8a8_g-1_sym_fp8",
+    "w4a4_g32_sym",
+]
 
 
 @pytest.mark.parametrize("act_order,static_groups", [(True, True), (False, True), (False, False)])
@@ -305,13 +328,17 @@ def test_mixed_scheme_batch_equals_single_scheme_calls(act_order, static_groups)
     """Every scheme on every expert of batch_instance (K=200: shorter last g128 group, dead inputs, too few
     tokens, damping retries, hopeless) in one shuffled batch, each expert's Hessian shared by its schemes."""
     w, hs = batch_instance()
-    kw = dict(act_order=act_order, static_groups=static_groups, blocksize=64, percdamp=1e-6, min_tokens=20,
-              max_damp_retries=6)
+    kw = dict(
+        act_order=act_order, static_groups=static_groups, blocksize=64, percdamp=1e-6, min_tokens=20, max_damp_retries=6
+    )
     jobs = [(e, s) for s in MIXED for e in range(len(hs))]
     order = torch.randperm(len(jobs), generator=torch.Generator().manual_seed(3)).tolist()
     jobs = [jobs[i] for i in order]
-    batched, warned = run_recording(lambda: gptq_quantize_batched(
-        torch.stack([w[e] for e, _ in jobs]), [hs[e] for e, _ in jobs], [s for _, s in jobs], **kw))
+    batched, warned = run_recording(
+        lambda: gptq_quantize_batched(
+            torch.stack([w[e] for e, _ in jobs]), [hs[e] for e, _ in jobs], [s for _, s in jobs], **kw
+        )
+    )
     expected_warnings = set()
     for (e, s), out in zip(jobs, batched):
         ref, ref_warned = run_recording(lambda: gptq_quantize(w[e], hs[e], s, **kw))
@@ -323,8 +350,12 @@ def test_mixed_scheme_batch_equals_single_scheme_calls(act_order, static_groups)
         assert torch.equal(out.q, ref.q) and out.q.dtype == ref.q.dtype, (e, s)
         assert torch.equal(out.scale, ref.scale) and torch.equal(out.zero, ref.zero), (e, s)
         assert out.loss == pytest.approx(ref.loss, rel=1e-6)
-        assert (out.percdamp, out.dead_inputs, out.tokens, out.scheme) == (ref.percdamp, ref.dead_inputs, ref.tokens,
-                                                                           ref.scheme)
+        assert (out.percdamp, out.dead_inputs, out.tokens, out.scheme) == (
+            ref.percdamp,
+            ref.dead_inputs,
+            ref.tokens,
+            ref.scheme,
+        )
     assert set(warned) == expected_warnings != set()  # once per distinct Hessian, not once per scheme
 
 
@@ -351,5 +382,7 @@ def test_mixed_batch_timing_against_per_scheme_calls():
     single = [r for s in schemes for r in gptq_quantize_batched(w, hs, s)]
     t2 = time.perf_counter()
     assert all(torch.equal(a.q, b.q) for a, b in zip(mixed, single))
-    print(f"\nGPTQ of {e} experts [{n}, {k}] x {len(schemes)} schemes on CPU (1 thread): one mixed batch "
-          f"{t1 - t0:.2f} s, one call per scheme {t2 - t1:.2f} s ({(t2 - t1) / (t1 - t0):.1f}x)")
+    print(
+        f"\nGPTQ of {e} experts [{n}, {k}] x {len(schemes)} schemes on CPU (1 thread): one mixed batch "
+        f"{t1 - t0:.2f} s, one call per scheme {t2 - t1:.2f} s ({(t2 - t1) / (t1 - t0):.1f}x)"
+    )

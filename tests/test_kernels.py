@@ -22,11 +22,23 @@ from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
-INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + ["w8a16_g128_asym", "w4a16_g128_sym", "mixed_fp32", "mixed_fp16",
-                                                   "mixed_per_scheme_launches", "mixed_unified_kernel", "mixed_given_x_q", "unswapped_mixed",
-                                                   "tall_swapped_grouped", "swapped_mixed_fp8_weight_only", "k32_mixed",
-                                                   "intweight", "moe_experts_forward", "hf_qwen2moe_bf16_vs_eager",
-                                                   "hf_qwen2moe_mixed_vs_reference"]
+INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + [
+    "w8a16_g128_asym",
+    "w4a16_g128_sym",
+    "mixed_fp32",
+    "mixed_fp16",
+    "mixed_per_scheme_launches",
+    "mixed_unified_kernel",
+    "mixed_given_x_q",
+    "unswapped_mixed",
+    "tall_swapped_grouped",
+    "swapped_mixed_fp8_weight_only",
+    "k32_mixed",
+    "intweight",
+    "moe_experts_forward",
+    "hf_qwen2moe_bf16_vs_eager",
+    "hf_qwen2moe_mixed_vs_reference",
+]
 # fp16 output rounding; fp16 group scales vs fp32 IntWeight; the MoE forward re-quantizes the SiLU output,
 # whose last bits differ between the two paths, so a few activation codes may round the other way
 TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 1e-3, "hf_qwen2moe_mixed_vs_reference": 1e-3}
@@ -35,8 +47,14 @@ TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 1e-3, "hf_q
 @pytest.fixture(scope="module")
 def interp_results():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_interp_cases.py")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "kernel_interp_cases.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
@@ -106,16 +124,22 @@ def _experts(n=32, k=128, count=2, scheme="w4a16_g128_asym"):
     return [pack(torch.randn(n, k), scheme) for _ in range(count)]
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), _experts() + _experts(k=256, count=1)), "share N and K"),
-    (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), _experts() + _experts(n=16, count=1)), "share N and K"),
-    (lambda: (torch.randn(4, 96), torch.tensor([0, 4, 4]), _experts()), r"\[T, K=128\]"),
-    (lambda: (torch.randn(4, 128), torch.tensor([0, 4]), _experts()), "E\\+1 = 3"),
-    (lambda: (torch.randn(4, 128), torch.tensor([0, 3, 3]), _experts()), "rise from 0 to the 4 rows"),
-    (lambda: (torch.randn(4, 128), torch.tensor([0, 3, 2, 4]), _experts(count=3)), "rise from 0"),
-    (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), [torch.randn(32, 128)] * 2), "PackedWeight"),
-    (lambda: (torch.randn(4, 128), torch.tensor([0, 4]), []), "at least one expert"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), _experts() + _experts(k=256, count=1)),
+            "share N and K",
+        ),
+        (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), _experts() + _experts(n=16, count=1)), "share N and K"),
+        (lambda: (torch.randn(4, 96), torch.tensor([0, 4, 4]), _experts()), r"\[T, K=128\]"),
+        (lambda: (torch.randn(4, 128), torch.tensor([0, 4]), _experts()), "E\\+1 = 3"),
+        (lambda: (torch.randn(4, 128), torch.tensor([0, 3, 3]), _experts()), "rise from 0 to the 4 rows"),
+        (lambda: (torch.randn(4, 128), torch.tensor([0, 3, 2, 4]), _experts(count=3)), "rise from 0"),
+        (lambda: (torch.randn(4, 128), torch.tensor([0, 4, 4]), [torch.randn(32, 128)] * 2), "PackedWeight"),
+        (lambda: (torch.randn(4, 128), torch.tensor([0, 4]), []), "at least one expert"),
+    ],
+)
 def test_bad_inputs_fail_before_launch(make, match):
     x, off, packed = make()
     with pytest.raises(ValueError, match=match):
@@ -134,7 +158,9 @@ def test_tampered_storage_is_rejected():
         ExpertGroup([pw])
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or gg_module.INTERPRET, reason="needs a machine without GPU or interpreter")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or gg_module.INTERPRET, reason="needs a machine without GPU or interpreter"
+)
 def test_no_gpu_no_interpreter_is_a_clear_error():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         group_gemm(torch.randn(4, 128), torch.tensor([0, 1, 4]), _experts())
@@ -154,8 +180,17 @@ def test_cost_table_tiles_and_device_check(tmp_path):
 
     assert launch_tiles([0, 1, 17], 200, {"bm": 16, "bn": 128}) == 0 + 1 * 2 + 2 * 2
     prov = {"device": "GPU A", "multiprocessors": 2, "git_commit": "abc", "date_utc": "2026-01-01T00:00:00+00:00"}
-    row = {"variant": "ours_w4a16_g-1", "tokens": 16, "experts": 60, "model": "qwen1.5-moe", "gemm": "down",
-           "N": 2048, "K": 1408, "ms": 0.1, "tiles": {"w4a16_g-1_asym": {"bm": 16, "bn": 128}}}
+    row = {
+        "variant": "ours_w4a16_g-1",
+        "tokens": 16,
+        "experts": 60,
+        "model": "qwen1.5-moe",
+        "gemm": "down",
+        "N": 2048,
+        "K": 1408,
+        "ms": 0.1,
+        "tiles": {"w4a16_g-1_asym": {"bm": 16, "bn": 128}},
+    }
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"provenance": prov, "roofline": {}, "results": [row]}))
     table = build_table([a])

@@ -39,8 +39,11 @@ def test_view_reproduces_block_forward(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_expert_weights_read_write(name):
     b = moe_blocks(tiny_model(name))[0]
-    for block, shape in (("gate", (b.expert_width, b.hidden_size)), ("up", (b.expert_width, b.hidden_size)),
-                         ("down", (b.hidden_size, b.expert_width))):
+    for block, shape in (
+        ("gate", (b.expert_width, b.hidden_size)),
+        ("up", (b.expert_width, b.hidden_size)),
+        ("down", (b.hidden_size, b.expert_width)),
+    ):
         w = b.expert_weight(3, block)
         assert tuple(w.shape) == shape
         new = torch.randn(shape)
@@ -56,7 +59,11 @@ def test_expert_weights_read_write(name):
 class LegacyExpert(nn.Module):  # transformers-4 Mixtral expert: w1 gate, w3 up, w2 down
     def __init__(self, h, i):
         super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)
+        self.w1, self.w3, self.w2 = (
+            nn.Linear(h, i, bias=False),
+            nn.Linear(h, i, bias=False),
+            nn.Linear(i, h, bias=False),
+        )
 
     def forward(self, x):
         return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
@@ -94,8 +101,14 @@ def test_per_expert_legacy_layout():
 
 
 def test_dense_model_is_rejected_with_supported_classes():
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     with pytest.raises(NotMoEModel, match="Mixtral.*Qwen2-MoE.*Qwen3-MoE.*OLMoE.*DeepSeek-V2.*DeepSeek-V3"):
         moe_blocks(LlamaForCausalLM(cfg))
 

@@ -6,8 +6,16 @@ from mxmoe.models import moe_blocks, moefy
 
 def tiny_dense():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -20,7 +28,9 @@ def test_balanced_kmeans_gives_equal_clusters():
 def test_all_experts_selected_reproduces_the_dense_model():
     dense = tiny_dense()
     ids = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
-    cfg = moefy.MoefyConfig(num_experts=8, top_k=8, shared_width=16, router_tokens=64, router_spread=1e-6, kmeans_iters=3)
+    cfg = moefy.MoefyConfig(
+        num_experts=8, top_k=8, shared_width=16, router_tokens=64, router_spread=1e-6, kmeans_iters=3
+    )
     inputs = moefy.collect_ffn_inputs(dense, ids)
     splits = {}
     for i in range(2):
@@ -66,8 +76,14 @@ def test_choose_moe_layers_takes_the_most_that_fit(monkeypatch):
 
     from mxmoe.errors import MxMoEError
 
-    cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=7, num_attention_heads=2,
-                      num_key_value_heads=1)
+    cfg = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=7,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     dense = LlamaForCausalLM(cfg)
     layers = dense.model.layers
     errors = {i: 0.1 * i for i in range(7)}

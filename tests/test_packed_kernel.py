@@ -40,8 +40,14 @@ print(json.dumps({{"kernel": packed.uses_kernel(torch.device("cpu")), "kernel_ca
 
 def test_kernel_logits_equal_fake_quant_logits(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "ck"))],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "ck"))],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["kernel"] and r["kernel_calls"] == 2, r  # both MoE layers ran through group_gemm

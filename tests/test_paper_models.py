@@ -38,8 +38,11 @@ def _bincount_route(top_k_index, num_experts):
 @pytest.mark.parametrize("experts,tokens,k", [(8, 5, 2), (60, 33, 4), (16, 0, 2), (64, 3, 6), (4, 7, 4)])
 def test_route_equals_bincount_route(experts, tokens, k):
     g = torch.Generator().manual_seed(experts * 100 + tokens)
-    idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]) if tokens else \
-        torch.zeros(0, k, dtype=torch.long)
+    idx = (
+        torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+        if tokens
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     order, offsets = route(idx, experts)
     ref_order, ref_offsets = _bincount_route(idx, experts)
     assert torch.equal(order, ref_order) and torch.equal(offsets, ref_offsets)
@@ -54,8 +57,12 @@ def test_paper_table_is_one_and_reexported():
     assert isinstance(PAPER_MODELS["qwen1.5-moe"][1], MoEShape)
     for name, (_, shape) in PAPER_MODELS.items():
         d = pm.model_dims(paper_config(name))
-        assert (d["num_experts"], d["hidden"], d["expert_width"], d["top_k"]) == \
-            (shape.num_experts, shape.hidden, shape.expert_width, shape.top_k), name
+        assert (d["num_experts"], d["hidden"], d["expert_width"], d["top_k"]) == (
+            shape.num_experts,
+            shape.hidden,
+            shape.expert_width,
+            shape.top_k,
+        ), name
         assert sum(d["shared_widths"]) == shape.shared_width, name
         assert len(pm.moe_layer_ids(paper_config(name))) == shape.moe_layers, name
     with pytest.raises(ValueError, match="unknown paper model"):
@@ -87,10 +94,24 @@ def test_build_random_tiny(name):
 
 
 def test_build_random_scaled_paper_config_and_skew():
-    m, r = build_random("deepseek-v2-lite", device="cpu", dtype=torch.float32, num_hidden_layers=2, vocab_size=256,
-                        hidden_size=256, moe_intermediate_size=64, intermediate_size=128, kv_lora_rank=32,
-                        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, num_attention_heads=4,
-                        num_key_value_heads=4, calib_shape=(4, 128), measured=embedded_profile())
+    m, r = build_random(
+        "deepseek-v2-lite",
+        device="cpu",
+        dtype=torch.float32,
+        num_hidden_layers=2,
+        vocab_size=256,
+        hidden_size=256,
+        moe_intermediate_size=64,
+        intermediate_size=128,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        calib_shape=(4, 128),
+        measured=embedded_profile(),
+    )
     blocks = moe_blocks(m)
     assert len(blocks) == 1 and blocks[0].num_experts == 64 and blocks[0].top_k == 6  # first layer stays dense
     assert len(r["max_over_min"]) == 1 and r["max_over_min"][0] > 1.5
@@ -142,17 +163,35 @@ def _fake_doc():
     settings = []
     for i, name in enumerate(pm.SETTINGS):
         ms = {"ms": 1.0 + 0.1 * i}
-        settings.append({"setting": name, "impl": pm.SETTINGS[name]["impl"], "expert_bytes": 100 - i,
-                         "expert_bytes_vs_bf16": (100 - i) / 100,
-                         "block": {str(t): {"eager": ms, "graph": ms} for t in pm.FULL_SIZES["block_tokens"]},
-                         "prefill": {f"{b}x{n}": {"eager": {"ms": 10.0}, "graph": {"ms": 9.0 + i}}
-                                     for b, n in pm.FULL_SIZES["prefill"]},
-                         "decode": {str(b): {"graph": {"ms": 5.0}} for b in pm.FULL_SIZES["decode"]},
-                         "syncs": {"experts_forward": 0}, "peak_gib": 1.0})
-    return {"schema": pm.SCHEMA_VERSION, "model": "qwen1.5-moe", "hf_id": "Qwen/Qwen1.5-MoE-A2.7B",
-            "provenance": {"device": "cpu", "torch": "x", "triton": "x", "transformers": "x", "git_commit": "x"},
-            "sizes": pm.FULL_SIZES, "build": {"moe_layers": 24}, "routing": {"kind": "measured", "reached_max_over_min": [2.0]},
-            "allocation": {}, "correctness": {"skipped": True}, "settings": settings, "summary": {}, "wall_s": 1.0}
+        settings.append(
+            {
+                "setting": name,
+                "impl": pm.SETTINGS[name]["impl"],
+                "expert_bytes": 100 - i,
+                "expert_bytes_vs_bf16": (100 - i) / 100,
+                "block": {str(t): {"eager": ms, "graph": ms} for t in pm.FULL_SIZES["block_tokens"]},
+                "prefill": {
+                    f"{b}x{n}": {"eager": {"ms": 10.0}, "graph": {"ms": 9.0 + i}} for b, n in pm.FULL_SIZES["prefill"]
+                },
+                "decode": {str(b): {"graph": {"ms": 5.0}} for b in pm.FULL_SIZES["decode"]},
+                "syncs": {"experts_forward": 0},
+                "peak_gib": 1.0,
+            }
+        )
+    return {
+        "schema": pm.SCHEMA_VERSION,
+        "model": "qwen1.5-moe",
+        "hf_id": "Qwen/Qwen1.5-MoE-A2.7B",
+        "provenance": {"device": "cpu", "torch": "x", "triton": "x", "transformers": "x", "git_commit": "x"},
+        "sizes": pm.FULL_SIZES,
+        "build": {"moe_layers": 24},
+        "routing": {"kind": "measured", "reached_max_over_min": [2.0]},
+        "allocation": {},
+        "correctness": {"skipped": True},
+        "settings": settings,
+        "summary": {},
+        "wall_s": 1.0,
+    }
 
 
 def test_result_schema_and_summary():
@@ -168,8 +207,11 @@ def test_result_schema_and_summary():
     targets = {t["measure"]: t for t in pm.target_rows(doc)}
     assert targets["host syncs per experts forward (max over mxmoe settings)"]["met"] is True
     assert targets["MoE block 512 tok captured: 4.25-bit vs bf16"]["met"] is False  # 1.0 ms vs 1.7 ms in the fake doc
-    for broken, match in ((lambda d: d.pop("routing"), "lacks"), (lambda d: d["settings"][0].pop("decode"), "lacks"),
-                          (lambda d: d["routing"].pop("kind"), "skew")):
+    for broken, match in (
+        (lambda d: d.pop("routing"), "lacks"),
+        (lambda d: d["settings"][0].pop("decode"), "lacks"),
+        (lambda d: d["routing"].pop("kind"), "skew"),
+    ):
         bad = copy.deepcopy(doc)
         broken(bad)
         with pytest.raises(ValueError, match=match):
@@ -198,8 +240,9 @@ def test_benchmark_dry_run_on_cpu(tmp_path):
     """The benchmark's whole code path on a tiny config on the CPU (kernels under the interpreter)."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    proc = subprocess.run([sys.executable, "-c", DRY_RUN, str(tmp_path)], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRY_RUN, str(tmp_path)], env=env, cwd=root, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("DOC")[-1])
     assert got == {"passed": True, "n": 2}
@@ -228,6 +271,7 @@ def test_packed_experts_forward_has_no_host_sync_cuda():
 def _fake_scaled_grouped_mm(align):
     """A CPU stand-in for torch._scaled_grouped_mm (dequantize, multiply per group); ``align`` > 0 refuses
     groups whose row count is not a multiple of it, as some builds of the real op do."""
+
     def mm(x_q, w_t, x_scale, w_scale, offs, out_dtype, use_fast_accum):
         x = x_q.float() * x_scale[:, None]  # [S, K]
         out = torch.zeros(x.shape[0], w_t.shape[2])
@@ -238,6 +282,7 @@ def _fake_scaled_grouped_mm(align):
             out[start:end] = x[start:end] @ (w_t[e].float() * w_scale[e][None])
             start = end
         return out.to(out_dtype)
+
     return mm
 
 

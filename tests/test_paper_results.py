@@ -22,7 +22,12 @@ def test_every_paper_item_has_an_entry_with_its_section():
 
 def test_table1_averages_are_the_mean_of_the_seven_tasks():
     rows = DOC["items"]["table1"]["rows"]
-    assert len(rows) == 28 and {r["model"] for r in rows} == {"DeepSeek-V2-Lite", "Qwen1.5-MoE", "Qwen2-MoE", "Mixtral-8x7B"}
+    assert len(rows) == 28 and {r["model"] for r in rows} == {
+        "DeepSeek-V2-Lite",
+        "Qwen1.5-MoE",
+        "Qwen2-MoE",
+        "Mixtral-8x7B",
+    }
     for r in rows:  # a transcription slip in any cell shows up here
         assert abs(sum(r[c] for c in ACC) / 7 - r["avg"]) < 0.006, r
 

@@ -34,8 +34,10 @@ def test_time_grows_with_rows_and_k(h100):
     for s in ("bf16", "w4a16_g-1_asym", "w8a8_g-1_sym", "w3a16_g128_asym"):
         times = [block_time(s, m, 2816, 2048, h100, rows_per_expert=64).ms for m in (1, 65, 300, 3000)]
         assert times == sorted(times) and times[0] > 0
-        ks = [tile_cost(Scheme.parse(s), TileConfig(64, 128, 128 if s != "bf16" else 64), k, h100)[0]
-              for k in (32, 576, 1408, 2048, 4096)]
+        ks = [
+            tile_cost(Scheme.parse(s), TileConfig(64, 128, 128 if s != "bf16" else 64), k, h100)[0]
+            for k in (32, 576, 1408, 2048, 4096)
+        ]
         assert ks == sorted(ks) and ks[0] > 0
 
 

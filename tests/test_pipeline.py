@@ -4,19 +4,28 @@ import json
 
 import pytest
 import torch
+from tiny import fresh
 
 import mxmoe
 from mxmoe.errors import MxMoEError
 from mxmoe.pipeline import Recipe, check_calib_file, check_recipe
-from tiny import fresh
 
 FEW = "w4a16_g-1_asym,w2a16_g-1_asym,w4a4_g-1_sym,w8a8_g-1_sym"  # few candidates keep the CPU run short
 
 
 def run(tmp_path, name="tiny-qwen2-moe", **kw):
     model = fresh(name)
-    args = dict(wbits=3.0, method="gptq-had", schemes=FEW, calib="random", calib_windows=2, seqlen=32,
-                base_id=name, cache=tmp_path / "cache", progress=False)
+    args = dict(
+        wbits=3.0,
+        method="gptq-had",
+        schemes=FEW,
+        calib="random",
+        calib_windows=2,
+        seqlen=32,
+        base_id=name,
+        cache=tmp_path / "cache",
+        progress=False,
+    )
     return model, mxmoe.quantize(model, None, **{**args, **kw})
 
 
@@ -27,7 +36,8 @@ def test_gptq_had_end_to_end_and_the_checkpoint_matches(tmp_path):
     assert m["bits"]["weight"] <= 3.0 + 1e-9 and m["cost_table"]["gpu"] == "nvidia_h100"
     assert set(res.stage_seconds) == {"calibration", "routing", "sensitivity", "allocation", "quantization", "save"}
     assert len(res.scheme_map) == 2 * (8 + 1) * 3 and len(res.int_weights) == sum(
-        not s.is_full_precision for s in res.scheme_map.values())
+        not s.is_full_precision for s in res.scheme_map.values()
+    )
     saved = json.loads((tmp_path / "ck" / "mxmoe.json").read_text())
     assert saved["stage_seconds"]["sensitivity"] == round(res.stage_seconds["sensitivity"], 2)
     ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -57,15 +67,18 @@ def test_model_budget_and_expert_granularity(tmp_path):
         assert s == res.scheme_map[layer, e, "gate"]
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(wbits=1.5), "smallest achievable is 2 bits per weight and the largest 16"),
-    (dict(wbits=3.0, r=1.5), "--r must be in"),
-    (dict(wbits=3.0, abits=6), "--abits must be one of"),
-    (dict(wbits=3.0, method="awq"), "--method must be one of"),
-    (dict(wbits=3.0, calib_windows=0), "--calib-windows must be a positive"),
-    (dict(wbits=3.0, schemes="w4a16_g64_asym"), "group sizes -1 or multiples of 128"),
-    (dict(wbits=3.0, gpu="tpu-v9"), "no cost table"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(wbits=1.5), "smallest achievable is 2 bits per weight and the largest 16"),
+        (dict(wbits=3.0, r=1.5), "--r must be in"),
+        (dict(wbits=3.0, abits=6), "--abits must be one of"),
+        (dict(wbits=3.0, method="awq"), "--method must be one of"),
+        (dict(wbits=3.0, calib_windows=0), "--calib-windows must be a positive"),
+        (dict(wbits=3.0, schemes="w4a16_g64_asym"), "group sizes -1 or multiples of 128"),
+        (dict(wbits=3.0, gpu="tpu-v9"), "no cost table"),
+    ],
+)
 def test_bad_recipes(kw, message):
     with pytest.raises(MxMoEError, match=message.replace("[", r"\[")):
         check_recipe(Recipe(**kw))
@@ -109,8 +122,9 @@ def test_gptq_hands_back_the_int_weights_the_model_holds():
     model = fresh("tiny-olmoe")
     plan = uniform_scheme_map(model, "w3a16_g-1_asym")
     got: dict = {}
-    quantize_model_gptq(model, random_windows(512, 2, 32, 0), plan, hadamard=True, int_weights=got, min_tokens=4,
-                        progress=False)
+    quantize_model_gptq(
+        model, random_windows(512, 2, 32, 0), plan, hadamard=True, int_weights=got, min_tokens=4, progress=False
+    )
     assert set(got) == set(plan)
     blocks = {b.layer: b for b in moe_blocks(model)}
     for (layer, e, name), iw in got.items():  # down as the model holds it: rotated for the online Hadamard
@@ -129,8 +143,9 @@ def test_calibration_from_a_text_file(tmp_path):
 
     text = "".join(chr(97 + i % 26) for i in range(3000)) + "\n"
     (tmp_path / "mine.txt").write_text(text)
-    windows, tag = calibration(Recipe(3.0, calib=str(tmp_path / "mine.txt"), calib_windows=3, seqlen=100),
-                               _CharTokenizer(), 512)
+    windows, tag = calibration(
+        Recipe(3.0, calib=str(tmp_path / "mine.txt"), calib_windows=3, seqlen=100), _CharTokenizer(), 512
+    )
     assert tuple(windows.shape) == (3, 100) and tag == "file-mine.txt-n3-s100-seed0"
     ids = torch.tensor(_CharTokenizer()(text)["input_ids"])
     for w in windows:  # every window is a slice of the file's tokens

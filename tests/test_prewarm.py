@@ -10,7 +10,12 @@ from mxmoe.stages.evaluate import evaluate_config
 
 
 def test_parts_and_bad_part():
-    assert [c.label for c, _, z in prewarm.part_configs("table1")] == ["fp16", "gptq*-3.25", "gptq*-2.25", "quarot-w4a4"]
+    assert [c.label for c, _, z in prewarm.part_configs("table1")] == [
+        "fp16",
+        "gptq*-3.25",
+        "gptq*-2.25",
+        "quarot-w4a4",
+    ]
     assert all(z for _, _, z in prewarm.part_configs("table1"))
     assert len(prewarm.part_configs("table4")) == 26 and not any(z for _, _, z in prewarm.part_configs("table4"))
     with pytest.raises(ValueError, match="unknown part"):

@@ -120,8 +120,9 @@ def test_stage_whose_upstream_notebook_is_missing_is_blocked(env):
     _write_nb(nbs / "00_a.ipynb", "x = 1")
     _write_nb(nbs / "05_e.ipynb", "y = 1")
     lines = []
-    got = reproduce.reproduce("smoke", "m", nbs, stages=(Stage("00_a"), Stage("04_d"), Stage("05_e", needs=("04_d",))),
-                              log=lines.append)
+    got = reproduce.reproduce(
+        "smoke", "m", nbs, stages=(Stage("00_a"), Stage("04_d"), Stage("05_e", needs=("04_d",))), log=lines.append
+    )
     assert [(r.stem, r.status) for r in got] == [("00_a", "ran"), ("04_d", "missing"), ("05_e", "blocked")]
     assert any("05_e: not run, it needs 04_d" in line for line in lines)
 
@@ -175,8 +176,11 @@ def test_book_helpers(tmp_path):
 
     root = tmp_path / "results"
     (root / "m" / "notebooks").mkdir(parents=True)
-    (root / "m" / "notebooks" / "00_model.stamp.json").write_text(json.dumps(
-        {"parameters": {"profile": "smoke", "model": "m"}, "device": "CPU", "seconds": 1.5, "finished": "now"}))
+    (root / "m" / "notebooks" / "00_model.stamp.json").write_text(
+        json.dumps(
+            {"parameters": {"profile": "smoke", "model": "m"}, "device": "CPU", "seconds": 1.5, "finished": "now"}
+        )
+    )
     (root / "m" / "model.json").write_text(json.dumps({"device": "CPU (test)"}))
     page = book.write_runs_page(tmp_path, root, "m").read_text()
     assert "| 00_model | smoke | m | CPU | 1.5 | now |" in page

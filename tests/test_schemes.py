@@ -3,7 +3,9 @@ import pytest
 from mxmoe.schemes import BF16, HOPPER_SCHEMES, Scheme, scheme_set
 
 
-@pytest.mark.parametrize("text", [str(s) for s in HOPPER_SCHEMES] + ["w3a8_g64_asym", "w8a16_g-1_sym_fp8", "w1a16_g32_asym"])
+@pytest.mark.parametrize(
+    "text", [str(s) for s in HOPPER_SCHEMES] + ["w3a8_g64_asym", "w8a16_g-1_sym_fp8", "w1a16_g32_asym"]
+)
 def test_round_trip(text):
     assert str(Scheme.parse(text)) == text
     assert Scheme.parse(str(Scheme.parse(text))) == Scheme.parse(text)
@@ -21,7 +23,20 @@ def test_fields_and_bits():
     assert Scheme.parse("bf16") is BF16 and BF16.bits_per_weight == 16 and BF16.weight_only
 
 
-@pytest.mark.parametrize("bad", ["w4a16", "w4a16_g128", "w4a16_g0_asym", "w9a16_g128_asym", "w4a1_g-1_sym", "w4a16_g128_asym_fp8", "int4", "", "w4a16_g-2_sym"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "w4a16",
+        "w4a16_g128",
+        "w4a16_g0_asym",
+        "w9a16_g128_asym",
+        "w4a1_g-1_sym",
+        "w4a16_g128_asym_fp8",
+        "int4",
+        "",
+        "w4a16_g-2_sym",
+    ],
+)
 def test_malformed_quotes_string_and_grammar(bad):
     with pytest.raises(ValueError) as e:
         Scheme.parse(bad)
@@ -32,8 +47,18 @@ def test_malformed_quotes_string_and_grammar(bad):
 
 def test_hopper_set_contents():
     names = {str(s) for s in HOPPER_SCHEMES}
-    for required in ["bf16", "w8a16_g-1_sym", "w4a16_g-1_asym", "w4a16_g128_asym", "w3a16_g128_asym",
-                     "w2a16_g128_asym", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8", "w4a8_g-1_sym", "w4a4_g-1_sym"]:
+    for required in [
+        "bf16",
+        "w8a16_g-1_sym",
+        "w4a16_g-1_asym",
+        "w4a16_g128_asym",
+        "w3a16_g128_asym",
+        "w2a16_g128_asym",
+        "w8a8_g-1_sym",
+        "w8a8_g-1_sym_fp8",
+        "w4a8_g-1_sym",
+        "w4a4_g-1_sym",
+    ]:
         assert required in names
     assert all(s.weight_only for s in scheme_set("weight_only"))
     assert len(scheme_set("w4a16_g128_asym,w8a8_g-1_sym")) == 2

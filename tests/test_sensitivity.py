@@ -27,7 +27,14 @@ def test_local_delta_equals_full_block_recomputation():
     assert res["experts"][-1] == "shared0" and sum(res["tokens"][:-1]) == x.shape[0] * b.top_k
     with torch.no_grad():
         ref = b.module(x[None])[0]
-    cases = [(3, "gate", 2), (3, "up", 2), (3, "down", 2), (5, "down", 1), ("shared0", "gate", 2), ("shared0", "down", 1)]
+    cases = [
+        (3, "gate", 2),
+        (3, "up", 2),
+        (3, "down", 2),
+        (5, "down", 1),
+        ("shared0", "gate", 2),
+        ("shared0", "down", 1),
+    ]
     for expert, block, k in cases:
         i, j = res["experts"].index(expert), ("gate", "up", "down").index(block)
         q = fresh()
@@ -44,8 +51,10 @@ def test_gptq_beats_rtn_in_aggregate_and_had_runs():
     rtn = sens.compute_sensitivity(model, WINDOWS, schemes, "rtn", progress=False)
     gptq = sens.compute_sensitivity(model, WINDOWS, schemes, "gptq", min_tokens=4, progress=False)
     had = sens.compute_sensitivity(model, WINDOWS, schemes, "gptq-had", min_tokens=4, progress=False)
-    total = {k: sum(np.nansum(sens.sensitivity_array(r, layer, fill="nan")[0]) for layer in (0, 1))
-             for k, r in (("rtn", rtn), ("gptq", gptq), ("had", had))}
+    total = {
+        k: sum(np.nansum(sens.sensitivity_array(r, layer, fill="nan")[0]) for layer in (0, 1))
+        for k, r in (("rtn", rtn), ("gptq", gptq), ("had", had))
+    }
     assert total["gptq"] < 0.9 * total["rtn"]
     assert np.isfinite(total["had"]) and total["had"] > 0
     assert had["params"]["rotation"]["seed"] == 0
@@ -56,7 +65,9 @@ def test_experts_without_tokens_are_null_and_filled():
     x = torch.randn(2, b.hidden_size)  # 2 tokens x top-2: at most 4 of 8 experts see a token
     with pytest.warns(UserWarning, match="no calibration token"):
         res = sens.layer_sensitivity(b, x, [sens.check_scheme("w4a16_g-1_asym")], "gptq", min_tokens=16)
-    assert len(res["no_tokens"]) >= 4 and all(res["delta"][res["experts"].index(e)][0][0] is None for e in res["no_tokens"])
+    assert len(res["no_tokens"]) >= 4 and all(
+        res["delta"][res["experts"].index(e)][0][0] is None for e in res["no_tokens"]
+    )
     assert len(res["rtn_fallbacks"]) == 3 * (len(res["experts"]) - len(res["no_tokens"]))  # 2 tokens < 16
     arr, ids = sens.sensitivity_array({"layers": {"0": res}}, 0)
     measured = [i for i, e in enumerate(ids) if e not in res["no_tokens"]]
@@ -80,7 +91,9 @@ def test_resume_after_a_killed_run(tmp_path, monkeypatch, method):
         sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, method, path=path, progress=False)
     assert list(json.loads(path.read_text())["layers"]) == ["0"]
     calls.clear()
-    monkeypatch.setattr(sens, "layer_sensitivity", lambda block, *a, **k: calls.append(block.layer) or real(block, *a, **k))
+    monkeypatch.setattr(
+        sens, "layer_sensitivity", lambda block, *a, **k: calls.append(block.layer) or real(block, *a, **k)
+    )
     resumed = sens.compute_sensitivity(fresh(), WINDOWS, SCHEMES, method, path=path, progress=False)
     assert calls == [1]
     timeless = lambda r: {k: {f: v for f, v in lay.items() if f != "seconds"} for k, lay in r["layers"].items()}  # noqa: E731
@@ -149,8 +162,9 @@ def test_batched_layer_equals_expert_by_expert(monkeypatch, method, rotate):
     min_tokens = sorted(int(t.x.shape[0]) for t in split)[len(split) // 2]  # about half the experts fall back
     batch_sizes = []
     real = experts.gptq_quantize_batched
-    monkeypatch.setattr(experts, "gptq_quantize_batched",
-                        lambda w, *a, **k: batch_sizes.append(w.shape[0]) or real(w, *a, **k))
+    monkeypatch.setattr(
+        experts, "gptq_quantize_batched", lambda w, *a, **k: batch_sizes.append(w.shape[0]) or real(w, *a, **k)
+    )
     t0 = time.perf_counter()
     res = sens.layer_sensitivity(b, x, schemes, method, rotate_down=rotate, min_tokens=min_tokens)
     t1 = time.perf_counter()

@@ -1,4 +1,3 @@
-
 import warnings
 
 import pytest
@@ -48,8 +47,9 @@ def test_hadamard_keeps_full_precision_and_quantizes():
     assert report.rotation.seed == 3 and report.gptq_blocks == 0
     torch.testing.assert_close(logits(fp), ref, rtol=1e-4, atol=1e-4)
     q = fresh()
-    report = quantize_model_gptq(q, CALIB, uniform_scheme_map(q, "w4a4_g-1_sym"), hadamard=True, min_tokens=4,
-                                 progress=False)
+    report = quantize_model_gptq(
+        q, CALIB, uniform_scheme_map(q, "w4a4_g-1_sym"), hadamard=True, min_tokens=4, progress=False
+    )
     out = logits(q)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)
     assert report.summary()["rotation"] == {"seed": 0, "kind": "hadamard"}
@@ -75,8 +75,15 @@ def _per_expert_layer(b, experts, plan, report, rotate_down, min_tokens, gptq_kw
                 hessian = hessian_of(apply_online_hadamard(h) if rotate_down and h.shape[0] else h)
             q = quantize_block(w[name], schemes[name], hessian, min_tokens, **gptq_kw)
             if q.how == "rtn-fallback":
-                report.rtn_fallbacks.append({"layer": b.layer, "expert": tokens.expert, "block": name,
-                                             "tokens": int(tokens.x.shape[0]), "reason": q.reason})
+                report.rtn_fallbacks.append(
+                    {
+                        "layer": b.layer,
+                        "expert": tokens.expert,
+                        "block": name,
+                        "tokens": int(tokens.x.shape[0]),
+                        "reason": q.reason,
+                    }
+                )
             else:
                 report.gptq_blocks += 1
             w[name] = q.weight.dequantize()
@@ -92,24 +99,32 @@ def test_batched_layers_equal_expert_by_expert(monkeypatch, hadamard):
 
     choice = ["w3a16_g-1_asym", "w4a8_g16_sym", "bf16", "w3a16_g-1_asym", "w8a8_g-1_sym_fp8", "w4a16_g128_asym"]
     pick = torch.Generator().manual_seed(5)
-    scheme_map = {k: choice[int(torch.randint(len(choice), (1,), generator=pick))]
-                  for k in uniform_scheme_map(fresh(), "bf16")}
+    scheme_map = {
+        k: choice[int(torch.randint(len(choice), (1,), generator=pick))] for k in uniform_scheme_map(fresh(), "bf16")
+    }
     calls = []  # the schemes of each batched GPTQ
     real = experts.gptq_quantize_batched
     monkeypatch.setattr(experts, "gptq_quantize_batched", lambda w, h, s, **k: calls.append(s) or real(w, h, s, **k))
     expected_calls = 0  # one per (layer, gate+up or down, weight shape) with a quantized block
     for b in moe_blocks(fresh()):
         for names in (("gate", "up"), ("down",)):
-            expected_calls += len({tuple(block_weight(b, e, n).shape) for e in expert_ids(b) for n in names
-                                   if scheme_map[b.layer, e, n] != "bf16"})
+            expected_calls += len(
+                {
+                    tuple(block_weight(b, e, n).shape)
+                    for e in expert_ids(b)
+                    for n in names
+                    if scheme_map[b.layer, e, n] != "bf16"
+                }
+            )
     models, reports = [], []
     for layer_fn in (seq._quantize_layer, _per_expert_layer):
         monkeypatch.setattr(seq, "_quantize_layer", layer_fn)
         m = fresh()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reports.append(quantize_model_gptq(m, CALIB[:2], scheme_map, hadamard=hadamard, min_tokens=12,
-                                               progress=False))
+            reports.append(
+                quantize_model_gptq(m, CALIB[:2], scheme_map, hadamard=hadamard, min_tokens=12, progress=False)
+            )
         models.append(m)
         if layer_fn is not _per_expert_layer:
             batched_calls = list(calls)

@@ -15,15 +15,17 @@ def _first(task) -> dict:
 
 
 def test_yamls_render_the_documented_prompts(shared_data):
-    tasks = load_tasks(["arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai",
-                        "lambada_standard", "hellaswag", "boolq"])
+    tasks = load_tasks(
+        ["arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai", "lambada_standard", "hellaswag", "boolq"]
+    )
     assert {t.task_name for t in tasks.values()} == {f"mxmoe_{n}" for n in tasks}
     assert all(t.config.target_delimiter == " " for t in tasks.values())
 
     arc = tasks["arc_easy"]
     doc = _first(arc)
-    assert arc.doc_to_text(doc) == ("Question: Which statement best explains why photosynthesis is the foundation "
-                                    "of most food webs?\nAnswer:")
+    assert arc.doc_to_text(doc) == (
+        "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
+    )
     assert arc.doc_to_choice(doc)[0] == "Sunlight is the source of energy for nearly all ecosystems."
     assert arc.doc_to_target(doc) == 0
     assert _first(tasks["arc_challenge"])["question"].startswith("An astronomer observes")
@@ -36,8 +38,10 @@ def test_yamls_render_the_documented_prompts(shared_data):
     wino = tasks["winogrande"]
     doc = _first(wino)
     assert wino.multiple_input == 2  # partial scoring: two contexts, one continuation
-    assert wino.doc_to_choice(doc) == ["Sarah was a much better surgeon than Maria so Sarah",
-                                       "Sarah was a much better surgeon than Maria so Maria"]
+    assert wino.doc_to_choice(doc) == [
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    ]
     assert wino.doc_to_text(doc) == 1 and wino.doc_to_target(doc) == "always got the easier cases."
 
     for name in ("lambada_openai", "lambada_standard"):
@@ -54,7 +58,9 @@ def test_yamls_render_the_documented_prompts(shared_data):
 
     bq = tasks["boolq"]
     doc = _first(bq)
-    assert bq.doc_to_text(doc) == f"{doc['passage']}\nQuestion: does ethanol take more energy make that produces?\nAnswer:"
+    assert (
+        bq.doc_to_text(doc) == f"{doc['passage']}\nQuestion: does ethanol take more energy make that produces?\nAnswer:"
+    )
     assert bq.doc_to_choice(doc) == ["no", "yes"] and bq.doc_to_target(doc) == 0
 
 
@@ -65,26 +71,29 @@ def _byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def test_evaluate_tasks_on_a_tiny_model(shared_data):
     model = tiny_model("tiny-qwen2-moe")
     model.set_experts_implementation("eager")  # grouped_mm is slow on CPU
-    res = evaluate_tasks(model, _byte_tokenizer(), tasks=["piqa", "winogrande"],
-                         limit=2, batch_size=4)
+    res = evaluate_tasks(model, _byte_tokenizer(), tasks=["piqa", "winogrande"], limit=2, batch_size=4)
     assert res["piqa"]["metric"] == "acc_norm" and res["winogrande"]["metric"] == "acc"
     for r in res.values():
         assert r["n"] == 2 and 0.0 <= r["value"] <= 1.0
 
 
-@pytest.mark.parametrize("tasks, limit, error", [
-    (["arc_easy", "mmlu"], None, UnknownTask),
-    ([], None, MxMoEError),
-    (["piqa"], 0, MxMoEError),
-    (["piqa"], -3, MxMoEError),
-])
+@pytest.mark.parametrize(
+    "tasks, limit, error",
+    [
+        (["arc_easy", "mmlu"], None, UnknownTask),
+        ([], None, MxMoEError),
+        (["piqa"], 0, MxMoEError),
+        (["piqa"], -3, MxMoEError),
+    ],
+)
 def test_bad_input_is_a_clear_error(tasks, limit, error):
     with pytest.raises(error, match="mmlu|no zero-shot task|limit must be a positive"):
         evaluate_tasks(None, None, tasks=tasks, limit=limit)

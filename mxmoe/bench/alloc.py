@@ -38,6 +38,7 @@ UNIFORM = {"fp16": "bf16", "w4a16": "w4a16_g128_asym", "w8a8": "w8a8_g-1_sym", "
 
 PROG = "mxmoe bench alloc"  # also python -m mxmoe.bench.alloc
 
+
 def settings(model: str) -> dict:
     """{setting: {(layer, expert, block): scheme str} or a uniform scheme str} for the model's allocations."""
     out: dict = dict(UNIFORM)
@@ -50,8 +51,9 @@ def settings(model: str) -> dict:
 
 def _group(scheme_of, experts: list, n: int, k: int) -> ExpertGroup:
     """Random weights [n, k] packed per expert with its scheme, as one launch's ExpertGroup."""
-    return ExpertGroup([pack(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, scheme_of(e))
-                        for e in experts])
+    return ExpertGroup(
+        [pack(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, scheme_of(e)) for e in experts]
+    )
 
 
 def _launch_ms(group: ExpertGroup, rows: list) -> float:
@@ -59,8 +61,9 @@ def _launch_ms(group: ExpertGroup, rows: list) -> float:
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(rows)]), device="cuda", dtype=torch.int32)  # [E+1]
     x = torch.randn(int(sum(rows)), group.k, device="cuda", dtype=torch.bfloat16)  # [T, K]
     x_q = quantize_activations(x, offsets, group) if group.act_schemes else None
-    return float(do_bench_cudagraph(lambda: group_gemm(x, offsets, group, x_q=x_q, validate=False), rep=50,
-                                    return_mode="median"))
+    return float(
+        do_bench_cudagraph(lambda: group_gemm(x, offsets, group, x_q=x_q, validate=False), rep=50, return_mode="median")
+    )
 
 
 def time_setting(setting, routing: dict, shape: dict, batch: int) -> float:
@@ -69,6 +72,7 @@ def time_setting(setting, routing: dict, shape: dict, batch: int) -> float:
     h, w = shape["hidden"], shape["expert_width"]
     total = 0.0
     for li, layer in enumerate(routing["layers"]):
+
         def scheme_of(block):
             return lambda e: Scheme.parse(setting if isinstance(setting, str) else setting[(layer, e, block)])
 
@@ -93,8 +97,14 @@ def main(argv: "list[str] | None" = None) -> None:
     torch.manual_seed(0)
     t0 = time.time()
     routing, shape = routing_profile(args.model), model_shape(args.model)
-    doc = {"provenance": provenance(), "model": args.model, "routing": routing["params"], "shape": shape,
-           "timer": "triton.testing.do_bench_cudagraph median, rep 50 ms, random weights", "rows": []}
+    doc = {
+        "provenance": provenance(),
+        "model": args.model,
+        "routing": routing["params"],
+        "shape": shape,
+        "timer": "triton.testing.do_bench_cudagraph median, rep 50 ms, random weights",
+        "rows": [],
+    }
     for name, setting in settings(args.model).items():
         for batch in args.batches:
             ms = time_setting(setting, routing, shape, batch)

@@ -15,11 +15,19 @@ MODELS.update({"smollm2-moe": (32, 576, 32, 8), "smollm2-moe-shared": (1, 576, 5
 PAPER = tuple(PAPER_MODELS)
 TOKENS = (16, 512, 8192)
 LOAD_RATIO = 8.0  # max/min expert routing probability (assumed)
-UNIFORM = {"bf16": "bf16", "w4a16_g128": "w4a16_g128_asym", "w4a16_g-1": "w4a16_g-1_asym",
-           "w8a8_int8": "w8a8_g-1_sym", "w8a8_fp8": "w8a8_g-1_sym_fp8", "w4a4_g-1": "w4a4_g-1_sym"}
+UNIFORM = {
+    "bf16": "bf16",
+    "w4a16_g128": "w4a16_g128_asym",
+    "w4a16_g-1": "w4a16_g-1_asym",
+    "w8a8_int8": "w8a8_g-1_sym",
+    "w8a8_fp8": "w8a8_g-1_sym_fp8",
+    "w4a4_g-1": "w4a4_g-1_sym",
+}
 # mixes: (scheme of the heaviest `frac` experts, scheme of the rest); average bits in the name
-MIXES = {"mix4.25_w4a16+w8a8": ("w8a8_g-1_sym", "w4a16_g-1_asym", 1 / 16),
-         "mix5_w4a4+w8a8": ("w8a8_g-1_sym", "w4a4_g-1_sym", 1 / 4)}
+MIXES = {
+    "mix4.25_w4a16+w8a8": ("w8a8_g-1_sym", "w4a16_g-1_asym", 1 / 16),
+    "mix5_w4a4+w8a8": ("w8a8_g-1_sym", "w4a4_g-1_sym", 1 / 4),
+}
 
 
 def expert_loads(tokens: int, experts: int, top_k: int, ratio: float = LOAD_RATIO) -> list[int]:

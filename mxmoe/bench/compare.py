@@ -26,11 +26,14 @@ from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, r
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.schemes import Scheme
 
-SCHEMES = {512: ["bf16", "w4a16_g-1_asym", "w4a16_g128_asym", "w8a8_g-1_sym"],
-           8192: ["bf16", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8", "w4a4_g-1_sym"]}
+SCHEMES = {
+    512: ["bf16", "w4a16_g-1_asym", "w4a16_g128_asym", "w8a8_g-1_sym"],
+    8192: ["bf16", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8", "w4a4_g-1_sym"],
+}
 
 
 PROG = "mxmoe bench compare"  # also python -m mxmoe.bench.compare
+
 
 def _ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -43,8 +46,17 @@ def copy_gbps() -> float:
     return 2 * a.numel() * 2 / _ms(lambda: b.copy_(a)) / 1e6
 
 
-def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tuple]", bw: float,
-             programs: "tuple[int, ...]" = (), schemes: "list[str] | None" = None) -> "list[dict]":
+def run_case(
+    model: str,
+    gemm: str,
+    n: int,
+    k: int,
+    tokens: int,
+    sweep: "list[tuple]",
+    bw: float,
+    programs: "tuple[int, ...]" = (),
+    schemes: "list[str] | None" = None,
+) -> "list[dict]":
     """Rows for one GEMM of one model at one token count (``schemes``: default SCHEMES[tokens])."""
     e, top_k = MODELS[model][0], MODELS[model][3]
     rows = expert_loads(tokens, e, top_k)
@@ -61,7 +73,9 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tu
         group = ExpertGroup(pws)
         wbytes = sum(pw.nbytes for pw, r in zip(pws, rows) if r)
         x_q = quantize_activations(x, offs, group)
-        rel = float((group_gemm(x, offs, group).float() - (ref := reference_group_gemm(x, offs, pws))).norm() / ref.norm())
+        rel = float(
+            (group_gemm(x, offs, group).float() - (ref := reference_group_gemm(x, offs, pws))).norm() / ref.norm()
+        )
         for cfg in [None] + sweep + [("programs", p) for p in programs]:
             npg = None
             if cfg is not None and cfg[0] == "programs":
@@ -72,12 +86,19 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, sweep: "list[tu
             else:
                 label = "default" if cfg is None else ",".join(map(str, cfg))
                 npg = cfg[5] if cfg is not None and len(cfg) > 5 else None
-            configs = None if cfg is None else {s: TileConfig(cfg[0], cfg[1], 64 if s.is_full_precision else 128, cfg[2], bool(cfg[3]))}
+            configs = (
+                None
+                if cfg is None
+                else {s: TileConfig(cfg[0], cfg[1], 64 if s.is_full_precision else 128, cfg[2], bool(cfg[3]))}
+            )
             nw = None if cfg is None else cfg[4]
             row = dict(base, scheme=name, config=label)
             try:
-                ms = _ms(lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, num_warps=nw, num_programs=npg,
-                                            validate=False))
+                ms = _ms(
+                    lambda: group_gemm(
+                        x, offs, group, x_q=x_q, configs=configs, num_warps=nw, num_programs=npg, validate=False
+                    )
+                )
                 row.update(us=ms * 1e3, speedup=t_torch / ms, weight_bw_frac=wbytes / (ms / 1e3) / (bw * 1e9))
                 if label == "default":
                     row["rel_err"] = rel
@@ -108,13 +129,24 @@ def main(argv: "list[str] | None" = None) -> None:
         model, tokens = case.split(":")
         _, h, inter, _ = MODELS[model]
         for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
-            for r in run_case(model, gemm, n, k, int(tokens), sweep.get(int(tokens), []), doc["copy_GBps"],
-                              tuple(args.programs), args.schemes):
+            for r in run_case(
+                model,
+                gemm,
+                n,
+                k,
+                int(tokens),
+                sweep.get(int(tokens), []),
+                doc["copy_GBps"],
+                tuple(args.programs),
+                args.schemes,
+            ):
                 doc["rows"].append(r)
-                print(f"{args.label} {model[:10]} {gemm:7s} T={tokens:>5} {r['scheme']:18s} {r['config']:14s} "
-                      f"{r.get('us', float('nan')):8.1f}us {r.get('speedup', float('nan')):5.2f}x "
-                      f"bw={r.get('weight_bw_frac', float('nan')):.2f} err={r.get('rel_err', float('nan')):.1e} {r.get('error', '')}",
-                      flush=True)
+                print(
+                    f"{args.label} {model[:10]} {gemm:7s} T={tokens:>5} {r['scheme']:18s} {r['config']:14s} "
+                    f"{r.get('us', float('nan')):8.1f}us {r.get('speedup', float('nan')):5.2f}x "
+                    f"bw={r.get('weight_bw_frac', float('nan')):.2f} err={r.get('rel_err', float('nan')):.1e} {r.get('error', '')}",
+                    flush=True,
+                )
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / f"compare_{args.label}.json").write_text(json.dumps(doc, indent=1))
 

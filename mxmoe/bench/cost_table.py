@@ -20,6 +20,7 @@ from mxmoe.perfmodel import gpu_key
 
 PROG = "mxmoe bench cost-table"  # also python -m mxmoe.bench.cost_table
 
+
 def launch_tiles(rows: "list[int]", n: int, tile: dict) -> int:
     """Output tiles of one grouped GEMM: sum over experts of ceil(rows/BM) * ceil(N/BN)."""
     return sum(-(-r // tile["bm"]) * -(-n // tile["bn"]) for r in rows)
@@ -37,11 +38,24 @@ def cost_points(bench: dict) -> "list[dict]":
         tile = r["tiles"][scheme]
         rows = expert_loads(r["tokens"], r["experts"], MODELS[r["model"]][3])
         tiles = launch_tiles(rows, r["N"], tile)
-        out.append({"scheme": scheme, "K": r["K"], "N": r["N"], "model": r["model"], "gemm": r["gemm"],
-                    "tokens": r["tokens"], "tile": tile, "tiles": tiles, "tiles_per_sm": tiles / sms,
-                    "ms": r["ms"], "us_per_tile_per_sm": r["ms"] * 1e3 / (tiles / sms),
-                    "timer": bench.get("timer_kind", "events"),
-                    "kernel_commit": bench["provenance"]["git_commit"], "date_utc": bench["provenance"]["date_utc"]})
+        out.append(
+            {
+                "scheme": scheme,
+                "K": r["K"],
+                "N": r["N"],
+                "model": r["model"],
+                "gemm": r["gemm"],
+                "tokens": r["tokens"],
+                "tile": tile,
+                "tiles": tiles,
+                "tiles_per_sm": tiles / sms,
+                "ms": r["ms"],
+                "us_per_tile_per_sm": r["ms"] * 1e3 / (tiles / sms),
+                "timer": bench.get("timer_kind", "events"),
+                "kernel_commit": bench["provenance"]["git_commit"],
+                "date_utc": bench["provenance"]["date_utc"],
+            }
+        )
     return out
 
 
@@ -65,8 +79,11 @@ def build_table(paths: "list[Path]") -> dict:
     }
     sweeps = [d for d in docs if d.get("tuning")]
     if sweeps:
-        table["tile_sweep"] = {"kernel_commit": sweeps[-1]["provenance"]["git_commit"],
-                               "best": sweeps[-1]["tuned_best"], "runs": sweeps[-1]["tuning"]}
+        table["tile_sweep"] = {
+            "kernel_commit": sweeps[-1]["provenance"]["git_commit"],
+            "best": sweeps[-1]["tuned_best"],
+            "runs": sweeps[-1]["tuning"],
+        }
     return table
 
 

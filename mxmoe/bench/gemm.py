@@ -55,6 +55,7 @@ TIMER = {"warmup": 25, "rep": 100, "kind": "events"}  # ms; --warmup-ms / --rep-
 
 PROG = "mxmoe bench gemm"  # also python -m mxmoe.bench.gemm
 
+
 def _ms(fn) -> float:
     """Median ms per call: CUDA events around each call after an L2 flush ("events"), or replays of a
     CUDA graph of many calls ("cudagraph": no host launch overhead, no L2 flush)."""
@@ -112,12 +113,25 @@ def _baselines(x, offs_host, ends, w, y_loop) -> dict:
         sw = (w.float().abs().amax(2) / 448).clamp_min(1e-12)  # [E, N]
         wq = (w.float() / sw[:, :, None]).to(torch.float8_e4m3fn)  # [E, N, K]
         out["torch_scaled_grouped_fp8"] = lambda: torch._scaled_grouped_mm(
-            xq, wq.transpose(1, 2), sx, sw, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=True)
+            xq, wq.transpose(1, 2), sx, sw, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
     return out
 
 
-def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, packs, ceil, count: bool,
-             table6: bool = True, ablation: bool = True) -> list[dict]:
+def run_case(
+    model: str,
+    gemm: str,
+    n: int,
+    k: int,
+    tokens: int,
+    top_k: int,
+    w,
+    packs,
+    ceil,
+    count: bool,
+    table6: bool = True,
+    ablation: bool = True,
+) -> list[dict]:
     """All variants of one (shape, tokens) case; returns result rows. ``table6``: also time each mix as
     one launch per scheme and as the unified kernel; ``ablation``: also the ABLATIONS variants."""
     t_case = time.time()
@@ -136,8 +150,18 @@ def run_case(model: str, gemm: str, n: int, k: int, tokens: int, top_k: int, w, 
         hot_set = set(order[: max(1, round(frac * e))])
         assign[name] = [Scheme.parse(hot if i in hot_set else cold) for i in range(e)]
     out = []
-    base = {"model": model, "gemm": gemm, "tokens": tokens, "rows": t, "experts": e, "N": n, "K": k,
-            "max_rows": max(rows), "min_rows": min(rows), "active_experts": sum(r > 0 for r in rows)}
+    base = {
+        "model": model,
+        "gemm": gemm,
+        "tokens": tokens,
+        "rows": t,
+        "experts": e,
+        "N": n,
+        "K": k,
+        "max_rows": max(rows),
+        "min_rows": min(rows),
+        "active_experts": sum(r > 0 for r in rows),
+    }
     y_loop = torch.empty(t, n, device=DEV, dtype=torch.bfloat16)
     bl = _baselines(x, offs_host, ends, w, y_loop)
     ref_bf16 = bl["torch_loop_bf16"]().clone()
@@ -223,11 +247,23 @@ def targets(results: list[dict]) -> dict:
     results = [r for r in results if r["model"] in PAPER]
 
     def get(model, tokens, variant, key="speedup_vs_torch_bf16", gemm=None):
-        return [r.get(key) for r in results if r["tokens"] == tokens and r["variant"] == variant
-                and (model is None or r["model"] == model) and (gemm is None or r["gemm"] == gemm) and r.get(key)]
-    bf16 = [r["speedup_vs_torch_bf16"] for r in results if r["variant"] == "ours_bf16" and r.get("speedup_vs_torch_bf16")]
-    out = {"bf16_vs_torch_grouped_min": min(bf16, default=None),
-           "bf16_vs_torch_grouped_median": sorted(bf16)[len(bf16) // 2] if bf16 else None}
+        return [
+            r.get(key)
+            for r in results
+            if r["tokens"] == tokens
+            and r["variant"] == variant
+            and (model is None or r["model"] == model)
+            and (gemm is None or r["gemm"] == gemm)
+            and r.get(key)
+        ]
+
+    bf16 = [
+        r["speedup_vs_torch_bf16"] for r in results if r["variant"] == "ours_bf16" and r.get("speedup_vs_torch_bf16")
+    ]
+    out = {
+        "bf16_vs_torch_grouped_min": min(bf16, default=None),
+        "bf16_vs_torch_grouped_median": sorted(bf16)[len(bf16) // 2] if bf16 else None,
+    }
     for m in ("qwen1.5-moe", "deepseek-v2-lite"):
         out[f"{m}_512_w4a16_g-1_weight_bw_frac"] = get(m, 512, "ours_w4a16_g-1", "weight_bw_frac")
         out[f"{m}_512_w4a16_g128_weight_bw_frac"] = get(m, 512, "ours_w4a16_g128", "weight_bw_frac")
@@ -235,11 +271,23 @@ def targets(results: list[dict]) -> dict:
     for v in ("ours_w8a8_int8", "ours_w8a8_fp8", "ours_mix5_w4a4+w8a8"):
         out[f"8192_{v}_speedup_min"] = min(get(None, 8192, v), default=None)
         out[f"8192_{v}_speedup_with_act_quant_min"] = min(get(None, 8192, v, "speedup_with_act_quant"), default=None)
-    mix5 = {(r["model"], r["gemm"]): r.get("ms") for r in results if r["tokens"] == 8192 and r["variant"] == "ours_mix5_w4a4+w8a8"}
-    w8 = {(r["model"], r["gemm"]): r.get("ms") for r in results if r["tokens"] == 8192 and r["variant"] == "ours_w8a8_int8"}
-    out["8192_mix5_faster_than_w8a8_int8_cases"] = sum(1 for key in mix5 if mix5[key] and w8.get(key) and mix5[key] < w8[key])
+    mix5 = {
+        (r["model"], r["gemm"]): r.get("ms")
+        for r in results
+        if r["tokens"] == 8192 and r["variant"] == "ours_mix5_w4a4+w8a8"
+    }
+    w8 = {
+        (r["model"], r["gemm"]): r.get("ms")
+        for r in results
+        if r["tokens"] == 8192 and r["variant"] == "ours_w8a8_int8"
+    }
+    out["8192_mix5_faster_than_w8a8_int8_cases"] = sum(
+        1 for key in mix5 if mix5[key] and w8.get(key) and mix5[key] < w8[key]
+    )
     out["8192_cases"] = len(mix5)
-    out["launches_ours_mixed"] = sorted({r["launches"] for r in results if r["variant"].startswith("ours_mix") and r.get("launches")})
+    out["launches_ours_mixed"] = sorted(
+        {r["launches"] for r in results if r["variant"].startswith("ours_mix") and r.get("launches")}
+    )
     return out
 
 
@@ -250,20 +298,35 @@ def main(argv: "list[str] | None" = None) -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     ap.add_argument("--tune-seconds", type=float, default=0.0, help="time budget of the tile-config sweep")
-    ap.add_argument("--deadline-seconds", type=float, default=480.0,
-                    help="skip the remaining cases after this many seconds (the device allows 10 minutes a command)")
+    ap.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=480.0,
+        help="skip the remaining cases after this many seconds (the device allows 10 minutes a command)",
+    )
     ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup per timing")
     ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per timing")
-    ap.add_argument("--timer", choices=("events", "cudagraph"), default="events",
-                    help="events: do_bench (host launch overhead shows when a call is shorter than it); "
-                         "cudagraph: do_bench_cudagraph (graph replays, as a captured decode step runs)")
-    ap.add_argument("--table6-models", nargs="*", default=None,
-                    help="models whose mixes also run per scheme and unified (Table 6); default: all")
+    ap.add_argument(
+        "--timer",
+        choices=("events", "cudagraph"),
+        default="events",
+        help="events: do_bench (host launch overhead shows when a call is shorter than it); "
+        "cudagraph: do_bench_cudagraph (graph replays, as a captured decode step runs)",
+    )
+    ap.add_argument(
+        "--table6-models",
+        nargs="*",
+        default=None,
+        help="models whose mixes also run per scheme and unified (Table 6); default: all",
+    )
     ap.add_argument("--ablation-models", nargs="*", default=None, help="models that run ABLATIONS; default: all")
     ap.add_argument("--tag", default="", help="suffix of the output file name: bench_<gpu>[_<tag>].json")
-    ap.add_argument("--table-dir", default=None,
-                    help="also write this run's cost table to DIR/<gpu>.json (e.g. kernels; the committed "
-                         "tables merge several runs: python -m mxmoe.bench.cost_table)")
+    ap.add_argument(
+        "--table-dir",
+        default=None,
+        help="also write this run's cost table to DIR/<gpu>.json (e.g. kernels; the committed "
+        "tables merge several runs: python -m mxmoe.bench.cost_table)",
+    )
     args = ap.parse_args(argv)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -271,18 +334,25 @@ def main(argv: "list[str] | None" = None) -> None:
     TIMER.update(warmup=args.warmup_ms, rep=args.rep_ms, kind=args.timer)
     torch.manual_seed(0)
     t0 = time.time()
-    doc = {"provenance": provenance(), "load_ratio_assumed": LOAD_RATIO,
-           "timer": (f"triton.testing.do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms"
-                     if args.timer == "events" else
-                     f"triton.testing.do_bench_cudagraph median of 10 graph replays, rep {args.rep_ms:g} ms, no L2 flush"),
-           "timer_kind": args.timer,
-           "argv": {k: v for k, v in vars(args).items() if k not in ("out", "table_dir")}}  # no machine paths
+    doc = {
+        "provenance": provenance(),
+        "load_ratio_assumed": LOAD_RATIO,
+        "timer": (
+            f"triton.testing.do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms"
+            if args.timer == "events"
+            else f"triton.testing.do_bench_cudagraph median of 10 graph replays, rep {args.rep_ms:g} ms, no L2 flush"
+        ),
+        "timer_kind": args.timer,
+        "argv": {k: v for k, v in vars(args).items() if k not in ("out", "table_dir")},
+    }  # no machine paths
     doc["roofline"] = measure_roofline()
     doc["edge_check"] = edge_check()
     print(json.dumps(doc, indent=1), flush=True)
     results = []
-    doc["ms_note"] = ("ours: GEMM launch alone, rows of weight-activation experts quantized beforehand as the token "
-                      "gather hands them over; ms_with_act_quant: group_gemm quantizing them itself (two launches)")
+    doc["ms_note"] = (
+        "ours: GEMM launch alone, rows of weight-activation experts quantized beforehand as the token "
+        "gather hands them over; ms_with_act_quant: group_gemm quantizing them itself (two launches)"
+    )
     tag = f"_{args.tag}" if args.tag else ""
     out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}{tag}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,9 +372,20 @@ def main(argv: "list[str] | None" = None) -> None:
                     print(f"deadline: skipped {model} {gemm} T={tokens}", flush=True)
                     continue
                 try:
-                    rows = run_case(model, gemm, n, k, tokens, top_k, w, packs, doc["roofline"], count=(mi == 0),
-                                    table6=args.table6_models is None or model in args.table6_models,
-                                    ablation=args.ablation_models is None or model in args.ablation_models)
+                    rows = run_case(
+                        model,
+                        gemm,
+                        n,
+                        k,
+                        tokens,
+                        top_k,
+                        w,
+                        packs,
+                        doc["roofline"],
+                        count=(mi == 0),
+                        table6=args.table6_models is None or model in args.table6_models,
+                        ablation=args.ablation_models is None or model in args.ablation_models,
+                    )
                 except Exception as err:  # noqa: BLE001 - one broken case must not lose the others
                     doc["skipped"].append(f"{model} {gemm} T={tokens}: {type(err).__name__}: {str(err)[:200]}")
                     print(f"error: {model} {gemm} T={tokens}: {err}", flush=True)
@@ -326,7 +407,6 @@ def main(argv: "list[str] | None" = None) -> None:
     print(json.dumps(doc["targets"], indent=1))
     print(f"wrote {Path(out_path).name} in {time.time() - t0:.0f} s")
     if args.table_dir:
-
         print(f"wrote {write_table([out_path], args.table_dir).name}")
 
 
@@ -345,10 +425,15 @@ def tune(deadline: float, model: str = "qwen1.5-moe") -> list[dict]:
             x = torch.randn(sum(rows), k, device=DEV, dtype=torch.bfloat16)
             cls = rows_class(sum(rows) / e)
             timings = sweep(x, offs, group, s, LARGE if cls == "gt64" else SMALL, deadline)
-            records.append({"scheme": scheme, "rows_class": cls, "case": f"{model} gate_up T={tokens}",
-                            "timings": timings})
-            print(scheme, tokens, [(tuple(r["config"].values()), r["num_warps"], round(r.get("ms", -1) * 1e3))
-                                   for r in timings], flush=True)
+            records.append(
+                {"scheme": scheme, "rows_class": cls, "case": f"{model} gate_up T={tokens}", "timings": timings}
+            )
+            print(
+                scheme,
+                tokens,
+                [(tuple(r["config"].values()), r["num_warps"], round(r.get("ms", -1) * 1e3)) for r in timings],
+                flush=True,
+            )
     return records
 
 
@@ -357,8 +442,10 @@ def _print_case(rows: list[dict]) -> None:
     cells = []
     for r in rows:
         if "ms" in r:
-            cells.append(f"{r['variant'].replace('ours_', '').replace('torch_', 't:')}={r['ms'] * 1e3:.0f}us"
-                         f"({r.get('speedup_vs_torch_bf16', math.nan):.2f}x)")
+            cells.append(
+                f"{r['variant'].replace('ours_', '').replace('torch_', 't:')}={r['ms'] * 1e3:.0f}us"
+                f"({r.get('speedup_vs_torch_bf16', math.nan):.2f}x)"
+            )
         else:
             cells.append(f"{r['variant']}=ERR")
     print(f"{r0['model']:18s} {r0['gemm']:7s} T={r0['tokens']:5d} " + " ".join(cells), flush=True)

@@ -90,16 +90,46 @@ SETTINGS = {
 }
 BASELINE = "bf16 grouped_mm"
 # measuring order when time is short: the baseline and the targets' settings first
-RUN_ORDER = ("bf16 grouped_mm", "mxmoe 4.25 (w-only)", "mxmoe 3.25 (w-only)", "torch fp8 grouped", "mxmoe w4a16 g128",
-             "mxmoe w8a8 fp8", "bf16 batched_mm", "mxmoe 5 (w-a mix)", "mxmoe bf16")
+RUN_ORDER = (
+    "bf16 grouped_mm",
+    "mxmoe 4.25 (w-only)",
+    "mxmoe 3.25 (w-only)",
+    "torch fp8 grouped",
+    "mxmoe w4a16 g128",
+    "mxmoe w8a8 fp8",
+    "bf16 batched_mm",
+    "mxmoe 5 (w-a mix)",
+    "mxmoe bf16",
+)
 # measured sizes: prefill (batch, length), decode batches, decode context, MoE-block tokens
 FULL_SIZES = {"prefill": [[1, 512], [4, 2048]], "decode": [1, 16, 64], "context": 256, "block_tokens": [512, 8192]}
 SMOKE_SIZES = {"prefill": [[1, 16], [2, 16]], "decode": [1, 2], "context": 8, "block_tokens": [16, 32]}  # CPU dry run
 BLOCK_LAYERS = 4  # MoE layers timed alone (one per skew level of the imposed profile)
-DOC_KEYS = ("schema", "model", "hf_id", "provenance", "sizes", "build", "routing", "allocation", "correctness",
-            "settings", "summary", "wall_s")
-SETTING_KEYS = ("setting", "impl", "expert_bytes", "expert_bytes_vs_bf16", "block", "prefill", "decode", "syncs",
-                "peak_gib")
+DOC_KEYS = (
+    "schema",
+    "model",
+    "hf_id",
+    "provenance",
+    "sizes",
+    "build",
+    "routing",
+    "allocation",
+    "correctness",
+    "settings",
+    "summary",
+    "wall_s",
+)
+SETTING_KEYS = (
+    "setting",
+    "impl",
+    "expert_bytes",
+    "expert_bytes_vs_bf16",
+    "block",
+    "prefill",
+    "decode",
+    "syncs",
+    "peak_gib",
+)
 
 
 # ---- shapes and allocations (CPU) ----------------------------------------------------------------
@@ -109,14 +139,15 @@ def config_of(name: str):
     """The transformers config of a paper model (full size) or of a ``tiny-*`` zoo model."""
     from transformers import AutoConfig
 
-
     if name in PAPER_CONFIGS:
         return paper_config(name)
     if name in TINY_CONFIGS:
         model_type, extra = TINY_CONFIGS[name]
         return AutoConfig.for_model(model_type, **{**_TINY_COMMON, **extra})
-    raise ValueError(f"unknown model {name!r}: use a paper model ({', '.join(PAPER_CONFIGS)}) or a tiny config "
-                     f"({', '.join(TINY_CONFIGS)})")
+    raise ValueError(
+        f"unknown model {name!r}: use a paper model ({', '.join(PAPER_CONFIGS)}) or a tiny config "
+        f"({', '.join(TINY_CONFIGS)})"
+    )
 
 
 def moe_layer_ids(config) -> list:
@@ -132,16 +163,24 @@ def model_dims(config) -> dict:
     """{'hidden', 'expert_width', 'shared_widths', 'num_experts', 'top_k'} of a paper model's config."""
     mt = config.model_type
     width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    experts = getattr(config, "num_experts", None) or getattr(config, "n_routed_experts", None) or \
-        getattr(config, "num_local_experts")
+    experts = (
+        getattr(config, "num_experts", None)
+        or getattr(config, "n_routed_experts", None)
+        or getattr(config, "num_local_experts")
+    )
     if mt == "qwen2_moe":
         shared = [config.shared_expert_intermediate_size]
     elif mt in ("deepseek_v2", "deepseek_v3"):
         shared = [config.moe_intermediate_size * config.n_shared_experts] if config.n_shared_experts else []
     else:
         shared = []
-    return {"hidden": config.hidden_size, "expert_width": width, "shared_widths": shared, "num_experts": experts,
-            "top_k": config.num_experts_per_tok}
+    return {
+        "hidden": config.hidden_size,
+        "expert_width": width,
+        "shared_widths": shared,
+        "num_experts": experts,
+        "top_k": config.num_experts_per_tok,
+    }
 
 
 def stand_in_sensitivity(layers: list, rows: np.ndarray, batch: int, n_shared: int, schemes) -> dict:
@@ -152,10 +191,12 @@ def stand_in_sensitivity(layers: list, rows: np.ndarray, batch: int, n_shared: i
     """
 
     sch = [Scheme.parse(s) for s in schemes]
-    err = [0.0 if s.is_full_precision else 4.0 ** -s.w_bits + (4.0 ** -s.a_bits if s.a_bits < 16 else 0.0)
-           for s in sch]
-    out = {"schemes": [str(s) for s in sch], "layers": {},
-           "params": {"method": "stand-in: rows x (4^-w_bits + 4^-a_bits), no weights measured"}}
+    err = [0.0 if s.is_full_precision else 4.0**-s.w_bits + (4.0**-s.a_bits if s.a_bits < 16 else 0.0) for s in sch]
+    out = {
+        "schemes": [str(s) for s in sch],
+        "layers": {},
+        "params": {"method": "stand-in: rows x (4^-w_bits + 4^-a_bits), no weights measured"},
+    }
     for li, layer in enumerate(layers):
         r = [float(x) for x in rows[li]] + [float(batch)] * n_shared
         experts = list(range(rows.shape[1])) + [f"shared{i}" for i in range(n_shared)]
@@ -185,8 +226,12 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
     dims, layers = model_dims(config), moe_layer_ids(config)
     prof = target_profile(dims["num_experts"], len(layers), measured=embedded_profile(), seed=routing_seed)
     counts = prof["shares"] * 1e6  # [L, E] as a profile of 1e6 routed rows
-    routing = {"layers": layers, "top_k": dims["top_k"], "counts": counts.tolist(),
-               "params": {"model": model, "imposed": prof["kind"], "source": prof["source"]}}
+    routing = {
+        "layers": layers,
+        "top_k": dims["top_k"],
+        "counts": counts.tolist(),
+        "params": {"model": model, "imposed": prof["kind"], "source": prof["source"]},
+    }
     rows = prof["shares"] * ALLOC_BATCH * dims["top_k"]  # [L, E] expected routed rows (fractional: integer
     # rows tie many experts, and exactly tied experts make CBC's branch and bound explode)
     docs, table = {}, load_table(gpu)
@@ -194,19 +239,35 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
         if "alloc" not in spec or (only and setting not in only):
             continue
         schemes, budget, granularity = spec["alloc"]
-        sens = stand_in_sensitivity(layers, rows, ALLOC_BATCH, len(dims["shared_widths"]),
-                                    [str(s) for s in scheme_set(schemes)])
+        sens = stand_in_sensitivity(
+            layers, rows, ALLOC_BATCH, len(dims["shared_widths"]), [str(s) for s in scheme_set(schemes)]
+        )
         problems, choices, t0 = [], [], time.perf_counter()
         for layer in tqdm(layers, desc=f"{model} {setting}", unit="layer"):
             p = layer_problem(sens, routing, dims, layer, table, schemes, ALLOC_BATCH, model)
-            choices.append(solve_point(p.loss, p.time, p.bits, p.size, budget, ALLOC_R, granularity=granularity,
-                                       labels=p.labels).choice)
+            choices.append(
+                solve_point(
+                    p.loss, p.time, p.bits, p.size, budget, ALLOC_R, granularity=granularity, labels=p.labels
+                ).choice
+            )
             problems.append(p)
         seconds = time.perf_counter() - t0
-        doc = allocation_doc(problems, choices, setting, ALLOC_R, budget, granularity=granularity,
-                             profile="paper-models", solve_seconds=seconds)
-        doc.update(hf_id=PAPER_MODELS.get(model, (None,))[0], sensitivity_stand_in=sens["params"]["method"],
-                   solved_on=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
+        doc = allocation_doc(
+            problems,
+            choices,
+            setting,
+            ALLOC_R,
+            budget,
+            granularity=granularity,
+            profile="paper-models",
+            solve_seconds=seconds,
+        )
+        doc.update(
+            hf_id=PAPER_MODELS.get(model, (None,))[0],
+            sensitivity_stand_in=sens["params"]["method"],
+            solved_on=platform.processor() or platform.machine(),
+            cpu_count=os.cpu_count(),
+        )
         _write_compact(alloc_file(model, setting, gpu, out), doc)
         docs[setting] = doc
     return docs
@@ -233,8 +294,10 @@ def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: boo
         if not path.exists() and solve:
             solve_allocations(model, gpu, out)
     if not path.exists():
-        raise FileNotFoundError(f"no allocation {path}; solve it on a CPU first: "
-                                f"mxmoe bench paper-models --model {model} --allocate-only --gpu {gpu}")
+        raise FileNotFoundError(
+            f"no allocation {path}; solve it on a CPU first: "
+            f"mxmoe bench paper-models --model {model} --allocate-only --gpu {gpu}"
+        )
     doc = json.loads(path.read_text())
     return {(r["layer"], r["expert"], r["block"]): r["scheme"] for r in doc["rows"]}, doc
 
@@ -285,8 +348,18 @@ def predicted_rows(model: str, gpu: str = "nvidia_h200", tokens=(512, 8192), rou
                     dn = launch_time([(Scheme.parse(of(layer, e, "down")), m, h, wd) for e, m, wd in group], table)
                     total += gu.ms + dn.ms
                     sources |= {gu.source, dn.source}
-            out.append({"model": model, "setting": name, "tokens": t, "T_ms": total, "tokens_per_s": t / (total / 1e3),
-                        "expert_gib": bits / 8 / 2**30, "source": ",".join(sorted(sources)), "gpu": gpu})
+            out.append(
+                {
+                    "model": model,
+                    "setting": name,
+                    "tokens": t,
+                    "T_ms": total,
+                    "tokens_per_s": t / (total / 1e3),
+                    "expert_gib": bits / 8 / 2**30,
+                    "source": ",".join(sorted(sources)),
+                    "gpu": gpu,
+                }
+            )
     return out
 
 
@@ -296,6 +369,7 @@ def predicted_rows(model: str, gpu: str = "nvidia_h200", tokens=(512, 8192), rou
 def _scheme_of(setting: dict, amap: "dict | None"):
     def of(layer, expert, block):
         return setting["scheme"] if amap is None else amap[(layer, expert, block)]
+
     return of
 
 
@@ -321,12 +395,15 @@ def apply_setting(model, blocks: list, name: str, amap: "dict | None") -> int:
         register_experts_implementation()
         of = _scheme_of(spec, amap)
         for b in blocks:
-            total += attach_packed_experts(b, [(of(b.layer, e, "gate"), of(b.layer, e, "up"), of(b.layer, e, "down"))
-                                               for e in range(b.num_experts)])
+            total += attach_packed_experts(
+                b,
+                [(of(b.layer, e, "gate"), of(b.layer, e, "up"), of(b.layer, e, "down")) for e in range(b.num_experts)],
+            )
             if b.shared:
                 keys = [f"shared{s}" for s in range(len(b.shared))]
-                total += attach_packed_shared(b, [(of(b.layer, k, "gate"), of(b.layer, k, "up"), of(b.layer, k, "down"))
-                                                  for k in keys])
+                total += attach_packed_shared(
+                    b, [(of(b.layer, k, "gate"), of(b.layer, k, "up"), of(b.layer, k, "down")) for k in keys]
+                )
     elif impl == "torch_fp8":
         register_fp8_implementation()
         total = sum(attach_fp8_experts(b) for b in blocks)
@@ -435,8 +512,10 @@ def raises_on_sync(fn, device="cuda") -> "str | None":
 def block_inputs(model, blocks: list, ids: torch.Tensor) -> list:
     """Inputs [1, T, H] of the first ``BLOCK_LAYERS`` MoE blocks (of ``blocks``) in one forward of ``ids``."""
     seen = []
-    handles = [b.module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(1, -1, a[0].shape[-1])))
-               for b in blocks[:BLOCK_LAYERS]]
+    handles = [
+        b.module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(1, -1, a[0].shape[-1])))
+        for b in blocks[:BLOCK_LAYERS]
+    ]
     try:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
@@ -452,20 +531,39 @@ def make_static_cache(model, batch: int, max_len: int):
     try:
         return StaticCache(config=model.config, max_cache_len=max_len)
     except TypeError:  # older signature
-        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len,
-                           device=model.device, dtype=model.dtype)
+        return StaticCache(
+            config=model.config, max_batch_size=batch, max_cache_len=max_len, device=model.device, dtype=model.dtype
+        )
 
 
 @torch.no_grad()
-def measure_setting(model, blocks: list, name: str, inputs: dict, sizes: dict, *, reps: int, expert_bytes: int,
-                    bf16_bytes: int, deadline: float) -> dict:
+def measure_setting(
+    model,
+    blocks: list,
+    name: str,
+    inputs: dict,
+    sizes: dict,
+    *,
+    reps: int,
+    expert_bytes: int,
+    bf16_bytes: int,
+    deadline: float,
+) -> dict:
     """Every measurement of one setting (module doc); a dict with SETTING_KEYS."""
     vocab = model.config.vocab_size
     dev = model.device
     cuda = dev.type == "cuda"
     few, warm = (max(3, reps // 2), 2) if cuda else (1, 1)  # eager repetitions and warm-up calls (CPU: a dry run)
-    row = {"setting": name, "impl": SETTINGS[name]["impl"], "expert_bytes": expert_bytes,
-           "expert_bytes_vs_bf16": expert_bytes / bf16_bytes, "block": {}, "prefill": {}, "decode": {}, "syncs": {}}
+    row = {
+        "setting": name,
+        "impl": SETTINGS[name]["impl"],
+        "expert_bytes": expert_bytes,
+        "expert_bytes_vs_bf16": expert_bytes / bf16_bytes,
+        "block": {},
+        "prefill": {},
+        "decode": {},
+        "syncs": {},
+    }
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     # one MoE layer's experts forward: synchronisations and the sync-debug "error" check
@@ -480,12 +578,15 @@ def measure_setting(model, blocks: list, name: str, inputs: dict, sizes: dict, *
     first = tuple(sizes["prefill"][0])
     ids0 = inputs["prefill"][first]
     row["syncs"][f"model_prefill_{first[0]}x{first[1]}"] = count_syncs(
-        lambda: model(input_ids=ids0, use_cache=False, logits_to_keep=1), dev)
+        lambda: model(input_ids=ids0, use_cache=False, logits_to_keep=1), dev
+    )
     # the MoE block alone
     for tokens in sizes["block_tokens"]:
         xs = inputs["block"][tokens]
-        eager = [time_eager(lambda x=x, i=i: blocks[i].module(x), reps if cuda else 1, warm, device=dev)
-                 for i, x in enumerate(xs)]
+        eager = [
+            time_eager(lambda x=x, i=i: blocks[i].module(x), reps if cuda else 1, warm, device=dev)
+            for i, x in enumerate(xs)
+        ]
         graph = [time_graph(lambda x=x, i=i: blocks[i].module(x), 2 * reps, device=dev) for i, x in enumerate(xs)]
         row["block"][str(tokens)] = {"eager": _mean_ms(eager), "graph": _mean_ms(graph), "layers": len(xs)}
     # whole-model prefill
@@ -506,12 +607,22 @@ def measure_setting(model, blocks: list, name: str, inputs: dict, sizes: dict, *
         try:
             cache = make_static_cache(model, bsz, ctx_len + 8)
             ctx = torch.randint(0, vocab, (bsz, ctx_len), device=dev)
-            model(input_ids=ctx, past_key_values=cache, cache_position=torch.arange(ctx_len, device=dev),
-                  use_cache=True, logits_to_keep=1)
+            model(
+                input_ids=ctx,
+                past_key_values=cache,
+                cache_position=torch.arange(ctx_len, device=dev),
+                use_cache=True,
+                logits_to_keep=1,
+            )
             tok = torch.randint(0, vocab, (bsz, 1), device=dev)
             pos = torch.full((1,), ctx_len, device=dev, dtype=torch.long)
-            fn = lambda: model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,  # noqa: E731
-                               logits_to_keep=1)
+            fn = lambda: model(  # noqa: E731
+                input_ids=tok,
+                past_key_values=cache,
+                cache_position=pos,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, 2 * reps, device=dev)
             row["decode"][str(bsz)] = {"context": ctx_len, "eager": e, "graph": g, **_tps(bsz, e, g)}
             cache = None  # free the static cache before the next batch size
@@ -552,14 +663,24 @@ def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 25
 
     first = moe_layer_ids(config_of(name))[0]
     cuda = torch.device(device).type == "cuda"
-    model, _ = build_random(name, device=device, dtype=torch.bfloat16 if cuda else torch.float32, seed=seed,
-                            measured=embedded_profile(), num_hidden_layers=first + 2, calib_shape=(4, 512) if cuda else (2, 32))
+    model, _ = build_random(
+        name,
+        device=device,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        seed=seed,
+        measured=embedded_profile(),
+        num_hidden_layers=first + 2,
+        calib_shape=(4, 512) if cuda else (2, 32),
+    )
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
     out = {"layers": first + 2, "tokens": tokens, "tolerance_rel": 3e-2, "cases": {}}
 
     def compare(a, b):
         a, b = a.float(), b.float()
-        return {"rel": float((a - b).norm() / b.norm()), "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+        return {
+            "rel": float((a - b).norm() / b.norm()),
+            "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        }
 
     model.set_experts_implementation("grouped_mm")
     ref_bf16 = model(input_ids=ids, use_cache=False).logits
@@ -633,16 +754,27 @@ def provenance() -> dict:
     commit = os.environ.get("MXMOE_COMMIT")
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30,
-                                    cwd=REPO_ROOT).stdout.strip() or "unknown"
+            commit = (
+                subprocess.run(
+                    ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30, cwd=REPO_ROOT
+                ).stdout.strip()
+                or "unknown"
+            )
         except (OSError, subprocess.SubprocessError):
             commit = "unknown"
     dev = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
-    return {"device": dev.name if dev else "cpu", "memory_gib": round(dev.total_memory / 2**30, 1) if dev else None,
-            "multiprocessors": dev.multi_processor_count if dev else None, "cuda": torch.version.cuda,
-            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git_commit": commit,
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "device": dev.name if dev else "cpu",
+        "memory_gib": round(dev.total_memory / 2**30, 1) if dev else None,
+        "multiprocessors": dev.multi_processor_count if dev else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def summarize(doc: dict) -> dict:
@@ -705,25 +837,55 @@ def target_rows(doc: dict) -> list:
     fp8, wo4 = block_ms("torch fp8 grouped"), block_ms("mxmoe 4.25 (w-only)")
     out = [
         ("host syncs per experts forward (max over mxmoe settings)", syncs, "== 0", lambda v: v == 0),
-        ("experts forward under sync-debug 'error'", all(r["syncs"].get("experts_forward_error_mode") == "ok" for r in mx)
-         if mx else None, "raises nothing", lambda v: v is True),
-        ("MoE block 512 tok captured: 4.25-bit vs bf16", s.get("mxmoe 4.25 (w-only)", {}).get("block_512_graph_speedup"),
-         ">= 1.8", lambda v: v >= 1.8),
-        ("MoE block 512 tok captured: 4.25-bit vs torch fp8 grouped", fp8 / wo4 if fp8 and wo4 else None, ">= 1.2",
-         lambda v: v >= 1.2),
-        ("decode batch 16 captured: 3.25-bit vs bf16", s.get("mxmoe 3.25 (w-only)", {}).get("decode_16_graph_speedup"),
-         ">= 2.0", lambda v: v >= 2.0),
+        (
+            "experts forward under sync-debug 'error'",
+            all(r["syncs"].get("experts_forward_error_mode") == "ok" for r in mx) if mx else None,
+            "raises nothing",
+            lambda v: v is True,
+        ),
+        (
+            "MoE block 512 tok captured: 4.25-bit vs bf16",
+            s.get("mxmoe 4.25 (w-only)", {}).get("block_512_graph_speedup"),
+            ">= 1.8",
+            lambda v: v >= 1.8,
+        ),
+        (
+            "MoE block 512 tok captured: 4.25-bit vs torch fp8 grouped",
+            fp8 / wo4 if fp8 and wo4 else None,
+            ">= 1.2",
+            lambda v: v >= 1.2,
+        ),
+        (
+            "decode batch 16 captured: 3.25-bit vs bf16",
+            s.get("mxmoe 3.25 (w-only)", {}).get("decode_16_graph_speedup"),
+            ">= 2.0",
+            lambda v: v >= 2.0,
+        ),
     ]
     for key in (f"{b}x{n}" for b, n in doc["sizes"]["prefill"]):
-        out.append((f"prefill {key} captured: 4.25-bit share of the Amdahl bound",
-                    s.get("mxmoe 4.25 (w-only)", {}).get(f"prefill_{key}_of_amdahl"), ">= 0.9", lambda v: v >= 0.9))
-    out.append(("expert weight bytes: 3.25-bit vs bf16", s.get("mxmoe 3.25 (w-only)", {}).get("expert_bytes_vs_bf16"),
-                "<= 0.22", lambda v: v <= 0.22))
+        out.append(
+            (
+                f"prefill {key} captured: 4.25-bit share of the Amdahl bound",
+                s.get("mxmoe 4.25 (w-only)", {}).get(f"prefill_{key}_of_amdahl"),
+                ">= 0.9",
+                lambda v: v >= 0.9,
+            )
+        )
+    out.append(
+        (
+            "expert weight bytes: 3.25-bit vs bf16",
+            s.get("mxmoe 3.25 (w-only)", {}).get("expert_bytes_vs_bf16"),
+            "<= 0.22",
+            lambda v: v <= 0.22,
+        )
+    )
     for k, v in doc.get("pipeline", {}).items():
         if k.endswith("_s"):
             out.append((f"pipeline stage {k[:-2]} (s)", v, "<= 1200", lambda x: x <= 1200))
-    return [{"model": doc["model"], "measure": m, "measured": v, "target": t, "met": None if v is None else bool(ok(v))}
-            for m, v, t, ok in out]
+    return [
+        {"model": doc["model"], "measure": m, "measured": v, "target": t, "met": None if v is None else bool(ok(v))}
+        for m, v, t, ok in out
+    ]
 
 
 def validate_doc(doc: dict) -> None:
@@ -751,21 +913,43 @@ def validate_doc(doc: dict) -> None:
 def table(doc: dict) -> str:
     """A short text table of the summary (block and model speedups vs bf16 grouped_mm, memory)."""
     s = doc["summary"]
-    cols = ["block_512_graph_speedup", "block_8192_graph_speedup", "prefill_1x512_graph_speedup",
-            "prefill_4x2048_graph_speedup", "prefill_4x2048_of_amdahl", "decode_1_graph_speedup",
-            "decode_16_graph_speedup", "decode_64_graph_speedup", "expert_bytes_vs_bf16"]
+    cols = [
+        "block_512_graph_speedup",
+        "block_8192_graph_speedup",
+        "prefill_1x512_graph_speedup",
+        "prefill_4x2048_graph_speedup",
+        "prefill_4x2048_of_amdahl",
+        "decode_1_graph_speedup",
+        "decode_16_graph_speedup",
+        "decode_64_graph_speedup",
+        "expert_bytes_vs_bf16",
+    ]
     short = ["blk512", "blk8k", "pf512", "pf8k", "pf8k/amd", "dec1", "dec16", "dec64", "bytes"]
-    lines = [f"{doc['model']} on {doc['provenance']['device']} (ratios vs {BASELINE}, captured)",
-             f"{'setting':22s} " + " ".join(f"{c:>8s}" for c in short)]
+    lines = [
+        f"{doc['model']} on {doc['provenance']['device']} (ratios vs {BASELINE}, captured)",
+        f"{'setting':22s} " + " ".join(f"{c:>8s}" for c in short),
+    ]
     for name, r in s.items():
         vals = [r.get(c) for c in cols]
-        lines.append(f"{name:22s} " + " ".join(f"{v:8.2f}" if isinstance(v, (int, float)) else f"{'-':>8s}" for v in vals))
+        lines.append(
+            f"{name:22s} " + " ".join(f"{v:8.2f}" if isinstance(v, (int, float)) else f"{'-':>8s}" for v in vals)
+        )
     return "\n".join(lines)
 
 
-def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: float = 540.0, pipeline: bool = False,
-        check: bool = True, seed: int = 0, alloc_gpu: str = "nvidia_h200", device="cuda",
-        sizes: "dict | None" = None) -> dict:
+def run(
+    name: str,
+    out: "str | Path",
+    settings=None,
+    reps: int = 10,
+    budget_s: float = 540.0,
+    pipeline: bool = False,
+    check: bool = True,
+    seed: int = 0,
+    alloc_gpu: str = "nvidia_h200",
+    device="cuda",
+    sizes: "dict | None" = None,
+) -> dict:
     """Build ``name`` at full size, check correctness, measure every setting, write ``<out>/<name>_<gpu>.json``.
 
     ``device="cpu"`` with ``SMOKE_SIZES`` is a dry run of the same code path on a tiny config (the
@@ -773,12 +957,13 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
     benchmark, it measures nothing worth reporting.
     """
 
-
     device = torch.device(device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise RuntimeError("mxmoe.bench.paper_models needs a CUDA GPU (it measures one); use --allocate-only on a CPU, "
-                           "or --smoke for a CPU dry run on a tiny config")
+        raise RuntimeError(
+            "mxmoe.bench.paper_models needs a CUDA GPU (it measures one); use --allocate-only on a CPU, "
+            "or --smoke for a CPU dry run on a tiny config"
+        )
     sizes = sizes or (FULL_SIZES if cuda else SMOKE_SIZES)
     dtype = torch.bfloat16 if cuda else torch.float32  # the kernel takes fp32 under the CPU interpreter
     t_start = time.time()
@@ -791,13 +976,32 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
     for s in settings:
         if "alloc" in SETTINGS[s]:
             amaps[s], d = load_allocation_map(name, s, alloc_gpu, out, solve=name not in PAPER_MODELS)
-            alloc_meta[s] = {k: d[k] for k in ("r", "budget_bits", "scheme_set", "granularity", "gpu", "batch_tokens",
-                                               "predicted",
-                                               "solve_seconds", "time_kind") if k in d}
+            alloc_meta[s] = {
+                k: d[k]
+                for k in (
+                    "r",
+                    "budget_bits",
+                    "scheme_set",
+                    "granularity",
+                    "gpu",
+                    "batch_tokens",
+                    "predicted",
+                    "solve_seconds",
+                    "time_kind",
+                )
+                if k in d
+            }
             alloc_meta[s]["blocks_per_scheme"] = _count_schemes(d["rows"])
             alloc_meta[s]["sensitivity_stand_in"] = d.get("sensitivity_stand_in")
-    doc = {"schema": SCHEMA_VERSION, "model": name, "hf_id": PAPER_MODELS.get(name, (None,))[0],
-           "provenance": provenance(), "sizes": sizes, "settings": [], "allocation": alloc_meta}
+    doc = {
+        "schema": SCHEMA_VERSION,
+        "model": name,
+        "hf_id": PAPER_MODELS.get(name, (None,))[0],
+        "provenance": provenance(),
+        "sizes": sizes,
+        "settings": [],
+        "allocation": alloc_meta,
+    }
     if not cuda:
         doc["provenance"]["device"] = "cpu (dry run)"
     print(f"{name}: {doc['provenance']['device']}, torch {torch.__version__}", flush=True)
@@ -805,8 +1009,9 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
         t0 = time.time()
         pick = [s for s in ("mxmoe w4a16 g128", "mxmoe 3.25 (w-only)", "mxmoe 5 (w-a mix)") if s in settings]
         try:
-            doc["correctness"] = check_correctness(name, {s: amaps.get(s) for s in pick}, seed=seed,
-                                                   tokens=256 if cuda else 16, device=device)
+            doc["correctness"] = check_correctness(
+                name, {s: amaps.get(s) for s in pick}, seed=seed, tokens=256 if cuda else 16, device=device
+            )
         except Exception as err:  # noqa: BLE001 - recorded; the measurements still run
             doc["correctness"] = {"error": f"{type(err).__name__}: {str(err)[:400]}", "passed": False, "cases": {}}
         doc["correctness"]["seconds"] = time.time() - t0
@@ -815,30 +1020,48 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
         doc["correctness"] = {"skipped": True}
     _sync(device)
     t0 = time.time()
-    model, routing = build_random(name, device=device, dtype=dtype, seed=seed, measured=embedded_profile(),
-                                  **({} if cuda else {"calib_shape": (2, 32)}))
+    model, routing = build_random(
+        name,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        measured=embedded_profile(),
+        **({} if cuda else {"calib_shape": (2, 32)}),
+    )
     _sync(device)
     blocks = moe_blocks(model)
     n_params = sum(p.numel() for p in model.parameters())
-    doc["build"] = {"seconds": time.time() - t0, "params": n_params, "moe_layers": len(blocks),
-                    "weight_gib_bf16": 2 * n_params / 2**30, "how": f"random N(0, 0.02^2) on {device}, no CPU copy"}
+    doc["build"] = {
+        "seconds": time.time() - t0,
+        "params": n_params,
+        "moe_layers": len(blocks),
+        "weight_gib_bf16": 2 * n_params / 2**30,
+        "how": f"random N(0, 0.02^2) on {device}, no CPU copy",
+    }
     bf16_bytes = bf16_expert_bytes(blocks)
     doc["build"]["expert_gib_bf16"] = bf16_bytes / 2**30
     print(f"built {n_params / 1e9:.2f} B params in {doc['build']['seconds']:.1f} s", flush=True)
     # inputs: prefill ids, block inputs as a real forward hands them over, and the routing reached
     g = torch.Generator(device=device).manual_seed(seed + 1)
-    prefill = {(b, n): torch.randint(0, model.config.vocab_size, (b, n), device=device, generator=g)
-               for b, n in sizes["prefill"]}
+    prefill = {
+        (b, n): torch.randint(0, model.config.vocab_size, (b, n), device=device, generator=g)
+        for b, n in sizes["prefill"]
+    }
     model.set_experts_implementation("grouped_mm")
     binputs = {}
     for tokens in sizes["block_tokens"]:
-        ids = torch.randint(0, model.config.vocab_size, (max(1, tokens // 2048), min(tokens, 2048)), device=device,
-                            generator=g)  # [B, S] with B * S = tokens
+        ids = torch.randint(
+            0, model.config.vocab_size, (max(1, tokens // 2048), min(tokens, 2048)), device=device, generator=g
+        )  # [B, S] with B * S = tokens
         binputs[tokens] = block_inputs(model, blocks, ids)
     reached = _reached_profile(model, blocks, prefill[tuple(sizes["prefill"][-1])])
-    doc["routing"] = {"kind": routing["kind"], "source": routing["source"],
-                      "target_max_over_min": routing["max_over_min"], "reached_max_over_min": reached,
-                      "how": "fixed router logit bias per MoE layer fitted on random tokens (mxmoe.models.random_init)"}
+    doc["routing"] = {
+        "kind": routing["kind"],
+        "source": routing["source"],
+        "target_max_over_min": routing["max_over_min"],
+        "reached_max_over_min": reached,
+        "how": "fixed router logit bias per MoE layer fitted on random tokens (mxmoe.models.random_init)",
+    }
     if pipeline:
         try:
             doc["pipeline"] = pipeline_stages(model, blocks, name)
@@ -860,16 +1083,34 @@ def run(name: str, out: "str | Path", settings=None, reps: int = 10, budget_s: f
             nbytes = apply_setting(model, blocks, s, amaps.get(s))
             _sync(device)
             pack_s = time.time() - t0
-            row = measure_setting(model, blocks, s, inputs, sizes, reps=reps, expert_bytes=nbytes,
-                                  bf16_bytes=bf16_bytes, deadline=deadline)
+            row = measure_setting(
+                model,
+                blocks,
+                s,
+                inputs,
+                sizes,
+                reps=reps,
+                expert_bytes=nbytes,
+                bf16_bytes=bf16_bytes,
+                deadline=deadline,
+            )
             row["pack_s"] = pack_s
             if SETTINGS[s]["impl"] == "torch_fp8":  # rows padded to 16 per group where the op demands it
                 row["fp8_group_alignment"] = getattr(blocks[0].experts, "mxmoe_fp8_align", None)
         except Exception as err:  # noqa: BLE001 - a failed setting is reported, the others still run
             _sync(device)
-            row = {"setting": s, "impl": SETTINGS[s]["impl"], "error": f"{type(err).__name__}: {str(err)[:400]}",
-                   "expert_bytes": 1, "expert_bytes_vs_bf16": float("nan"), "block": {}, "prefill": {}, "decode": {},
-                   "syncs": {}, "peak_gib": None}
+            row = {
+                "setting": s,
+                "impl": SETTINGS[s]["impl"],
+                "error": f"{type(err).__name__}: {str(err)[:400]}",
+                "expert_bytes": 1,
+                "expert_bytes_vs_bf16": float("nan"),
+                "block": {},
+                "prefill": {},
+                "decode": {},
+                "syncs": {},
+                "peak_gib": None,
+            }
         row["seconds"] = time.time() - t0
         doc["settings"].append(row)
         print(f"{s}: {row['seconds']:.0f} s {json.dumps({k: row[k] for k in ('block', 'syncs')})[:400]}", flush=True)
@@ -896,8 +1137,12 @@ def _count_schemes(rows: list) -> dict:
 def _reached_profile(model, blocks: list, ids: torch.Tensor) -> list:
     """Max/min routed tokens per expert of every MoE layer in one forward of ``ids`` (None: an idle expert)."""
     counts = []
-    hooks = [b.router.register_forward_hook(lambda m, a, o: counts.append(
-        torch.bincount(o[2].reshape(-1), minlength=m.weight.shape[0]).cpu())) for b in blocks]
+    hooks = [
+        b.router.register_forward_hook(
+            lambda m, a, o: counts.append(torch.bincount(o[2].reshape(-1), minlength=m.weight.shape[0]).cpu())
+        )
+        for b in blocks
+    ]
     try:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
@@ -919,8 +1164,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the packed-vs-fake-quant correctness check")
     ap.add_argument("--allocate-only", action="store_true", help="solve the MxMoE allocations (CPU) and exit")
     ap.add_argument("--gpu", default="nvidia_h200", help="cost table of the allocations (kernels/<gpu>.json)")
-    ap.add_argument("--smoke", action="store_true", help="CPU dry run of the code path (tiny sizes; set "
-                    "TRITON_INTERPRET=1; no timing worth reporting)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU dry run of the code path (tiny sizes; set TRITON_INTERPRET=1; no timing worth reporting)",
+    )
     args = ap.parse_args(argv)
     try:
         config_of(args.model)
@@ -931,16 +1179,27 @@ def main(argv=None) -> None:
     if args.allocate_only:
         docs = solve_allocations(args.model, args.gpu, only=args.settings)
         for s, d in docs.items():
-            print(f"{s}: {d['predicted']['bits']:.3f} bits, predicted {d['predicted']['T_ms']:.3f} ms, "
-                  f"solved in {d['solve_seconds']:.1f} s, {_count_schemes(d['rows'])}")
+            print(
+                f"{s}: {d['predicted']['bits']:.3f} bits, predicted {d['predicted']['T_ms']:.3f} ms, "
+                f"solved in {d['solve_seconds']:.1f} s, {_count_schemes(d['rows'])}"
+            )
         return
     with contextlib.suppress(AttributeError):
         torch.backends.cuda.matmul.allow_tf32 = True
     settings = args.settings
     if args.smoke and settings is None:  # torch's fp8 grouped GEMM has no CPU kernel
         settings = [s for s in SETTINGS if SETTINGS[s]["impl"] != "torch_fp8"]
-    run(args.model, args.out, settings, 3 if args.smoke else args.reps, args.budget_s, args.pipeline,
-        not args.no_check, alloc_gpu=args.gpu, device="cpu" if args.smoke else "cuda")
+    run(
+        args.model,
+        args.out,
+        settings,
+        3 if args.smoke else args.reps,
+        args.budget_s,
+        args.pipeline,
+        not args.no_check,
+        alloc_gpu=args.gpu,
+        device="cpu" if args.smoke else "cuda",
+    )
 
 
 if __name__ == "__main__":
@@ -962,9 +1221,19 @@ def allocation_summary(models: list, gpu: str) -> "list[dict]":
             counts: dict = {}
             for r in d["rows"]:
                 counts[r["scheme"]] = counts.get(r["scheme"], 0) + 1
-            mix = ", ".join(f"{s.replace('_asym', '').replace('_sym', '')} {n}"
-                            for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-            rows.append({"model": m, "setting": setting, "bits": round(d["predicted"]["bits"], 3),
-                         "granularity": d["granularity"], "r": d["r"], "solve s (CPU)": round(d["solve_seconds"], 1),
-                         "blocks per scheme": mix})
+            mix = ", ".join(
+                f"{s.replace('_asym', '').replace('_sym', '')} {n}"
+                for s, n in sorted(counts.items(), key=lambda kv: -kv[1])
+            )
+            rows.append(
+                {
+                    "model": m,
+                    "setting": setting,
+                    "bits": round(d["predicted"]["bits"], 3),
+                    "granularity": d["granularity"],
+                    "r": d["r"],
+                    "solve s (CPU)": round(d["solve_seconds"], 1),
+                    "blocks per scheme": mix,
+                }
+            )
     return rows

@@ -16,21 +16,34 @@ def provenance() -> dict:
     """Device, driver, library versions, date and git commit of this measurement."""
     dev = torch.cuda.get_device_properties(0)
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         smi = "nvidia-smi unavailable"
     commit = os.environ.get("MXMOE_COMMIT")  # set by whoever ships the tree to a machine without its git history
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip()
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             commit = "unknown"
     return {
-        "device": dev.name, "sm": f"{dev.major}.{dev.minor}", "multiprocessors": dev.multi_processor_count,
-        "memory_gib": round(dev.total_memory / 2**30, 1), "nvidia_smi": smi, "cuda": torch.version.cuda,
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+        "device": dev.name,
+        "sm": f"{dev.major}.{dev.minor}",
+        "multiprocessors": dev.multi_processor_count,
+        "memory_gib": round(dev.total_memory / 2**30, 1),
+        "nvidia_smi": smi,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
     }
 
 
@@ -59,8 +72,11 @@ def measure_roofline(size: int = 8192) -> dict:
     bf = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major
     one = torch.ones((), device="cuda")
     try:
-        out["fp8_TFLOPs"] = flops / _median_ms(lambda: torch._scaled_mm(af, bf, one, one, out_dtype=torch.bfloat16,
-                                                                         use_fast_accum=True)) / 1e9
+        out["fp8_TFLOPs"] = (
+            flops
+            / _median_ms(lambda: torch._scaled_mm(af, bf, one, one, out_dtype=torch.bfloat16, use_fast_accum=True))
+            / 1e9
+        )
     except RuntimeError as err:
         out["fp8_TFLOPs"], out["fp8_error"] = None, str(err)[:200]
     return out

@@ -25,9 +25,13 @@ from mxmoe.plan import BATCHES
 # with Table 6 (do_bench events; the second file finishes DeepSeek `down`) and the all-shapes run (Table 6
 # on the other four models) cover every paper shape; the earlier kernel's all-shapes and CUDA-graph runs
 # follow only for smollm2-moe, whose launch overhead (events vs graph replays) no current run measured.
-COUNTED = ("bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json",
-           "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_deepseek.json", "bench_NVIDIA_H100_80GB_HBM3_eeb53d4_all.json",
-           "bench_NVIDIA_H100_da30954_all.json", "bench_NVIDIA_H100_a87e84d_cudagraph.json")
+COUNTED = (
+    "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json",
+    "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_deepseek.json",
+    "bench_NVIDIA_H100_80GB_HBM3_eeb53d4_all.json",
+    "bench_NVIDIA_H100_da30954_all.json",
+    "bench_NVIDIA_H100_a87e84d_cudagraph.json",
+)
 
 
 def load_bench(path: "str | Path") -> dict:
@@ -89,15 +93,22 @@ def block_times(df: pd.DataFrame, variants) -> pd.DataFrame:
     t["block_us"] = (t["gate_up"] + t["down"]) * 1e3
     t = t.reset_index()
     base = t[t.variant == "torch_grouped_bf16"].set_index(["model", "tokens"]).block_us
-    t["speedup_vs_torch_grouped"] = [base.get((m, tok), np.nan) / us for m, tok, us in zip(t.model, t.tokens, t.block_us)]
+    t["speedup_vs_torch_grouped"] = [
+        base.get((m, tok), np.nan) / us for m, tok, us in zip(t.model, t.tokens, t.block_us)
+    ]
     t["tokens_per_s"] = t.tokens / (t.block_us * 1e-6)
     return t
 
 
 # Figure 5 panels of the paper's models (no weights here: throughput only) -> benchmark variant per setting
-PAPER_FIG5_VARIANTS = {"fp16": "torch_grouped_bf16", "w4a16": "ours_w4a16_g128", "w8a8": "ours_w8a8_int8",
-                       "w4a4": "ours_w4a4_g-1", "mix 4.25 (w4a16+w8a8)": "ours_mix4.25_w4a16+w8a8",
-                       "mix 5 (w4a4+w8a8)": "ours_mix5_w4a4+w8a8"}
+PAPER_FIG5_VARIANTS = {
+    "fp16": "torch_grouped_bf16",
+    "w4a16": "ours_w4a16_g128",
+    "w8a8": "ours_w8a8_int8",
+    "w4a4": "ours_w4a4_g-1",
+    "mix 4.25 (w4a16+w8a8)": "ours_mix4.25_w4a16+w8a8",
+    "mix 5 (w4a4+w8a8)": "ours_mix5_w4a4+w8a8",
+}
 
 
 def paper_model_throughput(bench_files, batches=(512, 8192)) -> "pd.DataFrame":
@@ -114,8 +125,11 @@ def paper_model_throughput(bench_files, batches=(512, 8192)) -> "pd.DataFrame":
     rows = rows.drop_duplicates(["model", "batch", "setting"])  # the first file that measured a case wins
     order = {k: i for i, k in enumerate(PAPER_FIG5_VARIANTS)}
     rows = rows.sort_values(["model", "batch", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
-    return rows[["model", "batch", "setting", "block_us", "tokens_per_s", "speedup_vs_torch_grouped"]].rename(
-        columns={"speedup_vs_torch_grouped": "speedup_vs_fp16"}).reset_index(drop=True)
+    return (
+        rows[["model", "batch", "setting", "block_us", "tokens_per_s", "speedup_vs_torch_grouped"]]
+        .rename(columns={"speedup_vs_torch_grouped": "speedup_vs_fp16"})
+        .reset_index(drop=True)
+    )
 
 
 def paper_models_figure5(rows_of_model: "list[dict]", profile: str) -> "tuple[pd.DataFrame, str]":
@@ -126,8 +140,15 @@ def paper_models_figure5(rows_of_model: "list[dict]", profile: str) -> "tuple[pd
     files = [kernel_results_dir() / d["_file"] for d in docs]
     paper = paper_model_throughput(files, BATCHES)
     device = docs[0]["provenance"]["device"] if docs else "none"
-    write_json_atomic(results_dir() / "kernels" / "figure5.json", {
-        "profile": profile, "rows": rows_of_model + [{**r, "ppl": None, "device": device,
-                                  "time_source": "measured: kernel benchmark (fixed mixes)"}
-                                 for r in paper.to_dict("records")]})
+    write_json_atomic(
+        results_dir() / "kernels" / "figure5.json",
+        {
+            "profile": profile,
+            "rows": rows_of_model
+            + [
+                {**r, "ppl": None, "device": device, "time_source": "measured: kernel benchmark (fixed mixes)"}
+                for r in paper.to_dict("records")
+            ],
+        },
+    )
     return paper, device

@@ -18,8 +18,15 @@ from mxmoe.schemes import Scheme
 
 # (bm, bn, bk, stages, num_warps): memory-bound (few rows per expert) and compute-bound candidates
 # (bk applies to bf16 only: packed weights are read in K blocks of 128)
-SMALL = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 256, 64, 3, 4), (32, 128, 128, 4, 4),
-         (64, 128, 64, 4, 8), (64, 128, 128, 3, 8), (64, 256, 64, 3, 8)]
+SMALL = [
+    (16, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+    (16, 256, 64, 3, 4),
+    (32, 128, 128, 4, 4),
+    (64, 128, 64, 4, 8),
+    (64, 128, 128, 3, 8),
+    (64, 256, 64, 3, 8),
+]
 LARGE = [(128, 128, 128, 3, 8), (128, 256, 64, 3, 8), (128, 256, 128, 2, 8), (64, 256, 64, 4, 8)]
 
 
@@ -31,8 +38,9 @@ def rows_class(rows_per_expert: float) -> str:
     return "gt64"
 
 
-def sweep(x: torch.Tensor, offsets: torch.Tensor, group: ExpertGroup, scheme: Scheme,
-          candidates, deadline: float) -> list[dict]:
+def sweep(
+    x: torch.Tensor, offsets: torch.Tensor, group: ExpertGroup, scheme: Scheme, candidates, deadline: float
+) -> list[dict]:
     """Time ``group_gemm`` with each candidate config for ``scheme`` until ``deadline`` (time.time())."""
     out, seen = [], set()
     x_q = quantize_activations(x, offsets, group)
@@ -55,7 +63,9 @@ def sweep(x: torch.Tensor, offsets: torch.Tensor, group: ExpertGroup, scheme: Sc
         except RuntimeError as err:  # e.g. out of shared memory for this tile
             out.append({"config": cfg.as_dict(), "num_warps": nw, "error": str(err).splitlines()[0][:200]})
             continue
-        out.append({"config": cfg.as_dict(), "num_warps": nw, "ms": ms, "compile_and_time_s": round(time.time() - t0, 1)})
+        out.append(
+            {"config": cfg.as_dict(), "num_warps": nw, "ms": ms, "compile_and_time_s": round(time.time() - t0, 1)}
+        )
     return out
 
 

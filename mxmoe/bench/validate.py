@@ -51,17 +51,33 @@ def validate(bench_path: "str | Path", table: CostTable, holdout: bool = False) 
             schemes = [hot if i in hot_set else cold for i in range(e)]
         used = _without_case(table, r["model"], r["gemm"]) if holdout else table
         est = launch_time([(s, m, r["N"], r["K"]) for s, m in zip(schemes, rows)], used)
-        cases.append({"model": r["model"], "gemm": r["gemm"], "tokens": r["tokens"], "variant": name,
-                      "mixed": name in MIXES, "measured_ms": r["ms"], "predicted_ms": est.ms, "source": est.source,
-                      "rel_err": (est.ms - r["ms"]) / r["ms"]})
+        cases.append(
+            {
+                "model": r["model"],
+                "gemm": r["gemm"],
+                "tokens": r["tokens"],
+                "variant": name,
+                "mixed": name in MIXES,
+                "measured_ms": r["ms"],
+                "predicted_ms": est.ms,
+                "source": est.source,
+                "rel_err": (est.ms - r["ms"]) / r["ms"],
+            }
+        )
     mixed = [abs(c["rel_err"]) for c in cases if c["mixed"]]
     uniform = [abs(c["rel_err"]) for c in cases if not c["mixed"]]
-    return {"bench": Path(bench_path).name, "device": doc["provenance"]["device"], "table": table.gpu, "holdout": holdout,
-            "cases": cases,
-            "mixed_median_abs_err": float(np.median(mixed)) if mixed else None,
-            "mixed_max_abs_err": float(np.max(mixed)) if mixed else None,
-            "uniform_median_abs_err": float(np.median(uniform)) if uniform else None,
-            "n_mixed": len(mixed), "n_uniform": len(uniform)}
+    return {
+        "bench": Path(bench_path).name,
+        "device": doc["provenance"]["device"],
+        "table": table.gpu,
+        "holdout": holdout,
+        "cases": cases,
+        "mixed_median_abs_err": float(np.median(mixed)) if mixed else None,
+        "mixed_max_abs_err": float(np.max(mixed)) if mixed else None,
+        "uniform_median_abs_err": float(np.median(uniform)) if uniform else None,
+        "n_mixed": len(mixed),
+        "n_uniform": len(uniform),
+    }
 
 
 def validation_report(gpu: str, repo_root: Path) -> dict:
@@ -79,10 +95,18 @@ def validation_report(gpu: str, repo_root: Path) -> dict:
         if not v["n_mixed"]:
             continue
         drop = ("cases", "bench")
-        per_file[Path(rel).name] = {"all": {k: x for k, x in v.items() if k not in drop},
-                                    "holdout": {k: x for k, x in vh.items() if k not in drop}, "cases": v["cases"]}
+        per_file[Path(rel).name] = {
+            "all": {k: x for k, x in v.items() if k not in drop},
+            "holdout": {k: x for k, x in vh.items() if k not in drop},
+            "cases": v["cases"],
+        }
         errors += [abs(c["rel_err"]) for c in v["cases"] if c["mixed"]]
-    return {"median_abs_rel_error": float(np.median(errors)) if errors else None,
-            "definition": "median |predicted/measured - 1| over the mixed fused grouped GEMMs of the benchmark "
-                          "files the cost table was built from", "table": table.gpu, "device": table.device,
-            "table_sources": [Path(s).name for s in sources], "per_file": per_file}
+    return {
+        "median_abs_rel_error": float(np.median(errors)) if errors else None,
+        "definition": "median |predicted/measured - 1| over the mixed fused grouped GEMMs of the benchmark "
+        "files the cost table was built from",
+        "table": table.gpu,
+        "device": table.device,
+        "table_sources": [Path(s).name for s in sources],
+        "per_file": per_file,
+    }

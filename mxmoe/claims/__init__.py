@@ -27,8 +27,10 @@ def write(model: str = "smollm2-moe", root: "Path | None" = None) -> tuple[Path,
     """Write <root>/claims.json and <root>/manifest.json; return their paths."""
     root = Path(root or results_dir())
     claims = build_claims(model, root)
-    c = write_json_atomic(root / "claims.json", {"model": model, "claims": claims, "deviations": [
-        {"topic": t, "text": x} for t, x in DEVIATIONS]})
+    c = write_json_atomic(
+        root / "claims.json",
+        {"model": model, "claims": claims, "deviations": [{"topic": t, "text": x} for t, x in DEVIATIONS]},
+    )
     m = write_json_atomic(root / "manifest.json", build_manifest(model, root))
     return c, m
 
@@ -47,4 +49,3 @@ def main(argv=None) -> int:
     rows = _load(c)["claims"]
     print(f"{c}: {len(rows)} claims, {counts(rows)}\n{m}")
     return 0
-

@@ -21,16 +21,33 @@ from mxmoe import paper
 from mxmoe.claims.rules import build_claims
 from mxmoe.paths import results_dir
 
-VERDICT_STYLE = {"reproduced": "background-color:#d9f2d9", "direction": "background-color:#fff3cd",
-                 "not-reproduced": "background-color:#f8d7da", "not-run": "color:#777"}
+VERDICT_STYLE = {
+    "reproduced": "background-color:#d9f2d9",
+    "direction": "background-color:#fff3cd",
+    "not-reproduced": "background-color:#f8d7da",
+    "not-run": "color:#777",
+}
 NOT_STATED = "not stated"
 # our Table 1 labels -> the paper's (method, bits)
-TABLE1_PAPER = {"fp16": ("Baseline", "16-16"), "gptq*-3.25": ("GPTQ*", "3.25-16"), "gptq*-2.25": ("GPTQ*", "2.25-16"),
-                "quarot-w4a4": ("QuaRot", "4-4"), "mxmoe-3.25": ("MxMoE", "3.25-16"),
-                "mxmoe-2.25": ("MxMoE", "2.25-16"), "mxmoe-w5a5": ("MxMoE", "5-5")}
+TABLE1_PAPER = {
+    "fp16": ("Baseline", "16-16"),
+    "gptq*-3.25": ("GPTQ*", "3.25-16"),
+    "gptq*-2.25": ("GPTQ*", "2.25-16"),
+    "quarot-w4a4": ("QuaRot", "4-4"),
+    "mxmoe-3.25": ("MxMoE", "3.25-16"),
+    "mxmoe-2.25": ("MxMoE", "2.25-16"),
+    "mxmoe-w5a5": ("MxMoE", "5-5"),
+}
 # lm-eval task names -> the paper's column names
-TASKS = {"arc_challenge": "AC", "arc_easy": "AE", "hellaswag": "HS", "lambada_openai": "LO",
-         "lambada_standard": "LS", "piqa": "PQ", "winogrande": "WG"}
+TASKS = {
+    "arc_challenge": "AC",
+    "arc_easy": "AE",
+    "hellaswag": "HS",
+    "lambada_openai": "LO",
+    "lambada_standard": "LS",
+    "piqa": "PQ",
+    "winogrande": "WG",
+}
 PAPER_MODELS = ("Qwen1.5-MoE", "DeepSeek-V2-Lite")  # Table 1 models shown beside ours
 
 
@@ -72,21 +89,37 @@ def fmt_value(x, unit: str = "") -> str:
 
 def verdict_rows(items=(), ids=(), model: str = "smollm2-moe", root: "Path | None" = None) -> pd.DataFrame:
     """The claims about paper ``items`` (or with these ``ids``) as display rows: claim, paper, ours, verdict."""
-    rows = [r for r in build_claims(model.replace("/", "--"), Path(root or results_dir()))
-            if r["item"] in items or r["id"] in ids]
-    return pd.DataFrame([{"claim": r["claim"], "paper": fmt_value(r["paper"], r["unit"]) if r["paper"] is not None
-                          else NOT_STATED, "ours": fmt_value(r["ours"], r["unit"]), "unit": r["unit"],
-                          "verdict": r["verdict"]} for r in rows],
-                        columns=["claim", "paper", "ours", "unit", "verdict"])
+    rows = [
+        r
+        for r in build_claims(model.replace("/", "--"), Path(root or results_dir()))
+        if r["item"] in items or r["id"] in ids
+    ]
+    return pd.DataFrame(
+        [
+            {
+                "claim": r["claim"],
+                "paper": fmt_value(r["paper"], r["unit"]) if r["paper"] is not None else NOT_STATED,
+                "ours": fmt_value(r["ours"], r["unit"]),
+                "unit": r["unit"],
+                "verdict": r["verdict"],
+            }
+            for r in rows
+        ],
+        columns=["claim", "paper", "ours", "unit", "verdict"],
+    )
 
 
 def verdicts(items=(), ids=(), model: str = "smollm2-moe", root: "Path | None" = None):
     """``verdict_rows`` styled for a chapter: verdicts coloured, no index. The Claims chapter has the notes."""
-    return (verdict_rows(items, ids, model, root).style.hide(axis="index")
-            .map(lambda v: VERDICT_STYLE.get(v, ""), subset=["verdict"]))
+    return (
+        verdict_rows(items, ids, model, root)
+        .style.hide(axis="index")
+        .map(lambda v: VERDICT_STYLE.get(v, ""), subset=["verdict"])
+    )
 
 
 # ---- tables beside the paper's
+
 
 def _bits(x) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".") if _num(x) else "—"
@@ -108,6 +141,7 @@ def table1_frame(t1: dict) -> pd.DataFrame:
 def table1_vs_paper(t1: dict) -> pd.DataFrame:
     """Table 1 as relative numbers, ours beside the paper's Qwen1.5-MoE and DeepSeek-V2-Lite rows:
     PPL over full precision, and the 7-task mean accuracy in points relative to full precision."""
+
     def avg(r):
         acc = [100 * r["tasks"][t] for t in TASKS if _num(r.get("tasks", {}).get(t))]
         return sum(acc) / len(acc) if len(acc) == len(TASKS) else None
@@ -116,8 +150,7 @@ def table1_vs_paper(t1: dict) -> pd.DataFrame:
     out = {}
     for label, (method, bits) in TABLE1_PAPER.items():
         r = t1.get(label)
-        row = {"method": f"{method} {bits}",
-               "ours: PPL / full": f"{r['ppl'] / fp['ppl']:.2f}×" if r and fp else "—"}
+        row = {"method": f"{method} {bits}", "ours: PPL / full": f"{r['ppl'] / fp['ppl']:.2f}×" if r and fp else "—"}
         a, a0 = (avg(r) if r else None), (avg(fp) if fp else None)
         row["ours: Avg. vs full"] = f"{a - a0:+.1f} pts" if a is not None and a0 is not None else "—"
         for m in PAPER_MODELS:
@@ -132,13 +165,17 @@ def table3_vs_paper(t3: dict) -> pd.DataFrame:
     """Table 3: PPL at linear-block and expert granularity (W5A5) and their ratio, ours and the paper's."""
     rows = {}
     lin, exp = (t3.get("linear block") or {}).get("ppl"), (t3.get("expert") or {}).get("ppl")
-    rows["ours"] = {"PPL linear-block": f"{lin:.2f}" if _num(lin) else "—",
-                    "PPL expert": f"{exp:.2f}" if _num(exp) else "—",
-                    "linear / expert": f"{lin / exp:.3f}" if _num(lin) and _num(exp) else "—"}
+    rows["ours"] = {
+        "PPL linear-block": f"{lin:.2f}" if _num(lin) else "—",
+        "PPL expert": f"{exp:.2f}" if _num(exp) else "—",
+        "linear / expert": f"{lin / exp:.3f}" if _num(lin) and _num(exp) else "—",
+    }
     for r in paper.item("table3")["rows"]:
-        rows[f"paper, {r['model']}"] = {"PPL linear-block": f"{r['ppl_linear']:.2f}",
-                                        "PPL expert": f"{r['ppl_expert']:.2f}",
-                                        "linear / expert": f"{r['ppl_linear'] / r['ppl_expert']:.3f}"}
+        rows[f"paper, {r['model']}"] = {
+            "PPL linear-block": f"{r['ppl_linear']:.2f}",
+            "PPL expert": f"{r['ppl_expert']:.2f}",
+            "linear / expert": f"{r['ppl_linear'] / r['ppl_expert']:.3f}",
+        }
     return pd.DataFrame(rows).T
 
 
@@ -173,8 +210,15 @@ def table5_vs_paper(t5: dict) -> pd.DataFrame:
         if rel:
             return {k: f"{v / base:.2f}×" if _num(v) and _num(base) else "—" for k, v in d.items()}
         return {k: f"{v:.2f}" if _num(v) else "—" for k, v in d.items()}
-    return pd.DataFrame({"ours: PPL": row(ours, False), "paper (Qwen1.5-MoE): PPL": row(theirs, False),
-                         "ours: PPL / w8a8": row(ours, True), "paper: PPL / w8a8": row(theirs, True)}).T
+
+    return pd.DataFrame(
+        {
+            "ours: PPL": row(ours, False),
+            "paper (Qwen1.5-MoE): PPL": row(theirs, False),
+            "ours: PPL / w8a8": row(ours, True),
+            "paper: PPL / w8a8": row(theirs, True),
+        }
+    ).T
 
 
 def fig5_vs_paper(paper5: pd.DataFrame, ours: "pd.DataFrame | None" = None) -> pd.DataFrame:
@@ -186,9 +230,13 @@ def fig5_vs_paper(paper5: pd.DataFrame, ours: "pd.DataFrame | None" = None) -> p
     for batch, key in ((512, "mixed_vs_full_precision_512"), (8192, "mixed_vs_full_precision_8192")):
         s = mixed[mixed.batch == batch].speedup_vs_fp16 if len(mixed) else pd.Series(dtype=float)
         lo, hi = paper.value("fig5", key)
-        rows.append({"statement": f"mixed precision over full precision, {batch} tokens",
-                     "paper (RTX 4090)": f"{lo:.2f}–{hi:.2f}×",
-                     "ours (paper models' shapes)": f"{s.min():.2f}–{s.max():.2f}×" if len(s) else "—"})
+        rows.append(
+            {
+                "statement": f"mixed precision over full precision, {batch} tokens",
+                "paper (RTX 4090)": f"{lo:.2f}–{hi:.2f}×",
+                "ours (paper models' shapes)": f"{s.min():.2f}–{s.max():.2f}×" if len(s) else "—",
+            }
+        )
     w = paper.value("fig5", "w5a5_vs_w8a8_8192_max")
     got = "—"
     if ours is not None and len(ours):
@@ -196,8 +244,13 @@ def fig5_vs_paper(paper5: pd.DataFrame, ours: "pd.DataFrame | None" = None) -> p
         if {"mxmoe-w5a5", "w8a8"} <= set(t.index):
             g = 100 * (t.loc["mxmoe-w5a5"] / t.loc["w8a8"] - 1)
             got = ", ".join(f"{v:+.1f}% ({b})" for b, v in g.items())
-    rows.append({"statement": "MxMoE W5A5 over uniform w8a8 (up to, 8192 tokens)", "paper (RTX 4090)": f"+{w:.1f}%",
-                 "ours (paper models' shapes)": got})
+    rows.append(
+        {
+            "statement": "MxMoE W5A5 over uniform w8a8 (up to, 8192 tokens)",
+            "paper (RTX 4090)": f"+{w:.1f}%",
+            "ours (paper models' shapes)": got,
+        }
+    )
     out = pd.DataFrame(rows).set_index("statement")
     return out.rename(columns={"ours (paper models' shapes)": "ours (MoE blocks)"})
 
@@ -208,12 +261,22 @@ def fig6_vs_paper(f6: pd.DataFrame) -> pd.DataFrame:
     rows = []
     if len(f) >= 2:
         lo, hi = f.iloc[0], f.iloc[-1]
-        rows.append({"as r rises": "PPL", "paper": "falls (more accurate)",
-                     "ours": f"{lo.ppl:.2f} → {hi.ppl:.2f} ({'falls' if hi.ppl <= lo.ppl else 'rises'})"})
+        rows.append(
+            {
+                "as r rises": "PPL",
+                "paper": "falls (more accurate)",
+                "ours": f"{lo.ppl:.2f} → {hi.ppl:.2f} ({'falls' if hi.ppl <= lo.ppl else 'rises'})",
+            }
+        )
         if _num(lo.get("tokens_per_s")) and _num(hi.get("tokens_per_s")):
-            rows.append({"as r rises": "MoE-block throughput", "paper": "falls (slower)",
-                         "ours": f"{hi.tokens_per_s / lo.tokens_per_s:.2f}× of r={lo.r:g}'s "
-                                 f"({'falls' if hi.tokens_per_s < lo.tokens_per_s else 'rises'})"})
+            rows.append(
+                {
+                    "as r rises": "MoE-block throughput",
+                    "paper": "falls (slower)",
+                    "ours": f"{hi.tokens_per_s / lo.tokens_per_s:.2f}× of r={lo.r:g}'s "
+                    f"({'falls' if hi.tokens_per_s < lo.tokens_per_s else 'rises'})",
+                }
+            )
     return pd.DataFrame(rows, columns=["as r rises", "paper", "ours"]).set_index("as r rises")
 
 
@@ -226,10 +289,15 @@ def table6_vs_paper(t6: pd.DataFrame) -> pd.DataFrame:
     g = rows["W4A4 group128 (specialized)"]["w4a4_group128"] / uni["w4a4_group128"]
     s = t6.fused_vs_unified if len(t6) else pd.Series(dtype=float)
     ours = f"{s.min():.2f}–{s.max():.2f}× (median {s.median():.2f}×, {len(s)} cases)" if len(s) else "—"
-    return pd.DataFrame({"specialised over unified": {
-        "paper: W4A4 per-channel, 8192³ (RTX 4090)": f"{pc:.2f}×",
-        "paper: W4A4 group-128, 8192³ (RTX 4090)": f"{g:.2f}×",
-        "ours: fused mixes over unified, grouped GEMMs": ours}})
+    return pd.DataFrame(
+        {
+            "specialised over unified": {
+                "paper: W4A4 per-channel, 8192³ (RTX 4090)": f"{pc:.2f}×",
+                "paper: W4A4 group-128, 8192³ (RTX 4090)": f"{g:.2f}×",
+                "ours: fused mixes over unified, grouped GEMMs": ours,
+            }
+        }
+    )
 
 
 def table7_vs_paper(t7: dict) -> pd.DataFrame:
@@ -246,26 +314,45 @@ def table7_vs_paper(t7: dict) -> pd.DataFrame:
         out = {}
         for block in ("gate", "down"):
             for scheme in ("w8a8_g-1", "w4a4_g-1", "w4a4_g128"):
-                out[f"{block}{'/up' if block == 'gate' else ''} {scheme}"] = sum(short(r[block]) == scheme for r in rows) / n
+                out[f"{block}{'/up' if block == 'gate' else ''} {scheme}"] = (
+                    sum(short(r[block]) == scheme for r in rows) / n
+                )
         return out, n
 
     ours_rows = [{"gate": v[0], "up": v[1], "down": v[2]} for e, v in t7.items() if not str(e).startswith("shared")]
     ours, n_ours = shares(ours_rows) if ours_rows else ({}, 0)
     theirs, n_theirs = shares(prow)
     keys = list(theirs)
-    return pd.DataFrame({f"ours ({n_ours} experts)": {k: f"{100 * ours[k]:.0f}%" if k in ours else "—" for k in keys},
-                         f"paper, Qwen1.5-MoE layer {p['layer']} ({n_theirs} experts)": {
-                             k: f"{100 * theirs[k]:.0f}%" for k in keys}})
+    return pd.DataFrame(
+        {
+            f"ours ({n_ours} experts)": {k: f"{100 * ours[k]:.0f}%" if k in ours else "—" for k in keys},
+            f"paper, Qwen1.5-MoE layer {p['layer']} ({n_theirs} experts)": {k: f"{100 * theirs[k]:.0f}%" for k in keys},
+        }
+    )
 
 
 def table2_vs_paper(card: dict) -> pd.DataFrame:
     """Table 2: the paper's models (parameters, experts, top-k) and ours (``card``: name, parameters,
     experts, top_k as display strings)."""
-    rows = [{"model": r["model"], "parameters": f"{r['params_gb']:.1f} GB", "experts (routed+shared)": str(r["experts"]),
-             "top-k": r["top_k"], "source": "paper, Table 2"} for r in paper.item("table2")["rows"]]
-    rows.append({"model": card.get("name", "ours"), "parameters": card.get("parameters", "—"),
-                 "experts (routed+shared)": str(card.get("experts", "—")), "top-k": card.get("top_k", "—"),
-                 "source": "ours (this book)"})
+    rows = [
+        {
+            "model": r["model"],
+            "parameters": f"{r['params_gb']:.1f} GB",
+            "experts (routed+shared)": str(r["experts"]),
+            "top-k": r["top_k"],
+            "source": "paper, Table 2",
+        }
+        for r in paper.item("table2")["rows"]
+    ]
+    rows.append(
+        {
+            "model": card.get("name", "ours"),
+            "parameters": card.get("parameters", "—"),
+            "experts (routed+shared)": str(card.get("experts", "—")),
+            "top-k": card.get("top_k", "—"),
+            "source": "ours (this book)",
+        }
+    )
     return pd.DataFrame(rows).set_index("model")
 
 
@@ -276,11 +363,27 @@ def roofline_vs_paper(roofline: dict, n: int, k: int) -> pd.DataFrame:
     from mxmoe.plots.kernels import faster_below
 
     item = paper.item("fig1b")
-    pairs = [("W4A16 beats W8A8 below", (4, 16, "bf16"), (8, 8, "int8"), item["w4a16_beats_w8a8_below_arithmetic_intensity"]),
-             ("W2A16 beats W4A4 below", (2, 16, "bf16"), (4, 8, "int8"), item["w2a16_beats_w4a4_below_arithmetic_intensity"])]
+    pairs = [
+        (
+            "W4A16 beats W8A8 below",
+            (4, 16, "bf16"),
+            (8, 8, "int8"),
+            item["w4a16_beats_w8a8_below_arithmetic_intensity"],
+        ),
+        (
+            "W2A16 beats W4A4 below",
+            (2, 16, "bf16"),
+            (4, 8, "int8"),
+            item["w2a16_beats_w4a4_below_arithmetic_intensity"],
+        ),
+    ]
     rows = {}
     for label, low, high, stated in pairs:
         ours = faster_below(roofline, low, high, n, k)
-        rows[label] = {"paper (RTX 4090)": f"{stated} rows", "ours (measured ceilings)":
-                       f"{ours:.0f} rows" if _num(ours) else ("always" if ours == float("inf") else "never")}
+        rows[label] = {
+            "paper (RTX 4090)": f"{stated} rows",
+            "ours (measured ceilings)": f"{ours:.0f} rows"
+            if _num(ours)
+            else ("always" if ours == float("inf") else "never"),
+        }
     return pd.DataFrame(rows).T

@@ -68,7 +68,8 @@ def build_manifest(model: str = "smollm2-moe", root: "Path | None" = None) -> di
         sidecars = [f.with_suffix(".json") for f in figs if f.with_suffix(".json").exists()]
         notebook = nb if nb == "intro" else f"notebooks/{nb}.ipynb"
         items[item] = {
-            "what": what, "notebook": notebook,
+            "what": what,
+            "notebook": notebook,
             "executed": None if nb == "intro" else _rel(root / model / "notebooks" / f"{nb}.ipynb", root),
             "results": sorted(_rel(f, root) for f in files),
             "figures": sorted(_rel(f, root) for f in figs if f.exists()),

@@ -11,6 +11,15 @@ from mxmoe.kernels.pack import PackedWeight, pack
 from mxmoe.kernels.reference import reference_group_gemm
 
 __all__ = [
-    "ExpertGroup", "PackedWeight", "QuantizedRows", "TileConfig", "attach_packed_experts", "group_gemm",
-    "moe_experts_forward", "pack", "quantize_activations", "reference_group_gemm", "register_experts_implementation",
+    "ExpertGroup",
+    "PackedWeight",
+    "QuantizedRows",
+    "TileConfig",
+    "attach_packed_experts",
+    "group_gemm",
+    "moe_experts_forward",
+    "pack",
+    "quantize_activations",
+    "reference_group_gemm",
+    "register_experts_implementation",
 ]

@@ -80,9 +80,23 @@ def _quant_row(xr, qr, sr, K, FP8: tl.constexpr, ABITS: tl.constexpr, GROUP: tl.
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, off_ptr, slot_ptr, E, K, NG, stride_xm,
-                         FP8S: tl.constexpr, ABITS: tl.constexpr, GROUPS: tl.constexpr, NSLOTS: tl.constexpr,
-                         E_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+def quantize_rows_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    off_ptr,
+    slot_ptr,
+    E,
+    K,
+    NG,
+    stride_xm,
+    FP8S: tl.constexpr,
+    ABITS: tl.constexpr,
+    GROUPS: tl.constexpr,
+    NSLOTS: tl.constexpr,
+    E_PAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Program r quantizes row r with the scheme of its expert (slot_ptr[e] < 0: weight-only, skipped)."""
     r = tl.program_id(0)
     pos = tl.arange(0, E_PAD)
@@ -91,12 +105,21 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, off_ptr, slot_ptr, E, K, NG, strid
     sl = tl.load(slot_ptr + e)
     for s in tl.static_range(NSLOTS):
         if sl == s:
-            _quant_row(x_ptr + r.to(tl.int64) * stride_xm, q_ptr + r.to(tl.int64) * K, s_ptr + r.to(tl.int64) * NG,
-                       K, FP8S[s], ABITS[s], GROUPS[s], INTERPRET)
+            _quant_row(
+                x_ptr + r.to(tl.int64) * stride_xm,
+                q_ptr + r.to(tl.int64) * K,
+                s_ptr + r.to(tl.int64) * NG,
+                K,
+                FP8S[s],
+                ABITS[s],
+                GROUPS[s],
+                INTERPRET,
+            )
 
 
-def quantize_rows(x: torch.Tensor, offsets: torch.Tensor, act_slot: torch.Tensor, schemes: tuple,
-                  interpret: bool) -> QuantizedRows:
+def quantize_rows(
+    x: torch.Tensor, offsets: torch.Tensor, act_slot: torch.Tensor, schemes: tuple, interpret: bool
+) -> QuantizedRows:
     """Quantize the rows of weight-activation experts. x: [T, K]; offsets: [E+1] int32;
     act_slot: [E] int32 index into ``schemes`` (the distinct weight-activation schemes), -1 for none."""
     t, k = x.shape
@@ -107,9 +130,21 @@ def quantize_rows(x: torch.Tensor, offsets: torch.Tensor, act_slot: torch.Tensor
         return QuantizedRows(q, s)
     e = act_slot.numel()
     quantize_rows_kernel[(t,)](
-        x, q, s, offsets, act_slot, e, k, ng, x.stride(0),
-        FP8S=tuple(sc.fmt == "fp8" for sc in schemes), ABITS=tuple(sc.a_bits for sc in schemes),
-        GROUPS=tuple(sc.group_size for sc in schemes), NSLOTS=len(schemes),
-        E_PAD=max(16, 1 << (e - 1).bit_length()), INTERPRET=interpret, num_warps=1,
+        x,
+        q,
+        s,
+        offsets,
+        act_slot,
+        e,
+        k,
+        ng,
+        x.stride(0),
+        FP8S=tuple(sc.fmt == "fp8" for sc in schemes),
+        ABITS=tuple(sc.a_bits for sc in schemes),
+        GROUPS=tuple(sc.group_size for sc in schemes),
+        NSLOTS=len(schemes),
+        E_PAD=max(16, 1 << (e - 1).bit_length()),
+        INTERPRET=interpret,
+        num_warps=1,
     )
     return QuantizedRows(q, s)

@@ -29,27 +29,37 @@ class ExpertGroup:
             raise ValueError("group_gemm needs at least one expert")
         for e, pw in enumerate(packed):
             if not isinstance(pw, PackedWeight):
-                raise ValueError(f"expert {e}: expected a PackedWeight from mxmoe.kernels.pack, got {type(pw).__name__}")
+                raise ValueError(
+                    f"expert {e}: expected a PackedWeight from mxmoe.kernels.pack, got {type(pw).__name__}"
+                )
         n, k, dev = packed[0].n, packed[0].k, packed[0].device
         for e, pw in enumerate(packed):
             if (pw.n, pw.k) != (n, k):
-                raise ValueError(f"expert {e} has weight [N={pw.n}, K={pw.k}], expert 0 has [N={n}, K={k}]: "
-                                 "all experts of one grouped GEMM must share N and K")
+                raise ValueError(
+                    f"expert {e} has weight [N={pw.n}, K={pw.k}], expert 0 has [N={n}, K={k}]: "
+                    "all experts of one grouped GEMM must share N and K"
+                )
             if pw.device != dev:
                 raise ValueError(f"expert {e} is on {pw.device}, expert 0 on {dev}")
             if any(t is not None and t.data_ptr() % 16 for t in (pw.data, pw.scale, pw.zero)):
-                raise ValueError(f"expert {e}: storage must start on a 16-byte boundary (the kernel loads 16 bytes at once)")
+                raise ValueError(
+                    f"expert {e}: storage must start on a 16-byte boundary (the kernel loads 16 bytes at once)"
+                )
             _check_storage(e, pw)
         self.packed = list(packed)
         self.n, self.k, self.device = n, k, dev
         self.k_pad = -(-k // 128) * 128
         self.schemes = tuple(dict.fromkeys(pw.scheme for pw in packed))  # distinct, first-seen order
-        addr = [[pw.data.data_ptr(), *(t.data_ptr() if t is not None else 0 for t in (pw.scale, pw.zero))]
-                for pw in packed]
+        addr = [
+            [pw.data.data_ptr(), *(t.data_ptr() if t is not None else 0 for t in (pw.scale, pw.zero))] for pw in packed
+        ]
         self.addr = torch.tensor(addr, dtype=torch.int64, device=dev)  # [E, 3]
         self.act_schemes = tuple(s for s in self.schemes if not s.weight_only)  # activation quantizers
-        self.act_slot = torch.tensor([self.act_schemes.index(pw.scheme) if not pw.scheme.weight_only else -1
-                                      for pw in packed], dtype=torch.int32, device=dev)  # [E]
+        self.act_slot = torch.tensor(
+            [self.act_schemes.index(pw.scheme) if not pw.scheme.weight_only else -1 for pw in packed],
+            dtype=torch.int32,
+            device=dev,
+        )  # [E]
         self._sched: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -73,25 +83,33 @@ def _check_storage(e: int, pw: PackedWeight) -> None:
     s = pw.scheme
     want = torch.bfloat16 if s.is_full_precision else torch.uint8
     if pw.data.dtype != want or not pw.data.is_contiguous():
-        raise ValueError(f"expert {e}: storage of a '{s}' weight must be contiguous {want}, got {pw.data.dtype}; "
-                         "build it with mxmoe.kernels.pack")
+        raise ValueError(
+            f"expert {e}: storage of a '{s}' weight must be contiguous {want}, got {pw.data.dtype}; "
+            "build it with mxmoe.kernels.pack"
+        )
     if not s.is_full_precision:
         expected = pw.n * pw.k_pad * s.w_bits // 8
         if pw.data.numel() != expected or pw.scale is None or (pw.zero is None) != s.symmetric:
-            raise ValueError(f"expert {e}: packed storage does not match scheme '{s}' "
-                             f"({pw.data.numel()} code bytes, expected {expected}); repack with mxmoe.kernels.pack")
+            raise ValueError(
+                f"expert {e}: packed storage does not match scheme '{s}' "
+                f"({pw.data.numel()} code bytes, expected {expected}); repack with mxmoe.kernels.pack"
+            )
 
 
 def check_device(is_cuda: bool, capability: "tuple[int, int] | None", schemes) -> None:
     """Raise RuntimeError when the kernel cannot run here: no GPU and no interpreter, or fp8 before sm_89."""
     if not is_cuda and not INTERPRET:
-        raise RuntimeError("group_gemm needs a CUDA GPU, or the Triton interpreter on CPU: set TRITON_INTERPRET=1 "
-                           "before importing mxmoe.kernels")
+        raise RuntimeError(
+            "group_gemm needs a CUDA GPU, or the Triton interpreter on CPU: set TRITON_INTERPRET=1 "
+            "before importing mxmoe.kernels"
+        )
     if is_cuda and not INTERPRET:
         for s in schemes:
             if s.fmt == "fp8" and tuple(capability) < (8, 9):
-                raise RuntimeError(f"scheme '{s}' needs fp8 tensor cores (sm_89 or newer); "
-                                   f"this GPU is sm_{capability[0]}{capability[1]}")
+                raise RuntimeError(
+                    f"scheme '{s}' needs fp8 tensor cores (sm_89 or newer); "
+                    f"this GPU is sm_{capability[0]}{capability[1]}"
+                )
 
 
 def _check_offsets(offsets: torch.Tensor, t: int, e: int) -> None:
@@ -146,10 +164,18 @@ def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) ->
     return sorted(plan, key=lambda sc: -tile_cost(sc[0], sc[1], group.k))
 
 
-def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeight] | ExpertGroup", *,
-               x_q: "QuantizedRows | None" = None, configs: "dict | None" = None,
-               num_warps: "int | None" = None, num_programs: "int | None" = None,
-               validate: bool = True, mode: str = "fused") -> torch.Tensor:
+def group_gemm(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: "list[PackedWeight] | ExpertGroup",
+    *,
+    x_q: "QuantizedRows | None" = None,
+    configs: "dict | None" = None,
+    num_warps: "int | None" = None,
+    num_programs: "int | None" = None,
+    validate: bool = True,
+    mode: str = "fused",
+) -> torch.Tensor:
     """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]``, one launch.
 
     x: [T, K] (bf16/fp16 on GPU; fp32/fp16 under the CPU interpreter); offsets: [E+1] int rows per
@@ -184,8 +210,10 @@ def group_gemm(x: torch.Tensor, offsets: torch.Tensor, packed: "list[PackedWeigh
     if x_q is None:
         x_q = quantize_activations(x, offsets, group)
     elif x_q.q.shape != x.shape or x_q.scale.shape != (x.shape[0], -(-group.k // 128)):
-        raise ValueError(f"x_q must hold q [T, K] = {tuple(x.shape)} and scale [T, {-(-group.k // 128)}], "
-                         f"got {tuple(x_q.q.shape)} and {tuple(x_q.scale.shape)}")
+        raise ValueError(
+            f"x_q must hold q [T, K] = {tuple(x.shape)} and scale [T, {-(-group.k // 128)}], "
+            f"got {tuple(x_q.q.shape)} and {tuple(x_q.scale.shape)}"
+        )
     t = x.shape[0]
     y = torch.empty(t, group.n, dtype=x.dtype, device=x.device)
     if t == 0:
@@ -221,12 +249,31 @@ def _launch(x, x_q, y, offsets, group: ExpertGroup, plan, sched: torch.Tensor, n
         num_warps = launch_warps(cfgs)
     e = sched.shape[0]
     tk.group_gemm_kernel[(num_programs,)](
-        x, x_q.q, x_q.scale, y, offsets, sched, group.addr,
-        e, group.n, group.k, group.k_pad, x_q.scale.shape[1], x.stride(0), y.stride(0),
-        KINDS=tuple(kind_of(s) for s in slots), WBITS=tuple(s.w_bits for s in slots),
+        x,
+        x_q.q,
+        x_q.scale,
+        y,
+        offsets,
+        sched,
+        group.addr,
+        e,
+        group.n,
+        group.k,
+        group.k_pad,
+        x_q.scale.shape[1],
+        x.stride(0),
+        y.stride(0),
+        KINDS=tuple(kind_of(s) for s in slots),
+        WBITS=tuple(s.w_bits for s in slots),
         GROUPS=tuple(s.group_size for s in slots),
-        SYMS=tuple(s.symmetric for s in slots), BMS=tuple(c.bm for c in cfgs), BNS=tuple(c.bn for c in cfgs),
-        BKS=tuple(c.bk for c in cfgs), STAGES=tuple(c.stages for c in cfgs),
-        SWAPS=tuple(c.swap_ab for c in cfgs), NSLOTS=len(slots),
-        E_PAD=max(16, 1 << (e - 1).bit_length()), INTERPRET=INTERPRET, num_warps=num_warps,
+        SYMS=tuple(s.symmetric for s in slots),
+        BMS=tuple(c.bm for c in cfgs),
+        BNS=tuple(c.bn for c in cfgs),
+        BKS=tuple(c.bk for c in cfgs),
+        STAGES=tuple(c.stages for c in cfgs),
+        SWAPS=tuple(c.swap_ab for c in cfgs),
+        NSLOTS=len(slots),
+        E_PAD=max(16, 1 << (e - 1).bit_length()),
+        INTERPRET=INTERPRET,
+        num_warps=num_warps,
     )

@@ -46,7 +46,9 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> "tuple[torch.Tensor, t
     return order, offsets
 
 
-def route_with_inverse(top_k_index: torch.Tensor, num_experts: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+def route_with_inverse(
+    top_k_index: torch.Tensor, num_experts: int
+) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
     """``route`` plus the inverse permutation inv [T*k] (sorted row of each flattened pair).
 
     Counts go into a fixed-size [E] tensor with ``scatter_add_``: unlike ``torch.bincount`` nothing
@@ -95,8 +97,9 @@ def fused_silu_mul(gate_up_out: torch.Tensor) -> torch.Tensor:
     out = torch.empty(s, two_i // 2, dtype=h.dtype, device=h.device)  # [S, I]
     if s:
         block = 256 if not INTERPRET else 64
-        _silu_mul_kernel[(s, triton.cdiv(two_i // 2, block))](h, out, two_i // 2, h.stride(0), out.stride(0),
-                                                              BLOCK=block)
+        _silu_mul_kernel[(s, triton.cdiv(two_i // 2, block))](
+            h, out, two_i // 2, h.stride(0), out.stride(0), BLOCK=block
+        )
     return out
 
 
@@ -114,8 +117,9 @@ def _combine_kernel(o_ptr, w_ptr, inv_ptr, out_ptr, H, stride_o, stride_out, K: 
     tl.store(out_ptr + t * stride_out + c, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def combine(o: torch.Tensor, top_k_weights: torch.Tensor, order: torch.Tensor, inv: torch.Tensor,
-            out_dtype: torch.dtype) -> torch.Tensor:
+def combine(
+    o: torch.Tensor, top_k_weights: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """Weighted sum of each token's k expert rows: o [T*k, H] in sorted order, top_k_weights [T, k],
     inv [T*k] (sorted row of each pair) -> [T, H] in ``out_dtype`` (fp32 accumulation, one launch)."""
     t, k = top_k_weights.shape
@@ -127,20 +131,34 @@ def combine(o: torch.Tensor, top_k_weights: torch.Tensor, order: torch.Tensor, i
     out = torch.empty(t, h, dtype=out_dtype, device=o.device)  # [T, H]
     if t:
         block = 256 if not INTERPRET else 64
-        _combine_kernel[(t, triton.cdiv(h, block))](o, top_k_weights.contiguous(), inv, out, h, o.stride(0),
-                                                    out.stride(0), K=k, BLOCK=block)
+        _combine_kernel[(t, triton.cdiv(h, block))](
+            o, top_k_weights.contiguous(), inv, out, h, o.stride(0), out.stride(0), K=k, BLOCK=block
+        )
     return out
 
 
-def moe_experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                        gate_up: ExpertGroup, down: ExpertGroup, act: "Callable | None" = None) -> torch.Tensor:
+def moe_experts_forward(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertGroup,
+    down: ExpertGroup,
+    act: "Callable | None" = None,
+) -> torch.Tensor:
     """Experts part of an MoE block: ``out[t] = sum_j w[t, j] * down_e(act(gate_up_e(x_t)))`` with
     ``e = top_k_index[t, j]`` (act: silu(gate) * up, fused, by default). hidden: [T, H]; top_k_index,
     top_k_weights: [T, k]; returns [T, H]. No host synchronisation (module doc)."""
     t, k = top_k_index.shape
-    if len(gate_up) != len(down) or gate_up.k != hidden.shape[1] or down.n != hidden.shape[1] or gate_up.n != 2 * down.k:
-        raise ValueError(f"experts do not chain: gate_up [{gate_up.n}, {gate_up.k}] x {len(gate_up)}, "
-                         f"down [{down.n}, {down.k}] x {len(down)}, hidden {tuple(hidden.shape)}")
+    if (
+        len(gate_up) != len(down)
+        or gate_up.k != hidden.shape[1]
+        or down.n != hidden.shape[1]
+        or gate_up.n != 2 * down.k
+    ):
+        raise ValueError(
+            f"experts do not chain: gate_up [{gate_up.n}, {gate_up.k}] x {len(gate_up)}, "
+            f"down [{down.n}, {down.k}] x {len(down)}, hidden {tuple(hidden.shape)}"
+        )
     order, inv, offsets = route_with_inverse(top_k_index, len(gate_up))
     x = hidden[order // k]  # [T*k, H] gathered, grouped by expert
     h = group_gemm(x, offsets, gate_up, validate=False)  # [T*k, 2I]
@@ -186,14 +204,18 @@ def _stack(parts: "list[IntWeight]") -> IntWeight:
     return IntWeight(torch.cat([g.q, u.q]), torch.cat([g.scale, u.scale]), torch.cat([g.zero, u.zero]), g.scheme)
 
 
-def mxmoe_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor) -> torch.Tensor:
+def mxmoe_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """transformers experts function: run the experts that ``attach_packed_experts`` packed."""
     groups = getattr(self, "mxmoe_groups", None)
     if groups is None:
-        raise RuntimeError(f"{type(self).__name__} has no packed experts: call attach_packed_experts on its block first")
-    return moe_experts_forward(hidden_states, top_k_index, top_k_weights, *groups,
-                               act=None if _silu_gate(self) else self._apply_gate)
+        raise RuntimeError(
+            f"{type(self).__name__} has no packed experts: call attach_packed_experts on its block first"
+        )
+    return moe_experts_forward(
+        hidden_states, top_k_index, top_k_weights, *groups, act=None if _silu_gate(self) else self._apply_gate
+    )
 
 
 def _silu_gate(experts) -> bool:
@@ -203,8 +225,11 @@ def _silu_gate(experts) -> bool:
     except ImportError:  # a transformers without it: keep the module's own gate
         return False
     act = getattr(getattr(experts, "config", None), "hidden_act", None)
-    return getattr(type(experts), "_apply_gate", None) is _default_apply_gate and act == "silu" and \
-        getattr(experts, "is_concatenated", True)
+    return (
+        getattr(type(experts), "_apply_gate", None) is _default_apply_gate
+        and act == "silu"
+        and getattr(experts, "is_concatenated", True)
+    )
 
 
 def register_experts_implementation() -> str:
@@ -273,8 +298,9 @@ def quantize_fp8_rows(x: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
     return q, scale
 
 
-def _fp8_grouped(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, ends: torch.Tensor,
-                 mm: "Callable | None" = None) -> torch.Tensor:
+def _fp8_grouped(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, ends: torch.Tensor, mm: "Callable | None" = None
+) -> torch.Tensor:
     """x [S, K] bf16 rows grouped by expert, w_q [E, N, K] e4m3, w_scale [E, N], ends [E] int32 -> [S, N] bf16.
 
     Rowwise e4m3 activations, fast accumulation: as torchao's fp8 MoE training path calls it."""
@@ -297,8 +323,15 @@ def pad_groups(offsets: torch.Tensor, align: int) -> "tuple[torch.Tensor, torch.
     return shift, ends.to(torch.int32), (offsets.numel() - 1) * (align - 1)
 
 
-def _fp8_grouped_aligned(x: torch.Tensor, w_q, w_scale, offsets: torch.Tensor, expert_of_row: torch.Tensor,
-                         align: int, mm: "Callable | None" = None) -> torch.Tensor:
+def _fp8_grouped_aligned(
+    x: torch.Tensor,
+    w_q,
+    w_scale,
+    offsets: torch.Tensor,
+    expert_of_row: torch.Tensor,
+    align: int,
+    mm: "Callable | None" = None,
+) -> torch.Tensor:
     """``_fp8_grouped`` for a kernel that needs every group's rows padded to ``align``: scatter the rows
     into a zero-padded buffer of fixed size, multiply, gather back. x [S, K]; expert_of_row [S]."""
     shift, ends, extra = pad_groups(offsets, align)
@@ -354,8 +387,9 @@ def _fp8_shared_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _fp8_grouped(fused_silu_mul(h), dq, ds, ends)[:t].reshape(x.shape)
 
 
-def torch_fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor) -> torch.Tensor:
+def torch_fp8_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """transformers experts function: routed experts through ``torch._scaled_grouped_mm`` (e4m3 rowwise)."""
     fp8 = getattr(self, "mxmoe_fp8", None)
     if fp8 is None:

@@ -100,7 +100,7 @@ class PackedWeight:
         start, low = 0, 0
         for p in planes_of(s.w_bits):
             size = n * kp * p // 8
-            plane = self.data[start:start + size].view(n, kp // PACK_K, 16 * p).to(torch.int32)  # [N, blocks, 16p]
+            plane = self.data[start : start + size].view(n, kp // PACK_K, 16 * p).to(torch.int32)  # [N, blocks, 16p]
             fields = [(plane >> (j * p)) & ((1 << p) - 1) for j in range(8 // p)]  # each [N, blocks, 16p]
             u |= torch.cat(fields, dim=2).reshape(n, kp) << low
             start, low = start + size, low + p

@@ -51,8 +51,18 @@ def _as_ptr(addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _plane(w_ptr, kb, rn, n_mask, N, KP, WBITS: tl.constexpr, P: tl.constexpr, T: tl.constexpr = False,
-           SIGNED: tl.constexpr = False):
+def _plane(
+    w_ptr,
+    kb,
+    rn,
+    n_mask,
+    N,
+    KP,
+    WBITS: tl.constexpr,
+    P: tl.constexpr,
+    T: tl.constexpr = False,
+    SIGNED: tl.constexpr = False,
+):
     """Bytes [16 P, BN] (int32; [BN, 16 P] when T) of the P-bit plane for 128-long K block kb;
     0 when WBITS has no such plane. SIGNED: the bytes are int8 (the 8-bit plane of a symmetric scheme)."""
     if (WBITS & P) != 0:
@@ -77,8 +87,9 @@ def _nibble_bytes(w_ptr, kb, rn, n_mask, KP):
 
 
 @triton.jit
-def _field(b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr,
-           T: tl.constexpr):
+def _field(
+    b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr, T: tl.constexpr
+):
     """K rows [j CW, (j+1) CW) of the P-bit plane field of the code, shifted into place: [CW, BN] int32
     ([BN, CW] when T)."""
     if (WBITS & P) == 0:
@@ -102,8 +113,9 @@ def _field(b, j: tl.constexpr, WBITS: tl.constexpr, P: tl.constexpr, CW: tl.cons
 
 
 @triton.jit
-def _codes(b8, b4, b2, b1, j: tl.constexpr, WBITS: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr,
-           T: tl.constexpr = False):
+def _codes(
+    b8, b4, b2, b1, j: tl.constexpr, WBITS: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr, T: tl.constexpr = False
+):
     """Codes u [CW, BN] int32 ([BN, CW] when T) of slice j from the bytes of each present plane."""
     if T:
         u = tl.zeros([BN, CW], dtype=tl.int32)
@@ -136,7 +148,12 @@ def _nibble_values(b, INTERPRET: tl.constexpr):
             shr.b32 t, t, 4;
             lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
             }""",
-            constraints="=r,=r,h", args=[b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            constraints="=r,=r,h",
+            args=[b],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=2,
+        )
 
 
 @triton.jit
@@ -144,16 +161,19 @@ def _load_x(ptr, rm, m_mask, stride, k0, K, W: tl.constexpr, T: tl.constexpr = F
     """Rows rm, columns k0 .. k0 + W (zero past K) of a row-major [T, stride] matrix: [BM, W] ([W, BM] when T)."""
     rk = k0 + tl.arange(0, W)
     if T:
-        return tl.load(ptr + rm.to(tl.int64)[None, :] * stride + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K),
-                       other=0.0)
+        return tl.load(
+            ptr + rm.to(tl.int64)[None, :] * stride + rk[:, None], mask=m_mask[None, :] & (rk[:, None] < K), other=0.0
+        )
     else:
-        return tl.load(ptr + rm.to(tl.int64)[:, None] * stride + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K),
-                       other=0.0)
+        return tl.load(
+            ptr + rm.to(tl.int64)[:, None] * stride + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K), other=0.0
+        )
 
 
 @triton.jit
-def _scale_zero(s_addr, z_addr, g, rn, n_mask, N, SDT: tl.constexpr, SYM: tl.constexpr, OFF: tl.constexpr,
-                cdt: tl.constexpr):
+def _scale_zero(
+    s_addr, z_addr, g, rn, n_mask, N, SDT: tl.constexpr, SYM: tl.constexpr, OFF: tl.constexpr, cdt: tl.constexpr
+):
     """Scale s and zero point [BN] of weight group g (stored [n_groups, N] in SDT), in the dot type; zero 0
     when SYM. Asymmetric: the zero point of the centred code q = u - OFF, z + OFF s (near 0, so its
     rounding to 16 bits costs little, unlike z, which is about -OFF s)."""
@@ -166,8 +186,18 @@ def _scale_zero(s_addr, z_addr, g, rn, n_mask, N, SDT: tl.constexpr, SYM: tl.con
 
 
 @triton.jit
-def _dequant(u, sc, zr, KIND: tl.constexpr, WBITS: tl.constexpr, OFF: tl.constexpr, SYM: tl.constexpr,
-             T: tl.constexpr, cdt: tl.constexpr, INTERPRET: tl.constexpr):
+def _dequant(
+    u,
+    sc,
+    zr,
+    KIND: tl.constexpr,
+    WBITS: tl.constexpr,
+    OFF: tl.constexpr,
+    SYM: tl.constexpr,
+    T: tl.constexpr,
+    cdt: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Weight values s q + z [CW, BN] ([BN, CW] when T) in the dot type from codes u; sc, zr: [BN]."""
     if KIND == 2:
         q = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(cdt)
@@ -193,10 +223,34 @@ def _scaled(q, sc, zr, SYM: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
-def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, NG, stride_xm,
-          stride_ym, KIND: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr,
-          INTERPRET: tl.constexpr):
+def _tile(
+    x_ptr,
+    xq_ptr,
+    xs_ptr,
+    y_ptr,
+    w_addr,
+    s_addr,
+    z_addr,
+    row0,
+    row1,
+    local,
+    N,
+    K,
+    KP,
+    NG,
+    stride_xm,
+    stride_ym,
+    KIND: tl.constexpr,
+    WBITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYM: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    STAGES: tl.constexpr,
+    SWAP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """One [BM, BN] output tile of one expert (rows row0:row1), specialised on its scheme."""
     mt = tl.cdiv(row1 - row0, BM)
     rm = row0 + (local % mt) * BM + tl.arange(0, BM)  # [BM] rows of x / y
@@ -217,7 +271,9 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
         wp = _as_ptr(w_addr, tl.uint8)
         CW: tl.constexpr = 128 if WBITS >= 8 else 64 if WBITS >= 4 else 32 if WBITS >= 2 else 16  # K rows per slice
         NSL: tl.constexpr = 128 // CW  # slices per 128-long K block
-        OFF: tl.constexpr = 0 if SYM and WBITS == 8 else 1 << (WBITS - 1)  # centred code q = u - OFF (8-bit sym: stored signed)
+        OFF: tl.constexpr = (
+            0 if SYM and WBITS == 8 else 1 << (WBITS - 1)
+        )  # centred code q = u - OFF (8-bit sym: stored signed)
         SIGNED: tl.constexpr = SYM and WBITS == 8 and KIND != 2 and KIND != 4
         if KIND == 1 or KIND == 2:  # W_INT, W_FP8: weight dequantized in registers (s q + z), 16-bit dot
             # The scale and zero point multiply the weight before the dot, so the accumulator chain runs
@@ -248,8 +304,18 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
                     b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1, SWAP)
                 if PREFETCH:
                     sc, zr = sc_next, zr_next
-                    sc_next, zr_next = _scale_zero(s_addr, z_addr, (kb + 1) * 128 // GROUP, rn, n_mask & (kb + 1 < nkb),
-                                                   N, tl.float16, SYM, OFF, cdt)
+                    sc_next, zr_next = _scale_zero(
+                        s_addr,
+                        z_addr,
+                        (kb + 1) * 128 // GROUP,
+                        rn,
+                        n_mask & (kb + 1 < nkb),
+                        N,
+                        tl.float16,
+                        SYM,
+                        OFF,
+                        cdt,
+                    )
                 elif GROUP > 0:
                     sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
                 for j in tl.static_range(NSL):
@@ -281,8 +347,11 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
                 for j in tl.static_range(NSL):
                     qa = _load_x(xq8, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW]
                     if WBITS == 8:
-                        qw = tl.load(wp.to(tl.pointer_type(DT)) + rn[None, :] * KP + kb * 128 + tl.arange(0, 128)[:, None],
-                                     mask=n_mask[None, :], other=0.0)  # [128, BN]
+                        qw = tl.load(
+                            wp.to(tl.pointer_type(DT)) + rn[None, :] * KP + kb * 128 + tl.arange(0, 128)[:, None],
+                            mask=n_mask[None, :],
+                            other=0.0,
+                        )  # [128, BN]
                     else:
                         qw = (_codes(0, b4, b2, b1, j, WBITS, CW, BN) - OFF).to(DT)  # [CW, BN]
                     if KIND == 4:
@@ -314,10 +383,34 @@ def _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, loca
 
 
 @triton.jit
-def group_gemm_kernel(x_ptr, xq_ptr, xs_ptr, y_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, NG, stride_xm,
-                      stride_ym, KINDS: tl.constexpr, WBITS: tl.constexpr, GROUPS: tl.constexpr,
-                      SYMS: tl.constexpr, BMS: tl.constexpr, BNS: tl.constexpr, BKS: tl.constexpr,
-                      STAGES: tl.constexpr, SWAPS: tl.constexpr, NSLOTS: tl.constexpr, E_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+def group_gemm_kernel(
+    x_ptr,
+    xq_ptr,
+    xs_ptr,
+    y_ptr,
+    off_ptr,
+    sched_ptr,
+    addr_ptr,
+    E,
+    N,
+    K,
+    KP,
+    NG,
+    stride_xm,
+    stride_ym,
+    KINDS: tl.constexpr,
+    WBITS: tl.constexpr,
+    GROUPS: tl.constexpr,
+    SYMS: tl.constexpr,
+    BMS: tl.constexpr,
+    BNS: tl.constexpr,
+    BKS: tl.constexpr,
+    STAGES: tl.constexpr,
+    SWAPS: tl.constexpr,
+    NSLOTS: tl.constexpr,
+    E_PAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Persistent grouped GEMM over all experts (see module docstring).
 
     x: [T, K] 16-bit; xq: [T, K] uint8 quantized rows and xs: [T, NG] float32 their scales (rows of
@@ -350,6 +443,31 @@ def group_gemm_kernel(x_ptr, xq_ptr, xs_ptr, y_ptr, off_ptr, sched_ptr, addr_ptr
         z_addr = tl.load(addr_ptr + e * 3 + 2)
         for s in tl.static_range(NSLOTS):
             if sl == s:
-                _tile(x_ptr, xq_ptr, xs_ptr, y_ptr, w_addr, s_addr, z_addr, row0, row1, local, N, K, KP, NG,
-                      stride_xm, stride_ym, KINDS[s], WBITS[s], GROUPS[s], SYMS[s], BMS[s], BNS[s], BKS[s],
-                      STAGES[s], SWAPS[s], INTERPRET)
+                _tile(
+                    x_ptr,
+                    xq_ptr,
+                    xs_ptr,
+                    y_ptr,
+                    w_addr,
+                    s_addr,
+                    z_addr,
+                    row0,
+                    row1,
+                    local,
+                    N,
+                    K,
+                    KP,
+                    NG,
+                    stride_xm,
+                    stride_ym,
+                    KINDS[s],
+                    WBITS[s],
+                    GROUPS[s],
+                    SYMS[s],
+                    BMS[s],
+                    BNS[s],
+                    BKS[s],
+                    STAGES[s],
+                    SWAPS[s],
+                    INTERPRET,
+                )

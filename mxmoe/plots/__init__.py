@@ -57,8 +57,15 @@ def save(fig, model: str, name: str, meta: dict) -> None:
     missing = {"device", "model", "profile", "kind"} - set(meta)
     if missing:
         raise ValueError(f"figure {name!r} meta lacks {sorted(missing)}: every figure says where its numbers came from")
-    fig.text(0.99, 1.0, provenance(meta["device"], meta["model"], meta["profile"], meta["kind"]),
-             fontsize=7, color="0.4", ha="right", va="bottom")
+    fig.text(
+        0.99,
+        1.0,
+        provenance(meta["device"], meta["model"], meta["profile"], meta["kind"]),
+        fontsize=7,
+        color="0.4",
+        ha="right",
+        va="bottom",
+    )
     out = figures_dir(model)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{name}.png"

@@ -37,19 +37,48 @@ def fig1a_sensitivity(result: dict, layer: int, schemes, block: str = "gate", co
     ax1, ax2 = axes[0]
     one = df[(df.block == block) & df.scheme.isin(schemes)]
     order = one[one.scheme == schemes[0]].sort_values("delta").expert.tolist()
-    sns.pointplot(one, x="expert", y="delta", hue="scheme", order=order, hue_order=list(schemes), ax=ax1,
-                  markersize=3, linewidth=1)
-    ax1.set(yscale="log", xlabel=f"expert (sorted by Δ under {schemes[0]})", ylabel="Δ = ‖Ô − O‖₂ (log)",
-            title=f"layer {layer} {block}_proj: Δ per routed expert")
+    sns.pointplot(
+        one,
+        x="expert",
+        y="delta",
+        hue="scheme",
+        order=order,
+        hue_order=list(schemes),
+        ax=ax1,
+        markersize=3,
+        linewidth=1,
+    )
+    ax1.set(
+        yscale="log",
+        xlabel=f"expert (sorted by Δ under {schemes[0]})",
+        ylabel="Δ = ‖Ô − O‖₂ (log)",
+        title=f"layer {layer} {block}_proj: Δ per routed expert",
+    )
     ax1.tick_params(axis="x", labelrotation=90, labelsize=6)
-    ax1.legend(fontsize=8, title="scheme", title_fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.28), ncol=2,
-               frameon=False)
-    pair = df[(df.scheme == compare) & df.block.isin(["gate", "down"])].pivot(index="expert", columns="block", values="delta")
+    ax1.legend(
+        fontsize=8,
+        title="scheme",
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(0.0, -0.28),
+        ncol=2,
+        frameon=False,
+    )
+    pair = df[(df.scheme == compare) & df.block.isin(["gate", "down"])].pivot(
+        index="expert", columns="block", values="delta"
+    )
     ax2.scatter(pair["gate"], pair["down"], s=14)
     lim = [pair.min().min() * 0.8, pair.max().max() * 1.25]
     ax2.plot(lim, lim, color="0.6", lw=0.8, ls="--", label="equal")
-    ax2.set(xscale="log", yscale="log", xlim=lim, ylim=lim, xlabel="Δ gate_proj", ylabel="Δ down_proj",
-            title=f"layer {layer}, {compare}: gate vs down")
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlim=lim,
+        ylim=lim,
+        xlabel="Δ gate_proj",
+        ylabel="Δ down_proj",
+        title=f"layer {layer}, {compare}: gate vs down",
+    )
     ax2.legend(fontsize=8)
     for axis in (ax2.xaxis, ax2.yaxis):
         axis.set_minor_formatter(NullFormatter())
@@ -92,8 +121,11 @@ def routing_frequencies(reports: dict, layer_index: int):
     layer = reports[first]["layers"][layer_index]
     k = reports[first]["top_k"]
     ax.axhline(1 / len(order), color="0.4", lw=0.8, ls="--", label="uniform")
-    ax.set(xlabel=f"expert (sorted by {first} share)", ylabel="share of routed tokens",
-           title=f"MoE layer {layer} (top-{k}): activation frequency per expert")
+    ax.set(
+        xlabel=f"expert (sorted by {first} share)",
+        ylabel="share of routed tokens",
+        title=f"MoE layer {layer} (top-{k}): activation frequency per expert",
+    )
     ax.tick_params(axis="x", labelrotation=90, labelsize=6)
     ax.legend(fontsize=8, loc="upper right", title=None)
     return fig
@@ -111,8 +143,11 @@ def skew_across_layers(reports: dict):
     fig, axes = figure(1, 2, width=10, height=3.4)
     for ax, col in zip(axes[0], ["max/min", "gini"]):
         sns.pointplot(df.replace(np.inf, np.nan), x="layer", y=col, hue="corpus", ax=ax, markersize=4, linewidth=1)
-        ax.set(title=f"{col} of tokens per expert", xlabel="MoE layer",
-               ylabel="max/min tokens per expert (×, log)" if col == "max/min" else "Gini coefficient (0 = uniform)")
+        ax.set(
+            title=f"{col} of tokens per expert",
+            xlabel="MoE layer",
+            ylabel="max/min tokens per expert (×, log)" if col == "max/min" else "Gini coefficient (0 = uniform)",
+        )
         ax.legend(fontsize=8, title=None)
     axes[0][0].set_yscale("log")
     return fig
@@ -124,8 +159,16 @@ def skew_table(reports: dict) -> pd.DataFrame:
     for corpus, r in reports.items():
         s = r["skew"]
         for i, lay in enumerate(r["layers"]):
-            rows.append({"corpus": corpus, "layer": lay, "max/min": s["max_over_min"][i], "gini": s["gini"][i],
-                         "top-10% share": s["top10_share"][i], "unused experts": s["unused_experts"][i]})
+            rows.append(
+                {
+                    "corpus": corpus,
+                    "layer": lay,
+                    "max/min": s["max_over_min"][i],
+                    "gini": s["gini"][i],
+                    "top-10% share": s["top10_share"][i],
+                    "unused experts": s["unused_experts"][i],
+                }
+            )
     return pd.DataFrame(rows).set_index(["corpus", "layer"])
 
 
@@ -133,16 +176,23 @@ def rank_agreement(reports: dict, layer_index: int) -> pd.Series:
     """Spearman rank correlation of the expert shares of one layer, first corpus vs each other corpus."""
     shares = {c: pd.Series(np.asarray(r["counts"][layer_index], dtype=float)) for c, r in reports.items()}
     first = next(iter(shares))
-    return pd.Series({f"{first} vs {c}": shares[first].rank().corr(shares[c].rank()) for c in shares if c != first},
-                     name="Spearman rank correlation")
+    return pd.Series(
+        {f"{first} vs {c}": shares[first].rank().corr(shares[c].rank()) for c in shares if c != first},
+        name="Spearman rank correlation",
+    )
 
 
 def workloads_table(report: dict, batches) -> pd.DataFrame:
     """Tokens per expert (max, median, min) per MoE layer at each batch size, from one routing report."""
     w = report["workloads"]
-    return pd.DataFrame({f"{b} tokens: {stat}": [fn(np.asarray(row)) for row in w[str(b)]]
-                         for b in batches for stat, fn in (("max", np.max), ("median", np.median), ("min", np.min))},
-                        index=pd.Index(report["layers"], name="MoE layer"))
+    return pd.DataFrame(
+        {
+            f"{b} tokens: {stat}": [fn(np.asarray(row)) for row in w[str(b)]]
+            for b in batches
+            for stat, fn in (("max", np.max), ("median", np.median), ("min", np.min))
+        },
+        index=pd.Index(report["layers"], name="MoE layer"),
+    )
 
 
 def table4_grid(t4: dict, bits) -> pd.DataFrame:
@@ -154,8 +204,12 @@ def table4_grid(t4: dict, bits) -> pd.DataFrame:
 
 def median_delta(frames: dict) -> pd.DataFrame:
     """Median Δ over routed expert blocks, per scheme (rows) and method (columns); ``frames``: method -> sensitivity_frame."""
-    return pd.DataFrame({m: f[~f.expert.str.startswith("shared")].groupby("scheme", sort=False).delta.median()
-                         for m, f in frames.items()})
+    return pd.DataFrame(
+        {
+            m: f[~f.expert.str.startswith("shared")].groupby("scheme", sort=False).delta.median()
+            for m, f in frames.items()
+        }
+    )
 
 
 def block_spread(frame: pd.DataFrame, layer: int, scheme: str) -> pd.DataFrame:
@@ -165,6 +219,7 @@ def block_spread(frame: pd.DataFrame, layer: int, scheme: str) -> pd.DataFrame:
     spread = f.groupby("block").delta.agg(lambda d: d.max() / d.min())
     ratio = f[f.block == "down"].set_index("expert").delta / f[f.block == "gate"].set_index("expert").delta
     rows = {f"{b}: max/min Δ across experts": f"{v:.1f}×" for b, v in spread.items()}
-    rows["down / gate Δ per expert: median (range)"] = (f"{ratio.median():.2f}× ({ratio.min():.2f}–{ratio.max():.2f}×)"
-                                                         if len(ratio.dropna()) else "—")
+    rows["down / gate Δ per expert: median (range)"] = (
+        f"{ratio.median():.2f}× ({ratio.min():.2f}–{ratio.max():.2f}×)" if len(ratio.dropna()) else "—"
+    )
     return pd.Series(rows, name=f"layer {layer}, {scheme}").to_frame()

@@ -33,9 +33,13 @@ def allocation_map(doc: dict, layer: int, title: "str | None" = None):
     """
     rows = [r for r in doc["rows"] if r["layer"] == layer]
     if not rows:
-        raise ValueError(f"layer {layer} is not in allocation {doc.get('setting')!r}; layers: "
-                         f"{sorted({r['layer'] for r in doc['rows']})}")
-    experts = sorted({r["expert"] for r in rows}, key=lambda e: (isinstance(e, str), e if isinstance(e, int) else 0, str(e)))
+        raise ValueError(
+            f"layer {layer} is not in allocation {doc.get('setting')!r}; layers: "
+            f"{sorted({r['layer'] for r in doc['rows']})}"
+        )
+    experts = sorted(
+        {r["expert"] for r in rows}, key=lambda e: (isinstance(e, str), e if isinstance(e, int) else 0, str(e))
+    )
     table = {e: [None] * 3 for e in experts}
     for r in rows:
         table[r["expert"]][BLOCKS.index(r["block"])] = r["scheme"]
@@ -44,8 +48,9 @@ def allocation_map(doc: dict, layer: int, title: "str | None" = None):
     fig, axes = figure(width=max(6.4, 0.22 * len(experts) + 1.5), height=2.4)
     ax = axes[0, 0]
     colours = sns.color_palette("colorblind", len(schemes))
-    ax.imshow(grid, aspect="auto", cmap=ListedColormap(colours), vmin=-0.5, vmax=len(schemes) - 0.5,
-              interpolation="nearest")
+    ax.imshow(
+        grid, aspect="auto", cmap=ListedColormap(colours), vmin=-0.5, vmax=len(schemes) - 0.5, interpolation="nearest"
+    )
     ax.set_yticks(range(3), BLOCKS)
     ax.set_xticks(range(len(experts)), [str(e).replace("shared", "s") for e in experts], fontsize=6)
     ax.set_xlabel("expert (s0: shared)")
@@ -57,8 +62,14 @@ def allocation_map(doc: dict, layer: int, title: "str | None" = None):
     return fig, {str(e): v for e, v in table.items()}
 
 
-def front_plot(front_points: list, picks: dict, tokens: int, measured: "dict | None" = None,
-               title: str = "Speed vs accuracy", label: str = "Pareto front (ILP, predicted)"):
+def front_plot(
+    front_points: list,
+    picks: dict,
+    tokens: int,
+    measured: "dict | None" = None,
+    title: str = "Speed vs accuracy",
+    label: str = "Pareto front (ILP, predicted)",
+):
     """Figure 6: predicted throughput (tokens / T) against predicted loss L along the ILP's Pareto front.
 
     ``front_points``: [(L, T_ms), ...] drawn as a line named ``label``; ``picks``: {r: (L, T_ms)} optimal points per r (marked and
@@ -90,9 +101,16 @@ def front_plot(front_points: list, picks: dict, tokens: int, measured: "dict | N
 def validation_table(perf_doc: dict) -> pd.DataFrame:
     """The performance model's errors per benchmark run (``mxmoe.bench.validate.validation_report``): mixed cases,
     median and max |relative error| on the mixed GEMMs, the same with the case's shape held out, and on uniform ones."""
-    return pd.DataFrame([{"bench": name, "mixed cases": d["all"]["n_mixed"],
-                          "median |err| mixed": d["all"]["mixed_median_abs_err"],
-                          "max |err| mixed": d["all"]["mixed_max_abs_err"],
-                          "median |err| mixed, holdout": d["holdout"]["mixed_median_abs_err"],
-                          "median |err| uniform": d["all"]["uniform_median_abs_err"]}
-                         for name, d in perf_doc["per_file"].items()]).set_index("bench")
+    return pd.DataFrame(
+        [
+            {
+                "bench": name,
+                "mixed cases": d["all"]["n_mixed"],
+                "median |err| mixed": d["all"]["mixed_median_abs_err"],
+                "max |err| mixed": d["all"]["mixed_max_abs_err"],
+                "median |err| mixed, holdout": d["holdout"]["mixed_median_abs_err"],
+                "median |err| uniform": d["all"]["uniform_median_abs_err"],
+            }
+            for name, d in perf_doc["per_file"].items()
+        ]
+    ).set_index("bench")

@@ -27,11 +27,15 @@ def fig5_throughput(df: pd.DataFrame):
         sns.barplot(part, x="setting", y="tokens_per_s", hue="setting", ax=ax, legend=False)
         for patch, (_, row) in zip(ax.patches, part.iterrows()):
             label = "PPL n/a" if pd.isna(row.ppl) else f"PPL {row.ppl:.2f}"
-            ax.annotate(label, (patch.get_x() + patch.get_width() / 2, patch.get_height()), ha="center", va="bottom",
-                        fontsize=7)
+            ax.annotate(
+                label, (patch.get_x() + patch.get_width() / 2, patch.get_height()), ha="center", va="bottom", fontsize=7
+            )
         base = part[part.setting == part.setting.iloc[0]].tokens_per_s.iloc[0]
-        ax.set(title=f"{batch} tokens (speedup vs {part.setting.iloc[0]}: "
-                     f"{part.tokens_per_s.max() / base:.2f}× best)", xlabel="", ylabel="MoE-block throughput (tokens/s)")
+        ax.set(
+            title=f"{batch} tokens (speedup vs {part.setting.iloc[0]}: {part.tokens_per_s.max() / base:.2f}× best)",
+            xlabel="",
+            ylabel="MoE-block throughput (tokens/s)",
+        )
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.yaxis.set_major_formatter(FuncFormatter(_tokens))
     fig.tight_layout()
@@ -51,13 +55,31 @@ def fig5_paper_models(df: pd.DataFrame):
         ax.axhline(1.0, color="0.3", lw=0.8)
         if batch in stated:
             lo, hi = paper.value("fig5", stated[batch])
-            ax.axhspan(lo, hi, color="0.5", alpha=0.18, lw=0, zorder=0,
-                       label="paper's stated range: mixed vs full precision (RTX 4090)")
-            ax.text(0.995, hi, f"paper {lo:g}–{hi:g}×", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
-                    fontsize=8, color="0.3")
+            ax.axhspan(
+                lo,
+                hi,
+                color="0.5",
+                alpha=0.18,
+                lw=0,
+                zorder=0,
+                label="paper's stated range: mixed vs full precision (RTX 4090)",
+            )
+            ax.text(
+                0.995,
+                hi,
+                f"paper {lo:g}–{hi:g}×",
+                transform=ax.get_yaxis_transform(),
+                ha="right",
+                va="bottom",
+                fontsize=8,
+                color="0.3",
+            )
             ax.set_ylim(0, max(ax.get_ylim()[1], hi * 1.08))
-        ax.set(title=f"{batch} tokens: throughput only (no weights, no PPL)", xlabel="",
-               ylabel="MoE-block speedup over fp16 (×)")
+        ax.set(
+            title=f"{batch} tokens: throughput only (no weights, no PPL)",
+            xlabel="",
+            ylabel="MoE-block speedup over fp16 (×)",
+        )
         ax.tick_params(axis="x", labelsize=8)
         ax.get_legend().remove()
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -77,9 +99,13 @@ def fig5_speedups(rows: list) -> pd.DataFrame:
 def fig6_points(f6: pd.DataFrame) -> pd.DataFrame:
     """Figure 6's points as a display table: r, PPL (2 decimals), MoE-block throughput and its source."""
     out = f6.sort_values("r").set_index("r")
-    return pd.DataFrame({"WikiText-2 PPL": out.ppl.map(lambda x: f"{x:.2f}" if pd.notna(x) else "—"),
-                         "MoE-block tokens/s": out.tokens_per_s.map(lambda x: f"{x:,.0f}" if pd.notna(x) else "—"),
-                         "throughput": out.time_source})
+    return pd.DataFrame(
+        {
+            "WikiText-2 PPL": out.ppl.map(lambda x: f"{x:.2f}" if pd.notna(x) else "—"),
+            "MoE-block tokens/s": out.tokens_per_s.map(lambda x: f"{x:,.0f}" if pd.notna(x) else "—"),
+            "throughput": out.time_source,
+        }
+    )
 
 
 def fig6_tradeoff(df: pd.DataFrame, kind: str = "predicted"):
@@ -94,7 +120,10 @@ def fig6_tradeoff(df: pd.DataFrame, kind: str = "predicted"):
     sns.scatterplot(df, x="tokens_per_s", y="ppl", hue="r", palette="viridis", s=50, ax=ax, zorder=2, legend=False)
     for _, row in df.iterrows():
         ax.annotate(f"r={row.r:g}", (row.tokens_per_s, row.ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(xlabel=f"MoE-block throughput (tokens/s, {kind})", ylabel="WikiText-2 PPL (measured)",
-           title="accuracy vs performance as r varies (points labelled with r)")
+    ax.set(
+        xlabel=f"MoE-block throughput (tokens/s, {kind})",
+        ylabel="WikiText-2 PPL (measured)",
+        title="accuracy vs performance as r varies (points labelled with r)",
+    )
     ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
     return fig

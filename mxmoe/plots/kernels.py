@@ -17,14 +17,31 @@ from mxmoe.kernels.configs import TileConfig, launch_warps
 from mxmoe.plots import figure
 
 # scheme name in the benchmark -> (weight bits incl. scales, activation bits, matmul unit on Hopper)
-SCHEME_UNITS = {"bf16": (16, 16, "bf16"), "w4a16_g-1": (4, 16, "bf16"), "w4a16_g128": (4.25, 16, "bf16"),
-                "w8a8_int8": (8, 8, "int8"), "w8a8_fp8": (8, 8, "fp8"), "w4a4_g-1": (4, 8, "int8")}
-FIG2_VARIANTS = ("torch_loop_bf16", "torch_grouped_bf16", "torch_scaled_grouped_fp8", "ours_bf16", "ours_w4a16_g-1",
-                 "ours_w4a16_g128", "ours_w8a8_int8", "ours_w8a8_fp8", "ours_w4a4_g-1", "ours_mix4.25_w4a16+w8a8",
-                 "ours_mix5_w4a4+w8a8")
+SCHEME_UNITS = {
+    "bf16": (16, 16, "bf16"),
+    "w4a16_g-1": (4, 16, "bf16"),
+    "w4a16_g128": (4.25, 16, "bf16"),
+    "w8a8_int8": (8, 8, "int8"),
+    "w8a8_fp8": (8, 8, "fp8"),
+    "w4a4_g-1": (4, 8, "int8"),
+}
+FIG2_VARIANTS = (
+    "torch_loop_bf16",
+    "torch_grouped_bf16",
+    "torch_scaled_grouped_fp8",
+    "ours_bf16",
+    "ours_w4a16_g-1",
+    "ours_w4a16_g128",
+    "ours_w8a8_int8",
+    "ours_w8a8_fp8",
+    "ours_w4a4_g-1",
+    "ours_mix4.25_w4a16+w8a8",
+    "ours_mix5_w4a4+w8a8",
+)
 MIXES = ("mix4.25_w4a16+w8a8", "mix5_w4a4+w8a8")
-def crossover_tokens(unit_peak_tflops: float, copy_gbps: float, w_bits: float, a_bits: float,
-                     n: int, k: int) -> float:
+
+
+def crossover_tokens(unit_peak_tflops: float, copy_gbps: float, w_bits: float, a_bits: float, n: int, k: int) -> float:
     """Rows m at which one expert's GEMM [m, K] x [K, N] turns from memory- to compute-bound.
 
     Solves 2 m N K / peak = (N K w/8 + m K a/8 + 2 m N) / bandwidth for m (bf16 output)."""
@@ -36,8 +53,11 @@ def crossover_tokens(unit_peak_tflops: float, copy_gbps: float, w_bits: float, a
 
 def unit_peak(roofline: dict, unit: str) -> float:
     """Measured matmul rate (TFLOP/s or TOP/s) of a unit: 'bf16', 'int8', 'fp8'."""
-    return {"bf16": roofline["bf16_TFLOPs"], "int8": roofline.get("int8_TOPs") or roofline["bf16_TFLOPs"],
-            "fp8": roofline.get("fp8_TFLOPs") or roofline["bf16_TFLOPs"]}[unit]
+    return {
+        "bf16": roofline["bf16_TFLOPs"],
+        "int8": roofline.get("int8_TOPs") or roofline["bf16_TFLOPs"],
+        "fp8": roofline.get("fp8_TFLOPs") or roofline["bf16_TFLOPs"],
+    }[unit]
 
 
 def attainable(roofline: dict, bits: tuple, n: int, k: int, m):
@@ -64,8 +84,16 @@ def crossover_table(roofline: dict, n: int, k: int) -> pd.DataFrame:
     rows = []
     for name, (w, a, unit) in SCHEME_UNITS.items():
         peak = unit_peak(roofline, unit)
-        rows.append({"scheme": name, "weight bits": w, "act bits": a, "dot unit": unit, "unit peak (T/s)": peak,
-                     "crossover rows/expert": crossover_tokens(peak, roofline["copy_GBps"], w, a, n, k)})
+        rows.append(
+            {
+                "scheme": name,
+                "weight bits": w,
+                "act bits": a,
+                "dot unit": unit,
+                "unit peak (T/s)": peak,
+                "crossover rows/expert": crossover_tokens(peak, roofline["copy_GBps"], w, a, n, k),
+            }
+        )
     return pd.DataFrame(rows).set_index("scheme")
 
 
@@ -86,16 +114,33 @@ def fig1b_roofline(df: pd.DataFrame, roofline: dict, model: str = "qwen1.5-moe",
         peak = unit_peak(roofline, unit)
         bytes_ = n * k * w / 8 + m * k * a / 8 + 2 * m * n
         att = np.minimum(peak, roofline["copy_GBps"] * 1e9 * 2 * m * n * k / bytes_ / 1e12)
-        ax.plot(m, att, color=colors[name], lw=1.4, ls={"bf16": "-", "int8": "--", "fp8": "-."}[unit], label=f"{name} ({unit} dot), knee {cross.loc[name].iloc[-1]:.0f} rows")
+        ax.plot(
+            m,
+            att,
+            color=colors[name],
+            lw=1.4,
+            ls={"bf16": "-", "int8": "--", "fp8": "-."}[unit],
+            label=f"{name} ({unit} dot), knee {cross.loc[name].iloc[-1]:.0f} rows",
+        )
         pts = df[(df.variant == f"ours_{name}") & df.model.isin(PAPER) & df.TFLOPs.notna()]
         ax.scatter(pts.rows / pts.active_experts, pts.TFLOPs, s=10, color=colors[name], alpha=0.7)
     for unit in ("bf16", "int8", "fp8"):
         ax.axhline(unit_peak(roofline, unit), color="0.6", lw=0.7, ls=":")
-        ax.text(1.1, unit_peak(roofline, unit) * 1.04, f"{unit} measured {unit_peak(roofline, unit):.0f}", fontsize=7,
-                color="0.4")
-    ax.set(xscale="log", yscale="log", xlabel="rows (tokens) per expert", ylabel="TFLOP/s (TOP/s for int8)",
-           title=f"Roofline, copy {roofline['copy_GBps'] / 1e3:.2f} TB/s; lines: one {model} {gemm} expert "
-                 f"[N={n}, K={k}]; dots: our grouped GEMMs")
+        ax.text(
+            1.1,
+            unit_peak(roofline, unit) * 1.04,
+            f"{unit} measured {unit_peak(roofline, unit):.0f}",
+            fontsize=7,
+            color="0.4",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="rows (tokens) per expert",
+        ylabel="TFLOP/s (TOP/s for int8)",
+        title=f"Roofline, copy {roofline['copy_GBps'] / 1e3:.2f} TB/s; lines: one {model} {gemm} expert "
+        f"[N={n}, K={k}]; dots: our grouped GEMMs",
+    )
     ax.title.set_fontsize(8)
     ax.set_ylim(1, 2500)
     ax.legend(fontsize=7, loc="lower right")
@@ -118,9 +163,16 @@ def fig2_block_throughput(blocks: pd.DataFrame, models=PAPER):
         sub = blocks[blocks.tokens == tok].set_index(["model", "variant"]).speedup_vs_torch_grouped
         for j, v in enumerate(variants):
             ys = [sub.get((m, v), np.nan) for m in models]
-            ax.bar(np.arange(len(models)) + (j - len(variants) / 2 + 0.5) * width, ys, width,
-                   label=v.replace("ours_", "ours: ").replace("torch_", "torch: "), color=palette[j],
-                   hatch="//" if v.startswith("torch") else None, edgecolor="white", lw=0.3)
+            ax.bar(
+                np.arange(len(models)) + (j - len(variants) / 2 + 0.5) * width,
+                ys,
+                width,
+                label=v.replace("ours_", "ours: ").replace("torch_", "torch: "),
+                color=palette[j],
+                hatch="//" if v.startswith("torch") else None,
+                edgecolor="white",
+                lw=0.3,
+            )
         ax.axhline(1.0, color="0.3", lw=0.8)
         ax.set_xticks(np.arange(len(models)), models, fontsize=8)
         ax.set(ylabel="speedup over torch\nbf16 grouped (×)", title=f"{tok} tokens")
@@ -139,9 +191,21 @@ def fused_tiles(df: pd.DataFrame, model: str, gemm: str = "gate_up") -> pd.DataF
         tiles = r.tiles if isinstance(r.tiles, dict) else {}
         warps = launch_warps([TileConfig(**t) for t in tiles.values()]) if tiles else None
         for slot, (scheme, t) in enumerate(tiles.items()):
-            rows.append({"mix": r.variant.removeprefix("ours_"), "tokens": r.tokens, "slot": slot, "scheme": scheme,
-                         "bm": t["bm"], "bn": t["bn"], "bk": t["bk"], "stages": t["stages"], "swap_ab": t["swap_ab"],
-                         "num_warps": warps, "us": r.ms * 1e3})
+            rows.append(
+                {
+                    "mix": r.variant.removeprefix("ours_"),
+                    "tokens": r.tokens,
+                    "slot": slot,
+                    "scheme": scheme,
+                    "bm": t["bm"],
+                    "bn": t["bn"],
+                    "bk": t["bk"],
+                    "stages": t["stages"],
+                    "swap_ab": t["swap_ab"],
+                    "num_warps": warps,
+                    "us": r.ms * 1e3,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -157,15 +221,24 @@ def fig4_fused_tiles(tiles: pd.DataFrame, model: str):
             x = 0
             for r in g.itertuples():
                 ax.add_patch(Rectangle((x, 0), r.bn, r.bm, facecolor=f"C{r.slot}", alpha=0.6, edgecolor="k", lw=0.6))
-                ax.text(x + 4, r.bm + 8 + 34 * (r.slot % 2), f"{r.scheme}\n{r.bm}x{r.bn}x{r.bk}, {r.stages} st"
-                        f"{', swap-AB' if r.swap_ab else ''}", ha="left", va="bottom", fontsize=6)
+                ax.text(
+                    x + 4,
+                    r.bm + 8 + 34 * (r.slot % 2),
+                    f"{r.scheme}\n{r.bm}x{r.bn}x{r.bk}, {r.stages} st{', swap-AB' if r.swap_ab else ''}",
+                    ha="left",
+                    va="bottom",
+                    fontsize=6,
+                )
                 x += r.bn + 40
             ax.set(xlim=(-10, width + 10), ylim=(0, 340), xticks=[0, 128, 256, 384], yticks=[0, 64, 128, 256])
             ax.set_aspect("equal")
             ax.tick_params(labelsize=6)
             if not g.empty:
-                ax.set_title(f"{mix}, {tok} tokens\n{int(g.num_warps.iloc[0])} warps for all slots, 1 launch, "
-                             f"{g.us.iloc[0]:.0f} us", fontsize=7)
+                ax.set_title(
+                    f"{mix}, {tok} tokens\n{int(g.num_warps.iloc[0])} warps for all slots, 1 launch, "
+                    f"{g.us.iloc[0]:.0f} us",
+                    fontsize=7,
+                )
             if j == 0:
                 ax.set_ylabel("BM (rows)", fontsize=7)
             if i == len(mixes) - 1:
@@ -179,16 +252,28 @@ def table6(df: pd.DataFrame) -> pd.DataFrame:
     """Table 6: each mix as the specialised fused launch, the unified (runtime-branch) kernel and one
     launch per scheme (GEMM time in us), with the fused launch's speedup over each."""
     rows = []
-    for (model, gemm, tokens), g in df[df.variant.str.contains("@") | df.variant.isin([f"ours_{m}" for m in MIXES])].groupby(
-            ["model", "gemm", "tokens"]):
+    for (model, gemm, tokens), g in df[
+        df.variant.str.contains("@") | df.variant.isin([f"ours_{m}" for m in MIXES])
+    ].groupby(["model", "gemm", "tokens"]):
         by = g.set_index("variant").ms
         for mix in MIXES:
             f, u, p = (by.get(f"ours_{mix}{suffix}", np.nan) for suffix in ("", "@unified", "@per_scheme"))
             if np.isnan(u) and np.isnan(p):
                 continue
-            rows.append({"model": model, "gemm": gemm, "tokens": tokens, "mix": mix, "fused_us": f * 1e3,
-                         "unified_us": u * 1e3, "per_scheme_us": p * 1e3, "fused_vs_unified": u / f,
-                         "fused_vs_per_scheme": p / f, "source": g.source.iloc[0]})
+            rows.append(
+                {
+                    "model": model,
+                    "gemm": gemm,
+                    "tokens": tokens,
+                    "mix": mix,
+                    "fused_us": f * 1e3,
+                    "unified_us": u * 1e3,
+                    "per_scheme_us": p * 1e3,
+                    "fused_vs_unified": u / f,
+                    "fused_vs_per_scheme": p / f,
+                    "source": g.source.iloc[0],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -217,7 +302,7 @@ def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
     t8 = p[p.tokens == 8192].pivot_table(index=["model", "gemm"], columns="variant", values="ms")
     faster = int((t8["ours_mix5_w4a4+w8a8"] < t8["ours_w8a8_int8"]).sum()) if len(t8) else 0
     launches = sorted({int(v) for v in p[p.variant.isin([f"ours_{m}" for m in MIXES])].launches.dropna()})
-    i8_frac = (p[(p.variant == "ours_w8a8_int8") & (p.tokens == 8192)].TFLOPs / roofline["int8_TOPs"])
+    i8_frac = p[(p.variant == "ours_w8a8_int8") & (p.tokens == 8192)].TFLOPs / roofline["int8_TOPs"]
     low = p[(p.variant == "ours_bf16") & (p.speedup_vs_torch_bf16 < 0.9)]
     low_txt = ", ".join(f"{m} {g} {t}" for m, g, t in zip(low.model, low.gemm, low.tokens))
 
@@ -225,34 +310,62 @@ def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
         return "n/a" if s.empty else "met" if s.min() >= goal else f"met in {int((s >= goal).sum())} of {len(s)}"
 
     rows = [
-        ("our bf16 >= 0.9x torch grouped bf16", rng(bf16) + f", median {bf16.median():.2f}", met(bf16, 0.9),
-         f"under 0.9x: {low_txt or 'none'}; all at 8192 tokens, where torch's grouped GEMM (cuBLAS/CUTLASS, "
-         "warp-specialised, TMA) beats Triton's software pipeline"),
-        ("512 tok, Qwen1.5/DeepSeek: w4a16 >= 70% of HBM on weight bytes", rng(w4, "{:.0%}"), met(w4, 0.7),
-         "unpacking is down to ~1 instruction per weight (inline PTX), but the unpacked weight is "
-         "wgmma's register operand and Triton waits for each such wgmma before unpacking the next slice, and half "
-         "of the MMA's N=64 is padding at ~34 rows per expert; tile heights fitted per expert did not help (NOTES.md)"),
-        ("512 tok, Qwen1.5/DeepSeek: mix4.25 (w4a16+w8a8) >= 2.5x torch bf16", rng(mix425), met(mix425, 2.5),
-         "bounded by the w4a16 path above (15/16 of the experts); the paper states 1.6-2.7x for mixed precision "
-         "over full precision at 512 tokens, on an RTX 4090"),
-        ("8192 tok: w8a8 int8 >= 1.6x torch bf16", rng(i8), met(i8, 1.6),
-         f"{i8_frac.min():.0%}-{i8_frac.max():.0%} of torch._int_mm's {roofline['int8_TOPs']:.0f} TOP/s on 8192^3 "
-         "(not a hard ceiling: the large Mixtral/Qwen2 GEMMs pass it); Triton keeps int32-accumulating wgmma "
-         "synchronous across K steps (fp8 gets one in flight)"),
-        ("8192 tok: w8a8 fp8 >= 1.6x torch bf16", rng(f8), met(f8, 1.6),
-         f"GEMM launch alone; with the activation-quantization launch {rng(f8q)}"),
-        ("8192 tok: 5-bit mix (w4a4+w8a8) >= 1.6x torch and faster than w8a8", rng(mix5) + f"; faster than w8a8 in "
-         f"{faster} of {len(t8)}", "not met" if faster < len(t8) or mix5.min() < 1.6 else "met",
-         "Hopper has no int4 tensor cores: 4-bit codes are unpacked in registers for an int8 dot, so w4a4 runs at "
-         "int8 rate plus unpack work (the paper's +29.4% needs int4 MMA)"),
-        ("one kernel launch per mixed grouped GEMM", f"{launches} launches (profiler)",
-         "met" if launches == [1] else "see data", "with activations quantized by group_gemm itself it is 2 launches"),
+        (
+            "our bf16 >= 0.9x torch grouped bf16",
+            rng(bf16) + f", median {bf16.median():.2f}",
+            met(bf16, 0.9),
+            f"under 0.9x: {low_txt or 'none'}; all at 8192 tokens, where torch's grouped GEMM (cuBLAS/CUTLASS, "
+            "warp-specialised, TMA) beats Triton's software pipeline",
+        ),
+        (
+            "512 tok, Qwen1.5/DeepSeek: w4a16 >= 70% of HBM on weight bytes",
+            rng(w4, "{:.0%}"),
+            met(w4, 0.7),
+            "unpacking is down to ~1 instruction per weight (inline PTX), but the unpacked weight is "
+            "wgmma's register operand and Triton waits for each such wgmma before unpacking the next slice, and half "
+            "of the MMA's N=64 is padding at ~34 rows per expert; tile heights fitted per expert did not help (NOTES.md)",
+        ),
+        (
+            "512 tok, Qwen1.5/DeepSeek: mix4.25 (w4a16+w8a8) >= 2.5x torch bf16",
+            rng(mix425),
+            met(mix425, 2.5),
+            "bounded by the w4a16 path above (15/16 of the experts); the paper states 1.6-2.7x for mixed precision "
+            "over full precision at 512 tokens, on an RTX 4090",
+        ),
+        (
+            "8192 tok: w8a8 int8 >= 1.6x torch bf16",
+            rng(i8),
+            met(i8, 1.6),
+            f"{i8_frac.min():.0%}-{i8_frac.max():.0%} of torch._int_mm's {roofline['int8_TOPs']:.0f} TOP/s on 8192^3 "
+            "(not a hard ceiling: the large Mixtral/Qwen2 GEMMs pass it); Triton keeps int32-accumulating wgmma "
+            "synchronous across K steps (fp8 gets one in flight)",
+        ),
+        (
+            "8192 tok: w8a8 fp8 >= 1.6x torch bf16",
+            rng(f8),
+            met(f8, 1.6),
+            f"GEMM launch alone; with the activation-quantization launch {rng(f8q)}",
+        ),
+        (
+            "8192 tok: 5-bit mix (w4a4+w8a8) >= 1.6x torch and faster than w8a8",
+            rng(mix5) + f"; faster than w8a8 in {faster} of {len(t8)}",
+            "not met" if faster < len(t8) or mix5.min() < 1.6 else "met",
+            "Hopper has no int4 tensor cores: 4-bit codes are unpacked in registers for an int8 dot, so w4a4 runs at "
+            "int8 rate plus unpack work (the paper's +29.4% needs int4 MMA)",
+        ),
+        (
+            "one kernel launch per mixed grouped GEMM",
+            f"{launches} launches (profiler)",
+            "met" if launches == [1] else "see data",
+            "with activations quantized by group_gemm itself it is 2 launches",
+        ),
     ]
     return pd.DataFrame(rows, columns=["target", "measured (paper shapes)", "status", "why / note"])
 
 
-def notebook_runs(bench_file=None, measure=None, models=("qwen1.5-moe",), tokens=(16, 512, 8192),
-                  deadline_seconds: int = 150):
+def notebook_runs(
+    bench_file=None, measure=None, models=("qwen1.5-moe",), tokens=(16, 512, 8192), deadline_seconds: int = 150
+):
     """The benchmark runs chapter 03 renders: ``bench_file`` if given, a fresh short ``mxmoe bench gemm`` run when
     ``measure`` (default: a CUDA GPU is present), else the committed runs that count (``mxmoe.bench.runs``).
     Returns (docs whose cases are shown, case rows, "measured now" | "committed")."""
@@ -270,8 +383,20 @@ def notebook_runs(bench_file=None, measure=None, models=("qwen1.5-moe",), tokens
         docs = [runs.load_bench(bench_file)]
     elif measure:
         fresh = Path(tempfile.mkdtemp(prefix="mxmoe03_"))
-        gemm.main(["--out", str(fresh), "--models", *models, "--tokens", *map(str, tokens),
-                   "--deadline-seconds", str(deadline_seconds), "--tag", "notebook03"])
+        gemm.main(
+            [
+                "--out",
+                str(fresh),
+                "--models",
+                *models,
+                "--tokens",
+                *map(str, tokens),
+                "--deadline-seconds",
+                str(deadline_seconds),
+                "--tag",
+                "notebook03",
+            ]
+        )
         docs = runs.bench_docs(fresh)
     else:
         docs = runs.bench_docs(kernel_results_dir())  # the runs that count, in the order their cases are taken
@@ -280,14 +405,21 @@ def notebook_runs(bench_file=None, measure=None, models=("qwen1.5-moe",), tokens
     return docs, df, "measured now" if measure else "committed"
 
 
-FIG2_SHOWN = {"torch_scaled_grouped_fp8": "torch fp8", "ours_bf16": "bf16", "ours_w4a16_g128": "w4a16 g128",
-              "ours_w8a8_fp8": "w8a8 fp8", "ours_mix4.25_w4a16+w8a8": "mix 4.25", "ours_mix5_w4a4+w8a8": "mix 5"}
+FIG2_SHOWN = {
+    "torch_scaled_grouped_fp8": "torch fp8",
+    "ours_bf16": "bf16",
+    "ours_w4a16_g128": "w4a16 g128",
+    "ours_w8a8_fp8": "w8a8 fp8",
+    "ours_mix4.25_w4a16+w8a8": "mix 4.25",
+    "ours_mix5_w4a4+w8a8": "mix 5",
+}
 
 
 def fig2_table(blocks: pd.DataFrame) -> pd.DataFrame:
     """Figure 2's headline variants as a table: MoE-block speedup over torch's bf16 grouped GEMM per model and tokens."""
     wide = blocks[blocks.model.isin(PAPER) & blocks.variant.isin(FIG2_SHOWN)].pivot_table(
-        index=["model", "tokens"], columns="variant", values="speedup_vs_torch_grouped")
+        index=["model", "tokens"], columns="variant", values="speedup_vs_torch_grouped"
+    )
     return wide[[v for v in FIG2_SHOWN if v in wide.columns]].rename(columns=FIG2_SHOWN)
 
 
@@ -297,10 +429,14 @@ def table6_summary(t6: pd.DataFrame) -> pd.DataFrame:
     if t6.empty:
         return pd.DataFrame()
     g = t6.groupby(["mix", "tokens"])
-    return pd.DataFrame({"vs unified (median)": g.fused_vs_unified.median(),
-                         "faster than unified": g.fused_vs_unified.agg(lambda s: f"{(s > 1).sum()}/{len(s)}"),
-                         "vs per scheme (median)": g.fused_vs_per_scheme.median(),
-                         "faster than per scheme": g.fused_vs_per_scheme.agg(lambda s: f"{(s > 1).sum()}/{len(s)}")})
+    return pd.DataFrame(
+        {
+            "vs unified (median)": g.fused_vs_unified.median(),
+            "faster than unified": g.fused_vs_unified.agg(lambda s: f"{(s > 1).sum()}/{len(s)}"),
+            "vs per scheme (median)": g.fused_vs_per_scheme.median(),
+            "faster than per scheme": g.fused_vs_per_scheme.agg(lambda s: f"{(s > 1).sum()}/{len(s)}"),
+        }
+    )
 
 
 def timer_comparison(docs: list) -> pd.DataFrame:
@@ -308,8 +444,11 @@ def timer_comparison(docs: list) -> pd.DataFrame:
     note when the runs hold no such pair)."""
     from mxmoe.bench import runs
 
-    ev = [d for d in docs if d.get("timer_kind", "events") == "events"
-          and "smollm2-moe" in {r["model"] for r in d.get("results", [])}]
+    ev = [
+        d
+        for d in docs
+        if d.get("timer_kind", "events") == "events" and "smollm2-moe" in {r["model"] for r in d.get("results", [])}
+    ]
     cg = [d for d in docs if d.get("timer_kind") == "cudagraph"]
     if not (ev and cg):
         return pd.DataFrame({"note": ["no pair of event- and graph-timed runs among these results"]})
@@ -318,8 +457,11 @@ def timer_comparison(docs: list) -> pd.DataFrame:
     m = a.merge(b, on=["model", "gemm", "tokens", "variant"], suffixes=("_events", "_graph"))
     m = m[m.variant.isin(keep)]
     m["events µs"], m["graph µs"] = m.ms_events * 1e3, m.ms_graph * 1e3
-    return m.pivot_table(index=["model", "gemm", "tokens"], columns="variant",
-                         values=["events µs", "graph µs"]).round(0).reset_index()
+    return (
+        m.pivot_table(index=["model", "gemm", "tokens"], columns="variant", values=["events µs", "graph µs"])
+        .round(0)
+        .reset_index()
+    )
 
 
 def cost_table_summary(device: str) -> pd.DataFrame:

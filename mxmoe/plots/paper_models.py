@@ -30,12 +30,20 @@ def rows_of(docs: list) -> pd.DataFrame:
                 for shape, m in r[key].items():
                     if "tokens_per_s_graph" not in m and "tokens_per_s_eager" not in m:
                         continue
-                    out.append({"model": doc["model"], "device": doc["provenance"]["device"], "setting": r["setting"],
-                                "phase": phase, "shape": shape if phase == "prefill" else f"batch {shape}",
-                                "tokens_per_s_graph": m.get("tokens_per_s_graph"),
-                                "tokens_per_s_eager": m.get("tokens_per_s_eager"),
-                                "weight_gib": weight_gib, "expert_gib": r["expert_bytes"] / GIB,
-                                "peak_gib": r.get("peak_gib")})
+                    out.append(
+                        {
+                            "model": doc["model"],
+                            "device": doc["provenance"]["device"],
+                            "setting": r["setting"],
+                            "phase": phase,
+                            "shape": shape if phase == "prefill" else f"batch {shape}",
+                            "tokens_per_s_graph": m.get("tokens_per_s_graph"),
+                            "tokens_per_s_eager": m.get("tokens_per_s_eager"),
+                            "weight_gib": weight_gib,
+                            "expert_gib": r["expert_bytes"] / GIB,
+                            "peak_gib": r.get("peak_gib"),
+                        }
+                    )
     return pd.DataFrame(out)
 
 
@@ -67,11 +75,17 @@ def fig_predicted(df: pd.DataFrame):
         d = df[(df.model == model) & (df.tokens == tokens)]
         for _, r in d.iterrows():
             ax.scatter(r.expert_gib, r.tokens_per_s, s=40)
-            ax.annotate(r.setting.removeprefix("mxmoe "), (r.expert_gib, r.tokens_per_s), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set(title=f"{model}: {tokens} tokens (MoE GEMMs, predicted)", xlabel="expert weights (GiB)",
-               ylabel="tokens/s")
-    for ax in list(axes.flat)[len(keys):]:
+            ax.annotate(
+                r.setting.removeprefix("mxmoe "),
+                (r.expert_gib, r.tokens_per_s),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set(
+            title=f"{model}: {tokens} tokens (MoE GEMMs, predicted)", xlabel="expert weights (GiB)", ylabel="tokens/s"
+        )
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig

@@ -20,17 +20,44 @@ from mxmoe.stages import STAGES  # noqa: E402
 
 # (key, x, y, title, detail, colour) — boxes in data coordinates of a 16 x 9 canvas
 # box positions and colours; each numbered stage's title and text come from mxmoe.stages.STAGES
-LAYOUT = {"00_model": ("model", 0.3, 5.7, "#e8e8e8"), "01_sensitivity": ("sens", 5.0, 7.0, "#cfe2f3"),
-          "02_activation_frequency": ("route", 5.0, 4.4, "#cfe2f3"), "03_kernels": ("kern", 5.0, 1.6, "#fce5cd"),
-          "04_allocation": ("ilp", 9.7, 7.0, "#d9ead3"), "05_end_to_end": ("e2e", 14.4, 4.4, "#d9ead3"),
-          "06_claims": ("claims", 14.4, 7.0, "#ead1dc")}
-BOXES = [(key, x, y, s.title, s.summary, colour) for s in STAGES if s.stem in LAYOUT  # the method's stages
-         for key, x, y, colour in [LAYOUT[s.stem]]]
-BOXES.insert(4, ("perf", 9.7, 4.4, "performance model", "T[expert, block, scheme] at the\nrouted token counts (02 + 03)",
-                 "#fce5cd"))
+LAYOUT = {
+    "00_model": ("model", 0.3, 5.7, "#e8e8e8"),
+    "01_sensitivity": ("sens", 5.0, 7.0, "#cfe2f3"),
+    "02_activation_frequency": ("route", 5.0, 4.4, "#cfe2f3"),
+    "03_kernels": ("kern", 5.0, 1.6, "#fce5cd"),
+    "04_allocation": ("ilp", 9.7, 7.0, "#d9ead3"),
+    "05_end_to_end": ("e2e", 14.4, 4.4, "#d9ead3"),
+    "06_claims": ("claims", 14.4, 7.0, "#ead1dc"),
+}
+BOXES = [
+    (key, x, y, s.title, s.summary, colour)
+    for s in STAGES
+    if s.stem in LAYOUT  # the method's stages
+    for key, x, y, colour in [LAYOUT[s.stem]]
+]
+BOXES.insert(
+    4,
+    (
+        "perf",
+        9.7,
+        4.4,
+        "performance model",
+        "T[expert, block, scheme] at the\nrouted token counts (02 + 03)",
+        "#fce5cd",
+    ),
+)
 W, H = 4.2, 1.8
-ARROWS = [("model", "sens"), ("model", "route"), ("sens", "ilp"), ("route", "perf"), ("kern", "perf"),
-          ("perf", "ilp"), ("ilp", "e2e"), ("kern", "e2e"), ("e2e", "claims")]
+ARROWS = [
+    ("model", "sens"),
+    ("model", "route"),
+    ("sens", "ilp"),
+    ("route", "perf"),
+    ("kern", "perf"),
+    ("perf", "ilp"),
+    ("ilp", "e2e"),
+    ("kern", "e2e"),
+    ("e2e", "claims"),
+]
 BENT = {("kern", "e2e"): "angle,angleA=0,angleB=90,rad=0"}
 
 
@@ -42,10 +69,13 @@ def draw(width: float = 12.0):
     ax.axis("off")
     pos = {}
     for key, x, y, title, detail, colour in BOXES:
-        ax.add_patch(FancyBboxPatch((x, y), W, H, boxstyle="round,pad=0.06,rounding_size=0.15",
-                                    fc=colour, ec="0.35", lw=1.0))
+        ax.add_patch(
+            FancyBboxPatch((x, y), W, H, boxstyle="round,pad=0.06,rounding_size=0.15", fc=colour, ec="0.35", lw=1.0)
+        )
         ax.text(x + W / 2, y + H - 0.32, title, ha="center", va="center", fontsize=10.5, fontweight="bold")
-        ax.text(x + W / 2, y + H / 2 - 0.28, detail, ha="center", va="center", fontsize=8, color="0.15", linespacing=1.3)
+        ax.text(
+            x + W / 2, y + H / 2 - 0.28, detail, ha="center", va="center", fontsize=8, color="0.15", linespacing=1.3
+        )
         pos[key] = (x, y)
     for a, b in ARROWS:
         (xa, ya), (xb, yb) = pos[a], pos[b]
@@ -59,12 +89,36 @@ def draw(width: float = 12.0):
         else:
             start = (ca[0], ya if yb < ya else ya + H)
             end = (cb[0], yb + H if yb < ya else yb)
-        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, lw=1.2, color="0.3",
-                                     connectionstyle=BENT.get((a, b), "arc3,rad=0.0"), shrinkA=2, shrinkB=2))
-    ax.text(0.3, 9.9, "MxMoE pipeline as reproduced here: every stage reads only files written by earlier stages",
-            fontsize=10, color="0.25", va="top")
-    ax.text(0.3, 3.4, "stage outputs (JSON):\nresults/<model>/…\nresults/kernels/…\nkernels/<gpu>.json", fontsize=8,
-            color="0.4", va="top", family="monospace")
+        ax.add_patch(
+            FancyArrowPatch(
+                start,
+                end,
+                arrowstyle="-|>",
+                mutation_scale=14,
+                lw=1.2,
+                color="0.3",
+                connectionstyle=BENT.get((a, b), "arc3,rad=0.0"),
+                shrinkA=2,
+                shrinkB=2,
+            )
+        )
+    ax.text(
+        0.3,
+        9.9,
+        "MxMoE pipeline as reproduced here: every stage reads only files written by earlier stages",
+        fontsize=10,
+        color="0.25",
+        va="top",
+    )
+    ax.text(
+        0.3,
+        3.4,
+        "stage outputs (JSON):\nresults/<model>/…\nresults/kernels/…\nkernels/<gpu>.json",
+        fontsize=8,
+        color="0.4",
+        va="top",
+        family="monospace",
+    )
     return fig, ax
 
 

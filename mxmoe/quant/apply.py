@@ -69,17 +69,21 @@ def set_block_weight(block: MoEBlock, expert, name: str, w: torch.Tensor) -> Non
     if isinstance(expert, str):
         target = block_weight(block, expert, name)
         if tuple(w.shape) != tuple(target.shape):
-            raise ValueError(f"layer {block.layer} {expert} {name}: weight shape {tuple(w.shape)} != {tuple(target.shape)}")
+            raise ValueError(
+                f"layer {block.layer} {expert} {name}: weight shape {tuple(w.shape)} != {tuple(target.shape)}"
+            )
         target.copy_(w.to(dtype=target.dtype, device=target.device))
     else:
         block.set_expert_weight(expert, name, w)
 
 
 def _shared_index(block: MoEBlock, expert: str) -> int:
-    suffix = expert[len(SHARED_PREFIX):] if expert.startswith(SHARED_PREFIX) else ""
+    suffix = expert[len(SHARED_PREFIX) :] if expert.startswith(SHARED_PREFIX) else ""
     if not suffix.isdigit() or int(suffix) >= len(block.shared):
-        raise BadBlockKey(f"layer {block.layer}: expert {expert!r} is not one of the {len(block.shared)} shared "
-                          f"experts ({', '.join(shared_key(s) for s in range(len(block.shared))) or 'none'})")
+        raise BadBlockKey(
+            f"layer {block.layer}: expert {expert!r} is not one of the {len(block.shared)} shared "
+            f"experts ({', '.join(shared_key(s) for s in range(len(block.shared))) or 'none'})"
+        )
     return int(suffix)
 
 
@@ -128,7 +132,9 @@ def uniform_scheme_map(model: nn.Module, scheme: "Scheme | str", shared: bool = 
 
 def scheme_map_to_rows(scheme_map: dict) -> list[dict]:
     """A scheme map as JSON-ready rows ``{"layer", "expert", "block", "scheme"}`` (for results/*/alloc files)."""
-    return [{"layer": k[0], "expert": k[1], "block": k[2], "scheme": str(Scheme.parse(s))} for k, s in scheme_map.items()]
+    return [
+        {"layer": k[0], "expert": k[1], "block": k[2], "scheme": str(Scheme.parse(s))} for k, s in scheme_map.items()
+    ]
 
 
 def scheme_map_from_rows(rows: list) -> dict:
@@ -153,8 +159,9 @@ def _act_key(s: Scheme) -> tuple:
     return (16,) if s.a_bits >= 16 else (s.a_bits, s.group_size, s.fmt)
 
 
-def fake_quant_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                               top_k_weights: torch.Tensor) -> torch.Tensor:
+def fake_quant_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """Experts forward (transformers-5 fused layout) with per-expert, per-block activation fake quant.
 
     hidden_states: [T, H]; top_k_index, top_k_weights: [T, k]. Weights are already quantized in
@@ -204,6 +211,7 @@ def _input_hook(scheme: Scheme, rotate: bool):
     def hook(module, args):
         x = apply_online_hadamard(args[0]) if rotate else args[0]
         return (quantize_activation(x, scheme), *args[1:])
+
     return hook
 
 
@@ -225,8 +233,10 @@ def rotate_down_inputs(model: nn.Module) -> None:
         for e in expert_ids(b):
             w = block_weight(b, e, "down")
             if hadamard_factors(w.shape[1]) is None:
-                raise MxMoEError(f"layer {b.layer} expert {e}: no Hadamard matrix of order {w.shape[1]} for the "
-                                 "online down_proj rotation; run without online_hadamard")
+                raise MxMoEError(
+                    f"layer {b.layer} expert {e}: no Hadamard matrix of order {w.shape[1]} for the "
+                    "online down_proj rotation; run without online_hadamard"
+                )
             set_block_weight(b, e, "down", apply_online_hadamard(w.float()))
 
 
@@ -274,8 +284,9 @@ def install_activation_quant(model: nn.Module, plan: dict, online_hadamard: bool
 
 
 @torch.no_grad()
-def apply_schemes(model: nn.Module, scheme_map: dict, *, weights: "dict | None" = None,
-                  online_hadamard: bool = False) -> AppliedQuantization:
+def apply_schemes(
+    model: nn.Module, scheme_map: dict, *, weights: "dict | None" = None, online_hadamard: bool = False
+) -> AppliedQuantization:
     """Fake-quantize ``model`` in place with one scheme per (layer, expert, block); returns what was done.
 
     ``weights`` optionally gives an ``IntWeight`` (e.g. GPTQ output) for some keys; its scheme must
@@ -287,8 +298,10 @@ def apply_schemes(model: nn.Module, scheme_map: dict, *, weights: "dict | None" 
     weights = weights or {}
     for k, iw in weights.items():
         if k not in plan or not isinstance(iw, IntWeight) or iw.scheme != plan[k]:
-            raise MxMoEError(f"given weight for {k!r} must be an IntWeight of the mapped scheme "
-                             f"{plan.get(k, 'missing')}, got {getattr(iw, 'scheme', type(iw).__name__)}")
+            raise MxMoEError(
+                f"given weight for {k!r} must be an IntWeight of the mapped scheme "
+                f"{plan.get(k, 'missing')}, got {getattr(iw, 'scheme', type(iw).__name__)}"
+            )
     if online_hadamard:
         rotate_down_inputs(model)
     report = AppliedQuantization(online_hadamard=online_hadamard)

@@ -42,8 +42,10 @@ def split_by_expert(block: MoEBlock, x: torch.Tensor) -> list[ExpertTokens]:
     for e in range(block.num_experts):
         rows, slot = torch.where(idx == e)
         out.append(ExpertTokens(e, x[rows], weights[rows, slot][:, None]))
-    shared_g = torch.sigmoid(block.shared_gate(x).float()) if block.shared_gate is not None else x.new_ones(x.shape[0], 1)
-    out += [ExpertTokens(e, x, shared_g) for e in expert_ids(block)[block.num_experts:]]
+    shared_g = (
+        torch.sigmoid(block.shared_gate(x).float()) if block.shared_gate is not None else x.new_ones(x.shape[0], 1)
+    )
+    out += [ExpertTokens(e, x, shared_g) for e in expert_ids(block)[block.num_experts :]]
     return out
 
 
@@ -73,14 +75,16 @@ class QuantizedBlock:
     reason: str = ""
 
 
-def quantize_block(w: torch.Tensor, scheme: Scheme, hessian: "HessianAccumulator | None", min_tokens: int,
-                   **gptq_kw) -> QuantizedBlock:
+def quantize_block(
+    w: torch.Tensor, scheme: Scheme, hessian: "HessianAccumulator | None", min_tokens: int, **gptq_kw
+) -> QuantizedBlock:
     """GPTQ when a Hessian is given and has enough tokens, otherwise RTN; ``w`` is [out, in]."""
     return quantize_blocks(w[None], scheme, [hessian], min_tokens, **gptq_kw)[0]
 
 
-def quantize_blocks(w: torch.Tensor, schemes: "Scheme | list", hessians: list, min_tokens: int,
-                    **gptq_kw) -> list[QuantizedBlock]:
+def quantize_blocks(
+    w: torch.Tensor, schemes: "Scheme | list", hessians: list, min_tokens: int, **gptq_kw
+) -> list[QuantizedBlock]:
     """``quantize_block`` for same-shape weights ``w[B, out, in]`` at once, element b with ``hessians[b]`` (or None).
 
     ``schemes``: one scheme for all, or one per element. The elements with a Hessian go through one
@@ -91,8 +95,9 @@ def quantize_blocks(w: torch.Tensor, schemes: "Scheme | list", hessians: list, m
     with_h = [e for e, h in enumerate(hessians) if h is not None]
     if with_h:
         idx = torch.tensor(with_h, device=w.device)
-        res = gptq_quantize_batched(w[idx], [hessians[e] for e in with_h], [ss[e] for e in with_h],
-                                    min_tokens=min_tokens, **gptq_kw)
+        res = gptq_quantize_batched(
+            w[idx], [hessians[e] for e in with_h], [ss[e] for e in with_h], min_tokens=min_tokens, **gptq_kw
+        )
         for e, r in zip(with_h, res):
             if isinstance(r, (InsufficientCalibration, torch.linalg.LinAlgError)):
                 out[e] = QuantizedBlock(quantize_weight_int(w[e], ss[e]), "rtn-fallback", str(r).splitlines()[0])

@@ -83,8 +83,14 @@ class GPTQWeight(IntWeight):
     tokens: int = 0
 
 
-def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-           fp8: "torch.Tensor | None") -> torch.Tensor:
+def _codes(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    fp8: "torch.Tensor | None",
+) -> torch.Tensor:
     """Round one column ``w[B, N]`` per element onto its grid ``scale[B, N]``, ``zero[B, N]`` (as RTN does).
 
     Integers: ``clamp(round((w - zero) / scale), lo, hi)`` with ``lo``/``hi`` [B, 1] (sym: zero 0,
@@ -121,7 +127,8 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> lis
         idx = torch.tensor(pending, device=H.device)
         Hd = H[idx]  # [P, K, K] (a copy)
         Hd.diagonal(dim1=-2, dim2=-1).add_(
-            (torch.tensor([damp[i] for i in pending], dtype=H.dtype, device=H.device) * mean_diag[idx])[:, None])
+            (torch.tensor([damp[i] for i in pending], dtype=H.dtype, device=H.device) * mean_diag[idx])[:, None]
+        )
         L, info = torch.linalg.cholesky_ex(Hd)  # [P, K, K], [P]
         # H⁻¹ via cholesky_solve: same result as cholesky_inverse, which is ~30x slower on CPU
         U, info_u = torch.linalg.cholesky_ex(torch.cholesky_solve(eye.expand_as(L), L), upper=True)
@@ -174,9 +181,17 @@ def gptq_quantize(
     """
     if w.dim() != 2:
         raise ValueError(f"gptq_quantize expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
-    (out,) = gptq_quantize_batched(w[None], [hessian], scheme, blocksize=blocksize, percdamp=percdamp,
-                                   act_order=act_order, static_groups=static_groups, min_tokens=min_tokens,
-                                   max_damp_retries=max_damp_retries)  # the batch of one: same code path
+    (out,) = gptq_quantize_batched(
+        w[None],
+        [hessian],
+        scheme,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        act_order=act_order,
+        static_groups=static_groups,
+        min_tokens=min_tokens,
+        max_damp_retries=max_damp_retries,
+    )  # the batch of one: same code path
     if isinstance(out, Exception):
         raise out
     return out
@@ -236,7 +251,8 @@ def gptq_quantize_batched(
         if id(hessian) not in slot:
             if hessian.in_features != k:
                 raise ValueError(
-                    f"Hessian is {hessian.in_features}x{hessian.in_features} but the weight has K={k} inputs")
+                    f"Hessian is {hessian.in_features}x{hessian.in_features} but the weight has K={k} inputs"
+                )
             slot[id(hessian)] = _checked(hessian, k, min_tokens, w.device, Hs)
         u = slot[id(hessian)]
         if isinstance(u, Exception):
@@ -336,9 +352,16 @@ def gptq_quantize_batched(
     for s, pos in by_scheme.items():
         for p, j in enumerate(pos):
             e = active[j]
-            results[e] = GPTQWeight(q[j].to(torch.int32) if s.fmt == "int" else q[j], grids[s][0][p], grids[s][1][p],
-                                    s, loss=losses[j], percdamp=used_damp[uidx[j]], dead_inputs=int(n_dead[j]),
-                                    tokens=hessians[e].tokens)
+            results[e] = GPTQWeight(
+                q[j].to(torch.int32) if s.fmt == "int" else q[j],
+                grids[s][0][p],
+                grids[s][1][p],
+                s,
+                loss=losses[j],
+                percdamp=used_damp[uidx[j]],
+                dead_inputs=int(n_dead[j]),
+                tokens=hessians[e].tokens,
+            )
     return results
 
 

@@ -57,11 +57,7 @@ def _irreducible(p: int, k: int) -> list[int]:
     """A monic irreducible polynomial of degree k over GF(p) (no monic factor of degree ≤ k/2)."""
     for low in product(range(p), repeat=k):
         f = list(low) + [1]
-        if all(
-            any(_poly_mod(f, list(g) + [1], p))
-            for d in range(1, k // 2 + 1)
-            for g in product(range(p), repeat=d)
-        ):
+        if all(any(_poly_mod(f, list(g) + [1], p)) for d in range(1, k // 2 + 1) for g in product(range(p), repeat=d)):
             return f
     raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")  # cannot happen
 

@@ -38,7 +38,9 @@ class LayerwiseRunner:
             raise ValueError(f"calibration windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
         kinds = set(getattr(model.config, "layer_types", None) or [])
         if len(kinds) > 1:  # layer 0's mask would be wrong for the other kind of layer
-            raise MxMoEError(f"layer-by-layer calibration needs one attention kind for every layer, got {sorted(kinds)}")
+            raise MxMoEError(
+                f"layer-by-layer calibration needs one attention kind for every layer, got {sorted(kinds)}"
+            )
         self.model = model
         self.layers = decoder_layers(model)
         self.next_layer = 0
@@ -69,8 +71,11 @@ class LayerwiseRunner:
             raise IndexError(f"the decoder has {len(self.layers)} layers; all have run")
         layer = self.layers[self.next_layer]
         seen = []
-        handle = capture.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]))) \
-            if capture is not None else None
+        handle = (
+            capture.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+            if capture is not None
+            else None
+        )
         try:
             for i in range(self.hidden.shape[0]):
                 out = layer(self.hidden[i : i + 1], **self.kwargs[i])

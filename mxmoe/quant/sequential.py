@@ -43,16 +43,30 @@ class GPTQReport:
 
     def summary(self) -> dict:
         """JSON-ready counts and the fallback list."""
-        return {"gptq_blocks": self.gptq_blocks, "rtn_fallbacks": len(self.rtn_fallbacks),
-                "fallbacks": self.rtn_fallbacks, "online_hadamard": self.online_hadamard,
-                "rotation": None if self.rotation is None else {"seed": self.rotation.seed, "kind": self.rotation.kind},
-                "seconds": round(self.seconds, 1)}
+        return {
+            "gptq_blocks": self.gptq_blocks,
+            "rtn_fallbacks": len(self.rtn_fallbacks),
+            "fallbacks": self.rtn_fallbacks,
+            "online_hadamard": self.online_hadamard,
+            "rotation": None if self.rotation is None else {"seed": self.rotation.seed, "kind": self.rotation.kind},
+            "seconds": round(self.seconds, 1),
+        }
 
 
 @torch.no_grad()
-def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadamard: bool = False, seed: int = 0,
-                        rotation: "Rotation | None" = None, min_tokens: int = 16, progress: bool = True,
-                        int_weights: "dict | None" = None, **gptq_kw) -> GPTQReport:
+def quantize_model_gptq(
+    model,
+    windows: torch.Tensor,
+    scheme_map: dict,
+    *,
+    hadamard: bool = False,
+    seed: int = 0,
+    rotation: "Rotation | None" = None,
+    min_tokens: int = 16,
+    progress: bool = True,
+    int_weights: "dict | None" = None,
+    **gptq_kw,
+) -> GPTQReport:
     """Quantize ``model`` in place with GPTQ per ``scheme_map`` {(layer, expert, block): Scheme} on ``windows`` [n, seqlen].
 
     ``hadamard`` rotates the residual stream first (``rotation`` or a random Hadamard from ``seed``)
@@ -78,8 +92,11 @@ def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadam
             before = len(report.rtn_fallbacks)
             _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights)
             if len(report.rtn_fallbacks) > before:
-                warnings.warn(f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
-                              f"{min_tokens} calibration tokens and were quantized with RTN", stacklevel=2)
+                warnings.warn(
+                    f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
+                    f"{min_tokens} calibration tokens and were quantized with RTN",
+                    stacklevel=2,
+                )
             bar.update(1)
         runner.advance()
     bar.close()
@@ -87,8 +104,16 @@ def quantize_model_gptq(model, windows: torch.Tensor, scheme_map: dict, *, hadam
     return report
 
 
-def _quantize_layer(b, experts: list, plan: dict, report: GPTQReport, rotate_down: bool, min_tokens: int,
-                    gptq_kw: dict, int_weights: "dict | None" = None) -> None:
+def _quantize_layer(
+    b,
+    experts: list,
+    plan: dict,
+    report: GPTQReport,
+    rotate_down: bool,
+    min_tokens: int,
+    gptq_kw: dict,
+    int_weights: "dict | None" = None,
+) -> None:
     """GPTQ (or RTN fallback) of every expert's gate and up, then down, written into the model.
 
     Experts are independent within a layer, so gate and up of all experts, each with its own
@@ -132,7 +157,14 @@ def _quantize_layer(b, experts: list, plan: dict, report: GPTQReport, rotate_dow
             if q is None:
                 continue
             if q.how == "rtn-fallback":
-                report.rtn_fallbacks.append({"layer": b.layer, "expert": tokens.expert, "block": name,
-                                             "tokens": int(tokens.x.shape[0]), "reason": q.reason})
+                report.rtn_fallbacks.append(
+                    {
+                        "layer": b.layer,
+                        "expert": tokens.expert,
+                        "block": name,
+                        "tokens": int(tokens.x.shape[0]),
+                        "reason": q.reason,
+                    }
+                )
             else:
                 report.gptq_blocks += 1

@@ -29,58 +29,170 @@ class Stage:
 
 
 # what every chapter reads to put the paper beside ours and give its verdicts
-CHAPTER = ("@repo/mxmoe/claims/chapter.py", "@repo/mxmoe/claims/rules.py", "@repo/mxmoe/paper.py",
-           "@repo/docs/paper_results.json")
+CHAPTER = (
+    "@repo/mxmoe/claims/chapter.py",
+    "@repo/mxmoe/claims/rules.py",
+    "@repo/mxmoe/paper.py",
+    "@repo/docs/paper_results.json",
+)
 
 STAGES = (
-    Stage("00_model", title="MoE model + calibration", summary="HF MoE or smollm2-moe;\nWikiText-2 train, C4",
-          reads=(*CHAPTER, "{model}/model.json", "@repo/mxmoe/models/*.py", "@repo/mxmoe/stages/model.py"),
-          items={"table2": (["{model}/model.json"], "the models: smollm2-moe card and the paper models' shapes")}),
-    Stage("01_sensitivity", title="01 sensitivity", summary="Δ[layer, expert, block, scheme]:\nMoE-block output error, one block\nquantized (RTN, GPTQ, +Hadamard)",
-          reads=(*CHAPTER, "{model}/model.json", "@repo/mxmoe/sensitivity.py", "@repo/mxmoe/quant/*.py",
-           "@repo/mxmoe/stages/sensitivity.py", "@repo/mxmoe/plots/accuracy.py"),
-          items={"fig1a": (["{model}/sensitivity/*.json"], "per-expert block sensitivity (Delta) of one layer, log scale"),
-                 "table4": (["{model}/**/table4*.json"], "RTN PPL grid over weight x activation bits")}),
-    Stage("02_activation_frequency", title="02 routing", summary="tokens per expert per layer\non several corpora",
-          reads=(*CHAPTER, "{model}/model.json", "@repo/mxmoe/routing.py", "@repo/mxmoe/stages/routing.py",
-           "@repo/mxmoe/plots/accuracy.py"),
-          items={"fig1b": (["{model}/routing/*.json", "kernels/bench_*.json"],
-                           "right: per-expert frequencies on several corpora (02); left: roofline of the GPU (03)")}),
-    Stage("03_kernels", title="03 kernels", summary="Triton mixed-precision GroupGEMM,\none launch; tuned tiles and\nper-tile cost tables (Hopper)",
-          reads=(*CHAPTER, "kernels/*.json", "@repo/cost_tables/*.json", "@repo/mxmoe/bench/runs.py", "@repo/mxmoe/plots/kernels.py"),
-          items={"fig2": (["kernels/bench_*.json"],
-                          "grouped-GEMM throughput: bf16 loop, torch grouped, ours uniform and mixed"),
-                 "fig4": (["kernels/bench_*.json", "@repo/cost_tables/*.json"], "tile configurations fused in one launch"),
-                 "table6": (["kernels/bench_*.json"], "fused vs unified vs one launch per precision")}),
-    Stage("04_allocation", title="04 allocation", summary="per layer: min L^r · T^(1−r)\ns.t. bit budget; exact Pareto\nfront with PuLP/CBC",
-          reads=(*CHAPTER, "{model}/sensitivity/*.json", "{model}/routing/*.json", "kernels/*.json", "@repo/cost_tables/*.json",
-           "@repo/mxmoe/allocate.py", "@repo/mxmoe/perfmodel.py", "@repo/mxmoe/plan.py",
-           "@repo/mxmoe/stages/allocation.py", "@repo/mxmoe/plots/allocation.py"),
-          needs=("01_sensitivity", "02_activation_frequency"),
-          items={"table7": (["{model}/alloc/*.json", "{model}/**/table7*.json"], "W5A5 allocation of one layer as a map")}),
-    Stage("05_end_to_end", title="05 end-to-end", summary="GPTQ + Hadamard per allocation;\nPPL, zero-shot, block throughput\nthrough the real kernel",
-          reads=(*CHAPTER, "{model}/alloc/*.json", "{model}/sensitivity/*.json", "{model}/routing/*.json", "kernels/*.json",
-           "@repo/cost_tables/*.json", "@repo/mxmoe/baselines.py", "@repo/mxmoe/plan.py",
-           "@repo/mxmoe/stages/evaluate.py", "@repo/mxmoe/stages/endtoend.py", "@repo/mxmoe/plots/endtoend.py"),
-          needs=("04_allocation",),
-          items={"fig5": (["{model}/eval/figure5.json", "kernels/figure5.json", "{model}/eval/table1.json",
-                           "kernels/bench_*.json"], "MoE-block throughput vs PPL; paper models as throughput only"),
-                 "fig6": (["{model}/eval/figure6.json", "{model}/alloc/*.json"],
-                          "r sweep: throughput vs PPL with the ILP front"),
-                 "table1": (["{model}/eval/table1.json", "{model}/eval/zeroshot*.json"],
-                            "PPL + zero-shot, GPTQ*, QuaRot-style, MxMoE"),
-                 "table3": (["{model}/**/table3*.json"], "linear-block vs expert granularity at W5A5"),
-                 "table5": (["{model}/**/table5*.json"], "uniform w4a4..w8a8 with rotation vs the mixed 5-bit result")}),
-    Stage("06_claims", title="06 claims + book", summary="paper vs ours, a verdict\nper claim; Jupyter Book",
-          reads=("{model}/model.json", "{model}/sensitivity/*.json", "{model}/routing/*.json", "{model}/alloc/*.json",
-           "{model}/eval/*.json", "kernels/*.json", "kernels/NOTES.md", "@repo/mxmoe/claims/*.py", "@repo/mxmoe/paper.py",
-           "@repo/docs/paper_results.json")),
-    Stage("07_paper_models", title="07 paper models", summary="full-size random-weight models:\nwhole-model speed and memory",
-          reads=("@repo/results/paper-models/*.json", "@repo/results/paper-models/alloc/*.json",
-                 "@repo/mxmoe/bench/paper_models.py", "@repo/mxmoe/plots/paper_models.py")),
+    Stage(
+        "00_model",
+        title="MoE model + calibration",
+        summary="HF MoE or smollm2-moe;\nWikiText-2 train, C4",
+        reads=(*CHAPTER, "{model}/model.json", "@repo/mxmoe/models/*.py", "@repo/mxmoe/stages/model.py"),
+        items={"table2": (["{model}/model.json"], "the models: smollm2-moe card and the paper models' shapes")},
+    ),
+    Stage(
+        "01_sensitivity",
+        title="01 sensitivity",
+        summary="Δ[layer, expert, block, scheme]:\nMoE-block output error, one block\nquantized (RTN, GPTQ, +Hadamard)",
+        reads=(
+            *CHAPTER,
+            "{model}/model.json",
+            "@repo/mxmoe/sensitivity.py",
+            "@repo/mxmoe/quant/*.py",
+            "@repo/mxmoe/stages/sensitivity.py",
+            "@repo/mxmoe/plots/accuracy.py",
+        ),
+        items={
+            "fig1a": (["{model}/sensitivity/*.json"], "per-expert block sensitivity (Delta) of one layer, log scale"),
+            "table4": (["{model}/**/table4*.json"], "RTN PPL grid over weight x activation bits"),
+        },
+    ),
+    Stage(
+        "02_activation_frequency",
+        title="02 routing",
+        summary="tokens per expert per layer\non several corpora",
+        reads=(
+            *CHAPTER,
+            "{model}/model.json",
+            "@repo/mxmoe/routing.py",
+            "@repo/mxmoe/stages/routing.py",
+            "@repo/mxmoe/plots/accuracy.py",
+        ),
+        items={
+            "fig1b": (
+                ["{model}/routing/*.json", "kernels/bench_*.json"],
+                "right: per-expert frequencies on several corpora (02); left: roofline of the GPU (03)",
+            )
+        },
+    ),
+    Stage(
+        "03_kernels",
+        title="03 kernels",
+        summary="Triton mixed-precision GroupGEMM,\none launch; tuned tiles and\nper-tile cost tables (Hopper)",
+        reads=(
+            *CHAPTER,
+            "kernels/*.json",
+            "@repo/cost_tables/*.json",
+            "@repo/mxmoe/bench/runs.py",
+            "@repo/mxmoe/plots/kernels.py",
+        ),
+        items={
+            "fig2": (
+                ["kernels/bench_*.json"],
+                "grouped-GEMM throughput: bf16 loop, torch grouped, ours uniform and mixed",
+            ),
+            "fig4": (["kernels/bench_*.json", "@repo/cost_tables/*.json"], "tile configurations fused in one launch"),
+            "table6": (["kernels/bench_*.json"], "fused vs unified vs one launch per precision"),
+        },
+    ),
+    Stage(
+        "04_allocation",
+        title="04 allocation",
+        summary="per layer: min L^r · T^(1−r)\ns.t. bit budget; exact Pareto\nfront with PuLP/CBC",
+        reads=(
+            *CHAPTER,
+            "{model}/sensitivity/*.json",
+            "{model}/routing/*.json",
+            "kernels/*.json",
+            "@repo/cost_tables/*.json",
+            "@repo/mxmoe/allocate.py",
+            "@repo/mxmoe/perfmodel.py",
+            "@repo/mxmoe/plan.py",
+            "@repo/mxmoe/stages/allocation.py",
+            "@repo/mxmoe/plots/allocation.py",
+        ),
+        needs=("01_sensitivity", "02_activation_frequency"),
+        items={
+            "table7": (["{model}/alloc/*.json", "{model}/**/table7*.json"], "W5A5 allocation of one layer as a map")
+        },
+    ),
+    Stage(
+        "05_end_to_end",
+        title="05 end-to-end",
+        summary="GPTQ + Hadamard per allocation;\nPPL, zero-shot, block throughput\nthrough the real kernel",
+        reads=(
+            *CHAPTER,
+            "{model}/alloc/*.json",
+            "{model}/sensitivity/*.json",
+            "{model}/routing/*.json",
+            "kernels/*.json",
+            "@repo/cost_tables/*.json",
+            "@repo/mxmoe/baselines.py",
+            "@repo/mxmoe/plan.py",
+            "@repo/mxmoe/stages/evaluate.py",
+            "@repo/mxmoe/stages/endtoend.py",
+            "@repo/mxmoe/plots/endtoend.py",
+        ),
+        needs=("04_allocation",),
+        items={
+            "fig5": (
+                [
+                    "{model}/eval/figure5.json",
+                    "kernels/figure5.json",
+                    "{model}/eval/table1.json",
+                    "kernels/bench_*.json",
+                ],
+                "MoE-block throughput vs PPL; paper models as throughput only",
+            ),
+            "fig6": (
+                ["{model}/eval/figure6.json", "{model}/alloc/*.json"],
+                "r sweep: throughput vs PPL with the ILP front",
+            ),
+            "table1": (
+                ["{model}/eval/table1.json", "{model}/eval/zeroshot*.json"],
+                "PPL + zero-shot, GPTQ*, QuaRot-style, MxMoE",
+            ),
+            "table3": (["{model}/**/table3*.json"], "linear-block vs expert granularity at W5A5"),
+            "table5": (["{model}/**/table5*.json"], "uniform w4a4..w8a8 with rotation vs the mixed 5-bit result"),
+        },
+    ),
+    Stage(
+        "06_claims",
+        title="06 claims + book",
+        summary="paper vs ours, a verdict\nper claim; Jupyter Book",
+        reads=(
+            "{model}/model.json",
+            "{model}/sensitivity/*.json",
+            "{model}/routing/*.json",
+            "{model}/alloc/*.json",
+            "{model}/eval/*.json",
+            "kernels/*.json",
+            "kernels/NOTES.md",
+            "@repo/mxmoe/claims/*.py",
+            "@repo/mxmoe/paper.py",
+            "@repo/docs/paper_results.json",
+        ),
+    ),
+    Stage(
+        "07_paper_models",
+        title="07 paper models",
+        summary="full-size random-weight models:\nwhole-model speed and memory",
+        reads=(
+            "@repo/results/paper-models/*.json",
+            "@repo/results/paper-models/alloc/*.json",
+            "@repo/mxmoe/bench/paper_models.py",
+            "@repo/mxmoe/plots/paper_models.py",
+        ),
+    ),
 )
 # paper items shown outside the numbered notebooks
-OTHER_ITEMS = {"fig3": ("intro", ["@repo/book/figures/pipeline.svg"], "our own pipeline diagram (mxmoe.plots.pipeline)")}
+OTHER_ITEMS = {
+    "fig3": ("intro", ["@repo/book/figures/pipeline.svg"], "our own pipeline diagram (mxmoe.plots.pipeline)")
+}
 
 
 def stage(stem: str) -> Stage:

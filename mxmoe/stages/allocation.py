@@ -43,8 +43,10 @@ def newest_result(model: str, kind: str, prefix: str) -> Path:
     """The newest <results>/<model>/<kind>/<prefix>*.json, or MxMoEError naming what to run."""
     files = sorted((results_dir() / model / kind).glob(f"{prefix}*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
-        raise MxMoEError(f"no {kind} result {prefix}*.json for {model} under {results_dir() / model / kind}; "
-                         f"run the {kind} stage (notebooks 01/02) first")
+        raise MxMoEError(
+            f"no {kind} result {prefix}*.json for {model} under {results_dir() / model / kind}; "
+            f"run the {kind} stage (notebooks 01/02) first"
+        )
     return files[-1]
 
 
@@ -55,8 +57,11 @@ def card_dims(model: str) -> dict:
         raise MxMoEError(f"no model card {path}: pass dims=model_dims(loaded_model)")
     card = json.loads(path.read_text())
     n = card.get("shared_experts", 0)
-    return {"hidden": card["hidden_size"], "expert_width": card["expert_width"],
-            "shared_widths": [card["shared_width"] // max(n, 1)] * n}
+    return {
+        "hidden": card["hidden_size"],
+        "expert_width": card["expert_width"],
+        "shared_widths": [card["shared_width"] // max(n, 1)] * n,
+    }
 
 
 def model_shape(model: str) -> dict:
@@ -76,10 +81,18 @@ def routing_profile(model: str, corpus: str = plan.ALLOCATION_CORPUS) -> dict:
     return max((json.loads(f.read_text()) for f in files), key=lambda r: r["tokens"])
 
 
-def layer_problems(model: str, schemes: str, *, method: str = plan.ALLOCATION_METHOD,
-                   batch_tokens: int = plan.ALLOCATION_BATCH, gpu: str = plan.ALLOCATION_GPU,
-                   sensitivity: "dict | None" = None, routing: "dict | None" = None, dims: "dict | None" = None,
-                   corpus: str = plan.ALLOCATION_CORPUS) -> "list[LayerProblem]":
+def layer_problems(
+    model: str,
+    schemes: str,
+    *,
+    method: str = plan.ALLOCATION_METHOD,
+    batch_tokens: int = plan.ALLOCATION_BATCH,
+    gpu: str = plan.ALLOCATION_GPU,
+    sensitivity: "dict | None" = None,
+    routing: "dict | None" = None,
+    dims: "dict | None" = None,
+    corpus: str = plan.ALLOCATION_CORPUS,
+) -> "list[LayerProblem]":
     """The allocation inputs of every MoE layer of ``model`` for scheme set ``schemes``.
 
     Sensitivity, routing and dims default to the model's newest result files (``method`` sensitivity,
@@ -117,16 +130,40 @@ def solve_setting(problems: "list[LayerProblem]", setting: plan.AllocationSettin
     """Solve one allocation of ``mxmoe.plan.ALLOCATIONS`` on its layer problems, write it, return its document."""
     start = time.perf_counter()
     if setting.global_budget:
-        choices, _ = solve_model([(p.loss, p.time, p.bits, p.size) for p in problems], problems[0].bits,
-                                 setting.budget_bits, setting.r, granularity=setting.granularity,
-                                 labels=[x for p in problems for x in p.labels])
+        choices, _ = solve_model(
+            [(p.loss, p.time, p.bits, p.size) for p in problems],
+            problems[0].bits,
+            setting.budget_bits,
+            setting.r,
+            granularity=setting.granularity,
+            labels=[x for p in problems for x in p.labels],
+        )
     else:
-        choices = [solve_point(p.loss, p.time, p.bits, p.size, setting.budget_bits, setting.r,
-                               granularity=setting.granularity, labels=p.labels).choice for p in problems]
+        choices = [
+            solve_point(
+                p.loss,
+                p.time,
+                p.bits,
+                p.size,
+                setting.budget_bits,
+                setting.r,
+                granularity=setting.granularity,
+                labels=p.labels,
+            ).choice
+            for p in problems
+        ]
     seconds = time.perf_counter() - start
-    doc = allocation_doc(problems, choices, setting.name, setting.r, setting.budget_bits,
-                         granularity=setting.granularity, global_budget=setting.global_budget, profile=profile,
-                         solve_seconds=round(seconds, 3))
+    doc = allocation_doc(
+        problems,
+        choices,
+        setting.name,
+        setting.r,
+        setting.budget_bits,
+        granularity=setting.granularity,
+        global_budget=setting.global_budget,
+        profile=profile,
+        solve_seconds=round(seconds, 3),
+    )
     write_allocation(doc)
     return doc
 
@@ -139,23 +176,38 @@ def solve_settings(problems: dict, profile: str) -> "tuple[dict, list[dict]]":
     for setting in plan.ALLOCATIONS:
         doc = solve_setting(problems[setting.scheme_set], setting, profile)
         docs[setting.name] = doc
-        summary.append({"setting": setting.name, "schemes": setting.scheme_set, "budget": setting.budget_bits,
-                        "r": setting.r, "bits": doc["predicted"]["bits"], "L": doc["predicted"]["L"],
-                        "T ms": doc["predicted"]["T_ms"], "T launch ms": doc["predicted"]["T_launch_ms"],
-                        "solve s": doc["solve_seconds"]})
+        summary.append(
+            {
+                "setting": setting.name,
+                "schemes": setting.scheme_set,
+                "budget": setting.budget_bits,
+                "r": setting.r,
+                "bits": doc["predicted"]["bits"],
+                "L": doc["predicted"]["L"],
+                "T ms": doc["predicted"]["T_ms"],
+                "T launch ms": doc["predicted"]["T_launch_ms"],
+                "solve s": doc["solve_seconds"],
+            }
+        )
     return docs, summary
 
 
 def predicted_vs_uniform(problems: dict, docs: dict) -> dict:
     """{label: (L, T ms)} of the uniform points and the allocations that notebook 04 compares."""
+
     def pred(name):
         return docs[name]["predicted"]["L"], docs[name]["predicted"]["T_ms"]
-    return {"uniform w8a8": uniform_totals(problems["w5a5"], "w8a8_g-1_sym"),
-            "uniform w4a4 g-1": uniform_totals(problems["w5a5"], "w4a4_g-1_sym"),
-            "mxmoe-w5a5 (per layer)": pred("mxmoe-w5a5"), "mxmoe-w5a5 (global budget)": pred("mxmoe-w5a5-global"),
-            "mxmoe-w5a5-expert": pred("mxmoe-w5a5-expert"),
-            "uniform w3a16 g128": uniform_totals(problems["weight_only"], "w3a16_g128_asym"),
-            "mxmoe-3.25 (per layer)": pred("mxmoe-3.25"), "mxmoe-3.25 (global budget)": pred("mxmoe-3.25-global")}
+
+    return {
+        "uniform w8a8": uniform_totals(problems["w5a5"], "w8a8_g-1_sym"),
+        "uniform w4a4 g-1": uniform_totals(problems["w5a5"], "w4a4_g-1_sym"),
+        "mxmoe-w5a5 (per layer)": pred("mxmoe-w5a5"),
+        "mxmoe-w5a5 (global budget)": pred("mxmoe-w5a5-global"),
+        "mxmoe-w5a5-expert": pred("mxmoe-w5a5-expert"),
+        "uniform w3a16 g128": uniform_totals(problems["weight_only"], "w3a16_g128_asym"),
+        "mxmoe-3.25 (per layer)": pred("mxmoe-3.25"),
+        "mxmoe-3.25 (global budget)": pred("mxmoe-3.25-global"),
+    }
 
 
 def uniform_totals(problems: "list[LayerProblem]", scheme: str) -> "tuple[float, float]":
@@ -168,14 +220,21 @@ def uniform_totals(problems: "list[LayerProblem]", scheme: str) -> "tuple[float,
 @dataclass
 class FrontResult:
     """The model's W5A5 front: the curve over r, the marked r points and the per-layer fronts' sizes."""
+
     curve_r: list
     curve: list  # (L, T ms) per r of curve_r
     picks: dict  # r -> (L, T ms)
     doc: dict  # the front_w5a5.json document
 
 
-def solve_front(model: str, problems: "list[LayerProblem]", profile: str, kind: str,
-                batch_tokens: int = plan.ALLOCATION_BATCH, gpu: str = plan.ALLOCATION_GPU) -> FrontResult:
+def solve_front(
+    model: str,
+    problems: "list[LayerProblem]",
+    profile: str,
+    kind: str,
+    batch_tokens: int = plan.ALLOCATION_BATCH,
+    gpu: str = plan.ALLOCATION_GPU,
+) -> FrontResult:
     """One Pareto front per layer (``plan.FRONT_SCHEME_SET`` at ``plan.FRONT_BUDGET``) summed over layers for every r;
     writes <results>/<model>/alloc/front_w5a5.json."""
     start = time.perf_counter()
@@ -184,18 +243,31 @@ def solve_front(model: str, problems: "list[LayerProblem]", profile: str, kind: 
     grid = sorted(set(np.round(np.linspace(0, 1, 41), 4)) | set(plan.R_FRONT))
     curve = [(sum(f.pick(r).L for f in fronts), sum(f.pick(r).T for f in fronts)) for r in grid]
     picks = {r: (sum(f.pick(r).L for f in fronts), sum(f.pick(r).T for f in fronts)) for r in plan.R_FRONT}
-    doc = {"model": model, "scheme_set": plan.FRONT_SCHEME_SET, "budget_bits": plan.FRONT_BUDGET,
-           "batch_tokens": batch_tokens, "gpu": gpu, "profile": profile, "kind": kind,
-           "per_layer_points": [len(f.points) for f in fronts], "per_layer_solves": [f.solves for f in fronts],
-           "front_seconds": seconds, "curve_r": grid, "curve": curve, "picks": {str(r): v for r, v in picks.items()}}
+    doc = {
+        "model": model,
+        "scheme_set": plan.FRONT_SCHEME_SET,
+        "budget_bits": plan.FRONT_BUDGET,
+        "batch_tokens": batch_tokens,
+        "gpu": gpu,
+        "profile": profile,
+        "kind": kind,
+        "per_layer_points": [len(f.points) for f in fronts],
+        "per_layer_solves": [f.solves for f in fronts],
+        "front_seconds": seconds,
+        "curve_r": grid,
+        "curve": curve,
+        "picks": {str(r): v for r, v in picks.items()},
+    }
     write_json_atomic(results_dir() / model / "alloc" / "front_w5a5.json", doc)
     return FrontResult(grid, curve, picks, doc)
 
 
 def write_table7(model: str, setting: str, layer: int, table: dict, profile: str, kind: str) -> Path:
     """<results>/<model>/alloc/table7.json: one layer's scheme per (expert, block) of an allocation."""
-    return write_json_atomic(results_dir() / model / "alloc" / "table7.json",
-                             {"setting": setting, "layer": int(layer), "map": table, "profile": profile, "kind": kind})
+    return write_json_atomic(
+        results_dir() / model / "alloc" / "table7.json",
+        {"setting": setting, "layer": int(layer), "map": table, "profile": profile, "kind": kind},
+    )
 
 
 def sweep_setting(r: float, budget_bits: float = plan.FRONT_BUDGET, schemes: str = plan.FRONT_SCHEME_SET) -> str:
@@ -203,30 +275,49 @@ def sweep_setting(r: float, budget_bits: float = plan.FRONT_BUDGET, schemes: str
     return f"{schemes}-b{budget_bits:g}-r{r:g}"
 
 
-def r_sweep_allocations(model: str, rs=plan.R_SWEEP, budget_bits: float = plan.FRONT_BUDGET,
-                        schemes: str = plan.FRONT_SCHEME_SET, batch_tokens: int = plan.ALLOCATION_BATCH,
-                        gpu: str = plan.ALLOCATION_GPU, method: str = plan.ALLOCATION_METHOD,
-                        profile: str = "") -> dict:
+def r_sweep_allocations(
+    model: str,
+    rs=plan.R_SWEEP,
+    budget_bits: float = plan.FRONT_BUDGET,
+    schemes: str = plan.FRONT_SCHEME_SET,
+    batch_tokens: int = plan.ALLOCATION_BATCH,
+    gpu: str = plan.ALLOCATION_GPU,
+    method: str = plan.ALLOCATION_METHOD,
+    profile: str = "",
+) -> dict:
     """Allocations for several r from one Pareto front per layer: {r: (setting, scheme map, allocation doc)}.
 
     Each is written to <results>/<model>/alloc/<schemes>-b<budget>-r<r>.json.
     """
-    problems = layer_problems(model, schemes, method=method, batch_tokens=batch_tokens, gpu=gpu,
-                              routing=routing_profile(model), dims=model_shape(model))
+    problems = layer_problems(
+        model,
+        schemes,
+        method=method,
+        batch_tokens=batch_tokens,
+        gpu=gpu,
+        routing=routing_profile(model),
+        dims=model_shape(model),
+    )
     fronts = [pareto_front(p.loss, p.time, p.bits, p.size, budget_bits, labels=p.labels) for p in problems]
     out = {}
     for r in rs:
         choices = [f.pick(r).choice for f in fronts]
         setting = sweep_setting(r, budget_bits, schemes)
-        doc = allocation_doc(problems, choices, setting, r, budget_bits, profile=profile,
-                             solve_seconds=sum(f.seconds for f in fronts))
+        doc = allocation_doc(
+            problems, choices, setting, r, budget_bits, profile=profile, solve_seconds=sum(f.seconds for f in fronts)
+        )
         write_allocation(doc)
         out[r] = (setting, scheme_map(problems, choices), doc)
     return out
 
 
-def allocation_inputs(profile, method: str = plan.ALLOCATION_METHOD, batch_tokens: int = plan.ALLOCATION_BATCH,
-                      gpu: str = plan.ALLOCATION_GPU, corpus: str = plan.ALLOCATION_CORPUS) -> "tuple[dict, dict, str]":
+def allocation_inputs(
+    profile,
+    method: str = plan.ALLOCATION_METHOD,
+    batch_tokens: int = plan.ALLOCATION_BATCH,
+    gpu: str = plan.ALLOCATION_GPU,
+    corpus: str = plan.ALLOCATION_CORPUS,
+) -> "tuple[dict, dict, str]":
     """The layer problems of ``profile.model`` for every scheme set of ``plan.ALLOCATIONS``, its routing and the
     sensitivity method used: (problems by scheme set, routing report, method).
 
@@ -244,7 +335,18 @@ def allocation_inputs(profile, method: str = plan.ALLOCATION_METHOD, batch_token
         dims = model_dims(net)
     else:
         routing = json.loads(newest_result(profile.model, "routing", f"{corpus}_").read_text())
-    problems = {s: layer_problems(profile.model, s, method=method, batch_tokens=batch_tokens, gpu=gpu,
-                                  sensitivity=sensitivity, routing=routing, dims=dims, corpus=corpus)
-                for s in dict.fromkeys(a.scheme_set for a in plan.ALLOCATIONS)}
+    problems = {
+        s: layer_problems(
+            profile.model,
+            s,
+            method=method,
+            batch_tokens=batch_tokens,
+            gpu=gpu,
+            sensitivity=sensitivity,
+            routing=routing,
+            dims=dims,
+            corpus=corpus,
+        )
+        for s in dict.fromkeys(a.scheme_set for a in plan.ALLOCATIONS)
+    }
     return problems, routing, method

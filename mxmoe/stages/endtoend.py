@@ -24,8 +24,14 @@ from mxmoe.stages.allocation import model_shape, r_sweep_allocations, routing_pr
 from mxmoe.stages.evaluate import evaluate_config
 
 
-def predicted_throughput(model: str, batch_tokens: int, gpu: str = "nvidia_h100", *, scheme: "str | None" = None,
-                         scheme_map: "dict | None" = None) -> dict:
+def predicted_throughput(
+    model: str,
+    batch_tokens: int,
+    gpu: str = "nvidia_h100",
+    *,
+    scheme: "str | None" = None,
+    scheme_map: "dict | None" = None,
+) -> dict:
     """Predicted MoE-block GEMM time of one batch: {'T_ms', 'tokens_per_s', 'time_source'}.
 
     Give one uniform ``scheme`` or an allocation ``scheme_map`` {(layer, expert, block): Scheme};
@@ -73,24 +79,35 @@ def figure5(profile: Profile, table1: dict, table5: dict, maps: dict, gpu: str =
     """
     model = profile.model
     measured = measured_throughput(model)
-    ppl_of = {"fp16": table1["fp16"]["ppl"], "w4a4": table1["quarot-w4a4"]["ppl"], "w8a8": table5.get("w8a8"),
-              plan.FIG5_MIXED: table1[plan.FIG5_MIXED]["ppl"]}
+    ppl_of = {
+        "fp16": table1["fp16"]["ppl"],
+        "w4a4": table1["quarot-w4a4"]["ppl"],
+        "w8a8": table5.get("w8a8"),
+        plan.FIG5_MIXED: table1[plan.FIG5_MIXED]["ppl"],
+    }
     rows = []
     for batch in plan.BATCHES:
         for label in [*plan.FIG5_UNIFORM, plan.FIG5_MIXED]:
             spec = {"scheme": plan.FIG5_UNIFORM[label]} if label in plan.FIG5_UNIFORM else {"scheme_map": maps[label]}
-            row = {"setting": label, "batch": batch, "ppl": ppl_of.get(label),
-                   **predicted_throughput(model, batch, gpu, **spec)}
+            row = {
+                "setting": label,
+                "batch": batch,
+                "ppl": ppl_of.get(label),
+                **predicted_throughput(model, batch, gpu, **spec),
+            }
             row["predicted_tokens_per_s"] = row["tokens_per_s"]
             if measured and (label, batch) in measured:
                 hit = measured[(label, batch)]
                 row.update(tokens_per_s=hit["tokens_per_s"], time_source=f"measured: {hit['source']}")
             rows.append(row)
     is_measured = bool(measured) and all(r["time_source"].startswith("measured") for r in rows)
-    meta = {"device": next(iter(measured.values()))["device"] if is_measured else f"{gpu} cost table",
-            "model": model, "profile": profile.name,
-            "kind": "smoke" if profile.name == "smoke" else ("measured" if is_measured else "predicted"),
-            "ppl_device": table1["fp16"]["device"]}
+    meta = {
+        "device": next(iter(measured.values()))["device"] if is_measured else f"{gpu} cost table",
+        "model": model,
+        "profile": profile.name,
+        "kind": "smoke" if profile.name == "smoke" else ("measured" if is_measured else "predicted"),
+        "ppl_device": table1["fp16"]["device"],
+    }
     write_json_atomic(results_dir() / model / "eval" / "figure5.json", {**meta, "rows": rows})
     return {"meta": meta, "rows": rows}
 
@@ -104,11 +121,16 @@ def figure6(profile: Profile, meta: dict, seed: int = 0, gpu: str = plan.THROUGH
     points = []
     for r, (setting, smap, doc) in sweep.items():
         row = evaluate_config(allocation_config(setting, seed), profile, scheme_map=smap, zeroshot=False)
-        point = {"r": r, "setting": setting, "ppl": row["ppl"], "predicted_T_ms": doc["predicted"]["T_launch_ms"],
-                 "L": doc["predicted"]["L"], **predicted_throughput(model, batch, gpu, scheme_map=smap)}
+        point = {
+            "r": r,
+            "setting": setting,
+            "ppl": row["ppl"],
+            "predicted_T_ms": doc["predicted"]["T_launch_ms"],
+            "L": doc["predicted"]["L"],
+            **predicted_throughput(model, batch, gpu, scheme_map=smap),
+        }
         if measured and (setting, batch) in measured:
             point.update(tokens_per_s=measured[(setting, batch)]["tokens_per_s"], time_source="measured")
         points.append(point)
     write_json_atomic(results_dir() / model / "eval" / "figure6.json", {**meta, "batch": batch, "rows": points})
     return points
-

@@ -38,8 +38,9 @@ def fresh_model(name: str):
     return copy.deepcopy(model), tok
 
 
-def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zeroshot: bool = True, tasks=None,
-                    progress: bool = True) -> dict:
+def evaluate_config(
+    config, profile, *, scheme_map: "dict | None" = None, zeroshot: bool = True, tasks=None, progress: bool = True
+) -> dict:
     """Quantize a fresh ``profile.model`` per ``config`` (``mxmoe.baselines.QuantConfig``) and measure it.
 
     ``scheme_map`` replaces the config's uniform scheme (an allocation). WikiText-2 perplexity on the
@@ -53,7 +54,9 @@ def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zerosh
     rows = None if scheme_map is None else scheme_map_to_rows(scheme_map)
 
     def cache(tasks: list) -> tuple[dict, Path]:
-        sizes = {k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")}
+        sizes = {
+            k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")
+        }
         if tasks:
             sizes["zeroshot_limit"] = profile.zeroshot_limit
         params = {"config": recipe, "profile": sizes, "tasks": tasks, "scheme_map": rows}
@@ -75,9 +78,18 @@ def evaluate_config(config, profile, *, scheme_map: "dict | None" = None, zerosh
     accuracy = {}
     if tasks and tok is not None:
         accuracy = {t: r["value"] for t, r in evaluate_tasks(model, tok, tasks, profile.zeroshot_limit).items()}
-    row = {"label": config.label, "w_bits": report["w_bits"], "a_bits": report["a_bits"], "ppl": ppl,
-           "tasks": accuracy, "profile": profile.name, "device": device_name(),
-           "seconds": round(time.time() - start, 1), "quantization": report, "params": params}
+    row = {
+        "label": config.label,
+        "w_bits": report["w_bits"],
+        "a_bits": report["a_bits"],
+        "ppl": ppl,
+        "tasks": accuracy,
+        "profile": profile.name,
+        "device": device_name(),
+        "seconds": round(time.time() - start, 1),
+        "quantization": report,
+        "params": params,
+    }
     write_json_atomic(path, row)
     return row
 
@@ -119,24 +131,42 @@ def table3(profile: Profile, measured: dict, seed: int = 0) -> dict:
 
     rows, row = {}, None
     for name, setting in plan.TABLE3.items():
-        row = measured.get(setting) or evaluate_config(allocation_config(setting, seed), profile,
-                                                       scheme_map=load_allocation(profile.model, setting), zeroshot=False)
+        row = measured.get(setting) or evaluate_config(
+            allocation_config(setting, seed),
+            profile,
+            scheme_map=load_allocation(profile.model, setting),
+            zeroshot=False,
+        )
         doc = json.loads(alloc_path(profile.model, setting).read_text())
-        rows[name] = {"setting": setting, "ppl": row["ppl"], "w_bits": row["w_bits"],
-                      "predicted_T_ms": doc["predicted"]["T_launch_ms"]}
-    write_json_atomic(results_dir() / profile.model / "eval" / "table3.json",
-                      {"profile": profile.name, "device": row["device"], "rows": rows})
+        rows[name] = {
+            "setting": setting,
+            "ppl": row["ppl"],
+            "w_bits": row["w_bits"],
+            "predicted_T_ms": doc["predicted"]["T_launch_ms"],
+        }
+    write_json_atomic(
+        results_dir() / profile.model / "eval" / "table3.json",
+        {"profile": profile.name, "device": row["device"], "rows": rows},
+    )
     return rows
 
 
 def table5(profile: Profile, mixed_ppl: float, device: str) -> dict:
     """Table 5: uniform w<b>a<b> with rotation (``plan.TABLE5_BITS``) beside the mixed W5A5 allocation's PPL."""
-    ppl = {f"w{b}a{b}": evaluate_config(rotated_uniform_config(b, b), profile, zeroshot=False)["ppl"]
-           for b in plan.TABLE5_BITS}
+    ppl = {
+        f"w{b}a{b}": evaluate_config(rotated_uniform_config(b, b), profile, zeroshot=False)["ppl"]
+        for b in plan.TABLE5_BITS
+    }
     ppl["mxmoe-w5a5"] = mixed_ppl
-    write_json_atomic(results_dir() / profile.model / "eval" / "table5.json",
-                      {"profile": profile.name, "device": device,
-                       "method": "GPTQ + random Hadamard, per-channel sym weights, per-token activations", "ppl": ppl})
+    write_json_atomic(
+        results_dir() / profile.model / "eval" / "table5.json",
+        {
+            "profile": profile.name,
+            "device": device,
+            "method": "GPTQ + random Hadamard, per-channel sym weights, per-token activations",
+            "ppl": ppl,
+        },
+    )
     return ppl
 
 
@@ -146,9 +176,17 @@ def table4(profile: Profile, bits=plan.TABLE4_BITS) -> dict:
     Returns the document: {"profile", "device", "fp_ppl", "method", "ppl": {"w<w>a<a>": ppl}}.
     """
     fp = evaluate_config(baseline("fp16"), profile, zeroshot=False, progress=False)
-    cells = {f"w{w}a{a}": evaluate_config(rtn_grid_config(w, a), profile, zeroshot=False, progress=False)["ppl"]
-             for w in bits for a in bits}
-    doc = {"profile": profile.as_dict(), "device": fp["device"], "fp_ppl": fp["ppl"],
-           "method": "rtn, per-channel sym weights, per-token sym activations", "ppl": cells}
+    cells = {
+        f"w{w}a{a}": evaluate_config(rtn_grid_config(w, a), profile, zeroshot=False, progress=False)["ppl"]
+        for w in bits
+        for a in bits
+    }
+    doc = {
+        "profile": profile.as_dict(),
+        "device": fp["device"],
+        "fp_ppl": fp["ppl"],
+        "method": "rtn, per-channel sym weights, per-token sym activations",
+        "ppl": cells,
+    }
     write_json_atomic(results_dir() / profile.model / "eval" / f"table4_{profile.name}.json", doc)
     return doc

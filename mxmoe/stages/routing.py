@@ -23,8 +23,15 @@ from mxmoe.profiles import random_windows
 from mxmoe.routing import corpus_windows, routing_report
 
 
-def profile_corpora(model_name: str, corpora=plan.ROUTING_CORPORA, n: int = 8, seqlen: int = plan.ROUTING_SEQLEN,
-                    seed: int = 0, batches=plan.BATCHES, allow_random: bool = False) -> dict:
+def profile_corpora(
+    model_name: str,
+    corpora=plan.ROUTING_CORPORA,
+    n: int = 8,
+    seqlen: int = plan.ROUTING_SEQLEN,
+    seed: int = 0,
+    batches=plan.BATCHES,
+    allow_random: bool = False,
+) -> dict:
     """Routing of ``model_name`` on each corpus; writes results/<model>/routing/<corpus>_n<n>_s<seqlen>.json each.
 
     Returns {corpus: report}. Reports carry their parameters, device and date; a file made with the
@@ -42,11 +49,16 @@ def profile_corpora(model_name: str, corpora=plan.ROUTING_CORPORA, n: int = 8, s
         params = {"model": model_name, "corpus": corpus, "windows": n, "seqlen": seqlen, "seed": seed}
         if path.exists():  # reuse a profile made with the same parameters and batch sizes
             old = json.loads(path.read_text())
-            if {k: old["params"].get(k) for k in params} == params and set(old["workloads"]) == {str(b) for b in batches}:
+            if {k: old["params"].get(k) for k in params} == params and set(old["workloads"]) == {
+                str(b) for b in batches
+            }:
                 out[corpus] = old
                 continue
-        windows = (random_windows(model.config.vocab_size, n, seqlen, seed) if tok is None
-                   else corpus_windows(tok, corpus, n, seqlen, seed))
+        windows = (
+            random_windows(model.config.vocab_size, n, seqlen, seed)
+            if tok is None
+            else corpus_windows(tok, corpus, n, seqlen, seed)
+        )
         report = routing_report(model, windows, batches)
         report["params"] = {**params, "device": device_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
         write_json_atomic(path, report)
@@ -61,8 +73,14 @@ def embedded_profile() -> dict:
     """The committed WikiText-2 routing profile of smollm2-moe: {'counts' [L, E], 'layers', 'top_k', 'source'}."""
     files = sorted(glob.glob(str(REPO_ROOT / EMBEDDED_PROFILE)))
     if not files:
-        raise FileNotFoundError(f"no routing profile {EMBEDDED_PROFILE} in {REPO_ROOT}: run notebook 02 on smollm2-moe, "
-                                "or pass ratio= to target_profile")
+        raise FileNotFoundError(
+            f"no routing profile {EMBEDDED_PROFILE} in {REPO_ROOT}: run notebook 02 on smollm2-moe, "
+            "or pass ratio= to target_profile"
+        )
     doc = json.loads(Path(files[-1]).read_text())
-    return {"counts": np.asarray(doc["counts"], dtype=float), "layers": doc["layers"], "top_k": doc["top_k"],
-            "source": str(Path(files[-1]).relative_to(REPO_ROOT))}
+    return {
+        "counts": np.asarray(doc["counts"], dtype=float),
+        "layers": doc["layers"],
+        "top_k": doc["top_k"],
+        "source": str(Path(files[-1]).relative_to(REPO_ROOT)),
+    }

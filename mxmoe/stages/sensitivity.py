@@ -26,9 +26,18 @@ def cache_path(model_name: str, method: str, schemes, calib: str):
     return results_dir() / model_name / "sensitivity" / f"{method}_{len(schemes)}schemes-{digest}_{calib}.json"
 
 
-def run_sensitivity(model_name: str, method: str = "rtn", schemes: str = "hopper", calib: str = "wikitext2",
-                    n: int = 8, seqlen: int = 512, seed: int = 0, progress: bool = True, allow_random: bool = False,
-                    **kw) -> tuple[dict, Path]:
+def run_sensitivity(
+    model_name: str,
+    method: str = "rtn",
+    schemes: str = "hopper",
+    calib: str = "wikitext2",
+    n: int = 8,
+    seqlen: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+    allow_random: bool = False,
+    **kw,
+) -> tuple[dict, Path]:
     """Load ``model_name``, draw ``n`` calibration windows of ``calib`` and compute (or resume) its Δ file.
 
     ``schemes`` is a scheme-set name or a comma-separated list (``mxmoe.schemes.scheme_set``).
@@ -52,14 +61,26 @@ def run_sensitivity(model_name: str, method: str = "rtn", schemes: str = "hopper
     tag = f"{calib}-n{n}-s{seqlen}-seed{seed}"
     path = cache_path(model_name, method, scheme_list, tag)
     params = {"model": model_name, "calibration": tag, "scheme_set": schemes}
-    return compute_sensitivity(model, windows, scheme_list, method, path=path, params=params, seed=seed,
-                               progress=progress, **kw), path
+    return compute_sensitivity(
+        model, windows, scheme_list, method, path=path, params=params, seed=seed, progress=progress, **kw
+    ), path
 
 
-def profile_sensitivity(method: str, profile, schemes: str = "hopper", seed: int = 0, progress: bool = True) -> tuple[dict, Path]:
+def profile_sensitivity(
+    method: str, profile, schemes: str = "hopper", seed: int = 0, progress: bool = True
+) -> tuple[dict, Path]:
     """``run_sensitivity`` at the sizes of a run profile (``mxmoe.profiles.Profile``) on its model.
 
     The smoke profile's tiny model has no tokenizer and is calibrated on random ids.
     """
-    return run_sensitivity(profile.model, method, schemes, "wikitext2", profile.calib_windows, profile.calib_seqlen,
-                           seed, progress, allow_random=profile.name == "smoke")
+    return run_sensitivity(
+        profile.model,
+        method,
+        schemes,
+        "wikitext2",
+        profile.calib_windows,
+        profile.calib_seqlen,
+        seed,
+        progress,
+        allow_random=profile.name == "smoke",
+    )
