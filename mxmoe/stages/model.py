@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from mxmoe.env import default_device
+from mxmoe.env import default_device, device_name
 from mxmoe.files import write_json_atomic
 from mxmoe.metrics import eval_windows, perplexity
 from mxmoe.models import load_model, moefy, smollm2
@@ -107,3 +107,53 @@ def perplexity_summary(model: str, profile) -> dict:
     return {"dense": None, "MoE": hit["ppl_moe"], "MoE / dense": None,
             "windows": f"{profile.eval_windows} x {profile.eval_seqlen}", "source": hit["data"],
             "device": "this machine"}
+
+
+STUDY_STRUCTURES = {  # (shared width, routed experts, top-k): within ≥ 32 experts, top-k ≥ 4, ≤ 50% of 1536 active
+    "S512+32x32k8": (512, 32, 8),
+    "S384+48x24k12": (384, 48, 12),
+    "S256+64x20k16": (256, 64, 16),
+}
+
+
+@torch.no_grad()
+def carving_study(out: Path, runs: list[tuple[str, str, str]], calib_windows: int = 8, router_tokens: int = 2048,
+                  dev_windows: int = 4, dev_seqlen: int = 512) -> list[dict]:
+    """Training-free comparison of carvings with all 30 FFNs sparse, written to ``out`` (JSON) as it goes.
+
+    runs: (structure name in STUDY_STRUCTURES, method 'cmoe'|'kmeans', router fit 'rep'|'norm'). Calibration is
+    Gutenberg + WikiText-2 train; per-layer relative FFN output error on the dense FFN inputs of the first
+    WikiText-2 *validation* window, all-sparse perplexity on ``dev_windows`` validation windows (masked-dense form).
+    """
+    from mxmoe.data import calibration_windows
+    from mxmoe.models import cmoe, heal
+
+    dense, tok = moefy.load_dense()
+    half = calib_windows // 2
+    calib = torch.cat([calibration_windows(tok, "gutenberg", half, 512, 0),
+                       calibration_windows(tok, "wikitext2", calib_windows - half, 512, 0)])
+    inputs = moefy.collect_ffn_inputs(dense, calib)
+    dev = eval_windows(tok, dev_seqlen, dev_windows, split="valid")
+    dev_io = heal._collect_layer_io(dense, dev[:1], list(range(len(inputs))))
+    rows = [{"structure": "dense", "dev_ppl": perplexity(dense, dev, desc="dev ppl, dense")}]
+    for name, method, router in runs:
+        shared, experts, top_k = STUDY_STRUCTURES[name]
+        cfg = cmoe.CarveConfig(num_experts=experts, top_k=top_k, shared_width=shared, method=method, router=router,
+                               calib_windows=calib_windows, router_tokens=router_tokens)
+        start = time.time()
+        splits = {i: cmoe.carve(dense.model.layers[i].mlp, x, cfg, i)[0] for i, x in enumerate(inputs)}
+        seconds = time.time() - start
+        student = heal.masked_student(dense, splits, top_k, rank=0)
+        errors = []
+        for i, b in heal.moe_layers(student).items():
+            x, t = dev_io[i]
+            errors.append(((b(x) - t).norm() / t.norm()).item())
+        rows.append({"structure": name, "method": method, "router": router, "active": cfg.active_neurons(1536),
+                     "dev_layer_error": errors, "dev_layer_error_mean": sum(errors) / len(errors),
+                     "dev_ppl": perplexity(student, dev, desc=f"dev ppl, {name} {method}"), "carve_seconds": seconds})
+        rows[-1]["dev_ppl_ratio"] = rows[-1]["dev_ppl"] / rows[0]["dev_ppl"]
+        write_json_atomic(out, {"calib_windows": calib_windows, "router_tokens": router_tokens, "dev_windows": dev_windows,
+                                "dev_seqlen": dev_seqlen, "device": device_name(), "rows": rows})
+        print(rows[-1]["structure"], method, router, f"err {rows[-1]['dev_layer_error_mean']:.3f}",
+              f"ppl {rows[-1]['dev_ppl']:.2f} ({rows[-1]['dev_ppl_ratio']:.2f}x)", f"{seconds:.0f}s", flush=True)
+    return rows
