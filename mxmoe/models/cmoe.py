@@ -20,7 +20,7 @@ The result is a ``moefy.LayerSplit``, so ``moefy.sparse_block`` / ``moefy.assemb
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -28,26 +28,20 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from mxmoe.models.moefy import LayerSplit, fit_router, fit_scales
+from mxmoe.models.moefy import LayerSplit, MoefyConfig, fit_router, fit_scales
 
 
 @dataclass(frozen=True)
-class CarveConfig:
-    """Structure and carving method of a fully sparse smollm2-moe (every field shapes the weights)."""
+class CarveConfig(MoefyConfig):
+    """Structure and carving method of a fully sparse smollm2-moe (every field shapes the weights).
 
-    num_experts: int = 32
-    top_k: int = 8
-    shared_width: int = 512
+    The sizes and seeds are ``moefy.MoefyConfig``'s; ``method='kmeans'`` carves with its co-activation k-means.
+    """
+
     method: str = "cmoe"  # "cmoe" (this module) or "kmeans" (moefy's co-activation k-means)
+    router: str = "rep"  # "rep": fit to the representatives' log |activation| (CMoE); "norm": to log expert-output norms
     k_act: int = 128  # neurons marked per token (CMoE's K_a)
     assign_iters: int = 2  # balanced-assignment rounds (CMoE: 1)
-    router: str = "rep"  # "rep": fit to the representatives' log |activation| (CMoE); "norm": to log expert-output norms
-    calib_windows: int = 24
-    calib_seqlen: int = 512
-    router_tokens: int = 4096
-    router_spread: float = 0.02
-    kmeans_iters: int = 8
-    seed: int = 0
 
     def check(self, inter: int) -> int:
         """Validate the structure against an FFN of ``inter`` neurons; returns the routed expert width."""
@@ -174,13 +168,9 @@ def finish_split(mlp: nn.Module, sub: torch.Tensor, held: torch.Tensor, shared: 
     return LayerSplit(shared, experts, router, scale * top_k), rel
 
 
-def kmeans_config(cfg: CarveConfig):
+def kmeans_config(cfg: CarveConfig) -> MoefyConfig:
     """The ``moefy.MoefyConfig`` of the co-activation k-means baseline with the same structure and sizes."""
-    from mxmoe.models.moefy import MoefyConfig
-
-    return MoefyConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, shared_width=cfg.shared_width,
-                       calib_windows=cfg.calib_windows, calib_seqlen=cfg.calib_seqlen, router_tokens=cfg.router_tokens,
-                       router_spread=cfg.router_spread, kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
+    return MoefyConfig(**{f.name: getattr(cfg, f.name) for f in fields(MoefyConfig)})
 
 
 def carve(mlp: nn.Module, x: torch.Tensor, cfg: CarveConfig, seed: int) -> tuple[LayerSplit, float]:

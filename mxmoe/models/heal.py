@@ -79,6 +79,7 @@ class MaskedMoE(nn.Module):
             self.up_b = nn.Parameter(torch.zeros(inter, rank, dtype=wg.dtype))
             self.down_a = nn.Parameter(torch.randn(rank, inter, dtype=wg.dtype) / math.sqrt(inter))  # [r, I]
             self.down_b = nn.Parameter(torch.zeros(hidden, rank, dtype=wg.dtype))  # [H, r]
+        self.to(wg.device)  # the carving may come from the CPU, the weights from a GPU
         self.last_probs: torch.Tensor | None = None  # [T, E] router softmax of the last forward
         self.last_top: torch.Tensor | None = None  # [T, k] selected experts of the last forward
 
@@ -203,10 +204,11 @@ def _collect_layer_io(dense: nn.Module, windows: torch.Tensor, layers: list[int]
         return f
 
     hooks = [dense.model.layers[i].mlp.register_forward_hook(hook(i)) for i in layers]
+    device = next(dense.parameters()).device
     try:
         with torch.no_grad():
             for w in windows:
-                dense.model(w[None])
+                dense.model(w[None].to(device))
     finally:
         for h in hooks:
             h.remove()

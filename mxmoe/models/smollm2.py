@@ -44,7 +44,7 @@ HEALED_DIR = Path(__file__).resolve().parent / "healed" / V2_NAME  # committed o
 MAX_DEV_RATIO = 1.2  # dev-set (WikiText-2 valid) perplexity budget when choosing the sparse layers
 DEV_SEQLEN, DEV_WINDOWS = 512, 8
 
-Recipe = moefy.MoefyConfig | cmoe.CarveConfig
+Recipe = moefy.MoefyConfig  # cmoe.CarveConfig (v2) is a subclass
 
 
 def recipe(name: str = NAME) -> Recipe:
@@ -60,17 +60,17 @@ def recipe(name: str = NAME) -> Recipe:
 
 def cache_key(cfg: Recipe = RECIPE) -> str:
     """A short hash of the recipe, the healed files (v2) and the library versions that shape the weights."""
-    if isinstance(cfg, moefy.MoefyConfig):
-        blob = json.dumps([asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS, transformers.__version__], sort_keys=True)
-    else:
+    if isinstance(cfg, cmoe.CarveConfig):
         files = json.loads((HEALED_DIR / heal.HEAL_JSON).read_text())["files"] if heal.heal_files_present(HEALED_DIR) else None
         blob = json.dumps(["v2", asdict(cfg), files, transformers.__version__], sort_keys=True)
+    else:
+        blob = json.dumps([asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS, transformers.__version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def model_dir(cfg: Recipe = RECIPE) -> Path:
     """Where the built checkpoint lives (complete only when build.json is present)."""
-    stem = NAME if isinstance(cfg, moefy.MoefyConfig) else V2_NAME  # the training-free build keeps its old folder
+    stem = V2_NAME if isinstance(cfg, cmoe.CarveConfig) else NAME  # the training-free build keeps its old folder
     return cache_dir() / "models" / f"{stem}-{cache_key(cfg)}"
 
 
