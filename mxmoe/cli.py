@@ -181,7 +181,7 @@ def parser() -> argparse.ArgumentParser:
     b = model.add_parser("build", help="build the embedded smollm2-moe into the cache (about 10 min on 2 CPU cores)")
     b.add_argument("--force", action="store_true", help="rebuild even when a complete build is cached")
     b.add_argument("--recipe", default="smollm2-moe", choices=["smollm2-moe", "smollm2-moe-tf", "smollm2-moe-v2"],
-                   help="smollm2-moe-tf: training-free, few sparse layers; smollm2-moe-v2: every FFN sparse (CMoE), "
+                   help="smollm2-moe-tf: training-free, few sparse layers; smollm2-moe-v2: every FFN sparse, "
                         "healed files merged when present; smollm2-moe: v2 when healed, else tf (default)")
     b.set_defaults(func=_model_build)
     from mxmoe.models.heal import HealConfig  # defaults shown in --help

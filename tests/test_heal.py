@@ -172,3 +172,42 @@ def test_save_refuses_files_over_the_limits(tmp_path, monkeypatch):
     monkeypatch.setattr(heal, "TOTAL_BYTES", 1000)
     with pytest.raises(MxMoEError, match="limit"):
         heal.save_heal(student, tmp_path, {})
+
+
+class _Tok:
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.mark.parametrize("with_files", [True, False])
+def test_v2_build_merges_the_files_or_says_it_is_training_free(tmp_path, monkeypatch, capsys, with_files):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from mxmoe.models import smollm2
+
+    recipe = cmoe.CarveConfig(**{**CFG.__dict__, "calib_windows": 4, "calib_seqlen": 32})
+    monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path / "cache"))
+    healed = tmp_path / "repo" / "mxmoe" / "models" / "healed" / "smollm2-moe-v2"
+    monkeypatch.setattr(smollm2, "HEALED_DIR", healed)
+    monkeypatch.setattr(smollm2.moefy, "load_dense", lambda: (tiny_dense(), _Tok()))
+    monkeypatch.setattr(smollm2, "calibration", lambda tok, n, seqlen, seed: windows(n, seed))
+    w = windows()
+    if with_files:
+        student, _ = heal.heal(tiny_dense(), carved(tiny_dense()), CFG.top_k, w, HEAL)
+        heal.save_heal(student, healed, {"recipe": smollm2.asdict(recipe)})
+    path = smollm2.build(recipe)
+    info = json.loads((path / "build.json").read_text())
+    moe = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert info["moe_layers"] == [0, 1] and path.name.startswith("smollm2-moe-v2-")
+    if with_files:
+        assert info["healed"]["folder"] == "mxmoe/models/healed/smollm2-moe-v2" and info["layer_errors"] is None
+        with torch.no_grad():
+            torch.testing.assert_close(moe(w).logits, student(w).logits, atol=2e-4, rtol=1e-4)
+        monkeypatch.setattr(smollm2, "V2_RECIPE", cmoe.CarveConfig(**{**recipe.__dict__, "top_k": 3}))
+        with pytest.raises(MxMoEError, match="trained for recipe"):
+            smollm2.build(smollm2.V2_RECIPE)
+    else:
+        assert info["healed"] is None and len(info["layer_errors"]) == 2
+        assert "no healed files" in capsys.readouterr().out

@@ -4,7 +4,8 @@ Two recipes:
 
 * ``smollm2-moe-tf`` (:data:`RECIPE`, a ``moefy.MoefyConfig``): training-free, co-activation k-means,
   only the layers that keep the validation perplexity within budget are sparse;
-* ``smollm2-moe-v2`` (:data:`V2_RECIPE`, a ``cmoe.CarveConfig``): every FFN carved by CMoE, then healed
+* ``smollm2-moe-v2`` (:data:`V2_RECIPE`, a ``cmoe.CarveConfig``): every FFN carved (the carving method and
+  structure chosen by measurement, ``mxmoe.stages.model.carving_study``), then healed
   by distillation on a GPU (``mxmoe model heal``). The healed routers, scales and low-rank corrections
   live in the repository (:data:`HEALED_DIR`) and are merged at build time, so any machine builds the
   same model without training; without those files the build says so and gives the training-free carving.
@@ -38,7 +39,9 @@ NAME = "smollm2-moe"  # the default: v2 once its healed files exist, else the tr
 TF_NAME, V2_NAME = "smollm2-moe-tf", "smollm2-moe-v2"
 NAMES = (NAME, TF_NAME, V2_NAME)
 RECIPE = moefy.MoefyConfig()  # smollm2-moe-tf
-V2_RECIPE = cmoe.CarveConfig(num_experts=32, top_k=8, shared_width=512, method="cmoe", router="norm")
+# chosen by `carving_study` (training-free, WikiText-2 validation): of shared 512 + 32×32 top-8, 384 + 48×24 top-12
+# and CMoE vs co-activation k-means, this structure carved by k-means had the lowest FFN error and perplexity
+V2_RECIPE = cmoe.CarveConfig(num_experts=32, top_k=8, shared_width=512, method="kmeans", router="norm")
 HEAL_RECIPE = heal.HealConfig()
 HEALED_DIR = Path(__file__).resolve().parent / "healed" / V2_NAME  # committed output of `mxmoe model heal`
 MAX_DEV_RATIO = 1.2  # dev-set (WikiText-2 valid) perplexity budget when choosing the sparse layers
@@ -143,7 +146,7 @@ def _save(moe, tok, info: dict, final: Path) -> Path:
 
 def _build_v2(cfg: cmoe.CarveConfig, final: Path) -> Path:
     """GGUF + the healed files when present (their carving, routers, scales and merged corrections), else
-    GGUF + a training-free CMoE carving of every FFN, said on stdout."""
+    GGUF + a training-free carving of every FFN (V2_RECIPE.method), said on stdout."""
     start, cpu_start = time.time(), time.process_time()
     dense, tok = moefy.load_dense()
     layers = dense.config.num_hidden_layers
@@ -158,7 +161,7 @@ def _build_v2(cfg: cmoe.CarveConfig, final: Path) -> Path:
         healed = {"files": doc["files"], "folder": str(HEALED_DIR.relative_to(HEALED_DIR.parents[3])),
                   "check": doc.get("check")}
     else:
-        print(f"smollm2-moe-v2: no healed files in {HEALED_DIR}: building the training-free CMoE carving "
+        print(f"smollm2-moe-v2: no healed files in {HEALED_DIR}: building the training-free carving of every FFN "
               "(run `mxmoe model heal` on a GPU to make them)")
         splits, errors = carve_all(dense, tok, cfg)
         healed = None
