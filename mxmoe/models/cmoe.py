@@ -39,7 +39,7 @@ class CarveConfig(MoefyConfig):
     """
 
     method: str = "cmoe"  # "cmoe" (this module) or "kmeans" (moefy's co-activation k-means)
-    router: str = "rep"  # "rep": fit to the representatives' log |activation| (CMoE); "norm": to log expert-output norms
+    router: str = "rep"  # "rep": fit to the representatives' log |activation| (CMoE); "norm": log expert-output norms
     k_act: int = 128  # neurons marked per token (CMoE's K_a)
     assign_iters: int = 2  # balanced-assignment rounds (CMoE: 1)
 
@@ -75,7 +75,8 @@ def activation_markers(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, k_ac
     return torch.zeros_like(h).scatter_(1, top, 1.0)
 
 
-def balanced_assignment(markers: torch.Tensor, rates: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_assignment(markers: torch.Tensor, rates: torch.Tensor, k: int,
+                        iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group n = k·m neurons into k clusters of exactly m by linear assignment on L1 marker distance.
 
     markers: [T, n] 0/1 columns of the neurons to group; rates: [n] their activation rates (the k most

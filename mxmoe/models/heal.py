@@ -193,7 +193,8 @@ class HealReport:
     step_seconds_e2e: float = 0.0
 
 
-def _collect_layer_io(dense: nn.Module, windows: torch.Tensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _collect_layer_io(dense: nn.Module, windows: torch.Tensor,
+                      layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Dense FFN inputs and outputs [T, H] of ``layers`` over ``windows`` [n, L]."""
     store = {i: ([], []) for i in layers}
 
@@ -254,7 +255,8 @@ def train_end_to_end(student: nn.Module, dense: nn.Module, windows: torch.Tensor
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     base = [g["lr"] for g in opt.param_groups]
     device = next(student.parameters()).device
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     order = torch.randperm(windows.shape[0], generator=gen)
     start = time.time()
     for step in tqdm(range(cfg.e2e_steps), desc="heal: end to end (KL)", unit="step"):
@@ -317,7 +319,8 @@ def heal(dense: nn.Module, splits: dict[int, LayerSplit], top_k: int, windows: t
     student = masked_student(dense, splits, top_k, cfg.rank).to(next(dense.parameters()).device)
     report = HealReport()
     if cfg.router_steps:
-        train_routers(student, dense, windows[: max(1, min(windows.shape[0], 16384 // windows.shape[1]))], cfg, report, gen)
+        io_windows = windows[: max(1, min(windows.shape[0], 16384 // windows.shape[1]))]  # ≤ 16k tokens per layer
+        train_routers(student, dense, io_windows, cfg, report, gen)
     if cfg.e2e_steps:
         train_end_to_end(student, dense, windows, cfg, report, gen)
     round_to_fp16(student)
@@ -353,7 +356,8 @@ def save_heal(student: nn.Module, folder: Path, meta: dict) -> dict:
     tensors = heal_tensors(student)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total > TOTAL_BYTES:
-        raise MxMoEError(f"healed tensors take {total / 1e6:.1f} MB, over the {TOTAL_BYTES / 1e6:.0f} MB limit: lower the rank")
+        raise MxMoEError(f"healed tensors take {total / 1e6:.1f} MB, over the {TOTAL_BYTES / 1e6:.0f} MB limit: "
+                         "lower the rank")
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         by_layer.setdefault(int(name.split(".")[1]), {})[name] = t
@@ -361,7 +365,8 @@ def save_heal(student: nn.Module, folder: Path, meta: dict) -> dict:
     for layer in sorted(by_layer):
         lsize = sum(t.numel() * t.element_size() for t in by_layer[layer].values())
         if lsize > SHARD_BYTES - 100_000:
-            raise MxMoEError(f"layer {layer}'s healed tensors take {lsize / 1e6:.1f} MB, over one shard: lower the rank")
+            raise MxMoEError(f"layer {layer}'s healed tensors take {lsize / 1e6:.1f} MB, over one shard: "
+                             "lower the rank")
         if cur and size + lsize > SHARD_BYTES - 100_000:  # headroom for the safetensors header
             shards.append(cur)
             cur, size = {}, 0
@@ -400,9 +405,11 @@ def load_heal(folder: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
     for name, digest in doc["files"].items():
         path = folder / name
         if not path.exists():
-            raise MxMoEError(f"{path} is listed in {HEAL_JSON} but missing: restore it from git or rerun `mxmoe model heal`")
+            raise MxMoEError(f"{path} is listed in {HEAL_JSON} but missing: restore it from git "
+                             "or rerun `mxmoe model heal`")
         if _sha256(path) != digest:
-            raise MxMoEError(f"{path} does not match its sha256 in {HEAL_JSON}: restore it from git or rerun `mxmoe model heal`")
+            raise MxMoEError(f"{path} does not match its sha256 in {HEAL_JSON}: restore it from git "
+                             "or rerun `mxmoe model heal`")
         for key, t in load_file(str(path)).items():
             _, layer, field_ = key.split(".", 2)
             layers.setdefault(int(layer), {})[field_] = t

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from mxmoe.data import calibration_windows
 from mxmoe.env import cache_dir, device_name
-from mxmoe.metrics import eval_windows, perplexity
 from mxmoe.errors import MxMoEError
+from mxmoe.metrics import eval_windows, perplexity
 from mxmoe.models import cmoe, heal, moefy
 
 NAME = "smollm2-moe"  # the default: v2 once its healed files exist, else the training-free model
@@ -64,10 +64,12 @@ def recipe(name: str = NAME) -> Recipe:
 def cache_key(cfg: Recipe = RECIPE) -> str:
     """A short hash of the recipe, the healed files (v2) and the library versions that shape the weights."""
     if isinstance(cfg, cmoe.CarveConfig):
-        files = json.loads((HEALED_DIR / heal.HEAL_JSON).read_text())["files"] if heal.heal_files_present(HEALED_DIR) else None
+        present = heal.heal_files_present(HEALED_DIR)
+        files = json.loads((HEALED_DIR / heal.HEAL_JSON).read_text())["files"] if present else None
         blob = json.dumps(["v2", asdict(cfg), files, transformers.__version__], sort_keys=True)
     else:
-        blob = json.dumps([asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS, transformers.__version__], sort_keys=True)
+        blob = json.dumps([asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS, transformers.__version__],
+                          sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -153,7 +155,8 @@ def _build_v2(cfg: cmoe.CarveConfig, final: Path) -> Path:
     if heal.heal_files_present(HEALED_DIR):
         doc, stored = heal.load_heal(HEALED_DIR)
         if doc.get("recipe") != asdict(cfg):
-            raise MxMoEError(f"the healed files in {HEALED_DIR} were trained for recipe {doc.get('recipe')}, not {asdict(cfg)}: "
+            raise MxMoEError(f"the healed files in {HEALED_DIR} were trained for recipe {doc.get('recipe')}, "
+                             f"not {asdict(cfg)}: "
                              "rerun `mxmoe model heal` on a GPU")
         if sorted(stored) != list(range(layers)):
             raise MxMoEError(f"the healed files in {HEALED_DIR} cover layers {sorted(stored)}, not all {layers}")
@@ -167,6 +170,7 @@ def _build_v2(cfg: cmoe.CarveConfig, final: Path) -> Path:
         healed = None
     moe = moefy.assemble(dense, splits, cfg)
     info = {"recipe": asdict(cfg), "recipe_name": V2_NAME, "moe_layers": list(range(layers)), "layer_errors": errors,
-            "healed": healed, "build_seconds": time.time() - start, "build_cpu_seconds": time.process_time() - cpu_start,
+            "healed": healed, "build_seconds": time.time() - start,
+            "build_cpu_seconds": time.process_time() - cpu_start,
             "device": device_name()}
     return _save(moe, tok, info, final)

@@ -158,8 +158,9 @@ def carving_study(out: Path, runs: list[tuple[str, str, str]], calib_windows: in
                      "dev_layer_error": errors, "dev_layer_error_mean": sum(errors) / len(errors),
                      "dev_ppl": perplexity(student, dev, desc=f"dev ppl, {name} {method}"), "carve_seconds": seconds})
         rows[-1]["dev_ppl_ratio"] = rows[-1]["dev_ppl"] / rows[0]["dev_ppl"]
-        write_json_atomic(out, {"calib_windows": calib_windows, "router_tokens": router_tokens, "dev_windows": dev_windows,
-                                "dev_seqlen": dev_seqlen, "device": device_name(), "rows": rows})
+        write_json_atomic(out, {"calib_windows": calib_windows, "router_tokens": router_tokens,
+                                "dev_windows": dev_windows, "dev_seqlen": dev_seqlen, "device": device_name(),
+                                "rows": rows})
         print(rows[-1]["structure"], method, router, f"err {rows[-1]['dev_layer_error_mean']:.3f}",
               f"ppl {rows[-1]['dev_ppl']:.2f} ({rows[-1]['dev_ppl_ratio']:.2f}x)", f"{seconds:.0f}s", flush=True)
     return rows
