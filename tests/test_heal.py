@@ -10,7 +10,8 @@ def tiny_dense(layers=2):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, initializer_range=0.25)  # large weights: the carving error is visible in the logits
+                      tie_word_embeddings=True,
+                      initializer_range=0.25)  # large weights: the carving error is visible in the logits
     return LlamaForCausalLM(cfg).eval()
 
 

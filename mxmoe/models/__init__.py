@@ -33,7 +33,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True
         recipe = smollm2.recipe(name)
         if not smollm2.is_built(recipe) and not build:
             flag = "" if name == smollm2.NAME else f" --recipe {name}"
-            raise ModelNotFound(f"{name} is not built yet: run `mxmoe model build{flag}` (about 10 minutes on 2 CPU cores)")
+            raise ModelNotFound(f"{name} is not built yet: run `mxmoe model build{flag}` "
+                                "(about 10 minutes on 2 CPU cores)")
         return _from_pretrained(str(smollm2.build(recipe)), dtype, device)
     if name in TINY_CONFIGS:
         return tiny_model(name).to(device, dtype), None

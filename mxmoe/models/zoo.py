@@ -1,7 +1,8 @@
 """Named models: the embedded smollm2-moe, tiny random MoEs of every family, and the paper's models.
 
 * ``smollm2-moe`` — built locally from SmolLM2-135M: ``smollm2-moe-tf`` (training-free,
-  :mod:`mxmoe.models.moefy`) or ``smollm2-moe-v2`` (every FFN carved, healed files merged); see :mod:`mxmoe.models.smollm2`.
+  :mod:`mxmoe.models.moefy`) or ``smollm2-moe-v2`` (every FFN carved, healed files merged);
+  see :mod:`mxmoe.models.smollm2`.
 * ``tiny-<family>`` — random-weight MoEs (seeded, seconds to build) for tests and the smoke profile.
 * paper models — Hugging Face ids with their MoE shapes, so kernels can be benchmarked on the
   real shapes even where the weights cannot be downloaded.
