@@ -212,3 +212,30 @@ def test_v2_build_merges_the_files_or_says_it_is_training_free(tmp_path, monkeyp
     else:
         assert info["healed"] is None and len(info["layer_errors"]) == 2
         assert "no healed files" in capsys.readouterr().out
+
+
+def test_heal_stage_writes_files_that_the_build_turns_into_the_healed_model(tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from mxmoe.metrics import perplexity
+    from mxmoe.models import smollm2
+    from mxmoe.stages import model as stage
+
+    recipe = cmoe.CarveConfig(**{**CFG.__dict__, "calib_windows": 4, "calib_seqlen": 32})
+    healed = tmp_path / "repo" / "mxmoe" / "models" / "healed" / "smollm2-moe-v2"
+    monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(smollm2, "HEALED_DIR", healed)
+    monkeypatch.setattr(smollm2, "V2_RECIPE", recipe)
+    monkeypatch.setattr(smollm2.moefy, "load_dense", lambda: (tiny_dense(), _Tok()))
+    monkeypatch.setattr(smollm2, "calibration", lambda tok, n, seqlen, seed: windows(n, seed))
+    monkeypatch.setattr(stage, "eval_windows", lambda tok, seqlen, n, split: windows(n, 99))
+    cfg = heal.HealConfig(**{**HEAL.__dict__, "calib_windows": 6, "seqlen": 24})
+    doc = stage.heal_model(cfg=cfg, recipe=recipe)
+    on_disk = json.loads((healed / heal.HEAL_JSON).read_text())
+    assert on_disk["files"] == doc["files"] and on_disk["recipe"] == smollm2.asdict(recipe)
+    check = doc["check"]
+    assert check["ppl_healed"] < check["ppl_carved"]
+    moe = AutoModelForCausalLM.from_pretrained(smollm2.build(recipe), dtype=torch.float32).eval()
+    assert perplexity(moe, windows(check["windows"], 99)) == pytest.approx(check["ppl_healed"], rel=1e-4)
