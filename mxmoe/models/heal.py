@@ -168,12 +168,12 @@ class HealConfig:
     rank: int = 32  # rank of the FFN weight corrections (0: routers and scales only)
     router_steps: int = 300
     router_tokens: int = 1024  # tokens per layer per router step
-    router_lr: float = 1e-3
+    router_lr: float = 1e-2  # relative: Adam's step is this times the RMS of the layer's initial router weights
     e2e_steps: int = 1200
     batch_windows: int = 8
     seqlen: int = 512
     lr: float = 1e-3  # low-rank corrections
-    e2e_router_lr: float = 2e-4
+    e2e_router_lr: float = 2e-3  # relative, as router_lr
     balance_coef: float = 0.0  # weight of the load-balance loss (0: off)
     warmup: int = 50
     calib_windows: int = 2048  # Gutenberg + WikiText-2 train windows cycled through
@@ -221,8 +221,7 @@ def train_routers(student: nn.Module, dense: nn.Module, windows: torch.Tensor, c
     """Phase 1: each layer's router and scales against its dense FFN output on dense FFN inputs."""
     blocks = moe_layers(student)
     io = _collect_layer_io(dense, windows, list(blocks))
-    params = [p for b in blocks.values() for p in (b.router, b.scale)]
-    opt = torch.optim.Adam(params, lr=cfg.router_lr)
+    opt = torch.optim.Adam(router_groups(blocks, cfg.router_lr))
     start = time.time()
     for step in tqdm(range(cfg.router_steps), desc="heal: routers", unit="step"):
         loss = 0.0
@@ -239,6 +238,17 @@ def train_routers(student: nn.Module, dense: nn.Module, windows: torch.Tensor, c
     report.seconds_router = time.time() - start
 
 
+def router_groups(blocks: dict[int, MaskedMoE], rel_lr: float) -> list[dict]:
+    """Optimizer groups for the routers and scales: each layer's router steps by ``rel_lr`` times the RMS of its
+    weights (carved routers are tiny, scaled to a small logit spread, so one absolute rate cannot fit them all),
+    each layer's scales by ``rel_lr`` times their RMS."""
+    groups = []
+    for b in blocks.values():
+        for p in (b.router, b.scale):
+            groups.append({"params": [p], "lr": rel_lr * p.detach().float().pow(2).mean().sqrt().item()})
+    return groups
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -251,7 +261,7 @@ def train_end_to_end(student: nn.Module, dense: nn.Module, windows: torch.Tensor
     blocks = moe_layers(student)
     routers = [p for b in blocks.values() for p in (b.router, b.scale)]
     lora = [p for b in blocks.values() for n, p in b.named_parameters() if n.endswith(("_a", "_b"))]
-    groups = [{"params": routers, "lr": cfg.e2e_router_lr}] + ([{"params": lora, "lr": cfg.lr}] if lora else [])
+    groups = router_groups(blocks, cfg.e2e_router_lr) + ([{"params": lora, "lr": cfg.lr}] if lora else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     base = [g["lr"] for g in opt.param_groups]
     device = next(student.parameters()).device
