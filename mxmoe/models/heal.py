@@ -168,12 +168,12 @@ class HealConfig:
     rank: int = 32  # rank of the FFN weight corrections (0: routers and scales only)
     router_steps: int = 300
     router_tokens: int = 1024  # tokens per layer per router step
-    router_lr: float = 1e-2  # relative: Adam's step is this times the RMS of the layer's initial router weights
+    router_lr: float = 1e-3  # relative: Adam's step is this times the RMS of the layer's initial router weights
     e2e_steps: int = 1200
     batch_windows: int = 8
     seqlen: int = 512
     lr: float = 1e-3  # low-rank corrections
-    e2e_router_lr: float = 2e-3  # relative, as router_lr
+    e2e_router_lr: float = 1e-3  # relative, as router_lr
     balance_coef: float = 0.0  # weight of the load-balance loss (0: off)
     warmup: int = 50
     calib_windows: int = 2048  # Gutenberg + WikiText-2 train windows cycled through
