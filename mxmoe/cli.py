@@ -16,9 +16,24 @@ from mxmoe.errors import MxMoEError
 def _model_build(args) -> None:
     from mxmoe.stages.model import build_model
 
-    path = build_model(force=args.force)
-    print(f"smollm2-moe is built at {path}")
-    _model_info(argparse.Namespace(name="smollm2-moe"))
+    path = build_model(force=args.force, name=args.recipe)
+    print(f"{args.recipe} is built at {path}")
+    _model_info(argparse.Namespace(name=args.recipe))
+
+
+def _model_heal(args) -> None:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from mxmoe.models import smollm2
+    from mxmoe.stages.model import heal_model
+
+    if min(args.steps, args.router_steps, args.rank) < 0 or args.balance < 0:
+        raise MxMoEError("--steps, --router-steps, --rank and --balance must be >= 0")
+    cfg = replace(smollm2.HEAL_RECIPE, e2e_steps=args.steps, router_steps=args.router_steps, rank=args.rank,
+                  balance_coef=args.balance, seed=args.seed)
+    doc = heal_model(Path(args.out) if args.out else None, cfg)
+    print(f"healed files: {', '.join(doc['files'])} in {args.out or smollm2.HEALED_DIR}")
 
 
 def _model_info(args) -> None:
@@ -166,7 +181,21 @@ def parser() -> argparse.ArgumentParser:
     model = stages.add_parser("model", help="build or describe a model").add_subparsers(dest="action", required=True)
     b = model.add_parser("build", help="build the embedded smollm2-moe into the cache (about 10 min on 2 CPU cores)")
     b.add_argument("--force", action="store_true", help="rebuild even when a complete build is cached")
+    b.add_argument("--recipe", default="smollm2-moe", choices=["smollm2-moe", "smollm2-moe-tf", "smollm2-moe-v2"],
+                   help="smollm2-moe-tf: training-free, few sparse layers; smollm2-moe-v2: every FFN sparse, "
+                        "healed files merged when present; smollm2-moe: v2 when healed, else tf (default)")
     b.set_defaults(func=_model_build)
+    from mxmoe.models.heal import HealConfig  # defaults shown in --help
+
+    h = model.add_parser("heal", help="carve smollm2-moe-v2 and heal it by distillation (GPU, minutes); writes the "
+                                      "healed files that `model build` merges")
+    h.add_argument("--steps", type=int, default=HealConfig.e2e_steps, help="end-to-end KL steps")
+    h.add_argument("--router-steps", type=int, default=HealConfig.router_steps, help="router-only steps per layer")
+    h.add_argument("--rank", type=int, default=HealConfig.rank, help="rank of the FFN weight corrections")
+    h.add_argument("--balance", type=float, default=HealConfig.balance_coef, help="load-balance loss weight (0: off)")
+    h.add_argument("--seed", type=int, default=HealConfig.seed)
+    h.add_argument("--out", default=None, help="folder for the files (default: the committed mxmoe/models/healed/...)")
+    h.set_defaults(func=_model_heal)
     i = model.add_parser("info", help="architecture (Table 2 style) and measured perplexity")
     i.add_argument("name", nargs="?", default="smollm2-moe")
     i.set_defaults(func=_model_info)

@@ -22,17 +22,20 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: torch.device):
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True, device=None):
-    """(model, tokenizer) for a zoo name ('smollm2-moe', 'tiny-<family>', paper names), an HF id or a local path.
+    """(model, tokenizer) for a zoo name ('smollm2-moe[-tf|-v2]', 'tiny-<family>', paper names), an HF id or a local path.
 
     The model is placed on ``device`` (default: ``default_device()``). smollm2-moe is built into the
     cache on first use (minutes on a CPU); tiny models have no tokenizer (None). Unknown names raise
     ModelNotFound listing what is accepted.
     """
     device = torch.device(device) if device is not None else default_device()
-    if name == "smollm2-moe":
-        if not smollm2.is_built() and not build:
-            raise ModelNotFound("smollm2-moe is not built yet: run `mxmoe model build` (about 10 minutes on 2 CPU cores)")
-        return _from_pretrained(str(smollm2.build()), dtype, device)
+    if name in smollm2.NAMES:
+        recipe = smollm2.recipe(name)
+        if not smollm2.is_built(recipe) and not build:
+            flag = "" if name == smollm2.NAME else f" --recipe {name}"
+            raise ModelNotFound(f"{name} is not built yet: run `mxmoe model build{flag}` "
+                                "(about 10 minutes on 2 CPU cores)")
+        return _from_pretrained(str(smollm2.build(recipe)), dtype, device)
     if name in TINY_CONFIGS:
         return tiny_model(name).to(device, dtype), None
     hf_id = PAPER_MODELS[name][0] if name in PAPER_MODELS else name

