@@ -30,8 +30,14 @@ def _model_heal(args) -> None:
 
     if min(args.steps, args.router_steps, args.rank) < 0 or args.balance < 0:
         raise MxMoEError("--steps, --router-steps, --rank and --balance must be >= 0")
-    cfg = replace(smollm2.HEAL_RECIPE, e2e_steps=args.steps, router_steps=args.router_steps, rank=args.rank,
-                  balance_coef=args.balance, seed=args.seed)
+    cfg = replace(
+        smollm2.HEAL_RECIPE,
+        e2e_steps=args.steps,
+        router_steps=args.router_steps,
+        rank=args.rank,
+        balance_coef=args.balance,
+        seed=args.seed,
+    )
     doc = heal_model(Path(args.out) if args.out else None, cfg)
     print(f"healed files: {', '.join(doc['files'])} in {args.out or smollm2.HEALED_DIR}")
 
@@ -64,8 +70,14 @@ def _model_info(args) -> None:
         c = json.loads(card.read_text())
         rows += [
             ("WikiText-2 PPL dense", f"{c['ppl_dense']:.2f}"),
-            ("WikiText-2 PPL MoE", f"{c['ppl_moe']:.2f}  ({c['ppl_ratio']:.3f}x dense; seqlen {c['seqlen']}, {c['windows']} windows)"),
-            ("expert frequency skew (max/min)", f"median {sorted(c['freq_skew_per_layer'])[len(c['freq_skew_per_layer']) // 2]:.1f}"),
+            (
+                "WikiText-2 PPL MoE",
+                f"{c['ppl_moe']:.2f}  ({c['ppl_ratio']:.3f}x dense; seqlen {c['seqlen']}, {c['windows']} windows)",
+            ),
+            (
+                "expert frequency skew (max/min)",
+                f"median {sorted(c['freq_skew_per_layer'])[len(c['freq_skew_per_layer']) // 2]:.1f}",
+            ),
             ("measured on", f"{c['device']}, {c['date']}"),
         ]
     width = max(len(k) for k, _ in rows)
@@ -82,7 +94,9 @@ def _eval_ppl(args) -> None:
         raise MxMoEError(f"{args.name} has no tokenizer (random tiny model): perplexity on text needs a real model")
     windows = eval_windows(tok, args.seqlen, args.windows, dataset=args.dataset)
     ppl = perplexity(model, windows)
-    print(f"{args.name}: {args.dataset} test token perplexity {ppl:.3f} (seqlen {args.seqlen}, {windows.shape[0]} windows)")
+    print(
+        f"{args.name}: {args.dataset} test token perplexity {ppl:.3f} (seqlen {args.seqlen}, {windows.shape[0]} windows)"
+    )
 
 
 def _eval_zeroshot(args) -> None:
@@ -126,8 +140,10 @@ def _routing_corpora(args) -> None:
         s = r["skew"]
         for i, layer in enumerate(r["layers"]):
             ratio = s["max_over_min"][i]
-            print(f"{corpus:10s} layer {layer:2d}: gini {s['gini'][i]:.3f}  top-10% share {s['top10_share'][i]:.3f}  "
-                  f"max/min {'inf' if ratio is None else f'{ratio:.1f}'}  unused {s['unused_experts'][i]}")
+            print(
+                f"{corpus:10s} layer {layer:2d}: gini {s['gini'][i]:.3f}  top-10% share {s['top10_share'][i]:.3f}  "
+                f"max/min {'inf' if ratio is None else f'{ratio:.1f}'}  unused {s['unused_experts'][i]}"
+            )
 
 
 def _sensitivity(args) -> None:
@@ -135,12 +151,17 @@ def _sensitivity(args) -> None:
 
     from mxmoe.stages.sensitivity import run_sensitivity
 
-    result, path = run_sensitivity(args.name, args.method, args.schemes, args.calib, args.windows, args.seqlen, args.seed)
+    result, path = run_sensitivity(
+        args.name, args.method, args.schemes, args.calib, args.windows, args.seqlen, args.seed
+    )
     for layer, lay in result["layers"].items():
         d = np.array([[[np.nan if v is None else v for v in row] for row in e] for e in lay["delta"]])  # [E, 3, S]
         mean = np.nanmean(d, axis=(0, 1))
-        print(f"layer {layer}: mean Δ per scheme " + "  ".join(f"{s}={m:.3g}" for s, m in zip(result["schemes"], mean))
-              + f"  (no tokens: {len(lay['no_tokens'])}, RTN fallbacks: {len(lay['rtn_fallbacks'])})")
+        print(
+            f"layer {layer}: mean Δ per scheme "
+            + "  ".join(f"{s}={m:.3g}" for s, m in zip(result["schemes"], mean))
+            + f"  (no tokens: {len(lay['no_tokens'])}, RTN fallbacks: {len(lay['rtn_fallbacks'])})"
+        )
     print(f"written to {path}")
 
 
@@ -157,8 +178,11 @@ BENCHMARKS = {
     "cost-table": ("mxmoe.bench.cost_table", "build cost_tables/<gpu>.json from benchmark files"),
     "alloc": ("mxmoe.bench.alloc", "time a model's allocations through the kernel (GPU); Figure 5 measured"),
     "ilp": ("mxmoe.bench.ilp", "solve times of the allocation ILP on a random layer"),
-    "paper-models": ("mxmoe.bench.paper_models", "the paper's models at full size, random weights: whole-model "
-                     "speed and memory (GPU); --allocate-only solves their allocations on a CPU"),
+    "paper-models": (
+        "mxmoe.bench.paper_models",
+        "the paper's models at full size, random weights: whole-model "
+        "speed and memory (GPU); --allocate-only solves their allocations on a CPU",
+    ),
 }
 
 
@@ -171,24 +195,37 @@ def _run_module(module: str, argv: list) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per pipeline stage, the checkpoint commands, the apps and the benchmarks."""
-    p = argparse.ArgumentParser(prog="mxmoe", description="MxMoE on Hopper: mixed-precision MoE quantization.",
-                                epilog="benchmarks: " + "; ".join(f"mxmoe bench {n}: {t}" for n, (_, t) in BENCHMARKS.items()))
-    stages = p.add_subparsers(dest="stage", required=True, metavar="{model,eval,routing,sensitivity,quantize,generate,"
-                              "bench,reproduce,book,claims,prewarm}")
+    p = argparse.ArgumentParser(
+        prog="mxmoe",
+        description="MxMoE on Hopper: mixed-precision MoE quantization.",
+        epilog="benchmarks: " + "; ".join(f"mxmoe bench {n}: {t}" for n, (_, t) in BENCHMARKS.items()),
+    )
+    stages = p.add_subparsers(
+        dest="stage",
+        required=True,
+        metavar="{model,eval,routing,sensitivity,quantize,generate,bench,reproduce,book,claims,prewarm}",
+    )
     for name, (_, text) in TOOLS.items():  # listed for --help; main() hands their arguments over
         stages.add_parser(name, help=text)
 
     model = stages.add_parser("model", help="build or describe a model").add_subparsers(dest="action", required=True)
     b = model.add_parser("build", help="build the embedded smollm2-moe into the cache (about 10 min on 2 CPU cores)")
     b.add_argument("--force", action="store_true", help="rebuild even when a complete build is cached")
-    b.add_argument("--recipe", default="smollm2-moe", choices=["smollm2-moe", "smollm2-moe-tf", "smollm2-moe-v2"],
-                   help="smollm2-moe-tf: training-free, few sparse layers; smollm2-moe-v2: every FFN sparse, "
-                        "healed files merged when present; smollm2-moe: v2 when healed, else tf (default)")
+    b.add_argument(
+        "--recipe",
+        default="smollm2-moe",
+        choices=["smollm2-moe", "smollm2-moe-tf", "smollm2-moe-v2"],
+        help="smollm2-moe-tf: training-free, few sparse layers; smollm2-moe-v2: every FFN sparse, "
+        "healed files merged when present; smollm2-moe: v2 when healed, else tf (default)",
+    )
     b.set_defaults(func=_model_build)
     from mxmoe.models.heal import HealConfig  # defaults shown in --help
 
-    h = model.add_parser("heal", help="carve smollm2-moe-v2 and heal it by distillation (GPU, minutes); writes the "
-                                      "healed files that `model build` merges")
+    h = model.add_parser(
+        "heal",
+        help="carve smollm2-moe-v2 and heal it by distillation (GPU, minutes); writes the "
+        "healed files that `model build` merges",
+    )
     h.add_argument("--steps", type=int, default=HealConfig.e2e_steps, help="end-to-end KL steps")
     h.add_argument("--router-steps", type=int, default=HealConfig.router_steps, help="router-only steps per layer")
     h.add_argument("--rank", type=int, default=HealConfig.rank, help="rank of the FFN weight corrections")
@@ -207,13 +244,21 @@ def parser() -> argparse.ArgumentParser:
     ppl.add_argument("--windows", type=int, default=16, help="number of windows (default 16; 0 = the whole split)")
     ppl.add_argument("--dataset", default="wikitext2", choices=["wikitext2"])
     ppl.set_defaults(func=_eval_ppl)
-    zs = ev.add_parser("zeroshot", help="zero-shot accuracy with lm-eval (acc_norm for ARC, HellaSwag, PIQA; acc otherwise)")
+    zs = ev.add_parser(
+        "zeroshot", help="zero-shot accuracy with lm-eval (acc_norm for ARC, HellaSwag, PIQA; acc otherwise)"
+    )
     zs.add_argument("name", nargs="?", default="smollm2-moe")
-    zs.add_argument("--tasks", nargs="+", metavar="TASK", help="arc_easy arc_challenge piqa winogrande lambada_openai "
-                    "lambada_standard hellaswag boolq (default: all)")
+    zs.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="arc_easy arc_challenge piqa winogrande lambada_openai lambada_standard hellaswag boolq (default: all)",
+    )
     zs.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
     zs.add_argument("--batch-size", type=int, default=16)
-    zs.add_argument("--out", default=None, help="also write the results, device, limit, date and time to this JSON file")
+    zs.add_argument(
+        "--out", default=None, help="also write the results, device, limit, date and time to this JSON file"
+    )
     zs.set_defaults(func=_eval_zeroshot)
 
     rt = stages.add_parser("routing", help="expert routing profiles").add_subparsers(dest="action", required=True)
@@ -223,7 +268,9 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--windows", type=int, default=8)
     prof.add_argument("--dataset", default="wikitext2", choices=["wikitext2"])
     prof.set_defaults(func=_routing_profile)
-    corp = rt.add_parser("corpora", help="profiles, skew and batch workloads on several corpora -> results/<model>/routing/")
+    corp = rt.add_parser(
+        "corpora", help="profiles, skew and batch workloads on several corpora -> results/<model>/routing/"
+    )
     corp.add_argument("name", nargs="?", default="smollm2-moe")
     corp.add_argument("--corpora", default="wikitext2,c4,sotu", help="comma-separated: wikitext2, c4, sotu, gutenberg")
     corp.add_argument("--seqlen", type=int, default=512)
@@ -234,7 +281,9 @@ def parser() -> argparse.ArgumentParser:
     sens = stages.add_parser("sensitivity", help="per-block Δ (paper Eq. 6) -> results/<model>/sensitivity/")
     sens.add_argument("name", nargs="?", default="smollm2-moe")
     sens.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq-had"])
-    sens.add_argument("--schemes", default="hopper", help="scheme set (hopper, weight_only, w5a5) or comma-separated schemes")
+    sens.add_argument(
+        "--schemes", default="hopper", help="scheme set (hopper, weight_only, w5a5) or comma-separated schemes"
+    )
     sens.add_argument("--calib", default="wikitext2", choices=["wikitext2", "c4"])
     sens.add_argument("--windows", type=int, default=8)
     sens.add_argument("--seqlen", type=int, default=512)
@@ -271,19 +320,41 @@ def _quantize(args) -> None:
     from mxmoe.pipeline import quantize
 
     model, tok = open_model(args.name)
-    res = quantize(model, tok, wbits=args.wbits, abits=args.abits, r=args.r, method=args.method,
-                   granularity=args.granularity, budget=args.budget, calib=args.calib, calib_windows=args.calib_windows,
-                   seqlen=args.seqlen, seed=args.seed, gpu=args.gpu, batch_tokens=args.batch_tokens, schemes=args.schemes,
-                   base_id=args.name, out=args.out, overwrite=args.overwrite, save_dtype=args.save_dtype)
+    res = quantize(
+        model,
+        tok,
+        wbits=args.wbits,
+        abits=args.abits,
+        r=args.r,
+        method=args.method,
+        granularity=args.granularity,
+        budget=args.budget,
+        calib=args.calib,
+        calib_windows=args.calib_windows,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        gpu=args.gpu,
+        batch_tokens=args.batch_tokens,
+        schemes=args.schemes,
+        base_id=args.name,
+        out=args.out,
+        overwrite=args.overwrite,
+        save_dtype=args.save_dtype,
+    )
     m = res.manifest
     counts: dict = {}
     for s in res.scheme_map.values():
         counts[str(s)] = counts.get(str(s), 0) + 1
-    print(f"{args.name}: {m['bits']['weight']:.3f} weight bits, {m['bits']['activation']:.2f} activation bits per expert "
-          f"weight; cost table {m['cost_table']['gpu']} ({m['cost_table']['device']})")
+    print(
+        f"{args.name}: {m['bits']['weight']:.3f} weight bits, {m['bits']['activation']:.2f} activation bits per expert "
+        f"weight; cost table {m['cost_table']['gpu']} ({m['cost_table']['device']})"
+    )
     print("blocks per scheme: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-    print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.stage_seconds.items())
-          + f"; total {sum(res.stage_seconds.values()):.1f} s")
+    print(
+        "stage times: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in res.stage_seconds.items())
+        + f"; total {sum(res.stage_seconds.values()):.1f} s"
+    )
     print(f"written to {res.out}")
 
 
@@ -298,8 +369,14 @@ def _generate(args) -> None:
         raise MxMoEError(f"{args.name} has no tokenizer (random tiny model): generation needs a real model")
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False,
-                       streamer=TextStreamer(tok), pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=TextStreamer(tok),
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        )
 
 
 def _bench(args) -> None:
@@ -323,18 +400,23 @@ def _bench(args) -> None:
         for tokens in args.tokens:
             r = prefill(model, tokens, args.seqlen, args.repeats)
             rows.append({"model": label, **mem, **r})
-            print(f"{label:<10} {r['tokens']:>6} tokens  {r['tokens_per_s']:>10.1f} tokens/s  weights "
-                  f"{mem['total_bytes'] / 2**20:8.1f} MiB (experts {mem['expert_bytes'] / 2**20:.1f} MiB, "
-                  f"{mem['expert_bytes'] / mem['expert_bf16_bytes']:.3f}x bf16)")
+            print(
+                f"{label:<10} {r['tokens']:>6} tokens  {r['tokens_per_s']:>10.1f} tokens/s  weights "
+                f"{mem['total_bytes'] / 2**20:8.1f} MiB (experts {mem['expert_bytes'] / 2**20:.1f} MiB, "
+                f"{mem['expert_bytes'] / mem['expert_bf16_bytes']:.3f}x bf16)"
+            )
     disk = stored_bytes(args.name)
-    print(f"on disk: {disk['total_bytes'] / 2**20:.1f} MiB, of which the stored expert blocks {disk['expert_bytes'] / 2**20:.1f} "
-          f"MiB ({disk['expert_bytes'] / (2 * disk['expert_weights']):.3f}x the same weights in bf16)")
+    print(
+        f"on disk: {disk['total_bytes'] / 2**20:.1f} MiB, of which the stored expert blocks {disk['expert_bytes'] / 2**20:.1f} "
+        f"MiB ({disk['expert_bytes'] / (2 * disk['expert_weights']):.3f}x the same weights in bf16)"
+    )
     print(f"measured on {where}")
     if args.out:
         from mxmoe.files import write_json_atomic
 
-        write_json_atomic(args.out, {"checkpoint": str(args.name), "base": base_name, "device": where, "rows": rows,
-                                     "disk": disk})
+        write_json_atomic(
+            args.out, {"checkpoint": str(args.name), "base": base_name, "device": where, "rows": rows, "disk": disk}
+        )
         print(f"written to {args.out}")
 
 
@@ -362,10 +444,14 @@ def _check_model_arg(name: str, quantized: "bool | None" = None) -> None:
         if is_checkpoint(path):
             read_manifest(path)
             if quantized is False:
-                raise MxMoEError(f"{name} is a quantized mxmoe checkpoint; this command needs its full-precision base "
-                                 f"model ({read_manifest(path)['base']['id']})")
+                raise MxMoEError(
+                    f"{name} is a quantized mxmoe checkpoint; this command needs its full-precision base "
+                    f"model ({read_manifest(path)['base']['id']})"
+                )
         elif not (path / "config.json").is_file():
-            raise MxMoEError(f"{name} is neither an mxmoe checkpoint (no mxmoe.json) nor a model folder (no config.json)")
+            raise MxMoEError(
+                f"{name} is neither an mxmoe checkpoint (no mxmoe.json) nor a model folder (no config.json)"
+            )
         elif quantized:
             read_manifest(path)  # names what is missing
         return
@@ -374,8 +460,10 @@ def _check_model_arg(name: str, quantized: "bool | None" = None) -> None:
     if name.startswith(("/", "./", "../", "~")):
         raise MxMoEError(f"no such folder {name}")
     if name not in zoo_names() and "/" not in name:
-        raise MxMoEError(f"unknown model {name!r}: use a zoo name ({', '.join(zoo_names())}), a Hugging Face id or a "
-                         "local folder (a model or an mxmoe checkpoint)")
+        raise MxMoEError(
+            f"unknown model {name!r}: use a zoo name ({', '.join(zoo_names())}), a Hugging Face id or a "
+            "local folder (a model or an mxmoe checkpoint)"
+        )
 
 
 def _check_device(device: "str | None") -> None:
@@ -404,8 +492,23 @@ def validate(args) -> None:
         from mxmoe.checkpoint import check_out_dir
         from mxmoe.pipeline import Recipe, check_recipe
 
-        check_recipe(Recipe(args.wbits, args.abits, args.r, args.method, args.granularity, args.budget, args.calib,
-                            args.calib_windows, args.seqlen, args.seed, args.gpu, args.batch_tokens, args.schemes))
+        check_recipe(
+            Recipe(
+                args.wbits,
+                args.abits,
+                args.r,
+                args.method,
+                args.granularity,
+                args.budget,
+                args.calib,
+                args.calib_windows,
+                args.seqlen,
+                args.seed,
+                args.gpu,
+                args.batch_tokens,
+                args.schemes,
+            )
+        )
         check_out_dir(args.out, args.overwrite)
         _check_model_arg(args.name, quantized=False)
     elif stage == "bench":
@@ -427,33 +530,76 @@ def _add_checkpoint_commands(stages) -> None:
     """The quantize, generate and bench subcommands."""
     from mxmoe.pipeline import ABITS, BUDGETS, GPUS, GRANULARITIES, METHODS, SAVE_DTYPES
 
-    q = stages.add_parser("quantize", help="MxMoE end to end: routing, sensitivity, allocation, GPTQ -> a checkpoint folder")
+    q = stages.add_parser(
+        "quantize", help="MxMoE end to end: routing, sensitivity, allocation, GPTQ -> a checkpoint folder"
+    )
     q.add_argument("name", metavar="MODEL", help="zoo name, Hugging Face id or local model folder")
-    q.add_argument("--wbits", type=float, required=True, help="mean weight bits per expert weight, e.g. 3.25 "
-                   "(paper accounting: g128 adds 0.25)")
-    q.add_argument("--abits", type=int, default=16, choices=sorted(ABITS), help="activation bits: 16 weight-only; 8, 4: "
-                   "schemes with 8/4-bit activations; 5: the W5A5 mix of w4a4 and w8a8 (default 16)")
-    q.add_argument("--r", type=float, default=1.0, help="accuracy/speed trade-off of the allocation: 1 accuracy only, "
-                   "0 speed only (default 1)")
-    q.add_argument("--method", default="gptq-had", choices=METHODS, help="quantizer (default gptq-had: GPTQ after a "
-                   "random Hadamard rotation)")
-    q.add_argument("--granularity", default="block", choices=GRANULARITIES, help="one scheme per linear block "
-                   "(gate and up tied) or per expert")
-    q.add_argument("--budget", default="layer", choices=BUDGETS, help="the bit budget holds per layer or for the whole model")
-    q.add_argument("--calib", default="wikitext2", help="wikitext2 (train split), c4, a text FILE, or random "
-                   "(token ids, for tokenizer-less test models)")
-    q.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8; 128 on a GPU is usual)")
+    q.add_argument(
+        "--wbits",
+        type=float,
+        required=True,
+        help="mean weight bits per expert weight, e.g. 3.25 (paper accounting: g128 adds 0.25)",
+    )
+    q.add_argument(
+        "--abits",
+        type=int,
+        default=16,
+        choices=sorted(ABITS),
+        help="activation bits: 16 weight-only; 8, 4: "
+        "schemes with 8/4-bit activations; 5: the W5A5 mix of w4a4 and w8a8 (default 16)",
+    )
+    q.add_argument(
+        "--r",
+        type=float,
+        default=1.0,
+        help="accuracy/speed trade-off of the allocation: 1 accuracy only, 0 speed only (default 1)",
+    )
+    q.add_argument(
+        "--method",
+        default="gptq-had",
+        choices=METHODS,
+        help="quantizer (default gptq-had: GPTQ after a random Hadamard rotation)",
+    )
+    q.add_argument(
+        "--granularity",
+        default="block",
+        choices=GRANULARITIES,
+        help="one scheme per linear block (gate and up tied) or per expert",
+    )
+    q.add_argument(
+        "--budget", default="layer", choices=BUDGETS, help="the bit budget holds per layer or for the whole model"
+    )
+    q.add_argument(
+        "--calib",
+        default="wikitext2",
+        help="wikitext2 (train split), c4, a text FILE, or random (token ids, for tokenizer-less test models)",
+    )
+    q.add_argument(
+        "--calib-windows", type=int, default=8, help="calibration windows (default 8; 128 on a GPU is usual)"
+    )
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--gpu", default=None, choices=GPUS, help="cost table of the GPU the model will run on "
-                   "(default: this machine's GPU, else nvidia_h100)")
+    q.add_argument(
+        "--gpu",
+        default=None,
+        choices=GPUS,
+        help="cost table of the GPU the model will run on (default: this machine's GPU, else nvidia_h100)",
+    )
     q.add_argument("--batch-tokens", type=int, default=512, help="tokens per batch the allocation optimises for")
-    q.add_argument("--schemes", default=None, help="candidate schemes instead of the --abits set: a set name "
-                   "(hopper, weight_only, w5a5) or comma-separated schemes")
+    q.add_argument(
+        "--schemes",
+        default=None,
+        help="candidate schemes instead of the --abits set: a set name "
+        "(hopper, weight_only, w5a5) or comma-separated schemes",
+    )
     q.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write (atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing mxmoe checkpoint at DIR")
-    q.add_argument("--save-dtype", default=None, choices=SAVE_DTYPES, help="type of the full-precision weights in DIR "
-                   "(default: as loaded, float32; bfloat16 halves them)")
+    q.add_argument(
+        "--save-dtype",
+        default=None,
+        choices=SAVE_DTYPES,
+        help="type of the full-precision weights in DIR (default: as loaded, float32; bfloat16 halves them)",
+    )
     q.set_defaults(func=_quantize)
 
     g = stages.add_parser("generate", help="greedy generation, streamed token by token")
@@ -463,14 +609,21 @@ def _add_checkpoint_commands(stages) -> None:
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: a CUDA GPU if there is one")
     g.set_defaults(func=_generate)
 
-    b = stages.add_parser("bench", help="prefill tokens/s and weight memory of a checkpoint vs its bf16 base; "
-                          f"or a benchmark: {', '.join(BENCHMARKS)} (mxmoe bench NAME --help)")
+    b = stages.add_parser(
+        "bench",
+        help="prefill tokens/s and weight memory of a checkpoint vs its bf16 base; "
+        f"or a benchmark: {', '.join(BENCHMARKS)} (mxmoe bench NAME --help)",
+    )
     b.add_argument("name", metavar="DIR", help="an mxmoe checkpoint folder")
     b.add_argument("--tokens", type=int, nargs="+", default=[512, 8192], help="tokens per forward (default 512 8192)")
     b.add_argument("--seqlen", type=int, default=512, help="tokens per sequence of a batch (default 512)")
     b.add_argument("--repeats", type=int, default=3, help="timed forwards per size; the median is reported")
-    b.add_argument("--base", default=None, help="the full-precision model (default: the base named in mxmoe.json); "
-                   "its weights must be those the checkpoint was quantized from")
+    b.add_argument(
+        "--base",
+        default=None,
+        help="the full-precision model (default: the base named in mxmoe.json); "
+        "its weights must be those the checkpoint was quantized from",
+    )
     b.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: a CUDA GPU if there is one")
     b.add_argument("--out", default=None, help="also write the rows to this JSON file")
     b.set_defaults(func=_bench)

@@ -8,10 +8,17 @@ from mxmoe.models import cmoe, heal, moefy
 
 def tiny_dense(layers=2):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True,
-                      initializer_range=0.25)  # large weights: the carving error is visible in the logits
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        initializer_range=0.25,
+    )  # large weights: the carving error is visible in the logits
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -73,7 +80,7 @@ def test_masked_dense_equals_the_qwen2_moe_block():
             mlp.gate_proj.weight.copy_(wg), mlp.up_proj.weight.copy_(wu), mlp.down_proj.weight.copy_(wd)
             block = moefy.sparse_block(config, mlp, masked.split())
             torch.testing.assert_close(masked(x), block(x), atol=1e-5, rtol=1e-4)
-            assert (masked.last_top.unique().numel() > CFG.top_k)  # several experts in use
+            assert masked.last_top.unique().numel() > CFG.top_k  # several experts in use
 
 
 def test_masked_moe_rejects_a_split_that_is_not_a_partition():
@@ -89,8 +96,19 @@ def kl_of(student, dense, w):
         return heal.kl_to_teacher(student(w).logits, dense(w).logits).item()
 
 
-HEAL = heal.HealConfig(rank=4, router_steps=8, router_tokens=64, router_lr=1e-2, e2e_steps=12, batch_windows=2,
-                       lr=1e-2, e2e_router_lr=1e-2, warmup=2, balance_coef=0.01, seed=0)
+HEAL = heal.HealConfig(
+    rank=4,
+    router_steps=8,
+    router_tokens=64,
+    router_lr=1e-2,
+    e2e_steps=12,
+    batch_windows=2,
+    lr=1e-2,
+    e2e_router_lr=1e-2,
+    warmup=2,
+    balance_coef=0.01,
+    seed=0,
+)
 
 
 def test_a_few_heal_steps_lower_the_kl():

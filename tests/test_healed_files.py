@@ -5,8 +5,10 @@ import torch
 
 from mxmoe.models import heal, smollm2
 
-pytestmark = pytest.mark.skipif(not heal.heal_files_present(smollm2.HEALED_DIR),
-                                reason="no healed files committed yet (run `mxmoe model heal` on a GPU)")
+pytestmark = pytest.mark.skipif(
+    not heal.heal_files_present(smollm2.HEALED_DIR),
+    reason="no healed files committed yet (run `mxmoe model heal` on a GPU)",
+)
 
 
 def test_healed_files_are_small_and_match_their_hashes():

@@ -33,8 +33,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True
         recipe = smollm2.recipe(name)
         if not smollm2.is_built(recipe) and not build:
             flag = "" if name == smollm2.NAME else f" --recipe {name}"
-            raise ModelNotFound(f"{name} is not built yet: run `mxmoe model build{flag}` "
-                                "(about 10 minutes on 2 CPU cores)")
+            raise ModelNotFound(
+                f"{name} is not built yet: run `mxmoe model build{flag}` (about 10 minutes on 2 CPU cores)"
+            )
         return _from_pretrained(str(smollm2.build(recipe)), dtype, device)
     if name in TINY_CONFIGS:
         return tiny_model(name).to(device, dtype), None
@@ -42,10 +43,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True
     if Path(hf_id).expanduser().exists():
         return _from_pretrained(str(Path(hf_id).expanduser()), dtype, device)
     if "/" not in hf_id:
-        raise ModelNotFound(f"unknown model {name!r}: use a zoo name ({', '.join(zoo_names())}), "
-                            f"a Hugging Face id like 'Qwen/Qwen1.5-MoE-A2.7B', or a local checkpoint folder")
+        raise ModelNotFound(
+            f"unknown model {name!r}: use a zoo name ({', '.join(zoo_names())}), "
+            f"a Hugging Face id like 'Qwen/Qwen1.5-MoE-A2.7B', or a local checkpoint folder"
+        )
     try:
         return _from_pretrained(hf_id, dtype, device)
     except OSError as e:
-        raise ModelNotFound(f"could not load {hf_id!r} from the Hugging Face hub or its cache ({str(e).splitlines()[0][:200]}); "
-                            "check the id, your network, or pass a local checkpoint folder") from None
+        raise ModelNotFound(
+            f"could not load {hf_id!r} from the Hugging Face hub or its cache ({str(e).splitlines()[0][:200]}); "
+            "check the id, your network, or pass a local checkpoint folder"
+        ) from None

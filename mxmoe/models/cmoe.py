@@ -49,8 +49,9 @@ class CarveConfig(MoefyConfig):
             raise ValueError(f"unknown carving method {self.method!r}: use 'cmoe' or 'kmeans'")
         routed = inter - self.shared_width
         if self.shared_width < 0 or routed <= 0 or routed % self.num_experts:
-            raise ValueError(f"{inter} neurons minus {self.shared_width} shared do not split into "
-                             f"{self.num_experts} equal experts")
+            raise ValueError(
+                f"{inter} neurons minus {self.shared_width} shared do not split into {self.num_experts} equal experts"
+            )
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}")
         if self.router not in ("rep", "norm"):
@@ -75,8 +76,9 @@ def activation_markers(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, k_ac
     return torch.zeros_like(h).scatter_(1, top, 1.0)
 
 
-def balanced_assignment(markers: torch.Tensor, rates: torch.Tensor, k: int,
-                        iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_assignment(
+    markers: torch.Tensor, rates: torch.Tensor, k: int, iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group n = k·m neurons into k clusters of exactly m by linear assignment on L1 marker distance.
 
     markers: [T, n] 0/1 columns of the neurons to group; rates: [n] their activation rates (the k most
@@ -143,8 +145,15 @@ def carve_layer(mlp: nn.Module, x: torch.Tensor, cfg: CarveConfig, seed: int) ->
 
 
 @torch.no_grad()
-def finish_split(mlp: nn.Module, sub: torch.Tensor, held: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor,
-                 router: torch.Tensor, top_k: int) -> tuple[LayerSplit, float]:
+def finish_split(
+    mlp: nn.Module,
+    sub: torch.Tensor,
+    held: torch.Tensor,
+    shared: torch.Tensor,
+    experts: torch.Tensor,
+    router: torch.Tensor,
+    top_k: int,
+) -> tuple[LayerSplit, float]:
     """Fit per-expert output scales for a carving and router on ``sub`` [T', H]; held-out error on ``held``.
 
     Returns the split (scales times ``top_k``, folded into down_proj by ``moefy.sparse_block``) and the

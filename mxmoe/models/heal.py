@@ -59,8 +59,10 @@ class MaskedMoE(nn.Module):
         expert_of[split.shared] = num_experts  # the shared expert's gain column
         seen = torch.bincount(torch.cat([split.shared, split.experts.flatten()]), minlength=inter)
         if split.router.shape != (num_experts, hidden) or (seen != 1).any():
-            raise ValueError("the split must partition the FFN's neurons (each once, shared or one expert) and its "
-                             f"router must be [{num_experts}, {hidden}]")
+            raise ValueError(
+                "the split must partition the FFN's neurons (each once, shared or one expert) and its "
+                f"router must be [{num_experts}, {hidden}]"
+            )
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k {top_k} must be between 1 and {num_experts}")
         self.top_k, self.num_experts, self.rank, self.norm_topk = top_k, num_experts, rank, norm_topk
@@ -121,8 +123,12 @@ class MaskedMoE(nn.Module):
 
     def split(self) -> LayerSplit:
         """The carving with the current router and scales."""
-        return LayerSplit(self.shared.clone(), self.experts.clone(), self.router.detach().float().clone(),
-                          self.scale.detach().float().clone())
+        return LayerSplit(
+            self.shared.clone(),
+            self.experts.clone(),
+            self.router.detach().float().clone(),
+            self.scale.detach().float().clone(),
+        )
 
 
 def masked_student(dense: nn.Module, splits: dict[int, LayerSplit], top_k: int, rank: int) -> nn.Module:
@@ -193,8 +199,9 @@ class HealReport:
     step_seconds_e2e: float = 0.0
 
 
-def _collect_layer_io(dense: nn.Module, windows: torch.Tensor,
-                      layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _collect_layer_io(
+    dense: nn.Module, windows: torch.Tensor, layers: list[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Dense FFN inputs and outputs [T, H] of ``layers`` over ``windows`` [n, L]."""
     store = {i: ([], []) for i in layers}
 
@@ -202,6 +209,7 @@ def _collect_layer_io(dense: nn.Module, windows: torch.Tensor,
         def f(module, args, out):
             store[i][0].append(args[0].reshape(-1, args[0].shape[-1]).detach())
             store[i][1].append(out.reshape(-1, out.shape[-1]).detach())
+
         return f
 
     hooks = [dense.model.layers[i].mlp.register_forward_hook(hook(i)) for i in layers]
@@ -216,8 +224,14 @@ def _collect_layer_io(dense: nn.Module, windows: torch.Tensor,
     return {i: (torch.cat(a), torch.cat(b)) for i, (a, b) in store.items()}
 
 
-def train_routers(student: nn.Module, dense: nn.Module, windows: torch.Tensor, cfg: HealConfig,
-                  report: HealReport, gen: torch.Generator) -> None:
+def train_routers(
+    student: nn.Module,
+    dense: nn.Module,
+    windows: torch.Tensor,
+    cfg: HealConfig,
+    report: HealReport,
+    gen: torch.Generator,
+) -> None:
     """Phase 1: each layer's router and scales against its dense FFN output on dense FFN inputs."""
     blocks = moe_layers(student)
     io = _collect_layer_io(dense, windows, list(blocks))
@@ -255,8 +269,14 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_end_to_end(student: nn.Module, dense: nn.Module, windows: torch.Tensor, cfg: HealConfig,
-                     report: HealReport, gen: torch.Generator) -> None:
+def train_end_to_end(
+    student: nn.Module,
+    dense: nn.Module,
+    windows: torch.Tensor,
+    cfg: HealConfig,
+    report: HealReport,
+    gen: torch.Generator,
+) -> None:
     """Phase 2: forward KL to the dense teacher over routers, scales and low-rank corrections."""
     blocks = moe_layers(student)
     routers = [p for b in blocks.values() for p in (b.router, b.scale)]
@@ -312,8 +332,14 @@ def routing_skew(student: nn.Module, windows: torch.Tensor) -> dict[int, float]:
     return {i: skew(c) for i, c in counts.items()}
 
 
-def heal(dense: nn.Module, splits: dict[int, LayerSplit], top_k: int, windows: torch.Tensor, cfg: HealConfig,
-         skew_windows: torch.Tensor | None = None) -> tuple[nn.Module, HealReport]:
+def heal(
+    dense: nn.Module,
+    splits: dict[int, LayerSplit],
+    top_k: int,
+    windows: torch.Tensor,
+    cfg: HealConfig,
+    skew_windows: torch.Tensor | None = None,
+) -> tuple[nn.Module, HealReport]:
     """Distil the carved MoE (``splits`` of the dense causal LM ``dense``) towards ``dense``; seeded.
 
     windows: [n, L] training token windows (calibration text only). Returns the fp16-rounded student
@@ -366,8 +392,9 @@ def save_heal(student: nn.Module, folder: Path, meta: dict) -> dict:
     tensors = heal_tensors(student)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total > TOTAL_BYTES:
-        raise MxMoEError(f"healed tensors take {total / 1e6:.1f} MB, over the {TOTAL_BYTES / 1e6:.0f} MB limit: "
-                         "lower the rank")
+        raise MxMoEError(
+            f"healed tensors take {total / 1e6:.1f} MB, over the {TOTAL_BYTES / 1e6:.0f} MB limit: lower the rank"
+        )
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         by_layer.setdefault(int(name.split(".")[1]), {})[name] = t
@@ -375,8 +402,9 @@ def save_heal(student: nn.Module, folder: Path, meta: dict) -> dict:
     for layer in sorted(by_layer):
         lsize = sum(t.numel() * t.element_size() for t in by_layer[layer].values())
         if lsize > SHARD_BYTES - 100_000:
-            raise MxMoEError(f"layer {layer}'s healed tensors take {lsize / 1e6:.1f} MB, over one shard: "
-                             "lower the rank")
+            raise MxMoEError(
+                f"layer {layer}'s healed tensors take {lsize / 1e6:.1f} MB, over one shard: lower the rank"
+            )
         if cur and size + lsize > SHARD_BYTES - 100_000:  # headroom for the safetensors header
             shards.append(cur)
             cur, size = {}, 0
@@ -415,11 +443,13 @@ def load_heal(folder: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
     for name, digest in doc["files"].items():
         path = folder / name
         if not path.exists():
-            raise MxMoEError(f"{path} is listed in {HEAL_JSON} but missing: restore it from git "
-                             "or rerun `mxmoe model heal`")
+            raise MxMoEError(
+                f"{path} is listed in {HEAL_JSON} but missing: restore it from git or rerun `mxmoe model heal`"
+            )
         if _sha256(path) != digest:
-            raise MxMoEError(f"{path} does not match its sha256 in {HEAL_JSON}: restore it from git "
-                             "or rerun `mxmoe model heal`")
+            raise MxMoEError(
+                f"{path} does not match its sha256 in {HEAL_JSON}: restore it from git or rerun `mxmoe model heal`"
+            )
         for key, t in load_file(str(path)).items():
             _, layer, field_ = key.split(".", 2)
             layers.setdefault(int(layer), {})[field_] = t

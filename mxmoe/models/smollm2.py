@@ -68,8 +68,9 @@ def cache_key(cfg: Recipe = RECIPE) -> str:
         files = json.loads((HEALED_DIR / heal.HEAL_JSON).read_text())["files"] if present else None
         blob = json.dumps(["v2", asdict(cfg), files, transformers.__version__], sort_keys=True)
     else:
-        blob = json.dumps([asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS, transformers.__version__],
-                          sort_keys=True)
+        blob = json.dumps(
+            [asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS, transformers.__version__], sort_keys=True
+        )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -87,8 +88,12 @@ def is_built(cfg: Recipe = RECIPE) -> bool:
 def calibration(tok, windows: int, seqlen: int, seed: int) -> torch.Tensor:
     """Calibration token windows [windows, seqlen]: half Project Gutenberg, half the WikiText-2 train split."""
     half = windows // 2
-    return torch.cat([calibration_windows(tok, "gutenberg", half, seqlen, seed),
-                      calibration_windows(tok, "wikitext2", windows - half, seqlen, seed)])
+    return torch.cat(
+        [
+            calibration_windows(tok, "gutenberg", half, seqlen, seed),
+            calibration_windows(tok, "wikitext2", windows - half, seqlen, seed),
+        ]
+    )
 
 
 def carve_all(dense, tok, cfg: cmoe.CarveConfig) -> tuple[dict, dict]:
@@ -128,9 +133,16 @@ def build(cfg: Recipe = RECIPE, force: bool = False) -> Path:
     chosen, dev_moe = moefy.choose_moe_layers(dense, blocks, errors, dev, dev_dense, MAX_DEV_RATIO)
     moe = moefy.assemble(dense, {i: splits[i] for i in chosen}, cfg)
     build_seconds, build_cpu_seconds = time.time() - start, time.process_time() - cpu_start
-    info = {"recipe": asdict(cfg), "moe_layers": chosen, "layer_errors": errors, "dev_ppl_dense": dev_dense,
-            "dev_ppl_moe": dev_moe, "build_seconds": build_seconds, "build_cpu_seconds": build_cpu_seconds,
-            "device": device_name()}
+    info = {
+        "recipe": asdict(cfg),
+        "moe_layers": chosen,
+        "layer_errors": errors,
+        "dev_ppl_dense": dev_dense,
+        "dev_ppl_moe": dev_moe,
+        "build_seconds": build_seconds,
+        "build_cpu_seconds": build_cpu_seconds,
+        "device": device_name(),
+    }
     return _save(moe, tok, info, final)
 
 
@@ -155,22 +167,35 @@ def _build_v2(cfg: cmoe.CarveConfig, final: Path) -> Path:
     if heal.heal_files_present(HEALED_DIR):
         doc, stored = heal.load_heal(HEALED_DIR)
         if doc.get("recipe") != asdict(cfg):
-            raise MxMoEError(f"the healed files in {HEALED_DIR} were trained for recipe {doc.get('recipe')}, "
-                             f"not {asdict(cfg)}: "
-                             "rerun `mxmoe model heal` on a GPU")
+            raise MxMoEError(
+                f"the healed files in {HEALED_DIR} were trained for recipe {doc.get('recipe')}, "
+                f"not {asdict(cfg)}: "
+                "rerun `mxmoe model heal` on a GPU"
+            )
         if sorted(stored) != list(range(layers)):
             raise MxMoEError(f"the healed files in {HEALED_DIR} cover layers {sorted(stored)}, not all {layers}")
         splits, errors = heal.apply_heal(dense, stored, cfg.top_k), None
-        healed = {"files": doc["files"], "folder": str(HEALED_DIR.relative_to(HEALED_DIR.parents[3])),
-                  "check": doc.get("check")}
+        healed = {
+            "files": doc["files"],
+            "folder": str(HEALED_DIR.relative_to(HEALED_DIR.parents[3])),
+            "check": doc.get("check"),
+        }
     else:
-        print(f"smollm2-moe-v2: no healed files in {HEALED_DIR}: building the training-free carving of every FFN "
-              "(run `mxmoe model heal` on a GPU to make them)")
+        print(
+            f"smollm2-moe-v2: no healed files in {HEALED_DIR}: building the training-free carving of every FFN "
+            "(run `mxmoe model heal` on a GPU to make them)"
+        )
         splits, errors = carve_all(dense, tok, cfg)
         healed = None
     moe = moefy.assemble(dense, splits, cfg)
-    info = {"recipe": asdict(cfg), "recipe_name": V2_NAME, "moe_layers": list(range(layers)), "layer_errors": errors,
-            "healed": healed, "build_seconds": time.time() - start,
-            "build_cpu_seconds": time.process_time() - cpu_start,
-            "device": device_name()}
+    info = {
+        "recipe": asdict(cfg),
+        "recipe_name": V2_NAME,
+        "moe_layers": list(range(layers)),
+        "layer_errors": errors,
+        "healed": healed,
+        "build_seconds": time.time() - start,
+        "build_cpu_seconds": time.process_time() - cpu_start,
+        "device": device_name(),
+    }
     return _save(moe, tok, info, final)

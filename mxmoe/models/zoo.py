@@ -17,26 +17,85 @@ from transformers import AutoConfig, AutoModelForCausalLM
 # The paper's models live in mxmoe.models.paper (one table for the package); re-exported here.
 from mxmoe.models.paper import PAPER_CONFIGS, PAPER_MODELS, MoEShape  # noqa: F401
 
-_TINY_COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_TINY_COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 # Tiny random configs of every supported family: (model_type, extra config).
 TINY_CONFIGS = {
     "tiny-mixtral": ("mixtral", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
-    "tiny-qwen2-moe": ("qwen2_moe", dict(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                                         num_experts=8, num_experts_per_tok=2, qkv_bias=True, norm_topk_prob=False)),
-    "tiny-qwen3-moe": ("qwen3_moe", dict(intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-                                         num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)),
+    "tiny-qwen2-moe": (
+        "qwen2_moe",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=8,
+            num_experts_per_tok=2,
+            qkv_bias=True,
+            norm_topk_prob=False,
+        ),
+    ),
+    "tiny-qwen3-moe": (
+        "qwen3_moe",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            norm_topk_prob=True,
+        ),
+    ),
     "tiny-olmoe": ("olmoe", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
-    "tiny-deepseek-v2": ("deepseek_v2", dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
-                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                                             num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-                                             qk_nope_head_dim=8, v_head_dim=16, topk_method="greedy", n_group=1, topk_group=1)),
-    "tiny-deepseek-v3": ("deepseek_v3", dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
-                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                                             num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-                                             qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)),
+    "tiny-deepseek-v2": (
+        "deepseek_v2",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_hidden_layers=3,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+    "tiny-deepseek-v3": (
+        "deepseek_v3",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_hidden_layers=3,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            n_group=2,
+            topk_group=1,
+        ),
+    ),
 }
 
 

@@ -96,23 +96,40 @@ def perplexity_summary(model: str, profile) -> dict:
     card_path = folder / "model.json"
     if card_path.exists():
         card = json.loads(card_path.read_text())
-        return {"dense": card.get("ppl_dense"), "MoE": card.get("ppl_moe"), "MoE / dense": card.get("ppl_ratio"),
-                "windows": f"{card.get('windows')} x {card.get('seqlen')}", "source": "model card",
-                "device": card.get("device")}
+        return {
+            "dense": card.get("ppl_dense"),
+            "MoE": card.get("ppl_moe"),
+            "MoE / dense": card.get("ppl_ratio"),
+            "windows": f"{card.get('windows')} x {card.get('seqlen')}",
+            "source": "model card",
+            "device": card.get("device"),
+        }
     cache = folder / "eval" / f"ppl_{profile.name}.json"
-    params = {"model": model, "profile": profile.name, "eval_windows": profile.eval_windows,
-              "eval_seqlen": profile.eval_seqlen}
+    params = {
+        "model": model,
+        "profile": profile.name,
+        "eval_windows": profile.eval_windows,
+        "eval_seqlen": profile.eval_seqlen,
+    }
     hit = json.loads(cache.read_text()) if cache.exists() else None
     if not hit or hit.get("params") != params:
         start = time.time()
         net, tok = load_model(model)
-        hit = {"params": params, "ppl_moe": perplexity(net, evaluation(net, tok, profile)),
-               "seconds": round(time.time() - start, 1),
-               "data": "random token ids (smoke)" if tok is None else "WikiText-2 test, token level"}
+        hit = {
+            "params": params,
+            "ppl_moe": perplexity(net, evaluation(net, tok, profile)),
+            "seconds": round(time.time() - start, 1),
+            "data": "random token ids (smoke)" if tok is None else "WikiText-2 test, token level",
+        }
         write_json_atomic(cache, hit)
-    return {"dense": None, "MoE": hit["ppl_moe"], "MoE / dense": None,
-            "windows": f"{profile.eval_windows} x {profile.eval_seqlen}", "source": hit["data"],
-            "device": "this machine"}
+    return {
+        "dense": None,
+        "MoE": hit["ppl_moe"],
+        "MoE / dense": None,
+        "windows": f"{profile.eval_windows} x {profile.eval_seqlen}",
+        "source": hit["data"],
+        "device": "this machine",
+    }
 
 
 STUDY_STRUCTURES = {  # (shared width, routed experts, top-k): within ≥ 32 experts, top-k ≥ 4, ≤ 50% of 1536 active
@@ -123,8 +140,14 @@ STUDY_STRUCTURES = {  # (shared width, routed experts, top-k): within ≥ 32 exp
 
 
 @torch.no_grad()
-def carving_study(out: Path, runs: list[tuple[str, str, str]], calib_windows: int = 8, router_tokens: int = 2048,
-                  dev_windows: int = 4, dev_seqlen: int = 512) -> list[dict]:
+def carving_study(
+    out: Path,
+    runs: list[tuple[str, str, str]],
+    calib_windows: int = 8,
+    router_tokens: int = 2048,
+    dev_windows: int = 4,
+    dev_seqlen: int = 512,
+) -> list[dict]:
     """Training-free comparison of carvings with all 30 FFNs sparse, written to ``out`` (JSON) as it goes.
 
     runs: (structure name in STUDY_STRUCTURES, method 'cmoe'|'kmeans', router fit 'rep'|'norm'). Calibration is
@@ -136,16 +159,27 @@ def carving_study(out: Path, runs: list[tuple[str, str, str]], calib_windows: in
 
     dense, tok = moefy.load_dense()
     half = calib_windows // 2
-    calib = torch.cat([calibration_windows(tok, "gutenberg", half, 512, 0),
-                       calibration_windows(tok, "wikitext2", calib_windows - half, 512, 0)])
+    calib = torch.cat(
+        [
+            calibration_windows(tok, "gutenberg", half, 512, 0),
+            calibration_windows(tok, "wikitext2", calib_windows - half, 512, 0),
+        ]
+    )
     inputs = moefy.collect_ffn_inputs(dense, calib)
     dev = eval_windows(tok, dev_seqlen, dev_windows, split="valid")
     dev_io = heal._collect_layer_io(dense, dev[:1], list(range(len(inputs))))
     rows = [{"structure": "dense", "dev_ppl": perplexity(dense, dev, desc="dev ppl, dense")}]
     for name, method, router in runs:
         shared, experts, top_k = STUDY_STRUCTURES[name]
-        cfg = cmoe.CarveConfig(num_experts=experts, top_k=top_k, shared_width=shared, method=method, router=router,
-                               calib_windows=calib_windows, router_tokens=router_tokens)
+        cfg = cmoe.CarveConfig(
+            num_experts=experts,
+            top_k=top_k,
+            shared_width=shared,
+            method=method,
+            router=router,
+            calib_windows=calib_windows,
+            router_tokens=router_tokens,
+        )
         start = time.time()
         splits = {i: cmoe.carve(dense.model.layers[i].mlp, x, cfg, i)[0] for i, x in enumerate(inputs)}
         seconds = time.time() - start
@@ -154,15 +188,39 @@ def carving_study(out: Path, runs: list[tuple[str, str, str]], calib_windows: in
         for i, b in heal.moe_layers(student).items():
             x, t = dev_io[i]
             errors.append(((b(x) - t).norm() / t.norm()).item())
-        rows.append({"structure": name, "method": method, "router": router, "active": cfg.active_neurons(1536),
-                     "dev_layer_error": errors, "dev_layer_error_mean": sum(errors) / len(errors),
-                     "dev_ppl": perplexity(student, dev, desc=f"dev ppl, {name} {method}"), "carve_seconds": seconds})
+        rows.append(
+            {
+                "structure": name,
+                "method": method,
+                "router": router,
+                "active": cfg.active_neurons(1536),
+                "dev_layer_error": errors,
+                "dev_layer_error_mean": sum(errors) / len(errors),
+                "dev_ppl": perplexity(student, dev, desc=f"dev ppl, {name} {method}"),
+                "carve_seconds": seconds,
+            }
+        )
         rows[-1]["dev_ppl_ratio"] = rows[-1]["dev_ppl"] / rows[0]["dev_ppl"]
-        write_json_atomic(out, {"calib_windows": calib_windows, "router_tokens": router_tokens,
-                                "dev_windows": dev_windows, "dev_seqlen": dev_seqlen, "device": device_name(),
-                                "rows": rows})
-        print(rows[-1]["structure"], method, router, f"err {rows[-1]['dev_layer_error_mean']:.3f}",
-              f"ppl {rows[-1]['dev_ppl']:.2f} ({rows[-1]['dev_ppl_ratio']:.2f}x)", f"{seconds:.0f}s", flush=True)
+        write_json_atomic(
+            out,
+            {
+                "calib_windows": calib_windows,
+                "router_tokens": router_tokens,
+                "dev_windows": dev_windows,
+                "dev_seqlen": dev_seqlen,
+                "device": device_name(),
+                "rows": rows,
+            },
+        )
+        print(
+            rows[-1]["structure"],
+            method,
+            router,
+            f"err {rows[-1]['dev_layer_error_mean']:.3f}",
+            f"ppl {rows[-1]['dev_ppl']:.2f} ({rows[-1]['dev_ppl_ratio']:.2f}x)",
+            f"{seconds:.0f}s",
+            flush=True,
+        )
     return rows
 
 
@@ -194,15 +252,29 @@ def heal_model(out: Path | None = None, cfg=None, recipe=None) -> dict:
     del before
     student, report = heal.heal(dense, splits, recipe.top_k, train, cfg, skew_windows=check)
     ppl_after = perplexity(student, check, desc="check ppl, healed")
-    meta = {"recipe": asdict(recipe), "heal": asdict(cfg), "report": asdict(report),
-            "carve_layer_errors": errors, "skew_before": skew_before,
-            "check": {"data": "WikiText-2 validation", "seqlen": CHECK_SEQLEN, "windows": CHECK_WINDOWS,
-                      "ppl_dense": ppl_dense, "ppl_carved": ppl_before, "ppl_healed": ppl_after},
-            "seconds": {"carve": carve_seconds, "total": time.time() - start},
-            "device": device_name(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    meta = {
+        "recipe": asdict(recipe),
+        "heal": asdict(cfg),
+        "report": asdict(report),
+        "carve_layer_errors": errors,
+        "skew_before": skew_before,
+        "check": {
+            "data": "WikiText-2 validation",
+            "seqlen": CHECK_SEQLEN,
+            "windows": CHECK_WINDOWS,
+            "ppl_dense": ppl_dense,
+            "ppl_carved": ppl_before,
+            "ppl_healed": ppl_after,
+        },
+        "seconds": {"carve": carve_seconds, "total": time.time() - start},
+        "device": device_name(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
     doc = heal.save_heal(student, out or smollm2.HEALED_DIR, meta)
-    print(f"healed: check ppl dense {ppl_dense:.2f}, carved {ppl_before:.2f}, healed {ppl_after:.2f} "
-          f"({ppl_after / ppl_dense:.3f}x); {doc['bytes'] / 1e6:.1f} MB in {len(doc['files'])} files; "
-          f"{time.time() - start:.0f} s on {device_name()}")
+    print(
+        f"healed: check ppl dense {ppl_dense:.2f}, carved {ppl_before:.2f}, healed {ppl_after:.2f} "
+        f"({ppl_after / ppl_dense:.3f}x); {doc['bytes'] / 1e6:.1f} MB in {len(doc['files'])} files; "
+        f"{time.time() - start:.0f} s on {device_name()}"
+    )
     return doc
