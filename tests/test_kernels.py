@@ -238,7 +238,7 @@ def test_roofline_crossover_balances_memory_and_compute():
 
 def test_kernel_tables_from_committed_h100_runs():
     """The notebook-03 tables build from the committed benchmark files: every paper shape in Figure 2,
-    Table 6 rows with all three launch modes, one targets row per issue target."""
+    Table 6 rows with all three launch modes, one row per kernel target."""
     from mxmoe.plots import kernels as kp
 
     docs = [runs.load_bench(ROOT / "results" / "kernels" / f) for f in runs.COUNTED]

@@ -1,4 +1,4 @@
-"""Focused timing of chosen schemes and tile configs on the issue's target cases, one process, one GPU.
+"""Focused timing of chosen schemes and tile configs on the kernel's target cases, one process, one GPU.
 
 ``python -m mxmoe.bench.compare --label NAME --out DIR [--cases MODEL:TOKENS ...] [--sweep TOKENS:bm,bn,stages,swap,warps[,programs] ...]
 [--programs P ...] [--schemes SCHEME ...]``

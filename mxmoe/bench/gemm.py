@@ -243,7 +243,7 @@ def _packs_for(w: torch.Tensor) -> dict:
 
 
 def targets(results: list[dict]) -> dict:
-    """The issue's targets, evaluated on this run (paper model shapes only)."""
+    """The kernel targets, evaluated on this run (paper model shapes only)."""
     results = [r for r in results if r["model"] in PAPER]
 
     def get(model, tokens, variant, key="speedup_vs_torch_bf16", gemm=None):

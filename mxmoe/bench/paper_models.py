@@ -822,7 +822,7 @@ def summarize(doc: dict) -> dict:
 
 
 def target_rows(doc: dict) -> list:
-    """The issue's targets against one result document: [{'model', 'measure', 'measured', 'target', 'met'}].
+    """The whole-model targets against one result document: [{'model', 'measure', 'measured', 'target', 'met'}].
 
     ``measured`` is None where the run has no number for it (a failed or skipped measurement)."""
     s, rows = doc["summary"], {r["setting"]: r for r in doc["settings"]}
