@@ -8,17 +8,22 @@ import tempfile
 from pathlib import Path
 
 
-def write_json_atomic(path: "str | Path", obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
+def write_text_atomic(path: "str | Path", text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and rename, so readers never see
+    half a file and a failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: "str | Path", obj) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (``write_text_atomic``)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

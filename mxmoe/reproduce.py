@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mxmoe.env import REPO_ROOT
+from mxmoe.env import REPO_ROOT, device_name
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.paths import default_model, kernel_results_dir, model_dirname, resolve_results_dir, results_dir
@@ -251,7 +251,7 @@ def reproduce(
                 "parameters": params,
                 "seconds": round(seconds, 1),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "device": _device(),
+                "device": device_name(),
                 "inputs": parts["inputs"],
             },
         )
@@ -264,19 +264,6 @@ def reproduce(
         f"{len(missing)} missing, {len(blocked)} blocked, {time.time() - t_all:.1f} s"
     )
     return results
-
-
-def _device() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    import platform
-
-    return f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
 
 
 def _parse_extra(pairs: list[list[str]]) -> dict:

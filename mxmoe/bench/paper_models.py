@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mxmoe.allocate import allocation_doc, layer_problem, solve_point
+from mxmoe.files import write_text_atomic
 from mxmoe.kernels.moe import (
     attach_fp8_experts,
     attach_packed_experts,
@@ -278,10 +279,7 @@ def _write_compact(path: Path, doc: dict) -> None:
     rows = doc.get("rows", [])
     head = json.dumps({k: v for k, v in doc.items() if k != "rows"}, separators=(",", ":"))
     body = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(head[:-1] + ',"rows":[\n' + body + "\n]}\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, head[:-1] + ',"rows":[\n' + body + "\n]}\n")
 
 
 def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: bool = False) -> "tuple[dict, dict]":
