@@ -178,6 +178,10 @@ BENCHMARKS = {
     "cost-table": ("mxmoe.bench.cost_table", "build cost_tables/<gpu>.json from benchmark files"),
     "alloc": ("mxmoe.bench.alloc", "time a model's allocations through the kernel (GPU); Figure 5 measured"),
     "ilp": ("mxmoe.bench.ilp", "solve times of the allocation ILP on a random layer"),
+    "sass": (
+        "mxmoe.bench.sass",
+        "compile the kernel for sm_90a without a GPU: registers, spills, wgmma waits, K-loop instructions",
+    ),
     "paper-models": (
         "mxmoe.bench.paper_models",
         "the paper's models at full size, random weights: whole-model "
