@@ -30,7 +30,9 @@ one dot per slice, so no byte is loaded twice. Codes become bf16 without an int-
 ``bits(0x4300 | u) = 128 + u`` for ``u < 128``, then one exact bf16 subtraction and one fused
 multiply-add with the group's scale and zero point (rounded to the dot type, like the weight).
 4-bit weight-only codes of a transposed tile (w4a16, the memory-bound decode case) are unpacked by
-inline PTX, two bytes into two bf16 pairs at a time (``_nibble_values``).
+inline PTX, two bytes into two bf16 pairs at a time (``_nibble_values``), and the two 64-row slices of a
+block are joined into one K=128 dot: with two chained dots per block Triton's pipeliner waits for each
+wgmma, with one it keeps one in flight (``mxmoe bench sass`` shows the waits).
 
 Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
 values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
@@ -318,18 +320,23 @@ def _tile(
                     )
                 elif GROUP > 0:
                     sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
-                for j in tl.static_range(NSL):
-                    a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
-                    if NIB:
-                        v = (lo if j == 0 else hi).to(cdt)  # [BN, 64]
-                        w = _scaled(v - (128 + OFF), sc, zr, SYM, True)
-                    else:
+                if (
+                    NIB
+                ):  # one K=128 dot per block (low nibbles: K rows 0-63, high: 64-127), so one wgmma stays in flight
+                    a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128, K, 128, True)  # [128, BM]
+                    w_lo = _scaled(lo.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
+                    w_hi = _scaled(hi.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
+                    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), [BN, 128])  # [BN, 128]
+                    acc = tl.dot(w, a.to(cdt), acc)
+                else:
+                    for j in tl.static_range(NSL):
+                        a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
                         u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
                         w = _dequant(u, sc, zr, KIND, WBITS, OFF, SYM, SWAP, cdt, INTERPRET)
-                    if SWAP:
-                        acc = tl.dot(w, a.to(cdt), acc)
-                    else:
-                        acc = tl.dot(a.to(cdt), w, acc)
+                        if SWAP:
+                            acc = tl.dot(w, a.to(cdt), acc)
+                        else:
+                            acc = tl.dot(a.to(cdt), w, acc)
         else:  # WA_INT, WA_FP8: activations pre-quantized per row into xq (codes) and xs (scales)
             # 8-bit codes are stored as the dot's operand type (int8 / e4m3 bits): loaded straight into
             # shared memory for the MMA, with no pass through registers.
