@@ -476,3 +476,31 @@ def cost_table_summary(device: str) -> pd.DataFrame:
         return pd.DataFrame()
     pts = pd.DataFrame(json.loads(path.read_text())["cost_points"])
     return pts.pivot_table(index=["model", "gemm"], columns="tokens", values="scheme", aggfunc="count")
+
+
+def compiled_facts(path=None) -> pd.DataFrame:
+    """The kernel's paths as compiled for sm_90a (``mxmoe bench sass``), one row per scheme and size: tile,
+    registers, spills, whether a wgmma stays in flight, K-loop instructions and ALU instructions per 8 weights."""
+    import json
+
+    from mxmoe.paths import kernel_results_dir
+
+    path = path or kernel_results_dir() / "sass_sm90a.json"
+    if not path.exists():
+        return pd.DataFrame()
+    rows = []
+    for r in json.loads(path.read_text())["rows"]:
+        rows.append(
+            {
+                "scheme": r["scheme"],
+                "size": r["regime"],
+                "tile(s)": " + ".join(f"{c['bm']}×{c['bn']}" for _, c in r["slots"]),
+                "warps": r["num_warps"],
+                "registers": r["registers"],
+                "spill B": r["spill_bytes"],
+                "wgmma in flight": "yes" if r["async_wgmma"] else "no" if r["wgmma"] else "no wgmma",
+                "K-loop instructions": r["loop_instructions"],
+                "ALU / 8 weights": r["alu_per_8"],
+            }
+        )
+    return pd.DataFrame(rows)
