@@ -353,6 +353,8 @@ def _quantize(args) -> None:
         f"{args.name}: {m['bits']['weight']:.3f} weight bits, {m['bits']['activation']:.2f} activation bits per expert "
         f"weight; cost table {m['cost_table']['gpu']} ({m['cost_table']['device']})"
     )
+    if m["cost_table"]["note"]:
+        print(f"note: {m['cost_table']['note']}")
     print("blocks per scheme: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     print(
         "stage times: "

@@ -45,6 +45,7 @@ import numpy as np
 from mxmoe.env import COST_TABLES
 from mxmoe.errors import MxMoEError
 from mxmoe.kernels.configs import TileConfig, default_config, kind_of
+from mxmoe.kernels.version import kernel_fingerprint
 from mxmoe.schemes import Scheme
 
 SOURCES = ("cost-table", "cost-table-scaled", "predicted-roofline")
@@ -79,6 +80,28 @@ class CostTable:
     roofline: dict  # copy_GBps, bf16_TFLOPs, int8_TOPs, fp8_TFLOPs
     points: tuple  # cost-point dicts (scheme, K, N, tile, us_per_tile_per_sm, ...)
     measured: bool  # False: vendor figures, no cost points
+    kernel: "str | None" = None  # fingerprint of the kernel the points were measured on (mxmoe.kernels.version)
+
+    @property
+    def kernel_note(self) -> "str | None":
+        """None when the points were measured on the installed kernel (or there are none), else why not."""
+        if not self.measured:
+            return None
+        if self.kernel == kernel_fingerprint():
+            return None
+        commits = sorted({p.get("kernel_commit") for p in self.points} - {None})
+        what = (
+            f"kernel commit(s) {', '.join(commits)} (recorded before kernels were fingerprinted)"
+            if self.kernel is None
+            else "several kernels"
+            if self.kernel == "mixed"
+            else f"kernel {self.kernel}"
+        )
+        return (
+            f"cost table {self.gpu} was measured on {what}, not the installed kernel {kernel_fingerprint()}: "
+            f"its times describe that kernel; re-measure with `mxmoe bench gemm --out results/kernels "
+            f"--table-dir cost_tables` on this GPU"
+        )
 
 
 @dataclass(frozen=True)
@@ -109,9 +132,7 @@ def load_table(gpu: str = "nvidia_h100", tables_dir: "str | None" = None) -> Cos
     folder = Path(tables_dir) if tables_dir else COST_TABLES
     path = folder / f"{key}.json"
     if path.exists():
-        doc = json.loads(path.read_text())
-        sms = int(doc["provenance"][-1]["multiprocessors"])
-        return CostTable(key, doc["device"], sms, dict(doc["roofline"]), tuple(doc["cost_points"]), True)
+        return read_table(path)
     if key in VENDOR:
         v = VENDOR[key]
         return CostTable(key, v["device"], v["multiprocessors"], dict(v), (), False)
@@ -120,6 +141,14 @@ def load_table(gpu: str = "nvidia_h100", tables_dir: "str | None" = None) -> Cos
         f"no cost table {path} and no vendor figures for GPU {gpu!r}; tables: {have}, "
         f"vendor entries: {sorted(VENDOR)}; add a roofline with roofline_table(...)"
     )
+
+
+def read_table(path: "str | Path") -> CostTable:
+    """The cost table in one ``cost_tables/<gpu>.json``-format file (``mxmoe.bench.cost_table``)."""
+    doc = json.loads(Path(path).read_text())
+    sms = int(doc["provenance"][-1]["multiprocessors"])
+    key = gpu_key(doc["device"])
+    return CostTable(key, doc["device"], sms, dict(doc["roofline"]), tuple(doc["cost_points"]), True, doc.get("kernel"))
 
 
 def roofline_table(

@@ -412,6 +412,8 @@ def quantize(
             "device": table.device,
             "measured": table.measured,
             "sha256": _table_sha(table.gpu),
+            "kernel": table.kernel,
+            "note": table.kernel_note,  # None: measured on the kernel that runs this checkpoint
         },
         "online_hadamard": hadamard,
         "rotation_seed": seed if hadamard else None,

@@ -265,3 +265,27 @@ def test_a_plain_list_of_experts_builds_its_group_once():
     other = _experts(count=3)
     assert expert_group(other) is not first and expert_group(other).packed == other
     assert expert_group(first) is first
+
+
+def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path):
+    """The table carries its runs' kernel fingerprint; loading one measured on another kernel says so."""
+    from mxmoe.bench.cost_table import write_table
+    from mxmoe.kernels.version import kernel_fingerprint
+    from mxmoe.perfmodel import read_table
+
+    run = json.loads(
+        (ROOT / "results" / "kernels" / "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json").read_text()
+    )
+    old = read_table(write_table([_write(tmp_path / "old.json", run)], tmp_path / "a"))
+    assert old.kernel is None and "50dfdc6" in old.kernel_note and "fingerprinted" in old.kernel_note
+    run["provenance"]["kernel"] = kernel_fingerprint()
+    now = read_table(write_table([_write(tmp_path / "now.json", run)], tmp_path / "b"))
+    assert now.kernel == kernel_fingerprint() and now.kernel_note is None
+    run["provenance"]["kernel"] = "0123456789ab"
+    other = read_table(write_table([_write(tmp_path / "other.json", run)], tmp_path / "c"))
+    assert "kernel 0123456789ab" in other.kernel_note and kernel_fingerprint() in other.kernel_note
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+    return path

@@ -7,6 +7,9 @@ tiles of that launch (from the routed rows per expert and the tile config it use
 SM, the measured time and its timer (`events` or `cudagraph`, from the benchmark's `--timer`); a later run
 of the same case replaces an earlier one. The allocation's
 performance model fits ``time = a + b * tiles_per_sm`` per scheme and K from these points.
+The table's ``kernel`` is the kernel fingerprint (``mxmoe.kernels.version``) its points were
+measured on ("mixed" when they come from different kernels; absent for runs older than the
+fingerprint); ``mxmoe.perfmodel`` flags a table whose kernel is not the one installed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 from pathlib import Path
 
 from mxmoe.bench.cases import MODELS, UNIFORM, expert_loads
+from mxmoe.files import write_json_atomic
 from mxmoe.perfmodel import gpu_key
 
 PROG = "mxmoe bench cost-table"  # also python -m mxmoe.bench.cost_table
@@ -53,6 +57,7 @@ def cost_points(bench: dict) -> "list[dict]":
                 "us_per_tile_per_sm": r["ms"] * 1e3 / (tiles / sms),
                 "timer": bench.get("timer_kind", "events"),
                 "kernel_commit": bench["provenance"]["git_commit"],
+                "kernel": bench["provenance"].get("kernel"),
                 "date_utc": bench["provenance"]["date_utc"],
             }
         )
@@ -70,8 +75,10 @@ def build_table(paths: "list[Path]") -> dict:
         for p in cost_points(d):
             points[(p["scheme"], p["model"], p["gemm"], p["tokens"])] = p
     latest = docs[-1]
+    kernels = {p["kernel"] for p in points.values()}
     table = {
         "device": latest["provenance"]["device"],
+        "kernel": kernels.pop() if len(kernels) == 1 else "mixed",
         "provenance": [d["provenance"] for d in docs],
         "roofline": latest["roofline"],
         "sources": [str(p) for p in paths],
@@ -91,10 +98,7 @@ def write_table(paths: "list[Path]", table_dir: "str | Path") -> Path:
     """Build the table of ``paths`` and write it to ``table_dir/<gpu>.json`` (atomically); returns the path."""
     table = build_table(paths)
     out = Path(table_dir) / f"{gpu_key(table['device'])}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(out)
+    write_json_atomic(out, table)
     return out
 
 
@@ -105,8 +109,7 @@ def main(argv: "list[str] | None" = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     table = build_table(args.bench)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(table, indent=1))
+    write_json_atomic(args.out, table)
     print(f"wrote {Path(args.out).name}: {len(table['cost_points'])} cost points on {table['device']}")
 
 

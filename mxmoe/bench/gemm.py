@@ -39,9 +39,11 @@ from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM,
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
+from mxmoe.bench.validate import validate
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import default_config
 from mxmoe.kernels.group_gemm import launch_plan
+from mxmoe.perfmodel import read_table
 from mxmoe.schemes import Scheme
 
 DEV = "cuda"
@@ -407,7 +409,16 @@ def main(argv: "list[str] | None" = None) -> None:
     print(json.dumps(doc["targets"], indent=1))
     print(f"wrote {Path(out_path).name} in {time.time() - t0:.0f} s")
     if args.table_dir:
-        print(f"wrote {write_table([out_path], args.table_dir).name}")
+        table_path = write_table([out_path], args.table_dir)
+        v = validate(out_path, read_table(table_path), holdout=True)
+        if v["n_mixed"]:
+            print(
+                f"wrote {table_path.name}; the performance model on this run's {v['n_mixed']} mixed launches "
+                f"(out of sample; each case's own shape held out): median |error| {v['mixed_median_abs_err']:.1%}, "
+                f"max {v['mixed_max_abs_err']:.1%}"
+            )
+        else:
+            print(f"wrote {table_path.name} (this run timed no mixed launch to check the model on)")
 
 
 def tune(deadline: float, model: str = "qwen1.5-moe") -> list[dict]:

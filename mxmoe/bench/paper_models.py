@@ -236,6 +236,8 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
     rows = prof["shares"] * ALLOC_BATCH * dims["top_k"]  # [L, E] expected routed rows (fractional: integer
     # rows tie many experts, and exactly tied experts make CBC's branch and bound explode)
     docs, table = {}, load_table(gpu)
+    if table.kernel_note:
+        print(f"note: {table.kernel_note}")
     for setting, spec in SETTINGS.items():
         if "alloc" not in spec or (only and setting not in only):
             continue
@@ -266,6 +268,7 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
         doc.update(
             hf_id=PAPER_MODELS.get(model, (None,))[0],
             sensitivity_stand_in=sens["params"]["method"],
+            cost_table_kernel=table.kernel,
             solved_on=platform.processor() or platform.machine(),
             cpu_count=os.cpu_count(),
         )

@@ -11,9 +11,11 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from mxmoe.kernels.version import kernel_fingerprint
+
 
 def provenance() -> dict:
-    """Device, driver, library versions, date and git commit of this measurement."""
+    """Device, driver, library versions, date, git commit and kernel fingerprint of this measurement."""
     dev = torch.cuda.get_device_properties(0)
     try:
         smi = subprocess.run(
@@ -44,6 +46,7 @@ def provenance() -> dict:
         "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
+        "kernel": kernel_fingerprint(),
     }
 
 

@@ -6,6 +6,7 @@ The cost table holds uniform-scheme points only, so the benchmark's mixed launch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,7 @@ from mxmoe.perfmodel import CostTable, gpu_key, launch_time, load_table
 def _without_case(table: CostTable, model: str, gemm: str) -> CostTable:
     """``table`` without the cost points measured on one (model, GEMM) case."""
     keep = tuple(p for p in table.points if (p.get("model"), p.get("gemm")) != (model, gemm))
-    return CostTable(table.gpu, table.device, table.sms, table.roofline, keep, table.measured)
+    return dataclasses.replace(table, points=keep)
 
 
 def validate(bench_path: "str | Path", table: CostTable, holdout: bool = False) -> dict:
