@@ -14,7 +14,8 @@ mxmoe stores per block. A block (layer L, expert e — an int, or ``sharedN`` �
 is stored under ``mxmoe.L.e.block.`` as
 
 * ``codes``  uint8 [b, ceil(N·K / 8)]: bit plane i holds bit i of every code ``u`` (row-major over
-  [N, K]); ``u = q + 2^(b-1)`` on symmetric grids, ``u = q`` on asymmetric ones, the e4m3 bit pattern for fp8;
+  [N, K]); ``u = q + 2^(b-1)`` on symmetric grids, ``u = q`` on asymmetric ones, the e4m3 bit pattern for e4m3
+  weights (8-bit fp8 schemes; narrower fp8 schemes store symmetric integer codes);
 * ``scale``  [N, G] (float16 for grouped schemes, float32 per channel), ``zero`` [N, G] (asymmetric only);
 * ``weight`` [N, K] in the model's dtype when the block stays full precision (fused routed experts only:
   a full-precision shared expert keeps its transformers name).
@@ -99,7 +100,7 @@ def check_base(manifest: dict, model: nn.Module, name: str) -> None:
 def _codes_of(iw: IntWeight) -> torch.Tensor:
     """Unsigned codes u [N, K] int32 of an IntWeight (see the module doc)."""
     s = iw.scheme
-    if s.fmt == "fp8":
+    if s.fp8_weight:
         return iw.q.float().to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
     return iw.q.to(torch.int32) + ((1 << (s.w_bits - 1)) if s.symmetric else 0)
 
@@ -144,7 +145,7 @@ def block_int_weight(tensors: dict, scheme: Scheme, n: int, k: int, where: str) 
             f"'{scheme}' weight [{n}, {k}]"
         )
     u = from_planes(codes, n, k)  # [N, K]
-    if scheme.fmt == "fp8":
+    if scheme.fp8_weight:
         q = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
     else:
         q = u - ((1 << (scheme.w_bits - 1)) if scheme.symmetric else 0)

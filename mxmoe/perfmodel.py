@@ -24,7 +24,8 @@ measured cost points of ``cost_tables/<gpu>.json``, in this order; every estimat
 2. ``"cost-table-scaled"`` — no point of that (scheme, tile): the nearest fitted (scheme, tile) of
    the same kernel path (bf16 / weight-only int / weight-activation int / fp8), its per-tile cost
    scaled by the ratio of the two tiles' roofline times. This is how w3/w2 g128, w8a16, w4a8 and
-   w4a4 g128 get times.
+   w4a4 g128 get times, and the w4a8 fp8 schemes (scaled from w8a8 fp8, whose codes need no
+   unpacking: an optimistic estimate) until a benchmark run measures them.
 3. ``"predicted-roofline"`` — no table for the GPU (or no point on the path): the tile's roofline
    time, ``max(bytes / (bandwidth / SMs), flops / (peak / SMs))``, from the table's measured
    roofline or the vendor figures in ``VENDOR`` (declared, not measured).

@@ -5,11 +5,24 @@ A scheme fixes how one linear block is stored and computed:
 * ``W``  weight bits (1..8), ``A`` activation bits (2..8, or 16 for weight-only);
 * ``G``  group size along the input dimension K (``-1``: one group per output channel);
 * ``sym`` / ``asym`` weight grid (activations are always symmetric);
-* ``_fp8`` e4m3 floating-point storage and compute instead of integers (8-bit only).
+* ``_fp8`` e4m3 (float8) tensor cores instead of integer ones; always symmetric:
+
+  - ``w8a8`` / ``w8a16`` ``_g-1_sym_fp8``: the weight itself is stored in e4m3, scaled per
+    output channel (``w8a16``: upcast to bf16 for a 16-bit dot; ``w8a8``: an fp8 dot with e4m3
+    activations per token);
+  - ``w{2..5}a8_g{-1|G}_sym_fp8`` (e.g. ``w4a8_g128_sym_fp8``, the Hopper "W4AFP8" scheme): the
+    weight is a symmetric integer grid exactly as in ``w4a8_g128_sym`` (codes ``q`` in
+    ``±(2^(W-1) - 1)``, a scale per channel or per group of G along K), and ``|q| <= 15`` is
+    exactly representable in e4m3, so the codes enter an fp8 dot unchanged; activations are e4m3
+    per token (per token and group of G when G > 0, like the integer schemes), the group scales
+    apply to the fp32 partial sum of each group. Zero points are not offered (asymmetric grids
+    would need each row's activation sum per group in the epilogue), nor widths above 5 bits
+    (6-bit codes reach 31, which e4m3 does not hold exactly).
 
 Bit accounting follows the paper: a grouped scheme stores a 16-bit scale and a 16-bit
 zero point per group, so it costs ``W + 32 / G`` bits per weight (g128 adds 0.25); a
-per-channel scheme (g-1) costs ``W``.
+per-channel scheme (g-1) costs ``W``. Symmetric grouped schemes, which store no zero point, are
+counted the same way, so that every ``G`` costs the same whatever the grid.
 """
 
 from __future__ import annotations
@@ -19,8 +32,9 @@ from dataclasses import dataclass
 
 GRAMMAR = (
     "w{W}a{A}_g{G}_{sym|asym}[_fp8] with W in 1..8, A in 2..8 or 16, G = -1 (per channel) "
-    "or a positive group size, e.g. 'w4a16_g128_asym', 'w8a8_g-1_sym_fp8'; or 'bf16'"
+    "or a positive group size, e.g. 'w4a16_g128_asym', 'w8a8_g-1_sym_fp8', 'w4a8_g128_sym_fp8'; or 'bf16'"
 )
+FP8_CODE_BITS = (2, 5)  # integer weight widths whose symmetric codes (|q| <= 15) are exact in e4m3
 _PATTERN = re.compile(r"^w(\d+)a(\d+)_g(-1|\d+)_(sym|asym)(_fp8)?$")
 
 
@@ -47,12 +61,28 @@ class Scheme:
             raise ValueError(f"activation bits must be 2..8 or 16 in scheme '{self}'; grammar: {GRAMMAR}")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group size must be -1 or positive in scheme '{self}'; grammar: {GRAMMAR}")
-        if self.fmt == "fp8" and (
-            self.w_bits != 8 or self.a_bits not in (8, 16) or not self.symmetric or self.group_size != -1
-        ):
+        if self.fmt == "fp8":
+            self._check_fp8()
+
+    def _check_fp8(self) -> None:
+        """fp8 schemes: e4m3 weights (8-bit, per channel) or exact integer codes on fp8 activations."""
+        lo, hi = FP8_CODE_BITS
+        if not self.symmetric:
+            try:
+                hint = f"; use '{Scheme(self.w_bits, self.a_bits, self.group_size, True, 'fp8')}'"
+            except ValueError:  # the symmetric form is not a valid scheme either
+                hint = ""
+            raise ValueError(f"fp8 schemes are symmetric (a zero point does not fit the fp8 dot), got '{self}'{hint}")
+        if self.w_bits == 8:
+            if self.a_bits not in (8, 16) or self.group_size != -1:
+                raise ValueError(
+                    f"fp8 schemes with e4m3 weights are 8-bit and per-channel (w8a8_g-1_sym_fp8 or "
+                    f"w8a16_g-1_sym_fp8), got '{self}'"
+                )
+        elif not lo <= self.w_bits <= hi or self.a_bits != 8:
             raise ValueError(
-                f"fp8 schemes are 8-bit, per-channel and symmetric (w8a8_g-1_sym_fp8 or "
-                f"w8a16_g-1_sym_fp8), got '{self}'"
+                f"fp8 schemes with integer weights take W in {lo}..{hi} (codes exact in e4m3) and 8-bit "
+                f"e4m3 activations, e.g. 'w4a8_g-1_sym_fp8' or 'w4a8_g128_sym_fp8'; got '{self}'"
             )
 
     @classmethod
@@ -81,6 +111,12 @@ class Scheme:
     def weight_only(self) -> bool:
         """True when activations stay in 16 bits (bf16 counts as weight-only)."""
         return self.a_bits == 16
+
+    @property
+    def fp8_weight(self) -> bool:
+        """True when the weight itself is stored in e4m3 (the 8-bit fp8 schemes); narrower fp8 schemes
+        store integer codes (see the module docstring)."""
+        return self.fmt == "fp8" and self.w_bits == 8
 
     @property
     def is_full_precision(self) -> bool:

@@ -22,8 +22,20 @@ from mxmoe.kernels.moe import attach_packed_experts, moe_experts_forward, regist
 from mxmoe.quant import quantize_weight_int  # noqa: E402
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme  # noqa: E402
 
-# outside the Hopper set: the unsigned 8-bit weight-only path; symmetric 4-bit weight-only (no zero point)
-EXTRA = [Scheme.parse("w8a16_g128_asym"), Scheme.parse("w4a16_g128_sym")]
+# outside the Hopper set: the unsigned 8-bit weight-only path; symmetric 4-bit weight-only (no zero point);
+# integer codes on fp8 tensor cores (w4a8 fp8 per channel and per 128-group, and a 3-bit code: two planes)
+EXTRA = [
+    Scheme.parse(s)
+    for s in ("w8a16_g128_asym", "w4a16_g128_sym", "w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8", "w3a8_g128_sym_fp8")
+]
+W4A8_FP8_MIXED = [
+    "w4a8_g128_sym_fp8",
+    "w8a8_g-1_sym_fp8",
+    "w4a8_g-1_sym_fp8",
+    "bf16",
+    "w4a4_g128_sym",
+    "w4a16_g128_asym",
+]
 MIXED = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g128_sym", "w8a8_g-1_sym_fp8", "w3a16_g128_asym"]
 
 
@@ -67,6 +79,12 @@ def main() -> None:
     group = ExpertGroup(pws)  # activations quantized beforehand, as the token gather hands them over
     x_q = quantize_activations(x, _offsets(rows), group)
     cases["mixed_given_x_q"] = _compare(x, _offsets(rows), group, reference_group_gemm(x, _offsets(rows), pws), x_q=x_q)
+    # integer codes on fp8 tensor cores beside the int8, bf16 and weight-only paths, 0- and 1-row experts
+    rows = [1, 0, 40, 5, 33, 2]
+    pws = [pack(w, s) for w, s in zip(_weights(80, 576, len(rows)), W4A8_FP8_MIXED)]
+    x = torch.randn(sum(rows), 576)
+    cases["mixed_w4a8_fp8"] = _compare(x, _offsets(rows), pws)
+    cases["mixed_w4a8_fp8_unified_kernel"] = _compare(x, _offsets(rows), pws, mode="unified")
     # plain (x W^T) tiles for weight-only packed schemes (the default swaps them) beside other paths; fp8 weight-only
     plain = ["w4a16_g-1_asym", "w3a16_g128_asym", "w8a16_g-1_sym", "w8a16_g-1_sym_fp8", "w2a16_g128_asym"]
     rows = [0, 3, 34, 1, 9, 5, 2]
@@ -90,6 +108,8 @@ def main() -> None:
     rows = [1, 0, 6]
     pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g128_sym"])]
     cases["k32_mixed"] = _compare(torch.randn(sum(rows), 32), _offsets(rows), pws)
+    pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a8_g128_sym_fp8", "bf16", "w4a8_g-1_sym_fp8"])]
+    cases["k32_w4a8_fp8"] = _compare(torch.randn(sum(rows), 32), _offsets(rows), pws)
     # already-quantized weights (as GPTQ hands them over): codes moved off the RTN choice run as given
     rows, ints = [4, 9], []
     for w, s in zip(_weights(64, 256, 2), ["w3a16_g128_asym", "w4a8_g-1_sym"]):
@@ -101,6 +121,14 @@ def main() -> None:
     ref = torch.cat([xe.float() @ iw.dequantize().t() for xe, iw in zip((x[:4], x[4:]), ints)])
     ref[4:] = reference_group_gemm(x, _offsets(rows), [pack(iw) for iw in ints])[4:]  # w4a8 quantizes x
     cases["intweight"] = _compare(x, _offsets(rows), [pack(iw) for iw in ints], ref)
+    # GPTQ-like codes of a w4a8 fp8 scheme run as given: the reference dequantizes exactly these codes
+    ints = []
+    for w in _weights(64, 256, 2):
+        iw = quantize_weight_int(w, Scheme.parse("w4a8_g128_sym_fp8"))
+        iw.q = (iw.q + torch.randint(-1, 2, iw.q.shape, dtype=iw.q.dtype)).clamp(-7, 7)
+        ints.append(iw)
+    pws = [pack(iw) for iw in ints]
+    cases["intweight_w4a8_fp8"] = _compare(x, _offsets(rows), pws)
     # a routed MoE experts forward (mixed schemes per expert) against the same steps on the reference
     e, h, inter, tokens, top_k = 6, 128, 96, 9, 2
     mix = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g-1_sym", "w3a16_g128_asym", "w8a8_g-1_sym_fp8"]

@@ -31,7 +31,8 @@ from mxmoe.quant.rtn import quantize_weight_int
 from mxmoe.schemes import Scheme
 
 ROOT = Path(__file__).resolve().parents[1]
-# weight-only and weight-activation schemes, per channel and g128, int and fp8, plus full precision
+# weight-only and weight-activation schemes, per channel and g128, int and fp8 (e4m3 weights and integer
+# codes on fp8 tensor cores), plus full precision
 MIX = [
     "w4a16_g128_asym",
     "w3a16_g-1_asym",
@@ -41,6 +42,8 @@ MIX = [
     "w8a8_g-1_sym_fp8",
     "w2a16_g128_asym",
     "w4a8_g-1_sym",
+    "w4a8_g128_sym_fp8",
+    "w4a8_g-1_sym_fp8",
 ]
 
 
@@ -241,6 +244,9 @@ def test_fp8_needs_sm89():
     check_capability(["w4a16_g128_asym"], (8, 0), "A100")
     with pytest.raises(CheckpointError, match=r"sm_89 or newer\); A100 is sm_80"):
         check_capability(["w4a16_g128_asym", "w8a8_g-1_sym_fp8"], (8, 0), "A100")
+    check_capability(["w4a8_g128_sym_fp8"], (8, 9), "L40S")
+    with pytest.raises(CheckpointError, match="'w4a8_g128_sym_fp8' needs fp8 tensor cores"):
+        check_capability(["w4a8_g-1_sym", "w4a8_g128_sym_fp8"], (8, 0), "A100")
 
 
 def test_open_model_takes_a_checkpoint_folder(tmp_path):

@@ -21,6 +21,7 @@ SCHEMES = [
     "w8a8_g-1_sym",
     "w4a4_g128_sym",
     "w8a8_g-1_sym_fp8",
+    "w4a8_g128_sym_fp8",
 ]
 
 
@@ -77,7 +78,7 @@ def test_output_is_on_the_rtn_grid(setup, scheme, act_order):
     assert isinstance(out, GPTQWeight) and out.q.shape == w.shape and out.q.dtype == rtn.q.dtype
     assert out.scale.shape == rtn.scale.shape and out.zero.shape == rtn.zero.shape
     s = out.scheme
-    if s.fmt == "fp8":
+    if s.fp8_weight:
         assert torch.equal(out.q, out.q.to(torch.float8_e4m3fn).float())
     elif s.symmetric:
         assert out.q.abs().max() <= 2 ** (s.w_bits - 1) - 1
@@ -88,7 +89,7 @@ def test_output_is_on_the_rtn_grid(setup, scheme, act_order):
     scale = out.scale.repeat_interleave(g, 1)[:, : w.shape[1]]
     zero = out.zero.repeat_interleave(g, 1)[:, : w.shape[1]]
     deq = out.dequantize()
-    if s.fmt == "fp8":
+    if s.fp8_weight:
         again = (deq / scale).to(torch.float8_e4m3fn).float()
     else:
         again = torch.round((deq - zero) / scale).to(torch.int32)
@@ -186,7 +187,8 @@ def test_lazy_batches_do_not_change_the_result(setup):
 
 
 @pytest.mark.parametrize(
-    "scheme", ["w4a16_g128_asym", "w3a16_g128_asym", "w4a4_g128_sym", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8"]
+    "scheme",
+    ["w4a16_g128_asym", "w3a16_g128_asym", "w4a4_g128_sym", "w8a8_g-1_sym", "w8a8_g-1_sym_fp8", "w4a8_g128_sym_fp8"],
 )
 def test_kernel_packs_gptq_codes_exactly(setup, scheme):
     from mxmoe.kernels import pack
@@ -197,6 +199,16 @@ def test_kernel_packs_gptq_codes_exactly(setup, scheme):
     assert torch.equal(stored.q.to(out.q.dtype), out.q)
     # the kernel stores grouped scales and zeros in fp16: the dequantized weights agree to that rounding
     torch.testing.assert_close(stored.dequantize(), out.dequantize(), rtol=2e-3, atol=2e-3 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("group", [-1, 128])
+def test_w4a8_fp8_gets_the_integer_schemes_gptq_codes(setup, group):
+    """Integer codes on fp8 tensor cores: GPTQ rounds onto the same sym grid as the int8 scheme, code for code."""
+    w, x, _ = setup
+    h = hessian_of(x)
+    fp8, int8 = gptq_quantize(w, h, f"w4a8_g{group}_sym_fp8"), gptq_quantize(w, h, f"w4a8_g{group}_sym")
+    assert fp8.q.dtype == torch.int32 and torch.equal(fp8.q, int8.q) and torch.equal(fp8.scale, int8.scale)
+    assert torch.equal(fp8.q.float().to(torch.float8_e4m3fn).float(), fp8.q.float())
 
 
 def batch_instance(k: int = 200, n: int = 16):
@@ -320,6 +332,7 @@ MIXED = [
     "w8a8_g-1_sym",
     "w8a8_g-1_sym_fp8",
     "w4a4_g32_sym",
+    "w4a8_g128_sym_fp8",
 ]
 
 

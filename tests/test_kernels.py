@@ -22,9 +22,16 @@ from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
+W4A8_FP8 = ["w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8"]
 INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + [
     "w8a16_g128_asym",
     "w4a16_g128_sym",
+    *W4A8_FP8,
+    "w3a8_g128_sym_fp8",
+    "mixed_w4a8_fp8",
+    "mixed_w4a8_fp8_unified_kernel",
+    "k32_w4a8_fp8",
+    "intweight_w4a8_fp8",
     "mixed_fp32",
     "mixed_fp16",
     "mixed_per_scheme_launches",
@@ -69,13 +76,13 @@ def test_kernel_matches_reference(interp_results, case):
         assert r["vs_eager"] > 1e-3, f"{case}: quantized experts did not run: {r}"
 
 
-@pytest.mark.parametrize("s", QUANTIZED, ids=str)
+@pytest.mark.parametrize("s", QUANTIZED + [Scheme.parse(t) for t in W4A8_FP8], ids=str)
 def test_pack_round_trip(s):
     w = torch.randn(40, 320) * torch.rand(40, 1)
     iw = quantize_weight_int(w, s)
     pw = pack(w, s)
     back = pw.int_weight()
-    assert torch.equal(back.q, iw.q.float() if s.fmt == "fp8" else iw.q)
+    assert torch.equal(back.q, iw.q.float() if s.fp8_weight else iw.q)
     ref = quantize_weight(w, s)
     assert ((pw.dequantize() - ref).norm() / ref.norm()) < (2e-3 if s.group_size > 0 else 1e-6)
     assert pw.data.numel() == 40 * 384 * s.w_bits // 8  # K padded to 384, exactly w_bits per code
@@ -105,7 +112,7 @@ def test_pack_intweight_and_bf16():
     assert pw.data.dtype == torch.bfloat16 and torch.equal(pw.dequantize(), w.bfloat16().float())
 
 
-@pytest.mark.parametrize("bad", ["w4a16_g64_asym", "w8a8_g-1_asym", "w4a4_g256_sym"])
+@pytest.mark.parametrize("bad", ["w4a16_g64_asym", "w8a8_g-1_asym", "w4a4_g256_sym", "w4a8_g64_sym_fp8"])
 def test_pack_rejects_schemes_the_kernel_cannot_run(bad):
     with pytest.raises(ValueError, match="kernel"):
         pack(torch.randn(8, 256), bad)
@@ -166,12 +173,27 @@ def test_no_gpu_no_interpreter_is_a_clear_error():
         group_gemm(torch.randn(4, 128), torch.tensor([0, 1, 4]), _experts())
 
 
-def test_fp8_needs_sm89(monkeypatch):
+@pytest.mark.parametrize("scheme", ["w8a8_g-1_sym_fp8", *W4A8_FP8])
+def test_fp8_needs_sm89(monkeypatch, scheme):
     monkeypatch.setattr(gg_module, "INTERPRET", False)
-    fp8 = [Scheme.parse("w8a8_g-1_sym_fp8")]
+    fp8 = [Scheme.parse(scheme)]
     with pytest.raises(RuntimeError, match="sm_89"):
         gg_module.check_device(True, (8, 0), fp8)
     gg_module.check_device(True, (9, 0), fp8)
+
+
+def test_w4a8_fp8_packs_integer_codes_and_takes_the_fp8_path():
+    """4-bit codes are stored like the integer scheme's (u = q + 8) and run on the fp8 dot (WA_FP8),
+    grouped with 128-row tiles (two fp32 accumulators)."""
+    from mxmoe.kernels import triton_kernel as tk
+    from mxmoe.kernels.configs import default_config, kind_of
+
+    w = torch.randn(16, 256)
+    fp8, int8 = pack(w, "w4a8_g128_sym_fp8"), pack(w, "w4a8_g128_sym")
+    assert torch.equal(fp8.data, int8.data) and torch.equal(fp8.scale, int8.scale) and fp8.zero is None
+    assert fp8.data.numel() == 16 * 256 // 2 and fp8.scale.dtype == torch.float16  # 4 bits + fp16 scale per group
+    assert kind_of(fp8.scheme) == tk.WA_FP8 and kind_of(int8.scheme) == tk.WA_INT
+    assert default_config(fp8.scheme, 1000).bm == 128 and default_config(int8.scheme, 1000).bm == 256
 
 
 def test_cost_table_tiles_and_device_check(tmp_path):
@@ -218,7 +240,7 @@ def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
 def test_default_tiles_are_valid_for_every_scheme(rows):
     from mxmoe.kernels.configs import check_config, default_config
 
-    for s in HOPPER_SCHEMES:
+    for s in HOPPER_SCHEMES + tuple(Scheme.parse(t) for t in W4A8_FP8):
         for interpret in (False, True):
             check_config(s, default_config(s, rows, interpret))
         check_config(s, gg_module.unified_config(rows))

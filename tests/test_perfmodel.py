@@ -53,6 +53,20 @@ def test_source_labels(h100):
     assert mixed.source == "cost-table-scaled" and set(SOURCES) >= {mixed.source}
 
 
+@pytest.mark.parametrize("scheme", ["w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8"])
+def test_unmeasured_fp8_int_codes_are_scaled_from_the_fp8_path_and_say_so(h100, scheme):
+    """No cost point yet: the estimate comes from the measured w8a8 fp8 fit (same kernel path), labelled."""
+    from mxmoe.perfmodel import tile_fit
+
+    s = Scheme.parse(scheme)
+    assert not any(p["scheme"] == scheme for p in h100.points)
+    est = block_time(s, 4096, 2816, 2048, h100, rows_per_expert=500)
+    assert est.source == "cost-table-scaled" and est.ms > 0
+    fit, factor, _ = tile_fit(s, TileConfig(128, 128, 128), h100)
+    w8 = tile_fit(Scheme.parse("w8a8_g-1_sym_fp8"), TileConfig(128, 256, 128, 4), h100)[0]
+    assert fit is w8 and 0 < factor < 1  # the w8a8 fp8 fit, scaled by the roofline ratio of the two tiles
+
+
 def test_unknown_gpu_is_clear():
     from mxmoe.errors import MxMoEError
 

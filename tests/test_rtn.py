@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mxmoe.quant import quantize_activation, quantize_weight, quantize_weight_int
+from mxmoe.quant.rtn import FP8_MAX
 
 
 def test_asym_grid_by_hand():
@@ -58,3 +59,31 @@ def test_fp8_with_group_is_rejected():
 def test_activation_with_no_tokens():
     x = torch.zeros(0, 576)
     assert quantize_activation(x, "w4a4_g128_sym").shape == (0, 576)
+
+
+@pytest.mark.parametrize("group", [-1, 128])
+def test_w4a8_fp8_weight_grid_is_the_integer_grid_and_exact_in_e4m3(group):
+    """The weight of w4a8_g{G}_sym_fp8 is the w4a8_g{G}_sym grid; its codes survive a round trip through e4m3."""
+    w = torch.randn(16, 320, generator=torch.Generator().manual_seed(2)) * torch.rand(16, 1)
+    iw = quantize_weight_int(w, f"w4a8_g{group}_sym_fp8")
+    ref = quantize_weight_int(w, f"w4a8_g{group}_sym")
+    assert iw.q.dtype == torch.int32 and torch.equal(iw.q, ref.q) and torch.equal(iw.scale, ref.scale)
+    assert int(iw.q.abs().max()) == 7
+    assert torch.equal(iw.q.float().to(torch.float8_e4m3fn).float(), iw.q.float())
+    codes = torch.arange(-15, 16, dtype=torch.float32)  # every code up to 5 bits is exact in e4m3
+    assert torch.equal(codes.to(torch.float8_e4m3fn).float(), codes)
+    assert torch.equal(quantize_weight(w, f"w4a8_g{group}_sym_fp8"), quantize_weight(w, f"w4a8_g{group}_sym"))
+
+
+def test_fp8_activations_per_token_and_per_group():
+    """fp8 activations: e4m3 with s = absmax / 448 per token (g-1) or per token and group (g > 0)."""
+    x = torch.tensor([[448.0, 1.0, 3.0, 0.1], [2.0, -4.0, 0.0, 0.0]])
+    per_token = quantize_activation(x, "w4a8_g-1_sym_fp8")
+    assert torch.equal(per_token, quantize_activation(x, "w8a8_g-1_sym_fp8"))
+    assert per_token[0, :2].tolist() == [448.0, 1.0] and per_token[1, 1].item() == -4.0
+    grouped = quantize_activation(x, "w4a8_g2_sym_fp8")  # groups [448, 1] and [3, 0.1]: scales 1 and 3/448
+    s = 3.0 / FP8_MAX
+    want = torch.tensor(0.1 / s).to(torch.float8_e4m3fn).float() * s
+    assert grouped[0, 2].item() == pytest.approx(3.0) and grouped[0, 3].item() == pytest.approx(want.item())
+    assert per_token[0, 3].item() != pytest.approx(grouped[0, 3].item())  # the group's own scale is finer
+    assert torch.equal(quantize_activation(torch.zeros(3, 256), "w4a8_g128_sym_fp8"), torch.zeros(3, 256))

@@ -4,7 +4,10 @@ from mxmoe.schemes import BF16, HOPPER_SCHEMES, Scheme, scheme_set
 
 
 @pytest.mark.parametrize(
-    "text", [str(s) for s in HOPPER_SCHEMES] + ["w3a8_g64_asym", "w8a16_g-1_sym_fp8", "w1a16_g32_asym"]
+    "text",
+    [str(s) for s in HOPPER_SCHEMES]
+    + ["w3a8_g64_asym", "w8a16_g-1_sym_fp8", "w1a16_g32_asym", "w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8"]
+    + ["w2a8_g-1_sym_fp8", "w5a8_g64_sym_fp8"],
 )
 def test_round_trip(text):
     assert str(Scheme.parse(text)) == text
@@ -21,6 +24,32 @@ def test_fields_and_bits():
     assert Scheme.parse("w8a8_g-1_sym_fp8").fmt == "fp8"
     assert not Scheme.parse("w4a4_g-1_sym").weight_only
     assert Scheme.parse("bf16") is BF16 and BF16.bits_per_weight == 16 and BF16.weight_only
+
+
+def test_w4a8_fp8_fields_and_bits():
+    """Integer 4-bit codes on fp8 tensor cores: symmetric, 8-bit activations, the paper's bit accounting."""
+    g1, g128 = Scheme.parse("w4a8_g-1_sym_fp8"), Scheme.parse("w4a8_g128_sym_fp8")
+    assert (g128.w_bits, g128.a_bits, g128.group_size, g128.symmetric, g128.fmt) == (4, 8, 128, True, "fp8")
+    assert g1.bits_per_weight == 4.0 and g128.bits_per_weight == 4.25  # like w4a4_g128_sym: scale + zero slot
+    assert not g128.weight_only and not g128.fp8_weight and not g1.fp8_weight
+    assert Scheme.parse("w8a8_g-1_sym_fp8").fp8_weight and Scheme.parse("w8a16_g-1_sym_fp8").fp8_weight
+    assert not Scheme.parse("w4a8_g-1_sym").fp8_weight and not Scheme.parse("bf16").fp8_weight
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("w4a8_g128_asym_fp8", "symmetric.*'w4a8_g128_sym_fp8'"),
+        ("w4a16_g128_sym_fp8", "8-bit e4m3 activations"),
+        ("w4a4_g-1_sym_fp8", "8-bit e4m3 activations"),
+        ("w6a8_g-1_sym_fp8", r"W in 2\.\.5 \(codes exact in e4m3\)"),
+        ("w1a8_g-1_sym_fp8", r"W in 2\.\.5"),
+        ("w8a8_g128_sym_fp8", "8-bit and per-channel"),
+    ],
+)
+def test_invalid_fp8_combinations_say_what_is_allowed(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Scheme.parse(bad)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ UNIFORM = {
     "w8a8_int8": "w8a8_g-1_sym",
     "w8a8_fp8": "w8a8_g-1_sym_fp8",
     "w4a4_g-1": "w4a4_g-1_sym",
+    "w4a8_fp8_g-1": "w4a8_g-1_sym_fp8",
+    "w4a8_fp8_g128": "w4a8_g128_sym_fp8",
 }
 # mixes: (scheme of the heaviest `frac` experts, scheme of the rest); average bits in the name
 MIXES = {

@@ -5,11 +5,16 @@ rows are split over experts by geometric routing probabilities with max/min rati
 (assumed, not measured: replace with stage 02's routing profiles when they exist). In one process
 on one GPU it times, with ``triton.testing.do_bench`` medians:
 
-* baselines: torch bf16 grouped GEMM (``grouped_mm``), a per-expert bf16 ``torch.mm`` loop, and
-  torch fp8 ``_scaled_grouped_mm`` on pre-quantized activations (GEMM only: an optimistic baseline);
-* ours: uniform schemes and two mixes, each checked against ``reference_group_gemm`` first; the
-  GEMM launch alone (activations quantized beforehand, as the token gather hands them over) and
-  standalone with its activation-quantization launch.
+* peers (``mxmoe.bench.peers``): torch bf16 grouped GEMM (``grouped_mm``), a per-expert bf16 ``torch.mm``
+  loop, and torch fp8 ``_scaled_grouped_mm`` on rowwise e4m3, timed on pre-quantized activations (``ms``)
+  and quantizing them inside the call (``ms_with_act_quant``); vLLM's fused MoE is a whole-layer kernel
+  and is timed by ``mxmoe bench compare`` (its ``moe`` rows);
+* ours: uniform schemes (w4a8 on fp8 tensor cores among them) and two mixes, each checked against
+  ``reference_group_gemm`` first; the GEMM launch alone (activations quantized beforehand, as the token
+  gather hands them over) and standalone with its activation-quantization launch.
+
+Every row: time, speedup over torch bf16 and over torch fp8 (``peers.add_ratios``), the bytes it must move
+as a fraction of the measured copy bandwidth (``moved_bw_frac``) and its relative error against the bf16 loop.
 
 It measures the roofline (copy bandwidth, bf16/int8/fp8 matmul peaks) in the same run, counts
 kernel launches per grouped GEMM with the profiler, prints a short table and writes
@@ -35,6 +40,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
+from mxmoe.bench import peers
 from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
@@ -49,6 +55,7 @@ from mxmoe.schemes import Scheme
 DEV = "cuda"
 # ablations: (scheme, tile-config fields changed from the default)
 ABLATIONS = {"w4a16_g-1_noswap": ("w4a16_g-1_asym", {"swap_ab": False})}
+W4A8_FP8 = ("w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8")  # integer codes on fp8 tensor cores (not yet allocated)
 TABLE6_MODES = ("per_scheme", "unified")  # each mix also runs as one launch per scheme and as the unified kernel
 
 
@@ -83,23 +90,24 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def edge_check() -> dict:
-    """Six schemes in one launch on an awkward shape (K=576, N=80, experts with 0 and 1 rows), on GPU."""
+    """Mixed launches on an awkward shape (K=576, N=80, experts with 0 and 1 rows), and single schemes, on GPU."""
     schemes = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g128_sym", "w8a8_g-1_sym_fp8", "w3a16_g128_asym"]
+    fp8_mix = ["w4a8_g128_sym_fp8", "w8a8_g-1_sym_fp8", "w4a8_g-1_sym_fp8", "bf16", "w4a4_g128_sym", "w4a16_g128_asym"]
     rows = [0, 1, 40, 5, 33, 2]
     offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    pws = [pack(torch.randn(80, 576, device=DEV), s) for s in schemes]
     x = torch.randn(sum(rows), 576, device=DEV, dtype=torch.bfloat16)
-    out = {"rel_err": _rel(group_gemm(x, offs, pws), reference_group_gemm(x, offs, pws))}
-    for s in ["w2a16_g128_asym", "w8a16_g-1_sym", "w4a8_g-1_sym", "w4a4_g-1_sym", "w4a16_g-1_asym"]:
+    out = {}
+    for key, mix in (("rel_err", schemes), ("rel_err_w4a8_fp8_mix", fp8_mix)):
+        pws = [pack(torch.randn(80, 576, device=DEV), s) for s in mix]
+        out[key] = _rel(group_gemm(x, offs, pws), reference_group_gemm(x, offs, pws))
+    for s in ["w2a16_g128_asym", "w8a16_g-1_sym", "w4a8_g-1_sym", "w4a4_g-1_sym", "w4a16_g-1_asym", *W4A8_FP8]:
         pw = [pack(torch.randn(80, 576, device=DEV), s) for _ in rows]
         out[s] = _rel(group_gemm(x, offs, pw), reference_group_gemm(x, offs, pw))
     return out
 
 
 def _baselines(x, offs_host, ends, w, y_loop) -> dict:
-    """Torch timings for one case: {name: (ms, callable)}."""
-    gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    wt = w.transpose(1, 2)  # [E, K, N] column-major view of [E, N, K]
+    """Torch peers for one case: {name: (gemm alone, with activation quantization or None)}."""
     lo_hi = [(a, b) for a, b in zip(offs_host, offs_host[1:])]
 
     def loop():
@@ -108,16 +116,8 @@ def _baselines(x, offs_host, ends, w, y_loop) -> dict:
                 torch.mm(x[a:b], w[e].t(), out=y_loop[a:b])
         return y_loop
 
-    out = {"torch_grouped_bf16": lambda: gmm(x, wt, offs=ends), "torch_loop_bf16": loop}
-    if hasattr(torch, "_scaled_grouped_mm"):
-        sx = (x.float().abs().amax(1) / 448).clamp_min(1e-12)  # [T]
-        xq = (x.float() / sx[:, None]).to(torch.float8_e4m3fn)
-        sw = (w.float().abs().amax(2) / 448).clamp_min(1e-12)  # [E, N]
-        wq = (w.float() / sw[:, :, None]).to(torch.float8_e4m3fn)  # [E, N, K]
-        out["torch_scaled_grouped_fp8"] = lambda: torch._scaled_grouped_mm(
-            xq, wq.transpose(1, 2), sx, sw, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=True
-        )
-    return out
+    out = peers.gemm_peers(x, w, ends)
+    return {peers.BF16_PEER: out.pop(peers.BF16_PEER), "torch_loop_bf16": (loop, None), **out}
 
 
 def run_case(
@@ -166,17 +166,21 @@ def run_case(
     }
     y_loop = torch.empty(t, n, device=DEV, dtype=torch.bfloat16)
     bl = _baselines(x, offs_host, ends, w, y_loop)
-    ref_bf16 = bl["torch_loop_bf16"]().clone()
+    ref_bf16 = bl["torch_loop_bf16"][0]().clone()
     t_torch = None
-    for name, fn in bl.items():
+    for name, (fn, fn_q) in bl.items():
         row = dict(base, variant=name, bits=16.0 if "bf16" in name else 8.0)
         try:
             row["rel_err_vs_bf16_loop"] = _rel(fn(), ref_bf16)
             row["ms"] = _ms(fn)
             row["launches"] = count_launches(fn) if count else None
+            if fn_q is not None:
+                row["ms_with_act_quant"] = _ms(fn_q)
+            nbytes = peers.peer_bytes(name, rows, n, k)
+            row.update(moved_bytes=nbytes, moved_bw_frac=peers.moved_fraction(nbytes, row["ms"], ceil["copy_GBps"]))
         except (RuntimeError, TypeError, ValueError) as err:
             row["error"] = str(err).splitlines()[0][:300]
-        if name == "torch_grouped_bf16":
+        if name == peers.BF16_PEER:
             t_torch = row.get("ms")
         out.append(row)
     active = [i for i in range(e) if rows[i] > 0]
@@ -200,6 +204,7 @@ def run_case(
         try:
             y = group_gemm(x, offs, group, configs=configs, mode=mode)  # quantizes activations itself when it must
             row["rel_err_vs_reference"] = _rel(y, reference_group_gemm(x, offs, pws))
+            row["rel_err_vs_bf16_loop"] = _rel(y, ref_bf16)
             x_q = quantize_activations(x, offs, group)  # as the token gather hands them over
             fn = lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, validate=False, mode=mode)  # noqa: E731
             row["ms"] = _ms(fn)
@@ -217,6 +222,8 @@ def run_case(
             sec = row["ms"] / 1e3
             row["weight_GBps"] = wbytes / sec / 1e9
             row["weight_bw_frac"] = row["weight_GBps"] / (ceil["copy_GBps"])
+            row["moved_bytes"] = peers.ours_bytes(pws, rows, n, k)
+            row["moved_bw_frac"] = peers.moved_fraction(row["moved_bytes"], row["ms"], ceil["copy_GBps"])
             floor = max((wbytes + act_bytes) / (ceil["copy_GBps"] * 1e9), peak / 1e12)
             row["roofline_frac"] = floor / sec
         except (RuntimeError, ValueError) as err:
@@ -225,8 +232,7 @@ def run_case(
     for row in out:
         if "ms" in row:
             row["TFLOPs"] = flops / (row["ms"] / 1e3) / 1e12
-            if t_torch:
-                row["speedup_vs_torch_bf16"] = t_torch / row["ms"]
+    peers.add_ratios(out, "variant", "ms")
     out[0]["case_wall_s"] = round(time.time() - t_case, 2)  # all variants of the case, compiles included
     return out
 
@@ -273,6 +279,12 @@ def targets(results: list[dict]) -> dict:
     for v in ("ours_w8a8_int8", "ours_w8a8_fp8", "ours_mix5_w4a4+w8a8"):
         out[f"8192_{v}_speedup_min"] = min(get(None, 8192, v), default=None)
         out[f"8192_{v}_speedup_with_act_quant_min"] = min(get(None, 8192, v, "speedup_with_act_quant"), default=None)
+    for v in ("ours_w8a8_fp8", "ours_w4a8_fp8_g-1", "ours_w4a8_fp8_g128"):  # target: >= 0.95x torch fp8 at 8192
+        for tokens in (512, 8192):
+            out[f"{tokens}_{v}_vs_torch_fp8_min"] = min(get(None, tokens, v, "speedup_vs_torch_fp8"), default=None)
+            out[f"{tokens}_{v}_vs_torch_fp8_with_act_quant_min"] = min(
+                get(None, tokens, v, "speedup_vs_torch_fp8_with_act_quant"), default=None
+            )
     mix5 = {
         (r["model"], r["gemm"]): r.get("ms")
         for r in results

@@ -61,6 +61,10 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -
             return TileConfig(bm, 128, PACK_K, 3)
         if s.w_bits == 8:  # codes go memory -> shared -> MMA: deep prefetch (4 x 48 KiB stages)
             return TileConfig(128, 256, PACK_K, 4)
+        if s.fmt == "fp8" and s.group_size > 0:
+            # the running and the per-block accumulator are both fp32: at 256 rows ptxas (sm_90, offline
+            # compile) spills ~0.9 KiB per thread, at 128 rows 8 bytes (w4a4 g128 spills alike; not re-tuned)
+            return TileConfig(128, 128, PACK_K, 3)
         # narrower codes are unpacked in registers: tall tiles share each unpacked weight over more rows
         return TileConfig(256 if rows_per_expert > 256 else 128, 128, PACK_K, 3)
     return TileConfig(bm, 128, PACK_K, 3 if bm >= 64 else 4, swap_ab=True)  # unpacked weight as register A

@@ -13,7 +13,8 @@ Layout (what ``group_gemm`` reads):
   byte ``r % (16 p)`` of that block's ``16 p`` bytes, at bit ``(r // (16 p)) * p``: a tile of K
   reads contiguous bytes (16-byte loads) and a few shifts unpack it. Planes follow each other in
   one uint8 buffer, each ``[N, K_pad * p / 8]``.
-* fp8 (e4m3) schemes: the 8-bit plane holds the e4m3 bit pattern.
+* fp8 schemes with e4m3 weights (``w8a*_g-1_sym_fp8``): the 8-bit plane holds the e4m3 bit pattern;
+  narrower fp8 schemes (``w4a8_g128_sym_fp8``) store symmetric integer codes like the integer schemes.
 * scales and zero points: ``[n_groups, N]`` (transposed, so a tile's scales are contiguous);
   float16 for grouped schemes (the paper's 16+16 bits per group), float32 for per-channel ones.
   Symmetric schemes store no zero point.
@@ -44,7 +45,7 @@ def check_kernel_scheme(s: Scheme) -> None:
     """Raise ValueError for a scheme the kernel cannot run (checked at pack time)."""
     if s.is_full_precision:
         return
-    if s.fmt == "fp8" and s.group_size != -1:
+    if s.fp8_weight and s.group_size != -1:
         raise ValueError(f"scheme '{s}': fp8 weights are scaled per channel (g-1) in the kernel")
     if s.group_size > 0 and s.group_size % PACK_K:
         raise ValueError(f"scheme '{s}': the kernel takes group sizes -1 or multiples of {PACK_K}")
@@ -94,7 +95,7 @@ class PackedWeight:
         return PackedWeight(self.scheme, self.n, self.k, mv(self.data), mv(self.scale), mv(self.zero))
 
     def codes(self) -> torch.Tensor:
-        """Unpack the stored codes ``u`` [N, K] (int32; e4m3 bit patterns for fp8)."""
+        """Unpack the stored codes ``u`` [N, K] (int32; e4m3 bit patterns for e4m3 weights)."""
         s, n, kp = self.scheme, self.n, self.k_pad
         u = torch.zeros(n, kp, dtype=torch.int32, device=self.device)
         start, low = 0, 0
@@ -114,7 +115,7 @@ class PackedWeight:
         if s.is_full_precision:
             raise ValueError("bf16 weights are not quantized: use dequantize()")
         u = self.codes()
-        if s.fmt == "fp8":
+        if s.fp8_weight:
             q = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
         else:
             q = u - (1 << (s.w_bits - 1)) if s.symmetric else u
@@ -176,7 +177,7 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
         iw = quantize_weight_int(w, s)
     n, k = iw.q.shape
     k_pad = -(-k // PACK_K) * PACK_K
-    if s.fmt == "fp8":
+    if s.fp8_weight:
         u = iw.q.float().to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
     else:
         u = iw.q.to(torch.int32) + ((1 << (s.w_bits - 1)) if s.symmetric else 0)

@@ -16,7 +16,10 @@ Slot kinds:
           the weight's group, q centred on 0), 16-bit dot
   W_FP8   e4m3 weight upcast to 16 bits and scaled in registers, 16-bit dot
   WA_INT  integer weight x int8 activations (quantized per row by act_quant.py), int8 dot
-  WA_FP8  e4m3 weight x e4m3 activations, fp8 dot
+  WA_FP8  e4m3 weight, or narrow symmetric integer codes converted exactly to e4m3 (w4a8 fp8), x e4m3
+          activations, fp8 dot (fp32 accumulator)
+  Grouped weight-activation schemes promote the partial sum of every 128-long K block into the fp32
+  accumulator with that block's activation and weight scales; per-channel ones scale in the epilogue.
   8-bit weight-activation codes are stored as the dot's operand type and go from memory to the MMA
   as loaded; narrower codes are unpacked in registers.
 
@@ -215,6 +218,18 @@ def _dequant(
 
 
 @triton.jit
+def _e4m3_codes(u, OFF: tl.constexpr, INTERPRET: tl.constexpr):
+    """Centred integer codes q = u - OFF [CW, BN] (|q| <= 15) as fp8 dot operands: e4m3 on the GPU, exact
+    (bits(0x6400 | u) is the fp16 value 1024 + u, one exact fp16 subtraction, one fp16 -> e4m3 convert);
+    float32 under the interpreter, which upcasts fp8 dots."""
+    if INTERPRET:
+        return (u - OFF).to(tl.float32)
+    else:
+        h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024 + OFF)
+        return h.to(tl.float8e4nv)
+
+
+@triton.jit
 def _scaled(q, sc, zr, SYM: tl.constexpr, T: tl.constexpr):
     """s q + z [CW, BN] ([BN, CW] when T) from centred codes q in the dot type; sc, zr: [BN] (zr unused when SYM)."""
     s = tl.expand_dims(sc, 1 if T else 0)
@@ -339,7 +354,11 @@ def _tile(
                             acc = tl.dot(a.to(cdt), w, acc)
         else:  # WA_INT, WA_FP8: activations pre-quantized per row into xq (codes) and xs (scales)
             # 8-bit codes are stored as the dot's operand type (int8 / e4m3 bits): loaded straight into
-            # shared memory for the MMA, with no pass through registers.
+            # shared memory for the MMA, with no pass through registers. Narrower integer codes are
+            # unpacked in registers, to int8 (WA_INT) or to e4m3 (WA_FP8: |q| <= 15 is exact there).
+            # Grouped schemes (one activation and one weight group per 128-long K block) keep each block's
+            # partial sum apart and promote it into the fp32 accumulator with both groups' scales
+            # (DeepGEMM's fine-grained scaling); per-channel schemes scale once, in the epilogue.
             DT: tl.constexpr = tl.int8 if KIND == 3 else tl.uint8 if INTERPRET else tl.float8e4nv
             xq8 = xq_ptr.to(tl.pointer_type(DT))
             if KIND == 3:
@@ -350,7 +369,10 @@ def _tile(
                     b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2)
                     b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1)
                 if GROUP > 0:
-                    part_i = tl.zeros([BM, BN], dtype=tl.int32)
+                    if KIND == 3:
+                        part_i = tl.zeros([BM, BN], dtype=tl.int32)
+                    else:
+                        part = tl.zeros([BM, BN], dtype=tl.float32)
                 for j in tl.static_range(NSL):
                     qa = _load_x(xq8, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW]
                     if WBITS == 8:
@@ -359,21 +381,29 @@ def _tile(
                             mask=n_mask[None, :],
                             other=0.0,
                         )  # [128, BN]
+                        if KIND == 4 and INTERPRET:
+                            qw = qw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    elif KIND == 4:
+                        qw = _e4m3_codes(_codes(0, b4, b2, b1, j, WBITS, CW, BN), OFF, INTERPRET)  # [CW, BN]
                     else:
                         qw = (_codes(0, b4, b2, b1, j, WBITS, CW, BN) - OFF).to(DT)  # [CW, BN]
                     if KIND == 4:
                         if INTERPRET:
                             qa = qa.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                            qw = qw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                        acc = tl.dot(qa, qw, acc)
+                        if GROUP > 0:
+                            part = tl.dot(qa, qw, part)
+                        else:
+                            acc = tl.dot(qa, qw, acc)
                     elif GROUP > 0:
                         part_i = tl.dot(qa, qw, part_i, out_dtype=tl.int32)
                     else:
                         acc_i = tl.dot(qa, qw, acc_i, out_dtype=tl.int32)
-                if GROUP > 0:  # one activation and weight group per 128-long K block
+                if GROUP > 0:  # promote this block's partial sum with its activation and weight scales
                     sx = tl.load(xs_ptr + rm.to(tl.int64) * NG + kb, mask=m_mask, other=0.0)
                     sw = tl.load(_as_ptr(s_addr, tl.float16) + kb * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                    acc += part_i.to(tl.float32) * sx[:, None] * sw[None, :]
+                    if KIND == 3:
+                        part = part_i.to(tl.float32)
+                    acc += part * sx[:, None] * sw[None, :]
             if GROUP < 0:
                 sx = tl.load(xs_ptr + rm.to(tl.int64) * NG, mask=m_mask, other=0.0)
                 sw = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)

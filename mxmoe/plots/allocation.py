@@ -17,12 +17,13 @@ BLOCKS = ("gate", "up", "down")
 
 
 def short(scheme: str) -> str:
-    """Compact label of a scheme string: 'w4a16_g128_asym' -> 'w4a16 g128', 'w8a8_g-1_sym_fp8' -> 'w8a8 fp8'."""
+    """Compact label of a scheme string: 'w4a16_g128_asym' -> 'w4a16 g128', 'w8a8_g-1_sym_fp8' -> 'w8a8 fp8',
+    'w4a8_g128_sym_fp8' -> 'w4a8 g128 fp8'."""
     if scheme == "bf16":
         return "bf16"
     parts = scheme.split("_")
-    tail = "fp8" if scheme.endswith("_fp8") else ("" if parts[1] == "g-1" else parts[1])
-    return f"{parts[0]} {tail}".strip()
+    group = "" if parts[1] == "g-1" else parts[1]
+    return " ".join(p for p in (parts[0], group, "fp8" if scheme.endswith("_fp8") else "") if p)
 
 
 def allocation_map(doc: dict, layer: int, title: "str | None" = None):

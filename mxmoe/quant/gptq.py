@@ -13,7 +13,8 @@ The algorithm follows the reference implementation (IST-DASLab/gptq ``fasterquan
   original column order.
 
 Every scheme quantizes onto exactly the grid ``mxmoe.quant.rtn`` defines (asym float zero, sym,
-g-1 and g>0 with a shorter last group, fp8 e4m3 per channel); only the rounded values differ.
+g-1 and g>0 with a shorter last group, e4m3 per channel for 8-bit fp8 weights, the sym integer grid
+for narrower fp8 schemes); only the rounded values differ.
 
 ``gptq_quantize_batched`` runs the same algorithm on a batch of same-shape weights (the experts of
 one MoE layer, each under its own scheme) with one Python column loop; ``gptq_quantize`` is its
@@ -206,7 +207,7 @@ def _schemes_of(schemes, b: int) -> list:
     for s in dict.fromkeys(ss):
         if s.is_full_precision:
             raise ValueError("bf16 is not quantized: there is no grid for GPTQ to round onto")
-        if s.fmt == "fp8" and s.group_size > 0:
+        if s.fp8_weight and s.group_size > 0:
             raise ValueError(f"scheme '{s}': fp8 weights are per channel only; use g-1 (e.g. 'w8a8_g-1_sym_fp8')")
     return ss
 
@@ -318,8 +319,8 @@ def gptq_quantize_batched(
             idx = torch.tensor(pos, device=W.device)
             col_group = (perm[idx] // s.effective_group(k))[:, None, :].expand(len(pos), n, k)
             scale_col[idx], zero_col[idx] = grids[s][0].gather(2, col_group), grids[s][1].gather(2, col_group)
-    fp8 = torch.tensor([s.fmt == "fp8" for s in ss], device=W.device)[:, None]  # [B, 1]
-    fp8 = fp8 if any(s.fmt == "fp8" for s in ss) else None
+    fp8 = torch.tensor([s.fp8_weight for s in ss], device=W.device)[:, None]  # [B, 1] e4m3 weights
+    fp8 = fp8 if any(s.fp8_weight for s in ss) else None
 
     Q = torch.zeros_like(W)  # [B, N, K] codes, processed order
     loss = torch.zeros(b, dtype=torch.float64, device=W.device)
@@ -353,7 +354,7 @@ def gptq_quantize_batched(
         for p, j in enumerate(pos):
             e = active[j]
             results[e] = GPTQWeight(
-                q[j].to(torch.int32) if s.fmt == "int" else q[j],
+                q[j] if s.fp8_weight else q[j].to(torch.int32),
                 grids[s][0][p],
                 grids[s][1][p],
                 s,

@@ -6,13 +6,15 @@ Weights ``w[N, K]`` are quantized in groups of ``g`` along K (the last group is 
 * asym: ``s = (max - min) / (2^b - 1)``, ``q = round((x - min) / s)`` in ``[0, 2^b - 1]``,
   ``x̂ = q·s + min`` (a float zero point, as in GPTQ/AWQ kernels);
 * sym: ``s = absmax / (2^(b-1) - 1)``, ``q = round(x / s)`` in ``±(2^(b-1) - 1)``, ``x̂ = q·s``;
-* fp8: per-channel ``s = absmax / 448``, ``x̂ = e4m3(x / s)·s``.
+* fp8 with 8-bit weights: per-channel ``s = absmax / 448``, ``x̂ = e4m3(x / s)·s``; narrower fp8
+  schemes (``w4a8_g128_sym_fp8``) use the sym integer grid above, whose codes e4m3 holds exactly.
 
 Grouped schemes store scale and zero in float16 (the 16 + 16 bits per group of the bit
 accounting), so the grid here is exactly the one the kernel runs; per-channel schemes keep
 float32. A constant group (max == min, e.g. all zeros) gets scale 0 and reproduces its value
 (up to that storage): never a NaN. Activations ``x[T, K]`` are quantized symmetrically per token (per token and
-group when ``g > 0``); 16-bit activations pass through unchanged.
+group when ``g > 0``), onto the integer grid or, for fp8 schemes, to e4m3 with ``s = absmax / 448``;
+16-bit activations pass through unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 class IntWeight:
     """A weight on a scheme's grid: ``w ≈ q·scale + zero`` per group (repeated along K).
 
-    q: [N, K] int32 (signed for sym, unsigned for asym; fp8 codes are kept as float in ``q``)
+    q: [N, K] int32 (signed for sym, unsigned for asym; e4m3 weights are kept as float in ``q``)
     scale, zero: [N, n_groups] float32 (zero is 0 for symmetric grids)
     """
 
@@ -72,7 +74,7 @@ def quantize_weight_int(w: torch.Tensor, s: "Scheme | str") -> IntWeight:
     _check_supported(s)
     n, k = w.shape
     wf = w.detach().float()
-    if s.fmt == "fp8":
+    if s.fp8_weight:
         scale = wf.abs().amax(dim=1, keepdim=True) / FP8_MAX  # [N, 1]
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = (wf / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
@@ -115,15 +117,11 @@ def quantize_activation(x: torch.Tensor, s: "Scheme | str") -> torch.Tensor:
     if x.numel() == 0:  # no tokens (an expert nobody was routed to)
         return x
     xf = x.detach().float().reshape(-1, k)  # [T, K]
-    if s.fmt == "fp8":
-        scale = xf.abs().amax(dim=1, keepdim=True) / FP8_MAX
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out = (xf / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * safe
-        return out.reshape(shape).to(x.dtype)
     g = s.effective_group(k)
     xg = _grouped(xf, g)  # [T, G, g]
-    qmax = 2 ** (s.a_bits - 1) - 1
-    scale = xg.abs().amax(dim=2, keepdim=True) / qmax
+    qmax = FP8_MAX if s.fmt == "fp8" else 2 ** (s.a_bits - 1) - 1
+    scale = xg.abs().amax(dim=2, keepdim=True) / qmax  # [T, G, 1]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    out = torch.clamp(torch.round(xg / safe), -qmax, qmax) * safe
+    v = torch.clamp(xg / safe, -qmax, qmax)
+    out = (v.to(torch.float8_e4m3fn).float() if s.fmt == "fp8" else torch.round(v)) * safe
     return out.reshape(xf.shape[0], -1)[:, :k].reshape(shape).to(x.dtype)
