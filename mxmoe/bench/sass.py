@@ -50,6 +50,10 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Rows per expert at the benchmark sizes (16 / 512 / 8192 tokens, top-8 of 60-128 experts, skewed):
 # the regimes default_config distinguishes (bm 16, 64, 128).
 REGIMES = {"decode (16 tokens)": 2.0, "prefill 512": 34.0, "prefill 8192": 546.0}
+# Every kernel path: the Hopper scheme set and the fp8 W4A8 schemes not yet in it.
+SCHEMES = tuple(
+    dict.fromkeys(HOPPER_SCHEMES + tuple(Scheme.parse(s) for s in ("w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8")))
+)
 # Instruction classes of the SASS mix (first matching prefix wins).
 CLASSES = (
     ("mma", ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA")),
@@ -242,7 +246,7 @@ def kernel_facts(slots: "list[tuple[Scheme, TileConfig]]", arch: int = 90, num_w
     )
 
 
-def survey(schemes=HOPPER_SCHEMES, regimes=REGIMES, mixes=MIXES, arch: int = 90) -> list[dict]:
+def survey(schemes=SCHEMES, regimes=REGIMES, mixes=MIXES, arch: int = 90) -> list[dict]:
     """``kernel_facts`` of every scheme alone at its default tile for each rows-per-expert regime, then of
     the benchmark's mixed launches (``mxmoe.bench.cases.MIXES``), slots in launch order, heaviest tile first."""
     rows = []
@@ -276,14 +280,14 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    """``mxmoe bench sass``: compile every Hopper scheme's default tiles for sm_90a (no GPU needed) and
+    """``mxmoe bench sass``: compile every kernel path's default tiles for sm_90a (no GPU needed) and
     write the facts to results/kernels/sass_sm90a.json, with a table on stdout."""
     p = argparse.ArgumentParser(prog="mxmoe bench sass", description=main.__doc__)
-    p.add_argument("--schemes", default=None, help="comma-separated schemes (default: every Hopper scheme)")
+    p.add_argument("--schemes", default=None, help="comma-separated schemes (default: every kernel path's schemes)")
     p.add_argument("--out", default=None, help="output JSON (default: results/kernels/sass_sm90a.json)")
     args = p.parse_args(argv)
     try:
-        schemes = HOPPER_SCHEMES if args.schemes is None else [Scheme.parse(s) for s in args.schemes.split(",")]
+        schemes = SCHEMES if args.schemes is None else [Scheme.parse(s) for s in args.schemes.split(",")]
     except ValueError as e:
         raise MxMoEError(str(e)) from None
     rows = survey(schemes)
