@@ -419,27 +419,46 @@ def check_capability(schemes, capability: tuple, gpu: str) -> None:
 
 
 @torch.no_grad()
-def load_quantized(path: "str | Path", device=None, dtype: "torch.dtype | None" = None):
+def load_quantized(path: "str | Path", device=None, dtype: "torch.dtype | None" = None, device_map=None):
     """Load an mxmoe checkpoint folder as a transformers model whose experts run packed.
 
     ``device`` defaults to ``mxmoe.models.default_device()``; ``dtype`` to float32 on a CPU and
-    bfloat16 on a GPU. Routed experts run through the kernel on a GPU (or under the Triton
-    interpreter) and through ``reference_group_gemm`` on a CPU (``mxmoe.packed``). The manifest is
-    ``model.mxmoe_manifest``. Raises CheckpointError for a folder that is not a complete checkpoint.
+    bfloat16 on a GPU. ``device_map`` spreads the model over several devices instead: "auto" (every
+    visible GPU), a list of devices, or an accelerate device map; the decoder layers are split in
+    contiguous runs balanced by their packed bytes (``mxmoe.models.placement.layer_device_map``),
+    each layer's packed experts live and run on its device, and accelerate's hooks move the
+    activations. The tensors are read into host memory first, so the host must hold the checkpoint.
+    Routed experts run through the kernel on a GPU (or under the Triton interpreter) and through
+    ``reference_group_gemm`` on a CPU (``mxmoe.packed``). The manifest is ``model.mxmoe_manifest``.
+    Raises CheckpointError for a folder that is not a complete checkpoint.
     """
     from transformers import AutoConfig
 
+    from mxmoe.models.placement import as_device, dispatch, layer_device_map
+
     path = Path(path).expanduser()
     doc = read_manifest(path)
-    device = torch.device(device) if device is not None else default_device()
+    if device_map is not None:
+        if device_map == "auto":
+            if not torch.cuda.is_available():
+                raise CheckpointError("device_map='auto' spreads the model over the GPUs, and there is none here")
+            device_map = list(range(torch.cuda.device_count()))
+        places = sorted(
+            {as_device(d) for d in (device_map.values() if isinstance(device_map, dict) else device_map)}, key=str
+        )
+        device = places[0]
+    else:
+        device = torch.device(device) if device is not None else default_device()
+        places = [device]
     dtype = dtype or default_dtype(device)
     plan = scheme_map_from_rows(doc["schemes"])
-    check_device_schemes(set(plan.values()), device)
+    for d in places:
+        check_device_schemes(set(plan.values()), d)
     config = AutoConfig.from_pretrained(path)
     for k, v in doc.get("config_overrides", {}).items():
         setattr(config, k, v)
     model = _empty_model(config, dtype)
-    tensors = _load_tensors(path, doc["files"], device)
+    tensors = _load_tensors(path, doc["files"], device if device_map is None else torch.device("cpu"))
     hadamard = bool(doc["online_hadamard"])
     names = {id(m): n for n, m in model.named_modules()}
 
@@ -503,7 +522,10 @@ def load_quantized(path: "str | Path", device=None, dtype: "torch.dtype | None" 
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(path)
-    model.to(device)
+    if device_map is None:
+        model.to(device)
+    else:
+        dispatch(model, device_map if isinstance(device_map, dict) else layer_device_map(model, device_map))
     model.set_experts_implementation(register())
     model.eval()
     model.mxmoe_manifest = doc

@@ -187,6 +187,11 @@ BENCHMARKS = {
         "the paper's models at full size, random weights: whole-model "
         "speed and memory (GPU); --allocate-only solves their allocations on a CPU",
     ),
+    "multi-gpu": (
+        "mxmoe.bench.multi_gpu",
+        "a model that does not fit one GPU (Qwen3-235B-A22B) over several: pipeline stages, prefill, "
+        "memory per GPU, the smallest GPU count (GPUs; --dry-run on CPU placements)",
+    ),
 }
 
 
@@ -369,11 +374,12 @@ def _generate(args) -> None:
     from transformers import TextStreamer
 
     from mxmoe.checkpoint import open_model
+    from mxmoe.models.placement import input_device
 
     model, tok = open_model(args.name, device=args.device)
     if tok is None:
         raise MxMoEError(f"{args.name} has no tokenizer (random tiny model): generation needs a real model")
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(input_device(model))
     with torch.no_grad():
         model.generate(
             ids,

@@ -5,6 +5,7 @@ A base module: it imports nothing of mxmoe, so every layer may use it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from pathlib import Path
@@ -30,3 +31,15 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_guard(device: "torch.device | str | None"):
+    """A context that makes ``device`` the current CUDA device (a no-op for a CPU or meta device, or None).
+
+    Triton launches a kernel on the *current* CUDA device, not on its tensors' device: a model spread
+    over several GPUs must make each layer's GPU current around its kernel launches.
+    """
+    if device is None:
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

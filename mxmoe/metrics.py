@@ -46,7 +46,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: "int | None" = None, de
         raise SeqLenTooLong(
             f"seqlen {seqlen} is longer than the model's context of {context} tokens; use --seqlen {context} or less"
         )
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where the ids go, also for a model over several GPUs
     batch_size = batch_size or (8 if device.type == "cuda" else 1)
     nll, count = 0.0, 0
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):

@@ -54,7 +54,7 @@ from mxmoe.quant.rtn import quantize_weight_int
 from mxmoe.quant.sequential import quantize_model_gptq
 from mxmoe.routing import batch_workload
 from mxmoe.schemes import HOPPER_SCHEMES, SCHEME_SETS, scheme_set
-from mxmoe.sensitivity import compute_sensitivity
+from mxmoe.sensitivity import check_method_placement, compute_sensitivity
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI's parser reads this module's choices
     import torch
@@ -328,6 +328,7 @@ def quantize(
         wbits, abits, r, method, granularity, budget, calib, calib_windows, seqlen, seed, gpu, batch_tokens, schemes
     )
     candidates, table = check_recipe(rec)
+    check_method_placement(model, method)  # before hours of work on a model over several GPUs
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise MxMoEError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     if out is not None:

@@ -11,13 +11,16 @@ from mxmoe.data import calibration_windows
 from mxmoe.errors import MxMoEError
 from mxmoe.metrics import eval_windows
 from mxmoe.models.blocks import moe_blocks
+from mxmoe.models.placement import input_device
 
 
 @torch.no_grad()
 def profile_routing(model, input_ids: torch.Tensor, batch_size: int = 1) -> np.ndarray:
     """Tokens routed to each expert: int array [moe_layers, experts]; each row sums to tokens·top_k.
 
-    input_ids: [n, seqlen] (or [seqlen]) token windows, run through the model in batches.
+    input_ids: [n, seqlen] (or [seqlen]) token windows, run through the model in batches. A model
+    spread over several devices takes its ids on the input embeddings' device; each layer counts on
+    its own device and only the counts [E] come to the host.
     """
     blocks = moe_blocks(model)
     counts = [torch.zeros(b.num_experts, dtype=torch.long) for b in blocks]
@@ -32,7 +35,7 @@ def profile_routing(model, input_ids: torch.Tensor, batch_size: int = 1) -> np.n
 
     handles = [b.module.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for s in tqdm(
             range(0, ids.shape[0], batch_size), desc="routing profile", unit="batch", disable=ids.shape[0] < 4

@@ -37,6 +37,7 @@ from mxmoe.env import device_name
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
+from mxmoe.models.placement import is_multi_device, model_devices
 from mxmoe.quant.apply import block_weight, check_scheme
 from mxmoe.quant.experts import expert_weights, hessian_of, quantize_blocks, split_by_expert
 from mxmoe.quant.hadamard import apply_online_hadamard, rotate_model
@@ -180,6 +181,17 @@ def layer_sensitivity(
     return result
 
 
+def check_method_placement(model, method: str) -> None:
+    """MxMoEError when ``method`` cannot measure ``model`` where it is placed: gptq-had rotates a copy of
+    the model, which does not fit beside a model spread over several devices."""
+    if method == "gptq-had" and is_multi_device(model):
+        raise MxMoEError(
+            "gptq-had sensitivity rotates a copy of the model, and this model is spread over "
+            f"{', '.join(map(str, model_devices(model)))}: a copy does not fit beside it. Measure with "
+            "method 'gptq' (or 'rtn') on a model placed over several devices"
+        )
+
+
 def compute_sensitivity(
     model,
     windows: torch.Tensor,
@@ -197,10 +209,15 @@ def compute_sensitivity(
 
     ``schemes``: Scheme objects or strings. ``params`` (model, calibration, ...) go into the file and
     must match a partial file to resume from it. The model is not modified (gptq-had rotates a copy).
+    A model spread over several devices (accelerate's device map) is measured layer by layer on the
+    device of each layer (``LayerwiseRunner``); gptq-had refuses it: its copy would need the memory of
+    a second model on every device, and rotating in place and back would leave bf16 weights changed
+    by two roundings (use gptq or rtn there).
     Returns {"params", "schemes", "blocks", "layers": {str(layer): layer_sensitivity(...)}}.
     """
     if method not in METHODS:
         raise MxMoEError(f"unknown sensitivity method {method!r}; use one of {', '.join(METHODS)}")
+    check_method_placement(model, method)
     schemes = [check_scheme(s) for s in schemes]
     if not schemes:
         raise MxMoEError("no schemes given for the sensitivity measurement")

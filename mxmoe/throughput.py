@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mxmoe.models.blocks import BLOCKS, mlp_linear, moe_blocks
+from mxmoe.models.placement import input_device, model_devices
 from mxmoe.packed import PackedBlock, PackedExperts, QuantLinear
 
 
@@ -53,39 +54,45 @@ def weight_memory(model: nn.Module) -> dict:
     return {"total_bytes": total, "expert_bytes": expert, "expert_bf16_bytes": 2 * numel}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(devices) -> None:
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 @torch.no_grad()
 def prefill(model: nn.Module, tokens: int, seqlen: int = 512, repeats: int = 3, seed: int = 0) -> dict:
     """Tokens per second of forward passes over ``tokens`` random tokens in sequences of ``min(seqlen, tokens)``.
 
+    A model spread over several GPUs (accelerate's device map) takes the ids on its input embeddings'
+    device, and the clock stops when every GPU it uses is done (host wall clock between synchronisations).
     Returns {"tokens", "batch", "seqlen", "seconds" (median of ``repeats``), "tokens_per_s",
-    "peak_gpu_bytes" (None on a CPU)}.
+    "peak_gpu_bytes" (the largest over the model's GPUs; None on a CPU), "peak_gpu_bytes_per_device"}.
     """
-    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    device = input_device(model)
+    devices = [d for d in model_devices(model) if d.type == "cuda"]
     length = min(seqlen, tokens)
     batch = -(-tokens // length)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=gen).to(device)  # [batch, length]
     model(ids, use_cache=False)  # warm-up: kernel compilation, allocator
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    for d in devices:
+        torch.cuda.reset_peak_memory_stats(d)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        _sync(devices)
         start = time.perf_counter()
         model(ids, use_cache=False)
-        _sync(device)
+        _sync(devices)
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
+    peaks = {str(d): torch.cuda.max_memory_allocated(d) for d in devices}
     return {
         "tokens": batch * length,
         "batch": batch,
         "seqlen": length,
         "seconds": seconds,
         "tokens_per_s": batch * length / seconds,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_gpu_bytes": max(peaks.values()) if peaks else None,
+        "peak_gpu_bytes_per_device": peaks or None,
     }

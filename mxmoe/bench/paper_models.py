@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import platform
@@ -61,8 +60,15 @@ from mxmoe.kernels.moe import (
     register_fp8_implementation,
 )
 from mxmoe.models.blocks import moe_blocks
-from mxmoe.models.paper import PAPER_CONFIGS, PAPER_MODELS, paper_config
-from mxmoe.models.random_init import build_random, target_profile
+from mxmoe.models.paper import LARGE_CONFIGS, MODEL_CONFIGS, MODEL_SHAPES, PAPER_CONFIGS, paper_config
+from mxmoe.models.placement import input_device, model_devices
+from mxmoe.models.random_init import (
+    build_random,
+    copy_routing,
+    drop_expert_weights,
+    restore_expert_weights,
+    target_profile,
+)
 from mxmoe.models.zoo import _TINY_COMMON, TINY_CONFIGS
 from mxmoe.paths import REPO_ROOT
 from mxmoe.perfmodel import launch_time, load_table
@@ -137,17 +143,17 @@ SETTING_KEYS = (
 
 
 def config_of(name: str):
-    """The transformers config of a paper model (full size) or of a ``tiny-*`` zoo model."""
+    """The transformers config of a paper model or a larger one (full size), or of a ``tiny-*`` zoo model."""
     from transformers import AutoConfig
 
-    if name in PAPER_CONFIGS:
+    if name in MODEL_CONFIGS:
         return paper_config(name)
     if name in TINY_CONFIGS:
         model_type, extra = TINY_CONFIGS[name]
         return AutoConfig.for_model(model_type, **{**_TINY_COMMON, **extra})
     raise ValueError(
-        f"unknown model {name!r}: use a paper model ({', '.join(PAPER_CONFIGS)}) or a tiny config "
-        f"({', '.join(TINY_CONFIGS)})"
+        f"unknown model {name!r}: use a paper model ({', '.join(PAPER_CONFIGS)}), a larger one "
+        f"({', '.join(LARGE_CONFIGS)}) or a tiny config ({', '.join(TINY_CONFIGS)})"
     )
 
 
@@ -266,7 +272,7 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
             solve_seconds=seconds,
         )
         doc.update(
-            hf_id=PAPER_MODELS.get(model, (None,))[0],
+            hf_id=MODEL_SHAPES.get(model, (None,))[0],
             sensitivity_stand_in=sens["params"]["method"],
             cost_table_kernel=table.kernel,
             solved_on=platform.processor() or platform.machine(),
@@ -383,19 +389,32 @@ def bf16_expert_bytes(blocks: list) -> int:
     return total
 
 
-def apply_setting(model, blocks: list, name: str, amap: "dict | None") -> int:
-    """Make ``name`` the model's experts implementation, packing every MoE layer; returns expert weight bytes."""
+def apply_setting(model, blocks: list, name: str, amap: "dict | None", lean: bool = False) -> int:
+    """Make ``name`` the model's experts implementation, packing every MoE layer; returns expert weight bytes.
+
+    Each layer is packed on the device its expert weights are on. ``lean`` (a ``build_random`` model
+    only) keeps just what the setting runs on: a packed setting frees each layer's bf16 routed experts
+    once they are packed (``drop_expert_weights``), and every setting first draws again the ones an
+    earlier setting freed (``restore_expert_weights``, the same values). Memory then peaks at the
+    packed model plus one layer's bf16 experts: what lets a model whose bf16 experts fill its GPUs
+    run the packed settings beside them.
+    """
 
     spec = SETTINGS[name]
     for b in blocks:
         detach_packed(b)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    init = getattr(model, "mxmoe_init", None)
+    if lean and init is None:
+        raise ValueError("apply_setting(lean=True) draws freed experts again: it needs a build_random model")
     impl = spec["impl"]
     total = 0
-    if impl == "mxmoe":
-        register_experts_implementation()
-        of = _scheme_of(spec, amap)
-        for b in blocks:
+    for b in tqdm(blocks, desc=f"apply {name}", unit="layer", disable=len(blocks) < 16):
+        if lean:
+            restore_expert_weights(b, **init)
+        if impl == "mxmoe":
+            register_experts_implementation()
+            of = _scheme_of(spec, amap)
             total += attach_packed_experts(
                 b,
                 [(of(b.layer, e, "gate"), of(b.layer, e, "up"), of(b.layer, e, "down")) for e in range(b.num_experts)],
@@ -405,10 +424,12 @@ def apply_setting(model, blocks: list, name: str, amap: "dict | None") -> int:
                 total += attach_packed_shared(
                     b, [(of(b.layer, k, "gate"), of(b.layer, k, "up"), of(b.layer, k, "down")) for k in keys]
                 )
-    elif impl == "torch_fp8":
-        register_fp8_implementation()
-        total = sum(attach_fp8_experts(b) for b in blocks)
-    else:
+        elif impl == "torch_fp8":
+            register_fp8_implementation()
+            total += attach_fp8_experts(b)
+        if lean and impl in ("mxmoe", "torch_fp8"):
+            drop_expert_weights(b)
+    if impl not in ("mxmoe", "torch_fp8"):
         total = bf16_expert_bytes(blocks)
     model.set_experts_implementation(impl)
     return total
@@ -418,15 +439,28 @@ def apply_setting(model, blocks: list, name: str, amap: "dict | None") -> int:
 
 
 def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for ``device`` (or every device of a list) to finish its queued work; nothing on a CPU."""
+    for d in device if isinstance(device, (list, tuple)) else [device]:
+        if torch.device(d).type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 def time_eager(fn, reps: int = 10, warmup: int = 2, device="cuda") -> dict:
-    """Median ms of ``fn()`` between CUDA events (a host clock on the CPU), after ``warmup`` calls."""
+    """Median ms of ``fn()`` between CUDA events (a host clock on the CPU), after ``warmup`` calls.
+
+    ``device`` a list of devices (a model over several GPUs): the host clock between synchronisations
+    of all of them, so the time covers the work of every GPU the call used."""
     for _ in range(warmup):
         fn()
     times = []
+    if isinstance(device, (list, tuple)):
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {"ms": statistics.median(times), "min_ms": min(times), "reps": reps, "clock": "host, all devices"}
     for _ in range(reps):
         if torch.device(device).type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -653,28 +687,36 @@ def _tps(tokens: int, eager: dict, graph: dict) -> dict:
 
 
 @torch.no_grad()
-def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 256, device="cuda") -> dict:
+def check_correctness(
+    name: str, settings: dict, seed: int = 0, tokens: int = 256, device="cuda", device_map=None
+) -> dict:
     """Logits of the packed path vs the fake-quant path on the model cut to its first two MoE layers.
 
     settings: {setting: scheme map or None (uniform scheme)}; both paths run in bf16 (fp32 on a CPU) on the same
     weights (bf16 rounding of RTN's dequantized weights in the fake-quant path is the only
     intended difference). Reports relative Frobenius error of the logits and top-1 agreement, and
     the same for mxmoe bf16 vs transformers' grouped_mm (the noise floor of two bf16 paths).
+    ``device_map`` (a list of devices) spreads the cut model over them, at least one layer each, so
+    the packed experts of each layer run on their own GPU. The fake-quant path runs on a second copy
+    built from the same seed (the weights do not depend on the placement) with the routing copied.
     """
 
     first = moe_layer_ids(config_of(name))[0]
-    cuda = torch.device(device).type == "cuda"
-    model, _ = build_random(
-        name,
+    places = [torch.device(d) for d in (device_map or [device])]
+    cuda = places[0].type == "cuda"
+    layers = max(first + 2, len(places)) if device_map is not None else first + 2
+    kw = dict(
         device=device,
+        device_map=device_map,
         dtype=torch.bfloat16 if cuda else torch.float32,
         seed=seed,
-        measured=embedded_profile(),
-        num_hidden_layers=first + 2,
-        calib_shape=(4, 512) if cuda else (2, 32),
+        num_hidden_layers=layers,
     )
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    out = {"layers": first + 2, "tokens": tokens, "tolerance_rel": 3e-2, "cases": {}}
+    model, _ = build_random(name, measured=embedded_profile(), calib_shape=(4, 512) if cuda else (2, 32), **kw)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=input_device(model))
+    out = {"layers": layers, "tokens": tokens, "tolerance_rel": 3e-2, "cases": {}}
+    if device_map is not None:
+        out["devices"] = [str(d) for d in places]
 
     def compare(a, b):
         a, b = a.float(), b.float()
@@ -686,8 +728,9 @@ def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 25
     model.set_experts_implementation("grouped_mm")
     ref_bf16 = model(input_ids=ids, use_cache=False).logits
     for setting, amap in settings.items():
-        apply_setting(model, moe_blocks(model), BASELINE, None)  # unpack first: the copy must hold plain experts
-        fake = copy.deepcopy(model)
+        apply_setting(model, moe_blocks(model), BASELINE, None)
+        fake, _ = build_random(name, skew=0, **kw)  # the same weights, wherever they are placed
+        copy_routing(model, fake)
         spec = SETTINGS[setting]
         blocks = moe_blocks(fake)
         plan = {}
@@ -715,25 +758,34 @@ def check_correctness(name: str, settings: dict, seed: int = 0, tokens: int = 25
 
 
 @torch.no_grad()
-def pipeline_stages(model, blocks: list, name: str, schemes: str = WEIGHT_ONLY_SET) -> dict:
-    """Seconds of each pipeline stage on the full-size model: routing profile (16 x 512 random tokens),
-    batched GPTQ sensitivity of one MoE layer (4096 calibration tokens, the weight-only scheme set) and
-    its projection to every layer. Packing and loading are timed per setting (``pack_s``)."""
+def pipeline_stages(
+    model, blocks: list, name: str, schemes: str = WEIGHT_ONLY_SET, free=None, shape: tuple = (16, 512)
+) -> dict:
+    """Seconds of each pipeline stage on the full-size model: routing profile (``shape`` random tokens,
+    16 x 512), batched GPTQ sensitivity of one MoE layer (4096 calibration tokens, the weight-only
+    scheme set) and its projection to every layer. Packing and loading are timed per setting (``pack_s``).
+
+    A model over several GPUs takes its ids on the input embeddings' GPU and the clocks wait for all
+    of them; ``free``, when given, is called between the two stages (e.g. to free the other layers'
+    bf16 experts, making room on the first layer's GPU for the batched GPTQ)."""
 
     out = {}
+    devices = model_devices(model)
     model.set_experts_implementation("grouped_mm")
-    ids = torch.randint(0, model.config.vocab_size, (16, 512), device=model.device)
-    _sync(model.device)
+    ids = torch.randint(0, model.config.vocab_size, shape, device=input_device(model))
+    _sync(devices)
     t0 = time.perf_counter()
     counts = profile_routing(model, ids, batch_size=4)
-    _sync(model.device)
+    _sync(devices)
     out["routing_profile_s"] = time.perf_counter() - t0
     out["routing_profile_tokens"] = int(ids.numel())
     out["routing_profile_max_over_min"] = [float(c.max() / max(c.min(), 1)) for c in counts]
     x = block_inputs(model, blocks[:1], ids[:8])[0].reshape(-1, blocks[0].hidden_size)[:4096]
+    if free is not None:
+        free()
     t0 = time.perf_counter()
     sens = layer_sensitivity(blocks[0], x.float(), list(scheme_set(schemes)), method="gptq")
-    _sync(model.device)
+    _sync(devices)
     out["gptq_sensitivity_one_layer_s"] = time.perf_counter() - t0
     out["gptq_sensitivity_tokens"] = int(x.shape[0])
     out["gptq_sensitivity_schemes"] = schemes
@@ -745,8 +797,9 @@ def pipeline_stages(model, blocks: list, name: str, schemes: str = WEIGHT_ONLY_S
 # ---- the run --------------------------------------------------------------------------------------
 
 
-def provenance() -> dict:
-    """Device, library versions, commit (``MXMOE_COMMIT`` or git) and date of this run."""
+def provenance(devices: "list | None" = None) -> dict:
+    """Device, library versions, commit (``MXMOE_COMMIT`` or git) and date of this run; with ``devices``
+    (CUDA devices of a model over several GPUs) also their count and each one's name and memory."""
     import datetime
 
     import transformers
@@ -764,7 +817,16 @@ def provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             commit = "unknown"
     dev = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    if devices:
+        gpus = [torch.cuda.get_device_properties(torch.device(d)) for d in devices if torch.device(d).type == "cuda"]
+        extra = {
+            "device_count": len(devices),
+            "devices": [f"{g.name} ({g.total_memory / 2**30:.1f} GiB)" for g in gpus] or [str(d) for d in devices],
+        }
+    else:
+        extra = {}
     return {
+        **extra,
         "device": dev.name if dev else "cpu",
         "memory_gib": round(dev.total_memory / 2**30, 1) if dev else None,
         "multiprocessors": dev.multi_processor_count if dev else None,
@@ -976,7 +1038,7 @@ def run(
     amaps, alloc_meta = {}, {}
     for s in settings:
         if "alloc" in SETTINGS[s]:
-            amaps[s], d = load_allocation_map(name, s, alloc_gpu, out, solve=name not in PAPER_MODELS)
+            amaps[s], d = load_allocation_map(name, s, alloc_gpu, out, solve=name not in MODEL_SHAPES)
             alloc_meta[s] = {
                 k: d[k]
                 for k in (
@@ -997,7 +1059,7 @@ def run(
     doc = {
         "schema": SCHEMA_VERSION,
         "model": name,
-        "hf_id": PAPER_MODELS.get(name, (None,))[0],
+        "hf_id": MODEL_SHAPES.get(name, (None,))[0],
         "provenance": provenance(),
         "sizes": sizes,
         "settings": [],

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from mxmoe.env import device_guard
+
 
 @dataclass
 class QuantizedRows:
@@ -129,22 +131,23 @@ def quantize_rows(
     if t == 0 or not schemes:
         return QuantizedRows(q, s)
     e = act_slot.numel()
-    quantize_rows_kernel[(t,)](
-        x,
-        q,
-        s,
-        offsets,
-        act_slot,
-        e,
-        k,
-        ng,
-        x.stride(0),
-        FP8S=tuple(sc.fmt == "fp8" for sc in schemes),
-        ABITS=tuple(sc.a_bits for sc in schemes),
-        GROUPS=tuple(sc.group_size for sc in schemes),
-        NSLOTS=len(schemes),
-        E_PAD=max(16, 1 << (e - 1).bit_length()),
-        INTERPRET=interpret,
-        num_warps=1,
-    )
+    with device_guard(x.device):  # Triton launches on the current GPU: make it x's
+        quantize_rows_kernel[(t,)](
+            x,
+            q,
+            s,
+            offsets,
+            act_slot,
+            e,
+            k,
+            ng,
+            x.stride(0),
+            FP8S=tuple(sc.fmt == "fp8" for sc in schemes),
+            ABITS=tuple(sc.a_bits for sc in schemes),
+            GROUPS=tuple(sc.group_size for sc in schemes),
+            NSLOTS=len(schemes),
+            E_PAD=max(16, 1 << (e - 1).bit_length()),
+            INTERPRET=interpret,
+            num_warps=1,
+        )
     return QuantizedRows(q, s)

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import torch
 
+from mxmoe.env import device_guard
 from mxmoe.kernels import triton_kernel as tk
 from mxmoe.kernels.act_quant import QuantizedRows, quantize_rows
 from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, launch_warps, tile_cost
@@ -248,32 +249,33 @@ def _launch(x, x_q, y, offsets, group: ExpertGroup, plan, sched: torch.Tensor, n
     if num_warps is None:
         num_warps = launch_warps(cfgs)
     e = sched.shape[0]
-    tk.group_gemm_kernel[(num_programs,)](
-        x,
-        x_q.q,
-        x_q.scale,
-        y,
-        offsets,
-        sched,
-        group.addr,
-        e,
-        group.n,
-        group.k,
-        group.k_pad,
-        x_q.scale.shape[1],
-        x.stride(0),
-        y.stride(0),
-        KINDS=tuple(kind_of(s) for s in slots),
-        WBITS=tuple(s.w_bits for s in slots),
-        GROUPS=tuple(s.group_size for s in slots),
-        SYMS=tuple(s.symmetric for s in slots),
-        BMS=tuple(c.bm for c in cfgs),
-        BNS=tuple(c.bn for c in cfgs),
-        BKS=tuple(c.bk for c in cfgs),
-        STAGES=tuple(c.stages for c in cfgs),
-        SWAPS=tuple(c.swap_ab for c in cfgs),
-        NSLOTS=len(slots),
-        E_PAD=max(16, 1 << (e - 1).bit_length()),
-        INTERPRET=INTERPRET,
-        num_warps=num_warps,
-    )
+    with device_guard(x.device):  # Triton launches on the current GPU: make it x's
+        tk.group_gemm_kernel[(num_programs,)](
+            x,
+            x_q.q,
+            x_q.scale,
+            y,
+            offsets,
+            sched,
+            group.addr,
+            e,
+            group.n,
+            group.k,
+            group.k_pad,
+            x_q.scale.shape[1],
+            x.stride(0),
+            y.stride(0),
+            KINDS=tuple(kind_of(s) for s in slots),
+            WBITS=tuple(s.w_bits for s in slots),
+            GROUPS=tuple(s.group_size for s in slots),
+            SYMS=tuple(s.symmetric for s in slots),
+            BMS=tuple(c.bm for c in cfgs),
+            BNS=tuple(c.bn for c in cfgs),
+            BKS=tuple(c.bk for c in cfgs),
+            STAGES=tuple(c.stages for c in cfgs),
+            SWAPS=tuple(c.swap_ab for c in cfgs),
+            NSLOTS=len(slots),
+            E_PAD=max(16, 1 << (e - 1).bit_length()),
+            INTERPRET=INTERPRET,
+            num_warps=num_warps,
+        )

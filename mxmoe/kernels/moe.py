@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from mxmoe.env import device_guard
 from mxmoe.kernels.group_gemm import INTERPRET, ExpertGroup, group_gemm
 from mxmoe.kernels.pack import pack
 from mxmoe.quant.rtn import IntWeight, quantize_weight_int
@@ -97,9 +98,10 @@ def fused_silu_mul(gate_up_out: torch.Tensor) -> torch.Tensor:
     out = torch.empty(s, two_i // 2, dtype=h.dtype, device=h.device)  # [S, I]
     if s:
         block = 256 if not INTERPRET else 64
-        _silu_mul_kernel[(s, triton.cdiv(two_i // 2, block))](
-            h, out, two_i // 2, h.stride(0), out.stride(0), BLOCK=block
-        )
+        with device_guard(h.device):  # Triton launches on the current GPU: make it h's
+            _silu_mul_kernel[(s, triton.cdiv(two_i // 2, block))](
+                h, out, two_i // 2, h.stride(0), out.stride(0), BLOCK=block
+            )
     return out
 
 
@@ -131,9 +133,10 @@ def combine(
     out = torch.empty(t, h, dtype=out_dtype, device=o.device)  # [T, H]
     if t:
         block = 256 if not INTERPRET else 64
-        _combine_kernel[(t, triton.cdiv(h, block))](
-            o, top_k_weights.contiguous(), inv, out, h, o.stride(0), out.stride(0), K=k, BLOCK=block
-        )
+        with device_guard(o.device):  # Triton launches on the current GPU: make it o's
+            _combine_kernel[(t, triton.cdiv(h, block))](
+                o, top_k_weights.contiguous(), inv, out, h, o.stride(0), out.stride(0), K=k, BLOCK=block
+            )
     return out
 
 

@@ -16,15 +16,20 @@ from mxmoe.models.zoo import PAPER_MODELS, TINY_CONFIGS, tiny_model, zoo_names
 __all__ = ["BLOCKS", "MoEBlock", "default_device", "load_model", "moe_blocks", "zoo_names"]
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, device: torch.device):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+def _from_pretrained(path: str, dtype: torch.dtype, device: torch.device, device_map=None):
+    if device_map is not None:  # accelerate places the weights while they load, hooks move activations
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True, device=None):
+def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True, device=None, device_map=None):
     """(model, tokenizer) for a zoo name ('smollm2-moe[-tf|-v2]', 'tiny-<family>', paper names), an HF id or a local path.
 
-    The model is placed on ``device`` (default: ``default_device()``). smollm2-moe is built into the
+    The model is placed on ``device`` (default: ``default_device()``), or, for a Hugging Face id or a
+    local folder, over several GPUs with ``device_map`` (``"auto"`` or an accelerate device map, as
+    ``from_pretrained`` takes it; every mxmoe stage runs on such a model). smollm2-moe is built into the
     cache on first use (minutes on a CPU); tiny models have no tokenizer (None). Unknown names raise
     ModelNotFound listing what is accepted.
     """
@@ -41,14 +46,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, build: bool = True
         return tiny_model(name).to(device, dtype), None
     hf_id = PAPER_MODELS[name][0] if name in PAPER_MODELS else name
     if Path(hf_id).expanduser().exists():
-        return _from_pretrained(str(Path(hf_id).expanduser()), dtype, device)
+        return _from_pretrained(str(Path(hf_id).expanduser()), dtype, device, device_map)
     if "/" not in hf_id:
         raise ModelNotFound(
             f"unknown model {name!r}: use a zoo name ({', '.join(zoo_names())}), "
             f"a Hugging Face id like 'Qwen/Qwen1.5-MoE-A2.7B', or a local checkpoint folder"
         )
     try:
-        return _from_pretrained(hf_id, dtype, device)
+        return _from_pretrained(hf_id, dtype, device, device_map)
     except OSError as e:
         raise ModelNotFound(
             f"could not load {hf_id!r} from the Hugging Face hub or its cache ({str(e).splitlines()[0][:200]}); "

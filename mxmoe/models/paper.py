@@ -4,6 +4,8 @@
 ``PAPER_CONFIGS[name] = (model_type, fields)`` holds the public config values that instantiate the
 full-size model with transformers 5 (``paper_config(name)``), so a random-weight copy of each model
 can be built without downloading anything (``mxmoe.models.random_init.build_random``).
+``LARGE_MODELS`` / ``LARGE_CONFIGS`` hold models that are not in the paper (Qwen3-235B-A22B), in the
+same format, for the multi-GPU benchmark; ``MODEL_CONFIGS`` and ``MODEL_SHAPES`` join both.
 
 Every value comes from the model's ``config.json`` on the Hugging Face hub, as quoted in the source
 named beside each entry. Fields not listed take transformers' defaults for the model type.
@@ -183,12 +185,54 @@ PAPER_CONFIGS = {
 }
 
 
+# Models that are NOT in the paper: today's MoEs that do not fit one GPU, benchmarked over several
+# GPUs (``mxmoe.bench.multi_gpu``). Same format as the paper's tables; the paper's tables, kernel
+# benchmark cases and notebooks do not read these.
+LARGE_MODELS = {
+    "qwen3-235b": ("Qwen/Qwen3-235B-A22B", MoEShape(128, 4096, 1536, 8, 0, 94)),
+}
+LARGE_CONFIGS = {
+    # Qwen/Qwen3-235B-A22B config.json (transformers 4.51 release config; slime's
+    # scripts/models/qwen3-235B-A22B.sh gives the same layers, heads, KV groups, widths, experts, vocab
+    # and rotary base)
+    "qwen3-235b": (
+        "qwen3_moe",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=94,
+            num_attention_heads=64,
+            num_key_value_heads=4,
+            head_dim=128,
+            moe_intermediate_size=1536,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=40960,
+            tie_word_embeddings=False,
+            attention_bias=False,
+        ),
+    ),
+}
+MODEL_CONFIGS = {**PAPER_CONFIGS, **LARGE_CONFIGS}  # every full-size config build_random can instantiate
+MODEL_SHAPES = {**PAPER_MODELS, **LARGE_MODELS}
+
+
 def paper_config(name: str, **overrides):
-    """The transformers config of paper model ``name`` at full size; ``overrides`` replace fields
-    (e.g. ``num_hidden_layers=2`` for a scaled-down copy). Raises ValueError for an unknown name."""
+    """The transformers config of a paper model (or a ``LARGE_CONFIGS`` model) ``name`` at full size;
+    ``overrides`` replace fields (e.g. ``num_hidden_layers=2`` for a scaled-down copy). Raises
+    ValueError for an unknown name."""
     from transformers import AutoConfig
 
-    if name not in PAPER_CONFIGS:
-        raise ValueError(f"unknown paper model {name!r}; the paper's models are {', '.join(PAPER_CONFIGS)}")
-    model_type, fields = PAPER_CONFIGS[name]
+    if name not in MODEL_CONFIGS:
+        raise ValueError(
+            f"unknown paper model {name!r}; the paper's models are {', '.join(PAPER_CONFIGS)}"
+            f" (larger models, not in the paper: {', '.join(LARGE_CONFIGS)})"
+        )
+    model_type, fields = MODEL_CONFIGS[name]
     return AutoConfig.for_model(model_type, **{**fields, **overrides})

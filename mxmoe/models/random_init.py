@@ -2,8 +2,12 @@
 
 ``build_random(name)`` instantiates a paper model (``mxmoe.models.paper``) from its public config
 directly on the target device (the modules are created under a device context: no CPU copy of the
-weights exists), then draws every weight from N(0, initializer_range²) with one seeded generator
-(norm weights 1, biases 0). Kernel time does not depend on weight values, so such a model times
+weights exists), then draws every weight from N(0, initializer_range²), each matrix from its own
+generator seeded by the seed and the parameter's name (norm weights 1, biases 0). With
+``device_map`` the model is spread over several devices: built with meta weights, each weight
+created and drawn on its own device, accelerate's hooks installed; the weights are the same as on
+one device, and ``drop_expert_weights`` / ``restore_expert_weights`` free a layer's bf16 experts
+once packed and draw them again when needed. Kernel time does not depend on weight values, so such a model times
 like the real one; what it cannot show is accuracy (see the notebook's section on random weights).
 
 **Imposed routing skew.** A random router routes nearly uniformly, and the paper's point is that
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import math
 import types
+import zlib
 
 import numpy as np
 import torch
@@ -135,6 +140,30 @@ def _biased_router_forward(self, hidden_states: torch.Tensor):
     return logits, top_v, top_i
 
 
+def install_biased_routers(blocks: list, biases: "list | None" = None) -> None:
+    """Give every block's router a fixed logit bias (``biases[i]``, default zeros) on the router's device,
+    and the biased forward (``_biased_router_forward``)."""
+    for i, b in enumerate(blocks):
+        router = b.router
+        if getattr(router, "topk_method", "greedy") != "greedy" and getattr(router, "num_group", 1) != 1:
+            raise ValueError(f"{b.name}: group-limited routing is not supported by the biased router")
+        if not hasattr(router, "weight") or not hasattr(router, "top_k"):
+            raise ValueError(f"{b.name}: router {type(router).__name__} is not a transformers-5 top-k router")
+        bias = torch.zeros(b.num_experts) if biases is None else biases[i].detach().float()
+        router.register_buffer("mxmoe_bias", bias.to(router.weight.device).clone(), persistent=False)
+        router.forward = types.MethodType(_biased_router_forward, router)
+
+
+def copy_routing(src, dst) -> None:
+    """Give ``dst`` (built with ``skew=0``) the fitted router biases of ``src`` (same config): the same
+    routing, on each of ``dst``'s routers' own device."""
+    from mxmoe.models.blocks import moe_blocks
+
+    biases = [b.router.mxmoe_bias for b in moe_blocks(src)]
+    install_biased_routers(moe_blocks(dst), biases)
+    dst.mxmoe_routing = getattr(src, "mxmoe_routing", None)
+
+
 def impose_routing(model, profile: dict, input_ids: torch.Tensor, rounds: int = 2) -> None:
     """Give every MoE layer's router the fixed logit bias that reproduces ``profile['shares']``.
 
@@ -151,14 +180,7 @@ def impose_routing(model, profile: dict, input_ids: torch.Tensor, rounds: int = 
             f"profile is [{len(shares)}, {shares.shape[1]}], the model has {len(blocks)} MoE layers "
             f"of {blocks[0].num_experts} experts"
         )
-    for b in blocks:
-        router = b.router
-        if getattr(router, "topk_method", "greedy") != "greedy" and getattr(router, "num_group", 1) != 1:
-            raise ValueError(f"{b.name}: group-limited routing is not supported by the biased router")
-        if not hasattr(router, "weight") or not hasattr(router, "top_k"):
-            raise ValueError(f"{b.name}: router {type(router).__name__} is not a transformers-5 top-k router")
-        router.register_buffer("mxmoe_bias", torch.zeros(b.num_experts, device=router.weight.device), persistent=False)
-        router.forward = types.MethodType(_biased_router_forward, router)
+    install_biased_routers(blocks)
     for _ in range(rounds):
         xs = router_inputs(model, blocks, input_ids)
         for i, (b, x) in enumerate(zip(blocks, xs)):
@@ -168,20 +190,105 @@ def impose_routing(model, profile: dict, input_ids: torch.Tensor, rounds: int = 
             b.router.mxmoe_bias.copy_(bias)
 
 
+def param_seed(seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s draw: the same wherever (and on whichever device) it is drawn."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+@torch.no_grad()
+def init_param_(name: str, p: torch.Tensor, std: float, seed: int) -> None:
+    """Draw one parameter in place on its device: a matrix N(0, std²) from its own seeded generator
+    (``param_seed``), a norm weight 1, a bias 0; a meta tensor is left alone."""
+    if p.device.type == "meta":
+        return
+    if p.dim() >= 2:
+        p.normal_(0.0, std, generator=torch.Generator(device=p.device).manual_seed(param_seed(seed, name)))
+    elif "norm" in name or name.endswith("layernorm.weight"):
+        p.fill_(1.0)
+    else:
+        p.zero_()
+
+
 @torch.no_grad()
 def init_random_(model, std: float, seed: int) -> None:
-    """Draw every parameter in place on its device: matrices N(0, std²), norm weights 1, biases 0."""
-    g = {}
+    """Draw every parameter in place on its device (``init_param_``): matrices N(0, std²), norm weights 1,
+    biases 0. Each matrix has its own generator, so the weights do not depend on the placement."""
     for name, p in model.named_parameters():
-        dev = p.device
-        if dev not in g:
-            g[dev] = torch.Generator(device=dev).manual_seed(seed)
-        if p.dim() >= 2:
-            p.normal_(0.0, std, generator=g[dev])
-        elif "norm" in name or name.endswith("layernorm.weight"):
-            p.fill_(1.0)
-        else:
-            p.zero_()
+        init_param_(name, p, std, seed)
+
+
+def _set_tensor(model, name: str, value: torch.Tensor, buffer: bool = False) -> None:
+    """Replace parameter (or buffer) ``name`` of ``model`` by ``value`` (a parameter keeps requires_grad)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if buffer:
+        module._buffers[leaf] = value
+    else:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+@torch.no_grad()
+def materialize(config, dtype: torch.dtype, device_map, std: float, seed: int):
+    """A model of ``config`` whose every parameter is created directly on its device under ``device_map``
+    and drawn there (``init_param_``), dispatched with accelerate's hooks (``placement.dispatch``).
+
+    The modules are first built with weights on the meta device (accelerate's ``init_empty_weights``;
+    buffers such as the rotary frequencies are real), so no device ever holds more than its share.
+    ``device_map``: accelerate-style {module name: device}, or a list of devices to split the decoder
+    layers over (``placement.layer_device_map``). A module mapped to "meta" keeps meta weights.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from mxmoe.models.placement import device_of, dispatch, layer_device_map
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not isinstance(device_map, dict):
+        device_map = layer_device_map(model, list(device_map))
+    for name, p in list(model.named_parameters()):
+        t = torch.empty(p.shape, dtype=p.dtype, device=device_of(name, device_map))
+        init_param_(name, t, std, seed)
+        _set_tensor(model, name, t)
+    for name, b in list(model.named_buffers()):
+        _set_tensor(model, name, b.to(device_of(name, device_map)), buffer=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return dispatch(model, device_map)
+
+
+def drop_expert_weights(block) -> None:
+    """Free one MoE block's fused routed-expert tensors (after they were packed): they become meta
+    tensors of the same shape, and ``restore_expert_weights`` draws them again where they were."""
+    experts = block.experts
+    for attr in ("gate_up_proj", "down_proj"):
+        p = getattr(experts, attr)
+        if p.device.type == "meta":
+            continue
+        homes = getattr(experts, "mxmoe_home", {})
+        homes[attr] = (p.device, p.dtype)
+        experts.mxmoe_home = homes
+        experts._parameters[attr] = torch.nn.Parameter(
+            torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
+        )
+
+
+@torch.no_grad()
+def restore_expert_weights(block, std: float, seed: int) -> bool:
+    """Draw again, on their device, the routed-expert tensors ``drop_expert_weights`` freed (the same
+    values: ``init_param_`` seeds each tensor by its name). Returns True when something was restored."""
+    experts = block.experts
+    done = False
+    for attr, (device, dtype) in dict(getattr(experts, "mxmoe_home", {})).items():
+        p = getattr(experts, attr)
+        if p.device.type != "meta":
+            continue
+        t = torch.empty(p.shape, dtype=dtype, device=device)
+        init_param_(f"{block.name}.experts.{attr}", t, std, seed)
+        experts._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+        done = True
+    return done
 
 
 def build_random(
@@ -194,41 +301,56 @@ def build_random(
     measured: "dict | None" = None,
     routing_seed: int = 0,
     calib_shape: tuple = (8, 1024),
+    device_map=None,
     **overrides,
 ):
     """A random-weight paper model at full size on ``device``, in eval mode, with imposed skewed routing.
 
-    ``name``: a paper model (``mxmoe.models.paper.PAPER_CONFIGS``) or a ``tiny-*`` zoo config;
-    ``overrides`` replace config fields (e.g. ``num_hidden_layers=2`` for a scaled-down copy).
+    ``name``: a paper model (``mxmoe.models.paper.MODEL_CONFIGS``, the paper's and the larger ones) or a
+    ``tiny-*`` zoo config; ``overrides`` replace config fields (e.g. ``num_hidden_layers=2`` for a
+    scaled-down copy). ``device_map`` spreads the model over several devices instead of ``device``: a
+    list of devices (the decoder layers split in balanced contiguous runs,
+    ``mxmoe.models.placement.layer_device_map``) or an accelerate device map; every weight is created
+    on its own device (``materialize``) and accelerate's hooks move the activations. Weights do not
+    depend on the placement (each matrix is drawn from its own seeded generator).
     ``skew=None`` imposes the ``measured`` profile (the embedded model's: ``mxmoe.stages.routing.embedded_profile``); a number R imposes a Zipf-like
     profile with max/min R; ``skew=0`` leaves the routers unbiased (random routers route with their
     own, uncontrolled, skew). The bias is fitted on random tokens of ``calib_shape`` (batch, length).
     Returns (model, routing) where routing = ``target_profile``'s dict (None when skew=0), also kept
-    as ``model.mxmoe_routing``. The experts implementation is transformers' ``grouped_mm``.
+    as ``model.mxmoe_routing``; ``model.mxmoe_init`` keeps the seed and scale that
+    ``restore_expert_weights`` needs. The experts implementation is transformers' ``grouped_mm``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mxmoe.models.blocks import moe_blocks
-    from mxmoe.models.paper import PAPER_CONFIGS, paper_config
+    from mxmoe.models.paper import MODEL_CONFIGS, paper_config
+    from mxmoe.models.placement import as_device, input_device
     from mxmoe.models.zoo import _TINY_COMMON, TINY_CONFIGS
 
-    if name in PAPER_CONFIGS:
+    if name in MODEL_CONFIGS:
         config = paper_config(name, **overrides)
     elif name in TINY_CONFIGS:
         model_type, extra = TINY_CONFIGS[name]
         config = AutoConfig.for_model(model_type, **{**_TINY_COMMON, **extra, **overrides})
     else:
         raise ValueError(
-            f"build_random takes a paper model ({', '.join(PAPER_CONFIGS)}) or a tiny config "
+            f"build_random takes a paper model ({', '.join(MODEL_CONFIGS)}) or a tiny config "
             f"({', '.join(TINY_CONFIGS)}), got {name!r}"
         )
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("build_random(device='cuda') needs a CUDA GPU; pass device='cpu' for a small config")
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    init_random_(model, float(getattr(config, "initializer_range", 0.02)), seed)
+    std = float(getattr(config, "initializer_range", 0.02))
+    places = list(device_map.values()) if isinstance(device_map, dict) else list(device_map or [device])
+    if any(as_device(d).type == "cuda" for d in places) and not torch.cuda.is_available():
+        raise RuntimeError("build_random on a CUDA device needs a CUDA GPU; pass device='cpu' for a small config")
+    if device_map is not None:
+        model = materialize(config, dtype, device_map, std, seed)
+        device = input_device(model)
+    else:
+        device = torch.device(device)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        init_random_(model, std, seed)
     model.eval()
+    model.mxmoe_init = {"seed": seed, "std": std}
     routing = None
     if skew != 0:
         blocks = moe_blocks(model)

@@ -333,6 +333,7 @@ def rotate_model(model: nn.Module, seed: int = 0, *, rotation: "Rotation | None"
         embed.weight.copy_(embed.weight.double() @ Q)  # [V, H]
     for i, layer in enumerate(layers):
         where = f"layer {i}"
+        Q = Q.to(layer.input_layernorm.weight.device)  # a model over several GPUs: Q where the layer is
         gamma = _norm_scale(layer.input_layernorm, where)
         attn = layer.self_attn
         readers = [getattr(attn, r) for r in _ATTN_READERS if isinstance(getattr(attn, r, None), nn.Linear)]
@@ -347,5 +348,5 @@ def rotate_model(model: nn.Module, seed: int = 0, *, rotation: "Rotation | None"
             _rotate_moe(blocks[id(layer.mlp)], gamma, Q)
         else:
             _rotate_dense_mlp(layer.mlp, gamma, Q, where)
-    _read(head.weight, _norm_scale(decoder.norm, "final norm"), Q)
+    _read(head.weight, _norm_scale(decoder.norm, "final norm").to(head.weight.device), Q.to(head.weight.device))
     return rotation

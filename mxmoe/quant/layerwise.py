@@ -6,6 +6,11 @@ states layer by layer. At each layer the input of its MoE block can be collected
 (sensitivity, sequential GPTQ) see exactly what the block sees, without a full-model rerun per
 layer. Windows run one at a time (batch 1) so the captured arguments fit every window; layer 0's
 arguments serve every layer, so models that mix attention kinds (sliding and full) are refused.
+
+A model spread over several devices (accelerate's device map, ``mxmoe.models.placement``) works
+the same way: before a layer runs, the hidden states and the captured arguments move to the device
+that layer computes on (once per change of device, not per window), so the calibration activations
+of a layer, and the block inputs handed to callers, live on that layer's device and nowhere else.
 """
 
 from __future__ import annotations
@@ -14,18 +19,11 @@ import torch
 from torch import nn
 
 from mxmoe.errors import MxMoEError
+from mxmoe.models.placement import decoder_layers, execution_device, input_device, move
 
 
 class _Stop(Exception):
     """Raised by the capture hook to end the forward pass after layer 0's inputs are seen."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers (``model.model.layers``) of a Hugging Face causal LM."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no model.layers: not a Hugging Face decoder")
-    return layers
 
 
 class LayerwiseRunner:
@@ -44,7 +42,7 @@ class LayerwiseRunner:
         self.model = model
         self.layers = decoder_layers(model)
         self.next_layer = 0
-        device = next(model.parameters()).device
+        device = input_device(model)
         hidden, kwargs = [], []
 
         def grab(module, args, kw):
@@ -61,15 +59,24 @@ class LayerwiseRunner:
                     pass
         finally:
             handle.remove()
-        self.hidden = torch.cat(hidden)  # [n, seqlen, H]
-        self.kwargs = kwargs  # one dict per window
+        self.hidden = torch.cat(hidden)  # [n, seqlen, H], on the device of the layer about to run
+        self.kwargs = [move(kw, self.hidden.device) for kw in kwargs]  # one dict per window, same device
+
+    def _place(self, layer: nn.Module) -> None:
+        """Move the hidden states and the captured arguments to the device ``layer`` computes on."""
+        device = execution_device(layer, default=self.hidden.device)
+        if self.hidden.device != device:
+            self.hidden = self.hidden.to(device)
+            self.kwargs = [move(kw, device) for kw in self.kwargs]
 
     @torch.no_grad()
     def advance(self, capture: "nn.Module | None" = None) -> "torch.Tensor | None":
-        """Run layer ``next_layer`` on every window; returns the inputs [n·seqlen, H] of ``capture`` if given."""
+        """Run layer ``next_layer`` on every window (on its device); returns the inputs [n·seqlen, H] of
+        ``capture`` if given, on that device."""
         if self.next_layer >= len(self.layers):
             raise IndexError(f"the decoder has {len(self.layers)} layers; all have run")
         layer = self.layers[self.next_layer]
+        self._place(layer)
         seen = []
         handle = (
             capture.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
@@ -88,8 +95,10 @@ class LayerwiseRunner:
 
     @torch.no_grad()
     def block_inputs(self, block: nn.Module) -> torch.Tensor:
-        """Inputs [n·seqlen, H] that ``block`` (inside layer ``next_layer``) receives, without advancing."""
+        """Inputs [n·seqlen, H] that ``block`` (inside layer ``next_layer``) receives, without advancing;
+        on the layer's device."""
         layer = self.layers[self.next_layer]
+        self._place(layer)
         seen = []
 
         def grab(m, a):
