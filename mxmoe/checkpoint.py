@@ -408,14 +408,16 @@ def check_device_schemes(schemes, device: torch.device) -> None:
 
 
 def check_capability(schemes, capability: tuple, gpu: str) -> None:
-    """CheckpointError naming the first scheme a GPU of compute ``capability`` cannot run (fp8 before sm_89)."""
-    for s in schemes:
-        s = Scheme.parse(s)
-        if s.fmt == "fp8" and tuple(capability) < (8, 9):
-            raise CheckpointError(
-                f"scheme '{s}' needs fp8 tensor cores (sm_89 or newer); {gpu} is "
-                f"sm_{capability[0]}{capability[1]}: quantize for this GPU without fp8 schemes"
-            )
+    """CheckpointError naming every scheme a GPU of compute ``capability`` cannot run (fp8 before sm_89)."""
+    if tuple(capability) >= (8, 9):
+        return
+    fp8 = sorted({str(s) for s in map(Scheme.parse, schemes) if s.fmt == "fp8"})
+    if fp8:
+        raise CheckpointError(
+            f"scheme{'s' if len(fp8) > 1 else ''} {', '.join(repr(s) for s in fp8)} "
+            f"need{'' if len(fp8) > 1 else 's'} fp8 tensor cores (sm_89 or newer); {gpu} is "
+            f"sm_{capability[0]}{capability[1]}: quantize for this GPU without fp8 schemes"
+        )
 
 
 @torch.no_grad()

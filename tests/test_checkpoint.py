@@ -245,8 +245,12 @@ def test_fp8_needs_sm89():
     with pytest.raises(CheckpointError, match=r"sm_89 or newer\); A100 is sm_80"):
         check_capability(["w4a16_g128_asym", "w8a8_g-1_sym_fp8"], (8, 0), "A100")
     check_capability(["w4a8_g128_sym_fp8"], (8, 9), "L40S")
-    with pytest.raises(CheckpointError, match="'w4a8_g128_sym_fp8' needs fp8 tensor cores"):
+    with pytest.raises(CheckpointError, match="scheme 'w4a8_g128_sym_fp8' needs fp8 tensor cores"):
         check_capability(["w4a8_g-1_sym", "w4a8_g128_sym_fp8"], (8, 0), "A100")
+    with pytest.raises(CheckpointError, match="schemes 'w4a8_g128_sym_fp8', 'w8a8_g-1_sym_fp8' need fp8"):
+        check_capability(
+            {"w8a8_g-1_sym_fp8", "w4a8_g128_sym_fp8", "bf16"}, (8, 0), "A100"
+        )  # named in sorted order, whatever the order given
 
 
 def test_open_model_takes_a_checkpoint_folder(tmp_path):

@@ -186,7 +186,7 @@ def a100(monkeypatch):
 
 def test_fp8_schemes_on_a_pre_sm89_gpu(a100, no_model_loads, tmp_path, capsys):
     assert main(["quantize", "tiny-mixtral", "--wbits", "8", "--abits", "8", "--out", str(tmp_path / "q")]) == 2
-    assert "needs fp8 tensor cores (sm_89 or newer); NVIDIA A100-SXM4-80GB is sm_80" in capsys.readouterr().err
+    assert "fp8 tensor cores (sm_89 or newer); NVIDIA A100-SXM4-80GB is sm_80" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 
 
@@ -196,4 +196,4 @@ def test_fp8_checkpoint_does_not_load_on_a_pre_sm89_gpu(a100, tmp_path, capsys):
     _, out = quantized_checkpoint("tiny-mixtral", tmp_path / "ck")
     assert main(["generate", str(out), "hi", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
-    assert "scheme 'w8a8_g-1_sym_fp8' needs fp8 tensor cores" in err and err.count("\n") == 1
+    assert "'w8a8_g-1_sym_fp8'" in err and "need fp8 tensor cores" in err and err.count("\n") == 1

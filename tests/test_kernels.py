@@ -311,3 +311,11 @@ def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path
 def _write(path, doc):
     path.write_text(json.dumps(doc))
     return path
+
+
+def test_kernel_fingerprint_counts_code_not_comments_or_docs():
+    from mxmoe.kernels.version import _code
+
+    src = 'def f(x):\n    """Doc."""\n    return x + 1  # note\n'
+    assert _code(src) == _code("def f(x):\n    return x + 1\n")
+    assert _code(src) != _code("def f(x):\n    return x + 2\n")

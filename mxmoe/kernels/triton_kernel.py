@@ -335,9 +335,8 @@ def _tile(
                     )
                 elif GROUP > 0:
                     sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
-                if (
-                    NIB
-                ):  # one K=128 dot per block (low nibbles: K rows 0-63, high: 64-127), so one wgmma stays in flight
+                # NIB: one K=128 dot per block (low nibbles: K rows 0-63, high: 64-127), so one wgmma stays in flight
+                if NIB:
                     a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128, K, 128, True)  # [128, BM]
                     w_lo = _scaled(lo.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
                     w_hi = _scaled(hi.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
