@@ -111,6 +111,7 @@ STAGES = (
             "@repo/cost_tables/*.json",
             "@repo/mxmoe/allocate.py",
             "@repo/mxmoe/perfmodel.py",
+            "@repo/mxmoe/kernels/*.py",  # tile choices the model times, and the kernel the cost table is held to
             "@repo/mxmoe/plan.py",
             "@repo/mxmoe/stages/allocation.py",
             "@repo/mxmoe/plots/allocation.py",
