@@ -40,7 +40,7 @@ from mxmoe.models.blocks import BLOCKS, MoEBlock, moe_blocks
 from mxmoe.models.placement import is_multi_device, model_devices
 from mxmoe.quant.apply import block_weight, check_scheme
 from mxmoe.quant.experts import expert_weights, hessian_of, quantize_blocks, split_by_expert
-from mxmoe.quant.hadamard import apply_online_hadamard, rotate_model
+from mxmoe.quant.hadamard import Rotation, apply_online_hadamard, rotate_model
 from mxmoe.quant.layerwise import LayerwiseRunner
 from mxmoe.quant.rtn import quantize_activation
 
@@ -231,19 +231,22 @@ def compute_sensitivity(
     }
     result = {"params": params, "schemes": [str(s) for s in schemes], "blocks": list(BLOCKS), "layers": {}}
     rotate = method == "gptq-had"
-    if rotate:
-        model = copy.deepcopy(model)
-        rotation = rotate_model(model, seed)
-        params["rotation"] = {"seed": rotation.seed, "kind": rotation.kind}
+    if rotate:  # the rotation rotate_model will draw, known before any copy is made
+        params["rotation"] = {"seed": seed, "kind": Rotation.kind_for(model.config.hidden_size)}
     if path is not None and path.exists():  # resume: keep the layers of a file made with the same parameters
         old = json.loads(path.read_text())
         if old.get("params") == params and old.get("schemes") == result["schemes"]:
             result["layers"] = old["layers"]
             result["device"] = old.get("device", "unknown")
-    blocks = {b.layer: b for b in moe_blocks(model)}
-    todo = [layer for layer in blocks if str(layer) not in result["layers"]]
-    if not todo:
+    todo = [b.layer for b in moe_blocks(model) if str(b.layer) not in result["layers"]]
+    if not todo:  # a complete file: no copy, no rotation
         return result
+    if rotate:
+        model = copy.deepcopy(model)
+        rotation = rotate_model(model, seed)
+        if {"seed": rotation.seed, "kind": rotation.kind} != params["rotation"]:
+            raise AssertionError(f"rotation {rotation.kind} seed {rotation.seed} is not the one in params")
+    blocks = {b.layer: b for b in moe_blocks(model)}
     runner = LayerwiseRunner(model, windows)
     bar = tqdm(total=len(todo), desc=f"sensitivity {method}", unit="layer", disable=not progress)
     for layer in range(max(todo) + 1):

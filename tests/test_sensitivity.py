@@ -98,6 +98,12 @@ def test_resume_after_a_killed_run(tmp_path, monkeypatch, method):
     assert calls == [1]
     timeless = lambda r: {k: {f: v for f, v in lay.items() if f != "seconds"} for k, lay in r["layers"].items()}  # noqa: E731
     assert timeless(resumed) == timeless(full)
+    # a complete file is read without copying or rotating the model
+    model = fresh()
+    monkeypatch.setattr(sens.copy, "deepcopy", lambda m: pytest.fail("copied the model for a complete file"))
+    monkeypatch.setattr(sens, "rotate_model", lambda *a, **k: pytest.fail("rotated the model for a complete file"))
+    again = sens.compute_sensitivity(model, WINDOWS, SCHEMES, method, path=path, progress=False)
+    assert timeless(again) == timeless(full)
 
 
 def test_bad_input():

@@ -212,11 +212,15 @@ class Rotation:
     seed: int
     kind: str
 
+    @staticmethod
+    def kind_for(n: int) -> str:
+        """The kind ``Rotation.random(n, ...)`` makes: 'hadamard' when a Hadamard matrix of order n exists."""
+        return "hadamard" if hadamard_factors(n) is not None else "orthogonal"
+
     @classmethod
     def random(cls, n: int, seed: int) -> "Rotation":
         """``random_hadamard_matrix(n, seed)`` with its seed (random orthogonal when no Hadamard exists)."""
-        kind = "hadamard" if hadamard_factors(n) is not None else "orthogonal"
-        return cls(random_hadamard_matrix(n, seed), seed, kind)
+        return cls(random_hadamard_matrix(n, seed), seed, cls.kind_for(n))
 
     def save(self, path: "str | os.PathLike") -> None:
         """Write to ``path`` atomically (a temporary file in the same folder, then rename)."""
