@@ -287,15 +287,15 @@ def _fake_scaled_grouped_mm(align):
 
 
 def test_fp8_baseline_padding_matches_unpadded():
-    from mxmoe.kernels.moe import _fp8_grouped, _fp8_grouped_aligned, quantize_fp8_rows
+    from mxmoe.kernels.moe import _fp8_grouped_aligned, fp8_grouped_mm, quantize_fp8_rows
 
     g = torch.Generator().manual_seed(1)
     idx = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(13)])  # [13, 2], some experts idle
     order, _, offsets = route_with_inverse(idx, 6)
     x = torch.randn(26, 32, generator=g).bfloat16()
     w = quantize_fp8_rows(torch.randn(6, 48, 32, generator=g))
-    plain = _fp8_grouped(x, *w, offsets[1:], mm=_fake_scaled_grouped_mm(0))
+    plain = fp8_grouped_mm(x, *w, offsets[1:], mm=_fake_scaled_grouped_mm(0))
     padded = _fp8_grouped_aligned(x, *w, offsets, idx.reshape(-1)[order], 16, mm=_fake_scaled_grouped_mm(16))
     assert torch.equal(plain, padded)
     with pytest.raises(AssertionError, match="aligned"):
-        _fp8_grouped(x, *w, offsets[1:], mm=_fake_scaled_grouped_mm(16))
+        fp8_grouped_mm(x, *w, offsets[1:], mm=_fake_scaled_grouped_mm(16))

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mxmoe.kernels.moe import _fp8_grouped, combine, fused_silu_mul, quantize_fp8_rows, route_with_inverse
+from mxmoe.kernels.moe import combine, fp8_grouped_mm, fused_silu_mul, quantize_fp8_rows, route_with_inverse
 from mxmoe.kernels.pack import PACK_K, PackedWeight
 
 BF16_PEER, FP8_PEER = "torch_grouped_bf16", "torch_scaled_grouped_fp8"
@@ -60,7 +60,7 @@ def gemm_peers(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> dict:
             lambda: torch._scaled_grouped_mm(
                 xq, wq.transpose(1, 2), sx, sw, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=True
             ),
-            lambda: _fp8_grouped(x, wq, sw, ends),
+            lambda: fp8_grouped_mm(x, wq, sw, ends),
         )
     return out
 
@@ -174,7 +174,7 @@ def torch_layer_peers(
     if hasattr(torch, "_scaled_grouped_mm"):
         (q1, s1), (q2, s2) = quantize_fp8_rows(w1), quantize_fp8_rows(w2)  # [E, N, K] e4m3, [E, N]
         out[FP8_PEER] = lambda: layer(
-            lambda a, ends: _fp8_grouped(a, q1, s1, ends), lambda a, ends: _fp8_grouped(a, q2, s2, ends)
+            lambda a, ends: fp8_grouped_mm(a, q1, s1, ends), lambda a, ends: fp8_grouped_mm(a, q2, s2, ends)
         )
     return out
 

@@ -301,12 +301,14 @@ def quantize_fp8_rows(x: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
     return q, scale
 
 
-def _fp8_grouped(
+def fp8_grouped_mm(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, ends: torch.Tensor, mm: "Callable | None" = None
 ) -> torch.Tensor:
-    """x [S, K] bf16 rows grouped by expert, w_q [E, N, K] e4m3, w_scale [E, N], ends [E] int32 -> [S, N] bf16.
+    """torch's fp8 grouped GEMM, activations quantized in the call: x [S, K] bf16 rows grouped by expert,
+    w_q [E, N, K] e4m3, w_scale [E, N], ends [E] int32 -> [S, N] bf16.
 
-    Rowwise e4m3 activations, fast accumulation: as torchao's fp8 MoE training path calls it."""
+    Rowwise e4m3 activations, fast accumulation: as torchao's fp8 MoE training path calls it; the
+    "fp8 everywhere" baseline of the benchmarks (``mm`` replaces ``torch._scaled_grouped_mm`` in tests)."""
     x_q, x_scale = quantize_fp8_rows(x)  # [S, K], [S]
     mm = mm or torch._scaled_grouped_mm
     return mm(x_q, w_q.transpose(-2, -1), x_scale, w_scale, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=True)
@@ -335,13 +337,13 @@ def _fp8_grouped_aligned(
     align: int,
     mm: "Callable | None" = None,
 ) -> torch.Tensor:
-    """``_fp8_grouped`` for a kernel that needs every group's rows padded to ``align``: scatter the rows
+    """``fp8_grouped_mm`` for a kernel that needs every group's rows padded to ``align``: scatter the rows
     into a zero-padded buffer of fixed size, multiply, gather back. x [S, K]; expert_of_row [S]."""
     shift, ends, extra = pad_groups(offsets, align)
     pos = torch.arange(x.shape[0], device=x.device) + shift[expert_of_row]  # [S] padded row of each row
     xp = x.new_zeros(x.shape[0] + extra, x.shape[1])  # [S_pad, K]
     xp[pos] = x
-    return _fp8_grouped(xp, w_q, w_scale, ends, mm)[pos]  # [S, N]
+    return fp8_grouped_mm(xp, w_q, w_scale, ends, mm)[pos]  # [S, N]
 
 
 def _fp8_needs_alignment(device, k: int = 128, n: int = 128) -> int:
@@ -349,7 +351,7 @@ def _fp8_needs_alignment(device, k: int = 128, n: int = 128) -> int:
     x = torch.randn(8, k, device=device, dtype=torch.bfloat16)
     w = quantize_fp8_rows(torch.randn(2, n, k, device=device, dtype=torch.bfloat16))
     try:
-        _fp8_grouped(x, *w, torch.tensor([3, 8], dtype=torch.int32, device=device))
+        fp8_grouped_mm(x, *w, torch.tensor([3, 8], dtype=torch.int32, device=device))
         torch.cuda.synchronize(device)
         return 0
     except RuntimeError:
@@ -386,8 +388,8 @@ def _fp8_shared_forward(self, x: torch.Tensor) -> torch.Tensor:
     if t_pad != t:  # one group: pad on the host-known row count
         flat = torch.cat([flat, flat.new_zeros(t_pad - t, flat.shape[1])])
     ends = torch.full((1,), t_pad, dtype=torch.int32, device=x.device)  # [1]
-    h = _fp8_grouped(flat, gq, gs, ends)  # [T_pad, 2I]
-    return _fp8_grouped(fused_silu_mul(h), dq, ds, ends)[:t].reshape(x.shape)
+    h = fp8_grouped_mm(flat, gq, gs, ends)  # [T_pad, 2I]
+    return fp8_grouped_mm(fused_silu_mul(h), dq, ds, ends)[:t].reshape(x.shape)
 
 
 def torch_fp8_experts_forward(
@@ -408,8 +410,8 @@ def torch_fp8_experts_forward(
         o = _fp8_grouped_aligned(fused_silu_mul(h), dq, ds, offsets, expert_of_row, align)  # [T*k, H]
     else:
         ends = offsets[1:]  # [E] int32 row ends
-        h = _fp8_grouped(x, gq, gs, ends)  # [T*k, 2I]
-        o = _fp8_grouped(fused_silu_mul(h), dq, ds, ends)  # [T*k, H]
+        h = fp8_grouped_mm(x, gq, gs, ends)  # [T*k, 2I]
+        o = fp8_grouped_mm(fused_silu_mul(h), dq, ds, ends)  # [T*k, H]
     return combine(o, top_k_weights, order, inv, hidden_states.dtype)
 
 
