@@ -118,23 +118,18 @@ def _winogrande_row(r: dict) -> dict:
     }
 
 
+def _arc_row(r: dict) -> dict:
+    """An ARC row (either set) in the schema of the local task files."""
+    return {
+        "question": r["question"],
+        "choices": r["choices"]["text"],
+        "label_index": r["choices"]["label"].index(r["answerKey"]),
+    }
+
+
 _TASK_HUB = {
-    "arc_easy": (
-        ("allenai/ai2_arc", "ARC-Easy", "test"),
-        lambda r: {
-            "question": r["question"],
-            "choices": r["choices"]["text"],
-            "label_index": r["choices"]["label"].index(r["answerKey"]),
-        },
-    ),
-    "arc_challenge": (
-        ("allenai/ai2_arc", "ARC-Challenge", "test"),
-        lambda r: {
-            "question": r["question"],
-            "choices": r["choices"]["text"],
-            "label_index": r["choices"]["label"].index(r["answerKey"]),
-        },
-    ),
+    "arc_easy": (("allenai/ai2_arc", "ARC-Easy", "test"), _arc_row),
+    "arc_challenge": (("allenai/ai2_arc", "ARC-Challenge", "test"), _arc_row),
     "piqa": (("baber/piqa", None, "validation"), lambda r: {k: r[k] for k in ("goal", "sol1", "sol2", "label")}),
     "winogrande": (("allenai/winogrande", "winogrande_xl", "validation"), _winogrande_row),
     "lambada_openai": (("EleutherAI/lambada_openai", "default", "test"), lambda r: {"text": r["text"]}),

@@ -27,6 +27,7 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from mxmoe.bench.roofline import provenance
+from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations
 from mxmoe.paths import results_dir
 from mxmoe.routing import batch_workload
@@ -113,8 +114,7 @@ def main(argv: "list[str] | None" = None) -> None:
     doc["wall_s"] = round(time.time() - t0, 1)
     gpu = doc["provenance"]["device"].replace(" ", "_")
     out = Path(args.out) / f"figure5_{args.model}_{gpu}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    write_text_atomic(out, json.dumps(doc, indent=1))
     print(f"wrote {Path(out).name} in {doc['wall_s']} s")
 
 

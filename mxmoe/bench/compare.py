@@ -28,6 +28,7 @@ import torch
 from triton.testing import do_bench
 
 from mxmoe.bench.cases import MODELS, expert_loads
+from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, moe_experts_forward, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.schemes import Scheme
@@ -236,8 +237,7 @@ def main(argv: "list[str] | None" = None) -> None:
             ):
                 doc["rows"].append(r)
                 _print_row(args.label, r)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(doc, indent=1))
+            write_text_atomic(path, json.dumps(doc, indent=1))
         if not args.no_layers:
             layer_rows, note = run_layer_case(model, int(tokens), doc["copy_GBps"])
             if note and note not in doc["notes"]:
@@ -246,7 +246,7 @@ def main(argv: "list[str] | None" = None) -> None:
             for r in layer_rows:
                 doc["rows"].append(r)
                 _print_row(args.label, r)
-            path.write_text(json.dumps(doc, indent=1))
+            write_text_atomic(path, json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

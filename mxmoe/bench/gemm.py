@@ -46,6 +46,7 @@ from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
 from mxmoe.bench.validate import validate
+from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import default_config
 from mxmoe.kernels.group_gemm import launch_plan
@@ -369,7 +370,6 @@ def main(argv: "list[str] | None" = None) -> None:
     )
     tag = f"_{args.tag}" if args.tag else ""
     out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}{tag}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     doc["skipped"] = []
     for mi, model in enumerate(args.models):
         e, h, inter, top_k = MODELS[model]
@@ -410,12 +410,12 @@ def main(argv: "list[str] | None" = None) -> None:
             torch.cuda.empty_cache()
         doc["results"], doc["targets"] = results, targets(results)
         doc["wall_s"] = round(time.time() - t0, 1)
-        out_path.write_text(json.dumps(doc, indent=1))
+        write_text_atomic(out_path, json.dumps(doc, indent=1))
     if args.tune_seconds > 0:
         doc["tuning"] = tune(time.time() + args.tune_seconds)
         doc["tuned_best"] = best_configs(doc["tuning"])
         doc["wall_s"] = round(time.time() - t0, 1)
-        out_path.write_text(json.dumps(doc, indent=1))
+        write_text_atomic(out_path, json.dumps(doc, indent=1))
         for scheme, classes in doc["tuned_best"].items():
             print(scheme, {c: (v["config"], v["num_warps"], round(v["ms"] * 1e3)) for c, v in classes.items()})
     print(json.dumps(doc["targets"], indent=1))

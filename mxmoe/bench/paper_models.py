@@ -1182,8 +1182,7 @@ def run(
     validate_doc(doc)
     gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
     path = Path(out) / f"{name}_{gpu}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, default=float))
+    write_text_atomic(path, json.dumps(doc, indent=1, default=float))
     print(table(doc))
     print(f"wrote {path} in {doc['wall_s']:.0f} s")
     return doc

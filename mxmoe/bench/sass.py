@@ -84,8 +84,10 @@ _SIGNATURE = {
 }
 # Arguments the JIT marks 16-divisible at a real launch (aligned tensors; N, K and strides of the
 # paper's shapes, multiples of 128): the same hints, so the offline compile is the launched kernel.
-_ALIGNED = ("x_ptr", "xq_ptr", "xs_ptr", "y_ptr", "off_ptr", "sched_ptr", "addr_ptr", "N", "K", "KP", "stride_xm")
-_ALIGNED += ("stride_ym",)
+_ALIGNED = (
+    *("x_ptr", "xq_ptr", "xs_ptr", "y_ptr", "off_ptr", "sched_ptr", "addr_ptr"),
+    *("N", "K", "KP", "stride_xm", "stride_ym"),
+)
 
 
 @dataclass(frozen=True)
