@@ -1132,6 +1132,9 @@ def run(
             doc["pipeline"] = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
         print("pipeline:", json.dumps(doc["pipeline"]), flush=True)
     inputs = {"block": binputs, "prefill": prefill}
+    gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
+    path = Path(out) / f"{name}_{gpu}.json"
+    partial = path.with_name(path.name + ".partial")  # the settings so far, should the run be cut short
     for s in tqdm(sorted(settings, key=RUN_ORDER.index), desc=name, unit="setting"):
         t0 = time.time()
         if t0 > deadline:
@@ -1176,13 +1179,13 @@ def run(
             }
         row["seconds"] = time.time() - t0
         doc["settings"].append(row)
+        write_text_atomic(partial, json.dumps({**doc, "partial": True}, indent=1, default=float))
         print(f"{s}: {row['seconds']:.0f} s {json.dumps({k: row[k] for k in ('block', 'syncs')})[:400]}", flush=True)
     doc["summary"] = summarize(doc)
     doc["wall_s"] = time.time() - t_start
     validate_doc(doc)
-    gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
-    path = Path(out) / f"{name}_{gpu}.json"
     write_text_atomic(path, json.dumps(doc, indent=1, default=float))
+    partial.unlink(missing_ok=True)
     print(table(doc))
     print(f"wrote {path} in {doc['wall_s']:.0f} s")
     return doc
@@ -1264,10 +1267,6 @@ def main(argv=None) -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def allocation_summary(models: list, gpu: str) -> "list[dict]":
     """One row per committed allocation of ``models``: achieved bits, granularity, r, solve time and the
     number of blocks per scheme (schemes by their short names, most used first)."""
@@ -1299,3 +1298,7 @@ def allocation_summary(models: list, gpu: str) -> "list[dict]":
                 }
             )
     return rows
+
+
+if __name__ == "__main__":
+    main()
