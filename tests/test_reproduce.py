@@ -208,3 +208,17 @@ def test_pipeline_diagram_is_self_contained(tmp_path):
     assert png.stat().st_size > 10_000
     assert "@font-face" not in text and "<text" not in text  # glyphs drawn as paths: no font to fetch
     assert "<!-- 04 allocation -->" in text  # matplotlib keeps each label as a comment beside its outline
+
+
+def test_healed_files_landing_rerun_the_model_stage(tmp_path):
+    from mxmoe.stages import STAGES
+
+    repo, root = tmp_path / "repo", tmp_path / "results"
+    (repo / "mxmoe" / "models").mkdir(parents=True)
+    (repo / "mxmoe" / "models" / "zoo.py").write_text("")
+    before = reproduce.input_files(STAGES[0], root, "smollm2-moe", repo=repo)
+    healed = repo / "mxmoe" / "models" / "healed" / "smollm2-moe-v2"
+    healed.mkdir(parents=True)
+    (healed / "heal.json").write_text("{}")
+    after = reproduce.input_files(STAGES[0], root, "smollm2-moe", repo=repo)
+    assert STAGES[0].stem == "00_model" and set(after) - set(before) == {healed / "heal.json"}

@@ -41,7 +41,13 @@ STAGES = (
         "00_model",
         title="MoE model + calibration",
         summary="HF MoE or smollm2-moe;\nWikiText-2 train, C4",
-        reads=(*CHAPTER, "{model}/model.json", "@repo/mxmoe/models/*.py", "@repo/mxmoe/stages/model.py"),
+        reads=(
+            *CHAPTER,
+            "{model}/model.json",
+            "@repo/mxmoe/models/*.py",
+            "@repo/mxmoe/models/healed/*/*",  # the healed files change what smollm2-moe(-v2) builds
+            "@repo/mxmoe/stages/model.py",
+        ),
         items={"table2": (["{model}/model.json"], "the models: smollm2-moe card and the paper models' shapes")},
     ),
     Stage(
