@@ -228,11 +228,18 @@ def test_committed_results_validate():
 
 DRY_RUN = """
 import json, sys
+from pathlib import Path
 from mxmoe.bench import paper_models as pm
 sizes = {"prefill": [[1, 8]], "decode": [1], "context": 4, "block_tokens": [8]}
+partial = Path(sys.argv[1]) / "tiny-qwen2-moe_cpu.json.partial"
+seen, validate = {}, pm.validate_doc
+def spy(doc):  # just before the final write: the interim file holds every setting measured
+    seen["partial"] = len(json.loads(partial.read_text())["settings"]) if partial.exists() else None
+    return validate(doc)
+pm.validate_doc = spy
 doc = pm.run("tiny-qwen2-moe", sys.argv[1], settings=["bf16 grouped_mm", "mxmoe w4a16 g128"], reps=1,
              device="cpu", sizes=sizes)
-print("DOC" + json.dumps({"passed": doc["correctness"]["passed"], "n": len(doc["settings"])}))
+print("DOC" + json.dumps({"passed": doc["correctness"]["passed"], "n": len(doc["settings"]), **seen}))
 """
 
 
@@ -245,7 +252,8 @@ def test_benchmark_dry_run_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("DOC")[-1])
-    assert got == {"passed": True, "n": 2}
+    assert got == {"passed": True, "n": 2, "partial": 2}
+    assert not (tmp_path / "tiny-qwen2-moe_cpu.json.partial").exists()  # removed once the result is written
     doc = json.loads((tmp_path / "tiny-qwen2-moe_cpu.json").read_text())
     pm.validate_doc(doc)
     packed = {r["setting"]: r for r in doc["settings"]}["mxmoe w4a16 g128"]

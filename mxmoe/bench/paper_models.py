@@ -1125,16 +1125,17 @@ def run(
         "reached_max_over_min": reached,
         "how": "fixed router logit bias per MoE layer fitted on random tokens (mxmoe.models.random_init)",
     }
+    gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
+    path = Path(out) / f"{name}_{gpu}.json"
+    partial = path.with_name(path.name + ".partial")  # the settings so far, should the run be cut short
     if pipeline:
         try:
             doc["pipeline"] = pipeline_stages(model, blocks, name)
         except Exception as err:  # noqa: BLE001 - recorded; the measurements still run
             doc["pipeline"] = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
         print("pipeline:", json.dumps(doc["pipeline"]), flush=True)
+        write_text_atomic(partial, json.dumps({**doc, "partial": True}, indent=1, default=float))
     inputs = {"block": binputs, "prefill": prefill}
-    gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
-    path = Path(out) / f"{name}_{gpu}.json"
-    partial = path.with_name(path.name + ".partial")  # the settings so far, should the run be cut short
     for s in tqdm(sorted(settings, key=RUN_ORDER.index), desc=name, unit="setting"):
         t0 = time.time()
         if t0 > deadline:
