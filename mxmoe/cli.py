@@ -30,6 +30,8 @@ def _model_heal(args) -> None:
 
     if min(args.steps, args.router_steps, args.rank) < 0 or args.balance < 0:
         raise MxMoEError("--steps, --router-steps, --rank and --balance must be >= 0")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise MxMoEError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
     cfg = replace(
         smollm2.HEAL_RECIPE,
         e2e_steps=args.steps,
@@ -38,7 +40,7 @@ def _model_heal(args) -> None:
         balance_coef=args.balance,
         seed=args.seed,
     )
-    doc = heal_model(Path(args.out) if args.out else None, cfg)
+    doc = heal_model(Path(args.out) if args.out else None, cfg, budget_s=args.budget_s)
     print(f"healed files: {', '.join(doc['files'])} in {args.out or smollm2.HEALED_DIR}")
 
 
@@ -240,6 +242,13 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--rank", type=int, default=HealConfig.rank, help="rank of the FFN weight corrections")
     h.add_argument("--balance", type=float, default=HealConfig.balance_coef, help="load-balance loss weight (0: off)")
     h.add_argument("--seed", type=int, default=HealConfig.seed)
+    h.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="end the end-to-end phase this many seconds after the start, for machines with a time limit "
+        "(heal.json records the steps done)",
+    )
     h.add_argument("--out", default=None, help="folder for the files (default: the committed mxmoe/models/healed/...)")
     h.set_defaults(func=_model_heal)
     i = model.add_parser("info", help="architecture (Table 2 style) and measured perplexity")

@@ -17,6 +17,7 @@ def test_help_lists_stages(capsys):
         (["model", "info", "no-such-model"], "unknown model 'no-such-model'"),
         (["eval", "ppl", "tiny-mixtral"], "has no tokenizer"),
         (["routing", "profile", "not/a-real-model-id"], "could not load 'not/a-real-model-id'"),
+        (["model", "heal", "--budget-s", "0"], "--budget-s must be > 0 seconds"),  # before any model loads
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, monkeypatch, argv, message):

@@ -123,6 +123,17 @@ def test_a_few_heal_steps_lower_the_kl():
     assert set(report.skew_per_layer) == {0, 1}
 
 
+def test_a_passed_deadline_cuts_the_end_to_end_phase_and_says_where():
+    import time
+
+    dense = tiny_dense()
+    splits, w = carved(dense), windows()
+    _, full = heal.heal(dense, splits, CFG.top_k, w, HEAL)
+    _, cut = heal.heal(dense, splits, CFG.top_k, w, HEAL, deadline=time.time() - 1)
+    assert full.e2e_steps_done == HEAL.e2e_steps and cut.e2e_steps_done == 0 and not cut.kl
+    assert cut.router_loss  # the router phase is not cut
+
+
 def test_heal_is_deterministic_for_a_seed():
     dense = tiny_dense()
     w = windows()

@@ -197,6 +197,7 @@ class HealReport:
     seconds_router: float = 0.0
     seconds_e2e: float = 0.0
     step_seconds_e2e: float = 0.0
+    e2e_steps_done: int = 0  # fewer than HealConfig.e2e_steps only when a deadline cut the phase short
 
 
 def _collect_layer_io(
@@ -276,8 +277,10 @@ def train_end_to_end(
     cfg: HealConfig,
     report: HealReport,
     gen: torch.Generator,
+    deadline: float | None = None,
 ) -> None:
-    """Phase 2: forward KL to the dense teacher over routers, scales and low-rank corrections."""
+    """Phase 2: forward KL to the dense teacher over routers, scales and low-rank corrections; stops early
+    (``report.e2e_steps_done`` says where) once ``time.time()`` passes ``deadline``."""
     blocks = moe_layers(student)
     routers = [p for b in blocks.values() for p in (b.router, b.scale)]
     lora = [p for b in blocks.values() for n, p in b.named_parameters() if n.endswith(("_a", "_b"))]
@@ -290,6 +293,9 @@ def train_end_to_end(
     order = torch.randperm(windows.shape[0], generator=gen)
     start = time.time()
     for step in tqdm(range(cfg.e2e_steps), desc="heal: end to end (KL)", unit="step"):
+        if deadline is not None and time.time() > deadline:
+            tqdm.write(f"heal: deadline reached after {step} of {cfg.e2e_steps} end-to-end steps")
+            break
         idx = order[(torch.arange(cfg.batch_windows) + step * cfg.batch_windows) % windows.shape[0]]
         batch = windows[idx].to(device)  # [b, L]
         for g, lr in zip(opt.param_groups, base):
@@ -307,8 +313,9 @@ def train_end_to_end(
         if step % 10 == 0 or step == cfg.e2e_steps - 1:
             report.kl.append((step, kl.item()))
             report.balance.append((step, float(bal.detach()) if torch.is_tensor(bal) else float(bal)))
+        report.e2e_steps_done = step + 1
     report.seconds_e2e = time.time() - start
-    report.step_seconds_e2e = report.seconds_e2e / max(1, cfg.e2e_steps)
+    report.step_seconds_e2e = report.seconds_e2e / max(1, report.e2e_steps_done)
 
 
 def round_to_fp16(student: nn.Module) -> None:
@@ -339,11 +346,13 @@ def heal(
     windows: torch.Tensor,
     cfg: HealConfig,
     skew_windows: torch.Tensor | None = None,
+    deadline: float | None = None,
 ) -> tuple[nn.Module, HealReport]:
     """Distil the carved MoE (``splits`` of the dense causal LM ``dense``) towards ``dense``; seeded.
 
-    windows: [n, L] training token windows (calibration text only). Returns the fp16-rounded student
-    (what :func:`save_heal` stores) and the report.
+    windows: [n, L] training token windows (calibration text only). ``deadline`` (a ``time.time()``
+    value) cuts the end-to-end phase short, so a run on a machine with a time limit still returns a
+    model. Returns the fp16-rounded student (what :func:`save_heal` stores) and the report.
     """
     if cfg.router_steps < 0 or cfg.e2e_steps < 0 or cfg.rank < 0:
         raise ValueError("steps and rank must be >= 0")
@@ -358,7 +367,7 @@ def heal(
         io_windows = windows[: max(1, min(windows.shape[0], 16384 // windows.shape[1]))]  # ≤ 16k tokens per layer
         train_routers(student, dense, io_windows, cfg, report, gen)
     if cfg.e2e_steps:
-        train_end_to_end(student, dense, windows, cfg, report, gen)
+        train_end_to_end(student, dense, windows, cfg, report, gen, deadline)
     round_to_fp16(student)
     student.eval()
     if skew_windows is not None:

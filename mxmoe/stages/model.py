@@ -227,10 +227,12 @@ def carving_study(
 CHECK_SEQLEN, CHECK_WINDOWS = 1024, 2  # WikiText-2 validation windows on which build + files must match the heal
 
 
-def heal_model(out: Path | None = None, cfg=None, recipe=None) -> dict:
+def heal_model(out: Path | None = None, cfg=None, recipe=None, budget_s: float | None = None) -> dict:
     """Carve smollm2-moe-v2 (CPU), heal it by distillation (on the GPU when there is one), write the healed
     files (fp16 safetensors + heal.json with sha256s, facts and the check perplexity) to ``out``
     (default: the committed folder ``smollm2.HEALED_DIR``); returns heal.json's content.
+    ``budget_s``: end the end-to-end phase that many seconds after the start (heal.json records the steps
+    done; the check and the save follow).
     """
     from dataclasses import asdict
 
@@ -250,7 +252,8 @@ def heal_model(out: Path | None = None, cfg=None, recipe=None) -> dict:
     ppl_before = perplexity(before, check, desc="check ppl, carved")
     skew_before = heal.routing_skew(before, check)
     del before
-    student, report = heal.heal(dense, splits, recipe.top_k, train, cfg, skew_windows=check)
+    deadline = start + budget_s if budget_s else None
+    student, report = heal.heal(dense, splits, recipe.top_k, train, cfg, skew_windows=check, deadline=deadline)
     ppl_after = perplexity(student, check, desc="check ppl, healed")
     meta = {
         "recipe": asdict(recipe),
@@ -276,5 +279,10 @@ def heal_model(out: Path | None = None, cfg=None, recipe=None) -> dict:
         f"healed: check ppl dense {ppl_dense:.2f}, carved {ppl_before:.2f}, healed {ppl_after:.2f} "
         f"({ppl_after / ppl_dense:.3f}x); {doc['bytes'] / 1e6:.1f} MB in {len(doc['files'])} files; "
         f"{time.time() - start:.0f} s on {device_name()}"
+        + (
+            f"; end to end cut at {report.e2e_steps_done} of {cfg.e2e_steps} steps"
+            if report.e2e_steps_done < cfg.e2e_steps
+            else ""
+        )
     )
     return doc
