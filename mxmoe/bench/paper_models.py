@@ -1128,13 +1128,17 @@ def run(
     gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
     path = Path(out) / f"{name}_{gpu}.json"
     partial = path.with_name(path.name + ".partial")  # the settings so far, should the run be cut short
+
+    def keep_partial() -> None:
+        write_text_atomic(partial, json.dumps({**doc, "partial": True}, indent=1, default=float))
+
     if pipeline:
         try:
             doc["pipeline"] = pipeline_stages(model, blocks, name)
         except Exception as err:  # noqa: BLE001 - recorded; the measurements still run
             doc["pipeline"] = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
         print("pipeline:", json.dumps(doc["pipeline"]), flush=True)
-        write_text_atomic(partial, json.dumps({**doc, "partial": True}, indent=1, default=float))
+        keep_partial()
     inputs = {"block": binputs, "prefill": prefill}
     for s in tqdm(sorted(settings, key=RUN_ORDER.index), desc=name, unit="setting"):
         t0 = time.time()
@@ -1180,7 +1184,7 @@ def run(
             }
         row["seconds"] = time.time() - t0
         doc["settings"].append(row)
-        write_text_atomic(partial, json.dumps({**doc, "partial": True}, indent=1, default=float))
+        keep_partial()
         print(f"{s}: {row['seconds']:.0f} s {json.dumps({k: row[k] for k in ('block', 'syncs')})[:400]}", flush=True)
     doc["summary"] = summarize(doc)
     doc["wall_s"] = time.time() - t_start
