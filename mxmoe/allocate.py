@@ -28,6 +28,13 @@ stage is warm-started from the first stage's optimum and stops after ``TIE_BREAK
 point is then still optimal in its first criterion, and its tie-break is the best CBC found
 (``_ILP.unproven`` counts such solves; ``Front.unproven`` reports them).
 
+A second limit, for one budget over a whole model (``solve_model``): hundreds of experts with the same
+routed rows have the same time per scheme, so CBC finds the optimum at once but cannot close the last
+0.05% of its bound by branching (seen on a 30-layer model: minutes per solve at gap 0, a second at
+``MODEL_GAP_REL``). Those solves stop within ``MODEL_GAP_REL`` of the optimum; each cut w_L·L + w_T·T ≥ v
+then uses v scaled by (1 - gap), which stays a valid bound, so the search is still sound and its answer is
+within that gap of the optimum. Per-layer solves keep gap 0.
+
 ``layer_problem`` builds the inputs of one layer from a sensitivity result, a routing profile and a
 cost table; ``scheme_map`` turns the choices into the map ``mxmoe.quant.apply.apply_schemes`` takes
 and ``allocation_doc`` into the JSON document that ``mxmoe.stages.allocation`` stores.
@@ -53,6 +60,7 @@ from mxmoe.sensitivity import sensitivity_array
 
 TIE_BREAK_NODES = 500  # branch-and-bound nodes for the second stage of a lexicographic minimum (module doc):
 # a node limit, unlike a time limit, gives the same allocation on every machine
+MODEL_GAP_REL = 1e-3  # relative optimality gap of the solves of one budget over a whole model (module doc)
 BLOCK_NAMES = ("gate", "up", "down")
 GRANULARITIES = ("block", "expert")
 FRONT_METHODS = ("supported", "epsilon")
@@ -147,11 +155,12 @@ def block_groups(tie_gate_up: bool = True, granularity: str = "block") -> list:
 
 class _ILP:
     """One PuLP/CBC model: binaries x[e, g, s] (group g of expert e takes scheme s), one scheme per group,
-    the budget, and caps on (normalised) L and T; objective and caps change between solves."""
+    the budget, and caps on (normalised) L and T; objective and caps change between solves.
+    Solves stop within ``gap_rel`` (relative) of the optimum."""
 
-    def __init__(self, loss, time_, bits, size, budget_bits, groups):
+    def __init__(self, loss, time_, bits, size, budget_bits, groups, gap_rel: float = 0.0):
         e, _, s = loss.shape
-        self.shape, self.groups, self.budget = (e, s), groups, budget_bits
+        self.shape, self.groups, self.budget, self.gap_rel = (e, s), groups, budget_bits, gap_rel
         w = size / (3.0 * size.sum())  # [E] share of the layer's weights held by one block
         gl = np.stack([loss[:, g, :].sum(1) for g in groups], 1)  # [E, G, S]
         gt = np.stack([time_[:, g, :].sum(1) for g in groups], 1)  # [E, G, S]
@@ -176,9 +185,9 @@ class _ILP:
         ]
         with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for 4.0; 3.3.2 is pinned
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0, gapAbs=0.0)
+            self.cmd = pulp.PULP_CBC_CMD(msg=False, gapRel=self.gap_rel, gapAbs=0.0)
             self.tie_cmd = pulp.PULP_CBC_CMD(
-                msg=False, gapRel=0.0, gapAbs=0.0, maxNodes=TIE_BREAK_NODES, warmStart=True
+                msg=False, gapRel=self.gap_rel, gapAbs=0.0, maxNodes=TIE_BREAK_NODES, warmStart=True
             )
         flat = [(i, g, k) for i in range(e) for g in range(ng) for k in range(s)]
         for i in range(e):
@@ -237,6 +246,10 @@ class _ILP:
         q = self.solve(1.0, 0.0, cap_t=p.T + 1e-9, tie_break=True)
         return q if q is not None and q.L <= p.L else p
 
+    def floor(self, value: float) -> float:
+        """A valid lower bound of a (positive) optimum from the value a solve returned: that value less the gap."""
+        return value * (1.0 - self.gap_rel)
+
     def real(self, p: Point) -> Point:
         """A point with L and T back in the caller's units (the model works on normalised ones)."""
         return Point(p.L * self.l_scale, p.T * self.t_scale, p.bits, p.choice)
@@ -253,7 +266,7 @@ def _weighted(m: _ILP, a: Point, b: Point, cuts: list) -> "Point | None":
     norm = max(wl, wt)
     wl, wt = wl / norm, wt / norm
     c = m.solve(wl, wt)
-    cuts.append((wl, wt, wl * c.L + wt * c.T))
+    cuts.append((wl, wt, m.floor(wl * c.L + wt * c.T)))
     if wl * c.L + wt * c.T >= wl * a.L + wt * a.T - 1e-9 * (abs(wl * a.L) + abs(wt * a.T)):
         return None
     return c
@@ -282,7 +295,7 @@ class _Search:
         self.m = m
         a, b = m.lexmin("L"), m.lexmin("T")
         self.found = [a] if b.L <= a.L + 1e-12 else [a, b]
-        self.cuts = [(1.0, 0.0, a.L), (0.0, 1.0, b.T)]  # L >= L_min and T >= T_min hold everywhere
+        self.cuts = [(1.0, 0.0, m.floor(a.L)), (0.0, 1.0, m.floor(b.T))]  # L >= L_min and T >= T_min everywhere
 
     def best(self, r: float) -> Point:
         """The optimum for r, exactly: descent for an incumbent, then every segment that could beat it is split."""
@@ -320,7 +333,7 @@ def _descend(m: _ILP, p: Point, r: float, found: list, cuts: list) -> Point:
         norm = max(wl, wt)
         wl, wt = wl / norm, wt / norm
         c = m.solve(wl, wt)
-        cuts.append((wl, wt, wl * c.L + wt * c.T))
+        cuts.append((wl, wt, m.floor(wl * c.L + wt * c.T)))
         if objective(c.L, c.T, r) >= objective(p.L, p.T, r) - 1e-12:
             break
         found.append(c)
@@ -408,12 +421,14 @@ def solve_point(
     tie_gate_up: bool = True,
     granularity: str = "block",
     labels=None,
+    gap_rel: float = 0.0,
 ) -> Point:
-    """``solve_layer`` returning the whole optimal Point (L, T, bits, choice)."""
+    """``solve_layer`` returning the whole optimal Point (L, T, bits, choice); ``gap_rel`` > 0: within that
+    relative gap of the optimum (module doc)."""
     _check_r(r)
     loss, time_, bits, size = check_inputs(loss, time_, bits, size, labels)
     start = time.perf_counter()
-    m = _ILP(loss, time_, bits, size, budget_bits, block_groups(tie_gate_up, granularity))
+    m = _ILP(loss, time_, bits, size, budget_bits, block_groups(tie_gate_up, granularity), gap_rel)
     if r in (0.0, 1.0):  # one lexicographic end point of the front
         best = m.lexmin("L" if r == 1.0 else "T")
     else:
@@ -449,10 +464,10 @@ def solve_model(
     """One global budget over several layers: ``problems`` = [(loss, time, bits, size), ...] with the same schemes.
 
     The size-weighted budget then holds for the whole model, so bits can move between layers.
-    Returns (list of [E_l, 3] choices, the optimal Point over all layers).
+    Returns (list of [E_l, 3] choices, the Point over all layers), optimal within ``MODEL_GAP_REL`` (module doc).
     """
     loss, time_, size, splits = stack_layers(problems)
-    p = solve_point(loss, time_, bits, size, budget_bits, r, tie_gate_up, granularity, labels)
+    p = solve_point(loss, time_, bits, size, budget_bits, r, tie_gate_up, granularity, labels, MODEL_GAP_REL)
     return np.split(p.choice, splits), p
 
 
@@ -627,6 +642,7 @@ def allocation_doc(
         "budget_bits": budget_bits,
         "granularity": granularity,
         "global_budget": global_budget,
+        "optimality_gap": MODEL_GAP_REL if global_budget else 0.0,
         "tie_gate_up": tie_gate_up,
         "scheme_set": p0.params["scheme_set"],
         "schemes": [str(s) for s in p0.schemes],

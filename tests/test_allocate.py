@@ -103,6 +103,17 @@ def test_global_budget_moves_bits_between_layers():
     assert [c.shape for c in choices] == [(3, 3), (3, 3)]
 
 
+@pytest.mark.parametrize("seed,r", [(10, 0.75), (11, 0.5), (12, 0.25), (13, 0.0), (14, 1.0)])
+def test_solves_with_a_gap_stay_within_it(seed, r):
+    """A relative optimality gap per solve (as for one budget over a model) keeps the answer within that gap."""
+    gap = 0.02
+    loss, time_, bits, size = _instance(seed, experts=4)
+    key, _ = _brute(loss, time_, bits, size, 5.0, r, True, "block")
+    p = solve_point(loss, time_, bits, size, 5.0, r, gap_rel=gap)
+    assert key[0] - 1e-9 <= objective(p.L, p.T, r) <= key[0] - np.log1p(-gap) + 1e-9  # L^r T^(1-r) ≤ opt / (1-gap)
+    assert (size[:, None] * bits[p.choice]).sum() <= 5.0 * 3 * size.sum() + 1e-6
+
+
 def test_infeasible_budget_names_smallest():
     loss, time_, bits, size = _instance(0)
     with pytest.raises(InfeasibleBudget, match="smallest achievable budget .* is 2.25") as err:
