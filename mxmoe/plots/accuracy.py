@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from mxmoe.plots import figure
 from mxmoe.sensitivity import sensitivity_array
@@ -223,3 +223,31 @@ def block_spread(frame: pd.DataFrame, layer: int, scheme: str) -> pd.DataFrame:
         f"{ratio.median():.2f}× ({ratio.min():.2f}–{ratio.max():.2f}×)" if len(ratio.dropna()) else "—"
     )
     return pd.Series(rows, name=f"layer {layer}, {scheme}").to_frame()
+
+
+def proxy_scatter(check: dict):
+    """The proxy check (``mxmoe.stages.proxy``): per layer and scheme, Σ Δ against the whole model's NLL increase."""
+    df = pd.DataFrame(check["pairs"].values())
+    fig, axes = figure(1, 1, width=5.6, height=4.0)
+    ax = axes[0][0]
+    sns.scatterplot(data=df, x="proxy", y="nll_increase", hue="scheme", style="scheme", s=40, ax=ax)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1e-2)  # linear within ±0.01 nats (small changes of either sign)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    rho = check["agreement"]["all pairs"]
+    ax.set(
+        title=f"one MoE layer quantized (RTN): Spearman ρ = {rho:.2f}"
+        if rho is not None
+        else "one MoE layer quantized",
+        xlabel="proxy: Σ Δ over the layer's blocks",
+        ylabel="whole-model NLL increase (nats)",
+    )
+    return fig
+
+
+def proxy_table(check: dict) -> pd.DataFrame:
+    """Spearman ρ of the proxy check: across layers per scheme, then over every (layer, scheme) pair."""
+    agree = check["agreement"]
+    rows = {f"across layers, {s}": rho for s, rho in agree["per scheme"].items()}
+    rows["every (layer, scheme) pair"] = agree["all pairs"]
+    return pd.Series(rows, name="Spearman ρ (proxy vs NLL increase)").to_frame()

@@ -1,0 +1,147 @@
+"""Stage 05's check of the allocation's loss proxy: one MoE layer quantized at a time, the whole model measured.
+
+The allocation minimises L = Σ Δ over linear blocks, each Δ measured locally (``mxmoe.sensitivity``: one
+block quantized, every layer fed full-precision inputs). That the sum predicts what quantization does to
+the model is an assumption of the paper's method, and the place to look when a mixed allocation loses to a
+uniform one. ``layer_swap`` tests it layer by layer: for every MoE layer l and scheme s it fake-quantizes
+every block of layer l (routed and shared experts) with s by RTN, measures the model's mean NLL on
+WikiText-2 *validation* windows (not the test split, since this check may steer the method), and pairs the
+NLL increase with the proxy Σ_{e,j} Δ_rtn[l, e, j, s] of the RTN sensitivity result.
+
+``agreement`` summarises the pairs as Spearman rank correlations: across layers per scheme (does Δ rank
+the layers as the model does?) and over every (layer, scheme) pair (does it also rank schemes against each
+other, which is what trading bits between blocks relies on?).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mxmoe import plan
+from mxmoe.env import device_name
+from mxmoe.errors import MxMoEError
+from mxmoe.files import write_json_atomic
+from mxmoe.metrics import eval_windows, perplexity
+from mxmoe.models.blocks import BLOCKS, moe_blocks
+from mxmoe.paths import results_dir
+from mxmoe.profiles import Profile, calibration, random_windows
+from mxmoe.quant.apply import apply_schemes, check_scheme, expert_ids
+from mxmoe.sensitivity import compute_sensitivity, sensitivity_array
+from mxmoe.stages.allocation import newest_result
+from mxmoe.stages.evaluate import fresh_model
+
+
+def spearman(a, b) -> "float | None":
+    """Spearman rank correlation of two equal-length sequences (ranks by order; None with fewer than 3 pairs)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)  # [n], [n]
+    if len(a) < 3:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))  # [n] ranks
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def mean_nll(model, windows) -> float:
+    """Mean next-token NLL (nats) of ``model`` over token windows [n, seqlen]."""
+    return math.log(perplexity(model, windows, desc="proxy check"))
+
+
+def layer_proxy(sensitivity: dict, layer: int, scheme) -> float:
+    """Σ Δ over every block of one layer (routed and shared experts) under one scheme of a sensitivity result."""
+    have = [str(check_scheme(s)) for s in sensitivity["schemes"]]
+    name = str(check_scheme(scheme))
+    if name not in have:
+        raise MxMoEError(f"scheme {name} has no Δ in the sensitivity result (it has {have})")
+    delta, _ = sensitivity_array(sensitivity, layer)  # [E, 3, S]
+    return float(delta[:, :, have.index(name)].sum())
+
+
+def layer_swap(model, windows, sensitivity: dict, schemes, done: "dict | None" = None, on_pair=None) -> dict:
+    """Whole-model NLL increase and proxy Σ Δ for every (MoE layer, scheme), one layer RTN-quantized at a time.
+
+    ``model`` stays unquantized (each pair runs on a copy). ``done``: pairs measured before, {"<layer>/<scheme>":
+    row}, kept; ``on_pair(pairs)`` is called after each new pair (to save progress). Returns
+    {"base_nll", "pairs": {"<layer>/<scheme>": {"layer", "scheme", "nll_increase", "proxy"}}}.
+    """
+    schemes = [str(check_scheme(s)) for s in schemes]
+    base = mean_nll(model, windows)
+    pairs = dict(done or {})
+    todo = [(b, s) for b in moe_blocks(model) for s in schemes if f"{b.layer}/{s}" not in pairs]
+    for block, scheme in tqdm(todo, desc="proxy check: layer x scheme", unit="pair"):
+        quantized = copy.deepcopy(model)
+        apply_schemes(quantized, {(block.layer, e, n): scheme for e in expert_ids(block) for n in BLOCKS})
+        pairs[f"{block.layer}/{scheme}"] = {
+            "layer": block.layer,
+            "scheme": scheme,
+            "nll_increase": mean_nll(quantized, windows) - base,
+            "proxy": layer_proxy(sensitivity, block.layer, scheme),
+        }
+        del quantized
+        if on_pair is not None:
+            on_pair(pairs)
+    return {"base_nll": base, "pairs": pairs}
+
+
+def agreement(pairs: dict) -> dict:
+    """Spearman correlations of proxy and NLL increase: {"per scheme": {scheme: ρ across layers}, "all pairs": ρ}."""
+    rows = list(pairs.values())
+    per_scheme = {}
+    for s in dict.fromkeys(r["scheme"] for r in rows):
+        sel = [r for r in rows if r["scheme"] == s]
+        per_scheme[s] = spearman([r["proxy"] for r in sel], [r["nll_increase"] for r in sel])
+    return {
+        "per scheme": per_scheme,
+        "all pairs": spearman([r["proxy"] for r in rows], [r["nll_increase"] for r in rows]),
+    }
+
+
+def proxy_inputs(profile: Profile, schemes=plan.PROXY_SCHEMES) -> tuple:
+    """(model, tokenizer, RTN sensitivity) for ``proxy_check``: a fresh copy of ``profile.model`` and stage 01's
+    newest RTN result (the smoke profile's tiny model has none committed: computed here on random ids)."""
+    model, tok = fresh_model(profile.model)
+    if profile.name == "smoke":
+        sens = compute_sensitivity(model, calibration(model, tok, profile), list(schemes), "rtn", progress=False)
+    else:
+        sens = json.loads(newest_result(profile.model, "sensitivity", "rtn_").read_text())
+    return model, tok, sens
+
+
+def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PROXY_SCHEMES) -> dict:
+    """``layer_swap`` on ``profile``'s validation windows, cached and resumable, with its ``agreement``.
+
+    Windows: the first ``profile.eval_windows`` (at most ``plan.PROXY_WINDOWS``) of WikiText-2 validation at the
+    profile's sequence length, or random ids when ``tok`` is None (smoke). Writes
+    <results>/<model>/eval/proxy_check.json after each pair; a run with the same inputs resumes from it.
+    """
+    n = min(profile.eval_windows or plan.PROXY_WINDOWS, plan.PROXY_WINDOWS)
+    if tok is None:
+        windows = random_windows(model.config.vocab_size, n, profile.eval_seqlen, seed=2)
+        source = "random ids"
+    else:
+        windows = eval_windows(tok, profile.eval_seqlen, n, split="valid")
+        source = "wikitext2 valid"
+    params = {
+        "model": profile.model,
+        "schemes": [str(check_scheme(s)) for s in schemes],
+        "windows": list(windows.shape),
+        "source": source,
+        "quantizer": "rtn",
+        "sensitivity": sensitivity.get("params"),
+    }
+    path = results_dir() / profile.model / "eval" / "proxy_check.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    done = old.get("pairs") if old.get("params") == params else None
+
+    def save(pairs: dict, base: "float | None" = None) -> dict:
+        doc = {"params": params, "profile": profile.name, "device": device_name(), "base_nll": base, "pairs": pairs}
+        if base is not None:
+            doc["agreement"] = agreement(pairs)
+        write_json_atomic(path, doc)
+        return doc
+
+    result = layer_swap(model, windows, sensitivity, schemes, done=done, on_pair=save)
+    return save(result["pairs"], result["base_nll"])

@@ -1,0 +1,78 @@
+"""The proxy check: whole-model NLL per layer quantized, against the layer's summed Δ."""
+
+import json
+
+import pytest
+import torch
+from tiny import fresh
+
+from mxmoe import plan
+from mxmoe.models import moe_blocks
+from mxmoe.profiles import get_profile
+from mxmoe.sensitivity import compute_sensitivity, sensitivity_array
+from mxmoe.stages import proxy
+
+SCHEMES = ["w2a16_g-1_asym", "w8a16_g-1_sym"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = fresh("tiny-qwen2-moe")
+    windows = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))  # [n, seqlen]
+    sens = compute_sensitivity(model, windows, SCHEMES, "rtn", progress=False)
+    return model, windows, sens
+
+
+def test_spearman():
+    assert proxy.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert proxy.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert proxy.spearman([1, 2], [1, 2]) is None
+
+
+def test_layer_swap_measures_every_layer_and_scheme(setup):
+    model, windows, sens = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = proxy.layer_swap(model, windows, sens, SCHEMES)
+    layers = [b.layer for b in moe_blocks(model)]
+    assert sorted(out["pairs"]) == sorted(f"{ly}/{s}" for ly in layers for s in SCHEMES)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model stays unquantized
+    for ly in layers:
+        two, eight = out["pairs"][f"{ly}/w2a16_g-1_asym"], out["pairs"][f"{ly}/w8a16_g-1_sym"]
+        assert abs(two["nll_increase"]) > abs(eight["nll_increase"])  # 2-bit moves the loss more than 8-bit
+        delta, _ = sensitivity_array(sens, ly)  # [E, 3, S]
+        assert two["proxy"] == pytest.approx(float(delta[:, :, 0].sum()))
+    assert out["base_nll"] == pytest.approx(proxy.mean_nll(model, windows))
+
+
+def test_layer_swap_keeps_pairs_done(setup, monkeypatch):
+    model, windows, sens = setup
+    first = proxy.layer_swap(model, windows, sens, SCHEMES[:1])
+    monkeypatch.setattr(proxy, "apply_schemes", lambda *a, **k: pytest.fail("a pair measured before ran again"))
+    again = proxy.layer_swap(model, windows, sens, SCHEMES[:1], done=first["pairs"])
+    assert again["pairs"] == first["pairs"]
+
+
+def test_proxy_check_writes_and_resumes(setup, tmp_path, monkeypatch):
+    model, _, sens = setup
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    profile = get_profile("smoke")
+    calls = []
+    real = proxy.apply_schemes
+
+    def counting(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a run killed after its first pair
+        return real(*a, **k)
+
+    monkeypatch.setattr(proxy, "apply_schemes", counting)
+    with pytest.raises(KeyboardInterrupt):
+        proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES)
+    path = tmp_path / profile.model / "eval" / "proxy_check.json"
+    assert len(json.loads(path.read_text())["pairs"]) == 1
+    monkeypatch.setattr(proxy, "apply_schemes", real)
+    doc = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES)
+    assert len(doc["pairs"]) == len(moe_blocks(model)) * len(SCHEMES)
+    assert set(doc["agreement"]["per scheme"]) == set(SCHEMES)
+    assert doc["params"]["windows"] == [min(profile.eval_windows, plan.PROXY_WINDOWS), profile.eval_seqlen]
+    assert json.loads(path.read_text())["agreement"] == doc["agreement"]
