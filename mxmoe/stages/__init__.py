@@ -3,7 +3,7 @@
 ``STAGES`` is the one list of them. ``mxmoe.reproduce`` runs and skips notebooks by it, the claims
 manifest maps paper items to notebooks and result files by it, and the pipeline figure draws it.
 Each stage's functions live in this package (``model``, ``sensitivity``, ``routing``,
-``allocation``, ``evaluate``, ``endtoend``); only these, the benchmarks, the plots and the apps
+``allocation``, ``evaluate``, ``endtoend``, ``proxy``); only these, the benchmarks, the plots and the apps
 touch ``results/``.
 
 Paths in ``reads`` and ``items`` are globs relative to the results root; ``{model}`` is the model's
@@ -142,7 +142,9 @@ STAGES = (
             "@repo/mxmoe/plan.py",
             "@repo/mxmoe/stages/evaluate.py",
             "@repo/mxmoe/stages/endtoend.py",
+            "@repo/mxmoe/stages/proxy.py",
             "@repo/mxmoe/plots/endtoend.py",
+            "@repo/mxmoe/plots/accuracy.py",
         ),
         needs=("04_allocation",),
         items={
