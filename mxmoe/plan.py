@@ -141,7 +141,7 @@ TABLE5_BITS = (4, 5, 6, 7, 8)  # uniform w<b>a<b> with rotation
 # the proxy check (mxmoe.stages.proxy): one layer RTN-quantized at a time with each of these schemes,
 # the per-channel/group and 2/3/4-bit choices the weight-only allocations trade against each other
 PROXY_SCHEMES = ("w2a16_g-1_asym", "w2a16_g128_asym", "w3a16_g-1_asym", "w4a16_g128_asym")
-PROXY_WINDOWS = 16  # WikiText-2 validation windows at most
+PROXY_WINDOWS = {"smoke": 2, "quick": 2, "full": 16}  # WikiText-2 validation windows per profile
 R_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)  # Figure 6 (W5A5 scheme set, 5-bit budget)
 FIG5_UNIFORM = {"fp16": "bf16", "w4a16": "w4a16_g128_asym", "w8a8": "w8a8_g-1_sym", "w4a4": "w4a4_g-1_sym"}
 FIG5_MIXED = "mxmoe-w5a5"

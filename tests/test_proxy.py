@@ -74,5 +74,5 @@ def test_proxy_check_writes_and_resumes(setup, tmp_path, monkeypatch):
     doc = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES)
     assert len(doc["pairs"]) == len(moe_blocks(model)) * len(SCHEMES)
     assert set(doc["agreement"]["per scheme"]) == set(SCHEMES)
-    assert doc["params"]["windows"] == [min(profile.eval_windows, plan.PROXY_WINDOWS), profile.eval_seqlen]
+    assert doc["params"]["windows"] == [plan.PROXY_WINDOWS["smoke"], profile.eval_seqlen]
     assert json.loads(path.read_text())["agreement"] == doc["agreement"]

@@ -113,11 +113,11 @@ def proxy_inputs(profile: Profile, schemes=plan.PROXY_SCHEMES) -> tuple:
 def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PROXY_SCHEMES) -> dict:
     """``layer_swap`` on ``profile``'s validation windows, cached and resumable, with its ``agreement``.
 
-    Windows: the first ``profile.eval_windows`` (at most ``plan.PROXY_WINDOWS``) of WikiText-2 validation at the
-    profile's sequence length, or random ids when ``tok`` is None (smoke). Writes
+    Windows: the first ``plan.PROXY_WINDOWS[profile.name]`` of WikiText-2 validation at the profile's sequence
+    length, or random ids when ``tok`` is None (smoke). Writes
     <results>/<model>/eval/proxy_check.json after each pair; a run with the same inputs resumes from it.
     """
-    n = min(profile.eval_windows or plan.PROXY_WINDOWS, plan.PROXY_WINDOWS)
+    n = plan.PROXY_WINDOWS[profile.name]
     if tok is None:
         windows = random_windows(model.config.vocab_size, n, profile.eval_seqlen, seed=2)
         source = "random ids"
