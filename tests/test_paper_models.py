@@ -307,3 +307,19 @@ def test_fp8_baseline_padding_matches_unpadded():
     assert torch.equal(plain, padded)
     with pytest.raises(AssertionError, match="aligned"):
         fp8_grouped_mm(x, *w, offsets[1:], mm=_fake_scaled_grouped_mm(16))
+
+
+@torch.no_grad()
+def test_repeated_decode_steps_stay_at_one_position():
+    """Timing calls one decode step many times against a cache with little room: every call must decode at the
+    same position (transformers 5's static cache advances on each update unless rewound)."""
+    from mxmoe.models.zoo import tiny_model
+
+    model = tiny_model("tiny-qwen2-moe").eval()
+    ctx = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(0))  # [B, context]
+    cache = pm.make_static_cache(model, 2, ctx.shape[1] + 1)
+    model(input_ids=ctx, past_key_values=cache, cache_position=torch.arange(ctx.shape[1]), use_cache=True)
+    step = pm.decode_step(model, cache, ctx[:, -1:], ctx.shape[1])
+    first = step().logits
+    for _ in range(5):  # more steps than the cache has free slots
+        assert torch.allclose(step().logits, first)

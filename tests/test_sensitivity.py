@@ -60,6 +60,19 @@ def test_gptq_beats_rtn_in_aggregate_and_had_runs():
     assert had["params"]["rotation"]["seed"] == 0
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_bf16_model_takes_float32_calibration_inputs(method):
+    """A model held in bf16 (as on a GPU) routes float32 calibration inputs in its own dtype."""
+    model = fresh().to(torch.bfloat16)
+    b = moe_blocks(model)[0]
+    x = torch.randn(64, b.hidden_size, generator=torch.Generator().manual_seed(0))  # [N, H] float32
+    res = sens.layer_sensitivity(b, x, [sens.check_scheme("w4a16_g16_asym")], method)
+    assert sum(res["tokens"][: b.num_experts]) == x.shape[0] * b.top_k
+    assert res["tokens"] and all(np.isfinite(d) for row in res["delta"] if row[0][0] is not None for d in row[0])
+    weights, idx = b.route(x)
+    assert torch.equal(idx, b.route(x.to(torch.bfloat16))[1]) and weights.dtype == torch.float32
+
+
 def test_experts_without_tokens_are_null_and_filled():
     b = moe_blocks(fresh())[0]
     x = torch.randn(2, b.hidden_size)  # 2 tokens x top-2: at most 4 of 8 experts see a token

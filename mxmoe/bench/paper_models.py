@@ -571,6 +571,35 @@ def make_static_cache(model, batch: int, max_len: int):
         )
 
 
+def rewind_cache(cache, length: int) -> None:
+    """Set a StaticCache's fill level back to ``length`` tokens, on the device (so a CUDA graph replays it).
+
+    transformers 5 advances each layer's ``cumulative_length`` on every update and does not take the
+    position from ``cache_position``: without this, repeated decode steps walk off the end of the cache.
+    Caches without that counter (older transformers) are left alone."""
+    for layer in getattr(cache, "layers", ()):
+        filled = getattr(layer, "cumulative_length", None)
+        if isinstance(filled, torch.Tensor):
+            filled.fill_(length)
+
+
+def decode_step(model, cache, tok, length: int):
+    """One decode step of ``tok`` [B, 1] against ``cache`` filled to ``length`` tokens, as a repeatable closure:
+    every call (eager or replayed in a graph) decodes at the same position."""
+
+    def step():
+        rewind_cache(cache, length)
+        return model(
+            input_ids=tok,
+            past_key_values=cache,
+            cache_position=torch.full((1,), length, device=tok.device, dtype=torch.long),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+    return step
+
+
 @torch.no_grad()
 def measure_setting(
     model,
@@ -650,14 +679,7 @@ def measure_setting(
                 logits_to_keep=1,
             )
             tok = torch.randint(0, vocab, (bsz, 1), device=dev)
-            pos = torch.full((1,), ctx_len, device=dev, dtype=torch.long)
-            fn = lambda: model(  # noqa: E731
-                input_ids=tok,
-                past_key_values=cache,
-                cache_position=pos,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            fn = decode_step(model, cache, tok, ctx_len)
             e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, 2 * reps, device=dev)
             row["decode"][str(bsz)] = {"context": ctx_len, "eager": e, "graph": g, **_tps(bsz, e, g)}
             cache = None  # free the static cache before the next batch size

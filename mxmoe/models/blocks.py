@@ -89,8 +89,11 @@ class MoEBlock:
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing of tokens ``x[T, H]``: (weights [T, k] float, expert indices [T, k] long), as the model does it."""
-        out = self.router(x)
+        """Routing of tokens ``x[T, H]``: (weights [T, k] float, expert indices [T, k] long), as the model does it.
+
+        ``x`` is cast to the router's dtype first (float32 calibration inputs into a bf16 model route as its own
+        activations would)."""
+        out = self.router(x.to(_param_dtype(self.router, x.dtype)))
         if isinstance(out, tuple):
             if not out[0].is_floating_point():  # DeepSeek remote code: (indices, weights, aux_loss)
                 return out[1].float(), out[0].long()
@@ -115,6 +118,13 @@ class MoEBlock:
         if self.shared_gate is not None:
             out = torch.sigmoid(self.shared_gate(x)) * out
         return out
+
+    def shared_gate_value(self, x: torch.Tensor) -> torch.Tensor:
+        """Qwen2-MoE's sigmoid shared-expert gate [T, 1] (float) on tokens ``x[T, H]`` cast to the gate's dtype;
+        ones when the block has no shared gate."""
+        if self.shared_gate is None:
+            return torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        return torch.sigmoid(self.shared_gate(x.to(_param_dtype(self.shared_gate, x.dtype))).float())
 
     def _check(self, e: int, block: str) -> None:
         if block not in BLOCKS:
@@ -183,3 +193,9 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
             f"{'; '.join(SUPPORTED)} — fused (transformers 5) or per-expert (transformers 4) expert layouts."
         )
     return sorted(blocks, key=lambda b: b.layer)
+
+
+def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``module``'s first parameter (``default`` when it has none)."""
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else default

@@ -42,9 +42,7 @@ def split_by_expert(block: MoEBlock, x: torch.Tensor) -> list[ExpertTokens]:
     for e in range(block.num_experts):
         rows, slot = torch.where(idx == e)
         out.append(ExpertTokens(e, x[rows], weights[rows, slot][:, None]))
-    shared_g = (
-        torch.sigmoid(block.shared_gate(x).float()) if block.shared_gate is not None else x.new_ones(x.shape[0], 1)
-    )
+    shared_g = block.shared_gate_value(x)  # [N, 1]
     out += [ExpertTokens(e, x, shared_g) for e in expert_ids(block)[block.num_experts :]]
     return out
 
