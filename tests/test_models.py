@@ -122,3 +122,30 @@ def test_tiny_models_are_deterministic():
     a, b = tiny_model("tiny-qwen2-moe"), tiny_model("tiny-qwen2-moe")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_model_card_follows_the_build(tmp_path, monkeypatch):
+    """A card written for another build (smollm2-moe before its healed files landed) is rewritten; a current one is kept."""
+    import json
+
+    from mxmoe.models import smollm2
+    from mxmoe.stages import model as stage
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    build = tmp_path / "cache" / "smollm2-moe-v2-abc"
+    build.mkdir(parents=True)
+    (build / "build.json").write_text("{}")
+    monkeypatch.setattr(smollm2, "is_built", lambda recipe: True)
+    monkeypatch.setattr(smollm2, "build", lambda recipe, force=False: build)
+    monkeypatch.setattr(stage.moefy, "load_dense", lambda: (None, None))
+    monkeypatch.setattr(stage.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: torch.nn.Identity())
+    written = []
+    monkeypatch.setattr(stage, "write_card", lambda dense, moe, tok, info, name: written.append(info["build"]))
+    card = tmp_path / "smollm2-moe" / "model.json"
+    card.parent.mkdir(parents=True)
+    card.write_text(json.dumps({"build": "smollm2-moe-1b1885197761"}))  # the training-free build's card
+    stage.build_model(name="smollm2-moe")
+    assert written == ["smollm2-moe-v2-abc"]
+    card.write_text(json.dumps({"build": "smollm2-moe-v2-abc"}))
+    stage.build_model(name="smollm2-moe")
+    assert written == ["smollm2-moe-v2-abc"]  # current card: not measured again
