@@ -90,3 +90,33 @@ def test_smoke_profile_runs_on_random_ids_and_reuses_routing(tmp_path, monkeypat
     assert list(reports) == ["random"] and sum(reports["random"]["counts"][0]) == 2 * 32 * 2
     monkeypatch.setattr(routing, "routing_report", lambda *a, **k: pytest.fail("routing file not reused"))
     assert routing.profile_corpora(smoke.model, n=2, seqlen=32, allow_random=True) == reports
+
+
+def test_new_weights_under_the_same_name_are_measured_again(tmp_path, monkeypatch):
+    """A model rebuilt under its old name (smollm2-moe once the healed files land) gets new sensitivity, routing and
+    evaluation rows: every cache is keyed by the weights' sha256, not the name alone."""
+    from mxmoe.models.zoo import tiny_model
+    from mxmoe.stages import evaluate
+    from mxmoe.stages import sensitivity as sens_stage
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    smoke = get_profile("smoke")
+    first = tiny_model(smoke.model)
+    other = tiny_model(smoke.model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)  # [V, H] the same architecture, other weights
+    for model in (first, other):
+        monkeypatch.setattr(sens_stage, "load_model", lambda name, m=model: (m, None))
+        monkeypatch.setattr(routing, "load_model", lambda name, m=model: (m, None))
+        monkeypatch.setattr(evaluate, "load_model", lambda name, m=model: (m, None))
+        evaluate._PRISTINE.clear()
+        result, _ = profile_sensitivity("rtn", smoke, "w4a16_g128_asym", progress=False)
+        report = routing.profile_corpora(smoke.model, n=2, seqlen=32, allow_random=True)["random"]
+        row = evaluate_config(rtn_grid_config(8, 8), smoke, zeroshot=False, progress=False)
+        assert (
+            result["params"]["weights_sha256"]
+            == report["params"]["weights_sha256"]
+            == row["params"]["profile"]["weights_sha256"]
+        )
+    assert len(list((tmp_path / smoke.model / "eval" / "runs").glob("*.json"))) == 2
+    evaluate._PRISTINE.clear()

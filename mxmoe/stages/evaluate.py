@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mxmoe import plan
 from mxmoe.baselines import allocation_config, baseline, quantize, rotated_uniform_config, rtn_grid_config
+from mxmoe.checkpoint import weights_sha256
 from mxmoe.data import TASKS
 from mxmoe.env import device_name
 from mxmoe.files import write_json_atomic
@@ -26,15 +27,21 @@ from mxmoe.profiles import Profile, calibration, evaluation
 from mxmoe.quant.apply import scheme_map_to_rows
 from mxmoe.zeroshot import evaluate_tasks
 
-_PRISTINE: dict = {}
+_PRISTINE: dict = {}  # name -> (model, tokenizer, sha256 of its weights)
+
+
+def _pristine(name: str) -> tuple:
+    """(model, tokenizer, weights sha256) of ``name``, loaded once per process (one model kept in memory)."""
+    if name not in _PRISTINE:
+        _PRISTINE.clear()
+        model, tok = load_model(name)
+        _PRISTINE[name] = (model, tok, weights_sha256(model))
+    return _PRISTINE[name]
 
 
 def fresh_model(name: str):
     """(model, tokenizer): an unquantized copy of ``name``, loaded once per process and deep-copied after."""
-    if name not in _PRISTINE:
-        _PRISTINE.clear()  # keep one model in memory
-        _PRISTINE[name] = load_model(name)
-    model, tok = _PRISTINE[name]
+    model, tok, _ = _pristine(name)
     return copy.deepcopy(model), tok
 
 
@@ -47,7 +54,8 @@ def evaluate_config(
     profile's test windows; zero-shot accuracy on ``tasks`` (default: all) with the profile's limit
     when ``zeroshot`` and the model has a tokenizer. GPTQ calibrates on the profile's WikiText-2 train
     windows. The row is cached under results/<model>/eval/runs/, keyed by the quantization recipe (not
-    its label), the scheme map and the profile sizes it used (not the profile's name), and
+    its label), the scheme map, the profile sizes it used (not the profile's name) and the sha256 of the
+    model's weights, and
     returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device", "seconds", "params"}.
     """
     recipe = {k: v for k, v in config.as_dict().items() if k != "label"}  # the label names, the recipe decides
@@ -57,6 +65,7 @@ def evaluate_config(
         sizes = {
             k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")
         }
+        sizes["weights_sha256"] = _pristine(profile.model)[2]  # never a row of other weights under the same name
         if tasks:
             sizes["zeroshot_limit"] = profile.zeroshot_limit
         params = {"config": recipe, "profile": sizes, "tasks": tasks, "scheme_map": rows}

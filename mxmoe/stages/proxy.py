@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mxmoe import plan
+from mxmoe.checkpoint import weights_sha256
 from mxmoe.env import device_name
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
@@ -126,6 +127,7 @@ def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PR
         source = "wikitext2 valid"
     params = {
         "model": profile.model,
+        "weights_sha256": weights_sha256(model),
         "schemes": [str(check_scheme(s)) for s in schemes],
         "windows": list(windows.shape),
         "source": source,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mxmoe import plan
+from mxmoe.checkpoint import weights_sha256
 from mxmoe.env import REPO_ROOT, device_name
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
@@ -34,8 +35,8 @@ def profile_corpora(
 ) -> dict:
     """Routing of ``model_name`` on each corpus; writes results/<model>/routing/<corpus>_n<n>_s<seqlen>.json each.
 
-    Returns {corpus: report}. Reports carry their parameters, device and date; a file made with the
-    same parameters and batch sizes is reused. ``allow_random``: a
+    Returns {corpus: report}. Reports carry their parameters (the weights' sha256 among them), device and
+    date; a file made with the same parameters and batch sizes is reused. ``allow_random``: a
     model without a tokenizer (smoke profile) is profiled on one corpus of seeded random ids, "random".
     """
     model, tok = load_model(model_name)
@@ -43,10 +44,18 @@ def profile_corpora(
         raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): routing on text needs a real model")
     if tok is None:
         corpora = ("random",)
+    sha = weights_sha256(model)  # a profile of other weights under the same name (a rebuilt model) is not reused
     out = {}
     for corpus in corpora:
         path = results_dir() / model_name / "routing" / f"{corpus}_n{n}_s{seqlen}.json"
-        params = {"model": model_name, "corpus": corpus, "windows": n, "seqlen": seqlen, "seed": seed}
+        params = {
+            "model": model_name,
+            "weights_sha256": sha,
+            "corpus": corpus,
+            "windows": n,
+            "seqlen": seqlen,
+            "seed": seed,
+        }
         if path.exists():  # reuse a profile made with the same parameters and batch sizes
             old = json.loads(path.read_text())
             if {k: old["params"].get(k) for k in params} == params and set(old["workloads"]) == {
