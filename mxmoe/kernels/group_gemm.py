@@ -75,9 +75,17 @@ class ExpertGroup:
             if not only and len(mine) != len(self.packed):
                 raise ValueError("every expert's scheme needs a slot in the launch")
             order = sorted(mine, key=lambda e: (slots.index(self.packed[e].scheme), e))
-            rows = [[e, slots.index(self.packed[e].scheme)] for e in order]
-            self._sched[key] = torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(-1, 2)
+            rows = torch.tensor([[e, slots.index(self.packed[e].scheme)] for e in order], dtype=torch.int32)
+            self._sched[key] = _to_device_async(rows.reshape(-1, 2), self.device)
         return self._sched[key]
+
+
+def _to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without a host synchronisation: a CUDA copy goes from pinned memory,
+    non-blocking (a pageable copy waits for the device, even on the first call of a layer in a forward)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _check_storage(e: int, pw: PackedWeight) -> None:
