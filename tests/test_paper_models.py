@@ -267,7 +267,7 @@ def test_benchmark_dry_run_on_cpu(tmp_path):
 def test_packed_experts_forward_has_no_host_sync_cuda():
     """No synchronisation in the experts forward, its first call included (nothing uploaded lazily), and a
     whole first forward synchronises no more than transformers' own grouped_mm does (its mask code)."""
-    model, _ = build_random("qwen1.5-moe", device="cuda", num_hidden_layers=3, calib_shape=(2, 256))
+    model, _ = build_random("qwen1.5-moe", device="cuda", skew=0, num_hidden_layers=3, calib_shape=(2, 256))
     blocks = moe_blocks(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 512), device="cuda")
     forward = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731

@@ -33,9 +33,11 @@ one dot per slice, so no byte is loaded twice. Codes become bf16 without an int-
 ``bits(0x4300 | u) = 128 + u`` for ``u < 128``, then one exact bf16 subtraction and one fused
 multiply-add with the group's scale and zero point (rounded to the dot type, like the weight).
 4-bit weight-only codes of a transposed tile (w4a16, the memory-bound decode case) are unpacked by
-inline PTX, two bytes into two bf16 pairs at a time (``_nibble_values``), and the two 64-row slices of a
-block are joined into one K=128 dot: with two chained dots per block Triton's pipeliner waits for each
-wgmma, with one it keeps one in flight (``mxmoe bench sass`` shows the waits).
+inline PTX, two bytes into two bf16 pairs at a time (``_nibble_values``). With group scales (g128) the
+two 64-row slices of a block are joined into one K=128 dot: with two chained dots per block Triton's
+pipeliner waits for each wgmma, with one it keeps one in flight (``mxmoe bench sass`` shows the waits);
+3-9% faster on an H200 at 512 tokens, where per-channel (g-1) codes ran 3-5% slower joined and keep
+two dots (``results/kernels/NOTES.md``).
 
 Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
 values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
@@ -335,8 +337,9 @@ def _tile(
                     )
                 elif GROUP > 0:
                     sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
-                # NIB: one K=128 dot per block (low nibbles: K rows 0-63, high: 64-127), so one wgmma stays in flight
-                if NIB:
+                # NIB with group scales: one K=128 dot per block (low nibbles: K rows 0-63, high: 64-127), so one
+                # wgmma stays in flight; per-channel NIB keeps two 64-row dots, which ran faster there (module doc)
+                if NIB and GROUP > 0:
                     a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128, K, 128, True)  # [128, BM]
                     w_lo = _scaled(lo.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
                     w_hi = _scaled(hi.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
@@ -345,8 +348,11 @@ def _tile(
                 else:
                     for j in tl.static_range(NSL):
                         a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
-                        u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
-                        w = _dequant(u, sc, zr, KIND, WBITS, OFF, SYM, SWAP, cdt, INTERPRET)
+                        if NIB:
+                            w = _scaled((lo if j == 0 else hi).to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
+                        else:
+                            u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
+                            w = _dequant(u, sc, zr, KIND, WBITS, OFF, SYM, SWAP, cdt, INTERPRET)
                         if SWAP:
                             acc = tl.dot(w, a.to(cdt), acc)
                         else:
