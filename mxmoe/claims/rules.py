@@ -41,8 +41,10 @@ DEVIATIONS = [
     (
         "Model",
         "No 15-100 GB checkpoint can be downloaded or run on the 2-core CPU machine: accuracy claims are "
-        "checked on smollm2-moe, an MoE built from SmolLM2-135M (4 sparse layers of 32 experts, top-8). "
-        "The paper's models appear as kernel shapes only (throughput, never an invented perplexity).",
+        "checked on smollm2-moe, an MoE carved from SmolLM2-135M (all 30 FFNs sparse, healed by distillation "
+        "on a GPU; its card in notebook 00 gives the structure and its perplexity against the dense model). "
+        "The paper's models appear at full size with random weights: speed and memory only, never an "
+        "invented perplexity.",
     ),
     (
         "Calibration",

@@ -116,7 +116,7 @@ class MoEBlock:
         for mlp in self.shared:
             out = out + mlp(x)
         if self.shared_gate is not None:
-            out = torch.sigmoid(self.shared_gate(x)) * out
+            out = self.shared_gate_value(x).to(out.dtype) * out
         return out
 
     def shared_gate_value(self, x: torch.Tensor) -> torch.Tensor:
