@@ -647,12 +647,15 @@ def measure_setting(
     # the MoE block alone
     for tokens in sizes["block_tokens"]:
         xs = inputs["block"][tokens]
-        eager = [
-            time_eager(lambda x=x, i=i: blocks[i].module(x), reps if cuda else 1, warm, device=dev)
-            for i, x in enumerate(xs)
-        ]
-        graph = [time_graph(lambda x=x, i=i: blocks[i].module(x), 2 * reps, device=dev) for i, x in enumerate(xs)]
-        row["block"][str(tokens)] = {"eager": _mean_ms(eager), "graph": _mean_ms(graph), "layers": len(xs)}
+        try:
+            eager = [
+                time_eager(lambda x=x, i=i: blocks[i].module(x), reps if cuda else 1, warm, device=dev)
+                for i, x in enumerate(xs)
+            ]
+            graph = [time_graph(lambda x=x, i=i: blocks[i].module(x), 2 * reps, device=dev) for i, x in enumerate(xs)]
+            row["block"][str(tokens)] = {"eager": _mean_ms(eager), "graph": _mean_ms(graph), "layers": len(xs)}
+        except torch.cuda.OutOfMemoryError as err:  # e.g. batched_mm gathers one weight copy per routed token
+            row["block"][str(tokens)] = _oom(err)
     # whole-model prefill
     for (bsz, length), ids in inputs["prefill"].items():
         key = f"{bsz}x{length}"
@@ -660,7 +663,11 @@ def measure_setting(
             row["prefill"][key] = {"skipped": "time budget"}
             continue
         fn = lambda ids=ids: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-        e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, reps, device=dev)
+        try:
+            e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, reps, device=dev)
+        except torch.cuda.OutOfMemoryError as err:
+            row["prefill"][key] = _oom(err)
+            continue
         row["prefill"][key] = {"tokens": bsz * length, "eager": e, "graph": g, **_tps(bsz * length, e, g)}
     # decoding one token against a static cache
     ctx_len = sizes["context"]
@@ -687,6 +694,12 @@ def measure_setting(
             row["decode"][str(bsz)] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return row
+
+
+def _oom(err: Exception) -> dict:
+    """An out-of-memory measurement as a result entry (the other sizes of the setting still run)."""
+    torch.cuda.empty_cache()
+    return {"error": f"OutOfMemoryError: {str(err).splitlines()[0][:200]}"}
 
 
 def _mean_ms(parts: list) -> dict:
