@@ -140,8 +140,21 @@ TABLE3 = {"linear block": "mxmoe-w5a5", "expert": "mxmoe-w5a5-expert"}  # granul
 TABLE5_BITS = (4, 5, 6, 7, 8)  # uniform w<b>a<b> with rotation
 # the proxy check (mxmoe.stages.proxy): one layer RTN-quantized at a time with each of these schemes,
 # the per-channel/group and 2/3/4-bit choices the weight-only allocations trade against each other
-PROXY_SCHEMES = ("w2a16_g-1_asym", "w2a16_g128_asym", "w3a16_g-1_asym", "w4a16_g128_asym")
+PROXY_SCHEMES = (
+    "w2a16_g-1_asym",
+    "w2a16_g128_asym",
+    "w3a16_g-1_asym",
+    "w3a16_g128_asym",
+    "w4a16_g-1_asym",
+    "w4a16_g128_asym",
+)
 PROXY_WINDOWS = {"smoke": 2, "quick": 2, "full": 16}  # WikiText-2 validation windows per profile
+# an extension beside the paper's rows (mxmoe.stages.calibrated): Δ rescaled to the proxy check's measured
+# whole-model damage, the proxy schemes only, one budget per model; label -> (allocation setting, bits)
+CALIBRATED = {
+    "mxmoe-2.25 calibrated": ("mxmoe-2.25-calibrated", 2.25),
+    "mxmoe-3.25 calibrated": ("mxmoe-3.25-calibrated", 3.25),
+}
 R_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)  # Figure 6 (W5A5 scheme set, 5-bit budget)
 FIG5_UNIFORM = {"fp16": "bf16", "w4a16": "w4a16_g128_asym", "w8a8": "w8a8_g-1_sym", "w4a4": "w4a4_g-1_sym"}
 FIG5_MIXED = "mxmoe-w5a5"

@@ -261,6 +261,7 @@ def test_benchmark_dry_run_on_cpu(tmp_path):
     assert "error" not in packed["decode"]["1"], packed["decode"]
     case = doc["correctness"]["cases"]["mxmoe w4a16 g128"]
     assert case["rel"] < 1e-4 and case["block_rel"] < 1e-4  # same fp32 weights, same codes
+    assert case["rounding_floor"] is None and case["tolerance"] == "weight-only"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -331,3 +332,11 @@ def test_repeated_decode_steps_stay_at_one_position():
     first = step().logits
     for _ in range(5):  # more steps than the cache has free slots
         assert torch.allclose(step().logits, first)
+
+
+def test_rounding_floor_grows_as_activations_get_coarser():
+    x = (torch.randn(1, 256, 512, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    assert pm.rounding_floor(x, ["w4a16_g128_asym", "bf16"]) is None  # nothing quantizes activations
+    a8, a4 = pm.rounding_floor(x, ["w8a8_g-1_sym"]), pm.rounding_floor(x, ["w4a4_g-1_sym"])
+    assert 0 < a8 < a4 < 0.1
+    assert pm.rounding_floor(x, ["w8a8_g-1_sym", "w4a4_g-1_sym"]) == a4  # the worst scheme of the plan

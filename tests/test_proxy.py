@@ -76,3 +76,20 @@ def test_proxy_check_writes_and_resumes(setup, tmp_path, monkeypatch):
     assert set(doc["agreement"]["per scheme"]) == set(SCHEMES)
     assert doc["params"]["windows"] == [plan.PROXY_WINDOWS["smoke"], profile.eval_seqlen]
     assert json.loads(path.read_text())["agreement"] == doc["agreement"]
+
+
+def test_proxy_check_with_another_scheme_measures_only_its_pairs(setup, tmp_path, monkeypatch):
+    model, _, sens = setup
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    profile = get_profile("smoke")
+    first = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[:1])
+    calls = []
+    real = proxy.apply_schemes
+    monkeypatch.setattr(proxy, "apply_schemes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    doc = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES)
+    layers = len(moe_blocks(model))
+    assert len(calls) == layers  # only the added scheme's pairs
+    assert len(doc["pairs"]) == layers * len(SCHEMES)
+    assert all(doc["pairs"][k] == v for k, v in first["pairs"].items())
+    dropped = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[1:])  # a scheme no longer asked for
+    assert len(calls) == layers and {r["scheme"] for r in dropped["pairs"].values()} == {SCHEMES[1]}

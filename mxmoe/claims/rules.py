@@ -199,12 +199,23 @@ def _r(x, nd=3):
     return None if x is None else round(float(x), nd)
 
 
+def _calibrated_note(root: Path, model: str, budget: float, gptq: float) -> str:
+    """The extension's row at ``budget`` bits (``mxmoe.stages.calibrated``), when notebook 05 has written it."""
+    path = root / model / "eval" / "calibrated.json"
+    rows = [r for r in _load(path)["rows"] if r["budget_bits"] == budget] if path.exists() else []
+    if not rows:
+        return ""
+    ppl = rows[0]["ppl"]
+    return f"; extension beside the paper (Δ calibrated to the measured damage, one budget): {ppl:.2f}, {ppl / gptq - 1:+.1%}"
+
+
 def claim_ppl_225(root, model):
     t, p = _table1(root, model)
     g, m = _ppl(t, "gptq*-2.25", p, root), _ppl(t, "mxmoe-2.25", p, root)
     red = 1 - m / g
     v = "reproduced" if red >= 0.15 else "direction" if red > 0 else "not-reproduced"
-    return dict(ours=_r(red), verdict=v, source=_rel(p, root), note=f"PPL GPTQ* {g:.2f} -> MxMoE {m:.2f}")
+    note = f"PPL GPTQ* {g:.2f} -> MxMoE {m:.2f}" + _calibrated_note(root, model, 2.25, g)
+    return dict(ours=_r(red), verdict=v, source=_rel(p, root), note=note)
 
 
 def claim_ppl_325(root, model):
@@ -212,7 +223,8 @@ def claim_ppl_325(root, model):
     g, m = _ppl(t, "gptq*-3.25", p, root), _ppl(t, "mxmoe-3.25", p, root)
     ratio = m / g
     v = "reproduced" if ratio <= 1.0 + 1e-9 else "direction" if ratio <= 1.02 else "not-reproduced"
-    return dict(ours=_r(ratio), verdict=v, source=_rel(p, root), note=f"PPL GPTQ* {g:.2f}, MxMoE {m:.2f}")
+    note = f"PPL GPTQ* {g:.2f}, MxMoE {m:.2f}" + _calibrated_note(root, model, 3.25, g)
+    return dict(ours=_r(ratio), verdict=v, source=_rel(p, root), note=note)
 
 
 def claim_w5a5_near_fp(root, model):

@@ -251,3 +251,29 @@ def proxy_table(check: dict) -> pd.DataFrame:
     rows = {f"across layers, {s}": rho for s, rho in agree["per scheme"].items()}
     rows["every (layer, scheme) pair"] = agree["all pairs"]
     return pd.Series(rows, name="Spearman ρ (proxy vs NLL increase)").to_frame()
+
+
+def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:
+    """The calibrated allocations (``mxmoe.stages.calibrated``) beside Table 1's uniform GPTQ* and the paper's
+    MxMoE at the same budget: bits, WikiText-2 test PPL, PPL relative to GPTQ* (negative = lower) and the
+    blocks per scheme of each calibrated allocation."""
+    rows = []
+    for r in calibrated:
+        b = f"{r['budget_bits']:g}"
+        g_bits, g_ppl = _t1_bits_ppl(t1, f"gptq*-{b}")
+        mix = ", ".join(f"{s} {n}" for s, n in r["blocks_per_scheme"].items() if n)
+        for label, bits, ppl, blocks in (
+            (f"GPTQ* {b} (uniform)", g_bits, g_ppl, ""),
+            (f"MxMoE {b} (paper's Δ)", *_t1_bits_ppl(t1, f"mxmoe-{b}"), ""),
+            (f"MxMoE {b}, Δ calibrated (extension)", r["w_bits"], r["ppl"], mix),
+        ):
+            rows.append(
+                {"setting": label, "bits": bits, "PPL": ppl, "vs GPTQ*": ppl / g_ppl - 1, "blocks per scheme": blocks}
+            )
+    return pd.DataFrame(rows).set_index("setting")
+
+
+def _t1_bits_ppl(t1: dict, label: str) -> tuple:
+    """(weight bits, PPL) of a Table 1 row, (nan, nan) when the profile has no such row."""
+    row = t1.get(label)
+    return (row["w_bits"], row["ppl"]) if row else (np.nan, np.nan)

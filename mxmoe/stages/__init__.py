@@ -143,6 +143,7 @@ STAGES = (
             "@repo/mxmoe/stages/evaluate.py",
             "@repo/mxmoe/stages/endtoend.py",
             "@repo/mxmoe/stages/proxy.py",
+            "@repo/mxmoe/stages/calibrated.py",
             "@repo/mxmoe/plots/endtoend.py",
             "@repo/mxmoe/plots/accuracy.py",
         ),

@@ -116,7 +116,8 @@ def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PR
 
     Windows: the first ``plan.PROXY_WINDOWS[profile.name]`` of WikiText-2 validation at the profile's sequence
     length, or random ids when ``tok`` is None (smoke). Writes
-    <results>/<model>/eval/proxy_check.json after each pair; a run with the same inputs resumes from it.
+    <results>/<model>/eval/proxy_check.json after each pair; a run with the same inputs resumes from it, and one
+    with other schemes keeps the pairs of the schemes both ask for.
     """
     n = plan.PROXY_WINDOWS[profile.name]
     if tok is None:
@@ -136,7 +137,11 @@ def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PR
     }
     path = results_dir() / profile.model / "eval" / "proxy_check.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    done = old.get("pairs") if old.get("params") == params else None
+    same = {k: v for k, v in old.get("params", {}).items() if k != "schemes"} == {
+        k: v for k, v in params.items() if k != "schemes"
+    }
+    # pairs of the same model, windows and Δ are kept for the schemes still asked (a scheme added costs its pairs)
+    done = {k: r for k, r in old["pairs"].items() if r["scheme"] in params["schemes"]} if same else None
 
     def save(pairs: dict, base: "float | None" = None) -> dict:
         doc = {"params": params, "profile": profile.name, "device": device_name(), "base_nll": base, "pairs": pairs}

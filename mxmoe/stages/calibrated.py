@@ -1,0 +1,125 @@
+"""An extension beyond the paper: the allocation's Δ calibrated to whole-model damage, one budget per model.
+
+The paper allocates on Δ, each linear block's output error measured alone. The proxy check
+(``mxmoe.stages.proxy``) measures what the whole model loses when one MoE layer takes one scheme, and on
+smollm2-moe v2 the two disagree: across layers (Σ Δ grows with depth, the damage much less) and between
+per-channel and grouped schemes (Δ rates w2 per-channel close to w2 g128, the model does not). Here each
+layer's Δ for scheme s is rescaled so that its sum over the layer's blocks equals the measured NLL
+increase of that (layer, scheme) pair: Δ still decides *which* blocks of a layer take a scheme, the
+measurement decides how much the layer and the scheme matter. Only the schemes the proxy check measured
+are offered (``plan.PROXY_SCHEMES``), under one budget for the whole model, so bits move to the layers
+whose damage is largest. The measurement runs on WikiText-2 *validation* windows with RTN; Table 1 and
+these rows measure on the test windows after GPTQ, as the paper's rows do. Reported beside the paper's
+method, never in its place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from mxmoe import plan
+from mxmoe.allocate import LayerProblem, allocation_doc, scheme_map, solve_model
+from mxmoe.baselines import allocation_config
+from mxmoe.errors import MxMoEError
+from mxmoe.files import write_json_atomic
+from mxmoe.paths import results_dir
+from mxmoe.profiles import Profile
+from mxmoe.schemes import Scheme
+from mxmoe.stages.allocation import allocation_inputs, write_allocation
+from mxmoe.stages.evaluate import evaluate_config
+
+NLL_FLOOR = 1e-3  # nats: a measured increase below it (the windows' noise, even negative) counts as this
+
+
+def calibrate(problems: "list[LayerProblem]", check: dict) -> "list[LayerProblem]":
+    """The layer problems restricted to the schemes ``check`` measured, each (layer, scheme) Δ rescaled so it sums
+    to the measured whole-model NLL increase (at least ``NLL_FLOOR``). ``check``: a ``proxy_check`` result."""
+    measured = {(p["layer"], Scheme.parse(p["scheme"])): p["nll_increase"] for p in check["pairs"].values()}
+    out = []
+    for p in problems:
+        keep = [k for k, s in enumerate(p.schemes) if (p.layer, s) in measured]
+        if not keep:
+            raise MxMoEError(
+                f"layer {p.layer}: the proxy check measured none of its schemes {[str(s) for s in p.schemes]}; "
+                "run notebook 05's proxy check with the allocation's schemes"
+            )
+        loss = p.loss[:, :, keep].copy()  # [E, 3, S']
+        for j, k in enumerate(keep):
+            total = float(loss[:, :, j].sum())
+            if total <= 0:
+                raise MxMoEError(f"layer {p.layer}, {p.schemes[k]}: Δ sums to {total}; nothing to rescale")
+            loss[:, :, j] *= max(measured[(p.layer, p.schemes[k])], NLL_FLOOR) / total
+        out.append(
+            dataclasses.replace(
+                p,
+                schemes=[p.schemes[k] for k in keep],
+                loss=loss,
+                time=p.time[:, :, keep],
+                bits=p.bits[keep],
+                params={**p.params, "calibrated_by": check["params"]},
+            )
+        )
+    return out
+
+
+def _measured(check: dict) -> dict:
+    """What the calibration measured: the proxy check's schemes, windows, their source and the quantizer."""
+    return {k: check["params"][k] for k in ("schemes", "windows", "source", "quantizer")}
+
+
+def solve_calibrated(profile: Profile, check: dict, label: str) -> dict:
+    """Solve and write the calibrated allocation ``plan.CALIBRATED[label]`` (one budget over the model, r = 1 like
+    Table 1's weight-only rows); returns its document (setting name, budget, blocks per scheme, solve time)."""
+    setting, budget = plan.CALIBRATED[label]
+    problems = calibrate(allocation_inputs(profile)[0]["weight_only"], check)
+    start = time.perf_counter()
+    choices, _ = solve_model(
+        [(p.loss, p.time, p.bits, p.size) for p in problems],
+        problems[0].bits,
+        budget,
+        1.0,
+        labels=[x for p in problems for x in p.labels],
+    )
+    doc = allocation_doc(
+        problems,
+        choices,
+        setting,
+        1.0,
+        budget,
+        global_budget=True,
+        profile=profile.name,
+        solve_seconds=round(time.perf_counter() - start, 3),
+    )
+    doc["calibrated_by"] = _measured(check)
+    write_allocation(doc)
+    return {**doc, "scheme_map": scheme_map(problems, choices)}
+
+
+def calibrated_rows(profile: Profile, check: dict, seed: int = 0) -> "list[dict]":
+    """Each allocation of ``plan.CALIBRATED`` solved, quantized like Table 1's MxMoE rows (GPTQ after a Hadamard
+    rotation) and measured (WikiText-2 test perplexity, no zero-shot): one row per label with its bits, the
+    blocks per scheme over the model and the bits of each layer. Writes <results>/<model>/eval/calibrated.json."""
+    rows = []
+    for label in plan.CALIBRATED:
+        doc = solve_calibrated(profile, check, label)
+        row = evaluate_config(allocation_config(label, seed), profile, scheme_map=doc.pop("scheme_map"), zeroshot=False)
+        counts: dict = {}
+        for layer in doc["layers"]:
+            for s, n in layer["blocks_per_scheme"].items():
+                counts[s] = counts.get(s, 0) + n
+        rows.append(
+            {
+                "label": label,
+                "setting": doc["setting"],
+                "budget_bits": doc["budget_bits"],
+                "w_bits": row["w_bits"],
+                "ppl": row["ppl"],
+                "blocks_per_scheme": counts,
+                "layer_bits": [round(x["bits"], 3) for x in doc["layers"]],
+                "solve_seconds": doc["solve_seconds"],
+            }
+        )
+    path = results_dir() / profile.model / "eval" / "calibrated.json"
+    write_json_atomic(path, {"rows": rows, "calibrated_by": _measured(check)})
+    return rows
