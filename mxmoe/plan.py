@@ -149,12 +149,26 @@ PROXY_SCHEMES = (
     "w4a16_g128_asym",
 )
 PROXY_WINDOWS = {"smoke": 2, "quick": 2, "full": 16}  # WikiText-2 validation windows per profile
-# an extension beside the paper's rows (mxmoe.stages.calibrated): Δ rescaled to the proxy check's measured
-# whole-model damage, the proxy schemes only, one budget per model; label -> (allocation setting, bits)
-CALIBRATED = {
-    "mxmoe-2.25 calibrated": ("mxmoe-2.25-calibrated", 2.25),
-    "mxmoe-3.25 calibrated": ("mxmoe-3.25-calibrated", 3.25),
-}
+
+
+@dataclass(frozen=True)
+class CalibratedSetting:
+    """An allocation of the calibrated-Δ extension (``mxmoe.stages.calibrated``) and the Table 1 rows it is set
+    beside: the uniform baseline of the same budget and the paper's allocation."""
+
+    label: str
+    name: str  # allocation setting (alloc/<name>.json)
+    budget_bits: float
+    uniform: str  # mxmoe.baselines.BASELINES name
+    paper: str  # TABLE1_MXMOE label
+
+
+# an extension beside the paper's rows: Δ rescaled to the proxy check's measured whole-model damage, the proxy
+# schemes only, one budget per model; each also quantized with RTN, as are its two comparison rows
+CALIBRATED = (
+    CalibratedSetting("mxmoe-2.25 calibrated", "mxmoe-2.25-calibrated", 2.25, "gptq*-2.25", "mxmoe-2.25"),
+    CalibratedSetting("mxmoe-3.25 calibrated", "mxmoe-3.25-calibrated", 3.25, "gptq*-3.25", "mxmoe-3.25"),
+)
 R_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)  # Figure 6 (W5A5 scheme set, 5-bit budget)
 FIG5_UNIFORM = {"fp16": "bf16", "w4a16": "w4a16_g128_asym", "w8a8": "w8a8_g-1_sym", "w4a4": "w4a4_g-1_sym"}
 FIG5_MIXED = "mxmoe-w5a5"

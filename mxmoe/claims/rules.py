@@ -205,8 +205,11 @@ def _calibrated_note(root: Path, model: str, budget: float, gptq: float) -> str:
     rows = [r for r in _load(path)["rows"] if r["budget_bits"] == budget] if path.exists() else []
     if not rows:
         return ""
-    ppl = rows[0]["ppl"]
-    return f"; extension beside the paper (Δ calibrated to the measured damage, one budget): {ppl:.2f}, {ppl / gptq - 1:+.1%}"
+    r = rows[0]
+    return (
+        f"; extension beside the paper (Δ calibrated to the measured damage, one budget): {r['ppl']:.2f}, "
+        f"{r['ppl'] / gptq - 1:+.1%}; with RTN: calibrated {r['ppl_rtn']:.4g}, uniform {r['uniform']['ppl_rtn']:.4g}"
+    )
 
 
 def claim_ppl_225(root, model):

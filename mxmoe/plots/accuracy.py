@@ -254,21 +254,30 @@ def proxy_table(check: dict) -> pd.DataFrame:
 
 
 def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:
-    """The calibrated allocations (``mxmoe.stages.calibrated``) beside Table 1's uniform GPTQ* and the paper's
-    MxMoE at the same budget: bits, WikiText-2 test PPL, PPL relative to GPTQ* (negative = lower) and the
-    blocks per scheme of each calibrated allocation."""
+    """The calibrated allocations (``mxmoe.stages.calibrated``) beside Table 1's uniform baseline and the paper's
+    MxMoE at the same budget: bits, WikiText-2 test PPL as Table 1 quantizes (GPTQ after a rotation) and with
+    RTN, each relative to the uniform row (negative = lower), and the calibrated allocation's blocks per scheme."""
     rows = []
     for r in calibrated:
         b = f"{r['budget_bits']:g}"
-        g_bits, g_ppl = _t1_bits_ppl(t1, f"gptq*-{b}")
+        g_bits, g_ppl = _t1_bits_ppl(t1, r["uniform"]["label"])
+        u_rtn = r["uniform"]["ppl_rtn"]
         mix = ", ".join(f"{s} {n}" for s, n in r["blocks_per_scheme"].items() if n)
-        for label, bits, ppl, blocks in (
-            (f"GPTQ* {b} (uniform)", g_bits, g_ppl, ""),
-            (f"MxMoE {b} (paper's Δ)", *_t1_bits_ppl(t1, f"mxmoe-{b}"), ""),
-            (f"MxMoE {b}, Δ calibrated (extension)", r["w_bits"], r["ppl"], mix),
+        for label, bits, ppl, rtn, blocks in (
+            (f"{r['uniform']['label']} (uniform)", g_bits, g_ppl, u_rtn, ""),
+            (f"MxMoE {b} (paper's Δ)", *_t1_bits_ppl(t1, r["paper"]["label"]), r["paper"]["ppl_rtn"], ""),
+            (f"MxMoE {b}, Δ calibrated (extension)", r["w_bits"], r["ppl"], r["ppl_rtn"], mix),
         ):
             rows.append(
-                {"setting": label, "bits": bits, "PPL": ppl, "vs GPTQ*": ppl / g_ppl - 1, "blocks per scheme": blocks}
+                {
+                    "setting": label,
+                    "bits": bits,
+                    "PPL, GPTQ + rotation": ppl,
+                    "vs uniform": ppl / g_ppl - 1,
+                    "PPL, RTN": rtn,
+                    "vs uniform RTN": rtn / u_rtn - 1,
+                    "blocks per scheme": blocks,
+                }
             )
     return pd.DataFrame(rows).set_index("setting")
 

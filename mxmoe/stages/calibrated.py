@@ -20,13 +20,13 @@ import time
 
 from mxmoe import plan
 from mxmoe.allocate import LayerProblem, allocation_doc, scheme_map, solve_model
-from mxmoe.baselines import allocation_config
+from mxmoe.baselines import QuantConfig, allocation_config, baseline
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.paths import results_dir
 from mxmoe.profiles import Profile
 from mxmoe.schemes import Scheme
-from mxmoe.stages.allocation import allocation_inputs, write_allocation
+from mxmoe.stages.allocation import allocation_inputs, load_allocation, write_allocation
 from mxmoe.stages.evaluate import evaluate_config
 
 NLL_FLOOR = 1e-3  # nats: a measured increase below it (the windows' noise, even negative) counts as this
@@ -68,25 +68,24 @@ def _measured(check: dict) -> dict:
     return {k: check["params"][k] for k in ("schemes", "windows", "source", "quantizer")}
 
 
-def solve_calibrated(profile: Profile, check: dict, label: str) -> dict:
-    """Solve and write the calibrated allocation ``plan.CALIBRATED[label]`` (one budget over the model, r = 1 like
-    Table 1's weight-only rows); returns its document (setting name, budget, blocks per scheme, solve time)."""
-    setting, budget = plan.CALIBRATED[label]
+def solve_calibrated(profile: Profile, check: dict, setting: plan.CalibratedSetting) -> dict:
+    """Solve and write one calibrated allocation (one budget over the model, r = 1 like Table 1's weight-only
+    rows); returns its document with the scheme map under "scheme_map"."""
     problems = calibrate(allocation_inputs(profile)[0]["weight_only"], check)
     start = time.perf_counter()
     choices, _ = solve_model(
         [(p.loss, p.time, p.bits, p.size) for p in problems],
         problems[0].bits,
-        budget,
+        setting.budget_bits,
         1.0,
         labels=[x for p in problems for x in p.labels],
     )
     doc = allocation_doc(
         problems,
         choices,
-        setting,
+        setting.name,
         1.0,
-        budget,
+        setting.budget_bits,
         global_budget=True,
         profile=profile.name,
         solve_seconds=round(time.perf_counter() - start, 3),
@@ -96,25 +95,41 @@ def solve_calibrated(profile: Profile, check: dict, label: str) -> dict:
     return {**doc, "scheme_map": scheme_map(problems, choices)}
 
 
+def _rtn_ppl(profile: Profile, label: str, scheme=None, scheme_map=None) -> float:
+    """WikiText-2 test perplexity of the model RTN-quantized with one scheme or a scheme map (no rotation)."""
+    return evaluate_config(QuantConfig(label, scheme, "rtn"), profile, scheme_map=scheme_map, zeroshot=False)["ppl"]
+
+
 def calibrated_rows(profile: Profile, check: dict, seed: int = 0) -> "list[dict]":
     """Each allocation of ``plan.CALIBRATED`` solved, quantized like Table 1's MxMoE rows (GPTQ after a Hadamard
-    rotation) and measured (WikiText-2 test perplexity, no zero-shot): one row per label with its bits, the
-    blocks per scheme over the model and the bits of each layer. Writes <results>/<model>/eval/calibrated.json."""
+    rotation) and measured (WikiText-2 test perplexity, no zero-shot); then it, the uniform baseline's scheme and
+    the paper's allocation again with RTN, which the proxy check measured with: whether the calibration fails to
+    carry over to GPTQ or fails as such. One row per setting (bits, both perplexities, blocks per scheme over the
+    model, bits per layer). Writes <results>/<model>/eval/calibrated.json."""
     rows = []
-    for label in plan.CALIBRATED:
-        doc = solve_calibrated(profile, check, label)
-        row = evaluate_config(allocation_config(label, seed), profile, scheme_map=doc.pop("scheme_map"), zeroshot=False)
+    for setting in plan.CALIBRATED:
+        doc = solve_calibrated(profile, check, setting)
+        amap = doc.pop("scheme_map")
+        row = evaluate_config(allocation_config(setting.label, seed), profile, scheme_map=amap, zeroshot=False)
+        uniform = baseline(setting.uniform).scheme
+        paper = plan.TABLE1_MXMOE[setting.paper]
         counts: dict = {}
         for layer in doc["layers"]:
             for s, n in layer["blocks_per_scheme"].items():
                 counts[s] = counts.get(s, 0) + n
         rows.append(
             {
-                "label": label,
-                "setting": doc["setting"],
-                "budget_bits": doc["budget_bits"],
+                "label": setting.label,
+                "setting": setting.name,
+                "budget_bits": setting.budget_bits,
                 "w_bits": row["w_bits"],
                 "ppl": row["ppl"],
+                "ppl_rtn": _rtn_ppl(profile, f"rtn {setting.label}", scheme_map=amap),
+                "uniform": {"label": setting.uniform, "ppl_rtn": _rtn_ppl(profile, f"rtn {uniform}", uniform)},
+                "paper": {
+                    "label": setting.paper,
+                    "ppl_rtn": _rtn_ppl(profile, f"rtn {paper}", scheme_map=load_allocation(profile.model, paper)),
+                },
                 "blocks_per_scheme": counts,
                 "layer_bits": [round(x["bits"], 3) for x in doc["layers"]],
                 "solve_seconds": doc["solve_seconds"],
