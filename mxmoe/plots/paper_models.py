@@ -47,6 +47,25 @@ def rows_of(docs: list) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+SPEEDUPS = {  # summary key -> short column heading (captured, vs bf16 grouped_mm)
+    "block": {"block_512_graph_speedup": "512", "block_8192_graph_speedup": "8192"},
+    "prefill": {"prefill_1x512_graph_speedup": "1×512", "prefill_4x2048_graph_speedup": "4×2048"},
+    "decode": {f"decode_{b}_graph_speedup": f"batch {b}" for b in (1, 16, 64)},
+}
+
+
+def speedup_table(docs: list, part: str) -> pd.DataFrame:
+    """Captured speedups over bf16 grouped_mm of one ``part`` of ``SPEEDUPS`` (MoE block, prefill or decode), one
+    row per (model, setting), narrow enough for a book page; the decode table adds expert bytes vs bf16."""
+    cols = dict(SPEEDUPS[part], **({"expert_bytes_vs_bf16": "bytes"} if part == "decode" else {}))
+    rows = [
+        {"model": d["model"], "setting": s, **{h: v.get(k) for k, h in cols.items()}}
+        for d in docs
+        for s, v in d["summary"].items()
+    ]
+    return pd.DataFrame(rows).set_index(["model", "setting"])
+
+
 def fig_whole_model(df: pd.DataFrame, prefill_shape: str = "4x2048", decode_shape: str = "batch 16"):
     """Whole-model tokens/s (captured) vs weight GiB per setting: prefill and decode panels, one row per model."""
     models = list(dict.fromkeys(df.model))
