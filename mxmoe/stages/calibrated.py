@@ -68,10 +68,11 @@ def _measured(check: dict) -> dict:
     return {k: check["params"][k] for k in ("schemes", "windows", "source", "quantizer")}
 
 
-def solve_calibrated(profile: Profile, check: dict, setting: plan.CalibratedSetting) -> dict:
-    """Solve and write one calibrated allocation (one budget over the model, r = 1 like Table 1's weight-only
-    rows); returns its document with the scheme map under "scheme_map"."""
-    problems = calibrate(allocation_inputs(profile)[0]["weight_only"], check)
+def solve_calibrated(
+    profile: Profile, problems: "list[LayerProblem]", check: dict, setting: plan.CalibratedSetting
+) -> dict:
+    """Solve and write one calibrated allocation on ``problems`` (``calibrate``'s; one budget over the model,
+    r = 1 like Table 1's weight-only rows); returns its document with the scheme map under "scheme_map"."""
     start = time.perf_counter()
     choices, _ = solve_model(
         [(p.loss, p.time, p.bits, p.size) for p in problems],
@@ -106,9 +107,10 @@ def calibrated_rows(profile: Profile, check: dict, seed: int = 0) -> "list[dict]
     the paper's allocation again with RTN, which the proxy check measured with: whether the calibration fails to
     carry over to GPTQ or fails as such. One row per setting (bits, both perplexities, blocks per scheme over the
     model, bits per layer). Writes <results>/<model>/eval/calibrated.json."""
+    problems = calibrate(allocation_inputs(profile)[0]["weight_only"], check)
     rows = []
     for setting in plan.CALIBRATED:
-        doc = solve_calibrated(profile, check, setting)
+        doc = solve_calibrated(profile, problems, check, setting)
         amap = doc.pop("scheme_map")
         row = evaluate_config(allocation_config(setting.label, seed), profile, scheme_map=amap, zeroshot=False)
         uniform = baseline(setting.uniform).scheme
