@@ -825,13 +825,13 @@ def check_correctness(
         apply_setting(model, moe_blocks(model), setting, {k: v for k, v in plan.items()})
         got = model(input_ids=ids, use_cache=False).logits
         got_block = _block_output(moe_blocks(model)[0].module(x))  # same placement: x is on the block's device
-        quantizes_acts = any(Scheme.parse(v).a_bits < 16 for v in plan.values())
+        floor = rounding_floor(x, set(plan.values()))  # None: no scheme of the plan quantizes activations
         out["cases"][setting] = {
             **compare(got, want),
             "vs_bf16": compare(got, ref_bf16)["rel"],
             "block_rel": compare(got_block, want_block)["rel"],
-            "rounding_floor": rounding_floor(x, set(plan.values())),
-            "tolerance": "activations quantized" if quantizes_acts else "weight-only",
+            "rounding_floor": floor,
+            "tolerance": "weight-only" if floor is None else "activations quantized",
         }
     apply_setting(model, moe_blocks(model), "mxmoe bf16", None)
     out["cases"]["mxmoe bf16 vs grouped_mm"] = {

@@ -137,10 +137,8 @@ def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PR
     }
     path = results_dir() / profile.model / "eval" / "proxy_check.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    same = {k: v for k, v in old.get("params", {}).items() if k != "schemes"} == {
-        k: v for k, v in params.items() if k != "schemes"
-    }
     # pairs of the same model, windows and Δ are kept for the schemes still asked (a scheme added costs its pairs)
+    same = {**old.get("params", {}), "schemes": None} == {**params, "schemes": None}
     done = {k: r for k, r in old["pairs"].items() if r["scheme"] in params["schemes"]} if same else None
 
     def save(pairs: dict, base: "float | None" = None) -> dict:
