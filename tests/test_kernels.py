@@ -16,7 +16,9 @@ import torch
 from mxmoe.bench import runs
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm
 from mxmoe.kernels.configs import TileConfig, launch_warps
+from mxmoe.kernels.pack import fragment_order
 from mxmoe.quant import quantize_weight, quantize_weight_int
+from mxmoe.quant.rtn import IntWeight
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
@@ -85,7 +87,28 @@ def test_pack_round_trip(s):
     assert torch.equal(back.q, iw.q.float() if s.fp8_weight else iw.q)
     ref = quantize_weight(w, s)
     assert ((pw.dequantize() - ref).norm() / ref.norm()) < (2e-3 if s.group_size > 0 else 1e-6)
-    assert pw.data.numel() == 40 * 384 * s.w_bits // 8  # K padded to 384, exactly w_bits per code
+    rows = 48 if fragment_order(s) else 40  # fragment order pads N to 16 rows
+    assert pw.data.numel() == rows * 384 * s.w_bits // 8  # K padded to 384, exactly w_bits per code
+
+
+def test_fragment_order_puts_a_threads_codes_together():
+    """4-bit weight-only codes: the 32 codes a wgmma thread holds for one 64-long half of a K block (rows
+    n, n + 8; K pairs 2e, 2e + 1 of every 8) are 16 contiguous bytes, position t of a word at nibble
+    4 (t % 2) + t // 2."""
+    s = Scheme.parse("w4a16_g-1_asym")
+    assert fragment_order(s) and not fragment_order(Scheme.parse("w4a8_g-1_sym"))
+    u = torch.randint(0, 16, (32, 256), dtype=torch.int32)
+    pw = pack(IntWeight(u.float(), torch.ones(32, 1), torch.zeros(32, 1), s))
+    assert torch.equal(pw.codes(), u)
+    data = pw.data.view(2, 8, 256).transpose(0, 1).reshape(8, 512).to(torch.int64)  # [N16 / 4, 2 K_pad]
+    for a, b, d, e, c in [(0, 0, 0, 0, 0), (1, 2, 1, 3, 1), (1, 3, 0, 1, 2)]:
+        start = 128 * c + 64 * d + 16 * e  # byte of position 256 c + 128 d + 32 e in byte row 4 a + b
+        chunk = data[4 * a + b, start : start + 16].view(4, 4)
+        words = (chunk << torch.tensor([0, 8, 16, 24])).sum(1).tolist()  # [4] little-endian 32-bit words
+        for i in range(32):  # position 8 w + t = 4 f + 2 g + h
+            f, g, h = i // 4, (i // 2) % 2, i % 2
+            nibble = (words[i // 8] >> (4 * (4 * (i % 8 % 2) + i % 8 // 2))) & 15
+            assert nibble == int(u[16 * a + 8 * g + 2 * b + d, 64 * c + 8 * f + 2 * e + h])
 
 
 def test_pack_stores_8bit_sym_as_int8():

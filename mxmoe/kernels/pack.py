@@ -13,6 +13,16 @@ Layout (what ``group_gemm`` reads):
   byte ``r % (16 p)`` of that block's ``16 p`` bytes, at bit ``(r // (16 p)) * p``: a tile of K
   reads contiguous bytes (16-byte loads) and a few shifts unpack it. Planes follow each other in
   one uint8 buffer, each ``[N, K_pad * p / 8]``.
+* 4-bit weight-only integer schemes (``w4a16_*``, the memory-bound case) instead store their codes in
+  *fragment order*, ``[K_pad / 128, N16 / 4, 256]`` bytes (``N16`` = N rounded up to 16, zero codes in
+  the extra rows): per 128-long K block, 256 bytes for each *byte row*. Output row
+  ``n = 16a + 8g + 2b + d`` and K index ``k = 128 kb + 64c + 8f + 2e + h`` go to byte row ``4a + b`` of
+  block ``kb`` at nibble position ``q = 128d + 32e + 4f + 2g + h + 256c``: a thread of the warpgroup MMA
+  that holds rows ``n, n + 8`` and the K pairs ``2e, 2e + 1`` of every 8 finds the 32 codes of each
+  64-long half of a K block in 16 contiguous bytes (one 16-byte load), and a tile of BN rows reads
+  ``BN * 64`` contiguous bytes per K block. Inside each 32-bit word the 8 positions ``t`` sit at nibbles
+  ``4 (t % 2) + t // 2``, so one shift and one logic op turn a word into two bf16 pairs
+  (``triton_kernel._fragment_values``).
 * fp8 schemes with e4m3 weights (``w8a*_g-1_sym_fp8``): the 8-bit plane holds the e4m3 bit pattern;
   narrower fp8 schemes (``w4a8_g128_sym_fp8``) store symmetric integer codes like the integer schemes.
 * scales and zero points: ``[n_groups, N]`` (transposed, so a tile's scales are contiguous);
@@ -62,7 +72,8 @@ def check_kernel_scheme(s: Scheme) -> None:
 class PackedWeight:
     """One expert's weight in kernel storage (see the module docstring for the layout).
 
-    data:  bf16 [N, K] for the bf16 scheme, else uint8 [sum over planes of N * K_pad * p / 8]
+    data:  bf16 [N, K] for the bf16 scheme, uint8 [N16 * K_pad / 2] in fragment order for 4-bit
+           weight-only codes, else uint8 [sum over planes of N * K_pad * p / 8]
     scale: [n_groups, N] float16 (grouped) / float32 (per channel); None for bf16
     zero:  like ``scale`` for asymmetric schemes, else None
     """
@@ -97,6 +108,8 @@ class PackedWeight:
     def codes(self) -> torch.Tensor:
         """Unpack the stored codes ``u`` [N, K] (int32; e4m3 bit patterns for e4m3 weights)."""
         s, n, kp = self.scheme, self.n, self.k_pad
+        if fragment_order(s):
+            return _fragment_unpack(self.data, n, kp)[:, : self.k]
         u = torch.zeros(n, kp, dtype=torch.int32, device=self.device)
         start, low = 0, 0
         for p in planes_of(s.w_bits):
@@ -128,6 +141,43 @@ class PackedWeight:
         if self.scheme.is_full_precision:
             return self.data.float()
         return self.int_weight().dequantize(torch.float32)
+
+
+def fragment_order(s: Scheme) -> bool:
+    """True when the codes of scheme ``s`` are stored in fragment order (4-bit weight-only integer)."""
+    return s.weight_only and s.fmt == "int" and s.w_bits == 4
+
+
+def fragment_rows(n: int) -> int:
+    """Output rows of fragment-order storage: ``n`` rounded up to 16."""
+    return -(-n // 16) * 16
+
+
+_SLOT = torch.tensor([4 * (t % 2) + t // 2 for t in range(8)])  # nibble of position t of a 32-bit word
+
+
+def _fragment_pack(u: torch.Tensor) -> torch.Tensor:
+    """u: [N, K_pad] int32 4-bit codes -> uint8 [K_pad / 128, N16 / 4, 256] in fragment order (module docstring)."""
+    n, kp = u.shape
+    n16 = fragment_rows(n)
+    u = torch.nn.functional.pad(u, (0, 0, 0, n16 - n))  # [N16, K_pad]
+    v = u.view(n16 // 16, 2, 4, 2, kp // 64, 8, 4, 2)  # [a, g, b, d, c, f, e, h]
+    v = v.permute(0, 2, 4, 3, 6, 5, 1, 7).reshape(n16 // 4, kp // 2, 8)  # [row 4a + b, word, position t]
+    word = (v.to(torch.int64) << (4 * _SLOT.to(u.device))).sum(-1)  # [N16 / 4, K_pad / 2]
+    byte = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1)  # little-endian bytes
+    byte = byte.to(torch.uint8).reshape(n16 // 4, kp // 128, 256)  # [byte row, K block, 256]
+    return byte.transpose(0, 1).contiguous()
+
+
+def _fragment_unpack(data: torch.Tensor, n: int, kp: int) -> torch.Tensor:
+    """Inverse of ``_fragment_pack``: the codes [N, K_pad] int32."""
+    n16 = fragment_rows(n)
+    byte = data.view(kp // 128, n16 // 4, 256).transpose(0, 1).reshape(n16 // 4, kp // 2, 4).to(torch.int64)
+    word = sum(byte[..., i] << (8 * i) for i in range(4))  # [N16 / 4, K_pad / 2]
+    v = (word[..., None] >> (4 * _SLOT.to(data.device))) & 15  # [N16 / 4, K_pad / 2, 8]
+    v = v.view(n16 // 16, 4, kp // 64, 2, 4, 8, 2, 2)  # [a, b, c, d, e, f, g, h]
+    v = v.permute(0, 6, 1, 3, 2, 5, 4, 7).reshape(n16, kp)  # [a, g, b, d, c, f, e, h]
+    return v[:n].to(torch.int32)
 
 
 def _signed_bytes(s: Scheme) -> bool:
@@ -188,4 +238,8 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
     zero = None if s.symmetric else iw.zero.t().to(sdt).contiguous()
     if _signed_bytes(s):
         u = u ^ 0x80
-    return PackedWeight(s, n, k, _pack_codes(u, s.w_bits, k_pad), scale, zero)
+    if fragment_order(s):
+        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k))).reshape(-1)
+    else:
+        data = _pack_codes(u, s.w_bits, k_pad)
+    return PackedWeight(s, n, k, data, scale, zero)

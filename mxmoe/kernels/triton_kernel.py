@@ -88,9 +88,12 @@ def _plane(
 
 
 @triton.jit
-def _nibble_bytes(w_ptr, kb, rn, n_mask, KP):
-    """Bytes [BN, 64] (uint8) of a 4-bit-only code (w4) for 128-long K block kb, output channels rn."""
-    return tl.load(w_ptr + rn[:, None] * (KP // 2) + kb * 64 + tl.arange(0, 64)[None, :], mask=n_mask[:, None], other=0)
+def _fragment_bytes(w_ptr, kb, rq, N):
+    """Bytes [BN / 4, 256] (uint8) of fragment-order 4-bit codes (pack.py) for 128-long K block kb: byte rows
+    rq (the tile's output rows 16 a .. 16 a + 15 are byte rows 4 a .. 4 a + 3), contiguous in memory."""
+    rows = tl.cdiv(N, 16) * 4  # byte rows per K block
+    ptrs = w_ptr + (kb * rows).to(tl.int64) * 256 + rq[:, None] * 256 + tl.arange(0, 256)[None, :]
+    return tl.load(ptrs, mask=(rq < rows)[:, None], other=0)
 
 
 @triton.jit
@@ -136,31 +139,42 @@ def _codes(
 
 
 @triton.jit
-def _nibble_values(b, INTERPRET: tl.constexpr):
-    """Bytes b [BN, 64] (uint8) of a 4-bit plane -> (lo, hi) [BN, 64]: 128 + the code of K row i (low
-    nibble) and of K row 64 + i (high nibble); bf16 (float32 under the interpreter), exact.
+def _fragment_values(b, INTERPRET: tl.constexpr):
+    """Bytes b [R, 256] of fragment-order 4-bit codes -> 128 + code [4 R, 128] in (output row, K) order;
+    bf16 (float32 under the interpreter), exact.
 
-    On the GPU, inline PTX turns two bytes into two bf16 pairs with one byte permute, one shift and two
-    3-input logic ops (``bits(0x4300 | u) = 128 + u``): about 1.25 instructions per weight with the
-    shared-memory load, where Triton's per-element shifts, masks and repacking took about 2.3."""
+    On the GPU, inline PTX turns each 32-bit word (8 codes, nibble 4 (t % 2) + t // 2 holding position t)
+    into four bf16 pairs (positions 0-1, 2-3, 4-6, 6-7) with three shifts and four 3-input logic ops
+    (``bits(0x4300 | u) = 128 + u``); the reshapes then undo the fragment order (pack.py), and on the
+    GPU they leave every thread holding the wgmma A fragment it loaded (no data moves)."""
+    R: tl.constexpr = b.shape[0]
     if INTERPRET:
-        return (b & 15).to(tl.float32) + 128.0, (b >> 4).to(tl.float32) + 128.0
+        word = tl.sum(tl.reshape(b.to(tl.int32), [R, 64, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # [R, 64]
+        t = tl.arange(0, 8)
+        v = ((word[:, :, None] >> (4 * (4 * (t % 2) + t // 2))[None, None, :]) & 15).to(tl.float32) + 128.0
+        v = tl.reshape(v, [R, 512])  # [R, 64 words x 8 positions]
     else:
-        return tl.inline_asm_elementwise(
+        p03, p47 = tl.inline_asm_elementwise(
             asm="""{
             .reg .b32 t;
-            cvt.u32.u16 t, $2;
-            prmt.b32 t, t, 0, 0x7170;
-            lop3.b32 $0, t, 0x000f000f, 0x43004300, 0xea;
-            shr.b32 t, t, 4;
+            lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;
+            shr.b32 t, $4, 4;
             lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
+            shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
+            shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
             }""",
-            constraints="=r,=r,h",
+            constraints="=r,=r,=r,=r,r",
             args=[b],
             dtype=(tl.bfloat16, tl.bfloat16),
             is_pure=True,
-            pack=2,
-        )
+            pack=4,
+        )  # [R, 256] each: positions 0-3 / 4-7 of word j at 4 j .. 4 j + 3
+        v = tl.reshape(tl.permute(tl.reshape(tl.join(p03, p47), [R, 64, 4, 2]), (0, 1, 3, 2)), [R, 512])
+    # position q = 256 c + 128 d + 32 e + 4 f + 2 g + h of byte row 4 a + b is row 16 a + 8 g + 2 b + d, K 64 c + 8 f + 2 e + h
+    v = tl.permute(tl.reshape(v, [R // 4, 4, 2, 2, 4, 8, 2, 2]), (0, 6, 1, 3, 2, 5, 4, 7))
+    return tl.reshape(v, [4 * R, 128])
 
 
 @triton.jit
@@ -301,21 +315,23 @@ def _tile(
             # shared memory) and few rows fill its N.
             if SWAP:
                 acc = tl.zeros([BN, BM], dtype=tl.float32)
-            # NIB: 4-bit codes of the transposed tile, unpacked two at a time (_nibble_values) into
-            # v = 128 + u = q + 128 + OFF, then w = s (v - 128 - OFF) + zr (the subtraction is exact).
-            NIB: tl.constexpr = KIND == 1 and WBITS == 4 and SWAP
+            # FRAG: 4-bit integer codes in fragment order (pack.py), unpacked by _fragment_values into
+            # v = 128 + u = q + 128 + OFF [BN, 128], then w = s (v - 128 - OFF) + zr (the subtraction is exact),
+            # one K=128 dot per block.
+            FRAG: tl.constexpr = KIND == 1 and WBITS == 4
             # PREFETCH: per-group scales of block kb + 1 are loaded during block kb. Triton does not pipeline
             # loads this small, and on short tiles (few rows, memory-bound) a load at the point of use stalls
             # every block; tall tiles hide it behind their MMA work and lose registers to the prefetch.
             PREFETCH: tl.constexpr = GROUP > 0 and BM <= 64
             nkb = tl.cdiv(K, 128)
+            rq = (local // mt) * (BN // 4) + tl.arange(0, BN // 4)  # [BN / 4] byte rows of fragment-order codes
             if GROUP < 0:
                 sc, zr = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float32, SYM, OFF, cdt)
             elif PREFETCH:
                 sc_next, zr_next = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
             for kb in tl.range(0, nkb, num_stages=STAGES):
-                if NIB:
-                    lo, hi = _nibble_values(_nibble_bytes(wp, kb, rn, n_mask, KP), INTERPRET)
+                if FRAG:
+                    v = _fragment_values(_fragment_bytes(wp, kb, rq, N), INTERPRET)  # [BN, 128]
                 else:
                     b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8, SWAP, SIGNED)
                     b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
@@ -337,22 +353,19 @@ def _tile(
                     )
                 elif GROUP > 0:
                     sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
-                # NIB with group scales: one K=128 dot per block (low nibbles: K rows 0-63, high: 64-127), so one
-                # wgmma stays in flight; per-channel NIB keeps two 64-row dots, which ran faster there (module doc)
-                if NIB and GROUP > 0:
-                    a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128, K, 128, True)  # [128, BM]
-                    w_lo = _scaled(lo.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
-                    w_hi = _scaled(hi.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
-                    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), [BN, 128])  # [BN, 128]
-                    acc = tl.dot(w, a.to(cdt), acc)
+                if FRAG:
+                    w = _scaled(v.to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 128]
+                    if SWAP:
+                        a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128, K, 128, True)  # [128, BM]
+                        acc = tl.dot(w, a.to(cdt), acc)
+                    else:
+                        a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128, K, 128)  # [BM, 128]
+                        acc = tl.dot(a.to(cdt), tl.trans(w), acc)
                 else:
                     for j in tl.static_range(NSL):
                         a = _load_x(x_ptr, rm, m_mask, stride_xm, kb * 128 + j * CW, K, CW, SWAP)  # [BM, CW] / [CW, BM]
-                        if NIB:
-                            w = _scaled((lo if j == 0 else hi).to(cdt) - (128 + OFF), sc, zr, SYM, True)  # [BN, 64]
-                        else:
-                            u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
-                            w = _dequant(u, sc, zr, KIND, WBITS, OFF, SYM, SWAP, cdt, INTERPRET)
+                        u = _codes(b8, b4, b2, b1, j, WBITS, CW, BN, SWAP)  # [CW, BN] / [BN, CW]
+                        w = _dequant(u, sc, zr, KIND, WBITS, OFF, SYM, SWAP, cdt, INTERPRET)
                         if SWAP:
                             acc = tl.dot(w, a.to(cdt), acc)
                         else:
