@@ -251,12 +251,12 @@ def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
     """``bench --table-dir`` writes kernels/<gpu>.json from the run: the committed H100 run -> nvidia_h100.json."""
     from mxmoe.bench.cost_table import write_table
 
-    run = ROOT / "results" / "kernels" / "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json"
+    run = ROOT / "results" / "kernels" / runs.COUNTED[1]
     out = write_table([run], tmp_path / "kernels")
     assert out.name == "nvidia_h100.json" and not list(out.parent.glob("*.tmp"))
     table = json.loads(out.read_text())
-    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == "50dfdc6"
-    assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe", "deepseek-v2-lite"}
+    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == "0d2f03a"
+    assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe", "smollm2-moe", "smollm2-moe-shared"}
 
 
 @pytest.mark.parametrize("rows", [1, 20, 50, 500])
@@ -318,11 +318,10 @@ def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path
     from mxmoe.kernels.version import kernel_fingerprint
     from mxmoe.perfmodel import read_table
 
-    run = json.loads(
-        (ROOT / "results" / "kernels" / "bench_NVIDIA_H100_80GB_HBM3_50dfdc6_qwen-deepseek.json").read_text()
-    )
+    run = json.loads((ROOT / "results" / "kernels" / runs.COUNTED[1]).read_text())
+    del run["provenance"]["kernel"]  # a run from before kernels were fingerprinted
     old = read_table(write_table([_write(tmp_path / "old.json", run)], tmp_path / "a"))
-    assert old.kernel is None and "50dfdc6" in old.kernel_note and "fingerprinted" in old.kernel_note
+    assert old.kernel is None and "0d2f03a" in old.kernel_note and "fingerprinted" in old.kernel_note
     run["provenance"]["kernel"] = kernel_fingerprint()
     now = read_table(write_table([_write(tmp_path / "now.json", run)], tmp_path / "b"))
     assert now.kernel == kernel_fingerprint() and now.kernel_note is None
@@ -342,3 +341,12 @@ def test_kernel_fingerprint_counts_code_not_comments_or_docs():
     src = 'def f(x):\n    """Doc."""\n    return x + 1  # note\n'
     assert _code(src) == _code("def f(x):\n    return x + 1\n")
     assert _code(src) != _code("def f(x):\n    return x + 2\n")
+    assert _code(src) == "deff(x):returnx+1"  # the text itself: the same on every Python version
+
+
+def test_committed_h100_table_is_the_installed_kernels():
+    """The H100 table the allocations read was measured on the kernel this checkout runs."""
+    from mxmoe.perfmodel import load_table
+
+    table = load_table("nvidia_h100")
+    assert table.kernel_note is None, table.kernel_note

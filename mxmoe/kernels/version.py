@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
+import re
+import tokenize
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,19 +21,32 @@ SOURCES = ("triton_kernel.py", "configs.py", "group_gemm.py", "act_quant.py", "p
 
 
 def _code(source: str) -> str:
-    """The syntax tree of ``source`` without docstrings: comments, formatting and docs do not count."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
+    """The code of ``source`` without docstrings, comments or whitespace: comments, formatting and docs do not
+    count, and the result is the same on every Python version (a syntax-tree dump is not: its fields change
+    between versions, so a table measured under one Python would look foreign under another)."""
+    lines = source.encode().splitlines(keepends=True)  # ast offsets count UTF-8 bytes
+    spans = []  # ((line, byte col), (line, byte col)) to leave out
+    for node in ast.walk(ast.parse(source)):
         body = getattr(node, "body", None)
-        if (
-            isinstance(body, list)
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-        ):
-            if isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, include_attributes=False)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            doc = body[0]
+            if isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+                spans.append(((doc.lineno, doc.col_offset), (doc.end_lineno, doc.end_col_offset)))
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            (row, col), text = tok.start, tok.line
+            start = len(text[:col].encode())
+            spans.append(((row, start), (row, start + len(tok.string.encode()))))
+    keep = bytearray()
+    for row, line in enumerate(lines, start=1):
+        mask = bytearray(line)
+        for (r0, c0), (r1, c1) in spans:
+            if r0 <= row <= r1:
+                lo = c0 if row == r0 else 0
+                hi = c1 if row == r1 else len(line)
+                mask[lo:hi] = b" " * (hi - lo)
+        keep += mask
+    return re.sub(r"\s+", "", keep.decode())
 
 
 @lru_cache(maxsize=1)
