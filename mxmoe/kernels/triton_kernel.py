@@ -28,16 +28,15 @@ weight is the dot's A operand, which wgmma reads from registers (B must sit in s
 a few token rows fill the MMA's N instead of padding its M to 64.
 
 Packed weights are read one 128-long K block at a time: each bit plane's bytes are loaded once and
-unpacked with compile-time shifts into slices of ``16 * widest plane`` K rows (64 rows for 4-bit),
-one dot per slice, so no byte is loaded twice. Codes become bf16 without an int->float convert:
-``bits(0x4300 | u) = 128 + u`` for ``u < 128``, then one exact bf16 subtraction and one fused
-multiply-add with the group's scale and zero point (rounded to the dot type, like the weight).
-4-bit weight-only codes of a transposed tile (w4a16, the memory-bound decode case) are unpacked by
-inline PTX, two bytes into two bf16 pairs at a time (``_nibble_values``). With group scales (g128) the
-two 64-row slices of a block are joined into one K=128 dot: with two chained dots per block Triton's
-pipeliner waits for each wgmma, with one it keeps one in flight (``mxmoe bench sass`` shows the waits);
-3-9% faster on an H200 at 512 tokens, where per-channel (g-1) codes ran 3-5% slower joined and keep
-two dots (``results/kernels/NOTES.md``).
+unpacked with compile-time shifts into slices of ``16 * widest plane`` K rows, one dot per slice, so no
+byte is loaded twice. Codes become bf16 without an int->float convert: ``bits(0x4300 | u) = 128 + u`` for
+``u < 128``, then one exact bf16 subtraction and one fused multiply-add with the group's scale and zero
+point (rounded to the dot type, like the weight).
+4-bit weight-only codes (w4a16, the memory-bound case) are stored in wgmma fragment order instead
+(``pack.py``): each thread loads the 64 codes of its A fragment for a K block with 16-byte loads, inline
+PTX turns every 32-bit word into four bf16 pairs (7 instructions per 8 codes), and reshapes that the
+compiler resolves without moving data restore the [BN, 128] tile for one K=128 dot per block
+(``_fragment_values``; results/kernels/NOTES.md has the timings).
 
 Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
 values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
@@ -144,9 +143,10 @@ def _fragment_values(b, INTERPRET: tl.constexpr):
     bf16 (float32 under the interpreter), exact.
 
     On the GPU, inline PTX turns each 32-bit word (8 codes, nibble 4 (t % 2) + t // 2 holding position t)
-    into four bf16 pairs (positions 0-1, 2-3, 4-6, 6-7) with three shifts and four 3-input logic ops
-    (``bits(0x4300 | u) = 128 + u``); the reshapes then undo the fragment order (pack.py), and on the
-    GPU they leave every thread holding the wgmma A fragment it loaded (no data moves)."""
+    into four bf16 pairs (positions 0-1, 2-3, 4-5, 6-7) with three shifts and four 3-input logic ops
+    (``bits(0x4300 | u) = 128 + u``); the reshapes then undo the fragment order (pack.py). On sm_90a the
+    compiler keeps every thread's values where they were loaded: the K loop reads the codes with four
+    16-byte shared-memory loads per thread and shuffles none of them (``mxmoe bench sass``)."""
     R: tl.constexpr = b.shape[0]
     if INTERPRET:
         word = tl.sum(tl.reshape(b.to(tl.int32), [R, 64, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # [R, 64]
