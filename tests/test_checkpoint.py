@@ -47,12 +47,12 @@ MIX = [
 ]
 
 
-def mixed_map(model) -> dict:
-    """A scheme per (layer, expert, block) cycling through MIX; gate and up share one (the kernel fuses them)."""
+def mixed_map(model, mix: "list[str]" = MIX) -> dict:
+    """A scheme per (layer, expert, block) cycling through ``mix``; gate and up share one (the kernel fuses them)."""
     out = {}
     for b in moe_blocks(model):
         for i, e in enumerate(expert_ids(b)):
-            gu, dn = Scheme.parse(MIX[(b.layer + i) % len(MIX)]), Scheme.parse(MIX[(b.layer + i + 3) % len(MIX)])
+            gu, dn = Scheme.parse(mix[(b.layer + i) % len(mix)]), Scheme.parse(mix[(b.layer + i + 3) % len(mix)])
             out.update({(b.layer, e, "gate"): gu, (b.layer, e, "up"): gu, (b.layer, e, "down"): dn})
     return out
 
@@ -264,37 +264,55 @@ def test_open_model_takes_a_checkpoint_folder(tmp_path):
 
 
 def test_smollm2_moe_round_trip(tmp_path):
-    """The embedded model (tied embeddings, K = 576 with a short last g128 group, a tokenizer) when it is built."""
+    """The embedded model (tied embeddings, K = 576 with a short last g128 group, a tokenizer) when it is built.
+
+    Every MoE block of the loaded model gives its in-memory twin's output on the same input (1.3e-7 apart,
+    summation order). Whole-model logits are compared for weight-only blocks only: with 4-bit activations a
+    difference that small now and then moves a value across a rounding boundary of the activation grid, and
+    over 30 quantized MoE layers those flips compound (a mixed plan's logits measured 24% apart)."""
+    from mxmoe.checkpoint import open_model
     from mxmoe.models import load_model, smollm2
 
     if not smollm2.is_built():
         pytest.skip("smollm2-moe is not built (mxmoe model build)")
-    model, tok = load_model("smollm2-moe", build=False, device="cpu")
-    base = {"id": "smollm2-moe", "sha256": weights_sha256(model)}
-    config = type(model.config).from_dict(model.config.to_dict())
-    plan = mixed_map(model)
-    weights = rtn_weights(model, plan)
-    apply_schemes(model, plan, weights=weights)
-    out = save_checkpoint(
-        tmp_path / "ck",
-        model,
-        plan,
-        weights,
-        {"base": base, "online_hadamard": False},
-        base_config=config,
-        tokenizer=tok,
-        progress=False,
-    )
-    assert read_manifest(out)["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    from mxmoe.checkpoint import open_model
-
-    loaded, tok2 = open_model(str(out), device="cpu")
-    x = tok("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids  # [1, n]
-    with torch.no_grad():
-        want, got = model(x).logits, loaded(x).logits
-    # weight-only blocks alone match to 1e-6; with 4-bit and fp8 activations one code that rounds the other way
-    # in a late MoE layer moves the logits by ~1e-3 (measured 9.3e-4: the paths sum in different orders)
-    assert tok2 is not None and float((got - want).norm() / want.norm()) < 5e-3
+    text = "The quick brown fox jumps over the lazy dog"
+    for name, mix in (("weight-only", [m for m in MIX if Scheme.parse(m).weight_only]), ("mixed", MIX)):
+        model, tok = load_model("smollm2-moe", build=False, device="cpu")
+        base = {"id": "smollm2-moe", "sha256": weights_sha256(model)}
+        config = type(model.config).from_dict(model.config.to_dict())
+        plan = mixed_map(model, mix)
+        weights = rtn_weights(model, plan)
+        apply_schemes(model, plan, weights=weights)
+        out = save_checkpoint(
+            tmp_path / name,
+            model,
+            plan,
+            weights,
+            {"base": base, "online_hadamard": False},
+            base_config=config,
+            tokenizer=tok,
+            progress=False,
+        )
+        assert read_manifest(out)["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        loaded, tok2 = open_model(str(out), device="cpu")
+        assert tok2 is not None
+        x = tok(text, return_tensors="pt").input_ids  # [1, n]
+        inputs = {}  # layer -> the input of its MoE block in the in-memory model's forward
+        hooks = [
+            b.module.register_forward_pre_hook(lambda m, i, layer=b.layer: inputs.update({layer: i[0]}))
+            for b in moe_blocks(model)
+        ]
+        with torch.no_grad():
+            want, got = model(x).logits, loaded(x).logits
+            for h in hooks:
+                h.remove()
+            for b, lb in zip(moe_blocks(model), moe_blocks(loaded)):
+                h = inputs[b.layer]  # [1, n, H]
+                ref, out_b = b.module(h), lb.module(h)
+                ref, out_b = (ref[0], out_b[0]) if isinstance(ref, tuple) else (ref, out_b)
+                assert float((out_b - ref).norm() / ref.norm()) < 1e-5, (name, b.layer)
+        if name == "weight-only":
+            assert float((got - want).norm() / want.norm()) < 1e-5
 
 
 def test_full_precision_weights_can_be_saved_in_bf16(tmp_path):
