@@ -321,9 +321,9 @@ def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
             "512 tok, Qwen1.5/DeepSeek: w4a16 >= 70% of HBM on weight bytes",
             rng(w4, "{:.0%}"),
             met(w4, 0.7),
-            "unpacking is down to ~1 instruction per weight (inline PTX), but the unpacked weight is "
-            "wgmma's register operand and Triton waits for each such wgmma before unpacking the next slice, and half "
-            "of the MMA's N=64 is padding at ~34 rows per expert; tile heights fitted per expert did not help (NOTES.md)",
+            "codes in wgmma fragment order, 16-byte loads and a 7-instruction upcast per 8 weights; ncu shows a "
+            "latency-bound loop (2 programs of 4 warps per SM at 221 registers, 4.4 cycles per issued instruction) "
+            "whose g128 scales still cross shared memory behind 5 barriers per K block (NOTES.md)",
         ),
         (
             "512 tok, Qwen1.5/DeepSeek: mix4.25 (w4a16+w8a8) >= 2.5x torch bf16",
