@@ -110,6 +110,15 @@ def main() -> None:
     cases["k32_mixed"] = _compare(torch.randn(sum(rows), 32), _offsets(rows), pws)
     pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a8_g128_sym_fp8", "bf16", "w4a8_g-1_sym_fp8"])]
     cases["k32_w4a8_fp8"] = _compare(torch.randn(sum(rows), 32), _offsets(rows), pws)
+    # N = 40 (fragment-order 4-bit codes pad N to 48 rows; a tile past them reads nothing) and K = 320 (padded to 384),
+    # swapped and plain tiles
+    rows = [5, 0, 12, 1]
+    w4 = ["w4a16_g128_asym", "w4a16_g-1_sym", "w4a16_g-1_asym", "bf16"]
+    pws = [pack(w, s) for w, s in zip(_weights(40, 320, len(rows)), w4)]
+    x = torch.randn(sum(rows), 320)
+    cases["w4a16_ragged_n"] = _compare(x, _offsets(rows), pws)
+    configs = {s: TileConfig(32, 32, 128, 1, swap_ab=False) for s in w4[:3]}
+    cases["w4a16_ragged_n_unswapped"] = _compare(x, _offsets(rows), pws, configs=configs)
     # already-quantized weights (as GPTQ hands them over): codes moved off the RTN choice run as given
     rows, ints = [4, 9], []
     for w, s in zip(_weights(64, 256, 2), ["w3a16_g128_asym", "w4a8_g-1_sym"]):

@@ -43,6 +43,8 @@ INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + [
     "tall_swapped_grouped",
     "swapped_mixed_fp8_weight_only",
     "k32_mixed",
+    "w4a16_ragged_n",
+    "w4a16_ragged_n_unswapped",
     "intweight",
     "moe_experts_forward",
     "hf_qwen2moe_bf16_vs_eager",
