@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -1145,7 +1146,7 @@ def run(
                 )
                 if k in d
             }
-            alloc_meta[s]["blocks_per_scheme"] = _count_schemes(d["rows"])
+            alloc_meta[s]["blocks_per_scheme"] = dict(Counter(r["scheme"] for r in d["rows"]))
             alloc_meta[s]["sensitivity_stand_in"] = d.get("sensitivity_stand_in")
     doc = {
         "schema": SCHEMA_VERSION,
@@ -1287,13 +1288,6 @@ def run(
     return doc
 
 
-def _count_schemes(rows: list) -> dict:
-    out: dict = {}
-    for r in rows:
-        out[r["scheme"]] = out.get(r["scheme"], 0) + 1
-    return out
-
-
 @torch.no_grad()
 def _reached_profile(model, blocks: list, ids: torch.Tensor) -> list:
     """Max/min routed tokens per expert of every MoE layer in one forward of ``ids`` (None: an idle expert)."""
@@ -1342,7 +1336,7 @@ def main(argv=None) -> None:
         for s, d in docs.items():
             print(
                 f"{s}: {d['predicted']['bits']:.3f} bits, predicted {d['predicted']['T_ms']:.3f} ms, "
-                f"solved in {d['solve_seconds']:.1f} s, {_count_schemes(d['rows'])}"
+                f"solved in {d['solve_seconds']:.1f} s, {dict(Counter(r['scheme'] for r in d['rows']))}"
             )
         return
     with contextlib.suppress(AttributeError):

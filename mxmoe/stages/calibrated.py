@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 
 from mxmoe import plan
 from mxmoe.allocate import LayerProblem, allocation_doc, scheme_map, solve_model
@@ -115,10 +116,9 @@ def calibrated_rows(profile: Profile, check: dict, seed: int = 0) -> "list[dict]
         row = evaluate_config(allocation_config(setting.label, seed), profile, scheme_map=amap, zeroshot=False)
         uniform = baseline(setting.uniform).scheme
         paper = plan.TABLE1_MXMOE[setting.paper]
-        counts: dict = {}
+        counts = Counter()  # blocks per scheme over the model (update keeps schemes no block took)
         for layer in doc["layers"]:
-            for s, n in layer["blocks_per_scheme"].items():
-                counts[s] = counts.get(s, 0) + n
+            counts.update(layer["blocks_per_scheme"])
         rows.append(
             {
                 "label": setting.label,
@@ -132,7 +132,7 @@ def calibrated_rows(profile: Profile, check: dict, seed: int = 0) -> "list[dict]
                     "label": setting.paper,
                     "ppl_rtn": _rtn_ppl(profile, f"rtn {paper}", scheme_map=load_allocation(profile.model, paper)),
                 },
-                "blocks_per_scheme": counts,
+                "blocks_per_scheme": dict(counts),
                 "layer_bits": [round(x["bits"], 3) for x in doc["layers"]],
                 "solve_seconds": doc["solve_seconds"],
             }
