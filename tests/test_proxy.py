@@ -7,6 +7,7 @@ import torch
 from tiny import fresh
 
 from mxmoe import plan
+from mxmoe.errors import MxMoEError
 from mxmoe.models import moe_blocks
 from mxmoe.profiles import get_profile
 from mxmoe.sensitivity import compute_sensitivity, sensitivity_array
@@ -44,11 +45,12 @@ def test_layer_swap_measures_every_layer_and_scheme(setup):
     assert out["base_nll"] == pytest.approx(proxy.mean_nll(model, windows))
 
 
-def test_layer_swap_keeps_pairs_done(setup, monkeypatch):
+def test_layer_swap_keeps_pairs_done(setup):
     model, windows, sens = setup
     first = proxy.layer_swap(model, windows, sens, SCHEMES[:1])
-    monkeypatch.setattr(proxy, "apply_schemes", lambda *a, **k: pytest.fail("a pair measured before ran again"))
-    again = proxy.layer_swap(model, windows, sens, SCHEMES[:1], done=first["pairs"])
+    again = proxy.layer_swap(
+        model, windows, sens, SCHEMES[:1], lambda *a: pytest.fail("a pair measured before ran again"), first["pairs"]
+    )
     assert again["pairs"] == first["pairs"]
 
 
@@ -93,3 +95,32 @@ def test_proxy_check_with_another_scheme_measures_only_its_pairs(setup, tmp_path
     assert all(doc["pairs"][k] == v for k, v in first["pairs"].items())
     dropped = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[1:])  # a scheme no longer asked for
     assert len(calls) == layers and {r["scheme"] for r in dropped["pairs"].values()} == {SCHEMES[1]}
+
+
+def test_proxy_check_with_gptq_quantizes_as_table1(setup, tmp_path, monkeypatch):
+    """The GPTQ check quantizes each layer with Table 1's MxMoE recipe, into its own file beside the RTN one."""
+    model, _, sens = setup
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    profile = get_profile("smoke")
+    recipes = []
+    real = proxy.quantize
+
+    def recording(m, config, calib, scheme_map, **k):
+        recipes.append((config, calib.shape, {key[0] for key in scheme_map}))
+        return real(m, config, calib, scheme_map, **k)
+
+    monkeypatch.setattr(proxy, "quantize", recording)
+    rtn = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[:1])
+    gptq = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[:1], quantizer="gptq", seed=3)
+    layers = [b.layer for b in moe_blocks(model)]
+    assert [layer for *_, (layer,) in recipes] == layers  # one GPTQ per pair, of that layer's blocks only
+    config, shape, _ = recipes[0]
+    assert (config.method, config.hadamard, config.seed) == ("gptq", True, 3)
+    assert list(shape) == [profile.calib_windows, profile.calib_seqlen]
+    assert gptq["params"]["quantizer"] == "gptq" and gptq["params"]["recipe"]["seed"] == 3
+    assert (tmp_path / profile.model / "eval" / "proxy_check_gptq.json").exists()
+    assert rtn["params"]["quantizer"] == "rtn" and "recipe" not in rtn["params"]
+    assert gptq["base_nll"] == pytest.approx(rtn["base_nll"])
+    assert gptq["pairs"] != rtn["pairs"]
+    with pytest.raises(MxMoEError, match="quantizer must be one of"):
+        proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[:1], quantizer="awq")

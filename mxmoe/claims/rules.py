@@ -200,15 +200,16 @@ def _r(x, nd=3):
 
 
 def _calibrated_note(root: Path, model: str, budget: float, gptq: float) -> str:
-    """The extension's row at ``budget`` bits (``mxmoe.stages.calibrated``), when notebook 05 has written it."""
+    """The extension's rows at ``budget`` bits (``mxmoe.stages.calibrated``), when notebook 05 has written them."""
     path = root / model / "eval" / "calibrated.json"
     rows = [r for r in _load(path)["rows"] if r["budget_bits"] == budget] if path.exists() else []
     if not rows:
         return ""
-    r = rows[0]
+    parts = [f"to {r['damage'].upper()} damage {r['ppl']:.2f} ({r['ppl'] / gptq - 1:+.1%})" for r in rows]
+    rtn = ", ".join(f"calibrated to {r['damage'].upper()} damage {r['ppl_rtn']:.4g}" for r in rows)
     return (
-        f"; extension beside the paper (Δ calibrated to the measured damage, one budget): {r['ppl']:.2f}, "
-        f"{r['ppl'] / gptq - 1:+.1%}; with RTN: calibrated {r['ppl_rtn']:.4g}, uniform {r['uniform']['ppl_rtn']:.4g}"
+        f"; extension beside the paper (Δ calibrated to the measured damage, one budget): {', '.join(parts)}; "
+        f"quantized with RTN: {rtn}, uniform {rows[0]['uniform']['ppl_rtn']:.4g}"
     )
 
 

@@ -235,10 +235,11 @@ def proxy_scatter(check: dict):
     ax.set_yscale("symlog", linthresh=1e-2)  # linear within ±0.01 nats (small changes of either sign)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     rho = check["agreement"]["all pairs"]
+    how = {"rtn": "RTN", "gptq": "GPTQ + rotation"}[check["params"]["quantizer"]]
     ax.set(
-        title=f"one MoE layer quantized (RTN): Spearman ρ = {rho:.2f}"
+        title=f"one MoE layer quantized ({how}): Spearman ρ = {rho:.2f}"
         if rho is not None
-        else "one MoE layer quantized",
+        else f"one MoE layer quantized ({how})",
         xlabel="proxy: Σ Δ over the layer's blocks",
         ylabel="whole-model NLL increase (nats)",
     )
@@ -253,21 +254,48 @@ def proxy_table(check: dict) -> pd.DataFrame:
     return pd.Series(rows, name="Spearman ρ (proxy vs NLL increase)").to_frame()
 
 
+def proxy_repair_table(rtn: dict, gptq: dict) -> pd.DataFrame:
+    """Per scheme, the proxy check's damage with RTN and with GPTQ after a rotation (mean whole-model NLL increase
+    over the layers, their ratio) and how well the RTN Δ ranks the layers by each (Spearman ρ); last row: ρ over
+    every (layer, scheme) pair. ``rtn``, ``gptq``: ``proxy_check`` results with those quantizers."""
+    rows = {}
+    for s in rtn["agreement"]["per scheme"]:
+        r = [x["nll_increase"] for x in rtn["pairs"].values() if x["scheme"] == s]
+        g = [x["nll_increase"] for x in gptq["pairs"].values() if x["scheme"] == s]
+        rows[s] = {
+            "NLL increase, RTN": np.mean(r),
+            "NLL increase, GPTQ + rotation": np.mean(g),
+            "RTN / GPTQ": np.mean(r) / np.mean(g) if np.mean(g) > 0 else np.nan,  # a mean within noise: no ratio
+            "ρ(Δ, damage), RTN": rtn["agreement"]["per scheme"][s],
+            "ρ(Δ, damage), GPTQ": gptq["agreement"]["per scheme"].get(s, np.nan),
+        }
+    rows["every (layer, scheme) pair"] = {
+        "ρ(Δ, damage), RTN": rtn["agreement"]["all pairs"],
+        "ρ(Δ, damage), GPTQ": gptq["agreement"]["all pairs"],
+    }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:
     """The calibrated allocations (``mxmoe.stages.calibrated``) beside Table 1's uniform baseline and the paper's
     MxMoE at the same budget: bits, WikiText-2 test PPL as Table 1 quantizes (GPTQ after a rotation) and with
-    RTN, each relative to the uniform row (negative = lower), and the calibrated allocation's blocks per scheme."""
+    RTN, each relative to the uniform row (negative = lower), the NLL increase the calibrated damages add up to
+    against the one measured, and the calibrated allocation's blocks per scheme."""
     rows = []
-    for r in calibrated:
-        b = f"{r['budget_bits']:g}"
-        g_bits, g_ppl = _t1_bits_ppl(t1, r["uniform"]["label"])
-        u_rtn = r["uniform"]["ppl_rtn"]
-        mix = ", ".join(f"{s} {n}" for s, n in r["blocks_per_scheme"].items() if n)
-        for label, bits, ppl, rtn, blocks in (
-            (f"{r['uniform']['label']} (uniform)", g_bits, g_ppl, u_rtn, ""),
-            (f"MxMoE {b} (paper's Δ)", *_t1_bits_ppl(t1, r["paper"]["label"]), r["paper"]["ppl_rtn"], ""),
-            (f"MxMoE {b}, Δ calibrated (extension)", r["w_bits"], r["ppl"], r["ppl_rtn"], mix),
-        ):
+    for budget in dict.fromkeys(r["budget_bits"] for r in calibrated):
+        mine = [r for r in calibrated if r["budget_bits"] == budget]
+        first, b = mine[0], f"{budget:g}"
+        g_bits, g_ppl = _t1_bits_ppl(t1, first["uniform"]["label"])
+        u_rtn = first["uniform"]["ppl_rtn"]
+        settings = [
+            (f"{first['uniform']['label']} (uniform)", g_bits, g_ppl, u_rtn, {}, ""),
+            (f"MxMoE {b} (paper's Δ)", *_t1_bits_ppl(t1, first["paper"]["label"]), first["paper"]["ppl_rtn"], {}, ""),
+        ]
+        for r in mine:
+            mix = ", ".join(f"{s} {n}" for s, n in r["blocks_per_scheme"].items() if n)
+            label = f"MxMoE {b}, Δ calibrated to {r['damage'].upper()} damage (extension)"
+            settings.append((label, r["w_bits"], r["ppl"], r["ppl_rtn"], r["nll_increase"], mix))
+        for label, bits, ppl, rtn, nll, blocks in settings:
             rows.append(
                 {
                     "setting": label,
@@ -276,6 +304,8 @@ def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:
                     "vs uniform": ppl / g_ppl - 1,
                     "PPL, RTN": rtn,
                     "vs uniform RTN": rtn / u_rtn - 1,
+                    "NLL increase, predicted": nll.get("predicted", np.nan),
+                    "NLL increase, measured": nll.get("measured", np.nan),
                     "blocks per scheme": blocks,
                 }
             )

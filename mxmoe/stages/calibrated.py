@@ -8,14 +8,17 @@ layer's Δ for scheme s is rescaled so that its sum over the layer's blocks equa
 increase of that (layer, scheme) pair: Δ still decides *which* blocks of a layer take a scheme, the
 measurement decides how much the layer and the scheme matter. Only the schemes the proxy check measured
 are offered (``plan.PROXY_SCHEMES``), under one budget for the whole model, so bits move to the layers
-whose damage is largest. The measurement runs on WikiText-2 *validation* windows with RTN; Table 1 and
-these rows measure on the test windows after GPTQ, as the paper's rows do. Reported beside the paper's
-method, never in its place.
+whose damage is largest. The damage is measured on WikiText-2 *validation* windows twice: with RTN (the
+quantizer of Δ) and with Table 1's GPTQ after a Hadamard rotation (what the rows are quantized with), one
+allocation per measurement. The rows are measured on the test windows after GPTQ, as the paper's rows are,
+with the sum of the calibrated Δ the allocation chose beside the NLL increase it got (are the layers'
+damages additive?). Reported beside the paper's method, never in its place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import Counter
 
@@ -69,13 +72,21 @@ def _measured(check: dict) -> dict:
     return {k: check["params"][k] for k in ("schemes", "windows", "source", "quantizer")}
 
 
+def calibrated_setting(setting: plan.CalibratedSetting, quantizer: str) -> plan.CalibratedSetting:
+    """``setting`` for the damage measured with ``quantizer`` ("rtn" | "gptq"): its own label and allocation file."""
+    return dataclasses.replace(
+        setting, label=f"{setting.label} ({quantizer} damage)", name=f"{setting.name}-{quantizer}"
+    )
+
+
 def solve_calibrated(
     profile: Profile, problems: "list[LayerProblem]", check: dict, setting: plan.CalibratedSetting
 ) -> dict:
     """Solve and write one calibrated allocation on ``problems`` (``calibrate``'s; one budget over the model,
-    r = 1 like Table 1's weight-only rows); returns its document with the scheme map under "scheme_map"."""
+    r = 1 like Table 1's weight-only rows); returns its document with the scheme map under "scheme_map" and
+    the calibrated loss of the chosen blocks (the NLL increase the measured damages add up to) under "loss"."""
     start = time.perf_counter()
-    choices, _ = solve_model(
+    choices, point = solve_model(
         [(p.loss, p.time, p.bits, p.size) for p in problems],
         problems[0].bits,
         setting.budget_bits,
@@ -94,7 +105,7 @@ def solve_calibrated(
     )
     doc["calibrated_by"] = _measured(check)
     write_allocation(doc)
-    return {**doc, "scheme_map": scheme_map(problems, choices)}
+    return {**doc, "scheme_map": scheme_map(problems, choices), "loss": point.L}
 
 
 def _rtn_ppl(profile: Profile, label: str, scheme=None, scheme_map=None) -> float:
@@ -102,41 +113,50 @@ def _rtn_ppl(profile: Profile, label: str, scheme=None, scheme_map=None) -> floa
     return evaluate_config(QuantConfig(label, scheme, "rtn"), profile, scheme_map=scheme_map, zeroshot=False)["ppl"]
 
 
-def calibrated_rows(profile: Profile, check: dict, seed: int = 0) -> "list[dict]":
-    """Each allocation of ``plan.CALIBRATED`` solved, quantized like Table 1's MxMoE rows (GPTQ after a Hadamard
-    rotation) and measured (WikiText-2 test perplexity, no zero-shot); then it, the uniform baseline's scheme and
-    the paper's allocation again with RTN, which the proxy check measured with: whether the calibration fails to
-    carry over to GPTQ or fails as such. One row per setting (bits, both perplexities, blocks per scheme over the
-    model, bits per layer). Writes <results>/<model>/eval/calibrated.json."""
-    problems = calibrate(allocation_inputs(profile)[0]["weight_only"], check)
+def calibrated_rows(profile: Profile, checks: "list[dict]", seed: int = 0) -> "list[dict]":
+    """Each allocation of ``plan.CALIBRATED`` solved once per proxy check in ``checks`` (RTN and GPTQ damage),
+    quantized like Table 1's MxMoE rows (GPTQ after a Hadamard rotation) and measured (WikiText-2 test
+    perplexity, no zero-shot); then it, the uniform baseline's scheme and the paper's allocation again with RTN:
+    whether the calibration fails to carry over to GPTQ or fails as such. One row per (check, setting): bits,
+    both perplexities, the NLL increase the calibrated Δ predicts and the one measured (test windows, against
+    full precision), blocks per scheme over the model, bits per layer. Writes <results>/<model>/eval/calibrated.json.
+    """
+    inputs = allocation_inputs(profile)[0]["weight_only"]
+    fp_ppl = evaluate_config(baseline("fp16"), profile, zeroshot=False)["ppl"]
     rows = []
-    for setting in plan.CALIBRATED:
-        doc = solve_calibrated(profile, problems, check, setting)
-        amap = doc.pop("scheme_map")
-        row = evaluate_config(allocation_config(setting.label, seed), profile, scheme_map=amap, zeroshot=False)
-        uniform = baseline(setting.uniform).scheme
-        paper = plan.TABLE1_MXMOE[setting.paper]
-        counts = Counter()  # blocks per scheme over the model (update keeps schemes no block took)
-        for layer in doc["layers"]:
-            counts.update(layer["blocks_per_scheme"])
-        rows.append(
-            {
-                "label": setting.label,
-                "setting": setting.name,
-                "budget_bits": setting.budget_bits,
-                "w_bits": row["w_bits"],
-                "ppl": row["ppl"],
-                "ppl_rtn": _rtn_ppl(profile, f"rtn {setting.label}", scheme_map=amap),
-                "uniform": {"label": setting.uniform, "ppl_rtn": _rtn_ppl(profile, f"rtn {uniform}", uniform)},
-                "paper": {
-                    "label": setting.paper,
-                    "ppl_rtn": _rtn_ppl(profile, f"rtn {paper}", scheme_map=load_allocation(profile.model, paper)),
-                },
-                "blocks_per_scheme": dict(counts),
-                "layer_bits": [round(x["bits"], 3) for x in doc["layers"]],
-                "solve_seconds": doc["solve_seconds"],
-            }
-        )
+    for check in checks:
+        quantizer = check["params"]["quantizer"]
+        problems = calibrate(inputs, check)
+        for setting in plan.CALIBRATED:
+            setting = calibrated_setting(setting, quantizer)
+            doc = solve_calibrated(profile, problems, check, setting)
+            amap = doc.pop("scheme_map")
+            row = evaluate_config(allocation_config(setting.label, seed), profile, scheme_map=amap, zeroshot=False)
+            uniform = baseline(setting.uniform).scheme
+            paper = plan.TABLE1_MXMOE[setting.paper]
+            counts = Counter()  # blocks per scheme over the model (update keeps schemes no block took)
+            for layer in doc["layers"]:
+                counts.update(layer["blocks_per_scheme"])
+            rows.append(
+                {
+                    "label": setting.label,
+                    "setting": setting.name,
+                    "damage": quantizer,
+                    "budget_bits": setting.budget_bits,
+                    "w_bits": row["w_bits"],
+                    "ppl": row["ppl"],
+                    "nll_increase": {"predicted": doc["loss"], "measured": math.log(row["ppl"] / fp_ppl)},
+                    "ppl_rtn": _rtn_ppl(profile, f"rtn {setting.label}", scheme_map=amap),
+                    "uniform": {"label": setting.uniform, "ppl_rtn": _rtn_ppl(profile, f"rtn {uniform}", uniform)},
+                    "paper": {
+                        "label": setting.paper,
+                        "ppl_rtn": _rtn_ppl(profile, f"rtn {paper}", scheme_map=load_allocation(profile.model, paper)),
+                    },
+                    "blocks_per_scheme": dict(counts),
+                    "layer_bits": [round(x["bits"], 3) for x in doc["layers"]],
+                    "solve_seconds": doc["solve_seconds"],
+                }
+            )
     path = results_dir() / profile.model / "eval" / "calibrated.json"
-    write_json_atomic(path, {"rows": rows, "calibrated_by": _measured(check)})
+    write_json_atomic(path, {"rows": rows, "calibrated_by": [_measured(c) for c in checks]})
     return rows

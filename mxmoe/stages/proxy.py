@@ -3,10 +3,13 @@
 The allocation minimises L = Σ Δ over linear blocks, each Δ measured locally (``mxmoe.sensitivity``: one
 block quantized, every layer fed full-precision inputs). That the sum predicts what quantization does to
 the model is an assumption of the paper's method, and the place to look when a mixed allocation loses to a
-uniform one. ``layer_swap`` tests it layer by layer: for every MoE layer l and scheme s it fake-quantizes
-every block of layer l (routed and shared experts) with s by RTN, measures the model's mean NLL on
-WikiText-2 *validation* windows (not the test split, since this check may steer the method), and pairs the
-NLL increase with the proxy Σ_{e,j} Δ_rtn[l, e, j, s] of the RTN sensitivity result.
+uniform one. ``layer_swap`` tests it layer by layer: for every MoE layer l and scheme s it quantizes every block of
+layer l (routed and shared experts) with s, measures the model's mean NLL on WikiText-2 *validation* windows
+(not the test split, since this check may steer the method), and pairs the NLL increase with the proxy
+Σ_{e,j} Δ_rtn[l, e, j, s] of the RTN sensitivity result. ``proxy_check`` quantizes the layer with RTN, the
+quantizer Δ is measured with, or with Table 1's recipe (GPTQ after a Hadamard rotation, calibrated on
+WikiText-2 *train*), which repairs some schemes far more than others: the damage the quantized model
+actually takes.
 
 ``agreement`` summarises the pairs as Spearman rank correlations: across layers per scheme (does Δ rank
 the layers as the model does?) and over every (layer, scheme) pair (does it also rank schemes against each
@@ -23,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mxmoe import plan
+from mxmoe.baselines import allocation_config, quantize
 from mxmoe.checkpoint import weights_sha256
 from mxmoe.env import device_name
 from mxmoe.errors import MxMoEError
@@ -61,11 +65,23 @@ def layer_proxy(sensitivity: dict, layer: int, scheme) -> float:
     return float(delta[:, :, have.index(name)].sum())
 
 
-def layer_swap(model, windows, sensitivity: dict, schemes, done: "dict | None" = None, on_pair=None) -> dict:
-    """Whole-model NLL increase and proxy Σ Δ for every (MoE layer, scheme), one layer RTN-quantized at a time.
+QUANTIZERS = ("rtn", "gptq")  # how the check quantizes a layer: RTN, or Table 1's GPTQ after a Hadamard rotation
 
-    ``model`` stays unquantized (each pair runs on a copy). ``done``: pairs measured before, {"<layer>/<scheme>":
-    row}, kept; ``on_pair(pairs)`` is called after each new pair (to save progress). Returns
+
+def layer_swap(
+    model,
+    windows,
+    sensitivity: dict,
+    schemes,
+    quantize_layer=apply_schemes,
+    done: "dict | None" = None,
+    on_pair=None,
+) -> dict:
+    """Whole-model NLL increase and proxy Σ Δ for every (MoE layer, scheme), one layer quantized at a time.
+
+    ``model`` stays unquantized (each pair runs on a copy, quantized in place by ``quantize_layer(copy,
+    scheme_map)``; default RTN). ``done``: pairs measured before, {"<layer>/<scheme>": row}, kept;
+    ``on_pair(pairs)`` is called after each new pair (to save progress). Returns
     {"base_nll", "pairs": {"<layer>/<scheme>": {"layer", "scheme", "nll_increase", "proxy"}}}.
     """
     schemes = [str(check_scheme(s)) for s in schemes]
@@ -74,7 +90,7 @@ def layer_swap(model, windows, sensitivity: dict, schemes, done: "dict | None" =
     todo = [(b, s) for b in moe_blocks(model) for s in schemes if f"{b.layer}/{s}" not in pairs]
     for block, scheme in tqdm(todo, desc="proxy check: layer x scheme", unit="pair"):
         quantized = copy.deepcopy(model)
-        apply_schemes(quantized, {(block.layer, e, n): scheme for e in expert_ids(block) for n in BLOCKS})
+        quantize_layer(quantized, {(block.layer, e, n): scheme for e in expert_ids(block) for n in BLOCKS})
         pairs[f"{block.layer}/{scheme}"] = {
             "layer": block.layer,
             "scheme": scheme,
@@ -111,14 +127,26 @@ def proxy_inputs(profile: Profile, schemes=plan.PROXY_SCHEMES) -> tuple:
     return model, tok, sens
 
 
-def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PROXY_SCHEMES) -> dict:
+def proxy_check(
+    profile: Profile,
+    model,
+    tok,
+    sensitivity: dict,
+    schemes=plan.PROXY_SCHEMES,
+    quantizer: str = "rtn",
+    seed: int = 0,
+) -> dict:
     """``layer_swap`` on ``profile``'s validation windows, cached and resumable, with its ``agreement``.
 
-    Windows: the first ``plan.PROXY_WINDOWS[profile.name]`` of WikiText-2 validation at the profile's sequence
-    length, or random ids when ``tok`` is None (smoke). Writes
-    <results>/<model>/eval/proxy_check.json after each pair; a run with the same inputs resumes from it, and one
-    with other schemes keeps the pairs of the schemes both ask for.
+    ``quantizer``: "rtn" (the quantizer of Δ) or "gptq" (Table 1's MxMoE recipe: GPTQ after a Hadamard rotation
+    of rotation ``seed``, on the profile's WikiText-2 train calibration windows; Table 1 quantizes every layer
+    this way). Windows: the first ``plan.PROXY_WINDOWS[profile.name]`` of WikiText-2 validation at the
+    profile's sequence length, or random ids when ``tok`` is None (smoke). Writes
+    <results>/<model>/eval/proxy_check.json (RTN) or proxy_check_gptq.json after each pair; a run with the same
+    inputs resumes from it, and one with other schemes keeps the pairs of the schemes both ask for.
     """
+    if quantizer not in QUANTIZERS:
+        raise MxMoEError(f"proxy check: quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     n = plan.PROXY_WINDOWS[profile.name]
     if tok is None:
         windows = random_windows(model.config.vocab_size, n, profile.eval_seqlen, seed=2)
@@ -132,10 +160,21 @@ def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PR
         "schemes": [str(check_scheme(s)) for s in schemes],
         "windows": list(windows.shape),
         "source": source,
-        "quantizer": "rtn",
+        "quantizer": quantizer,
         "sensitivity": sensitivity.get("params"),
     }
-    path = results_dir() / profile.model / "eval" / "proxy_check.json"
+    quantize_layer, name = apply_schemes, "proxy_check.json"
+    if quantizer == "gptq":
+        config = allocation_config("proxy check", seed)
+        calib = calibration(model, tok, profile, seed=seed)  # [n, seqlen] train windows, as Table 1's
+        params["recipe"] = {k: v for k, v in config.as_dict().items() if k != "label"}
+        params["calibration"] = list(calib.shape)
+
+        def quantize_layer(m, scheme_map):
+            quantize(m, config, calib, scheme_map, progress=False)
+
+        name = "proxy_check_gptq.json"
+    path = results_dir() / profile.model / "eval" / name
     old = json.loads(path.read_text()) if path.exists() else {}
     # pairs of the same model, windows and Δ are kept for the schemes still asked (a scheme added costs its pairs)
     same = {**old.get("params", {}), "schemes": None} == {**params, "schemes": None}
@@ -148,5 +187,5 @@ def proxy_check(profile: Profile, model, tok, sensitivity: dict, schemes=plan.PR
         write_json_atomic(path, doc)
         return doc
 
-    result = layer_swap(model, windows, sensitivity, schemes, done=done, on_pair=save)
+    result = layer_swap(model, windows, sensitivity, schemes, quantize_layer, done=done, on_pair=save)
     return save(result["pairs"], result["base_nll"])
