@@ -8,20 +8,25 @@ import tempfile
 from pathlib import Path
 
 
-def write_text_atomic(path: "str | Path", text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and rename, so readers never see
+def write_bytes_atomic(path: "str | Path", data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and rename, so readers never see
     half a file and a failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: "str | Path", text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``write_bytes_atomic``)."""
+    return write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: "str | Path", obj) -> Path:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import os
 import platform
@@ -51,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mxmoe.allocate import allocation_doc, layer_problem, solve_point
-from mxmoe.files import write_text_atomic
+from mxmoe.files import write_bytes_atomic, write_text_atomic
 from mxmoe.kernels.moe import (
     attach_fp8_experts,
     attach_packed_experts,
@@ -221,7 +222,7 @@ def alloc_dir(out: "str | Path | None" = None) -> Path:
 def alloc_file(model: str, setting: str, gpu: str, out=None) -> Path:
     """The allocation file of one model, setting and cost table."""
     slug = setting.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
-    return alloc_dir(out) / f"{model}_{slug}_{gpu}.json"
+    return alloc_dir(out) / f"{model}_{slug}_{gpu}.json.gz"
 
 
 def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_seed: int = 0, only=None) -> dict:
@@ -286,11 +287,13 @@ def solve_allocations(model: str, gpu: str = "nvidia_h200", out=None, routing_se
 
 
 def _write_compact(path: Path, doc: dict) -> None:
-    """JSON without indentation, one allocation row per line (tens of thousands of rows), written atomically."""
+    """JSON without indentation, one allocation row per line (tens of thousands of rows), gzip-compressed
+    (a tenth of the bytes; no timestamp, so the same allocation gives the same file), written atomically."""
     rows = doc.get("rows", [])
     head = json.dumps({k: v for k, v in doc.items() if k != "rows"}, separators=(",", ":"))
     body = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
-    write_text_atomic(path, head[:-1] + ',"rows":[\n' + body + "\n]}\n")
+    text = head[:-1] + ',"rows":[\n' + body + "\n]}\n"
+    write_bytes_atomic(path, gzip.compress(text.encode(), mtime=0))
 
 
 def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: bool = False) -> "tuple[dict, dict]":
@@ -307,7 +310,7 @@ def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: boo
             f"no allocation {path}; solve it on a CPU first: "
             f"mxmoe bench paper-models --model {model} --allocate-only --gpu {gpu}"
         )
-    doc = json.loads(path.read_text())
+    doc = json.loads(gzip.decompress(path.read_bytes()))
     return {(r["layer"], r["expert"], r["block"]): r["scheme"] for r in doc["rows"]}, doc
 
 

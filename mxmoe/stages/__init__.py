@@ -193,7 +193,7 @@ STAGES = (
         summary="full-size random-weight models:\nwhole-model speed and memory",
         reads=(
             "@repo/results/paper-models/*.json",
-            "@repo/results/paper-models/alloc/*.json",
+            "@repo/results/paper-models/alloc/*.json.gz",
             "@repo/mxmoe/bench/paper_models.py",
             "@repo/mxmoe/plots/paper_models.py",
         ),
