@@ -73,6 +73,30 @@ def test_evaluate_config_caches_by_parameters(tmp_path, monkeypatch):
     assert other["ppl"] != row["ppl"] and len(list(path.parent.glob("*.json"))) == 2
 
 
+def test_a_run_with_a_scheme_map_records_its_digest_and_is_found_again(tmp_path, monkeypatch):
+    """A row keeps the scheme map's digest (the allocation file holds the map) and is keyed by the map itself."""
+    from mxmoe.quant.apply import scheme_map_to_rows, uniform_scheme_map
+    from mxmoe.stages.evaluate import fresh_model, scheme_map_digest
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    smoke = get_profile("smoke", eval_windows=1)
+    amap = uniform_scheme_map(fresh_model(smoke.model)[0], "w4a16_g128_asym")
+    amap[next(iter(amap))] = "w8a8_g-1_sym"
+    config = rtn_grid_config(8, 8)
+    row = evaluate_config(config, smoke, scheme_map=amap, zeroshot=False, progress=False)
+    digest = row["params"]["scheme_map"]
+    assert digest == scheme_map_digest(scheme_map_to_rows(amap))
+    assert digest["blocks"] == len(amap) and digest["blocks_per_scheme"]["w8a8_g-1_sym"] == 1
+    monkeypatch.setattr(baselines, "apply_schemes", lambda *a, **k: pytest.fail("cache not used"))
+    assert evaluate_config(config, smoke, scheme_map=amap, zeroshot=False, progress=False) == row
+    amap[next(iter(amap))] = "w4a16_g128_asym"  # another map: another row
+    monkeypatch.undo()
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    other = evaluate_config(config, smoke, scheme_map=amap, zeroshot=False, progress=False)
+    assert other["params"]["scheme_map"]["sha256"] != digest["sha256"]
+    assert scheme_map_digest(None) is None
+
+
 def test_profiles_reject_unknown_names_and_fields():
     assert get_profile("quick", eval_windows=None).eval_windows == 4
     with pytest.raises(MxMoEError, match="unknown profile 'fast'"):

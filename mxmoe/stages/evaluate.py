@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from mxmoe import plan
@@ -45,6 +46,18 @@ def fresh_model(name: str):
     return copy.deepcopy(model), tok
 
 
+def scheme_map_digest(rows: "list[dict] | None") -> "dict | None":
+    """What a run row records of its scheme map (``scheme_map_to_rows`` rows; None for a uniform scheme): the
+    sha256 of the rows as the cache key hashes them, the block count and the blocks per scheme."""
+    if rows is None:
+        return None
+    return {
+        "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+        "blocks": len(rows),
+        "blocks_per_scheme": dict(Counter(r["scheme"] for r in rows)),
+    }
+
+
 def evaluate_config(
     config, profile, *, scheme_map: "dict | None" = None, zeroshot: bool = True, tasks=None, progress: bool = True
 ) -> dict:
@@ -56,7 +69,8 @@ def evaluate_config(
     windows. The row is cached under results/<model>/eval/runs/, keyed by the quantization recipe (not
     its label), the scheme map, the profile sizes it used (not the profile's name) and the sha256 of the
     model's weights, and
-    returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device", "seconds", "params"}.
+    returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device", "seconds", "params"}; the row
+    records the scheme map by its digest (``scheme_map_digest``), the allocation file holds the map itself.
     """
     recipe = {k: v for k, v in config.as_dict().items() if k != "label"}  # the label names, the recipe decides
     rows = None if scheme_map is None else scheme_map_to_rows(scheme_map)
@@ -97,7 +111,7 @@ def evaluate_config(
         "device": device_name(),
         "seconds": round(time.time() - start, 1),
         "quantization": report,
-        "params": params,
+        "params": {**params, "scheme_map": scheme_map_digest(rows)},
     }
     write_json_atomic(path, row)
     return row
