@@ -83,10 +83,9 @@ def solve_calibrated(
     profile: Profile, problems: "list[LayerProblem]", check: dict, setting: plan.CalibratedSetting
 ) -> dict:
     """Solve and write one calibrated allocation on ``problems`` (``calibrate``'s; one budget over the model,
-    r = 1 like Table 1's weight-only rows); returns its document with the scheme map under "scheme_map" and
-    the calibrated loss of the chosen blocks (the NLL increase the measured damages add up to) under "loss"."""
+    r = 1 like Table 1's weight-only rows); returns its document with the scheme map under "scheme_map"."""
     start = time.perf_counter()
-    choices, point = solve_model(
+    choices, _ = solve_model(
         [(p.loss, p.time, p.bits, p.size) for p in problems],
         problems[0].bits,
         setting.budget_bits,
@@ -105,7 +104,7 @@ def solve_calibrated(
     )
     doc["calibrated_by"] = _measured(check)
     write_allocation(doc)
-    return {**doc, "scheme_map": scheme_map(problems, choices), "loss": point.L}
+    return {**doc, "scheme_map": scheme_map(problems, choices)}
 
 
 def _rtn_ppl(profile: Profile, label: str, scheme=None, scheme_map=None) -> float:
@@ -145,7 +144,8 @@ def calibrated_rows(profile: Profile, checks: "list[dict]", seed: int = 0) -> "l
                     "budget_bits": setting.budget_bits,
                     "w_bits": row["w_bits"],
                     "ppl": row["ppl"],
-                    "nll_increase": {"predicted": doc["loss"], "measured": math.log(row["ppl"] / fp_ppl)},
+                    # the calibrated loss of the chosen blocks: the NLL increase their measured damages add up to
+                    "nll_increase": {"predicted": doc["predicted"]["L"], "measured": math.log(row["ppl"] / fp_ppl)},
                     "ppl_rtn": _rtn_ppl(profile, f"rtn {setting.label}", scheme_map=amap),
                     "uniform": {"label": setting.uniform, "ppl_rtn": _rtn_ppl(profile, f"rtn {uniform}", uniform)},
                     "paper": {
