@@ -124,3 +124,19 @@ def test_proxy_check_with_gptq_quantizes_as_table1(setup, tmp_path, monkeypatch)
     assert gptq["pairs"] != rtn["pairs"]
     with pytest.raises(MxMoEError, match="quantizer must be one of"):
         proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[:1], quantizer="awq")
+
+
+def test_another_sensitivity_keeps_the_measured_pairs_and_recomputes_their_proxy(setup, tmp_path, monkeypatch):
+    """The NLL of a quantized layer does not depend on Δ: a check against another sensitivity result re-reads it."""
+    model, windows, sens = setup
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    profile = get_profile("smoke")
+    first = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES)
+    other = compute_sensitivity(model, windows, SCHEMES, "gptq", progress=False)
+    monkeypatch.setattr(proxy, "apply_schemes", lambda *a, **k: pytest.fail("a measured pair ran again"))
+    again = proxy.proxy_check(profile, model, None, other, schemes=SCHEMES)
+    assert again["params"]["sensitivity"] == other.get("params")
+    for key, row in again["pairs"].items():
+        assert row["nll_increase"] == first["pairs"][key]["nll_increase"]
+        assert row["proxy"] == pytest.approx(proxy.layer_proxy(other, row["layer"], row["scheme"]))
+    assert any(again["pairs"][k]["proxy"] != first["pairs"][k]["proxy"] for k in again["pairs"])

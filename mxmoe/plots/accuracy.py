@@ -256,8 +256,9 @@ def proxy_table(check: dict) -> pd.DataFrame:
 
 def proxy_repair_table(rtn: dict, gptq: dict) -> pd.DataFrame:
     """Per scheme, the proxy check's damage with RTN and with GPTQ after a rotation (mean whole-model NLL increase
-    over the layers, their ratio) and how well the RTN Δ ranks the layers by each (Spearman ρ); last row: ρ over
+    over the layers, their ratio) and how well each check's Δ ranks the layers by it (Spearman ρ); last row: ρ over
     every (layer, scheme) pair. ``rtn``, ``gptq``: ``proxy_check`` results with those quantizers."""
+    rho = {c["params"]["quantizer"]: f"ρ({c['params']['sensitivity']['method']} Δ, damage)" for c in (rtn, gptq)}
     rows = {}
     for s in rtn["agreement"]["per scheme"]:
         r = [x["nll_increase"] for x in rtn["pairs"].values() if x["scheme"] == s]
@@ -266,12 +267,12 @@ def proxy_repair_table(rtn: dict, gptq: dict) -> pd.DataFrame:
             "NLL increase, RTN": np.mean(r),
             "NLL increase, GPTQ + rotation": np.mean(g),
             "RTN / GPTQ": np.mean(r) / np.mean(g) if np.mean(g) > 0 else np.nan,  # a mean within noise: no ratio
-            "ρ(Δ, damage), RTN": rtn["agreement"]["per scheme"][s],
-            "ρ(Δ, damage), GPTQ": gptq["agreement"]["per scheme"].get(s, np.nan),
+            f"{rho['rtn']}, RTN": rtn["agreement"]["per scheme"][s],
+            f"{rho['gptq']}, GPTQ": gptq["agreement"]["per scheme"].get(s, np.nan),
         }
     rows["every (layer, scheme) pair"] = {
-        "ρ(Δ, damage), RTN": rtn["agreement"]["all pairs"],
-        "ρ(Δ, damage), GPTQ": gptq["agreement"]["all pairs"],
+        f"{rho['rtn']}, RTN": rtn["agreement"]["all pairs"],
+        f"{rho['gptq']}, GPTQ": gptq["agreement"]["all pairs"],
     }
     return pd.DataFrame.from_dict(rows, orient="index")
 

@@ -6,10 +6,10 @@ the model is an assumption of the paper's method, and the place to look when a m
 uniform one. ``layer_swap`` tests it layer by layer: for every MoE layer l and scheme s it quantizes every block of
 layer l (routed and shared experts) with s, measures the model's mean NLL on WikiText-2 *validation* windows
 (not the test split, since this check may steer the method), and pairs the NLL increase with the proxy
-Σ_{e,j} Δ_rtn[l, e, j, s] of the RTN sensitivity result. ``proxy_check`` quantizes the layer with RTN, the
-quantizer Δ is measured with, or with Table 1's recipe (GPTQ after a Hadamard rotation, calibrated on
-WikiText-2 *train*), which repairs some schemes far more than others: the damage the quantized model
-actually takes.
+Σ_{e,j} Δ[l, e, j, s] of a sensitivity result. ``proxy_check`` quantizes the layer with RTN, against the RTN Δ,
+or with Table 1's recipe (GPTQ after a Hadamard rotation, calibrated on WikiText-2 *train*), which repairs
+some schemes far more than others, against the Δ the allocations minimise (measured with that recipe, one
+block at a time): the damage the quantized model actually takes, and how well that Δ predicts it.
 
 ``agreement`` summarises the pairs as Spearman rank correlations: across layers per scheme (does Δ rank
 the layers as the model does?) and over every (layer, scheme) pair (does it also rank schemes against each
@@ -116,14 +116,15 @@ def agreement(pairs: dict) -> dict:
     }
 
 
-def proxy_inputs(profile: Profile, schemes=plan.PROXY_SCHEMES) -> tuple:
-    """(model, tokenizer, RTN sensitivity) for ``proxy_check``: a fresh copy of ``profile.model`` and stage 01's
-    newest RTN result (the smoke profile's tiny model has none committed: computed here on random ids)."""
+def proxy_inputs(profile: Profile, method: str = "rtn", schemes=plan.PROXY_SCHEMES) -> tuple:
+    """(model, tokenizer, sensitivity) for ``proxy_check``: a fresh copy of ``profile.model`` and stage 01's newest
+    sensitivity result of ``method`` ("rtn", "gptq", "gptq-had": what the allocations minimise); the smoke
+    profile's tiny model has none committed: computed here on random ids."""
     model, tok = fresh_model(profile.model)
     if profile.name == "smoke":
-        sens = compute_sensitivity(model, calibration(model, tok, profile), list(schemes), "rtn", progress=False)
+        sens = compute_sensitivity(model, calibration(model, tok, profile), list(schemes), method, progress=False)
     else:
-        sens = json.loads(newest_result(profile.model, "sensitivity", "rtn_").read_text())
+        sens = json.loads(newest_result(profile.model, "sensitivity", f"{method}_").read_text())
     return model, tok, sens
 
 
@@ -143,7 +144,8 @@ def proxy_check(
     this way). Windows: the first ``plan.PROXY_WINDOWS[profile.name]`` of WikiText-2 validation at the
     profile's sequence length, or random ids when ``tok`` is None (smoke). Writes
     <results>/<model>/eval/proxy_check.json (RTN) or proxy_check_gptq.json after each pair; a run with the same
-    inputs resumes from it, and one with other schemes keeps the pairs of the schemes both ask for.
+    inputs resumes from it, and one with other schemes keeps the pairs of the schemes both ask for; a run with
+    another sensitivity result keeps every measured pair and recomputes its proxy (the NLL does not depend on Δ).
     """
     if quantizer not in QUANTIZERS:
         raise MxMoEError(f"proxy check: quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
@@ -176,9 +178,17 @@ def proxy_check(
         name = "proxy_check_gptq.json"
     path = results_dir() / profile.model / "eval" / name
     old = json.loads(path.read_text()) if path.exists() else {}
-    # pairs of the same model, windows and Δ are kept for the schemes still asked (a scheme added costs its pairs)
-    same = {**old.get("params", {}), "schemes": None} == {**params, "schemes": None}
-    done = {k: r for k, r in old["pairs"].items() if r["scheme"] in params["schemes"]} if same else None
+    # pairs of the same model, windows and quantizer are kept for the schemes still asked (a scheme added costs
+    # its pairs), their proxy taken from this sensitivity result
+    ignored = {"schemes": None, "sensitivity": None}
+    same = {**old.get("params", {}), **ignored} == {**params, **ignored}
+    done = None
+    if same:
+        done = {
+            k: {**r, "proxy": layer_proxy(sensitivity, r["layer"], r["scheme"])}
+            for k, r in old["pairs"].items()
+            if r["scheme"] in params["schemes"]
+        }
 
     def save(pairs: dict, base: "float | None" = None) -> dict:
         doc = {"params": params, "profile": profile.name, "device": device_name(), "base_nll": base, "pairs": pairs}
