@@ -309,6 +309,7 @@ def quantize(
     overwrite: bool = False,
     cache: "str | Path | None" = None,
     save_dtype: "str | None" = None,
+    stream_to=None,
     progress: bool = True,
 ) -> QuantizeResult:
     """MxMoE-quantize ``model`` in place (routing → sensitivity → allocation → GPTQ/RTN) and save it to ``out``.
@@ -317,7 +318,9 @@ def quantize(
     width (16, 8, 5 or 4, see the module doc); ``r``: 1 favours accuracy, 0 speed; ``budget``: per
     layer or one for the whole model. ``base_id`` names the model in mxmoe.json. The sensitivity
     cache lives under ``cache`` (default ``<mxmoe cache>/quantize``). ``save_dtype`` (float32, bfloat16,
-    float16) stores the full-precision weights in that type (default: the model's). Returns a ``QuantizeResult``;
+    float16) stores the full-precision weights in that type (default: the model's). ``stream_to`` (e.g. "cuda"):
+    a model held in CPU memory, larger than the GPU, has its sensitivity and GPTQ computed there one decoder
+    layer at a time (``mxmoe.quant.layerwise``; method gptq or rtn). Returns a ``QuantizeResult``;
     the model ends fake-quantized, exactly what the checkpoint stores.
     """
     import torch
@@ -328,7 +331,7 @@ def quantize(
         wbits, abits, r, method, granularity, budget, calib, calib_windows, seqlen, seed, gpu, batch_tokens, schemes
     )
     candidates, table = check_recipe(rec)
-    check_method_placement(model, method)  # before hours of work on a model over several GPUs
+    check_method_placement(model, method, stream_to)  # before hours of work on a model over several GPUs
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise MxMoEError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     if out is not None:
@@ -355,6 +358,7 @@ def quantize(
         path=sens_path,
         seed=seed,
         progress=progress,
+        stream_to=stream_to,
         params={"model": base_id, "weights_sha256": sha, "calibration": tag},
     )
     times["sensitivity"] = time.perf_counter() - t0
@@ -376,7 +380,14 @@ def quantize(
         fallbacks = 0
     else:
         report = quantize_model_gptq(
-            model, windows, plan, hadamard=hadamard, seed=seed, progress=progress, int_weights=int_weights
+            model,
+            windows,
+            plan,
+            hadamard=hadamard,
+            seed=seed,
+            progress=progress,
+            int_weights=int_weights,
+            stream_to=stream_to,
         )
         fallbacks = len(report.rtn_fallbacks)
     times["quantization"] = time.perf_counter() - t0

@@ -181,9 +181,16 @@ def layer_sensitivity(
     return result
 
 
-def check_method_placement(model, method: str) -> None:
+def check_method_placement(model, method: str, stream_to=None) -> None:
     """MxMoEError when ``method`` cannot measure ``model`` where it is placed: gptq-had rotates a copy of
-    the model, which does not fit beside a model spread over several devices."""
+    the model, which does not fit beside a model spread over several devices or streamed from CPU memory
+    (``stream_to``: one larger than the GPU)."""
+    if method == "gptq-had" and stream_to is not None:
+        raise MxMoEError(
+            f"gptq-had sensitivity rotates a copy of the model, and this one is streamed to {stream_to} from CPU "
+            "memory because it is larger than the device: a copy would double it. Measure with method 'gptq' "
+            "(or 'rtn') there"
+        )
     if method == "gptq-had" and is_multi_device(model):
         raise MxMoEError(
             "gptq-had sensitivity rotates a copy of the model, and this model is spread over "
@@ -203,6 +210,7 @@ def compute_sensitivity(
     seed: int = 0,
     min_tokens: int = 16,
     progress: bool = True,
+    stream_to=None,
     **gptq_kw,
 ) -> dict:
     """Δ for every MoE layer of ``model`` on calibration ``windows`` [n, seqlen]; resumable when ``path`` is given.
@@ -212,12 +220,13 @@ def compute_sensitivity(
     A model spread over several devices (accelerate's device map) is measured layer by layer on the
     device of each layer (``LayerwiseRunner``); gptq-had refuses it: its copy would need the memory of
     a second model on every device, and rotating in place and back would leave bf16 weights changed
-    by two roundings (use gptq or rtn there).
+    by two roundings (use gptq or rtn there). ``stream_to``: measure a model held in CPU memory on this
+    device, one decoder layer at a time (``LayerwiseRunner``; gptq-had refused likewise).
     Returns {"params", "schemes", "blocks", "layers": {str(layer): layer_sensitivity(...)}}.
     """
     if method not in METHODS:
         raise MxMoEError(f"unknown sensitivity method {method!r}; use one of {', '.join(METHODS)}")
-    check_method_placement(model, method)
+    check_method_placement(model, method, stream_to)
     schemes = [check_scheme(s) for s in schemes]
     if not schemes:
         raise MxMoEError("no schemes given for the sensitivity measurement")
@@ -247,7 +256,7 @@ def compute_sensitivity(
         if {"seed": rotation.seed, "kind": rotation.kind} != params["rotation"]:
             raise AssertionError(f"rotation {rotation.kind} seed {rotation.seed} is not the one in params")
     blocks = {b.layer: b for b in moe_blocks(model)}
-    runner = LayerwiseRunner(model, windows)
+    runner = LayerwiseRunner(model, windows, stream_to)
     bar = tqdm(total=len(todo), desc=f"sensitivity {method}", unit="layer", disable=not progress)
     for layer in range(max(todo) + 1):
         if layer not in todo:
@@ -263,6 +272,7 @@ def compute_sensitivity(
         if path is not None:
             write_json_atomic(path, result)
         bar.update(1)
+    runner.release()
     bar.close()
     return result
 

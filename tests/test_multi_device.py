@@ -15,6 +15,7 @@ No GPU is needed. Two kinds of second placement are used, each for what it can p
 """
 
 import ast
+import copy
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ from mxmoe.errors import MxMoEError
 from mxmoe.models.blocks import moe_blocks
 from mxmoe.models.paper import LARGE_CONFIGS, LARGE_MODELS, MODEL_SHAPES, PAPER_MODELS, paper_config
 from mxmoe.models.placement import (
+    decoder_layers,
     execution_device,
     input_device,
     is_multi_device,
@@ -39,6 +41,7 @@ from mxmoe.models.placement import (
     split_contiguous,
 )
 from mxmoe.models.random_init import build_random
+from mxmoe.quant.apply import uniform_scheme_map
 from mxmoe.quant.layerwise import LayerwiseRunner
 from mxmoe.quant.sequential import quantize_model_gptq
 from mxmoe.routing import profile_routing
@@ -251,6 +254,65 @@ def test_gptq_had_is_refused_on_a_model_over_several_devices():
         compute_sensitivity(_meta_model(), _windows(), ["w4a16_g128_asym"], "gptq-had", progress=False)
     with pytest.raises(MxMoEError, match="spread over"):  # the pipeline refuses before any work
         mxmoe.quantize(_meta_model(), None, wbits=3.0, method="gptq-had", calib="random", progress=False)
+
+
+def _recording_moves(model) -> list:
+    """(layer index, device) of every ``.to`` call on a decoder layer of ``model``, in order."""
+    moves = []
+    for i, layer in enumerate(decoder_layers(model)):
+        real = layer.to
+        layer.to = lambda device, i=i, real=real: moves.append((i, str(device))) or real(device)
+    return moves
+
+
+def test_streamed_gptq_visits_the_device_one_layer_at_a_time():
+    """A model held in CPU memory, quantized with ``stream_to``: every layer up to the last quantized one goes to
+    the device for its turn and back before the next one; the weights are those of an unstreamed run."""
+    one, _ = _pair("tiny-qwen2-moe")
+    streamed, whole = copy.deepcopy(one), copy.deepcopy(one)
+    moves = _recording_moves(streamed)
+    plan = {k: "w3a16_g128_asym" for k in uniform_scheme_map(one, "w3a16_g128_asym") if k[0] == 0}  # layer 0 only
+    codes: dict = {}
+    quantize_model_gptq(one, _windows(), plan, progress=False)
+    quantize_model_gptq(streamed, _windows(), plan, progress=False, stream_to="cpu", int_weights=codes)
+    assert moves == [(0, "cpu"), (0, "cpu")]  # layer 1 has nothing to quantize: never streamed
+    for (n, a), b in zip(one.named_parameters(), streamed.parameters()):
+        assert torch.equal(a, b), n
+    assert codes and all(w.q.device == CPU for w in codes.values())
+    moves = _recording_moves(whole)
+    quantize_model_gptq(
+        whole, _windows(), uniform_scheme_map(whole, "w3a16_g128_asym"), progress=False, stream_to="cpu"
+    )
+    assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]
+
+
+def test_streamed_sensitivity_and_pipeline_equal_the_model_in_place(tmp_path):
+    """Sensitivity and the whole ``mxmoe.quantize`` streamed layer by layer give what they give unstreamed;
+    gptq-had, which rotates a copy of the model, is refused before any work."""
+    import mxmoe
+
+    one, _ = _pair("tiny-qwen2-moe")
+    streamed = copy.deepcopy(one)
+    moves = _recording_moves(streamed)
+    schemes = ["w4a16_g128_asym", "w2a16_g128_asym"]
+    a = compute_sensitivity(one, _windows(), schemes, "gptq", progress=False)
+    b = compute_sensitivity(streamed, _windows(), schemes, "gptq", progress=False, stream_to="cpu")
+    assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]
+    for layer in a["layers"]:
+        assert [a["layers"][layer][k] for k in ("delta", "tokens")] == [
+            b["layers"][layer][k] for k in ("delta", "tokens")
+        ]
+    kw = dict(wbits=3.0, method="gptq", schemes="w4a16_g-1_asym,w2a16_g-1_asym,w8a8_g-1_sym", calib="random")
+    kw.update(calib_windows=2, seqlen=32, progress=False)
+    x = mxmoe.quantize(one, None, cache=tmp_path / "c1", **kw)
+    y = mxmoe.quantize(streamed, None, cache=tmp_path / "c2", stream_to="cpu", **kw)
+    assert x.scheme_map == y.scheme_map
+    for (n, p), q in zip(one.named_parameters(), streamed.parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(MxMoEError, match="streamed to cuda.*'gptq'"):
+        mxmoe.quantize(one, None, wbits=3.0, method="gptq-had", calib="random", stream_to="cuda", progress=False)
+    with pytest.raises(MxMoEError, match="held on one device"):
+        LayerwiseRunner(_meta_model(), _windows(), stream_to="cpu")
 
 
 # ---- packing and running the packed experts ------------------------------------------------------------

@@ -41,6 +41,10 @@ class IntWeight:
     zero: torch.Tensor
     scheme: Scheme
 
+    def to(self, device) -> "IntWeight":
+        """A copy on ``device``."""
+        return IntWeight(self.q.to(device), self.scale.to(device), self.zero.to(device), self.scheme)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Return the dequantized weight [N, K]."""
         k = self.q.shape[1]

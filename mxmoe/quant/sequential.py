@@ -65,6 +65,7 @@ def quantize_model_gptq(
     min_tokens: int = 16,
     progress: bool = True,
     int_weights: "dict | None" = None,
+    stream_to: "torch.device | str | None" = None,
     **gptq_kw,
 ) -> GPTQReport:
     """Quantize ``model`` in place with GPTQ per ``scheme_map`` {(layer, expert, block): Scheme} on ``windows`` [n, seqlen].
@@ -74,6 +75,8 @@ def quantize_model_gptq(
     act_order, ...). The model ends fake-quantized exactly as ``apply_schemes`` leaves it.
     ``int_weights``, when given, receives the ``IntWeight`` of every quantized block keyed like the
     scheme map (what a checkpoint stores; down weights as the model holds them, rotated with ``hadamard``).
+    ``stream_to``: quantize a model held in CPU memory on this device, one decoder layer at a time
+    (``LayerwiseRunner``); the layers before the last quantized one pass through it too, the rest never do.
     """
     start = time.time()
     blocks, plan = validate_scheme_map(model, scheme_map)
@@ -82,7 +85,7 @@ def quantize_model_gptq(
         report.rotation = rotate_model(model, seed, rotation=rotation)
         rotate_down_inputs(model)
     install_activation_quant(model, plan, online_hadamard=hadamard)
-    runner = LayerwiseRunner(model, windows)
+    runner = LayerwiseRunner(model, windows, stream_to)
     todo = sorted(layer for layer in blocks if any(k[0] == layer and not s.is_full_precision for k, s in plan.items()))
     bar = tqdm(total=len(todo), desc="GPTQ", unit="layer", disable=not progress)
     for layer in range(max(todo) + 1 if todo else 0):
@@ -91,6 +94,9 @@ def quantize_model_gptq(
             x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
             before = len(report.rtn_fallbacks)
             _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights)
+            if stream_to is not None and int_weights is not None:  # the codes stay where the model is held
+                for key in [k for k in int_weights if k[0] == layer]:
+                    int_weights[key] = int_weights[key].to(runner.home_device)
             if len(report.rtn_fallbacks) > before:
                 warnings.warn(
                     f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
@@ -99,6 +105,7 @@ def quantize_model_gptq(
                 )
             bar.update(1)
         runner.advance()
+    runner.release()
     bar.close()
     report.seconds = time.time() - start
     return report
