@@ -189,6 +189,11 @@ BENCHMARKS = {
         "the paper's models at full size, random weights: whole-model "
         "speed and memory (GPU); --allocate-only solves their allocations on a CPU",
     ),
+    "streamed": (
+        "mxmoe.bench.streamed",
+        "a model larger than the GPU (Mixtral-8x7B on an H100) in CPU memory: its layer-by-layer calibration "
+        "streamed to the GPU, peak GPU memory and time per layer (GPU; --smoke on the CPU)",
+    ),
     "multi-gpu": (
         "mxmoe.bench.multi_gpu",
         "a model that does not fit one GPU (Qwen3-235B-A22B) over several: pipeline stages, prefill, "

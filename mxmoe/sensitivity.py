@@ -211,6 +211,7 @@ def compute_sensitivity(
     min_tokens: int = 16,
     progress: bool = True,
     stream_to=None,
+    layers=None,
     **gptq_kw,
 ) -> dict:
     """Δ for every MoE layer of ``model`` on calibration ``windows`` [n, seqlen]; resumable when ``path`` is given.
@@ -221,7 +222,8 @@ def compute_sensitivity(
     device of each layer (``LayerwiseRunner``); gptq-had refuses it: its copy would need the memory of
     a second model on every device, and rotating in place and back would leave bf16 weights changed
     by two roundings (use gptq or rtn there). ``stream_to``: measure a model held in CPU memory on this
-    device, one decoder layer at a time (``LayerwiseRunner``; gptq-had refused likewise).
+    device, one decoder layer at a time (``LayerwiseRunner``; gptq-had refused likewise). ``layers``: measure
+    only these MoE layers (default: all); the runner stops after the last of them.
     Returns {"params", "schemes", "blocks", "layers": {str(layer): layer_sensitivity(...)}}.
     """
     if method not in METHODS:
@@ -247,7 +249,11 @@ def compute_sensitivity(
         if old.get("params") == params and old.get("schemes") == result["schemes"]:
             result["layers"] = old["layers"]
             result["device"] = old.get("device", "unknown")
-    todo = [b.layer for b in moe_blocks(model) if str(b.layer) not in result["layers"]]
+    todo = [
+        b.layer
+        for b in moe_blocks(model)
+        if str(b.layer) not in result["layers"] and (layers is None or b.layer in layers)
+    ]
     if not todo:  # a complete file: no copy, no rotation
         return result
     if rotate:

@@ -238,24 +238,36 @@ def materialize(config, dtype: torch.dtype, device_map, std: float, seed: int):
     ``device_map``: accelerate-style {module name: device}, or a list of devices to split the decoder
     layers over (``placement.layer_device_map``). A module mapped to "meta" keeps meta weights.
     """
+    from mxmoe.models.placement import device_of, dispatch, layer_device_map
+
+    model = _empty(config, dtype)
+    if not isinstance(device_map, dict):
+        device_map = layer_device_map(model, list(device_map))
+    _fill(model, lambda name: device_of(name, device_map), std, seed)
+    return dispatch(model, device_map)
+
+
+def _empty(config, dtype: torch.dtype):
+    """A model of ``config`` with meta weights (accelerate's ``init_empty_weights``; buffers are real)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from mxmoe.models.placement import device_of, dispatch, layer_device_map
-
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if not isinstance(device_map, dict):
-        device_map = layer_device_map(model, list(device_map))
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _fill(model, device_of, std: float, seed: int, draw_on=None) -> None:
+    """Create every parameter of ``model`` on ``device_of(name)`` and draw it (``init_param_``) there, or on
+    ``draw_on`` and then move it (a model held in CPU memory drawn at GPU speed); buffers go to their device."""
     for name, p in list(model.named_parameters()):
-        t = torch.empty(p.shape, dtype=p.dtype, device=device_of(name, device_map))
+        home = device_of(name)
+        t = torch.empty(p.shape, dtype=p.dtype, device=draw_on if draw_on is not None and home.type != "meta" else home)
         init_param_(name, t, std, seed)
-        _set_tensor(model, name, t)
+        _set_tensor(model, name, t.to(home))
     for name, b in list(model.named_buffers()):
-        _set_tensor(model, name, b.to(device_of(name, device_map)), buffer=True)
-    if getattr(config, "tie_word_embeddings", False):
+        _set_tensor(model, name, b.to(device_of(name)), buffer=True)
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    return dispatch(model, device_map)
 
 
 def drop_expert_weights(block) -> None:
@@ -302,6 +314,7 @@ def build_random(
     routing_seed: int = 0,
     calib_shape: tuple = (8, 1024),
     device_map=None,
+    draw_on=None,
     **overrides,
 ):
     """A random-weight paper model at full size on ``device``, in eval mode, with imposed skewed routing.
@@ -312,7 +325,9 @@ def build_random(
     list of devices (the decoder layers split in balanced contiguous runs,
     ``mxmoe.models.placement.layer_device_map``) or an accelerate device map; every weight is created
     on its own device (``materialize``) and accelerate's hooks move the activations. Weights do not
-    depend on the placement (each matrix is drawn from its own seeded generator).
+    depend on the placement (each matrix is drawn from its own seeded generator). ``draw_on`` draws every
+    weight on that device and moves it to ``device``: a model held in CPU memory, larger than the GPU,
+    built at GPU speed (no hooks: ``mxmoe.quant.layerwise`` streams its layers to the GPU).
     ``skew=None`` imposes the ``measured`` profile (the embedded model's: ``mxmoe.stages.routing.embedded_profile``); a number R imposes a Zipf-like
     profile with max/min R; ``skew=0`` leaves the routers unbiased (random routers route with their
     own, uncontrolled, skew). The bias is fitted on random tokens of ``calib_shape`` (batch, length).
@@ -339,11 +354,16 @@ def build_random(
         )
     std = float(getattr(config, "initializer_range", 0.02))
     places = list(device_map.values()) if isinstance(device_map, dict) else list(device_map or [device])
+    places += [draw_on] if draw_on is not None else []
     if any(as_device(d).type == "cuda" for d in places) and not torch.cuda.is_available():
         raise RuntimeError("build_random on a CUDA device needs a CUDA GPU; pass device='cpu' for a small config")
     if device_map is not None:
         model = materialize(config, dtype, device_map, std, seed)
         device = input_device(model)
+    elif draw_on is not None:
+        device = torch.device(device)
+        model = _empty(config, dtype)
+        _fill(model, lambda _: device, std, seed, draw_on=torch.device(draw_on))
     else:
         device = torch.device(device)
         with torch.device(device):
