@@ -6,7 +6,7 @@ import pytest
 from mxmoe.allocate import LayerProblem, solve_model
 from mxmoe.errors import MxMoEError
 from mxmoe.schemes import Scheme
-from mxmoe.stages.calibrated import NLL_FLOOR, calibrate
+from mxmoe.stages.calibrated import NLL_FLOOR, additive_damage, calibrate
 
 SCHEMES = ["w4a16_g128_asym", "w3a16_g-1_asym", "w2a16_g-1_asym", "w8a16_g-1_sym"]
 
@@ -73,3 +73,10 @@ def test_bits_move_to_the_layer_the_model_feels():
 def test_a_layer_with_no_measured_scheme_is_refused():
     with pytest.raises(MxMoEError, match="proxy check measured none"):
         calibrate([problem(3)], check({(0, "w2a16_g-1_asym"): 0.5}))
+
+
+def test_the_uniform_prediction_sums_each_layers_damage_with_the_floor():
+    nll = {(0, "w2a16_g-1_asym"): 0.5, (1, "w2a16_g-1_asym"): -0.01, (0, "w3a16_g-1_asym"): 0.1}
+    assert additive_damage(check(nll), "w2a16_g-1_asym") == pytest.approx(0.5 + NLL_FLOOR)
+    with pytest.raises(MxMoEError, match="measured no layer with w4a16_g128_asym"):
+        additive_damage(check(nll), "w4a16_g128_asym")

@@ -281,21 +281,27 @@ def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:
     """The calibrated allocations (``mxmoe.stages.calibrated``) beside Table 1's uniform baseline and the paper's
     MxMoE at the same budget: bits, WikiText-2 test PPL as Table 1 quantizes (GPTQ after a rotation) and with
     RTN, each relative to the uniform row (negative = lower), the NLL increase the calibrated damages add up to
-    against the one measured, and the calibrated allocation's blocks per scheme."""
+    (for the uniform row: the same damages' sum with every layer at its scheme) against the one measured on the
+    test windows, and the calibrated allocation's blocks per scheme."""
     rows = []
     for budget in dict.fromkeys(r["budget_bits"] for r in calibrated):
         mine = [r for r in calibrated if r["budget_bits"] == budget]
         first, b = mine[0], f"{budget:g}"
         g_bits, g_ppl = _t1_bits_ppl(t1, first["uniform"]["label"])
         u_rtn = first["uniform"]["ppl_rtn"]
+        fp_ppl = _t1_bits_ppl(t1, "fp16")[1]
         settings = [
-            (f"{first['uniform']['label']} (uniform)", g_bits, g_ppl, u_rtn, {}, ""),
+            (f"{first['uniform']['label']} (uniform)", g_bits, g_ppl, u_rtn, {"measured": np.log(g_ppl / fp_ppl)}, ""),
             (f"MxMoE {b} (paper's Δ)", *_t1_bits_ppl(t1, first["paper"]["label"]), first["paper"]["ppl_rtn"], {}, ""),
         ]
         for r in mine:
             mix = ", ".join(f"{s} {n}" for s, n in r["blocks_per_scheme"].items() if n)
             label = f"MxMoE {b}, Δ calibrated to {r['damage'].upper()} damage (extension)"
             settings.append((label, r["w_bits"], r["ppl"], r["ppl_rtn"], r["nll_increase"], mix))
+            uniform = f"  uniform, as {r['damage'].upper()} damage adds up"  # the prediction alone
+            settings.append(
+                (uniform, np.nan, np.nan, np.nan, {"predicted": r["nll_increase"]["uniform_predicted"]}, "")
+            )
         for label, bits, ppl, rtn, nll, blocks in settings:
             rows.append(
                 {

@@ -67,6 +67,16 @@ def calibrate(problems: "list[LayerProblem]", check: dict) -> "list[LayerProblem
     return out
 
 
+def additive_damage(check: dict, scheme) -> float:
+    """The NLL increase ``check``'s layer damages add up to with every MoE layer at ``scheme`` (each at least
+    ``NLL_FLOOR``, as ``calibrate`` counts them): what the calibrated Δ predicts for the uniform model."""
+    name = str(Scheme.parse(scheme))
+    damages = [p["nll_increase"] for p in check["pairs"].values() if p["scheme"] == name]
+    if not damages:
+        raise MxMoEError(f"the proxy check measured no layer with {name}")
+    return sum(max(d, NLL_FLOOR) for d in damages)
+
+
 def _measured(check: dict) -> dict:
     """What the calibration measured: the proxy check's schemes, windows, their source and the quantizer."""
     return {k: check["params"][k] for k in ("schemes", "windows", "source", "quantizer")}
@@ -118,7 +128,8 @@ def calibrated_rows(profile: Profile, checks: "list[dict]", seed: int = 0) -> "l
     perplexity, no zero-shot); then it, the uniform baseline's scheme and the paper's allocation again with RTN:
     whether the calibration fails to carry over to GPTQ or fails as such. One row per (check, setting): bits,
     both perplexities, the NLL increase the calibrated Δ predicts and the one measured (test windows, against
-    full precision), blocks per scheme over the model, bits per layer. Writes <results>/<model>/eval/calibrated.json.
+    full precision), the one the same damages predict for the uniform baseline, blocks per scheme over the
+    model, bits per layer. Writes <results>/<model>/eval/calibrated.json.
     """
     inputs = allocation_inputs(profile)[0]["weight_only"]
     fp_ppl = evaluate_config(baseline("fp16"), profile, zeroshot=False)["ppl"]
@@ -144,8 +155,13 @@ def calibrated_rows(profile: Profile, checks: "list[dict]", seed: int = 0) -> "l
                     "budget_bits": setting.budget_bits,
                     "w_bits": row["w_bits"],
                     "ppl": row["ppl"],
-                    # the calibrated loss of the chosen blocks: the NLL increase their measured damages add up to
-                    "nll_increase": {"predicted": doc["predicted"]["L"], "measured": math.log(row["ppl"] / fp_ppl)},
+                    # the calibrated loss of the chosen blocks: the NLL increase their measured damages add up to,
+                    # beside what the same damages predict for the uniform model
+                    "nll_increase": {
+                        "predicted": doc["predicted"]["L"],
+                        "measured": math.log(row["ppl"] / fp_ppl),
+                        "uniform_predicted": additive_damage(check, uniform),
+                    },
                     "ppl_rtn": _rtn_ppl(profile, f"rtn {setting.label}", scheme_map=amap),
                     "uniform": {"label": setting.uniform, "ppl_rtn": _rtn_ppl(profile, f"rtn {uniform}", uniform)},
                     "paper": {
