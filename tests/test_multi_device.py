@@ -325,20 +325,20 @@ def test_a_cpu_model_drawn_elsewhere_is_the_cpu_drawn_model_without_hooks():
     assert not any(hasattr(m, "_hf_hook") for m in b.modules()) and model_devices(b) == [CPU]
 
 
-def test_streamed_benchmark_measures_the_first_layers_and_projects_the_rest(tmp_path):
+def test_streamed_benchmark_measures_the_first_layers_and_projects_the_rest(tmp_path, capsys):
     """``mxmoe bench streamed --smoke``: sensitivity and GPTQ of the first MoE layer only, streamed (to the CPU
     here), projected to both layers; a layer count the model does not have is one clear error."""
     from mxmoe.bench import streamed
 
-    streamed.main(["--model", "tiny-qwen2-moe", "--smoke", "--layers", "1", "--out", str(tmp_path)])
+    assert streamed.main(["--model", "tiny-qwen2-moe", "--smoke", "--layers", "1", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "tiny-qwen2-moe_streamed_cpu.json").read_text())
     assert doc["layers_measured"] == [0] and doc["moe_layers"] == 2 and doc["larger_than_gpu"] is False
     assert len(doc["sensitivity"]["seconds_per_layer"]) == 1 and doc["gptq"]["gptq_blocks"] > 0
     assert doc["gptq"]["gptq_blocks"] + doc["gptq"]["rtn_fallbacks"] == 9 * 3  # one layer of 8 + 1 experts
     assert doc["sensitivity"]["projected_all_layers_s"] == pytest.approx(2 * doc["sensitivity"]["seconds"])
     assert doc["model_bytes"] == streamed.model_bytes(build_random("tiny-qwen2-moe", device="cpu", skew=0)[0])
-    with pytest.raises(SystemExit, match="--layers must be between 1 and 2"):
-        streamed.main(["--model", "tiny-qwen2-moe", "--smoke", "--layers", "3", "--out", str(tmp_path)])
+    assert streamed.main(["--model", "tiny-qwen2-moe", "--smoke", "--layers", "3", "--out", str(tmp_path)]) == 2
+    assert "--layers must be between 1 and 2" in capsys.readouterr().err
 
 
 # ---- packing and running the packed experts ------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -124,8 +125,8 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    """Command line: see the module docstring."""
+def main(argv=None) -> int:
+    """Command line (module doc); bad input prints one line and returns 2, before any model is built."""
     ap = argparse.ArgumentParser(prog="mxmoe bench streamed", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="a paper model; tiny-* with --smoke")
     ap.add_argument("--layers", type=int, default=3, help="MoE layers to calibrate (the rest is projected)")
@@ -135,18 +136,22 @@ def main(argv=None) -> None:
     try:
         moe_layers = len(moe_layer_ids(config_of(args.model)))
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        return _bad(str(e))
     if not 1 <= args.layers <= moe_layers:
-        raise SystemExit(
-            f"error: --layers must be between 1 and {moe_layers} (the model's MoE layers), got {args.layers}"
-        )
+        return _bad(f"--layers must be between 1 and {moe_layers} (the model's MoE layers), got {args.layers}")
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("error: streaming to a GPU needs one; --smoke runs the flow on the CPU")
+        return _bad("streaming to a GPU needs one; --smoke runs the flow on the CPU")
     doc = run(
         args.model, args.layers, Path(args.out), "cpu" if args.smoke else "cuda", (2, 32) if args.smoke else (8, 512)
     )
     print(table(doc))
+    return 0
+
+
+def _bad(message: str) -> int:
+    print(f"mxmoe bench streamed: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,13 +3,14 @@
 The allocation minimises L = Σ Δ over linear blocks, each Δ measured locally (``mxmoe.sensitivity``: one
 block quantized, every layer fed full-precision inputs). That the sum predicts what quantization does to
 the model is an assumption of the paper's method, and the place to look when a mixed allocation loses to a
-uniform one. ``layer_swap`` tests it layer by layer: for every MoE layer l and scheme s it quantizes every block of
-layer l (routed and shared experts) with s, measures the model's mean NLL on WikiText-2 *validation* windows
-(not the test split, since this check may steer the method), and pairs the NLL increase with the proxy
-Σ_{e,j} Δ[l, e, j, s] of a sensitivity result. ``proxy_check`` quantizes the layer with RTN, against the RTN Δ,
-or with Table 1's recipe (GPTQ after a Hadamard rotation, calibrated on WikiText-2 *train*), which repairs
-some schemes far more than others, against the Δ the allocations minimise (measured with that recipe, one
-block at a time): the damage the quantized model actually takes, and how well that Δ predicts it.
+uniform one. ``layer_swap`` tests it layer by layer: for every MoE layer l and scheme s it quantizes every
+block of layer l (routed and shared experts) with s, measures the model's mean NLL on WikiText-2
+*validation* windows (not the test split, since this check may steer the method), and pairs the NLL
+increase with the proxy Σ_{e,j} Δ[l, e, j, s] of a sensitivity result. ``proxy_check`` quantizes the layer
+with RTN, against the RTN Δ, or with Table 1's recipe (GPTQ after a Hadamard rotation, calibrated on
+WikiText-2 *train*), which repairs some schemes far more than others, against the Δ the allocations
+minimise (measured with that recipe, one block at a time): the damage the quantized model actually takes,
+and how well that Δ predicts it.
 
 ``agreement`` summarises the pairs as Spearman rank correlations: across layers per scheme (does Δ rank
 the layers as the model does?) and over every (layer, scheme) pair (does it also rank schemes against each
