@@ -122,6 +122,63 @@ def _rtn_ppl(profile: Profile, label: str, scheme=None, scheme_map=None) -> floa
     return evaluate_config(QuantConfig(label, scheme, "rtn"), profile, scheme_map=scheme_map, zeroshot=False)["ppl"]
 
 
+def _beside(profile: Profile, setting: plan.CalibratedSetting) -> dict:
+    """The rows a calibrated allocation is set beside, quantized with RTN (the quantizer of Δ): the uniform
+    baseline's scheme and the paper's allocation at the same budget."""
+    paper = plan.TABLE1_MXMOE[setting.paper]
+    uniform = baseline(setting.uniform).scheme
+    return {
+        "uniform": {"label": setting.uniform, "ppl_rtn": _rtn_ppl(profile, f"rtn {uniform}", uniform)},
+        "paper": {
+            "label": setting.paper,
+            "ppl_rtn": _rtn_ppl(profile, f"rtn {paper}", scheme_map=load_allocation(profile.model, paper)),
+        },
+    }
+
+
+def _calibrated_row(
+    profile: Profile,
+    problems: list,
+    check: dict,
+    setting: plan.CalibratedSetting,
+    beside: dict,
+    fp_ppl: float,
+    seed: int,
+) -> dict:
+    """One calibrated allocation (``setting`` for ``check``'s damage) solved, quantized as Table 1 and with RTN,
+    measured, and set ``beside`` its comparison rows (``calibrated_rows`` documents the fields)."""
+    quantizer = check["params"]["quantizer"]
+    setting = calibrated_setting(setting, quantizer)
+    doc = solve_calibrated(profile, problems, check, setting)
+    amap = doc.pop("scheme_map")
+    row = evaluate_config(allocation_config(setting.label, seed), profile, scheme_map=amap, zeroshot=False)
+    counts = Counter()  # blocks per scheme over the model (update keeps schemes no block took)
+    for layer in doc["layers"]:
+        counts.update(layer["blocks_per_scheme"])
+    return {
+        "label": setting.label,
+        "setting": setting.name,
+        "damage": quantizer,
+        "budget_bits": setting.budget_bits,
+        "w_bits": row["w_bits"],
+        "ppl": row["ppl"],
+        # the calibrated loss of the chosen blocks: the NLL increase their measured damages add up to, beside
+        # what the same damages predict for the uniform model
+        "nll_increase": {
+            "predicted": doc["predicted"]["L"],
+            "measured": math.log(row["ppl"] / fp_ppl),
+            "uniform_predicted": additive_damage(check, baseline(setting.uniform).scheme),
+        },
+        "ppl_rtn": _rtn_ppl(profile, f"rtn {setting.label}", scheme_map=amap),
+        **beside,
+        "blocks_per_scheme": dict(counts),
+        "layer_bits": [round(x["bits"], 3) for x in doc["layers"]],
+        "solve_seconds": doc["solve_seconds"],
+        "profile": row["profile"],
+        "device": row["device"],
+    }
+
+
 def calibrated_rows(profile: Profile, checks: "list[dict]", seed: int = 0) -> "list[dict]":
     """Each allocation of ``plan.CALIBRATED`` solved once per proxy check in ``checks`` (RTN and GPTQ damage),
     quantized like Table 1's MxMoE rows (GPTQ after a Hadamard rotation) and measured (WikiText-2 test
@@ -129,50 +186,15 @@ def calibrated_rows(profile: Profile, checks: "list[dict]", seed: int = 0) -> "l
     whether the calibration fails to carry over to GPTQ or fails as such. One row per (check, setting): bits,
     both perplexities, the NLL increase the calibrated Δ predicts and the one measured (test windows, against
     full precision), the one the same damages predict for the uniform baseline, blocks per scheme over the
-    model, bits per layer. Writes <results>/<model>/eval/calibrated.json.
+    model, bits per layer, the profile and device that measured it. Writes <results>/<model>/eval/calibrated.json.
     """
     inputs = allocation_inputs(profile)[0]["weight_only"]
     fp_ppl = evaluate_config(baseline("fp16"), profile, zeroshot=False)["ppl"]
+    beside = {s.name: _beside(profile, s) for s in plan.CALIBRATED}  # the same for every check
     rows = []
     for check in checks:
-        quantizer = check["params"]["quantizer"]
         problems = calibrate(inputs, check)
-        for setting in plan.CALIBRATED:
-            setting = calibrated_setting(setting, quantizer)
-            doc = solve_calibrated(profile, problems, check, setting)
-            amap = doc.pop("scheme_map")
-            row = evaluate_config(allocation_config(setting.label, seed), profile, scheme_map=amap, zeroshot=False)
-            uniform = baseline(setting.uniform).scheme
-            paper = plan.TABLE1_MXMOE[setting.paper]
-            counts = Counter()  # blocks per scheme over the model (update keeps schemes no block took)
-            for layer in doc["layers"]:
-                counts.update(layer["blocks_per_scheme"])
-            rows.append(
-                {
-                    "label": setting.label,
-                    "setting": setting.name,
-                    "damage": quantizer,
-                    "budget_bits": setting.budget_bits,
-                    "w_bits": row["w_bits"],
-                    "ppl": row["ppl"],
-                    # the calibrated loss of the chosen blocks: the NLL increase their measured damages add up to,
-                    # beside what the same damages predict for the uniform model
-                    "nll_increase": {
-                        "predicted": doc["predicted"]["L"],
-                        "measured": math.log(row["ppl"] / fp_ppl),
-                        "uniform_predicted": additive_damage(check, uniform),
-                    },
-                    "ppl_rtn": _rtn_ppl(profile, f"rtn {setting.label}", scheme_map=amap),
-                    "uniform": {"label": setting.uniform, "ppl_rtn": _rtn_ppl(profile, f"rtn {uniform}", uniform)},
-                    "paper": {
-                        "label": setting.paper,
-                        "ppl_rtn": _rtn_ppl(profile, f"rtn {paper}", scheme_map=load_allocation(profile.model, paper)),
-                    },
-                    "blocks_per_scheme": dict(counts),
-                    "layer_bits": [round(x["bits"], 3) for x in doc["layers"]],
-                    "solve_seconds": doc["solve_seconds"],
-                }
-            )
+        rows += [_calibrated_row(profile, problems, check, s, beside[s.name], fp_ppl, seed) for s in plan.CALIBRATED]
     path = results_dir() / profile.model / "eval" / "calibrated.json"
     write_json_atomic(path, {"rows": rows, "calibrated_by": [_measured(c) for c in checks]})
     return rows
