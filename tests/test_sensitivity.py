@@ -214,3 +214,24 @@ def test_batched_layer_equals_expert_by_expert(monkeypatch, method, rotate):
         assert first_run == sorted([2 * q * routed, q * routed, 3 * q])
     else:
         assert batch_sizes == []
+
+
+def test_batches_over_the_memory_limit_run_in_parts(monkeypatch):
+    """A batch larger than ``gptq_batch_limit`` (half a GPU's free memory) is quantized in parts, same result."""
+    import mxmoe.quant.experts as experts
+
+    model = fresh()
+    b = moe_blocks(model)[1]
+    runner = LayerwiseRunner(model, WINDOWS)
+    runner.advance()
+    x = runner.block_inputs(b.module)  # [N, H]
+    schemes = [sens.check_scheme(s) for s in SCHEMES]
+    whole = sens.layer_sensitivity(b, x, schemes, "gptq", min_tokens=1)
+    assert experts.gptq_batch_limit(torch.zeros(5, 2, 3)) == 5  # on the CPU: all at once
+    sizes, real = [], experts.gptq_quantize_batched
+    monkeypatch.setattr(experts, "gptq_batch_limit", lambda w: 3)
+    monkeypatch.setattr(
+        experts, "gptq_quantize_batched", lambda w, *a, **k: sizes.append(w.shape[0]) or real(w, *a, **k)
+    )
+    assert sens.layer_sensitivity(b, x, schemes, "gptq", min_tokens=1) == whole
+    assert max(sizes) == 3 and len(sizes) > 3  # unlimited: one call per weight shape (3)

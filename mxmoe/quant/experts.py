@@ -80,23 +80,42 @@ def quantize_block(
     return quantize_blocks(w[None], scheme, [hessian], min_tokens, **gptq_kw)[0]
 
 
+GPTQ_WORK_COPIES = 8  # float32 [B, out, in] tensors a batched GPTQ holds at its peak (weights, grids, codes)
+
+
+def gptq_batch_limit(w: torch.Tensor) -> int:
+    """How many of the same-shape weights ``w[B, out, in]`` one batched GPTQ takes at once: on a GPU as many
+    as fit half its free memory (a Mixtral layer's 8 experts x 2 blocks x 4 schemes do not fit at once),
+    on the CPU all of them."""
+    if w.device.type != "cuda":
+        return max(1, w.shape[0])
+    free = torch.cuda.mem_get_info(w.device)[0]
+    return max(1, free // 2 // (GPTQ_WORK_COPIES * 4 * w.shape[1] * w.shape[2]))
+
+
 def quantize_blocks(
     w: torch.Tensor, schemes: "Scheme | list", hessians: list, min_tokens: int, **gptq_kw
 ) -> list[QuantizedBlock]:
     """``quantize_block`` for same-shape weights ``w[B, out, in]`` at once, element b with ``hessians[b]`` (or None).
 
-    ``schemes``: one scheme for all, or one per element. The elements with a Hessian go through one
-    batched GPTQ (mixed schemes allowed); the others, and GPTQ's fallbacks, get RTN.
+    ``schemes``: one scheme for all, or one per element. The elements with a Hessian go through batched
+    GPTQ (mixed schemes allowed), ``gptq_batch_limit`` of them per call; the others, and GPTQ's
+    fallbacks, get RTN.
     """
     ss = [schemes] * len(hessians) if isinstance(schemes, (str, Scheme)) else list(schemes)
     out: list = [None] * len(hessians)
     with_h = [e for e, h in enumerate(hessians) if h is not None]
-    if with_h:
-        idx = torch.tensor(with_h, device=w.device)
+    step = gptq_batch_limit(w)
+    for c0 in range(0, len(with_h), step):
+        part = with_h[c0 : c0 + step]
         res = gptq_quantize_batched(
-            w[idx], [hessians[e] for e in with_h], [ss[e] for e in with_h], min_tokens=min_tokens, **gptq_kw
+            w[torch.tensor(part, device=w.device)],
+            [hessians[e] for e in part],
+            [ss[e] for e in part],
+            min_tokens=min_tokens,
+            **gptq_kw,
         )
-        for e, r in zip(with_h, res):
+        for e, r in zip(part, res):
             if isinstance(r, (InsufficientCalibration, torch.linalg.LinAlgError)):
                 out[e] = QuantizedBlock(quantize_weight_int(w[e], ss[e]), "rtn-fallback", str(r).splitlines()[0])
             else:
