@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -228,6 +229,11 @@ def test_batches_over_the_memory_limit_run_in_parts(monkeypatch):
     schemes = [sens.check_scheme(s) for s in SCHEMES]
     whole = sens.layer_sensitivity(b, x, schemes, "gptq", min_tokens=1)
     assert experts.gptq_batch_limit(torch.zeros(5, 2, 3)) == 5  # on the CPU: all at once
+    mixtral = SimpleNamespace(device=torch.device("cuda", 0), shape=(64, 14336, 4096))  # one layer's batch
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * 2**30, 80 * 2**30))
+    assert experts.gptq_batch_limit(mixtral) == 17  # 30 GiB over 8 float32 copies of 14336 x 4096
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 80 * 2**30))
+    assert experts.gptq_batch_limit(mixtral) == 1  # never less than one
     sizes, real = [], experts.gptq_quantize_batched
     monkeypatch.setattr(experts, "gptq_batch_limit", lambda w: 3)
     monkeypatch.setattr(
