@@ -24,6 +24,13 @@ def setup():
     return model, windows, sens
 
 
+@pytest.fixture
+def smoke(tmp_path, monkeypatch):
+    """The smoke profile, its results written under ``tmp_path``."""
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    return get_profile("smoke")
+
+
 def test_spearman():
     assert proxy.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert proxy.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -54,10 +61,9 @@ def test_layer_swap_keeps_pairs_done(setup):
     assert again["pairs"] == first["pairs"]
 
 
-def test_proxy_check_writes_and_resumes(setup, tmp_path, monkeypatch):
+def test_proxy_check_writes_and_resumes(setup, smoke, tmp_path, monkeypatch):
     model, _, sens = setup
-    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
-    profile = get_profile("smoke")
+    profile = smoke
     calls = []
     real = proxy.apply_schemes
 
@@ -80,10 +86,9 @@ def test_proxy_check_writes_and_resumes(setup, tmp_path, monkeypatch):
     assert json.loads(path.read_text())["agreement"] == doc["agreement"]
 
 
-def test_proxy_check_with_another_scheme_measures_only_its_pairs(setup, tmp_path, monkeypatch):
+def test_proxy_check_with_another_scheme_measures_only_its_pairs(setup, smoke, monkeypatch):
     model, _, sens = setup
-    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
-    profile = get_profile("smoke")
+    profile = smoke
     first = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[:1])
     calls = []
     real = proxy.apply_schemes
@@ -97,11 +102,10 @@ def test_proxy_check_with_another_scheme_measures_only_its_pairs(setup, tmp_path
     assert len(calls) == layers and {r["scheme"] for r in dropped["pairs"].values()} == {SCHEMES[1]}
 
 
-def test_proxy_check_with_gptq_quantizes_as_table1(setup, tmp_path, monkeypatch):
+def test_proxy_check_with_gptq_quantizes_as_table1(setup, smoke, tmp_path, monkeypatch):
     """The GPTQ check quantizes each layer with Table 1's MxMoE recipe, into its own file beside the RTN one."""
     model, _, sens = setup
-    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
-    profile = get_profile("smoke")
+    profile = smoke
     recipes = []
     real = proxy.quantize
 
@@ -126,11 +130,10 @@ def test_proxy_check_with_gptq_quantizes_as_table1(setup, tmp_path, monkeypatch)
         proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES[:1], quantizer="awq")
 
 
-def test_another_sensitivity_keeps_the_measured_pairs_and_recomputes_their_proxy(setup, tmp_path, monkeypatch):
+def test_another_sensitivity_keeps_the_measured_pairs_and_recomputes_their_proxy(setup, smoke, monkeypatch):
     """The NLL of a quantized layer does not depend on Δ: a check against another sensitivity result re-reads it."""
     model, windows, sens = setup
-    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
-    profile = get_profile("smoke")
+    profile = smoke
     first = proxy.proxy_check(profile, model, None, sens, schemes=SCHEMES)
     other = compute_sensitivity(model, windows, SCHEMES, "gptq", progress=False)
     monkeypatch.setattr(proxy, "apply_schemes", lambda *a, **k: pytest.fail("a measured pair ran again"))

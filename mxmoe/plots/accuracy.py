@@ -284,12 +284,12 @@ def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:
     (for the uniform row: the same damages' sum with every layer at its scheme) against the one measured on the
     test windows, and the calibrated allocation's blocks per scheme."""
     rows = []
+    fp_ppl = _t1_bits_ppl(t1, "fp16")[1]
     for budget in dict.fromkeys(r["budget_bits"] for r in calibrated):
         mine = [r for r in calibrated if r["budget_bits"] == budget]
         first, b = mine[0], f"{budget:g}"
         g_bits, g_ppl = _t1_bits_ppl(t1, first["uniform"]["label"])
         u_rtn = first["uniform"]["ppl_rtn"]
-        fp_ppl = _t1_bits_ppl(t1, "fp16")[1]
         settings = [
             (f"{first['uniform']['label']} (uniform)", g_bits, g_ppl, u_rtn, {"measured": np.log(g_ppl / fp_ppl)}, ""),
             (f"MxMoE {b} (paper's Δ)", *_t1_bits_ppl(t1, first["paper"]["label"]), first["paper"]["ppl_rtn"], {}, ""),
