@@ -4,6 +4,7 @@ The kernel runs in a child process with TRITON_INTERPRET=1 (tests/kernel_interp_
 the interpreter switch never leaks into other test modules.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from mxmoe.bench import runs
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm
 from mxmoe.kernels.configs import TileConfig, launch_warps
-from mxmoe.kernels.pack import fragment_order
+from mxmoe.kernels.pack import fragment_order, paired_scales, storage_bytes
 from mxmoe.quant import quantize_weight, quantize_weight_int
 from mxmoe.quant.rtn import IntWeight
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
@@ -90,7 +91,7 @@ def test_pack_round_trip(s):
     ref = quantize_weight(w, s)
     assert ((pw.dequantize() - ref).norm() / ref.norm()) < (2e-3 if s.group_size > 0 else 1e-6)
     rows = 48 if fragment_order(s) else 40  # fragment order pads N to 16 rows
-    assert pw.data.numel() == rows * 384 * s.w_bits // 8  # K padded to 384, exactly w_bits per code
+    assert pw.data.numel() == rows * 384 * s.w_bits // 8 == storage_bytes(s, 40, 320)  # K padded to 384
 
 
 def test_fragment_order_puts_a_threads_codes_together():
@@ -111,6 +112,53 @@ def test_fragment_order_puts_a_threads_codes_together():
             f, g, h = i // 4, (i // 2) % 2, i % 2
             nibble = (words[i // 8] >> (4 * (4 * (i % 8 % 2) + i % 8 // 2))) & 15
             assert nibble == int(u[16 * a + 8 * g + 2 * b + d, 64 * c + 8 * f + 2 * e + h])
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_fragment_order_of_2_and_3_bit_codes(bits):
+    """2-/3-bit weight-only codes: a wgmma thread's 64 codes of a K block (rows n, n + 8; K pairs 2e, 2e + 1
+    of every 8) are one 16-byte run of the 2-bit plane, position t of a word in field 8 (t % 2) + t // 2;
+    a 3-bit code's top bit follows in a 1-bit plane, bit t // 2 of byte 2 word + t % 2."""
+    s = Scheme.parse(f"w{bits}a16_g-1_asym")
+    assert fragment_order(s)
+    u = torch.randint(0, 1 << bits, (32, 256), dtype=torch.int32)
+    pw = pack(IntWeight(u.float(), torch.ones(32, 1), torch.zeros(32, 1), s))
+    assert torch.equal(pw.codes(), u)
+    lo = pw.data[: 2 * 8 * 128].view(2, 8, 128).to(torch.int64)  # [K block, N16 / 4 byte rows, 128]
+    hi = pw.data[2 * 8 * 128 :].view(2, 8, 64).to(torch.int64) if bits == 3 else None
+    assert pw.data.numel() == 2 * 8 * (128 if bits == 2 else 192)
+    for kb, a, b, d, e in [(0, 0, 0, 0, 0), (1, 1, 2, 1, 3), (1, 1, 3, 0, 1)]:
+        run = lo[kb, 4 * a + b, 16 * (4 * d + e) : 16 * (4 * d + e) + 16].view(4, 4)  # words 2c + fh
+        words = (run << torch.tensor([0, 8, 16, 24])).sum(1).tolist()
+        for c, fh, fl, g, h in itertools.product(range(2), range(2), range(4), range(2), range(2)):
+            w, t = 4 * (4 * d + e) + 2 * c + fh, 4 * fl + 2 * g + h  # word of the byte row, position
+            code = (words[2 * c + fh] >> (2 * (8 * (t % 2) + t // 2))) & 3
+            if hi is not None:
+                code |= ((int(hi[kb, 4 * a + b, 2 * w + t % 2]) >> (t // 2)) & 1) << 2
+            row, k = 16 * a + 8 * g + 2 * b + d, 128 * kb + 64 * c + 32 * fh + 8 * fl + 2 * e + h
+            assert code == int(u[row, k])
+
+
+def test_grouped_asymmetric_4bit_stores_scale_zero_pairs():
+    """w4a16 g128 asym: each group's float16 scale and zero point side by side (one 32-bit word per row and
+    group) and no separate zero tensor; other schemes keep their scale and zero apart."""
+    w = torch.randn(40, 320) * torch.rand(40, 1)
+    s = Scheme.parse("w4a16_g128_asym")
+    iw = quantize_weight_int(w, s)
+    pw = pack(iw)
+    assert paired_scales(s) and pw.zero is None
+    assert pw.scale.shape == (3, 40, 2) and pw.scale.dtype == torch.float16 and pw.scale.is_contiguous()
+    assert torch.equal(pw.scale[..., 0], iw.scale.t().half()) and torch.equal(pw.scale[..., 1], iw.zero.t().half())
+    back = pw.int_weight()
+    assert torch.equal(back.scale, iw.scale.half().float()) and torch.equal(back.zero, iw.zero.half().float())
+    assert pw.nbytes == 48 * 384 // 2 + 3 * 40 * 4  # 4 bits per code, 16 + 16 bits per group
+    for other in ("w4a16_g128_sym", "w4a16_g-1_asym", "w3a16_g128_sym", "w4a8_g128_sym"):
+        assert not paired_scales(Scheme.parse(other)) and pack(w, other).scale.dim() == 2
+    for narrower in ("w3a16_g128_asym", "w2a16_g128_asym"):
+        assert paired_scales(Scheme.parse(narrower)) and pack(w, narrower).scale.shape == (3, 40, 2)
+    pw.zero = torch.zeros(3, 40, dtype=torch.float16)
+    with pytest.raises(ValueError, match="does not match scheme"):
+        ExpertGroup([pw])
 
 
 def test_pack_stores_8bit_sym_as_int8():

@@ -11,7 +11,7 @@ from mxmoe.env import device_guard
 from mxmoe.kernels import triton_kernel as tk
 from mxmoe.kernels.act_quant import QuantizedRows, quantize_rows
 from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, launch_warps, tile_cost
-from mxmoe.kernels.pack import PACK_K, PackedWeight, fragment_order, fragment_rows
+from mxmoe.kernels.pack import PACK_K, PackedWeight, paired_scales, storage_bytes
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
 # triton.jit chose interpreter or compiler when triton_kernel was imported; follow the same switch.
@@ -97,9 +97,9 @@ def _check_storage(e: int, pw: PackedWeight) -> None:
             "build it with mxmoe.kernels.pack"
         )
     if not s.is_full_precision:
-        rows = fragment_rows(pw.n) if fragment_order(s) else pw.n
-        expected = rows * pw.k_pad * s.w_bits // 8
-        if pw.data.numel() != expected or pw.scale is None or (pw.zero is None) != s.symmetric:
+        expected = storage_bytes(s, pw.n, pw.k)
+        zero = not s.symmetric and not paired_scales(s)  # a separate zero point tensor
+        if pw.data.numel() != expected or pw.scale is None or (pw.zero is not None) != zero:
             raise ValueError(
                 f"expert {e}: packed storage does not match scheme '{s}' "
                 f"({pw.data.numel()} code bytes, expected {expected}); repack with mxmoe.kernels.pack"

@@ -22,12 +22,23 @@ Layout (what ``group_gemm`` reads):
   64-long half of a K block in 16 contiguous bytes (one 16-byte load), and a tile of BN rows reads
   ``BN * 64`` contiguous bytes per K block. Inside each 32-bit word the 8 positions ``t`` sit at nibbles
   ``4 (t % 2) + t // 2``, so one shift and one logic op turn a word into two bf16 pairs
-  (``triton_kernel._fragment_values``).
+  (``triton_kernel._nibble_values``).
+* 2- and 3-bit weight-only integer schemes (``w2a16_*``, ``w3a16_*``) store the code's low 2 bits in
+  fragment order too, ``[K_pad / 128, N16 / 4, 128]`` bytes, with the same threads' codes together:
+  ``k = 128 kb + 64c + 32 fh + 8 fl + 2e + h`` goes to 32-bit word ``16d + 4e + 2c + fh`` of byte row
+  ``4a + b`` at position ``t = 4 fl + 2g + h``, held in 2-bit field ``8 (t % 2) + t // 2`` (one 16-byte
+  load per thread and K block; one shift and one logic op per bf16 pair). 3-bit codes follow with
+  their top bit, ``[K_pad / 128, N16 / 4, 64]`` bytes: bit ``t // 2`` of byte ``2 word + t % 2``
+  (``triton_kernel._pair_values``).
 * fp8 schemes with e4m3 weights (``w8a*_g-1_sym_fp8``): the 8-bit plane holds the e4m3 bit pattern;
   narrower fp8 schemes (``w4a8_g128_sym_fp8``) store symmetric integer codes like the integer schemes.
 * scales and zero points: ``[n_groups, N]`` (transposed, so a tile's scales are contiguous);
   float16 for grouped schemes (the paper's 16+16 bits per group), float32 for per-channel ones.
-  Symmetric schemes store no zero point.
+  Symmetric schemes store no zero point. Grouped asymmetric fragment-order schemes (``w4a16_g128_asym``)
+  store each group's scale and zero point side by side, ``scale`` = ``[n_groups, N, 2]`` float16 and no
+  separate ``zero``: a tile's pairs are one 32-bit load per row, which the compiler pipelines through
+  shared memory with the codes and reads straight into the rows each thread holds (two 16-bit loads per
+  row are too narrow to pipeline, and their values must be shuffled into place every K block).
 
 ``PackedWeight.int_weight()`` inverts the packing, so the reference path and the tests see
 exactly the codes and (16-bit-rounded) scales that the kernel reads.
@@ -72,10 +83,11 @@ def check_kernel_scheme(s: Scheme) -> None:
 class PackedWeight:
     """One expert's weight in kernel storage (see the module docstring for the layout).
 
-    data:  bf16 [N, K] for the bf16 scheme, uint8 [N16 * K_pad / 2] in fragment order for 4-bit
-           weight-only codes, else uint8 [sum over planes of N * K_pad * p / 8]
-    scale: [n_groups, N] float16 (grouped) / float32 (per channel); None for bf16
-    zero:  like ``scale`` for asymmetric schemes, else None
+    data:  bf16 [N, K] for the bf16 scheme, uint8 [N16 * K_pad * bits / 8] in fragment order for 2- to
+           4-bit weight-only codes, else uint8 [sum over planes of N * K_pad * p / 8]
+    scale: [n_groups, N] float16 (grouped) / float32 (per channel); None for bf16; [n_groups, N, 2] float16
+           (scale, zero point) pairs where ``paired_scales`` (module docstring)
+    zero:  like ``scale`` for the other asymmetric schemes, else None
     """
 
     scheme: Scheme
@@ -109,7 +121,7 @@ class PackedWeight:
         """Unpack the stored codes ``u`` [N, K] (int32; e4m3 bit patterns for e4m3 weights)."""
         s, n, kp = self.scheme, self.n, self.k_pad
         if fragment_order(s):
-            return _fragment_unpack(self.data, n, kp)[:, : self.k]
+            return _fragment_unpack(self.data, n, kp, s.w_bits)[:, : self.k]
         u = torch.zeros(n, kp, dtype=torch.int32, device=self.device)
         start, low = 0, 0
         for p in planes_of(s.w_bits):
@@ -132,8 +144,9 @@ class PackedWeight:
             q = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
         else:
             q = u - (1 << (s.w_bits - 1)) if s.symmetric else u
-        scale = self.scale.float().t().contiguous()  # [N, n_groups]
-        zero = self.zero.float().t().contiguous() if self.zero is not None else torch.zeros_like(scale)
+        scale, zero = self.scale.unbind(-1) if paired_scales(s) else (self.scale, self.zero)  # [n_groups, N] each
+        scale = scale.float().t().contiguous()  # [N, n_groups]
+        zero = zero.float().t().contiguous() if zero is not None else torch.zeros_like(scale)
         return IntWeight(q, scale, zero, s)
 
     def dequantize(self) -> torch.Tensor:
@@ -144,8 +157,19 @@ class PackedWeight:
 
 
 def fragment_order(s: Scheme) -> bool:
-    """True when the codes of scheme ``s`` are stored in fragment order (4-bit weight-only integer)."""
-    return s.weight_only and s.fmt == "int" and s.w_bits == 4
+    """True when the codes of scheme ``s`` are stored in fragment order (2-, 3- and 4-bit weight-only integer)."""
+    return s.weight_only and s.fmt == "int" and s.w_bits in (2, 3, 4)
+
+
+def paired_scales(s: Scheme) -> bool:
+    """True when scheme ``s`` stores (scale, zero point) pairs in ``scale`` (grouped asymmetric fragment order)."""
+    return fragment_order(s) and s.group_size > 0 and not s.symmetric
+
+
+def storage_bytes(s: Scheme, n: int, k: int) -> int:
+    """Code bytes of an [n, k] weight of integer or fp8 scheme ``s`` (``PackedWeight.data.numel()``)."""
+    rows = fragment_rows(n) if fragment_order(s) else n
+    return rows * (-(-k // PACK_K) * PACK_K) * s.w_bits // 8
 
 
 def fragment_rows(n: int) -> int:
@@ -153,31 +177,79 @@ def fragment_rows(n: int) -> int:
     return -(-n // 16) * 16
 
 
-_SLOT = torch.tensor([4 * (t % 2) + t // 2 for t in range(8)])  # nibble of position t of a 32-bit word
+_NIBBLE = torch.tensor([4 * (t % 2) + t // 2 for t in range(8)])  # nibble of position t of a 32-bit word
+_PAIR = torch.tensor([8 * (t % 2) + t // 2 for t in range(16)])  # 2-bit field of position t of a 32-bit word
 
 
-def _fragment_pack(u: torch.Tensor) -> torch.Tensor:
-    """u: [N, K_pad] int32 4-bit codes -> uint8 [K_pad / 128, N16 / 4, 256] in fragment order (module docstring)."""
-    n, kp = u.shape
-    n16 = fragment_rows(n)
-    u = torch.nn.functional.pad(u, (0, 0, 0, n16 - n))  # [N16, K_pad]
+def _le_bytes(word: torch.Tensor) -> torch.Tensor:
+    """int32 words [..., W] -> their little-endian bytes, uint8 [..., 4 W]."""
+    byte = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1)  # [..., W, 4]
+    return byte.to(torch.uint8).flatten(-2)
+
+
+def _le_words(byte: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_le_bytes``: uint8 [..., 4 W] -> int32 [..., W]."""
+    b = byte.unflatten(-1, (-1, 4)).to(torch.int32)
+    return sum(b[..., i] << (8 * i) for i in range(4))
+
+
+def _nibble_rows(u: torch.Tensor) -> torch.Tensor:
+    """u: [N16, K_pad] 4-bit codes -> uint8 [K_pad / 128, N16 / 4, 256] (module docstring)."""
+    n16, kp = u.shape
     v = u.view(n16 // 16, 2, 4, 2, kp // 64, 8, 4, 2)  # [a, g, b, d, c, f, e, h]
     v = v.permute(0, 2, 4, 3, 6, 5, 1, 7).reshape(n16 // 4, kp // 2, 8)  # [row 4a + b, word, position t]
-    word = (v.to(torch.int64) << (4 * _SLOT.to(u.device))).sum(-1)  # [N16 / 4, K_pad / 2]
-    byte = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1)  # little-endian bytes
-    byte = byte.to(torch.uint8).reshape(n16 // 4, kp // 128, 256)  # [byte row, K block, 256]
-    return byte.transpose(0, 1).contiguous()
+    word = (v << (4 * _NIBBLE.to(u.device))).sum(-1)  # [N16 / 4, K_pad / 2] int32 (wraps into the sign bit: exact)
+    return _le_bytes(word).view(n16 // 4, kp // 128, 256).transpose(0, 1)
 
 
-def _fragment_unpack(data: torch.Tensor, n: int, kp: int) -> torch.Tensor:
+def _pair_rows(f: torch.Tensor) -> torch.Tensor:
+    """f: [N16, K_pad] 2-bit fields -> uint8 [K_pad / 128, N16 / 4, 128] (module docstring)."""
+    n16, kp = f.shape
+    v = f.view(n16 // 16, 2, 4, 2, kp // 128, 2, 2, 4, 4, 2)  # [a, g, b, d, kb, c, fh, fl, e, h]
+    v = v.permute(4, 0, 2, 3, 8, 5, 6, 7, 1, 9).reshape(kp // 128, n16 // 4, 32, 16)  # [kb, row, word, t]
+    return _le_bytes((v << (2 * _PAIR.to(f.device))).sum(-1))
+
+
+def _bit_rows(f: torch.Tensor) -> torch.Tensor:
+    """f: [N16, K_pad] 1-bit fields -> uint8 [K_pad / 128, N16 / 4, 64] (module docstring)."""
+    n16, kp = f.shape
+    v = f.view(n16 // 16, 2, 4, 2, kp // 128, 2, 2, 4, 4, 2)  # [a, g, b, d, kb, c, fh, fl, e, h]
+    v = v.permute(4, 0, 2, 3, 8, 5, 6, 9, 7, 1).reshape(kp // 128, n16 // 4, 64, 8)  # [kb, row, byte, bit]
+    return (v << torch.arange(8, device=f.device)).sum(-1).to(torch.uint8)
+
+
+def _fragment_pack(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """u: [N, K_pad] int32 codes of ``bits`` (2, 3 or 4) bits -> flat uint8 fragment-order storage."""
+    n, _ = u.shape
+    u = torch.nn.functional.pad(u, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad]
+    if bits == 4:
+        return _nibble_rows(u).reshape(-1)
+    parts = [_pair_rows(u & 3).reshape(-1)]
+    if bits == 3:
+        parts.append(_bit_rows(u >> 2).reshape(-1))
+    return torch.cat(parts)
+
+
+def _fragment_unpack(data: torch.Tensor, n: int, kp: int, bits: int) -> torch.Tensor:
     """Inverse of ``_fragment_pack``: the codes [N, K_pad] int32."""
     n16 = fragment_rows(n)
-    byte = data.view(kp // 128, n16 // 4, 256).transpose(0, 1).reshape(n16 // 4, kp // 2, 4).to(torch.int64)
-    word = sum(byte[..., i] << (8 * i) for i in range(4))  # [N16 / 4, K_pad / 2]
-    v = (word[..., None] >> (4 * _SLOT.to(data.device))) & 15  # [N16 / 4, K_pad / 2, 8]
-    v = v.view(n16 // 16, 4, kp // 64, 2, 4, 8, 2, 2)  # [a, b, c, d, e, f, g, h]
-    v = v.permute(0, 6, 1, 3, 2, 5, 4, 7).reshape(n16, kp)  # [a, g, b, d, c, f, e, h]
-    return v[:n].to(torch.int32)
+    dev = data.device
+    if bits == 4:
+        word = _le_words(data.view(kp // 128, n16 // 4, 256).transpose(0, 1).reshape(n16 // 4, kp * 2))
+        v = (word[..., None] >> (4 * _NIBBLE.to(dev))) & 15  # [N16 / 4, K_pad / 2, 8]
+        v = v.view(n16 // 16, 4, kp // 64, 2, 4, 8, 2, 2)  # [a, b, c, d, e, f, g, h]
+        return v.permute(0, 6, 1, 3, 2, 5, 4, 7).reshape(n16, kp)[:n].contiguous()  # [a, g, b, d, c, f, e, h]
+    lo_bytes = kp * n16 // 4
+    word = _le_words(data[:lo_bytes].view(kp // 128, n16 // 4, 128))  # [kb, row, 32]
+    v = (word[..., None] >> (2 * _PAIR.to(dev))) & 3  # [kb, row, word, t]
+    if bits == 3:
+        byte = data[lo_bytes:].view(kp // 128, n16 // 4, 64).to(torch.int32)
+        bit = (byte[..., None] >> torch.arange(8, device=dev)) & 1  # [kb, row, byte (word, h), bit (fl, g)]
+        bit = bit.view(kp // 128, n16 // 4, 32, 2, 4, 2).permute(0, 1, 2, 4, 5, 3).reshape(v.shape)  # [.., t]
+        v = v | (bit << 2)
+    v = v.view(kp // 128, n16 // 16, 4, 2, 4, 2, 2, 4, 2, 2)  # [kb, a, b, d, e, c, fh, fl, g, h]
+    v = v.permute(1, 8, 2, 3, 0, 5, 6, 7, 4, 9).reshape(n16, kp)  # [a, g, b, d | kb, c, fh, fl, e, h]
+    return v[:n].contiguous()
 
 
 def _signed_bytes(s: Scheme) -> bool:
@@ -236,10 +308,12 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
     sdt = torch.float16 if s.group_size > 0 else torch.float32
     scale = iw.scale.t().to(sdt).contiguous()  # [n_groups, N]
     zero = None if s.symmetric else iw.zero.t().to(sdt).contiguous()
+    if paired_scales(s):
+        scale, zero = torch.stack([scale, zero], dim=-1), None  # [n_groups, N, 2]: (s, z) pairs
     if _signed_bytes(s):
         u = u ^ 0x80
     if fragment_order(s):
-        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k))).reshape(-1)
+        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k)), s.w_bits)
     else:
         data = _pack_codes(u, s.w_bits, k_pad)
     return PackedWeight(s, n, k, data, scale, zero)

@@ -32,11 +32,13 @@ unpacked with compile-time shifts into slices of ``16 * widest plane`` K rows, o
 byte is loaded twice. Codes become bf16 without an int->float convert: ``bits(0x4300 | u) = 128 + u`` for
 ``u < 128``, then one exact bf16 subtraction and one fused multiply-add with the group's scale and zero
 point (rounded to the dot type, like the weight).
-4-bit weight-only codes (w4a16, the memory-bound case) are stored in wgmma fragment order instead
-(``pack.py``): each thread loads the 64 codes of its A fragment for a K block with 16-byte loads, inline
-PTX turns every 32-bit word into four bf16 pairs (7 instructions per 8 codes), and reshapes that the
-compiler resolves without moving data restore the [BN, 128] tile for one K=128 dot per block
-(``_fragment_values``; results/kernels/NOTES.md has the timings).
+2- to 4-bit weight-only codes (w2a16-w4a16, the memory-bound case) are stored in wgmma fragment order
+instead (``pack.py``): each thread loads the 64 codes of its A fragment for a K block with 16-byte loads,
+inline PTX turns every 32-bit word into bf16 pairs (7 instructions per 8 4-bit codes, 7.5 per 8 2-bit
+codes, 16 per 8 3-bit codes), and reshapes that the compiler resolves without moving data restore the
+[BN, 128] tile for one K=128 dot per block (``_fragment_values``; results/kernels/NOTES.md has the
+timings). Grouped asymmetric ones keep each group's
+scale and zero point in one 32-bit word (``_scale_zero_pair``), pipelined with the codes.
 
 Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
 values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
@@ -87,11 +89,12 @@ def _plane(
 
 
 @triton.jit
-def _fragment_bytes(w_ptr, kb, rq, N):
-    """Bytes [BN / 4, 256] (uint8) of fragment-order 4-bit codes (pack.py) for 128-long K block kb: byte rows
-    rq (the tile's output rows 16 a .. 16 a + 15 are byte rows 4 a .. 4 a + 3), contiguous in memory."""
+def _fragment_bytes(w_ptr, kb, rq, N, W: tl.constexpr):
+    """Bytes [BN / 4, W] (uint8) of fragment-order codes (pack.py) for 128-long K block kb, W bytes per byte row
+    (256 for 4-bit codes, 128 for a 2-bit plane, 64 for a 1-bit plane): byte rows rq (the tile's output rows
+    16 a .. 16 a + 15 are byte rows 4 a .. 4 a + 3), contiguous in memory."""
     rows = tl.cdiv(N, 16) * 4  # byte rows per K block
-    ptrs = w_ptr + (kb * rows).to(tl.int64) * 256 + rq[:, None] * 256 + tl.arange(0, 256)[None, :]
+    ptrs = w_ptr + (kb * rows).to(tl.int64) * W + rq[:, None] * W + tl.arange(0, W)[None, :]
     return tl.load(ptrs, mask=(rq < rows)[:, None], other=0)
 
 
@@ -138,7 +141,7 @@ def _codes(
 
 
 @triton.jit
-def _fragment_values(b, INTERPRET: tl.constexpr):
+def _nibble_values(b, INTERPRET: tl.constexpr):
     """Bytes b [R, 256] of fragment-order 4-bit codes -> 128 + code [4 R, 128] in (output row, K) order;
     bf16 (float32 under the interpreter), exact.
 
@@ -177,6 +180,89 @@ def _fragment_values(b, INTERPRET: tl.constexpr):
     return tl.reshape(v, [4 * R, 128])
 
 
+def _pair_asm(hi: bool) -> str:
+    """PTX: one 32-bit word of 16 2-bit fields ($8; position t at field 8 (t % 2) + t // 2) -> eight bf16 pairs
+    $0..$7 (pair j = positions 2 j, 2 j + 1) of 128 + u, 15 instructions; with ``hi``, bit 2 of each u comes
+    from $9 (bits j and 16 + j: positions 2 j and 2 j + 1), 4 more per pair."""
+    lines = []
+    for j in range(8):
+        src = "$8" if j == 0 else "t"
+        if j:
+            lines.append(f"shr.b32 t, $8, {2 * j};")
+        if hi:
+            lines.append(f"lop3.b32 t, {src}, 0x00030003, 0x43004300, 0xea;")
+            shift = "mov.b32 h, $9;" if j == 2 else f"shl.b32 h, $9, {2 - j};" if j < 2 else f"shr.b32 h, $9, {j - 2};"
+            lines.append(shift)
+            lines.append(f"lop3.b32 ${j}, t, h, 0x00040004, 0xf8;")
+        else:
+            lines.append(f"lop3.b32 ${j}, {src}, 0x00030003, 0x43004300, 0xea;")
+    return "{\n.reg .b32 t, h;\n" + "\n".join(lines) + "\n}"
+
+
+PAIR_ASM, PAIR_HI_ASM = tl.constexpr(_pair_asm(False)), tl.constexpr(_pair_asm(True))
+
+
+@triton.jit
+def _pair_values(lo, hi, HI: tl.constexpr, INTERPRET: tl.constexpr):
+    """Bytes lo [R, 128] of a fragment-order 2-bit plane (and, when HI, hi [R, 64] of the 1-bit plane above
+    it) -> 128 + code [4 R, 128] in (output row, K) order; bf16 (float32 under the interpreter), exact.
+
+    Word m of a byte row holds 16 codes, position t at 2-bit field 8 (t % 2) + t // 2; bit t // 2 of
+    byte 2 m + t % 2 of the 1-bit plane is bit 2 of the same code (pack.py). On the GPU, inline PTX turns a
+    word into eight bf16 pairs (``_pair_asm``); the 1-bit plane reaches it with each byte twice, so the
+    asm's second register holds the bits of positions 2 j and 2 j + 1 at bits j and 16 + j."""
+    R: tl.constexpr = lo.shape[0]
+    if INTERPRET:
+        word = tl.sum(tl.reshape(lo.to(tl.int32), [R, 32, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
+        t = tl.arange(0, 16)
+        u = (word[:, :, None] >> (2 * (8 * (t % 2) + t // 2))[None, None, :]) & 3  # [R, 32 words, 16 positions]
+        if HI:
+            h0, h1 = tl.split(tl.reshape(hi.to(tl.int32), [R, 32, 2]))  # [R, 32] each: positions with t % 2 = 0 / 1
+            hb = tl.where((t % 2 == 0)[None, None, :], h0[:, :, None], h1[:, :, None])  # [R, 32, 16]
+            u |= ((hb >> (t // 2)[None, None, :]) & 1) << 2
+        v = tl.reshape(u.to(tl.float32) + 128.0, [R, 512])
+    else:
+        if HI:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                asm=PAIR_HI_ASM,
+                constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
+                args=[lo, tl.reshape(tl.join(hi, hi), [R, 128])],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                asm=PAIR_ASM,
+                constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+                args=[lo],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                is_pure=True,
+                pack=4,
+            )  # [R, 128] each: o_k holds positions 4 k .. 4 k + 3 of word m at 4 m .. 4 m + 3
+        v = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [R, 128, 2, 2]
+        v = tl.reshape(tl.permute(tl.reshape(v, [R, 32, 4, 2, 2]), (0, 1, 3, 4, 2)), [R, 512])
+    # position t = 4 fl + 2 g + h of word m = 16 d + 4 e + 2 c + fh in byte row 4 a + b is
+    # row 16 a + 8 g + 2 b + d, K 64 c + 32 fh + 8 fl + 2 e + h
+    v = tl.permute(tl.reshape(v, [R // 4, 4, 2, 4, 2, 2, 4, 2, 2]), (0, 7, 1, 2, 4, 5, 6, 3, 8))
+    return tl.reshape(v, [4 * R, 128])
+
+
+@triton.jit
+def _fragment_values(w_ptr, kb, rq, N, KP, WBITS: tl.constexpr, INTERPRET: tl.constexpr):
+    """128 + code [BN, 128] of the tile's rows for K block kb from fragment-order storage of WBITS-bit codes:
+    a 4-bit array, or a 2-bit plane followed (3 bits) by a 1-bit plane (pack.py)."""
+    if WBITS == 4:
+        return _nibble_values(_fragment_bytes(w_ptr, kb, rq, N, 256), INTERPRET)
+    else:
+        lo = _fragment_bytes(w_ptr, kb, rq, N, 128)
+        if WBITS == 3:
+            hi_ptr = w_ptr + (tl.cdiv(N, 16) * 4).to(tl.int64) * KP  # after the 2-bit plane's K_pad / 128 blocks
+            return _pair_values(lo, _fragment_bytes(hi_ptr, kb, rq, N, 64), True, INTERPRET)
+        else:
+            return _pair_values(lo, 0, False, INTERPRET)
+
+
 @triton.jit
 def _load_x(ptr, rm, m_mask, stride, k0, K, W: tl.constexpr, T: tl.constexpr = False):
     """Rows rm, columns k0 .. k0 + W (zero past K) of a row-major [T, stride] matrix: [BM, W] ([W, BM] when T)."""
@@ -204,6 +290,16 @@ def _scale_zero(
     else:
         zr = tl.load(_as_ptr(z_addr, SDT) + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
         return sc.to(cdt), (zr + OFF * sc).to(cdt)
+
+
+@triton.jit
+def _scale_zero_pair(s_addr, g, rn, n_mask, N, OFF: tl.constexpr, cdt: tl.constexpr):
+    """Scale s and zero point z + OFF s [BN] (as ``_scale_zero``) of weight group g, in the dot type, from the
+    float16 (s, z) pairs stored [n_groups, N, 2] (pack.py): one 32-bit load per row, pipelined like the codes."""
+    pair = tl.load(_as_ptr(s_addr, tl.int32) + g * N + rn, mask=n_mask, other=0)  # [BN] bits z << 16 | s
+    sc = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zr = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return sc.to(cdt), (zr + OFF * sc).to(cdt)
 
 
 @triton.jit
@@ -315,23 +411,28 @@ def _tile(
             # shared memory) and few rows fill its N.
             if SWAP:
                 acc = tl.zeros([BN, BM], dtype=tl.float32)
-            # FRAG: 4-bit integer codes in fragment order (pack.py), unpacked by _fragment_values into
+            # FRAG: 2- to 4-bit integer codes in fragment order (pack.py), unpacked by _fragment_values into
             # v = 128 + u = q + 128 + OFF [BN, 128], then w = s (v - 128 - OFF) + zr (the subtraction is exact),
             # one K=128 dot per block.
-            FRAG: tl.constexpr = KIND == 1 and WBITS == 4
+            FRAG: tl.constexpr = KIND == 1 and WBITS >= 2 and WBITS <= 4
+            # PAIRED: grouped asymmetric fragment-order codes keep each group's scale and zero point in one
+            # 32-bit word (pack.py), a load the pipeliner multi-buffers like the codes.
+            PAIRED: tl.constexpr = FRAG and GROUP > 0 and not SYM
             # PREFETCH: per-group scales of block kb + 1 are loaded during block kb. Triton does not pipeline
-            # loads this small, and on short tiles (few rows, memory-bound) a load at the point of use stalls
-            # every block; tall tiles hide it behind their MMA work and lose registers to the prefetch.
-            PREFETCH: tl.constexpr = GROUP > 0 and BM <= 64
+            # 16-bit loads of one value per thread, and on short tiles (few rows, memory-bound) a load at the
+            # point of use stalls every block; tall tiles hide it behind their MMA work and lose registers to
+            # the prefetch.
+            PREFETCH: tl.constexpr = GROUP > 0 and BM <= 64 and not PAIRED
             nkb = tl.cdiv(K, 128)
-            rq = (local // mt) * (BN // 4) + tl.arange(0, BN // 4)  # [BN / 4] byte rows of fragment-order codes
+            if FRAG:
+                rq = (local // mt) * (BN // 4) + tl.arange(0, BN // 4)  # [BN / 4] byte rows of the codes
             if GROUP < 0:
                 sc, zr = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float32, SYM, OFF, cdt)
             elif PREFETCH:
                 sc_next, zr_next = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
             for kb in tl.range(0, nkb, num_stages=STAGES):
                 if FRAG:
-                    v = _fragment_values(_fragment_bytes(wp, kb, rq, N), INTERPRET)  # [BN, 128]
+                    v = _fragment_values(wp, kb, rq, N, KP, WBITS, INTERPRET)  # [BN, 128]
                 else:
                     b8 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 8, SWAP, SIGNED)
                     b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
@@ -351,6 +452,8 @@ def _tile(
                         OFF,
                         cdt,
                     )
+                elif PAIRED:
+                    sc, zr = _scale_zero_pair(s_addr, kb * 128 // GROUP, rn, n_mask, N, OFF, cdt)
                 elif GROUP > 0:
                     sc, zr = _scale_zero(s_addr, z_addr, kb * 128 // GROUP, rn, n_mask, N, tl.float16, SYM, OFF, cdt)
                 if FRAG:
