@@ -19,6 +19,8 @@ UNIFORM = {
     "bf16": "bf16",
     "w4a16_g128": "w4a16_g128_asym",
     "w4a16_g-1": "w4a16_g-1_asym",
+    "w3a16_g128": "w3a16_g128_asym",
+    "w2a16_g128": "w2a16_g128_asym",
     "w8a8_int8": "w8a8_g-1_sym",
     "w8a8_fp8": "w8a8_g-1_sym_fp8",
     "w4a4_g-1": "w4a4_g-1_sym",
