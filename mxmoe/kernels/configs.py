@@ -12,7 +12,7 @@ from mxmoe.schemes import Scheme
 @dataclass(frozen=True)
 class TileConfig:
     """Tile shape of one scheme's path: BM rows x BN columns, K step BK, pipeline depth; ``swap_ab``
-    (weight-only packed schemes) computes the transposed tile so the unpacked weight is the dot's A operand."""
+    (``swappable`` schemes) computes the transposed tile so the unpacked weight is the dot's A operand."""
 
     bm: int
     bn: int
@@ -39,10 +39,19 @@ def check_config(s: Scheme, c: TileConfig) -> None:
     for name, v in (("bm", c.bm), ("bn", c.bn), ("bk", c.bk)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"tile {name}={v} for '{s}' must be a power of two >= 16")
-    if c.swap_ab and kind_of(s) not in (tk.W_INT, tk.W_FP8):
-        raise ValueError(f"swap_ab is a path of weight-only packed schemes, not of '{s}'")
+    if c.swap_ab and not swappable(s):
+        raise ValueError(
+            f"swap_ab is a path of weight-only packed schemes and fp8 ones with narrower codes, not of '{s}'"
+        )
     if not s.is_full_precision and c.bk != PACK_K:
         raise ValueError(f"tile bk={c.bk} for '{s}': packed weights are read in K blocks of {PACK_K}")
+
+
+def swappable(s: Scheme) -> bool:
+    """True when scheme ``s`` has a transposed-tile path (``swap_ab``): its weight is unpacked in registers and
+    fed to the MMA from there (weight-only packed schemes; fp8 weight-activation schemes with codes under 8 bits)."""
+    kind = kind_of(s)
+    return kind in (tk.W_INT, tk.W_FP8) or (kind == tk.WA_FP8 and s.w_bits < 8)
 
 
 def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
@@ -52,10 +61,15 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -
     ablation and the H100 sweep of weight-activation tiles at 8192 tokens (results/kernels/NOTES.md)."""
     kind = kind_of(s)
     if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
-        return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1, swap_ab=kind in (tk.W_INT, tk.W_FP8))
+        return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1, swap_ab=swappable(s))
     bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
     if kind == tk.BF16:
         return TileConfig(bm, 256 if bm >= 128 else 128, 64, 3 if bm >= 128 else 4)
+    if kind == tk.WA_FP8 and s.w_bits < 8 and (s.group_size < 0 or bm < 128):
+        # e4m3 codes converted in registers feed the MMA as its A operand (one K=128 dot per block: per
+        # channel the MMAs run asynchronously; per group each block's partial sum is promoted before the
+        # next, so they wait, but fewer instructions and no spills at these tiles; sm_90a, offline compile)
+        return TileConfig(bm if bm < 128 else 256 if rows_per_expert > 256 else 128, 128, PACK_K, 3, swap_ab=True)
     if kind in (tk.WA_INT, tk.WA_FP8):
         if bm < 128:
             return TileConfig(bm, 128, PACK_K, 3)

@@ -23,9 +23,10 @@ Slot kinds:
   8-bit weight-activation codes are stored as the dot's operand type and go from memory to the MMA
   as loaded; narrower codes are unpacked in registers.
 
-Weight-only packed slots may compute the transposed tile (``SWAP``: y^T = W x^T) so that the unpacked
-weight is the dot's A operand, which wgmma reads from registers (B must sit in shared memory), and
-a few token rows fill the MMA's N instead of padding its M to 64.
+Weight-only packed slots, and fp8 slots with codes narrower than 8 bits, may compute the transposed
+tile (``SWAP``: y^T = W x^T) so that the unpacked weight is the dot's A operand, which wgmma reads from
+registers (B must sit in shared memory), and a few token rows fill the MMA's N instead of padding its
+M to 64.
 
 Packed weights are read one 128-long K block at a time: each bit plane's bytes are loaded once and
 unpacked with compile-time shifts into slices of ``16 * widest plane`` K rows, one dot per slice, so no
@@ -303,6 +304,20 @@ def _scale_zero_pair(s_addr, g, rn, n_mask, N, OFF: tl.constexpr, cdt: tl.conste
 
 
 @triton.jit
+def _block_codes(b4, b2, b1, WBITS: tl.constexpr, BN: tl.constexpr):
+    """Codes u [BN, 128] int32 of a whole 128-long K block from the bytes [BN, 16 P] of each present plane
+    (``_plane`` with T) narrower than 8 bits: the slices of ``_codes`` side by side."""
+    CW: tl.constexpr = 64 if WBITS >= 4 else 32 if WBITS >= 2 else 16
+    if CW == 64:
+        u = tl.join(_codes(0, b4, b2, b1, 0, WBITS, CW, BN, True), _codes(0, b4, b2, b1, 1, WBITS, CW, BN, True))
+        return tl.reshape(tl.permute(u, (0, 2, 1)), [BN, 128])  # [BN, 2 slices, 64]
+    else:
+        lo = tl.join(_codes(0, b4, b2, b1, 0, WBITS, CW, BN, True), _codes(0, b4, b2, b1, 1, WBITS, CW, BN, True))
+        hi = tl.join(_codes(0, b4, b2, b1, 2, WBITS, CW, BN, True), _codes(0, b4, b2, b1, 3, WBITS, CW, BN, True))
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 3, 2, 1)), [BN, 128])  # [BN, 4 slices, 32]
+
+
+@triton.jit
 def _dequant(
     u,
     sc,
@@ -339,6 +354,15 @@ def _e4m3_codes(u, OFF: tl.constexpr, INTERPRET: tl.constexpr):
     else:
         h = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024 + OFF)
         return h.to(tl.float8e4nv)
+
+
+@triton.jit
+def _outer(sx, sw, T: tl.constexpr):
+    """Row scales sx [BM] times column scales sw [BN]: [BM, BN], or [BN, BM] when T."""
+    if T:
+        return sw[:, None] * sx[None, :]
+    else:
+        return sx[:, None] * sw[None, :]
 
 
 @triton.jit
@@ -480,21 +504,35 @@ def _tile(
             # Grouped schemes (one activation and one weight group per 128-long K block) keep each block's
             # partial sum apart and promote it into the fp32 accumulator with both groups' scales
             # (DeepGEMM's fine-grained scaling); per-channel schemes scale once, in the epilogue.
+            # SWAP (fp8 codes narrower than 8 bits): the [BN, BM] tile y^T = W x^T, so the e4m3 weight is
+            # the dot's register A operand and the activations stream into shared memory as B: the
+            # conversion of one slice overlaps the asynchronous MMA of the one before.
             DT: tl.constexpr = tl.int8 if KIND == 3 else tl.uint8 if INTERPRET else tl.float8e4nv
             xq8 = xq_ptr.to(tl.pointer_type(DT))
+            if SWAP:
+                acc = tl.zeros([BN, BM], dtype=tl.float32)
             if KIND == 3:
                 acc_i = tl.zeros([BM, BN], dtype=tl.int32)
             for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
                 if WBITS < 8:
-                    b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4)
-                    b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2)
-                    b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1)
+                    b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
+                    b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2, SWAP)
+                    b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1, SWAP)
                 if GROUP > 0:
                     if KIND == 3:
                         part_i = tl.zeros([BM, BN], dtype=tl.int32)
                     else:
-                        part = tl.zeros([BM, BN], dtype=tl.float32)
-                for j in tl.static_range(NSL):
+                        part = tl.zeros_like(acc)
+                if SWAP:  # one K=128 dot per block keeps a wgmma in flight (two per block made them synchronous)
+                    qa = _load_x(xq8, rm, m_mask, K, kb * 128, K, 128, True)  # [128, BM]
+                    qw = _e4m3_codes(_block_codes(b4, b2, b1, WBITS, BN), OFF, INTERPRET)  # [BN, 128]
+                    if INTERPRET:
+                        qa = qa.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    if GROUP > 0:
+                        part = tl.dot(qw, qa, part)
+                    else:
+                        acc = tl.dot(qw, qa, acc)
+                for j in tl.static_range(0 if SWAP else NSL):
                     qa = _load_x(xq8, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW]
                     if WBITS == 8:
                         qw = tl.load(
@@ -524,15 +562,15 @@ def _tile(
                     sw = tl.load(_as_ptr(s_addr, tl.float16) + kb * N + rn, mask=n_mask, other=0.0).to(tl.float32)
                     if KIND == 3:
                         part = part_i.to(tl.float32)
-                    acc += part * sx[:, None] * sw[None, :]
+                    acc += part * _outer(sx, sw, SWAP)
             if GROUP < 0:
                 sx = tl.load(xs_ptr + rm.to(tl.int64) * NG, mask=m_mask, other=0.0)
                 sw = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
                 if KIND == 3:
                     acc = acc_i.to(tl.float32)
-                acc = acc * sx[:, None] * sw[None, :]
+                acc = acc * _outer(sx, sw, SWAP)
 
-    if SWAP and (KIND == 1 or KIND == 2):  # acc: [BN, BM]
+    if SWAP:  # acc: [BN, BM]
         y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
     else:
