@@ -357,6 +357,18 @@ def _e4m3_codes(u, OFF: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _fp8_mma(qa, qw, acc, T: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + qa qw for activation codes qa [BM, CW] and e4m3 weights qw [CW, BN]; when T, acc + qw qa for
+    qw [BN, CW], qa [CW, BM] (the transposed tile). qa holds e4m3 bits (uint8) under the interpreter."""
+    if INTERPRET:
+        qa = qa.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    if T:
+        return tl.dot(qw, qa, acc)
+    else:
+        return tl.dot(qa, qw, acc)
+
+
+@triton.jit
 def _outer(sx, sw, T: tl.constexpr):
     """Row scales sx [BM] times column scales sw [BN]: [BM, BN], or [BN, BM] when T."""
     if T:
@@ -505,8 +517,9 @@ def _tile(
             # partial sum apart and promote it into the fp32 accumulator with both groups' scales
             # (DeepGEMM's fine-grained scaling); per-channel schemes scale once, in the epilogue.
             # SWAP (fp8 codes narrower than 8 bits): the [BN, BM] tile y^T = W x^T, so the e4m3 weight is
-            # the dot's register A operand and the activations stream into shared memory as B: the
-            # conversion of one slice overlaps the asynchronous MMA of the one before.
+            # the dot's register A operand and the activations stream into shared memory as B: per channel,
+            # the conversion of one K block overlaps the asynchronous MMA of the block before (per group,
+            # each block's partial sum is promoted before the next block, so the MMA is waited for).
             DT: tl.constexpr = tl.int8 if KIND == 3 else tl.uint8 if INTERPRET else tl.float8e4nv
             xq8 = xq_ptr.to(tl.pointer_type(DT))
             if SWAP:
@@ -526,12 +539,10 @@ def _tile(
                 if SWAP:  # one K=128 dot per block keeps a wgmma in flight (two per block made them synchronous)
                     qa = _load_x(xq8, rm, m_mask, K, kb * 128, K, 128, True)  # [128, BM]
                     qw = _e4m3_codes(_block_codes(b4, b2, b1, WBITS, BN), OFF, INTERPRET)  # [BN, 128]
-                    if INTERPRET:
-                        qa = qa.to(tl.float8e4nv, bitcast=True).to(tl.float32)
                     if GROUP > 0:
-                        part = tl.dot(qw, qa, part)
+                        part = _fp8_mma(qa, qw, part, True, INTERPRET)
                     else:
-                        acc = tl.dot(qw, qa, acc)
+                        acc = _fp8_mma(qa, qw, acc, True, INTERPRET)
                 for j in tl.static_range(0 if SWAP else NSL):
                     qa = _load_x(xq8, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW]
                     if WBITS == 8:
@@ -547,12 +558,10 @@ def _tile(
                     else:
                         qw = (_codes(0, b4, b2, b1, j, WBITS, CW, BN) - OFF).to(DT)  # [CW, BN]
                     if KIND == 4:
-                        if INTERPRET:
-                            qa = qa.to(tl.float8e4nv, bitcast=True).to(tl.float32)
                         if GROUP > 0:
-                            part = tl.dot(qa, qw, part)
+                            part = _fp8_mma(qa, qw, part, False, INTERPRET)
                         else:
-                            acc = tl.dot(qa, qw, acc)
+                            acc = _fp8_mma(qa, qw, acc, False, INTERPRET)
                     elif GROUP > 0:
                         part_i = tl.dot(qa, qw, part_i, out_dtype=tl.int32)
                     else:
