@@ -139,6 +139,25 @@ def test_fragment_order_of_2_and_3_bit_codes(bits):
             assert code == int(u[row, k])
 
 
+def test_e4m3_fragment_order_puts_a_registers_codes_in_one_word():
+    """4-bit codes of fp8 schemes: the 8 codes of one word are the two registers (rows n and n + 8, four
+    consecutive K) a thread of the fp8 warpgroup MMA holds, position (g, j) at nibble 4 (j % 2) + 2 g + j // 2."""
+    from mxmoe.kernels.pack import e4m3_fragment_order
+
+    s = Scheme.parse("w4a8_g-1_sym_fp8")
+    assert fragment_order(s) and e4m3_fragment_order(s) and not e4m3_fragment_order(Scheme.parse("w8a8_g-1_sym_fp8"))
+    u = torch.randint(1, 16, (32, 256), dtype=torch.int32)
+    pw = pack(IntWeight(u.float() - 8, torch.ones(32, 1), None, s))
+    assert torch.equal(pw.codes(), u) and pw.data.numel() == 2 * 8 * 256
+    byte = pw.data.view(2, 8, 256).to(torch.int64)  # [K block, byte row, 256]
+    for kb, a, b, c, d, e, sl, p in [(0, 0, 0, 0, 0, 0, 0, 0), (1, 1, 3, 1, 1, 2, 1, 1), (0, 1, 2, 1, 0, 3, 1, 0)]:
+        w = 32 * c + 16 * d + 4 * e + 2 * sl + p
+        word = int((byte[kb, 4 * a + b, 4 * w : 4 * w + 4] << torch.tensor([0, 8, 16, 24])).sum())
+        for g, j in itertools.product(range(2), range(4)):
+            code = (word >> (4 * (4 * (j % 2) + 2 * g + j // 2))) & 15
+            assert code == int(u[16 * a + 8 * g + 2 * b + d, 128 * kb + 64 * c + 32 * sl + 16 * p + 4 * e + j])
+
+
 def test_grouped_asymmetric_4bit_stores_scale_zero_pairs():
     """w4a16 g128 asym: each group's float16 scale and zero point side by side (one 32-bit word per row and
     group) and no separate zero tensor; other schemes keep their scale and zero apart."""
@@ -256,14 +275,15 @@ def test_fp8_needs_sm89(monkeypatch, scheme):
 
 
 def test_w4a8_fp8_packs_integer_codes_and_takes_the_fp8_path():
-    """4-bit codes are stored like the integer scheme's (u = q + 8) and run on the fp8 dot (WA_FP8),
-    grouped with 128-row tiles (two fp32 accumulators)."""
+    """4-bit codes are the integer scheme's (u = q + 8), stored in the fp8 MMA's fragment order, and run on
+    the fp8 dot (WA_FP8), grouped with 128-row tiles (two fp32 accumulators)."""
     from mxmoe.kernels import triton_kernel as tk
     from mxmoe.kernels.configs import default_config, kind_of
 
     w = torch.randn(16, 256)
     fp8, int8 = pack(w, "w4a8_g128_sym_fp8"), pack(w, "w4a8_g128_sym")
-    assert torch.equal(fp8.data, int8.data) and torch.equal(fp8.scale, int8.scale) and fp8.zero is None
+    assert torch.equal(fp8.codes(), int8.codes()) and torch.equal(fp8.scale, int8.scale) and fp8.zero is None
+    assert not torch.equal(fp8.data, int8.data)  # same codes, another order
     assert fp8.data.numel() == 16 * 256 // 2 and fp8.scale.dtype == torch.float16  # 4 bits + fp16 scale per group
     assert kind_of(fp8.scheme) == tk.WA_FP8 and kind_of(int8.scheme) == tk.WA_INT
     assert default_config(fp8.scheme, 1000).bm == 128 and default_config(int8.scheme, 1000).bm == 256

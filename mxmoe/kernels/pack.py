@@ -31,7 +31,12 @@ Layout (what ``group_gemm`` reads):
   their top bit, ``[K_pad / 128, N16 / 4, 64]`` bytes: bit ``t // 2`` of byte ``2 word + t % 2``
   (``triton_kernel._pair_values``).
 * fp8 schemes with e4m3 weights (``w8a*_g-1_sym_fp8``): the 8-bit plane holds the e4m3 bit pattern;
-  narrower fp8 schemes (``w4a8_g128_sym_fp8``) store symmetric integer codes like the integer schemes.
+  4-bit fp8 schemes (``w4a8_g128_sym_fp8``) store symmetric integer codes in the fp8 MMA's fragment order,
+  ``[K_pad / 128, N16 / 4, 256]`` bytes: ``k = 128 kb + 64c + 32s + 16p + 4e + j`` of rows ``16a + 2b + d``
+  (``g = 0``) and ``+ 8`` (``g = 1``) go to 32-bit word ``32c + 16d + 4e + 2s + p`` of byte row ``4a + b``,
+  position ``(g, j)`` at nibble ``4 (j % 2) + 2g + j // 2``: each word becomes the two registers (one row,
+  four consecutive K) a thread of the fp8 warpgroup MMA holds, by an fp16 magic number and two e4m3
+  pair converts per register (``triton_kernel._e4m3_fragment_values``).
 * scales and zero points: ``[n_groups, N]`` (transposed, so a tile's scales are contiguous);
   float16 for grouped schemes (the paper's 16+16 bits per group), float32 for per-channel ones.
   Symmetric schemes store no zero point. Grouped asymmetric fragment-order schemes (``w4a16_g128_asym``)
@@ -84,7 +89,7 @@ class PackedWeight:
     """One expert's weight in kernel storage (see the module docstring for the layout).
 
     data:  bf16 [N, K] for the bf16 scheme, uint8 [N16 * K_pad * bits / 8] in fragment order for 2- to
-           4-bit weight-only codes, else uint8 [sum over planes of N * K_pad * p / 8]
+           4-bit weight-only codes and 4-bit fp8 codes, else uint8 [sum over planes of N * K_pad * p / 8]
     scale: [n_groups, N] float16 (grouped) / float32 (per channel); None for bf16; [n_groups, N, 2] float16
            (scale, zero point) pairs where ``paired_scales`` (module docstring)
     zero:  like ``scale`` for the other asymmetric schemes, else None
@@ -121,7 +126,7 @@ class PackedWeight:
         """Unpack the stored codes ``u`` [N, K] (int32; e4m3 bit patterns for e4m3 weights)."""
         s, n, kp = self.scheme, self.n, self.k_pad
         if fragment_order(s):
-            return _fragment_unpack(self.data, n, kp, s.w_bits)[:, : self.k]
+            return _fragment_unpack(self.data, n, kp, s.w_bits, e4m3_fragment_order(s))[:, : self.k]
         u = torch.zeros(n, kp, dtype=torch.int32, device=self.device)
         start, low = 0, 0
         for p in planes_of(s.w_bits):
@@ -157,8 +162,14 @@ class PackedWeight:
 
 
 def fragment_order(s: Scheme) -> bool:
-    """True when the codes of scheme ``s`` are stored in fragment order (2-, 3- and 4-bit weight-only integer)."""
-    return s.weight_only and s.fmt == "int" and s.w_bits in (2, 3, 4)
+    """True when the codes of scheme ``s`` are stored in fragment order: 2- to 4-bit weight-only integer codes
+    (the 16-bit MMA's order) and the 4-bit integer codes of fp8 schemes (``e4m3_fragment_order``)."""
+    return (s.weight_only and s.fmt == "int" and s.w_bits in (2, 3, 4)) or e4m3_fragment_order(s)
+
+
+def e4m3_fragment_order(s: Scheme) -> bool:
+    """True when scheme ``s`` keeps 4-bit codes in the fp8 MMA's fragment order (``w4a8_*_fp8``)."""
+    return s.fmt == "fp8" and not s.fp8_weight and s.w_bits == 4
 
 
 def paired_scales(s: Scheme) -> bool:
@@ -218,10 +229,23 @@ def _bit_rows(f: torch.Tensor) -> torch.Tensor:
     return (v << torch.arange(8, device=f.device)).sum(-1).to(torch.uint8)
 
 
-def _fragment_pack(u: torch.Tensor, bits: int) -> torch.Tensor:
+_E4M3_SLOT = torch.tensor([4 * (j % 2) + 2 * g + j // 2 for g in range(2) for j in range(4)])  # nibble of (g, j)
+
+
+def _e4m3_rows(u: torch.Tensor) -> torch.Tensor:
+    """u: [N16, K_pad] 4-bit codes -> uint8 [K_pad / 128, N16 / 4, 256] in the fp8 MMA's order (module docstring)."""
+    n16, kp = u.shape
+    v = u.view(n16 // 16, 2, 4, 2, kp // 128, 2, 2, 2, 4, 4)  # [a, g, b, d, kb, c, s, p, e, j]
+    v = v.permute(4, 0, 2, 5, 3, 8, 6, 7, 1, 9).reshape(kp // 128, n16 // 4, 64, 8)  # [kb, row, word, (g, j)]
+    return _le_bytes((v << (4 * _E4M3_SLOT.to(u.device))).sum(-1))
+
+
+def _fragment_pack(u: torch.Tensor, bits: int, e4m3: bool = False) -> torch.Tensor:
     """u: [N, K_pad] int32 codes of ``bits`` (2, 3 or 4) bits -> flat uint8 fragment-order storage."""
     n, _ = u.shape
     u = torch.nn.functional.pad(u, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad]
+    if e4m3:
+        return _e4m3_rows(u).reshape(-1)
     if bits == 4:
         return _nibble_rows(u).reshape(-1)
     parts = [_pair_rows(u & 3).reshape(-1)]
@@ -230,10 +254,17 @@ def _fragment_pack(u: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _fragment_unpack(data: torch.Tensor, n: int, kp: int, bits: int) -> torch.Tensor:
+def _fragment_unpack(data: torch.Tensor, n: int, kp: int, bits: int, e4m3: bool = False) -> torch.Tensor:
     """Inverse of ``_fragment_pack``: the codes [N, K_pad] int32."""
     n16 = fragment_rows(n)
     dev = data.device
+    if e4m3:
+        word = _le_words(data.view(kp // 128, n16 // 4, 256))  # [kb, row, 64]
+        v = (word[..., None] >> (4 * _E4M3_SLOT.to(dev))) & 15  # [kb, row 4a + b, word (c, d, e, s, p), (g, j)]
+        v = v.view(kp // 128, n16 // 16, 4, 2, 2, 4, 2, 2, 2, 4)  # [kb, a, b, c, d, e, s, p, g, j]
+        return (
+            v.permute(1, 8, 2, 4, 0, 3, 6, 7, 5, 9).reshape(n16, kp)[:n].contiguous()
+        )  # [a, g, b, d | kb, c, s, p, e, j]
     if bits == 4:
         word = _le_words(data.view(kp // 128, n16 // 4, 256).transpose(0, 1).reshape(n16 // 4, kp * 2))
         v = (word[..., None] >> (4 * _NIBBLE.to(dev))) & 15  # [N16 / 4, K_pad / 2, 8]
@@ -313,7 +344,7 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
     if _signed_bytes(s):
         u = u ^ 0x80
     if fragment_order(s):
-        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k)), s.w_bits)
+        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k)), s.w_bits, e4m3_fragment_order(s))
     else:
         data = _pack_codes(u, s.w_bits, k_pad)
     return PackedWeight(s, n, k, data, scale, zero)

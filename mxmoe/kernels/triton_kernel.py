@@ -249,6 +249,64 @@ def _pair_values(lo, hi, HI: tl.constexpr, INTERPRET: tl.constexpr):
     return tl.reshape(v, [4 * R, 128])
 
 
+E4M3_ASM: tl.constexpr = tl.constexpr(
+    """{
+    .reg .b32 t0, t1, t2, t3, m;
+    .reg .b16 h0, h1, h2, h3;
+    mov.b32 m, 0x64086408;
+    lop3.b32 t0, $2, 0x000f000f, 0x64006400, 0xea;
+    shr.b32 t1, $2, 4;
+    lop3.b32 t1, t1, 0x000f000f, 0x64006400, 0xea;
+    shr.b32 t2, $2, 8;
+    lop3.b32 t2, t2, 0x000f000f, 0x64006400, 0xea;
+    shr.b32 t3, $2, 12;
+    lop3.b32 t3, t3, 0x000f000f, 0x64006400, 0xea;
+    sub.f16x2 t0, t0, m;
+    sub.f16x2 t1, t1, m;
+    sub.f16x2 t2, t2, m;
+    sub.f16x2 t3, t3, m;
+    cvt.rn.satfinite.e4m3x2.f16x2 h0, t0;
+    cvt.rn.satfinite.e4m3x2.f16x2 h1, t1;
+    cvt.rn.satfinite.e4m3x2.f16x2 h2, t2;
+    cvt.rn.satfinite.e4m3x2.f16x2 h3, t3;
+    mov.b32 $0, {h0, h1};
+    mov.b32 $1, {h2, h3};
+    }"""
+)
+
+
+@triton.jit
+def _e4m3_fragment_values(b, INTERPRET: tl.constexpr):
+    """Bytes b [R, 256] of fp8-fragment-order symmetric 4-bit codes -> q = u - 8 [4 R, 128] in (output row, K)
+    order, e4m3 (float32 under the interpreter), exact.
+
+    Word W = 32 c + 16 d + 4 e + 2 s + p of byte row 4 a + b holds the codes of rows 16 a + 2 b + d (g = 0)
+    and + 8 (g = 1) at K 64 c + 32 s + 16 p + 4 e + j, position (g, j) at nibble 4 (j % 2) + 2 g + j // 2:
+    a thread of the fp8 warpgroup MMA's A operand holds each output register's 4 bytes (one row, j = 0..3)
+    in one word. On the GPU, inline PTX makes the two registers with the fp16 magic number 1024 + u,
+    an exact fp16 subtraction and a convert to e4m3 pairs."""
+    R: tl.constexpr = b.shape[0]
+    if INTERPRET:
+        word = tl.sum(tl.reshape(b.to(tl.int32), [R, 64, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
+        t = tl.arange(0, 8)  # position 4 g + j
+        slot = 4 * ((t % 4) % 2) + 2 * (t // 4) + (t % 4) // 2
+        u = (word[:, :, None] >> (4 * slot)[None, None, :]) & 15  # [R, 64 words, 8 (g, j)]
+        v = tl.permute(tl.reshape(u.to(tl.float32) - 8.0, [R, 64, 2, 4]), (0, 1, 3, 2))  # [R, 64, j, g]
+    else:
+        o0, o1 = tl.inline_asm_elementwise(
+            asm=E4M3_ASM,
+            constraints="=r,=r,r",
+            args=[b],
+            dtype=(tl.float8e4nv, tl.float8e4nv),
+            is_pure=True,
+            pack=4,
+        )  # [R, 256] each: row g = 0 / 1, position j of word W at 4 W + j
+        v = tl.reshape(tl.join(o0, o1), [R, 64, 4, 2])  # [R, W, j, g]
+    # dims a, b | W = (c, d, e, s, p) | j, g -> row 16 a + 8 g + 2 b + d, K 64 c + 32 s + 16 p + 4 e + j
+    v = tl.permute(tl.reshape(v, [R // 4, 4, 2, 2, 4, 2, 2, 4, 2]), (0, 8, 1, 3, 2, 5, 6, 4, 7))
+    return tl.reshape(v, [4 * R, 128])
+
+
 @triton.jit
 def _fragment_values(w_ptr, kb, rq, N, KP, WBITS: tl.constexpr, INTERPRET: tl.constexpr):
     """128 + code [BN, 128] of the tile's rows for K block kb from fragment-order storage of WBITS-bit codes:
@@ -440,6 +498,7 @@ def _tile(
             0 if SYM and WBITS == 8 else 1 << (WBITS - 1)
         )  # centred code q = u - OFF (8-bit sym: stored signed)
         SIGNED: tl.constexpr = SYM and WBITS == 8 and KIND != 2 and KIND != 4
+        rq = (local // mt) * (BN // 4) + tl.arange(0, BN // 4)  # [BN / 4] byte rows of fragment-order codes
         if KIND == 1 or KIND == 2:  # W_INT, W_FP8: weight dequantized in registers (s q + z), 16-bit dot
             # The scale and zero point multiply the weight before the dot, so the accumulator chain runs
             # through all of K for any group size. SWAP: compute the [BN, BM] tile y^T = W x^T, so the
@@ -460,8 +519,6 @@ def _tile(
             # the prefetch.
             PREFETCH: tl.constexpr = GROUP > 0 and BM <= 64 and not PAIRED
             nkb = tl.cdiv(K, 128)
-            if FRAG:
-                rq = (local // mt) * (BN // 4) + tl.arange(0, BN // 4)  # [BN / 4] byte rows of the codes
             if GROUP < 0:
                 sc, zr = _scale_zero(s_addr, z_addr, 0, rn, n_mask, N, tl.float32, SYM, OFF, cdt)
             elif PREFETCH:
@@ -524,10 +581,13 @@ def _tile(
             xq8 = xq_ptr.to(tl.pointer_type(DT))
             if SWAP:
                 acc = tl.zeros([BN, BM], dtype=tl.float32)
+            # FRAG8: 4-bit codes of fp8 schemes in the fp8 MMA's fragment order (pack.py), converted to e4m3
+            # by _e4m3_fragment_values; one K=128 dot per block in either tile orientation.
+            FRAG8: tl.constexpr = KIND == 4 and WBITS == 4
             if KIND == 3:
                 acc_i = tl.zeros([BM, BN], dtype=tl.int32)
             for kb in tl.range(0, tl.cdiv(K, 128), num_stages=STAGES):
-                if WBITS < 8:
+                if WBITS < 8 and not FRAG8:
                     b4 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 4, SWAP)
                     b2 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 2, SWAP)
                     b1 = _plane(wp, kb, rn, n_mask, N, KP, WBITS, 1, SWAP)
@@ -536,14 +596,19 @@ def _tile(
                         part_i = tl.zeros([BM, BN], dtype=tl.int32)
                     else:
                         part = tl.zeros_like(acc)
-                if SWAP:  # one K=128 dot per block keeps a wgmma in flight (two per block made them synchronous)
-                    qa = _load_x(xq8, rm, m_mask, K, kb * 128, K, 128, True)  # [128, BM]
-                    qw = _e4m3_codes(_block_codes(b4, b2, b1, WBITS, BN), OFF, INTERPRET)  # [BN, 128]
-                    if GROUP > 0:
-                        part = _fp8_mma(qa, qw, part, True, INTERPRET)
+                if SWAP or FRAG8:  # one K=128 dot per block keeps a wgmma in flight (two made them synchronous)
+                    qa = _load_x(xq8, rm, m_mask, K, kb * 128, K, 128, SWAP)  # [128, BM] / [BM, 128]
+                    if FRAG8:
+                        qw = _e4m3_fragment_values(_fragment_bytes(wp, kb, rq, N, 256), INTERPRET)  # [BN, 128]
                     else:
-                        acc = _fp8_mma(qa, qw, acc, True, INTERPRET)
-                for j in tl.static_range(0 if SWAP else NSL):
+                        qw = _e4m3_codes(_block_codes(b4, b2, b1, WBITS, BN), OFF, INTERPRET)  # [BN, 128]
+                    if not SWAP:
+                        qw = tl.trans(qw)  # [128, BN]
+                    if GROUP > 0:
+                        part = _fp8_mma(qa, qw, part, SWAP, INTERPRET)
+                    else:
+                        acc = _fp8_mma(qa, qw, acc, SWAP, INTERPRET)
+                for j in tl.static_range(0 if SWAP or FRAG8 else NSL):
                     qa = _load_x(xq8, rm, m_mask, K, kb * 128 + j * CW, K, CW)  # [BM, CW]
                     if WBITS == 8:
                         qw = tl.load(
