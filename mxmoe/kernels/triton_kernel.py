@@ -38,8 +38,10 @@ instead (``pack.py``): each thread loads the 64 codes of its A fragment for a K 
 inline PTX turns every 32-bit word into bf16 pairs (7 instructions per 8 4-bit codes, 7.5 per 8 2-bit
 codes, 16 per 8 3-bit codes), and reshapes that the compiler resolves without moving data restore the
 [BN, 128] tile for one K=128 dot per block (``_fragment_values``; results/kernels/NOTES.md has the
-timings). Grouped asymmetric ones keep each group's
-scale and zero point in one 32-bit word (``_scale_zero_pair``), pipelined with the codes.
+timings). Grouped asymmetric ones keep each group's scale and zero point in one 32-bit word
+(``_scale_zero_pair``), pipelined with the codes. The 4-bit codes of fp8 schemes (w4a8 fp8) are stored
+in the fp8 MMA's fragment order: each 32-bit word becomes two e4m3 registers of the A operand
+(``_e4m3_fragment_values``, 1.9 instructions per code).
 
 Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
 values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
