@@ -143,6 +143,20 @@ def _codes(
     return u
 
 
+NIBBLE_ASM: tl.constexpr = tl.constexpr(
+    """{
+    .reg .b32 t;
+    lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;
+    shr.b32 t, $4, 4;
+    lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
+    shr.b32 t, $4, 8;
+    lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
+    shr.b32 t, $4, 12;
+    lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
+    }"""
+)
+
+
 @triton.jit
 def _nibble_values(b, INTERPRET: tl.constexpr):
     """Bytes b [R, 256] of fragment-order 4-bit codes -> 128 + code [4 R, 128] in (output row, K) order;
@@ -158,26 +172,19 @@ def _nibble_values(b, INTERPRET: tl.constexpr):
         word = tl.sum(tl.reshape(b.to(tl.int32), [R, 64, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # [R, 64]
         t = tl.arange(0, 8)
         v = ((word[:, :, None] >> (4 * (4 * (t % 2) + t // 2))[None, None, :]) & 15).to(tl.float32) + 128.0
-        v = tl.reshape(v, [R, 512])  # [R, 64 words x 8 positions]
+        p03, p47 = tl.split(tl.permute(tl.reshape(v, [R, 64, 2, 4]), (0, 1, 3, 2)))  # what the asm returns
+        p03, p47 = tl.reshape(p03, [R, 256]), tl.reshape(p47, [R, 256])
     else:
         p03, p47 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t;
-            lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;
-            shr.b32 t, $4, 4;
-            lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
-            shr.b32 t, $4, 8;
-            lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
-            shr.b32 t, $4, 12;
-            lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
-            }""",
+            asm=NIBBLE_ASM,
             constraints="=r,=r,=r,=r,r",
             args=[b],
             dtype=(tl.bfloat16, tl.bfloat16),
             is_pure=True,
             pack=4,
-        )  # [R, 256] each: positions 0-3 / 4-7 of word j at 4 j .. 4 j + 3
-        v = tl.reshape(tl.permute(tl.reshape(tl.join(p03, p47), [R, 64, 4, 2]), (0, 1, 3, 2)), [R, 512])
+        )
+    # p03, p47 [R, 256]: positions 0-3 / 4-7 of word m at 4 m .. 4 m + 3
+    v = tl.reshape(tl.permute(tl.reshape(tl.join(p03, p47), [R, 64, 4, 2]), (0, 1, 3, 2)), [R, 512])
     # position q = 256 c + 128 d + 32 e + 4 f + 2 g + h of byte row 4 a + b is row 16 a + 8 g + 2 b + d, K 64 c + 8 f + 2 e + h
     v = tl.permute(tl.reshape(v, [R // 4, 4, 2, 2, 4, 8, 2, 2]), (0, 6, 1, 3, 2, 5, 4, 7))
     return tl.reshape(v, [4 * R, 128])
@@ -223,7 +230,19 @@ def _pair_values(lo, hi, HI: tl.constexpr, INTERPRET: tl.constexpr):
             h0, h1 = tl.split(tl.reshape(hi.to(tl.int32), [R, 32, 2]))  # [R, 32] each: positions with t % 2 = 0 / 1
             hb = tl.where((t % 2 == 0)[None, None, :], h0[:, :, None], h1[:, :, None])  # [R, 32, 16]
             u |= ((hb >> (t // 2)[None, None, :]) & 1) << 2
-        v = tl.reshape(u.to(tl.float32) + 128.0, [R, 512])
+        # what the asm returns: o_k [R, 128] holds positions 4 k .. 4 k + 3 of word m at 4 m .. 4 m + 3
+        v = tl.permute(
+            tl.reshape(u.to(tl.float32) + 128.0, [R, 32, 2, 2, 4]), (0, 1, 4, 3, 2)
+        )  # [R, m, p, k % 2, k // 2]
+        o01, o23 = tl.split(v)
+        o0, o1 = tl.split(o01)
+        o2, o3 = tl.split(o23)
+        o0, o1, o2, o3 = (
+            tl.reshape(o0, [R, 128]),
+            tl.reshape(o1, [R, 128]),
+            tl.reshape(o2, [R, 128]),
+            tl.reshape(o3, [R, 128]),
+        )
     else:
         if HI:
             o0, o1, o2, o3 = tl.inline_asm_elementwise(
@@ -243,8 +262,8 @@ def _pair_values(lo, hi, HI: tl.constexpr, INTERPRET: tl.constexpr):
                 is_pure=True,
                 pack=4,
             )  # [R, 128] each: o_k holds positions 4 k .. 4 k + 3 of word m at 4 m .. 4 m + 3
-        v = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [R, 128, 2, 2]
-        v = tl.reshape(tl.permute(tl.reshape(v, [R, 32, 4, 2, 2]), (0, 1, 3, 4, 2)), [R, 512])
+    v = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [R, 128, i, j]: o_(2 j + i)
+    v = tl.reshape(tl.permute(tl.reshape(v, [R, 32, 4, 2, 2]), (0, 1, 4, 3, 2)), [R, 512])  # [R, m, j, i, p]
     # position t = 4 fl + 2 g + h of word m = 16 d + 4 e + 2 c + fh in byte row 4 a + b is
     # row 16 a + 8 g + 2 b + d, K 64 c + 32 fh + 8 fl + 2 e + h
     v = tl.permute(tl.reshape(v, [R // 4, 4, 2, 4, 2, 2, 4, 2, 2]), (0, 7, 1, 2, 4, 5, 6, 3, 8))
@@ -293,7 +312,10 @@ def _e4m3_fragment_values(b, INTERPRET: tl.constexpr):
         t = tl.arange(0, 8)  # position 4 g + j
         slot = 4 * ((t % 4) % 2) + 2 * (t // 4) + (t % 4) // 2
         u = (word[:, :, None] >> (4 * slot)[None, None, :]) & 15  # [R, 64 words, 8 (g, j)]
-        v = tl.permute(tl.reshape(u.to(tl.float32) - 8.0, [R, 64, 2, 4]), (0, 1, 3, 2))  # [R, 64, j, g]
+        o0, o1 = tl.split(
+            tl.permute(tl.reshape(u.to(tl.float32) - 8.0, [R, 64, 2, 4]), (0, 1, 3, 2))
+        )  # what the asm returns
+        o0, o1 = tl.reshape(o0, [R, 256]), tl.reshape(o1, [R, 256])
     else:
         o0, o1 = tl.inline_asm_elementwise(
             asm=E4M3_ASM,
@@ -302,8 +324,9 @@ def _e4m3_fragment_values(b, INTERPRET: tl.constexpr):
             dtype=(tl.float8e4nv, tl.float8e4nv),
             is_pure=True,
             pack=4,
-        )  # [R, 256] each: row g = 0 / 1, position j of word W at 4 W + j
-        v = tl.reshape(tl.join(o0, o1), [R, 64, 4, 2])  # [R, W, j, g]
+        )
+    # o0, o1 [R, 256]: row g = 0 / 1, position j of word W at 4 W + j
+    v = tl.reshape(tl.join(o0, o1), [R, 64, 4, 2])  # [R, W, j, g]
     # dims a, b | W = (c, d, e, s, p) | j, g -> row 16 a + 8 g + 2 b + d, K 64 c + 32 s + 16 p + 4 e + j
     v = tl.permute(tl.reshape(v, [R // 4, 4, 2, 2, 4, 2, 2, 4, 2]), (0, 8, 1, 3, 2, 5, 6, 4, 7))
     return tl.reshape(v, [4 * R, 128])
