@@ -340,3 +340,11 @@ def test_rounding_floor_grows_as_activations_get_coarser():
     a8, a4 = pm.rounding_floor(x, ["w8a8_g-1_sym"]), pm.rounding_floor(x, ["w4a4_g-1_sym"])
     assert 0 < a8 < a4 < 0.1
     assert pm.rounding_floor(x, ["w8a8_g-1_sym", "w4a4_g-1_sym"]) == a4  # the worst scheme of the plan
+
+
+def test_a_smoke_run_without_out_writes_outside_the_results():
+    """--smoke measures nothing: without --out it writes to a fresh temporary folder, never results/paper-models."""
+    smoke = pm.output_dir(None, smoke=True)
+    assert smoke.is_dir() and pm.REPO_ROOT not in smoke.parents and smoke != pm.output_dir(None, smoke=True)
+    assert pm.output_dir(None, smoke=False) == pm.REPO_ROOT / "results" / "paper-models"
+    assert pm.output_dir("elsewhere", smoke=True) == Path("elsewhere")

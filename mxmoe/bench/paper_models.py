@@ -42,6 +42,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -1309,12 +1310,24 @@ def _reached_profile(model, blocks: list, ids: torch.Tensor) -> list:
     return [float(c.max() / c.min()) if c.min() > 0 else None for c in counts]
 
 
+def output_dir(out: "str | None", smoke: bool) -> Path:
+    """Where a run writes: ``out`` if given, else results/paper-models for a measurement and a fresh temporary
+    folder for a ``--smoke`` dry run (its numbers measure nothing and must not land among the results)."""
+    if out is not None:
+        return Path(out)
+    if smoke:
+        return Path(tempfile.mkdtemp(prefix="mxmoe-smoke-"))
+    return REPO_ROOT / "results" / "paper-models"
+
+
 def main(argv=None) -> None:
     """Command line: see the module docstring."""
 
     ap = argparse.ArgumentParser(prog="mxmoe bench paper-models", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help=f"a paper model ({', '.join(PAPER_CONFIGS)}); tiny-* with --smoke")
-    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "paper-models"))
+    ap.add_argument(
+        "--out", default=None, help="results folder (default: results/paper-models; a temporary one with --smoke)"
+    )
     ap.add_argument("--settings", nargs="*", default=None, help=f"subset of: {list(SETTINGS)}")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip remaining prefill/decode runs after this")
@@ -1347,9 +1360,10 @@ def main(argv=None) -> None:
     settings = args.settings
     if args.smoke and settings is None:  # torch's fp8 grouped GEMM has no CPU kernel
         settings = [s for s in SETTINGS if SETTINGS[s]["impl"] != "torch_fp8"]
+    out = output_dir(args.out, args.smoke)
     run(
         args.model,
-        args.out,
+        out,
         settings,
         3 if args.smoke else args.reps,
         args.budget_s,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mxmoe.bench.paper_models import REPO_ROOT, WEIGHT_ONLY_SET, config_of, moe_layer_ids, provenance
+from mxmoe.bench.paper_models import WEIGHT_ONLY_SET, config_of, moe_layer_ids, output_dir, provenance
 from mxmoe.files import write_json_atomic
 from mxmoe.models.blocks import moe_blocks
 from mxmoe.models.random_init import build_random
@@ -81,13 +81,17 @@ def run(name: str, layers: int, out: Path, device: str = "cuda", windows: tuple 
     _reset_peak(dev)
     t0 = time.perf_counter()
     sens = compute_sensitivity(model, ids, schemes, "gptq", stream_to=dev, layers=first)
+    seconds = time.perf_counter() - t0
     doc["sensitivity"] = {
         "method": "gptq",
         "schemes": [str(s) for s in schemes],
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "seconds_per_layer": [sens["layers"][str(layer)]["seconds"] for layer in sorted(first)],
         "peak_gpu_bytes": _peak_gpu(dev),
+        "projected_all_layers_s": seconds / layers * len(blocks),
     }
+    path = out / f"{name}_streamed_{doc['provenance']['device'].replace(' ', '_')}.json"
+    write_json_atomic(path, doc)  # the sensitivity stage is kept if the GPTQ stage does not finish
     plan = {k: GPTQ_SCHEME for k in uniform_scheme_map(model, GPTQ_SCHEME) if k[0] in first}
     _reset_peak(dev)
     t0 = time.perf_counter()
@@ -99,11 +103,9 @@ def run(name: str, layers: int, out: Path, device: str = "cuda", windows: tuple 
         "rtn_fallbacks": len(report.rtn_fallbacks),
         "peak_gpu_bytes": _peak_gpu(dev),
     }
-    for stage in ("sensitivity", "gptq"):
-        doc[stage]["projected_all_layers_s"] = doc[stage]["seconds"] / layers * len(blocks)
+    doc["gptq"]["projected_all_layers_s"] = doc["gptq"]["seconds"] / layers * len(blocks)
     doc["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gpu = doc["provenance"]["device"].replace(" ", "_")
-    write_json_atomic(out / f"{name}_streamed_{gpu}.json", doc)
+    write_json_atomic(path, doc)
     return doc
 
 
@@ -130,7 +132,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mxmoe bench streamed", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="a paper model; tiny-* with --smoke")
     ap.add_argument("--layers", type=int, default=3, help="MoE layers to calibrate (the rest is projected)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "paper-models"))
+    ap.add_argument(
+        "--out", default=None, help="results folder (default: results/paper-models; a temporary one with --smoke)"
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on a tiny config (measures nothing)")
     args = ap.parse_args(argv)
     try:
@@ -141,10 +145,10 @@ def main(argv=None) -> int:
         return _bad(f"--layers must be between 1 and {moe_layers} (the model's MoE layers), got {args.layers}")
     if not args.smoke and not torch.cuda.is_available():
         return _bad("streaming to a GPU needs one; --smoke runs the flow on the CPU")
-    doc = run(
-        args.model, args.layers, Path(args.out), "cpu" if args.smoke else "cuda", (2, 32) if args.smoke else (8, 512)
-    )
+    out = output_dir(args.out, args.smoke)
+    doc = run(args.model, args.layers, out, "cpu" if args.smoke else "cuda", (2, 32) if args.smoke else (8, 512))
     print(table(doc))
+    print(f"wrote {out}")
     return 0
 
 
