@@ -93,10 +93,8 @@ def quantize_model_gptq(
             b = blocks[layer]
             x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
             before = len(report.rtn_fallbacks)
-            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights)
-            if stream_to is not None and int_weights is not None:  # the codes stay where the model is held
-                for key in [k for k in int_weights if k[0] == layer]:
-                    int_weights[key] = int_weights[key].to(runner.home_device)
+            codes = None if int_weights is None else (int_weights, runner.home_device)
+            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, codes)
             if len(report.rtn_fallbacks) > before:
                 warnings.warn(
                     f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
@@ -119,14 +117,15 @@ def _quantize_layer(
     rotate_down: bool,
     min_tokens: int,
     gptq_kw: dict,
-    int_weights: "dict | None" = None,
+    codes: "tuple[dict, torch.device | None] | None" = None,
 ) -> None:
     """GPTQ (or RTN fallback) of every expert's gate and up, then down, written into the model.
 
     Experts are independent within a layer, so gate and up of all experts, each with its own
     scheme, are quantized in one batched GPTQ per weight shape, then down likewise; down's Hessian
     comes from the expert's quantized gate/up (true sequential). The report gets the same entries,
-    in the same order, as expert by expert.
+    in the same order, as expert by expert. ``codes`` = (dict, device): each block's ``IntWeight`` goes into
+    the dict, moved to the device when one is given (a streamed model's codes stay where it is held).
     """
     todo = []  # (tokens, schemes, weights, Hessian of x) of the experts with a quantized block
     for tokens in experts:
@@ -156,8 +155,9 @@ def _quantize_layer(
                 w[name] = q.weight.dequantize()
                 set_block_weight(b, tokens.expert, name, w[name])
                 done[i, name] = q
-                if int_weights is not None:
-                    int_weights[b.layer, tokens.expert, name] = q.weight
+                if codes is not None:
+                    store, home = codes
+                    store[b.layer, tokens.expert, name] = q.weight if home is None else q.weight.to(home)
     for i, (tokens, _, _, _) in enumerate(todo):  # report in expert, then block order
         for name in ("gate", "up", "down"):
             q = done.get((i, name))

@@ -166,8 +166,9 @@ def proxy_check(
         "quantizer": quantizer,
         "sensitivity": sensitivity.get("params"),
     }
-    quantize_layer, name = apply_schemes, "proxy_check.json"
-    if quantizer == "gptq":
+    if quantizer == "rtn":
+        quantize_layer, name = apply_schemes, "proxy_check.json"
+    else:  # gptq
         config = allocation_config("proxy check", seed)
         calib = calibration(model, tok, profile, seed=seed)  # [n, seqlen] train windows, as Table 1's
         params["recipe"] = {k: v for k, v in config.as_dict().items() if k != "label"}
