@@ -143,6 +143,15 @@ def _codes(
     return u
 
 
+@triton.jit
+def _asm_halves(v):
+    """Values v [R, 64 words, 8 positions] -> the two [R, 256] outputs of a 4-packed asm that returns positions
+    0-3 and 4-7 of word m at 4 m .. 4 m + 3: how the interpreter stands in for the inline PTX."""
+    R: tl.constexpr = v.shape[0]
+    lo, hi = tl.split(tl.permute(tl.reshape(v, [R, 64, 2, 4]), (0, 1, 3, 2)))  # [R, 64, 4] each
+    return tl.reshape(lo, [R, 256]), tl.reshape(hi, [R, 256])
+
+
 NIBBLE_ASM: tl.constexpr = tl.constexpr(
     """{
     .reg .b32 t;
@@ -172,8 +181,7 @@ def _nibble_values(b, INTERPRET: tl.constexpr):
         word = tl.sum(tl.reshape(b.to(tl.int32), [R, 64, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # [R, 64]
         t = tl.arange(0, 8)
         v = ((word[:, :, None] >> (4 * (4 * (t % 2) + t // 2))[None, None, :]) & 15).to(tl.float32) + 128.0
-        p03, p47 = tl.split(tl.permute(tl.reshape(v, [R, 64, 2, 4]), (0, 1, 3, 2)))  # what the asm returns
-        p03, p47 = tl.reshape(p03, [R, 256]), tl.reshape(p47, [R, 256])
+        p03, p47 = _asm_halves(v)  # what the asm returns
     else:
         p03, p47 = tl.inline_asm_elementwise(
             asm=NIBBLE_ASM,
@@ -312,10 +320,7 @@ def _e4m3_fragment_values(b, INTERPRET: tl.constexpr):
         t = tl.arange(0, 8)  # position 4 g + j
         slot = 4 * ((t % 4) % 2) + 2 * (t // 4) + (t % 4) // 2
         u = (word[:, :, None] >> (4 * slot)[None, None, :]) & 15  # [R, 64 words, 8 (g, j)]
-        o0, o1 = tl.split(
-            tl.permute(tl.reshape(u.to(tl.float32) - 8.0, [R, 64, 2, 4]), (0, 1, 3, 2))
-        )  # what the asm returns
-        o0, o1 = tl.reshape(o0, [R, 256]), tl.reshape(o1, [R, 256])
+        o0, o1 = _asm_halves(u.to(tl.float32) - 8.0)  # what the asm returns
     else:
         o0, o1 = tl.inline_asm_elementwise(
             asm=E4M3_ASM,
