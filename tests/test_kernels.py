@@ -321,11 +321,11 @@ def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
     """``bench --table-dir`` writes kernels/<gpu>.json from the run: the committed H100 run -> nvidia_h100.json."""
     from mxmoe.bench.cost_table import write_table
 
-    run = ROOT / "results" / "kernels" / runs.COUNTED[1]
+    run = ROOT / "results" / "kernels" / runs.COUNTED[2]
     out = write_table([run], tmp_path / "kernels")
     assert out.name == "nvidia_h100.json" and not list(out.parent.glob("*.tmp"))
     table = json.loads(out.read_text())
-    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == "0d2f03a"
+    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == "dceedad"
     assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe", "smollm2-moe", "smollm2-moe-shared"}
 
 
@@ -388,7 +388,7 @@ def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path
     from mxmoe.kernels.version import kernel_fingerprint
     from mxmoe.perfmodel import read_table
 
-    run = json.loads((ROOT / "results" / "kernels" / runs.COUNTED[1]).read_text())
+    run = json.loads((ROOT / "results" / "kernels" / runs.COUNTED[2]).read_text())
     del run["provenance"]["kernel"]  # a run from before kernels were fingerprinted
     old = read_table(write_table([_write(tmp_path / "old.json", run)], tmp_path / "a"))
     assert old.kernel is None and "0d2f03a" in old.kernel_note and "fingerprinted" in old.kernel_note
