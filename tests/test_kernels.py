@@ -391,7 +391,7 @@ def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path
     run = json.loads((ROOT / "results" / "kernels" / runs.COUNTED[2]).read_text())
     del run["provenance"]["kernel"]  # a run from before kernels were fingerprinted
     old = read_table(write_table([_write(tmp_path / "old.json", run)], tmp_path / "a"))
-    assert old.kernel is None and "0d2f03a" in old.kernel_note and "fingerprinted" in old.kernel_note
+    assert old.kernel is None and "dceedad" in old.kernel_note and "fingerprinted" in old.kernel_note
     run["provenance"]["kernel"] = kernel_fingerprint()
     now = read_table(write_table([_write(tmp_path / "now.json", run)], tmp_path / "b"))
     assert now.kernel == kernel_fingerprint() and now.kernel_note is None

@@ -43,13 +43,14 @@ def test_time_grows_with_rows_and_k(h100):
 
 def test_source_labels(h100):
     assert block_time("w8a8_g-1_sym", 512, 2816, 2048, h100, rows_per_expert=40).source == "cost-table"
-    assert block_time("w3a16_g128_asym", 512, 2816, 2048, h100, rows_per_expert=40).source == "cost-table-scaled"
+    assert block_time("w3a16_g128_asym", 512, 2816, 2048, h100, rows_per_expert=40).source == "cost-table"
+    assert block_time("w3a16_g-1_asym", 512, 2816, 2048, h100, rows_per_expert=40).source == "cost-table-scaled"
     bare = roofline_table("some gpu", 100, 2000.0, 500.0, 1000.0, 1000.0)
     est = block_time("w8a8_g-1_sym", 512, 2816, 2048, bare)
     assert est.source == "predicted-roofline" and est.ms > 0
     vendor = load_table("nvidia_h100", tables_dir="/nonexistent")
     assert not vendor.measured and block_time("bf16", 64, 256, 256, vendor).source == "predicted-roofline"
-    mixed = launch_time([("w8a8_g-1_sym", 40, 2816, 2048), ("w3a16_g128_asym", 40, 2816, 2048)], h100)
+    mixed = launch_time([("w8a8_g-1_sym", 40, 2816, 2048), ("w3a16_g-1_asym", 40, 2816, 2048)], h100)
     assert mixed.source == "cost-table-scaled" and set(SOURCES) >= {mixed.source}
 
 
