@@ -277,12 +277,14 @@ def table6(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
-    """The project's H100 kernel targets against the data in ``df`` (paper shapes), with the gap's measured cause."""
+def targets_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The kernel's Hopper targets against the data in ``df`` (paper shapes; most rows on Qwen1.5-MoE and
+    DeepSeek-V2-Lite, against torch's grouped GEMMs of the same run), with the gap's measured cause."""
     p = df[df.model.isin(PAPER)]
+    qd = ("qwen1.5-moe", "deepseek-v2-lite")
 
-    def vals(variant, key="speedup_vs_torch_bf16", tokens=None, models=None):
-        s = p[(p.variant == variant) & p[key].notna()]
+    def vals(variant, key="speedup_vs_torch_bf16", tokens=None, models=qd):
+        s = p[(p.variant == variant) & p[key].notna()] if key in p else p.iloc[:0]
         if tokens is not None:
             s = s[s.tokens == tokens]
         if models is not None:
@@ -292,62 +294,72 @@ def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
     def rng(s, fmt="{:.2f}"):
         return "n/a" if s.empty else f"{fmt.format(s.min())}-{fmt.format(s.max())} ({len(s)} cases)"
 
-    qd = ("qwen1.5-moe", "deepseek-v2-lite")
-    bf16 = vals("ours_bf16")
-    w4 = vals("ours_w4a16_g-1", "weight_bw_frac", 512, qd)
-    mix425 = vals("ours_mix4.25_w4a16+w8a8", tokens=512, models=qd)
-    i8, f8 = vals("ours_w8a8_int8", tokens=8192), vals("ours_w8a8_fp8", tokens=8192)
-    f8q = vals("ours_w8a8_fp8", "speedup_with_act_quant", 8192)
-    mix5 = vals("ours_mix5_w4a4+w8a8", tokens=8192)
-    t8 = p[p.tokens == 8192].pivot_table(index=["model", "gemm"], columns="variant", values="ms")
-    faster = int((t8["ours_mix5_w4a4+w8a8"] < t8["ours_w8a8_int8"]).sum()) if len(t8) else 0
-    launches = sorted({int(v) for v in p[p.variant.isin([f"ours_{m}" for m in MIXES])].launches.dropna()})
-    i8_frac = p[(p.variant == "ours_w8a8_int8") & (p.tokens == 8192)].TFLOPs / roofline["int8_TOPs"]
-    low = p[(p.variant == "ours_bf16") & (p.speedup_vs_torch_bf16 < 0.9)]
-    low_txt = ", ".join(f"{m} {g} {t}" for m, g, t in zip(low.model, low.gemm, low.tokens))
-
     def met(s, goal):
         return "n/a" if s.empty else "met" if s.min() >= goal else f"met in {int((s >= goal).sum())} of {len(s)}"
 
+    bf16 = vals("ours_bf16", models=None)
+    low = p[(p.variant == "ours_bf16") & (p.speedup_vs_torch_bf16 < 0.95)]
+    w4_bw = vals("ours_w4a16_g128", "weight_bw_frac", 512)
+    mix425 = vals("ours_mix4.25_w4a16+w8a8", "speedup_vs_torch_fp8", 512)
+    decode = vals("ours_w4a16_g128", tokens=16)
+    decode_bw = vals("ours_w4a16_g128", "moved_bw_frac", 16)
+    torch_bw = vals("torch_grouped_bf16", "moved_bw_frac", 16)
+    w4a8 = {g: vals(f"ours_w4a8_fp8_{g}", "speedup_vs_torch_fp8", 8192) for g in ("g-1", "g128")}
+    f8 = vals("ours_w8a8_fp8", "speedup_vs_torch_fp8", 8192)
+    f8q = vals("ours_w8a8_fp8", "speedup_vs_torch_fp8_with_act_quant", 8192)
+    mix5 = vals("ours_mix5_w4a4+w8a8", tokens=8192, models=None)
+    t8 = p[p.tokens == 8192].pivot_table(index=["model", "gemm"], columns="variant", values="ms")
+    faster = int((t8["ours_mix5_w4a4+w8a8"] < t8["ours_w8a8_int8"]).sum()) if len(t8) else 0
+    launches = sorted({int(v) for v in p[p.variant.isin([f"ours_{m}" for m in MIXES])].launches.dropna()})
     rows = [
         (
-            "our bf16 >= 0.9x torch grouped bf16",
+            "our bf16 >= 0.95x torch grouped bf16 (all paper shapes)",
             rng(bf16) + f", median {bf16.median():.2f}",
-            met(bf16, 0.9),
-            f"under 0.9x: {low_txt or 'none'}; all at 8192 tokens, where torch's grouped GEMM (cuBLAS/CUTLASS, "
-            "warp-specialised, TMA) beats Triton's software pipeline",
+            met(bf16, 0.95),
+            f"under 0.95x: {len(low)} cases, at {sorted(set(low.tokens.astype(int)))} tokens; at 8192 torch's "
+            "grouped GEMM (CUTLASS, warp-specialised, TMA) beats Triton's software pipeline",
         ),
         (
-            "512 tok, Qwen1.5/DeepSeek: w4a16 >= 70% of HBM on weight bytes",
-            rng(w4, "{:.0%}"),
-            met(w4, 0.7),
-            "codes in wgmma fragment order, 16-byte loads and a 7-instruction upcast per 8 weights; ncu shows a "
-            "latency-bound loop (2 programs of 4 warps per SM at 221 registers, 4.4 cycles per issued instruction) "
-            "whose g128 scales still cross shared memory behind 5 barriers per K block (NOTES.md)",
+            "512 tok: w4a16 g128 >= 65% of copy bandwidth on weight bytes",
+            rng(w4_bw, "{:.0%}"),
+            met(w4_bw, 0.65),
+            "codes in wgmma fragment order, scale and zero point in one word; a latency-bound loop: 64-row token "
+            "tiles for experts of ~34 rows, 2 programs of 4 warps per SM at ~210 registers (ncu, NOTES.md)",
         ),
         (
-            "512 tok, Qwen1.5/DeepSeek: mix4.25 (w4a16+w8a8) >= 2.5x torch bf16",
+            "512 tok: mix4.25 (w4a16 + 1/16 w8a8) >= 1.4x torch fp8 grouped",
             rng(mix425),
-            met(mix425, 2.5),
-            "bounded by the w4a16 path above (15/16 of the experts); the paper states 1.6-2.7x for mixed precision "
-            "over full precision at 512 tokens, on an RTX 4090",
+            met(mix425, 1.4),
+            "bounded by the w4a16 path above (15/16 of the experts)",
         ),
         (
-            "8192 tok: w8a8 int8 >= 1.6x torch bf16",
-            rng(i8),
-            met(i8, 1.6),
-            f"{i8_frac.min():.0%}-{i8_frac.max():.0%} of torch._int_mm's {roofline['int8_TOPs']:.0f} TOP/s on 8192^3 "
-            "(not a hard ceiling: the large Mixtral/Qwen2 GEMMs pass it); Triton keeps int32-accumulating wgmma "
-            "synchronous across K steps (fp8 gets one in flight)",
+            "16 tok (decode): w4a16 g128 >= 3.5x torch bf16 grouped",
+            rng(decode),
+            met(decode, 3.5),
+            f"moves its bytes at {rng(decode_bw, '{:.0%}')} of copy bandwidth, torch's bf16 at "
+            f"{rng(torch_bw, '{:.0%}')}",
         ),
         (
-            "8192 tok: w8a8 fp8 >= 1.6x torch bf16",
+            "8192 tok: w4a8 fp8 g-1 >= 0.95x torch fp8 grouped",
+            rng(w4a8["g-1"]),
+            met(w4a8["g-1"], 0.95),
+            "e4m3 codes in the fp8 MMA's fragment order (1.9 instructions per weight), fp8 wgmma asynchronous",
+        ),
+        (
+            "8192 tok: w4a8 fp8 g128 >= 0.95x torch fp8 grouped",
+            rng(w4a8["g128"]),
+            met(w4a8["g128"], 0.95),
+            "each 128-long K block's partial sum is scaled into the accumulator before the next block: plain "
+            "Triton keeps these fp8 MMAs synchronous",
+        ),
+        (
+            "8192 tok: w8a8 fp8 >= 1.0x torch fp8 grouped",
             rng(f8),
-            met(f8, 1.6),
-            f"GEMM launch alone; with the activation-quantization launch {rng(f8q)}",
+            met(f8, 1.0),
+            f"GEMM launch alone; counting each side's activation quantization {rng(f8q)}",
         ),
         (
-            "8192 tok: 5-bit mix (w4a4+w8a8) >= 1.6x torch and faster than w8a8",
+            "8192 tok: 5-bit mix (w4a4+w8a8) >= 1.6x torch bf16 and faster than w8a8 (all paper shapes)",
             rng(mix5) + f"; faster than w8a8 in {faster} of {len(t8)}",
             "not met" if faster < len(t8) or mix5.min() < 1.6 else "met",
             "Hopper has no int4 tensor cores: 4-bit codes are unpacked in registers for an int8 dot, so w4a4 runs at "
@@ -360,7 +372,7 @@ def targets_table(df: pd.DataFrame, roofline: dict) -> pd.DataFrame:
             "with activations quantized by group_gemm itself it is 2 launches",
         ),
     ]
-    return pd.DataFrame(rows, columns=["target", "measured (paper shapes)", "status", "why / note"])
+    return pd.DataFrame(rows, columns=["target", "measured (Qwen1.5-MoE, DeepSeek-V2-Lite)", "status", "why / note"])
 
 
 def notebook_runs(
