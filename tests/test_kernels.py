@@ -420,3 +420,20 @@ def test_committed_h100_table_is_the_installed_kernels():
 
     table = load_table("nvidia_h100")
     assert table.kernel_note is None, table.kernel_note
+
+
+def test_benchmark_times_nothing_when_the_kernel_disagrees_with_the_reference(monkeypatch, tmp_path):
+    """A failed edge check (a wrong or NaN result against reference_group_gemm) stops the run before any timing,
+    so a wrong kernel's timings never reach a cost table."""
+    from mxmoe.bench import gemm
+
+    monkeypatch.setattr(gemm, "measure_roofline", lambda: {})
+    monkeypatch.setattr(gemm, "provenance", lambda: {"device": "fake gpu"})
+    monkeypatch.setattr(
+        gemm, "edge_check", lambda: {"rel_err": 2e-3, "w3a16_g128_asym": 0.9, "w2a16_g128_asym": float("nan")}
+    )
+    monkeypatch.setattr(gemm, "run_case", lambda *a, **k: pytest.fail("timed a wrong kernel"))
+    with pytest.raises(SystemExit, match=r"w3a16_g128_asym \(0.9\), w2a16_g128_asym \(nan\); nothing was timed"):
+        gemm.main(["--out", str(tmp_path), "--models", "qwen1.5-moe"])
+    assert not list(tmp_path.iterdir())
+    assert gemm.failed_edges({"rel_err": 2e-3}) == {}
