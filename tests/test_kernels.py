@@ -437,3 +437,41 @@ def test_benchmark_times_nothing_when_the_kernel_disagrees_with_the_reference(mo
         gemm.main(["--out", str(tmp_path), "--models", "qwen1.5-moe"])
     assert not list(tmp_path.iterdir())
     assert gemm.failed_edges({"rel_err": 2e-3}) == {}
+
+
+def test_a_benchmark_run_cut_short_is_continued_by_the_same_command(monkeypatch, tmp_path):
+    """A second run of the same kernel, GPU and timer keeps the cases already in the output file and times only
+    the missing ones; --fresh, another kernel or another timer times everything again."""
+    from mxmoe.bench import gemm
+
+    timed = []
+
+    def fake_case(model, g, n, k, tokens, *a, **kw):
+        timed.append((model, g, tokens))
+        return [{"model": model, "gemm": g, "tokens": tokens, "variant": "ours_bf16", "ms": 1.0}]
+
+    kernel = {"id": "k1"}
+    monkeypatch.setattr(gemm, "DEV", "cpu")
+    monkeypatch.setattr(gemm, "measure_roofline", lambda: {"copy_GBps": 1.0})
+    monkeypatch.setattr(gemm, "provenance", lambda: {"device": "fake gpu", "kernel": kernel["id"]})
+    monkeypatch.setattr(gemm, "edge_check", lambda: {"rel_err": 2e-3})
+    monkeypatch.setattr(gemm, "_packs_for", lambda w: None)
+    monkeypatch.setattr(gemm, "_print_case", lambda rows: None)
+    monkeypatch.setattr(gemm, "targets", lambda rows: {})
+    monkeypatch.setattr(gemm, "run_case", fake_case)
+    base = ["--out", str(tmp_path), "--tokens", "16", "512", "--table6-models", "--ablation-models"]
+
+    def run(*extra):
+        timed.clear()
+        gemm.main([*base, *extra])
+        return sorted(timed), json.loads((tmp_path / "bench_fake_gpu.json").read_text())
+
+    first, doc = run("--models", "smollm2-moe")
+    assert len(first) == 4 and len(doc["results"]) == 4
+    second, doc = run("--models", "smollm2-moe", "smollm2-moe-shared")
+    assert {m for m, _, _ in second} == {"smollm2-moe-shared"} and len(second) == 4
+    assert len(doc["results"]) == 8 and doc["continues"][0]["models"] == ["smollm2-moe"]
+    assert len(run("--models", "smollm2-moe", "--fresh")[0]) == 4
+    assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # other timing settings
+    kernel["id"] = "k2"
+    assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # another kernel

@@ -24,8 +24,10 @@ kernel launches per grouped GEMM with the profiler, prints a short table and wri
 Shapes: the six paper models and the embedded smollm2-moe (routed experts and, as a one-expert GEMM,
 its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it
 for GEMMs of a few microseconds, where ``do_bench``'s per-call events measure the host's launch work.
-All six paper shapes at 16/512/8192 tokens take ~7.5 minutes on one H100, mostly Triton compilation
-(``--rep-ms 50``, Table 6 on four models; results/kernels/NOTES.md).
+All six paper shapes at 16/512/8192 tokens take ~8.5 minutes on one H100, mostly Triton compiling each
+model's shapes (``--rep-ms 50``, Table 6 on four models; results/kernels/NOTES.md). A run stopped by
+``--deadline-seconds`` is continued by the same command: the output file of an earlier run of the same
+kernel, GPU and timer keeps its cases and only the missing ones are timed (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ EDGE_TOL = 1e-2  # relative error against reference_group_gemm above which a run
 def failed_edges(edge: dict) -> dict:
     """The cases of an ``edge_check`` result whose relative error exceeds ``EDGE_TOL`` (NaN counts as failed)."""
     return {case: err for case, err in edge.items() if not err <= EDGE_TOL}
+
+
+def earlier_run(path: Path, doc: dict) -> "dict | None":
+    """The benchmark document at ``path`` if this run can continue it (same GPU, kernel fingerprint, timer and
+    timing settings: its cases are kept and only the missing ones timed), else None."""
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    same_gpu_kernel = all(old["provenance"].get(k) == doc["provenance"].get(k) for k in ("device", "kernel"))
+    same_timing = all(old["argv"].get(k) == doc["argv"].get(k) for k in ("timer", "warmup_ms", "rep_ms"))
+    return old if same_gpu_kernel and same_timing and "results" in old else None
 
 
 def edge_check() -> dict:
@@ -350,6 +363,11 @@ def main(argv: "list[str] | None" = None) -> None:
         help="also write this run's cost table to DIR/<gpu>.json (e.g. kernels; the committed "
         "tables merge several runs: python -m mxmoe.bench.cost_table)",
     )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="time every case again instead of continuing the output file of an earlier run of this kernel, GPU and timer",
+    )
     args = ap.parse_args(argv)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -368,7 +386,10 @@ def main(argv: "list[str] | None" = None) -> None:
         "timer_kind": args.timer,
         "argv": {k: v for k, v in vars(args).items() if k not in ("out", "table_dir")},
     }  # no machine paths
-    doc["roofline"] = measure_roofline()
+    tag = f"_{args.tag}" if args.tag else ""
+    out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}{tag}.json"
+    earlier = None if args.fresh else earlier_run(out_path, doc)
+    doc["roofline"] = earlier["roofline"] if earlier else measure_roofline()
     doc["edge_check"] = edge_check()
     print(json.dumps(doc, indent=1), flush=True)
     bad = failed_edges(doc["edge_check"])
@@ -378,24 +399,30 @@ def main(argv: "list[str] | None" = None) -> None:
             f"{', '.join(f'{c} ({e:.2g})' for c, e in bad.items())}; nothing was timed. Run the kernel tests "
             "(TRITON_INTERPRET=1 pytest tests/test_kernels.py) and the failing schemes against the reference on this GPU."
         )
-    results = []
     doc["ms_note"] = (
         "ours: GEMM launch alone, rows of weight-activation experts quantized beforehand as the token "
         "gather hands them over; ms_with_act_quant: group_gemm quantizing them itself (two launches)"
     )
-    tag = f"_{args.tag}" if args.tag else ""
-    out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}{tag}.json"
+    results = earlier["results"] if earlier else []
+    done = {(r["model"], r["gemm"], r["tokens"]) for r in results}
+    if earlier:
+        doc["continues"] = earlier.get("continues", []) + [earlier["argv"]]  # the runs whose cases are kept
+        print(f"continuing {out_path.name}: {len(done)} cases kept (--fresh times them again)", flush=True)
+    prior_s = earlier["wall_s"] if earlier else 0.0
     doc["skipped"] = []
     for mi, model in enumerate(args.models):
         e, h, inter, top_k = MODELS[model]
         for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
+            todo = [t for t in args.tokens if (model, gemm, t) not in done]
+            if not todo:
+                continue
             if time.time() - t0 > args.deadline_seconds:
-                doc["skipped"] += [f"{model} {gemm} T={tokens}: deadline" for tokens in args.tokens]
+                doc["skipped"] += [f"{model} {gemm} T={tokens}: deadline" for tokens in todo]
                 print(f"deadline: skipped {model} {gemm}", flush=True)
                 continue
             w = torch.randn(e, n, k, device=DEV, dtype=torch.bfloat16) * 0.02  # [E, N, K]
             packs = _packs_for(w)
-            for tokens in args.tokens:
+            for tokens in todo:
                 if time.time() - t0 > args.deadline_seconds:
                     doc["skipped"].append(f"{model} {gemm} T={tokens}: deadline")
                     print(f"deadline: skipped {model} {gemm} T={tokens}", flush=True)
@@ -424,7 +451,7 @@ def main(argv: "list[str] | None" = None) -> None:
             del w, packs
             torch.cuda.empty_cache()
         doc["results"], doc["targets"] = results, targets(results)
-        doc["wall_s"] = round(time.time() - t0, 1)
+        doc["wall_s"] = round(prior_s + time.time() - t0, 1)
         write_text_atomic(out_path, json.dumps(doc, indent=1))
     if args.tune_seconds > 0:
         doc["tuning"] = tune(time.time() + args.tune_seconds)
