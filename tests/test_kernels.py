@@ -422,13 +422,23 @@ def test_committed_h100_table_is_the_installed_kernels():
     assert table.kernel_note is None, table.kernel_note
 
 
-def test_benchmark_times_nothing_when_the_kernel_disagrees_with_the_reference(monkeypatch, tmp_path):
-    """A failed edge check (a wrong or NaN result against reference_group_gemm) stops the run before any timing,
-    so a wrong kernel's timings never reach a cost table."""
+@pytest.fixture
+def fake_gpu_bench(monkeypatch):
+    """``mxmoe.bench.gemm`` on the CPU: ceilings, provenance (kernel ``gpu["kernel"]``) and the edge check faked."""
     from mxmoe.bench import gemm
 
-    monkeypatch.setattr(gemm, "measure_roofline", lambda: {})
-    monkeypatch.setattr(gemm, "provenance", lambda: {"device": "fake gpu"})
+    gpu = {"device": "fake gpu", "kernel": "k1"}
+    monkeypatch.setattr(gemm, "DEV", "cpu")
+    monkeypatch.setattr(gemm, "measure_roofline", lambda: {"copy_GBps": 1.0})
+    monkeypatch.setattr(gemm, "provenance", lambda: dict(gpu))
+    monkeypatch.setattr(gemm, "edge_check", lambda: {"rel_err": 2e-3})
+    return gemm, gpu
+
+
+def test_benchmark_times_nothing_when_the_kernel_disagrees_with_the_reference(fake_gpu_bench, monkeypatch, tmp_path):
+    """A failed edge check (a wrong or NaN result against reference_group_gemm) stops the run before any timing,
+    so a wrong kernel's timings never reach a cost table."""
+    gemm, _ = fake_gpu_bench
     monkeypatch.setattr(
         gemm, "edge_check", lambda: {"rel_err": 2e-3, "w3a16_g128_asym": 0.9, "w2a16_g128_asym": float("nan")}
     )
@@ -439,22 +449,16 @@ def test_benchmark_times_nothing_when_the_kernel_disagrees_with_the_reference(mo
     assert gemm.failed_edges({"rel_err": 2e-3}) == {}
 
 
-def test_a_benchmark_run_cut_short_is_continued_by_the_same_command(monkeypatch, tmp_path):
+def test_a_benchmark_run_cut_short_is_continued_by_the_same_command(fake_gpu_bench, monkeypatch, tmp_path):
     """A second run of the same kernel, GPU and timer keeps the cases already in the output file and times only
     the missing ones; --fresh, another kernel or another timer times everything again."""
-    from mxmoe.bench import gemm
-
+    gemm, gpu = fake_gpu_bench
     timed = []
 
     def fake_case(model, g, n, k, tokens, *a, **kw):
         timed.append((model, g, tokens))
         return [{"model": model, "gemm": g, "tokens": tokens, "variant": "ours_bf16", "ms": 1.0}]
 
-    kernel = {"id": "k1"}
-    monkeypatch.setattr(gemm, "DEV", "cpu")
-    monkeypatch.setattr(gemm, "measure_roofline", lambda: {"copy_GBps": 1.0})
-    monkeypatch.setattr(gemm, "provenance", lambda: {"device": "fake gpu", "kernel": kernel["id"]})
-    monkeypatch.setattr(gemm, "edge_check", lambda: {"rel_err": 2e-3})
     monkeypatch.setattr(gemm, "_packs_for", lambda w: None)
     monkeypatch.setattr(gemm, "_print_case", lambda rows: None)
     monkeypatch.setattr(gemm, "targets", lambda rows: {})
@@ -473,5 +477,5 @@ def test_a_benchmark_run_cut_short_is_continued_by_the_same_command(monkeypatch,
     assert len(doc["results"]) == 8 and doc["continues"][0]["models"] == ["smollm2-moe"]
     assert len(run("--models", "smollm2-moe", "--fresh")[0]) == 4
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # other timing settings
-    kernel["id"] = "k2"
+    gpu["kernel"] = "k2"
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # another kernel

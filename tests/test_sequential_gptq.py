@@ -55,7 +55,7 @@ def test_hadamard_keeps_full_precision_and_quantizes():
     assert report.summary()["rotation"] == {"seed": 0, "kind": "hadamard"}
 
 
-def _per_expert_layer(b, experts, plan, report, rotate_down, min_tokens, gptq_kw, int_weights=None):
+def _per_expert_layer(b, experts, plan, report, rotate_down, min_tokens, gptq_kw, int_weights=None, codes_device=None):
     """The expert-by-expert reference: gate, up, then down of one expert before the next one."""
     from mxmoe.quant.apply import set_block_weight
     from mxmoe.quant.experts import expert_weights, hessian_of, intermediate, quantize_block

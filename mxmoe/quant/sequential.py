@@ -93,8 +93,9 @@ def quantize_model_gptq(
             b = blocks[layer]
             x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
             before = len(report.rtn_fallbacks)
-            codes = None if int_weights is None else (int_weights, runner.home_device)
-            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, codes)
+            _quantize_layer(
+                b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights, runner.home_device
+            )
             if len(report.rtn_fallbacks) > before:
                 warnings.warn(
                     f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
@@ -117,15 +118,16 @@ def _quantize_layer(
     rotate_down: bool,
     min_tokens: int,
     gptq_kw: dict,
-    codes: "tuple[dict, torch.device | None] | None" = None,
+    int_weights: "dict | None" = None,
+    codes_device: "torch.device | None" = None,
 ) -> None:
     """GPTQ (or RTN fallback) of every expert's gate and up, then down, written into the model.
 
     Experts are independent within a layer, so gate and up of all experts, each with its own
     scheme, are quantized in one batched GPTQ per weight shape, then down likewise; down's Hessian
     comes from the expert's quantized gate/up (true sequential). The report gets the same entries,
-    in the same order, as expert by expert. ``codes`` = (dict, device): each block's ``IntWeight`` goes into
-    the dict, moved to the device when one is given (a streamed model's codes stay where it is held).
+    in the same order, as expert by expert. Each block's ``IntWeight`` goes into ``int_weights`` when given,
+    moved to ``codes_device`` when that is given (a streamed model's codes stay where the model is held).
     """
     todo = []  # (tokens, schemes, weights, Hessian of x) of the experts with a quantized block
     for tokens in experts:
@@ -155,9 +157,9 @@ def _quantize_layer(
                 w[name] = q.weight.dequantize()
                 set_block_weight(b, tokens.expert, name, w[name])
                 done[i, name] = q
-                if codes is not None:
-                    store, home = codes
-                    store[b.layer, tokens.expert, name] = q.weight if home is None else q.weight.to(home)
+                if int_weights is not None:
+                    code = q.weight if codes_device is None else q.weight.to(codes_device)
+                    int_weights[b.layer, tokens.expert, name] = code
     for i, (tokens, _, _, _) in enumerate(todo):  # report in expert, then block order
         for name in ("gate", "up", "down"):
             q = done.get((i, name))
