@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mxmoe.bench import runs
+from mxmoe.env import COST_TABLES
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, reference_group_gemm
 from mxmoe.kernels.configs import TileConfig, launch_warps
 from mxmoe.kernels.pack import fragment_order, paired_scales, storage_bytes
@@ -414,11 +415,12 @@ def test_kernel_fingerprint_counts_code_not_comments_or_docs():
     assert _code(src) == "deff(x):returnx+1"  # the text itself: the same on every Python version
 
 
-def test_committed_h100_table_is_the_installed_kernels():
-    """The H100 table the allocations read was measured on the kernel this checkout runs."""
+@pytest.mark.parametrize("gpu", sorted(p.stem for p in COST_TABLES.glob("*.json")))
+def test_committed_tables_are_the_installed_kernels(gpu):
+    """Every shipped cost table was measured on the kernel this checkout runs (a kernel change needs new runs)."""
     from mxmoe.perfmodel import load_table
 
-    table = load_table("nvidia_h100")
+    table = load_table(gpu)
     assert table.kernel_note is None, table.kernel_note
 
 

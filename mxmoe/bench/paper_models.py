@@ -315,8 +315,11 @@ def load_allocation_map(model: str, setting: str, gpu: str, out=None, solve: boo
     return {(r["layer"], r["expert"], r["block"]): r["scheme"] for r in doc["rows"]}, doc
 
 
-def predicted_rows(model: str, gpu: str = "nvidia_h200", tokens=(512, 8192), routing_seed: int = 0) -> list:
-    """Predicted MoE-block GEMM time of every mxmoe setting (``mxmoe.perfmodel``, the cost table of ``gpu``).
+def predicted_rows(
+    model: str, gpu: str = "nvidia_h200", tokens=(512, 8192), routing_seed: int = 0, alloc_gpu: "str | None" = None
+) -> list:
+    """Predicted MoE-block GEMM time of every mxmoe setting (``mxmoe.perfmodel``, the cost table of ``gpu``),
+    with the allocations solved against ``alloc_gpu``'s table (default: ``gpu``'s).
 
     Per MoE layer: the routed experts' gate_up and down launches (tokens per expert from the imposed
     profile) and the shared experts' launches, summed over layers; plus expert weight bytes with the
@@ -337,7 +340,7 @@ def predicted_rows(model: str, gpu: str = "nvidia_h200", tokens=(512, 8192), rou
         amap = None
         if "alloc" in spec:
             try:
-                amap, _ = load_allocation_map(model, name, gpu)
+                amap, _ = load_allocation_map(model, name, alloc_gpu or gpu)
             except FileNotFoundError:
                 continue
         of = _scheme_of(spec, amap)
@@ -371,6 +374,7 @@ def predicted_rows(model: str, gpu: str = "nvidia_h200", tokens=(512, 8192), rou
                     "expert_gib": bits / 8 / 2**30,
                     "source": ",".join(sorted(sources)),
                     "gpu": gpu,
+                    "alloc_gpu": alloc_gpu or gpu,
                 }
             )
     return out
@@ -1374,9 +1378,17 @@ def main(argv=None) -> None:
     )
 
 
+def allocation_table_of(doc: dict) -> "str | None":
+    """The cost table (``nvidia_h100`` ...) a run's MxMoE allocations were solved against; None without any."""
+    gpus = sorted({a["gpu"] for a in doc.get("allocation", {}).values()})
+    if len(gpus) > 1:
+        raise ValueError(f"{doc.get('model')}: allocations solved against several cost tables: {gpus}")
+    return gpus[0] if gpus else None
+
+
 def allocation_summary(models: list, gpu: str) -> "list[dict]":
-    """One row per committed allocation of ``models``: achieved bits, granularity, r, solve time and the
-    number of blocks per scheme (schemes by their short names, most used first)."""
+    """One row per committed allocation of ``models`` solved against ``gpu``'s cost table: achieved bits,
+    granularity, r, solve time and the number of blocks per scheme (short names, most used first)."""
     rows = []
     for m in models:
         for setting, spec in SETTINGS.items():
@@ -1397,6 +1409,7 @@ def allocation_summary(models: list, gpu: str) -> "list[dict]":
                 {
                     "model": m,
                     "setting": setting,
+                    "cost table": gpu,
                     "bits": round(d["predicted"]["bits"], 3),
                     "granularity": d["granularity"],
                     "r": d["r"],
