@@ -57,7 +57,7 @@ def swappable(s: Scheme) -> bool:
 def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
     """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average.
 
-    Seeded from the tile sweep on an H200 (``tuning`` in results/kernels/bench_NVIDIA_H200_c77b8ea.json), the swap-AB
+    Seeded from the first tile sweep on an H200 (results/kernels/NOTES.md, its H200 runs table), the swap-AB
     ablation and the H100 sweep of weight-activation tiles at 8192 tokens (results/kernels/NOTES.md)."""
     kind = kind_of(s)
     if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
