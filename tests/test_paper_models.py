@@ -223,7 +223,22 @@ def test_committed_results_validate():
 
     files = sorted((REPO_ROOT / "results" / "paper-models").glob("*_NVIDIA_*.json"))
     for f in files:
-        pm.validate_doc(json.loads(f.read_text()))
+        doc = json.loads(f.read_text())
+        pm.validate_doc(doc)
+        gpu = pm.allocation_table_of(doc)
+        for setting in doc["allocation"]:  # notebook 07 shows the allocations the run used
+            assert pm.alloc_file(doc["model"], setting, gpu).exists(), (f.name, setting, gpu)
+
+
+def test_allocations_default_to_the_gpu_they_run_on(monkeypatch):
+    assert pm.allocation_gpu(on_cpu=True) == "nvidia_h200"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert pm.allocation_gpu(on_cpu=False) == "nvidia_h100"
+    assert pm.allocation_gpu(on_cpu=True) == "nvidia_h200"  # --allocate-only and --smoke name theirs
+    with pytest.raises(ValueError, match="several cost tables"):
+        pm.allocation_table_of({"model": "m", "allocation": {"a": {"gpu": "nvidia_h100"}, "b": {"gpu": "nvidia_h200"}}})
+    assert pm.allocation_table_of({"model": "m", "allocation": {}}) is None
 
 
 DRY_RUN = """

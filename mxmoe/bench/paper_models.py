@@ -74,7 +74,7 @@ from mxmoe.models.random_init import (
 )
 from mxmoe.models.zoo import _TINY_COMMON, TINY_CONFIGS
 from mxmoe.paths import REPO_ROOT
-from mxmoe.perfmodel import launch_time, load_table
+from mxmoe.perfmodel import gpu_key, launch_time, load_table
 from mxmoe.quant import quantize_activation
 from mxmoe.quant.apply import apply_schemes
 from mxmoe.routing import batch_workload, profile_routing
@@ -1338,7 +1338,12 @@ def main(argv=None) -> None:
     ap.add_argument("--pipeline", action="store_true", help="also time the pipeline stages at full size")
     ap.add_argument("--no-check", action="store_true", help="skip the packed-vs-fake-quant correctness check")
     ap.add_argument("--allocate-only", action="store_true", help="solve the MxMoE allocations (CPU) and exit")
-    ap.add_argument("--gpu", default="nvidia_h200", help="cost table of the allocations (kernels/<gpu>.json)")
+    ap.add_argument(
+        "--gpu",
+        default=None,
+        help="cost table of the allocations (cost_tables/<gpu>.json; default: the GPU it runs on, "
+        "nvidia_h200 for --allocate-only and --smoke)",
+    )
     ap.add_argument(
         "--smoke",
         action="store_true",
@@ -1351,8 +1356,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}") from None
     if args.smoke and not os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("error: --smoke runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
+    gpu = args.gpu or allocation_gpu(args.allocate_only or args.smoke)
     if args.allocate_only:
-        docs = solve_allocations(args.model, args.gpu, only=args.settings)
+        docs = solve_allocations(args.model, gpu, only=args.settings)
         for s, d in docs.items():
             print(
                 f"{s}: {d['predicted']['bits']:.3f} bits, predicted {d['predicted']['T_ms']:.3f} ms, "
@@ -1373,9 +1379,16 @@ def main(argv=None) -> None:
         args.budget_s,
         args.pipeline,
         not args.no_check,
-        alloc_gpu=args.gpu,
+        alloc_gpu=gpu,
         device="cpu" if args.smoke else "cuda",
     )
+
+
+def allocation_gpu(on_cpu: bool) -> str:
+    """The cost table a run's allocations default to: the GPU it runs on, or ``nvidia_h200`` on a CPU."""
+    if on_cpu or not torch.cuda.is_available():
+        return "nvidia_h200"
+    return gpu_key(torch.cuda.get_device_name())
 
 
 def allocation_table_of(doc: dict) -> "str | None":
