@@ -28,6 +28,7 @@ import torch
 from triton.testing import do_bench
 
 from mxmoe.bench.cases import MODELS, expert_loads
+from mxmoe.bench.roofline import provenance
 from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, moe_experts_forward, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import TileConfig
@@ -215,6 +216,7 @@ def main(argv: "list[str] | None" = None) -> None:
     doc = {
         "label": args.label,
         "device": torch.cuda.get_device_name(),
+        "provenance": provenance(),
         "copy_GBps": copy_gbps(),
         "notes": [],
         "rows": [],
