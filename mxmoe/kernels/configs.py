@@ -57,8 +57,8 @@ def swappable(s: Scheme) -> bool:
 def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
     """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average.
 
-    Seeded from the first tile sweep on an H200 (results/kernels/NOTES.md, its H200 runs table), the swap-AB
-    ablation and the H100 sweep of weight-activation tiles at 8192 tokens (results/kernels/NOTES.md)."""
+    Seeded from the first tile sweep on an H200, the swap-AB ablation and the H100 sweep of weight-activation
+    tiles at 8192 tokens, and checked by the H200 sweep at 512 tokens (all in results/kernels/NOTES.md)."""
     kind = kind_of(s)
     if interpret:  # small tiles keep the CPU interpreter fast; blocks of 32 or more
         return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1, swap_ab=swappable(s))
