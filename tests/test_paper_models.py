@@ -363,3 +363,19 @@ def test_a_smoke_run_without_out_writes_outside_the_results():
     assert smoke.is_dir() and pm.REPO_ROOT not in smoke.parents and smoke != pm.output_dir(None, smoke=True)
     assert pm.output_dir(None, smoke=False) == pm.REPO_ROOT / "results" / "paper-models"
     assert pm.output_dir("elsewhere", smoke=True) == Path("elsewhere")
+
+
+def test_labels_of_close_points_do_not_overlap():
+    """Figure 5's labels: settings with almost the same memory and speed stay readable."""
+    from mxmoe.plots import figure, label_points
+
+    fig, axes = figure()
+    ax = axes[0, 0]
+    xs, ys = [8.5, 8.6, 7.0, 25.0], [2000.0, 1990.0, 1985.0, 1400.0]
+    labels = ["mxmoe w4a16 g128", "mxmoe 4.25 (w-only)", "mxmoe 3.25 (w-only)", "bf16 grouped_mm"]
+    ax.scatter(xs, ys)
+    label_points(ax, xs, ys, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert [t.get_text() for t in ax.texts] == labels  # one label per point, highest first
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

@@ -35,6 +35,22 @@ def figure(nrows: int = 1, ncols: int = 1, width: float = WIDTH, height: "float 
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
 
 
+def label_points(ax, xs, ys, labels, fontsize: int = 7) -> None:
+    """Write ``labels`` beside the points (xs, ys) of ``ax``; a label that would overlap one already
+    written moves down a line at a time (up to six), so close points stay readable."""
+    ax.figure.canvas.draw()  # fixes the axis limits the labels are placed against
+    renderer = ax.figure.canvas.get_renderer()
+    placed: list = []  # window extents of the labels so far
+    for x, y, label in sorted(zip(xs, ys, labels), key=lambda p: -p[1]):
+        for line in range(7):
+            text = ax.annotate(label, (x, y), fontsize=fontsize, xytext=(3, 3 - 9 * line), textcoords="offset points")
+            box = text.get_window_extent(renderer)
+            if line == 6 or not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        placed.append(box)
+
+
 def provenance(device: str, model: str, profile: str, kind: str) -> str:
     """One caption line: where the numbers came from (e.g. 'measured · NVIDIA H100 · smollm2-moe · quick')."""
     if kind not in KINDS:

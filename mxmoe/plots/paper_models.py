@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mxmoe.plots import figure
+from mxmoe.plots import figure, label_points
 
 GIB = 2**30
 
@@ -73,10 +73,12 @@ def fig_whole_model(df: pd.DataFrame, prefill_shape: str = "4x2048", decode_shap
     for row, model in zip(axes, models):
         for ax, (phase, shape) in zip(row, (("prefill", prefill_shape), ("decode", decode_shape))):
             d = df[(df.model == model) & (df.phase == phase) & (df["shape"] == shape)]
-            for _, r in d.iterrows():
-                y = r.tokens_per_s_graph if pd.notna(r.tokens_per_s_graph) else r.tokens_per_s_eager
+            ys = [
+                r.tokens_per_s_graph if pd.notna(r.tokens_per_s_graph) else r.tokens_per_s_eager for r in d.itertuples()
+            ]
+            for r, y in zip(d.itertuples(), ys):
                 ax.scatter(r.weight_gib, y, s=40, marker="o" if r.setting.startswith("mxmoe") else "s")
-                ax.annotate(r.setting, (r.weight_gib, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            label_points(ax, d.weight_gib, ys, d.setting)
             ax.set(title=f"{model}: {phase} {shape}", xlabel="weight memory (GiB)", ylabel="tokens/s (captured)")
     fig.tight_layout()
     return fig
@@ -92,15 +94,9 @@ def fig_predicted(df: pd.DataFrame):
     fig, axes = figure(nrows, ncols, width=11, height=3.2 * nrows)
     for ax, (model, tokens) in zip(axes.flat, keys):
         d = df[(df.model == model) & (df.tokens == tokens)]
-        for _, r in d.iterrows():
+        for r in d.itertuples():
             ax.scatter(r.expert_gib, r.tokens_per_s, s=40)
-            ax.annotate(
-                r.setting.removeprefix("mxmoe "),
-                (r.expert_gib, r.tokens_per_s),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        label_points(ax, d.expert_gib, d.tokens_per_s, [s.removeprefix("mxmoe ") for s in d.setting])
         ax.set(
             title=f"{model}: {tokens} tokens (MoE GEMMs, predicted)", xlabel="expert weights (GiB)", ylabel="tokens/s"
         )

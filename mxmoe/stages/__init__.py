@@ -196,6 +196,7 @@ STAGES = (
             "@repo/results/paper-models/alloc/*.json.gz",
             "@repo/mxmoe/bench/paper_models.py",
             "@repo/mxmoe/plots/paper_models.py",
+            "@repo/mxmoe/plots/__init__.py",  # label_points
         ),
     ),
 )
