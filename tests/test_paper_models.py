@@ -274,6 +274,10 @@ def test_benchmark_dry_run_on_cpu(tmp_path):
     packed = {r["setting"]: r for r in doc["settings"]}["mxmoe w4a16 g128"]
     assert packed["expert_bytes_vs_bf16"] < 1 and "1x8" in packed["prefill"] and "1" in packed["decode"]
     assert "error" not in packed["decode"]["1"], packed["decode"]
+    for call in ("prefill_1x8", "decode_1"):  # where the time went, by kernel kind (CPU operators here)
+        b = packed["breakdown"][call]
+        assert b["total_us"] > 0 and b["top"] and abs(sum(b["by_kind"].values()) - b["total_us"]) < 1e-6 * b["total_us"]
+    assert {r["call"] for r in pm.breakdown_rows([doc])} == {"prefill_1x8", "decode_1"}
     case = doc["correctness"]["cases"]["mxmoe w4a16 g128"]
     assert case["rel"] < 1e-4 and case["block_rel"] < 1e-4  # same fp32 weights, same codes
     assert case["rounding_floor"] is None and case["tolerance"] == "weight-only"
@@ -379,3 +383,16 @@ def test_labels_of_close_points_do_not_overlap():
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert [t.get_text() for t in ax.texts] == labels  # one label per point, highest first
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_kernel_kinds():
+    from mxmoe.bench.breakdown import kind_of
+
+    assert kind_of("group_gemm_kernel") == "experts GEMM"
+    assert kind_of("void cutlass::device_kernel<GemmUniversal<GroupProblemShape<...>>>") == "experts GEMM"
+    assert kind_of("_combine_kernel") == "experts glue"
+    assert kind_of("flash_fwd_kernel") == "attention"
+    assert kind_of("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_TNT") == "dense GEMM"
+    assert kind_of("aten::addmm") == "dense GEMM"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<4, ...>") == "norm and elementwise"
+    assert kind_of("something_unheard_of") == "other"

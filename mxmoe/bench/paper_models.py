@@ -13,7 +13,9 @@ implementation and measures, in one process:
 * peak GPU memory, expert weight bytes against bf16, host synchronisations per forward
   (``torch.cuda.set_sync_debug_mode("warn")`` warnings counted) and whether the experts forward of
   one layer runs under ``set_sync_debug_mode("error")``;
-* the MoE share of the bf16 forward and the Amdahl bound it implies for each setting's block speedup.
+* the MoE share of the bf16 forward and the Amdahl bound it implies for each setting's block speedup;
+* where the device time of one 1 x 512 prefill and one batch-16 decode step goes, by kind of kernel
+  (``mxmoe.bench.breakdown``: experts GEMMs, their glue, attention, dense GEMMs, the rest).
 
 Settings (``SETTINGS``): transformers' bf16 ``grouped_mm`` and ``batched_mm``; torch's fp8 grouped
 GEMM (``torch._scaled_grouped_mm``, rowwise e4m3 weights and activations: what a user would use
@@ -53,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mxmoe.allocate import allocation_doc, layer_problem, solve_point
+from mxmoe.bench.breakdown import kernel_breakdown
 from mxmoe.files import write_bytes_atomic, write_text_atomic
 from mxmoe.kernels.moe import (
     attach_fp8_experts,
@@ -642,7 +645,9 @@ def measure_setting(
         "prefill": {},
         "decode": {},
         "syncs": {},
+        "breakdown": {},  # one profiled prefill and decode step: device time by kernel kind
     }
+    breakdown_batch = sizes["decode"][len(sizes["decode"]) // 2]  # batch 16 of 1, 16, 64
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     # one MoE layer's experts forward: synchronisations and the sync-debug "error" check
@@ -684,6 +689,8 @@ def measure_setting(
             row["prefill"][key] = _oom(err)
             continue
         row["prefill"][key] = {"tokens": bsz * length, "eager": e, "graph": g, **_tps(bsz * length, e, g)}
+        if (bsz, length) == first:
+            row["breakdown"][f"prefill_{key}"] = kernel_breakdown(fn, dev)
     # decoding one token against a static cache
     ctx_len = sizes["context"]
     for bsz in sizes["decode"]:
@@ -704,6 +711,8 @@ def measure_setting(
             fn = decode_step(model, cache, tok, ctx_len)
             e, g = time_eager(fn, few, warm, device=dev), time_graph(fn, 2 * reps, device=dev)
             row["decode"][str(bsz)] = {"context": ctx_len, "eager": e, "graph": g, **_tps(bsz, e, g)}
+            if bsz == breakdown_batch:
+                row["breakdown"][f"decode_{bsz}"] = kernel_breakdown(fn, dev)
             cache = None  # free the static cache before the next batch size
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             row["decode"][str(bsz)] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
@@ -1388,6 +1397,28 @@ def main(argv=None) -> None:
         alloc_gpu=gpu,
         device="cpu" if args.smoke else "cuda",
     )
+
+
+def breakdown_rows(docs: list) -> "list[dict]":
+    """One row per (model, setting, profiled call, kernel kind) of the runs that hold a kernel breakdown:
+    milliseconds and the share of the call's device time (``mxmoe.bench.breakdown``)."""
+    rows = []
+    for d in docs:
+        for r in d["settings"]:
+            for call, b in r.get("breakdown", {}).items():
+                for kind, us in b["by_kind"].items():
+                    share = us / b["total_us"] if b["total_us"] else None
+                    rows.append(
+                        {
+                            "model": d["model"],
+                            "setting": r["setting"],
+                            "call": call,
+                            "kind": kind,
+                            "ms": us / 1e3,
+                            "share": share,
+                        }
+                    )
+    return rows
 
 
 def allocation_gpu(on_cpu: bool) -> str:
