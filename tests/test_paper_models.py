@@ -278,6 +278,7 @@ def test_benchmark_dry_run_on_cpu(tmp_path):
         b = packed["breakdown"][call]
         assert b["total_us"] > 0 and b["top"] and abs(sum(b["by_kind"].values()) - b["total_us"]) < 1e-6 * b["total_us"]
     assert {r["call"] for r in pm.breakdown_rows([doc])} == {"prefill_1x8", "decode_1"}
+    assert 0 < doc["summary"]["bf16 grouped_mm"]["decode_1_experts_gemm_share"] < 1  # aten::_grouped_mm
     case = doc["correctness"]["cases"]["mxmoe w4a16 g128"]
     assert case["rel"] < 1e-4 and case["block_rel"] < 1e-4  # same fp32 weights, same codes
     assert case["rounding_floor"] is None and case["tolerance"] == "weight-only"

@@ -994,6 +994,9 @@ def summarize(doc: dict) -> dict:
         for bsz in base["decode"]:
             a, b = ms(base, "decode", bsz, "graph"), ms(r, "decode", bsz, "graph")
             s[f"decode_{bsz}_graph_speedup"] = a / b if a and b else None
+        for call, b in r.get("breakdown", {}).items():  # share of the profiled call's device time
+            if b["total_us"]:
+                s[f"{call}_experts_gemm_share"] = b["by_kind"].get("experts GEMM", 0.0) / b["total_us"]
         out[name] = s
     return out
 
@@ -1088,7 +1091,8 @@ def validate_doc(doc: dict) -> None:
 
 
 def table(doc: dict) -> str:
-    """A short text table of the summary (block and model speedups vs bf16 grouped_mm, memory)."""
+    """A short text table of the summary (block and model speedups vs bf16 grouped_mm, memory, and the experts
+    GEMMs' share of a batch-16 decode step's device time where the run profiled one)."""
     s = doc["summary"]
     cols = [
         "block_512_graph_speedup",
@@ -1100,8 +1104,9 @@ def table(doc: dict) -> str:
         "decode_16_graph_speedup",
         "decode_64_graph_speedup",
         "expert_bytes_vs_bf16",
+        "decode_16_experts_gemm_share",
     ]
-    short = ["blk512", "blk8k", "pf512", "pf8k", "pf8k/amd", "dec1", "dec16", "dec64", "bytes"]
+    short = ["blk512", "blk8k", "pf512", "pf8k", "pf8k/amd", "dec1", "dec16", "dec64", "bytes", "dec16exp"]
     lines = [
         f"{doc['model']} on {doc['provenance']['device']} (ratios vs {BASELINE}, captured)",
         f"{'setting':22s} " + " ".join(f"{c:>8s}" for c in short),
