@@ -21,7 +21,8 @@ Settings (``SETTINGS``): transformers' bf16 ``grouped_mm`` and ``batched_mm``; t
 GEMM (``torch._scaled_grouped_mm``, rowwise e4m3 weights and activations: what a user would use
 instead); the mxmoe kernel with bf16, fp8 w8a8 and uniform w4a16 g128 everywhere; and MxMoE
 allocations (weight-only 3.25 and 4.25 bits per linear block; weight-activation mixes at 5 bits per
-expert, the paper's w4a4/w8a8 and Hopper's fp8 one, W4A8 with w8a8 on fp8 tensor cores). The allocations come from ``mxmoe.allocate`` with the GPU's cost table
+expert, the paper's w4a4/w8a8 and Hopper's fp8 one, W4A8 with w8a8 on fp8 tensor cores). The
+allocations come from ``mxmoe.allocate`` with the GPU's cost table
 (``mxmoe.perfmodel``) and a **sensitivity stand-in** (there are no real weights): Δ = expected
 routed rows of the block × (4^-w_bits + 4^-a_bits), the error scaling of b-bit rounding weighted by
 how often the block runs, r = 0.75. They are solved on a CPU (``--allocate-only``, written to
