@@ -57,7 +57,8 @@ def kernel_breakdown(fn, device) -> dict:
     rows.sort(key=lambda r: -r[2])
     by_kind: dict = {}
     for name, _, us in rows:
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
+        kind = kind_of(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
     return {
         "total_us": sum(us for _, _, us in rows),
         "kernels": sum(calls for _, calls, _ in rows),

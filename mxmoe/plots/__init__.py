@@ -38,7 +38,7 @@ def figure(nrows: int = 1, ncols: int = 1, width: float = WIDTH, height: "float 
 def label_points(ax, xs, ys, labels, fontsize: int = 7) -> None:
     """Write ``labels`` beside the points (xs, ys) of ``ax``; a label that would overlap one already
     written moves down a line at a time (up to six), so close points stay readable."""
-    ax.figure.canvas.draw()  # fixes the axis limits the labels are placed against
+    ax.autoscale_view()  # fixes the axis limits the labels are placed against (no drawing of the figure)
     renderer = ax.figure.canvas.get_renderer()
     placed: list = []  # window extents of the labels so far
     for x, y, label in sorted(zip(xs, ys, labels), key=lambda p: -p[1]):

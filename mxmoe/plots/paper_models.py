@@ -73,9 +73,7 @@ def fig_whole_model(df: pd.DataFrame, prefill_shape: str = "4x2048", decode_shap
     for row, model in zip(axes, models):
         for ax, (phase, shape) in zip(row, (("prefill", prefill_shape), ("decode", decode_shape))):
             d = df[(df.model == model) & (df.phase == phase) & (df["shape"] == shape)]
-            ys = [
-                r.tokens_per_s_graph if pd.notna(r.tokens_per_s_graph) else r.tokens_per_s_eager for r in d.itertuples()
-            ]
+            ys = d.tokens_per_s_graph.fillna(d.tokens_per_s_eager)  # captured where it ran, else eager
             for r, y in zip(d.itertuples(), ys):
                 ax.scatter(r.weight_gib, y, s=40, marker="o" if r.setting.startswith("mxmoe") else "s")
             label_points(ax, d.weight_gib, ys, d.setting)
