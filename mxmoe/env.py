@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -31,6 +32,24 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_slug(name: str) -> str:
+    """A device name as it appears in result file names: 'NVIDIA H200 (139.8 GiB)' -> 'NVIDIA_H200'."""
+    return name.split(" (")[0].replace(" ", "_")
+
+
+def git_commit() -> str:
+    """The commit a measurement ran on: $MXMOE_COMMIT (set by whoever ships the tree to a machine without
+    its git history), else the repository's HEAD, else 'unknown'."""
+    commit = os.environ.get("MXMOE_COMMIT")
+    if commit:
+        return commit
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() or "unknown"
 
 
 def device_guard(device: "torch.device | str | None"):

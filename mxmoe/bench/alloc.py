@@ -27,6 +27,7 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from mxmoe.bench.roofline import provenance
+from mxmoe.env import device_slug
 from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations
 from mxmoe.paths import results_dir
@@ -112,8 +113,7 @@ def main(argv: "list[str] | None" = None) -> None:
             doc["rows"].append({"setting": name, "batch": batch, "ms": ms, "tokens_per_s": batch / (ms / 1e3)})
             print(f"{name:22s} {batch:5d} tokens: {ms * 1e3:8.1f} us  {batch / (ms / 1e3):12.0f} tokens/s", flush=True)
     doc["wall_s"] = round(time.time() - t0, 1)
-    gpu = doc["provenance"]["device"].replace(" ", "_")
-    out = Path(args.out) / f"figure5_{args.model}_{gpu}.json"
+    out = Path(args.out) / f"figure5_{args.model}_{device_slug(doc['provenance']['device'])}.json"
     write_text_atomic(out, json.dumps(doc, indent=1))
     print(f"wrote {Path(out).name} in {doc['wall_s']} s")
 

@@ -48,6 +48,7 @@ from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
 from mxmoe.bench.validate import validate
+from mxmoe.env import device_slug
 from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations, reference_group_gemm
 from mxmoe.kernels.configs import default_config
@@ -387,7 +388,7 @@ def main(argv: "list[str] | None" = None) -> None:
         "argv": {k: v for k, v in vars(args).items() if k not in ("out", "table_dir")},
     }  # no machine paths
     tag = f"_{args.tag}" if args.tag else ""
-    out_path = Path(args.out) / f"bench_{doc['provenance']['device'].replace(' ', '_')}{tag}.json"
+    out_path = Path(args.out) / f"bench_{device_slug(doc['provenance']['device'])}{tag}.json"
     earlier = None if args.fresh else earlier_run(out_path, doc)
     doc["roofline"] = earlier["roofline"] if earlier else measure_roofline()
     doc["edge_check"] = edge_check()

@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 import warnings
@@ -57,6 +56,7 @@ from tqdm.auto import tqdm
 
 from mxmoe.allocate import allocation_doc, layer_problem, solve_point
 from mxmoe.bench.breakdown import kernel_breakdown
+from mxmoe.env import device_slug, git_commit
 from mxmoe.files import write_bytes_atomic, write_text_atomic
 from mxmoe.kernels.moe import (
     attach_fp8_experts,
@@ -920,17 +920,6 @@ def provenance(devices: "list | None" = None) -> dict:
     import transformers
     import triton
 
-    commit = os.environ.get("MXMOE_COMMIT")
-    if not commit:
-        try:
-            commit = (
-                subprocess.run(
-                    ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30, cwd=REPO_ROOT
-                ).stdout.strip()
-                or "unknown"
-            )
-        except (OSError, subprocess.SubprocessError):
-            commit = "unknown"
     dev = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
     if devices:
         gpus = [torch.cuda.get_device_properties(torch.device(d)) for d in devices if torch.device(d).type == "cuda"]
@@ -950,7 +939,7 @@ def provenance(devices: "list | None" = None) -> dict:
         "triton": triton.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "git_commit": commit,
+        "git_commit": git_commit(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -1246,8 +1235,7 @@ def run(
         "reached_max_over_min": reached,
         "how": "fixed router logit bias per MoE layer fitted on random tokens (mxmoe.models.random_init)",
     }
-    gpu = doc["provenance"]["device"].split(" (")[0].replace(" ", "_")
-    path = Path(out) / f"{name}_{gpu}.json"
+    path = Path(out) / f"{name}_{device_slug(doc['provenance']['device'])}.json"
     partial = path.with_name(path.name + ".partial")  # the settings so far, should the run be cut short
 
     def keep_partial() -> None:

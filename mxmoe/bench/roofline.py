@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import subprocess
 
@@ -11,6 +10,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from mxmoe.env import git_commit
 from mxmoe.kernels.version import kernel_fingerprint
 
 
@@ -26,14 +26,6 @@ def provenance() -> dict:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         smi = "nvidia-smi unavailable"
-    commit = os.environ.get("MXMOE_COMMIT")  # set by whoever ships the tree to a machine without its git history
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = "unknown"
     return {
         "device": dev.name,
         "sm": f"{dev.major}.{dev.minor}",
@@ -45,7 +37,7 @@ def provenance() -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
+        "git_commit": git_commit(),
         "kernel": kernel_fingerprint(),
     }
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mxmoe.bench.paper_models import WEIGHT_ONLY_SET, config_of, moe_layer_ids, output_dir, provenance
+from mxmoe.env import device_slug
 from mxmoe.files import write_json_atomic
 from mxmoe.models.blocks import moe_blocks
 from mxmoe.models.random_init import build_random
@@ -90,7 +91,7 @@ def run(name: str, layers: int, out: Path, device: str = "cuda", windows: tuple 
         "peak_gpu_bytes": _peak_gpu(dev),
         "projected_all_layers_s": seconds / layers * len(blocks),
     }
-    path = out / f"{name}_streamed_{doc['provenance']['device'].replace(' ', '_')}.json"
+    path = out / f"{name}_streamed_{device_slug(doc['provenance']['device'])}.json"
     write_json_atomic(path, doc)  # the sensitivity stage is kept if the GPTQ stage does not finish
     plan = {k: GPTQ_SCHEME for k in uniform_scheme_map(model, GPTQ_SCHEME) if k[0] in first}
     _reset_peak(dev)
