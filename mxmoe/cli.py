@@ -180,6 +180,11 @@ BENCHMARKS = {
     "cost-table": ("mxmoe.bench.cost_table", "build cost_tables/<gpu>.json from benchmark files"),
     "alloc": ("mxmoe.bench.alloc", "time a model's allocations through the kernel (GPU); Figure 5 measured"),
     "ilp": ("mxmoe.bench.ilp", "solve times of the allocation ILP on a random layer"),
+    "gluon": (
+        "mxmoe.bench.gluon",
+        "the Gluon warp-specialised 4-bit kernel against the Triton kernel: edge cases and paper shapes "
+        "(Hopper GPU); writes gluon_<gpu>.json",
+    ),
     "sass": (
         "mxmoe.bench.sass",
         "compile the kernel for sm_90a without a GPU: registers, spills, wgmma waits, K-loop instructions",
