@@ -9,10 +9,13 @@ about 1), in one process on one GPU:
 2. Paper shapes, w4a16_g128_asym: Qwen1.5-MoE (E=60, top-4) and DeepSeek-V2-Lite (E=64, top-6), gate_up
    (N=2816, K=2048) and down (N=2048, K=1408), at 16 / 512 / 8192 tokens, the skewed loads of
    ``mxmoe.bench.cases.expert_loads`` with one expert forced to 0 rows and one to 1 (``routed_rows``):
-   relative errors against the reference, the Gluon-vs-Triton difference, then medians of
-   ``triton.testing.do_bench`` (L2 flushed) over rounds that alternate the kernels' order: the Triton kernel
-   (``group_gemm``), the Gluon variants of ``gluon_variants`` and torch's bf16 grouped GEMM on the dequantized
-   weights. ``w%`` is the weight bytes of the experts with rows per second as a % of the copy bandwidth
+   relative errors against the reference, the Gluon-vs-Triton difference, then medians over rounds that
+   alternate the kernels' order of the Triton kernel (``group_gemm``), the Gluon variants of ``gluon_variants``
+   and torch's bf16 grouped GEMM on the dequantized weights. ``us``: CUDA-graph replays
+   (``triton.testing.do_bench_cudagraph``, no L2 flush): the kernels' own time, as a captured forward runs them.
+   ``us_eager``: one eager call per L2 flush (``triton.testing.do_bench``), as a user calls it; where the
+   Python wrapper takes longer than the flush, its host time shows up here (the Triton kernel's wrapper at 16
+   tokens: ``group_gemm`` plans the launch in Python on every call). ``w%`` is the weight bytes of the experts with rows per second as a % of the copy bandwidth
    (read + write of a 1 GiB ``copy_``, measured in the same run), ``mv%`` the same for all bytes moved
    (weights + x rows + y rows).
 
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from mxmoe.bench.cases import expert_loads
 from mxmoe.bench.roofline import provenance
@@ -186,7 +189,7 @@ def print_table(rows: "list[dict]") -> None:
     print(
         f"\n{'shape':18s} {'tok':>5s} "
         + " ".join(f"{c:>10s}" for c in names)
-        + f" {'best/trit':>9s} {'w% trit':>7s} {'w% best':>7s} {'mv% best':>8s}  (µs)"
+        + f" {'best/trit':>9s} {'w% trit':>7s} {'w% best':>7s} {'mv% best':>8s} {'eager trit/gluon':>17s}  (µs, graph)"
     )
     for r in rows:
         cells = " ".join(f"{r['us'][c]:10.1f}" if c in r["us"] else f"{'-':>10s}" for c in names)
@@ -196,8 +199,14 @@ def print_table(rows: "list[dict]") -> None:
             f"{r['shape']:18s} {r['tokens']:5d} {cells} "
             + (f"{ratio:9.2f}" if ratio else f"{'-':>9s}")
             + (f" {w['triton']:7.1f}" if "triton" in w else f" {'-':>7s}")
-            + (f" {w[best]:7.1f} {r['moved_bw_pct'][best]:8.1f}  {best}" if best else f" {'-':>7s} {'-':>8s}")
+            + (f" {w[best]:7.1f} {r['moved_bw_pct'][best]:8.1f}" if best else f" {'-':>7s} {'-':>8s}")
+            + f" {_eager(r, 'triton'):>8s}/{_eager(r, 'gluon'):<8s} {best or ''}"
         )
+
+
+def _eager(row: dict, kernel: str) -> str:
+    us = row.get("us_eager", {}).get(kernel)
+    return f"{us:.1f}" if us is not None else "-"
 
 
 def _experts(e: int, n: int, k: int, scheme: str, seed: int) -> list:
@@ -286,22 +295,26 @@ def time_case(dog: Watchdog, shape: tuple, tokens: int, packed: list, group, w16
         yg, _ = guarded(dog, "gluon again", fns["gluon"])
         g_vs_t = rel_err(yg, yt) if yt is not None and yg is not None else None
     rounds, rep = (2, 40) if quick else (3, 60)
-    times = {kname: [] for kname in fns}
+    timers = {
+        "graph": lambda fn: do_bench_cudagraph(fn, rep=rep, return_mode="median"),
+        "eager": lambda fn: do_bench(fn, warmup=5, rep=rep, return_mode="median"),
+    }
+    times = {(kind, kname): [] for kind in timers for kname in fns}
     for r in range(rounds):  # alternate the kernels' order round by round
         for kname in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             if isinstance(errs[kname], str):
                 continue
-            ms, err = guarded(
-                dog,
-                f"{name} {tokens} time {kname}",
-                lambda fn=fns[kname]: do_bench(fn, warmup=5, rep=rep, return_mode="median"),
-            )
-            if err is None:
-                times[kname].append(ms)
-    us = {kname: 1e3 * statistics.median(v) for kname, v in times.items() if v}
+            for kind, timer in timers.items():
+                ms, err = guarded(dog, f"{name} {tokens} {kind} {kname}", lambda fn=fns[kname]: timer(fn))
+                if err is None:
+                    times[kind, kname].append(ms)
+    us, us_eager = (
+        {kname: 1e3 * statistics.median(times[kind, kname]) for kname in fns if times[kind, kname]} for kind in timers
+    )
     wbytes = sum(pw.nbytes for pw, r in zip(packed, rows) if r)
     moved = wbytes + 2 * t * k + 2 * t * n
     row = case_row(shape, tokens, rows, us, errs, g_vs_t, wbytes, moved, bw)
+    row["us_eager"] = us_eager
     errs_txt = "  ".join(f"{c}={v:.1e}" if not isinstance(v, str) else f"{c}=FAIL({v})" for c, v in errs.items())
     gvt = f"{g_vs_t:.1e}" if g_vs_t is not None else "-"
     print(f"{name:18s} {tokens:5d} tok, {t:5d} rows: rel.err vs ref: {errs_txt}; gluon vs triton {gvt}", flush=True)
@@ -341,7 +354,7 @@ def main(argv=None) -> int:
             "producer_regs": gk.PRODUCER_REGS,
             "maxnreg": gk.MAXNREG,
         },
-        "timer": "triton.testing.do_bench median (warmup 5 ms), median over rounds alternating the kernels",
+        "timer": "us: triton.testing.do_bench_cudagraph median (graph replays, no L2 flush); us_eager: triton.testing.do_bench median (one call per L2 flush); medians over rounds alternating the kernels",
         "complete": False,
     }
     prov = doc["provenance"]
