@@ -89,6 +89,10 @@ def test_bench_command_line():
     assert (a.quick, a.budget, a.out, a.tag) == (True, 60.0, "o", "t")
     with pytest.raises(SystemExit):
         bench.parse_args(["--budget", "0"])
+    assert bench.parse_args(["--launch", "qwen1.5 gate_up:512"]).launch == (bench.SHAPES[0], 512)
+    for bad in ("qwen1.5 gate_up", "qwen9 up:512", "qwen1.5 gate_up:0"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--launch", bad])
 
 
 def test_bench_variants_time_depth_2_at_16_and_512_tokens():

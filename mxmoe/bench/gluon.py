@@ -328,10 +328,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=225.0, help="seconds after which the remaining cases are skipped")
     ap.add_argument("--out", default=None, help="output folder (default: results/kernels)")
     ap.add_argument("--tag", default="", help="suffix of the output file name: gluon_<gpu>[_<tag>].json")
+    ap.add_argument(
+        "--launch",
+        metavar="SHAPE:TOKENS",
+        default=None,
+        help="only launch the Triton and the default Gluon kernel three times each on one case, timing and "
+        "writing nothing (for a profiler: ncu -k regex:group_gemm_kernel), e.g. 'qwen1.5 gate_up:512'",
+    )
     args = ap.parse_args(argv)
     if args.budget <= 0:
         ap.error(f"--budget must be positive, got {args.budget:g}")
+    if args.launch is not None:
+        name, _, tokens = args.launch.rpartition(":")
+        if name not in [sh[0] for sh in SHAPES] or not tokens.isdigit() or int(tokens) < 1:
+            ap.error(f"--launch must be SHAPE:TOKENS with SHAPE one of {[sh[0] for sh in SHAPES]}, got {args.launch!r}")
+        args.launch = (next(sh for sh in SHAPES if sh[0] == name), int(tokens))
     return args
+
+
+def launch_case(shape: tuple, tokens: int) -> None:
+    """Launch the Triton kernel and the default Gluon kernel three times each, alternating, on one case (the
+    timed cases' experts and routing): what a profiler attached to this process sees."""
+    name, e, n, k, top_k = shape
+    si = SHAPES.index(shape)
+    packed = _experts(e, n, k, SCHEME, seed=si)
+    group = ExpertGroup(packed)
+    rows = routed_rows(tokens, e, top_k, seed=tokens + si)
+    x = torch.randn(sum(rows), k, device="cuda", dtype=torch.bfloat16)
+    off = _offsets(rows)
+    for _ in range(3):
+        group_gemm(x, off, group, validate=False)
+        gk.gluon_group_gemm(x, off, group, validate=False)
+    torch.cuda.synchronize()
+    print(f"{name}, {tokens} tokens ({sum(rows)} rows): launched each kernel 3 times", flush=True)
 
 
 def main(argv=None) -> int:
@@ -345,6 +374,9 @@ def main(argv=None) -> int:
             f"{PROG}: error: this Triton ({triton.__version__}) has no usable Gluon: {gk.GLUON_ERROR}", file=sys.stderr
         )
         return 2
+    if args.launch is not None:
+        launch_case(*args.launch)
+        return 0
     dog = Watchdog(total=args.budget + 60)
     doc = {
         "provenance": provenance(),
