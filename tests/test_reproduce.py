@@ -222,3 +222,15 @@ def test_healed_files_landing_rerun_the_model_stage(tmp_path):
     (healed / "heal.json").write_text("{}")
     after = reproduce.input_files(STAGES[0], root, "smollm2-moe", repo=repo)
     assert STAGES[0].stem == "00_model" and set(after) - set(before) == {healed / "heal.json"}
+
+
+def test_allocation_stage_reads_the_kernel_sources_its_cost_tables_are_held_to():
+    """Stage 04 re-runs when the fingerprinted kernel changes, and not for other files of mxmoe/kernels
+    (a docstring of the Gluon prototype leaves the allocations as they are)."""
+    from mxmoe.kernels.version import SOURCES
+    from mxmoe.paths import REPO_ROOT
+    from mxmoe.stages import KERNEL_SOURCES, stage
+
+    assert KERNEL_SOURCES == SOURCES
+    files = {p.name for p in reproduce.input_files(stage("04_allocation"), REPO_ROOT / "results", "smollm2-moe")}
+    assert set(SOURCES) <= files and "gluon_kernel.py" not in files

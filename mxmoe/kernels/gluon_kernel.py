@@ -21,6 +21,12 @@ copy bandwidth on an H100 at 512 tokens). Here the work is split (``gl.warp_spec
 The two partitions never meet at a barrier: only the 2 x STAGES mbarriers connect them (Triton's barrier
 analysis still puts a named barrier of the partition's own 128 threads into each one's K loop).
 
+Measured on an H100 (``mxmoe bench gluon``, ``results/kernels/NOTES.md``): bitwise equal to the Triton
+kernel and no faster (0.94-1.02x at 16 and 512 tokens, ~0.9x at 8192): with the loads issued ahead, DRAM,
+issue slots and the tensor pipe all stay near 40%, so the 512-token case is not held by load latency but by
+each consumer warpgroup's dependent chain per K block. It is the benchmark's comparison and the skeleton for
+a kernel with more independent work per SM, not a path ``group_gemm`` takes.
+
 Tiles, exactly as the Triton kernel's SWAP path: per expert ``mt = cdiv(rows, BM)`` token blocks x
 ``cdiv(N, BN)`` weight-row blocks (BN = 128); local tile ``local`` is token block ``local % mt`` of row
 block ``local // mt``; the accumulator is the [BN, BM] tile y^T (weight rows as the wgmma's M, tokens as
