@@ -374,6 +374,18 @@ def test_kernel_tables_from_committed_h100_runs():
     assert set(tiles.num_warps) <= {4, 8} and tiles.groupby(["mix", "tokens"]).num_warps.nunique().max() == 1
 
 
+def test_timer_comparison_pairs_the_event_and_graph_runs_of_one_gpu():
+    """Notebook 03's timer table: the committed H100 runs pair at 16, 512 and 8192 tokens, and at 16 tokens the
+    event timer inflates our kernel (its Python call) more than torch's grouped GEMM."""
+    from mxmoe.plots import kernels as kp
+
+    t = kp.timer_comparison(runs.bench_docs(ROOT / "results" / "kernels"))
+    assert set(t.tokens) == {16, 512, 8192} and set(t.device) == {"NVIDIA H100 80GB HBM3"}
+    ours, torch_ = t[("events / graph", "ours w4a16 g-1")], t[("events / graph", "torch bf16")]
+    decode = t.tokens == 16
+    assert (ours[decode] > torch_[decode]).all() and (ours[~decode].between(0.9, 1.1)).all()
+
+
 def test_a_plain_list_of_experts_builds_its_group_once():
     from mxmoe.kernels.group_gemm import expert_group
 

@@ -452,28 +452,30 @@ def table6_summary(t6: pd.DataFrame) -> pd.DataFrame:
 
 
 def timer_comparison(docs: list) -> pd.DataFrame:
-    """GEMM time in µs by CUDA events vs CUDA-graph replays for the cases both kinds of run timed (a one-line
-    note when the runs hold no such pair)."""
+    """GEMM time in µs by CUDA events vs CUDA-graph replays for the cases an event-timed and a graph-timed run
+    of the same device both hold (each case from the first run of its kind, ``runs.case_rows``), and the
+    events / graph ratio of torch's bf16 grouped GEMM and of our w4a16 g-1; a one-line note when there is no
+    such pair."""
     from mxmoe.bench import runs
 
-    ev = [
-        d
-        for d in docs
-        if d.get("timer_kind", "events") == "events" and "smollm2-moe" in {r["model"] for r in d.get("results", [])}
-    ]
+    ev = [d for d in docs if d.get("timer_kind", "events") == "events"]
     cg = [d for d in docs if d.get("timer_kind") == "cudagraph"]
-    if not (ev and cg):
-        return pd.DataFrame({"note": ["no pair of event- and graph-timed runs among these results"]})
-    a, b = runs.case_rows(ev[:1]), runs.case_rows(cg[:1])
-    keep = ["torch_grouped_bf16", "ours_bf16", "ours_w4a16_g-1", "ours_w8a8_int8", "ours_mix4.25_w4a16+w8a8"]
-    m = a.merge(b, on=["model", "gemm", "tokens", "variant"], suffixes=("_events", "_graph"))
-    m = m[m.variant.isin(keep)]
-    m["events µs"], m["graph µs"] = m.ms_events * 1e3, m.ms_graph * 1e3
-    return (
-        m.pivot_table(index=["model", "gemm", "tokens"], columns="variant", values=["events µs", "graph µs"])
-        .round(0)
-        .reset_index()
+    keys = ["device", "model", "gemm", "tokens", "variant"]
+    keep = ["torch_grouped_bf16", "ours_w4a16_g-1", "ours_mix4.25_w4a16+w8a8"]
+    m = (
+        runs.case_rows(ev).merge(runs.case_rows(cg), on=keys, suffixes=("_events", "_graph"))
+        if ev and cg
+        else pd.DataFrame()
     )
+    m = m[m.variant.isin(keep) & m.ms_events.notna() & m.ms_graph.notna()] if len(m) else m
+    if m.empty:
+        return pd.DataFrame({"note": ["no pair of event- and graph-timed runs of one device among these results"]})
+    m["events µs"], m["graph µs"] = m.ms_events * 1e3, m.ms_graph * 1e3
+    t = m.pivot_table(index=keys[:4], columns="variant", values=["events µs", "graph µs"]).round(0).astype("Int64")
+    for v, name in (("torch_grouped_bf16", "torch bf16"), ("ours_w4a16_g-1", "ours w4a16 g-1")):
+        if ("events µs", v) in t and ("graph µs", v) in t:
+            t[("events / graph", name)] = (t[("events µs", v)] / t[("graph µs", v)]).astype(float).round(2)
+    return t.reset_index()
 
 
 def cost_table_summary(device: str) -> pd.DataFrame:
