@@ -380,8 +380,8 @@ def test_timer_comparison_pairs_the_event_and_graph_runs_of_one_gpu():
     from mxmoe.plots import kernels as kp
 
     t = kp.timer_comparison(runs.bench_docs(ROOT / "results" / "kernels"))
-    assert set(t.tokens) == {16, 512, 8192} and set(t.device) == {"NVIDIA H100 80GB HBM3"}
-    ours, torch_ = t[("events / graph", "ours w4a16 g-1")], t[("events / graph", "torch bf16")]
+    assert set(t.tokens) == {16, 512, 8192} and set(t.gpu) == {"nvidia_h100"}
+    ours, torch_ = t["ours events / graph"], t["torch events / graph"]
     decode = t.tokens == 16
     assert (ours[decode] > torch_[decode]).all() and (ours[~decode].between(0.9, 1.1)).all()
 

@@ -452,30 +452,33 @@ def table6_summary(t6: pd.DataFrame) -> pd.DataFrame:
 
 
 def timer_comparison(docs: list) -> pd.DataFrame:
-    """GEMM time in µs by CUDA events vs CUDA-graph replays for the cases an event-timed and a graph-timed run
-    of the same device both hold (each case from the first run of its kind, ``runs.case_rows``), and the
-    events / graph ratio of torch's bf16 grouped GEMM and of our w4a16 g-1; a one-line note when there is no
-    such pair."""
+    """GEMM time in µs of torch's bf16 grouped GEMM and our w4a16 g-1 by CUDA events and by CUDA-graph replays,
+    and each one's events / graph ratio, for the cases an event-timed and a graph-timed run of the same GPU
+    both hold (each case from the first run of its kind, ``runs.case_rows``); a one-line note when there is
+    no such pair."""
     from mxmoe.bench import runs
+    from mxmoe.perfmodel import gpu_key
 
     ev = [d for d in docs if d.get("timer_kind", "events") == "events"]
     cg = [d for d in docs if d.get("timer_kind") == "cudagraph"]
     keys = ["device", "model", "gemm", "tokens", "variant"]
-    keep = ["torch_grouped_bf16", "ours_w4a16_g-1", "ours_mix4.25_w4a16+w8a8"]
     m = (
         runs.case_rows(ev).merge(runs.case_rows(cg), on=keys, suffixes=("_events", "_graph"))
         if ev and cg
         else pd.DataFrame()
     )
-    m = m[m.variant.isin(keep) & m.ms_events.notna() & m.ms_graph.notna()] if len(m) else m
+    short = {"torch_grouped_bf16": "torch", "ours_w4a16_g-1": "ours"}
+    m = m[m.variant.isin(list(short)) & m.ms_events.notna() & m.ms_graph.notna()] if len(m) else m
     if m.empty:
-        return pd.DataFrame({"note": ["no pair of event- and graph-timed runs of one device among these results"]})
-    m["events µs"], m["graph µs"] = m.ms_events * 1e3, m.ms_graph * 1e3
-    t = m.pivot_table(index=keys[:4], columns="variant", values=["events µs", "graph µs"]).round(0).astype("Int64")
-    for v, name in (("torch_grouped_bf16", "torch bf16"), ("ours_w4a16_g-1", "ours w4a16 g-1")):
-        if ("events µs", v) in t and ("graph µs", v) in t:
-            t[("events / graph", name)] = (t[("events µs", v)] / t[("graph µs", v)]).astype(float).round(2)
-    return t.reset_index()
+        return pd.DataFrame({"note": ["no pair of event- and graph-timed runs of one GPU among these results"]})
+    m = m.assign(gpu=m.device.map(gpu_key), who=m.variant.map(short))
+    t = m.pivot_table(index=["gpu", "model", "gemm", "tokens"], columns="who", values=["ms_events", "ms_graph"])
+    out = t.index.to_frame(index=False)
+    for who in short.values():
+        ev_us, graph_us = t[("ms_events", who)].to_numpy() * 1e3, t[("ms_graph", who)].to_numpy() * 1e3
+        out[f"{who} events µs"], out[f"{who} graph µs"] = ev_us.round(0), graph_us.round(0)
+        out[f"{who} events / graph"] = (ev_us / graph_us).round(2)
+    return out
 
 
 def cost_table_summary(device: str) -> pd.DataFrame:
