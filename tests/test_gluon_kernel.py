@@ -8,6 +8,7 @@ import torch
 
 from mxmoe import cli
 from mxmoe.bench import gluon as bench
+from mxmoe.bench import sass
 from mxmoe.kernels import ExpertGroup, pack, version
 from mxmoe.kernels import gluon_kernel as gk
 from mxmoe.kernels import triton_kernel as tk
@@ -54,9 +55,9 @@ def test_ring_fits_two_ctas_per_sm():
 
 
 @needs_gluon
-@pytest.mark.skipif(not (gk._tools_dir() / "ptxas").exists(), reason="this Triton wheel has no ptxas")
+@pytest.mark.skipif(not (sass.TOOLS / "ptxas").exists(), reason="this Triton wheel has no ptxas")
 def test_compiles_for_sm90a_as_a_warp_specialised_pipeline():
-    f = gk.compile_facts(32)
+    f = sass.gluon_facts(32)
     assert f["shared_bytes"] <= gk.SMEM_PER_CTA
     assert f["wgmma"] == 16 and not f["serialized_wgmma"]  # 8 K steps x 2 halves of the 128 weight rows
     assert f["cp_async_mbarrier_arrive"] == 1 and f["mbarrier_arrive"] == 1  # full: per producer thread; empty: one
@@ -64,14 +65,14 @@ def test_compiles_for_sm90a_as_a_warp_specialised_pipeline():
 
 
 @needs_gluon
-@pytest.mark.skipif(not (gk._tools_dir() / "ptxas").exists(), reason="this Triton wheel has no ptxas")
+@pytest.mark.skipif(not (sass.TOOLS / "ptxas").exists(), reason="this Triton wheel has no ptxas")
 @pytest.mark.parametrize("bm", [16, 64])
 def test_depth_2_keeps_a_wgmma_in_flight_without_spilling(bm):
-    f = gk.compile_facts(bm, depth=2)
+    f = sass.gluon_facts(bm, depth=2)
     assert f["wgmma"] == 16 and f["wait_depths"] == [0, 1]  # 2 K halves x 4 K steps x 2 halves of the weight rows
     assert not f["serialized_wgmma"]
     assert (
-        f["spill_bytes"] == gk.compile_facts(bm)["spill_bytes"]
+        f["spill_bytes"] == sass.gluon_facts(bm)["spill_bytes"]
     )  # none with Triton 3.6; 3.7 spills 88 B at BM 64, any depth
 
 

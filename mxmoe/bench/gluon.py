@@ -42,6 +42,8 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from mxmoe.bench.cases import expert_loads
+from mxmoe.bench.compare import copy_gbps
+from mxmoe.bench.peers import rel_err
 from mxmoe.bench.roofline import provenance
 from mxmoe.env import device_slug
 from mxmoe.files import write_json_atomic
@@ -112,11 +114,6 @@ def guarded(dog: Watchdog, what: str, fn, seconds: float = 90.0):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     finally:
         dog.disarm()
-
-
-def rel_err(y, ref) -> float:
-    """||y - ref|| / ||ref|| in float32."""
-    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def routed_rows(tokens: int, experts: int, top_k: int, seed: int) -> "list[int]":
@@ -216,14 +213,6 @@ def _experts(e: int, n: int, k: int, scheme: str, seed: int) -> list:
 
 def _offsets(rows: "list[int]") -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-
-
-def copy_bandwidth() -> float:
-    """Device copy bandwidth on 1 GiB of float32, bytes read + written, GB/s."""
-    src = torch.randn(2**28, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
 
 
 def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
@@ -395,7 +384,7 @@ def main(argv=None) -> int:
     print(
         f"{prov['device']}, {prov['multiprocessors']} SMs; torch {prov['torch']}, triton {prov['triton']}", flush=True
     )
-    doc["copy_GBps"] = bw = copy_bandwidth()
+    doc["copy_GBps"] = bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s (read + write)\n\nedge cases (rel. error vs reference):", flush=True)
     doc["edge_cases"] = edge_cases(dog, args.quick)
     doc["edge_cases_ok"] = ok = edges_ok(doc["edge_cases"])

@@ -41,6 +41,7 @@ from triton.compiler import ASTSource
 from mxmoe.bench.cases import MIXES
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
+from mxmoe.kernels import gluon_kernel as gk
 from mxmoe.kernels import triton_kernel as tk
 from mxmoe.kernels.configs import TileConfig, default_config, kind_of, launch_warps, tile_cost
 from mxmoe.paths import kernel_results_dir
@@ -171,7 +172,7 @@ def _tool(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(path), *args], capture_output=True, text=True, check=True)
 
 
-def ptxas_report(ptx: str, arch: str = "sm_90a") -> str:
+def ptxas_report(ptx: str, arch: str = "sm_90a") -> "tuple[str, str]":
     """ptxas ``-v`` output (resources and warnings) and the SASS listing of ``ptx`` compiled for ``arch``."""
     with tempfile.TemporaryDirectory() as d:
         src, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
@@ -310,3 +311,93 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- the Gluon prototype (mxmoe.kernels.gluon_kernel) ---------------------------------------------
+
+_GLUON_SIGNATURE = {
+    "x_ptr": "*bf16",
+    "y_ptr": "*bf16",
+    "off_ptr": "*i32",
+    "sched_ptr": "*i32",
+    "addr_ptr": "*i64",
+    "E": "i32",
+    "N": "i32",
+    "K": "i32",
+    "KP": "i32",
+    "stride_xm": "i32",
+    "stride_ym": "i32",
+}
+_GLUON_ALIGNED = ("x_ptr", "y_ptr", "off_ptr", "sched_ptr", "addr_ptr", "N", "K", "KP", "stride_xm", "stride_ym")
+
+
+def compile_gluon(
+    bm: int = 64,
+    stages: "int | None" = None,
+    *,
+    group: int = 128,
+    sym: bool = False,
+    producer_warps: int = gk.PRODUCER_WARPS,
+    producer_regs: int = gk.PRODUCER_REGS,
+    depth: int = 0,
+    fence: bool = True,
+    arch: int = 90,
+    maxnreg: "int | None" = gk.MAXNREG,
+):
+    """``gluon_group_gemm_kernel`` compiled for sm_<arch>a without a GPU, with the constants ``gluon_group_gemm``
+    passes; returns Triton's CompiledKernel (``.asm["ttgir"]``, ``.asm["ptx"]``, ``.metadata.shared``)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    if gk.GLUON_ERROR is not None:
+        raise RuntimeError(f"this Triton has no usable Gluon: {gk.GLUON_ERROR}")
+    constants = {
+        "BM": bm,
+        "STAGES": stages or gk.default_stages(bm),
+        "GROUP": group,
+        "SYM": sym,
+        "PW": producer_warps,
+        "PREGS": producer_regs,
+        "DEPTH": depth,
+        "FENCE": fence,
+    }
+    fn = gk.gluon_group_gemm_kernel
+    signature = {**_GLUON_SIGNATURE, **{k: "constexpr" for k in constants}}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _GLUON_ALIGNED}
+    src = GluonASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    options = {"num_warps": 4}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def gluon_facts(bm: int = 64, stages: "int | None" = None, **kw) -> dict:
+    """Static facts of one offline compile of the Gluon prototype (``compile_gluon`` arguments): ptxas registers (the kernel's
+    count, the most any partition uses) and spills, ptxas's C751x notes (wgmma serialised, and why) and warnings, the
+    ``setmaxnreg`` requests per partition, shared bytes, wgmma count and ``wgmma.wait_group`` depths, cp.async
+    and mbarrier instructions, and the SASS size."""
+    compiled = compile_gluon(bm, stages, **kw)
+    ptx = compiled.asm["ptx"]
+    log, sass = ptxas_report(ptx)
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    warnings = sorted({w.strip() for w in re.findall(r"warning[^\n]*", log)})
+    return {
+        "bm": bm,
+        "stages": stages or gk.default_stages(bm),
+        **kw,
+        "registers": int(regs.group(1)) if regs else -1,
+        "spill_bytes": sum(spills),
+        "setmaxnreg": re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx),
+        "shared_bytes": int(compiled.metadata.shared),
+        "serialized_wgmma": sorted(set(re.findall(r"\(C751\d\)[^\n]*?serialized due to [^\n]*?(?= for|$)", log))),
+        "ptxas_warnings": warnings,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "wait_depths": sorted({int(v) for v in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}),
+        "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
+        "cp_async_mbarrier_arrive": ptx.count("cp.async.mbarrier.arrive"),
+        "mbarrier_arrive": len(re.findall(r"mbarrier\.arrive\.", ptx)) - ptx.count("cp.async.mbarrier.arrive"),
+        "fence_proxy_async": ptx.count("fence.proxy.async"),
+        "bar_sync": len(re.findall(r"\bbar\.sync\b|barrier\.sync", ptx)),
+        "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+    }

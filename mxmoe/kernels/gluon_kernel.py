@@ -51,7 +51,7 @@ consumer asserts with ``convert_layout(..., assert_trivial=True)`` (it compiles:
 operand layout's row slice, so ``w = fma(v - 136, s, z + 8 s)`` needs no shuffle. x sits in shared memory
 [BM, 128] with the 128-byte NVMMA swizzle; its permuted view [128, BM] is the wgmma B operand.
 
-Launch (Triton 3.6 compiles for sm_90a, ``compile_facts``): Triton pads a warp-specialised CTA to whole
+Launch (Triton 3.6 compiles for sm_90a, ``mxmoe.bench.sass.gluon_facts``): Triton pads a warp-specialised CTA to whole
 warpgroups (``.reqntid 256``: 4 consumer warps + the producer's warpgroup), so a 1-warp producer only
 leaves 3 warps idle, and at 40 registers it spills its pointer tensors (1.6 KiB at BM 64); 4 producer warps
 hold them in 64 registers without spilling. ``maxnreg=128`` makes the launch 256 threads x 128 registers (two CTAs per
@@ -88,20 +88,18 @@ with no tile (``pid >= total``) and an expert with no rows (no tiles: the walk s
 loops empty or skip alike. Masked copies (rows past an expert's end, K past K, byte rows past N) still
 issue (zero-filled), so every producer thread arrives exactly once per use.
 
-Import: this module needs only Triton at import time (torch and the rest of mxmoe are imported inside
-``gluon_group_gemm``), so ``compile_gluon`` runs in a Triton-only environment, e.g.
-``python mxmoe/kernels/gluon_kernel.py`` prints the sm_90a compile facts. Without Gluon the module still
-imports and ``gluon_group_gemm`` raises RuntimeError. It is not re-exported by ``mxmoe.kernels`` and is
-not part of the kernel fingerprint (``mxmoe.kernels.version.SOURCES``).
+Without Gluon the module still imports and ``gluon_group_gemm`` raises RuntimeError; ``mxmoe.bench.sass``
+compiles it for sm_90a without a GPU (``compile_gluon``, ``gluon_facts``). It is not re-exported by
+``mxmoe.kernels`` and is not part of the kernel fingerprint (``mxmoe.kernels.version.SOURCES``).
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+import torch
+
+from mxmoe.env import device_guard
+from mxmoe.kernels import triton_kernel
+from mxmoe.kernels.group_gemm import _check_offsets, expert_group
 
 try:
     from triton.experimental import gluon
@@ -133,18 +131,9 @@ def _constexpr(value):
 TILE_N = 128  # weight rows per tile (the wgmma's M: one warpgroup, 4 warps x 16 rows, twice)
 BLOCK_K = 128  # K block of the packed layout (pack.PACK_K)
 BN, PACK_K = _constexpr(TILE_N), _constexpr(BLOCK_K)  # the same, for the kernels
-# The Triton kernel's NIBBLE_ASM (triton_kernel.py; a test holds them equal): one 32-bit word of 8 codes
-# (position t at nibble 4 (t % 2) + t // 2) -> four bf16 pairs 128 + u (positions 0-1, 2-3, 4-5, 6-7).
-NIBBLE_ASM_TEXT = """{
-    .reg .b32 t;
-    lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;
-    shr.b32 t, $4, 4;
-    lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
-    shr.b32 t, $4, 8;
-    lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
-    shr.b32 t, $4, 12;
-    lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
-    }"""
+# The Triton kernel's unpacking PTX: one 32-bit word of 8 codes (position t at nibble 4 (t % 2) + t // 2) ->
+# four bf16 pairs 128 + u (positions 0-1, 2-3, 4-5, 6-7).
+NIBBLE_ASM_TEXT = triton_kernel.NIBBLE_ASM.value
 NIBBLE_ASM = _constexpr(NIBBLE_ASM_TEXT)
 # Linear layout of the [BN / 4, 256] uint8 codes as the consumer warpgroup loads them (module docstring):
 # Triton 3.6's choice for the same unpack, so the reshapes after the asm move no data.
@@ -591,11 +580,6 @@ def gluon_group_gemm(
     producer_regs, depth (0, 1 or 2: ``gluon_group_gemm_kernel``) and fence: kernel variants. ``validate`` checks the
     offsets as ``group_gemm`` does (an asynchronous device assertion). Returns y: [T, N] bf16.
     Raises ValueError for a scheme or input it does not run, RuntimeError without Gluon or a CUDA GPU."""
-    import torch
-
-    from mxmoe.env import device_guard
-    from mxmoe.kernels.group_gemm import _check_offsets, expert_group
-
     group = expert_group(group)
     if len(group.schemes) != 1:
         raise ValueError(f"gluon_group_gemm runs one scheme per launch, got {[str(s) for s in group.schemes]}")
@@ -661,151 +645,3 @@ def gluon_group_gemm(
             maxnreg=MAXNREG,
         )
     return y
-
-
-# ------------------------------------------------------------------------------- offline compile (no GPU)
-
-_SIGNATURE = {
-    "x_ptr": "*bf16",
-    "y_ptr": "*bf16",
-    "off_ptr": "*i32",
-    "sched_ptr": "*i32",
-    "addr_ptr": "*i64",
-    "E": "i32",
-    "N": "i32",
-    "K": "i32",
-    "KP": "i32",
-    "stride_xm": "i32",
-    "stride_ym": "i32",
-}
-# what the JIT marks 16-divisible at a real launch (aligned tensors; N, K, strides of the paper's shapes)
-_ALIGNED = ("x_ptr", "y_ptr", "off_ptr", "sched_ptr", "addr_ptr", "N", "K", "KP", "stride_xm", "stride_ym")
-
-
-def compile_gluon(
-    bm: int = 64,
-    stages: "int | None" = None,
-    *,
-    group: int = 128,
-    sym: bool = False,
-    producer_warps: int = PRODUCER_WARPS,
-    producer_regs: int = PRODUCER_REGS,
-    depth: int = 0,
-    fence: bool = True,
-    arch: int = 90,
-    maxnreg: "int | None" = MAXNREG,
-):
-    """``gluon_group_gemm_kernel`` compiled for sm_<arch>a without a GPU, with the constants ``gluon_group_gemm``
-    passes; returns Triton's CompiledKernel (``.asm["ttgir"]``, ``.asm["ptx"]``, ``.metadata.shared``)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    if GLUON_ERROR is not None:
-        raise RuntimeError(f"this Triton has no usable Gluon: {GLUON_ERROR}")
-    constants = {
-        "BM": bm,
-        "STAGES": stages or default_stages(bm),
-        "GROUP": group,
-        "SYM": sym,
-        "PW": producer_warps,
-        "PREGS": producer_regs,
-        "DEPTH": depth,
-        "FENCE": fence,
-    }
-    fn = gluon_group_gemm_kernel
-    signature = {**_SIGNATURE, **{k: "constexpr" for k in constants}}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _ALIGNED}
-    src = GluonASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    options = {"num_warps": 4}
-    if maxnreg is not None:
-        options["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-
-
-def _tools_dir() -> Path:
-    """Where the Triton wheel keeps ptxas and cuobjdump."""
-    import triton
-
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
-
-def _tool(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(_tools_dir() / name), *args], capture_output=True, text=True, check=True)
-
-
-def compile_facts(bm: int = 64, stages: "int | None" = None, **kw) -> dict:
-    """Static facts of one offline compile (``compile_gluon`` arguments): ptxas registers (the kernel's
-    count, the most any partition uses) and spills, ptxas's C751x notes (wgmma serialised, and why) and warnings, the
-    ``setmaxnreg`` requests per partition, shared bytes, wgmma count and ``wgmma.wait_group`` depths, cp.async
-    and mbarrier instructions, and the SASS size."""
-    compiled = compile_gluon(bm, stages, **kw)
-    ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        src, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
-        src.write_text(ptx)
-        log = _tool("ptxas", "-v", "--gpu-name=sm_90a", str(src), "-o", str(cubin)).stderr
-        sass = _tool("cuobjdump", "-sass", str(cubin)).stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    warnings = sorted({w.strip() for w in re.findall(r"warning[^\n]*", log)})
-    return {
-        "bm": bm,
-        "stages": stages or default_stages(bm),
-        **kw,
-        "registers": int(regs.group(1)) if regs else -1,
-        "spill_bytes": sum(spills),
-        "setmaxnreg": re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx),
-        "shared_bytes": int(compiled.metadata.shared),
-        "serialized_wgmma": sorted(set(re.findall(r"\(C751\d\)[^\n]*?serialized due to [^\n]*?(?= for|$)", log))),
-        "ptxas_warnings": warnings,
-        "wgmma": ptx.count("wgmma.mma_async"),
-        "wait_depths": sorted({int(v) for v in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}),
-        "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
-        "cp_async_mbarrier_arrive": ptx.count("cp.async.mbarrier.arrive"),
-        "mbarrier_arrive": len(re.findall(r"mbarrier\.arrive\.", ptx)) - ptx.count("cp.async.mbarrier.arrive"),
-        "fence_proxy_async": ptx.count("fence.proxy.async"),
-        "bar_sync": len(re.findall(r"\bbar\.sync\b|barrier\.sync", ptx)),
-        "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),
-        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
-    }
-
-
-def main(argv=None) -> None:
-    """Print the compile facts of BM 16/32/64 (``python mxmoe/kernels/gluon_kernel.py [--producer-warps 4] ...``)."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--bm", type=int, nargs="*", default=[16, 32, 64])
-    p.add_argument("--stages", type=int, default=None)
-    p.add_argument("--group", type=int, default=128)
-    p.add_argument("--sym", action="store_true")
-    p.add_argument("--producer-warps", type=int, default=PRODUCER_WARPS)
-    p.add_argument("--producer-regs", type=int, default=PRODUCER_REGS)
-    p.add_argument("--depth", type=int, default=0)
-    p.add_argument("--no-fence", action="store_true")
-    p.add_argument("--maxnreg", type=int, default=MAXNREG, help="launch registers per thread (0: none)")
-    p.add_argument("--dump", default=None, help="folder for the ttgir / ptx / sass of each compile")
-    a = p.parse_args(argv)
-    for bm in a.bm:
-        kw = dict(
-            group=a.group,
-            sym=a.sym,
-            producer_warps=a.producer_warps,
-            producer_regs=a.producer_regs,
-            depth=a.depth,
-            fence=not a.no_fence,
-            maxnreg=a.maxnreg or None,
-        )
-        if a.dump:
-            c = compile_gluon(bm, a.stages, **kw)
-            out = Path(a.dump)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"bm{bm}.ttgir").write_text(c.asm["ttgir"])
-            (out / f"bm{bm}.ptx").write_text(c.asm["ptx"])
-        print(json.dumps(compile_facts(bm, a.stages, **kw)), flush=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
