@@ -221,7 +221,8 @@ def test_result_schema_and_summary():
 def test_committed_results_validate():
     from mxmoe.paths import REPO_ROOT
 
-    files = sorted((REPO_ROOT / "results" / "paper-models").glob("*_NVIDIA_*.json"))
+    files = pm.run_files(REPO_ROOT / "results" / "paper-models")
+    assert files
     for f in files:
         doc = json.loads(f.read_text())
         pm.validate_doc(doc)
@@ -397,3 +398,24 @@ def test_kernel_kinds():
     assert kind_of("aten::addmm") == "dense GEMM"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, ...>") == "norm and elementwise"
     assert kind_of("something_unheard_of") == "other"
+
+
+def test_ceiling_rows_bound_what_faster_expert_gemms_can_buy():
+    """Per profiled call: speedup over bf16 in device time, and the speedup with the experts GEMMs at zero."""
+    doc = _fake_doc()
+    doc["provenance"]["device"] = "NVIDIA H100 80GB HBM3"
+    kinds = lambda gemm, rest: {"total_us": gemm + rest, "by_kind": {"experts GEMM": gemm, "other": rest}}  # noqa: E731
+    for r in doc["settings"]:
+        r["breakdown"] = {"decode_16": kinds(6000.0, 6000.0) if r["setting"] == pm.BASELINE else kinds(3000.0, 5000.0)}
+    rows = {r["setting"]: r for r in pm.ceiling_rows([doc])}
+    assert pm.gpu_of(doc) == "H100" and rows["mxmoe 3.25 (w-only)"]["gpu"] == "H100"
+    mx = rows["mxmoe 3.25 (w-only)"]
+    assert mx["device_ms"] == 8.0 and mx["experts_gemm_ms"] == 3.0
+    assert mx["speedup"] == pytest.approx(12 / 8) and mx["ceiling"] == pytest.approx(12 / 5)
+    assert rows[pm.BASELINE]["speedup"] == 1.0
+
+
+def test_run_files_leave_out_streamed_runs(tmp_path):
+    for name in ("qwen1.5-moe_NVIDIA_H200.json", "mixtral-8x7b_streamed_NVIDIA_H100_80GB_HBM3.json", "x_cpu.json"):
+        (tmp_path / name).write_text("{}")
+    assert [f.name for f in pm.run_files(tmp_path)] == ["qwen1.5-moe_NVIDIA_H200.json"]

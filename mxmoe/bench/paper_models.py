@@ -993,7 +993,8 @@ def summarize(doc: dict) -> dict:
 
 
 def target_rows(doc: dict) -> list:
-    """The whole-model targets against one result document: [{'model', 'measure', 'measured', 'target', 'met'}].
+    """The whole-model targets against one result document: [{'model', 'gpu', 'measure', 'measured', 'target',
+    'met'}].
 
     ``measured`` is None where the run has no number for it (a failed or skipped measurement)."""
     s, rows = doc["summary"], {r["setting"]: r for r in doc["settings"]}
@@ -1054,9 +1055,27 @@ def target_rows(doc: dict) -> list:
         if k.endswith("_s"):
             out.append((f"pipeline stage {k[:-2]} (s)", v, "<= 1200", lambda x: x <= 1200))
     return [
-        {"model": doc["model"], "measure": m, "measured": v, "target": t, "met": None if v is None else bool(ok(v))}
+        {
+            "model": doc["model"],
+            "gpu": gpu_of(doc),
+            "measure": m,
+            "measured": v,
+            "target": t,
+            "met": None if v is None else bool(ok(v)),
+        }
         for m, v, t, ok in out
     ]
+
+
+def run_files(folder: Path) -> "list[Path]":
+    """The whole-model result documents in ``folder`` (``<model>_<GPU>.json``), not the streamed-calibration
+    runs beside them (``<model>_streamed_<GPU>.json``, ``mxmoe.bench.streamed``)."""
+    return sorted(f for f in folder.glob("*_NVIDIA_*.json") if "_streamed_" not in f.name)
+
+
+def gpu_of(doc: dict) -> str:
+    """Short name of the GPU a result document was measured on ('H100', 'H200', ...)."""
+    return gpu_key(doc["provenance"]["device"]).removeprefix("nvidia_").upper()
 
 
 def validate_doc(doc: dict) -> None:
@@ -1394,7 +1413,7 @@ def main(argv=None) -> None:
 
 
 def breakdown_rows(docs: list) -> "list[dict]":
-    """One row per (model, setting, profiled call, kernel kind) of the runs that hold a kernel breakdown:
+    """One row per (model, GPU, setting, profiled call, kernel kind) of the runs that hold a kernel breakdown:
     milliseconds and the share of the call's device time (``mxmoe.bench.breakdown``)."""
     rows = []
     for d in docs:
@@ -1405,6 +1424,7 @@ def breakdown_rows(docs: list) -> "list[dict]":
                     rows.append(
                         {
                             "model": d["model"],
+                            "gpu": gpu_of(d),
                             "setting": r["setting"],
                             "call": call,
                             "kind": kind,
@@ -1412,6 +1432,37 @@ def breakdown_rows(docs: list) -> "list[dict]":
                             "share": share,
                         }
                     )
+    return rows
+
+
+def ceiling_rows(docs: list, baseline: str = BASELINE) -> "list[dict]":
+    """One row per (model, GPU, profiled call, setting) of the runs that hold a kernel breakdown: the call's
+    device time, its experts GEMMs' part, its speedup over ``baseline`` in device time, and the ceiling of that
+    speedup if the setting's experts GEMMs took no time at all (``baseline`` total / the setting's rest)."""
+    rows = []
+    for d in docs:
+        base = {
+            c: b["total_us"]
+            for r in d["settings"]
+            if r["setting"] == baseline
+            for c, b in r.get("breakdown", {}).items()
+        }
+        for r in d["settings"]:
+            for call, b in r.get("breakdown", {}).items():
+                gemm = b["by_kind"].get("experts GEMM", 0.0)
+                rest = b["total_us"] - gemm
+                rows.append(
+                    {
+                        "model": d["model"],
+                        "gpu": gpu_of(d),
+                        "call": call,
+                        "setting": r["setting"],
+                        "device_ms": b["total_us"] / 1e3,
+                        "experts_gemm_ms": gemm / 1e3,
+                        "speedup": base[call] / b["total_us"] if call in base and b["total_us"] else None,
+                        "ceiling": base[call] / rest if call in base and rest > 0 else None,
+                    }
+                )
     return rows
 
 

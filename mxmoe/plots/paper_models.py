@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from mxmoe.bench.paper_models import gpu_of
 from mxmoe.plots import figure, label_points
 
 GIB = 2**30
@@ -33,7 +34,7 @@ def rows_of(docs: list) -> pd.DataFrame:
                     out.append(
                         {
                             "model": doc["model"],
-                            "device": doc["provenance"]["device"],
+                            "gpu": gpu_of(doc),
                             "setting": r["setting"],
                             "phase": phase,
                             "shape": shape if phase == "prefill" else f"batch {shape}",
@@ -56,28 +57,29 @@ SPEEDUPS = {  # summary key -> short column heading (captured, vs bf16 grouped_m
 
 def speedup_table(docs: list, part: str) -> pd.DataFrame:
     """Captured speedups over bf16 grouped_mm of one ``part`` of ``SPEEDUPS`` (MoE block, prefill or decode), one
-    row per (model, setting), narrow enough for a book page; the decode table adds expert bytes vs bf16."""
+    row per (model, GPU, setting), narrow enough for a book page; the decode table adds expert bytes vs bf16."""
     cols = dict(SPEEDUPS[part], **({"expert_bytes_vs_bf16": "bytes"} if part == "decode" else {}))
     rows = [
-        {"model": d["model"], "setting": s, **{h: v.get(k) for k, h in cols.items()}}
+        {"model": d["model"], "gpu": gpu_of(d), "setting": s, **{h: v.get(k) for k, h in cols.items()}}
         for d in docs
         for s, v in d["summary"].items()
     ]
-    return pd.DataFrame(rows).set_index(["model", "setting"])
+    return pd.DataFrame(rows).set_index(["model", "gpu", "setting"])
 
 
 def fig_whole_model(df: pd.DataFrame, prefill_shape: str = "4x2048", decode_shape: str = "batch 16"):
-    """Whole-model tokens/s (captured) vs weight GiB per setting: prefill and decode panels, one row per model."""
-    models = list(dict.fromkeys(df.model))
-    fig, axes = figure(len(models), 2, width=11, height=3.4 * len(models))
-    for row, model in zip(axes, models):
+    """Whole-model tokens/s (captured) vs weight GiB per setting: prefill and decode panels, one row per
+    (model, GPU)."""
+    runs = list(dict.fromkeys(zip(df.model, df.gpu)))
+    fig, axes = figure(len(runs), 2, width=11, height=3.4 * len(runs))
+    for row, (model, gpu) in zip(axes, runs):
         for ax, (phase, shape) in zip(row, (("prefill", prefill_shape), ("decode", decode_shape))):
-            d = df[(df.model == model) & (df.phase == phase) & (df["shape"] == shape)]
+            d = df[(df.model == model) & (df.gpu == gpu) & (df.phase == phase) & (df["shape"] == shape)]
             ys = d.tokens_per_s_graph.fillna(d.tokens_per_s_eager)  # captured where it ran, else eager
             for r, y in zip(d.itertuples(), ys):
                 ax.scatter(r.weight_gib, y, s=40, marker="o" if r.setting.startswith("mxmoe") else "s")
             label_points(ax, d.weight_gib, ys, d.setting)
-            ax.set(title=f"{model}: {phase} {shape}", xlabel="weight memory (GiB)", ylabel="tokens/s (captured)")
+            ax.set(title=f"{model}, {gpu}: {phase} {shape}", xlabel="weight memory (GiB)", ylabel="tokens/s (captured)")
     fig.tight_layout()
     return fig
 
