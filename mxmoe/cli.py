@@ -185,6 +185,11 @@ BENCHMARKS = {
         "the Gluon warp-specialised 4-bit kernel against the Triton kernel: edge cases and paper shapes "
         "(Hopper GPU); writes gluon_<gpu>.json",
     ),
+    "occupancy": (
+        "mxmoe.bench.occupancy",
+        "programs per SM and the register cap of the Triton kernel at decode and prefill sizes (GPU); "
+        "writes occupancy_<gpu>.json",
+    ),
     "sass": (
         "mxmoe.bench.sass",
         "compile the kernel for sm_90a without a GPU: registers, spills, wgmma waits, K-loop instructions",
