@@ -28,6 +28,7 @@ from mxmoe.plan import BATCHES
 # other run inside Qwen3-30B), and the CUDA-graph run for smollm2-moe's GEMMs, whose few microseconds an
 # event timer would fill with host launch work.
 COUNTED = (
+    "bench_NVIDIA_H100_80GB_HBM3_graph16_qwen3.json",
     "bench_NVIDIA_H100_80GB_HBM3_graph16.json",
     "bench_NVIDIA_H100_80GB_HBM3_dceedad_rest.json",
     "bench_NVIDIA_H100_80GB_HBM3_dceedad_all.json",
