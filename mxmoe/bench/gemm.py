@@ -89,10 +89,6 @@ def count_launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref.float()).norm() / ref.float().norm())
-
-
 EDGE_TOL = 1e-2  # relative error against reference_group_gemm above which a run times nothing
 
 
@@ -122,10 +118,10 @@ def edge_check() -> dict:
     out = {}
     for key, mix in (("rel_err", schemes), ("rel_err_w4a8_fp8_mix", fp8_mix)):
         pws = [pack(torch.randn(80, 576, device=DEV), s) for s in mix]
-        out[key] = _rel(group_gemm(x, offs, pws), reference_group_gemm(x, offs, pws))
+        out[key] = peers.rel_err(group_gemm(x, offs, pws), reference_group_gemm(x, offs, pws))
     for s in ["w2a16_g128_asym", "w8a16_g-1_sym", "w4a8_g-1_sym", "w4a4_g-1_sym", "w4a16_g-1_asym", *W4A8_FP8]:
         pw = [pack(torch.randn(80, 576, device=DEV), s) for _ in rows]
-        out[s] = _rel(group_gemm(x, offs, pw), reference_group_gemm(x, offs, pw))
+        out[s] = peers.rel_err(group_gemm(x, offs, pw), reference_group_gemm(x, offs, pw))
     return out
 
 
@@ -194,7 +190,7 @@ def run_case(
     for name, (fn, fn_q) in bl.items():
         row = dict(base, variant=name, bits=16.0 if "bf16" in name else 8.0)
         try:
-            row["rel_err_vs_bf16_loop"] = _rel(fn(), ref_bf16)
+            row["rel_err_vs_bf16_loop"] = peers.rel_err(fn(), ref_bf16)
             row["ms"] = _ms(fn)
             row["launches"] = count_launches(fn) if count else None
             if fn_q is not None:
@@ -226,8 +222,8 @@ def run_case(
         row = dict(base, variant="ours_" + name, bits=round(bits, 3), weight_bytes=wbytes)
         try:
             y = group_gemm(x, offs, group, configs=configs, mode=mode)  # quantizes activations itself when it must
-            row["rel_err_vs_reference"] = _rel(y, reference_group_gemm(x, offs, pws))
-            row["rel_err_vs_bf16_loop"] = _rel(y, ref_bf16)
+            row["rel_err_vs_reference"] = peers.rel_err(y, reference_group_gemm(x, offs, pws))
+            row["rel_err_vs_bf16_loop"] = peers.rel_err(y, ref_bf16)
             x_q = quantize_activations(x, offs, group)  # as the token gather hands them over
             fn = lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, validate=False, mode=mode)  # noqa: E731
             row["ms"] = _ms(fn)
