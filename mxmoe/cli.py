@@ -190,6 +190,10 @@ BENCHMARKS = {
         "programs per SM and the register cap of the Triton kernel at decode and prefill sizes (GPU); "
         "writes occupancy_<gpu>.json",
     ),
+    "route": (
+        "mxmoe.bench.route",
+        "the experts path's routing: one Triton program against the torch ops, decode to prefill sizes (GPU)",
+    ),
     "sass": (
         "mxmoe.bench.sass",
         "compile the kernel for sm_90a without a GPU: registers, spills, wgmma waits, K-loop instructions",

@@ -52,6 +52,47 @@ def test_route_equals_bincount_route(experts, tokens, k):
     assert torch.equal(order[inv], torch.arange(tokens * k))
 
 
+ONE_PROGRAM_ROUTE = """
+import json, sys, torch
+from mxmoe.kernels import moe
+assert moe._triton_ok(torch.zeros(1))  # the interpreter runs the Triton kernels on the CPU
+out = {}
+for experts, pairs, seed in json.loads(sys.argv[1]):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, experts, (pairs,), generator=g) ** 2 % experts  # skewed, some experts empty
+    order, inv, offsets = moe.route_with_inverse(ids.reshape(-1, 1), experts)
+    ref = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=experts).cumsum(0)
+    out[f"{experts}x{pairs}"] = bool(
+        torch.equal(order, ref) and torch.equal(inv, torch.argsort(ref)) and offsets[0] == 0
+        and torch.equal(offsets[1:].long(), counts) and order.dtype == inv.dtype == torch.int64
+        and offsets.dtype == torch.int32
+    )
+print("ROUTE" + json.dumps(out))
+"""
+
+
+def test_one_program_route_equals_a_stable_sort_under_the_interpreter():
+    """Decode-size routing in one Triton program (``_route_kernel``) is the stable sort, its inverse and the
+    cumulated counts, for expert counts below and above the one-hot chunk's width and at the size limit."""
+    from mxmoe.kernels.moe import ROUTE_ONE_PROGRAM_MAX
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    cases = [(4, 28, 0), (60, 132, 1), (128, 512, 2), (64, ROUTE_ONE_PROGRAM_MAX, 3), (8, 1, 4)]
+    proc = subprocess.run(
+        [sys.executable, "-c", ONE_PROGRAM_ROUTE, json.dumps(cases)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("ROUTE")[-1])
+    assert got == {f"{e}x{p}": True for e, p, _ in cases}
+
+
 def test_paper_table_is_one_and_reexported():
     assert ZOO_PAPER_MODELS is PAPER_MODELS and set(PAPER_CONFIGS) == set(PAPER_MODELS)
     assert isinstance(PAPER_MODELS["qwen1.5-moe"][1], MoEShape)

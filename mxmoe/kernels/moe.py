@@ -6,8 +6,9 @@ expert (gate rows first, then up rows) and ``down`` [H, I]. The two grouped GEMM
 each (plus one activation-quantization launch each when a weight-activation scheme is present).
 
 The path never synchronises with the host and has no data-dependent shape, so it can be captured
-in a CUDA graph: rows per expert are counted on the device (``scatter_add_`` into a fixed [E]
-tensor), offsets are their cumulative sum, and ``group_gemm(..., validate=False)`` launches a grid
+in a CUDA graph: rows per expert are counted on the device (at decode sizes one Triton program sorts
+the (token, slot) pairs by expert and writes the offsets; beyond, ``scatter_add_`` into a fixed [E]
+tensor and a cumulative sum), and ``group_gemm(..., validate=False)`` launches a grid
 sized from host-known numbers and reads the offsets in the kernel. SiLU(gate)·up is one small
 Triton kernel, and so is the combine (each token sums its k weighted expert rows in fp32, read
 through the inverse of the sort: no atomics, deterministic); on a CPU without the Triton
@@ -47,15 +48,51 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> "tuple[torch.Tensor, t
     return order, offsets
 
 
+# (token, slot) pairs up to which one program sorts them: decode batches (64 tokens at top-8). Its 8192-wide
+# one-hot chunks run one after another on one SM, so from some size on the torch path's ten or so launches
+# cost less; `mxmoe bench route` times both across sizes.
+ROUTE_ONE_PROGRAM_MAX = 512
+
+
+@triton.jit
+def _route_kernel(ids_ptr, order_ptr, inv_ptr, off_ptr, P, E, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Stable counting sort of P expert ids in one program: offsets [E+1], order [P] and inv [P] (int64).
+
+    Pass 1 counts each expert's pairs (a [BLOCK, E_PAD] one-hot per chunk); pass 2 places pair p at its
+    expert's offset plus the number of earlier pairs of that expert (a running count per expert and a
+    prefix sum down the chunk's one-hot). Ids must lie in [0, E)."""
+    experts = tl.arange(0, E_PAD)  # [E_PAD]
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, P, BLOCK):
+        p = start + tl.arange(0, BLOCK)  # [BLOCK]
+        e = tl.load(ids_ptr + p, mask=p < P, other=-1)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    first = tl.cumsum(counts, axis=0) - counts  # [E_PAD] exclusive: each expert's first row
+    tl.store(off_ptr + experts, first, mask=experts <= E)  # offsets[E] = P: padded experts count 0
+    for start in range(0, P, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        e = tl.load(ids_ptr + p, mask=p < P, other=-1)
+        hit = (e[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, E_PAD]
+        before = tl.cumsum(hit, axis=0) - hit  # earlier pairs of the same expert within the chunk
+        row = tl.sum((first[None, :] + before) * hit, axis=1)  # [BLOCK] sorted row of each pair
+        tl.store(order_ptr + row, p.to(tl.int64), mask=p < P)
+        tl.store(inv_ptr + p, row.to(tl.int64), mask=p < P)
+        first += tl.sum(hit, axis=0)
+
+
 def route_with_inverse(
     top_k_index: torch.Tensor, num_experts: int
 ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
     """``route`` plus the inverse permutation inv [T*k] (sorted row of each flattened pair).
 
-    Counts go into a fixed-size [E] tensor with ``scatter_add_``: unlike ``torch.bincount`` nothing
-    reads the data on the host, so the call is graph-capturable.
+    Up to ``ROUTE_ONE_PROGRAM_MAX`` pairs (decode batches) one Triton program does it all
+    (``_route_kernel``: one launch instead of the ten or so of the torch path). Otherwise counts go into
+    a fixed-size [E] tensor with ``scatter_add_``. Either way nothing reads the data on the host (unlike
+    ``torch.bincount``), so the call is graph-capturable.
     """
     flat = top_k_index.reshape(-1)  # [T*k]
+    if _triton_ok(flat) and 0 < flat.numel() <= ROUTE_ONE_PROGRAM_MAX:
+        return _route_one_program(flat, num_experts)
     order = torch.argsort(flat, stable=True)  # [T*k]
     counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)  # [E]
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
@@ -63,6 +100,20 @@ def route_with_inverse(
     offsets[1:] = torch.cumsum(counts, 0)
     inv = torch.empty_like(order)  # [T*k]
     inv[order] = torch.arange(order.numel(), device=flat.device)
+    return order, inv, offsets
+
+
+def _route_one_program(flat: torch.Tensor, num_experts: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """``route_with_inverse`` of the flattened ids [P] by ``_route_kernel``: order [P], inv [P], offsets [E+1]."""
+    p = flat.numel()
+    order = torch.empty(p, dtype=torch.int64, device=flat.device)  # [P]
+    inv = torch.empty(p, dtype=torch.int64, device=flat.device)  # [P]
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=flat.device)  # [E+1]
+    e_pad = max(16, triton.next_power_of_2(num_experts + 1))
+    with device_guard(flat.device):  # Triton launches on the current GPU: make it flat's
+        _route_kernel[(1,)](
+            flat.contiguous(), order, inv, offsets, p, num_experts, E_PAD=e_pad, BLOCK=max(16, 8192 // e_pad)
+        )
     return order, inv, offsets
 
 

@@ -1,4 +1,5 @@
-"""``mxmoe bench occupancy``: the register cap reaches the launch and goes away after it; no GPU, exit 2."""
+"""``mxmoe bench occupancy`` and ``mxmoe bench route``: what they switch reaches the call and goes away after
+it; without a GPU they exit 2."""
 
 from __future__ import annotations
 
@@ -36,4 +37,25 @@ def test_variants_are_valid_tiles():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_without_a_gpu_exit_2(capsys):
     assert occupancy.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_route_benchmark_switches_the_path_for_the_call_only():
+    from mxmoe.bench import route
+    from mxmoe.kernels import moe
+
+    ids = torch.tensor([[3, 1], [1, 0], [3, 3]])
+    before = moe.ROUTE_ONE_PROGRAM_MAX
+    for limit in (0, 1 << 30):
+        order, inv, offsets = route.timed_route(limit)(ids, 4)
+        assert order.tolist() == [3, 1, 2, 0, 4, 5] and offsets.tolist() == [0, 1, 3, 3, 6]
+        assert torch.equal(order[inv], torch.arange(6))
+        assert moe.ROUTE_ONE_PROGRAM_MAX == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_route_benchmark_without_a_gpu_exit_2(capsys):
+    from mxmoe.bench import route
+
+    assert route.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
