@@ -45,12 +45,12 @@ def test_route_benchmark_switches_the_path_for_the_call_only():
     from mxmoe.kernels import moe
 
     ids = torch.tensor([[3, 1], [1, 0], [3, 3]])
-    before = moe.ROUTE_ONE_PROGRAM_MAX
+    before = moe.ROUTE_ONE_PROGRAM_CELLS
     for limit in (0, 1 << 30):
         order, inv, offsets = route.timed_route(limit)(ids, 4)
         assert order.tolist() == [3, 1, 2, 0, 4, 5] and offsets.tolist() == [0, 1, 3, 3, 6]
         assert torch.equal(order[inv], torch.arange(6))
-        assert moe.ROUTE_ONE_PROGRAM_MAX == before
+        assert moe.ROUTE_ONE_PROGRAM_CELLS == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

@@ -5,7 +5,7 @@ counts of the paper models' decode and prefill batches, times ``mxmoe.kernels.mo
 the one-program counting sort (``_route_kernel``) and taking the torch path (stable ``argsort``, ``scatter_add_``
 counts, ``cumsum``, the inverse permutation: about ten launches), as CUDA-graph replays (the time a captured
 decode step spends on it), checks that both give the same order, inverse and offsets, and prints where the
-one-program sort stops paying, against ``ROUTE_ONE_PROGRAM_MAX``. Writes ``DIR/route_<device>.json``.
+one-program sort stops paying, against ``ROUTE_ONE_PROGRAM_CELLS`` (pairs x padded experts). Writes ``DIR/route_<device>.json``.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ CASES = [(e, k, t) for e, k in ((60, 4), (64, 6), (128, 8)) for t in (1, 16, 64,
 
 
 def timed_route(limit: int):
-    """``route_with_inverse`` with ``ROUTE_ONE_PROGRAM_MAX`` set to ``limit`` for the call (0: the torch path)."""
+    """``route_with_inverse`` with ``ROUTE_ONE_PROGRAM_CELLS`` set to ``limit`` for the call (0: the torch path)."""
 
     def fn(ids: torch.Tensor, experts: int):
-        old, moe.ROUTE_ONE_PROGRAM_MAX = moe.ROUTE_ONE_PROGRAM_MAX, limit
+        old, moe.ROUTE_ONE_PROGRAM_CELLS = moe.ROUTE_ONE_PROGRAM_CELLS, limit
         try:
             return moe.route_with_inverse(ids, experts)
         finally:
-            moe.ROUTE_ONE_PROGRAM_MAX = old
+            moe.ROUTE_ONE_PROGRAM_CELLS = old
 
     return fn
 
@@ -63,7 +63,7 @@ def run(rounds: int = 3) -> dict:
             f" ({us['torch'] / us['one_program']:.2f}x){'' if same else '  DIFFERENT RESULT'}",
             flush=True,
         )
-    return {"provenance": provenance(), "limit": moe.ROUTE_ONE_PROGRAM_MAX, "rows": rows}
+    return {"provenance": provenance(), "one_program_cells": moe.ROUTE_ONE_PROGRAM_CELLS, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -78,8 +78,12 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else kernel_results_dir()
     path = out / f"route_{device_slug(doc['provenance']['device'])}.json"
     write_json_atomic(path, doc)
-    paying = [r["pairs"] for r in doc["rows"] if r["us"]["torch"] > r["us"]["one_program"]]
-    print(f"one program faster up to {max(paying) if paying else 0} pairs (limit {doc['limit']}); wrote {path}")
+    for e in sorted({r["experts"] for r in doc["rows"]}):
+        rows = [r for r in doc["rows"] if r["experts"] == e]
+        paying = [r["pairs"] for r in rows if r["us"]["torch"] > r["us"]["one_program"]]
+        taken = [r["pairs"] for r in rows if r["pairs"] * moe._expert_pad(e) <= doc["one_program_cells"]]
+        print(f"E={e}: one program faster up to {max(paying, default=0)} pairs, taken up to {max(taken, default=0)}")
+    print(f"wrote {path}")
     return 0 if all(r["same"] for r in doc["rows"]) else 2
 
 

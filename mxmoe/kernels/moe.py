@@ -48,10 +48,16 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> "tuple[torch.Tensor, t
     return order, offsets
 
 
-# (token, slot) pairs up to which one program sorts them: decode batches (64 tokens at top-8). Its 8192-wide
-# one-hot chunks run one after another on one SM, so from some size on the torch path's ten or so launches
-# cost less; `mxmoe bench route` times both across sizes.
-ROUTE_ONE_PROGRAM_MAX = 512
+# One program sorts the (token, slot) pairs while pairs x padded experts (its one-hot cells) stay within four
+# 8192-cell chunks a pass: decode batches (Qwen1.5-MoE up to 128 tokens, Qwen3-30B-A3B up to 16). The chunks run
+# one after another on one SM, so from some size on the torch path's ten or so launches cost less;
+# `mxmoe bench route` times both across sizes.
+ROUTE_ONE_PROGRAM_CELLS = 4 * 8192
+
+
+def _expert_pad(num_experts: int) -> int:
+    """Padded expert count of ``_route_kernel``'s one-hot (room for the [E+1] offsets' last entry)."""
+    return max(16, triton.next_power_of_2(num_experts + 1))
 
 
 @triton.jit
@@ -85,13 +91,13 @@ def route_with_inverse(
 ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
     """``route`` plus the inverse permutation inv [T*k] (sorted row of each flattened pair).
 
-    Up to ``ROUTE_ONE_PROGRAM_MAX`` pairs (decode batches) one Triton program does it all
+    At decode sizes (``ROUTE_ONE_PROGRAM_CELLS``) one Triton program does it all
     (``_route_kernel``: one launch instead of the ten or so of the torch path). Otherwise counts go into
     a fixed-size [E] tensor with ``scatter_add_``. Either way nothing reads the data on the host (unlike
     ``torch.bincount``), so the call is graph-capturable.
     """
     flat = top_k_index.reshape(-1)  # [T*k]
-    if _triton_ok(flat) and 0 < flat.numel() <= ROUTE_ONE_PROGRAM_MAX:
+    if _triton_ok(flat) and 0 < flat.numel() * _expert_pad(num_experts) <= ROUTE_ONE_PROGRAM_CELLS:
         return _route_one_program(flat, num_experts)
     order = torch.argsort(flat, stable=True)  # [T*k]
     counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)  # [E]
@@ -109,7 +115,7 @@ def _route_one_program(flat: torch.Tensor, num_experts: int) -> "tuple[torch.Ten
     order = torch.empty(p, dtype=torch.int64, device=flat.device)  # [P]
     inv = torch.empty(p, dtype=torch.int64, device=flat.device)  # [P]
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=flat.device)  # [E+1]
-    e_pad = max(16, triton.next_power_of_2(num_experts + 1))
+    e_pad = _expert_pad(num_experts)
     with device_guard(flat.device):  # Triton launches on the current GPU: make it flat's
         _route_kernel[(1,)](
             flat.contiguous(), order, inv, offsets, p, num_experts, E_PAD=e_pad, BLOCK=max(16, 8192 // e_pad)
