@@ -1,6 +1,6 @@
 """Programs per SM and the register cap of the Triton kernel, at decode and prefill sizes, timed as graphs.
 
-``mxmoe bench occupancy [--budget S] [--out DIR] [--tag TAG]`` (about 3 minutes on an H100), one process,
+``mxmoe bench occupancy [--budget S] [--out DIR] [--tag TAG]`` (157 s on an H100), one process,
 one GPU. The kernel is persistent: ``group_gemm`` launches 2 programs per SM (``num_programs``), and the
 compiler gives its decode tiles 160-170 registers a thread, so a third program of 4 warps fits an SM only
 just and a fourth not at all. This benchmark times what more programs per SM buy, on the 3- and 4-bit
@@ -10,7 +10,8 @@ GEMMs of Qwen1.5-MoE, DeepSeek-V2-Lite and Qwen3-30B-A3B, at 16 tokens (decode: 
 
 * ``VARIANTS[tokens]``: name -> (programs per SM, register cap or None, (bm, stages) or None for the default
   tile). A register cap is Triton's ``maxnreg`` launch option (``register_cap``), which ptxas meets with
-  spills where the tile needs more (``mxmoe bench sass`` reports them: none for the 16-token tiles at 128);
+  spills where the tile needs more (compiled offline for sm_90a at 128: none for w3a16's 16-token tile, 8 bytes
+  for w4a16's, 44-76 bytes at bm 32);
 * torch's bf16 grouped GEMM on the dequantized weights, the peer.
 
 Each variant is checked against ``reference_group_gemm``; times are medians over rounds that alternate the
