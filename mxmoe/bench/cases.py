@@ -13,6 +13,14 @@ from mxmoe.models.paper import PAPER_MODELS
 MODELS = {name: (s.num_experts, s.hidden, s.expert_width, s.top_k) for name, (_, s) in PAPER_MODELS.items()}
 MODELS.update({"smollm2-moe": (32, 576, 32, 8), "smollm2-moe-shared": (1, 576, 512, 1)})
 PAPER = tuple(PAPER_MODELS)
+
+
+def gemms(model: str) -> "list[tuple[str, int, int]]":
+    """The two grouped GEMMs of a ``MODELS`` entry as (name, N, K): gate_up fused (N = 2I, K = H), down (N = H, K = I)."""
+    _, h, inter, _ = MODELS[model]
+    return [("gate_up", 2 * inter, h), ("down", h, inter)]
+
+
 TOKENS = (16, 512, 8192)
 LOAD_RATIO = 8.0  # max/min expert routing probability (assumed)
 UNIFORM = {

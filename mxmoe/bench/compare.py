@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from mxmoe.bench.cases import MODELS, expert_loads
+from mxmoe.bench.cases import MODELS, expert_loads, gemms
 from mxmoe.bench.roofline import provenance
 from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, moe_experts_forward, pack, quantize_activations, reference_group_gemm
@@ -224,8 +224,7 @@ def main(argv: "list[str] | None" = None) -> None:
     path = Path(args.out) / f"compare_{args.label}.json"
     for case in args.cases:
         model, tokens = case.split(":")
-        _, h, inter, _ = MODELS[model]
-        for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
+        for gemm, n, k in gemms(model):
             for r in run_case(
                 model,
                 gemm,

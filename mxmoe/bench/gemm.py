@@ -43,7 +43,7 @@ import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from mxmoe.bench import peers
-from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads
+from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads, gemms
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
@@ -408,8 +408,8 @@ def main(argv: "list[str] | None" = None) -> None:
     prior_s = earlier["wall_s"] if earlier else 0.0
     doc["skipped"] = []
     for mi, model in enumerate(args.models):
-        e, h, inter, top_k = MODELS[model]
-        for gemm, n, k in (("gate_up", 2 * inter, h), ("down", h, inter)):
+        e, _, _, top_k = MODELS[model]
+        for gemm, n, k in gemms(model):
             todo = [t for t in args.tokens if (model, gemm, t) not in done]
             if not todo:
                 continue

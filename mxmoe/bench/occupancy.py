@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench_cudagraph
 
+from mxmoe.bench.cases import MODELS, gemms
 from mxmoe.bench.compare import copy_gbps
 from mxmoe.bench.gluon import bw_pct, routed_rows
 from mxmoe.bench.peers import rel_err
@@ -44,13 +45,9 @@ from mxmoe.kernels import triton_kernel as tk
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.paths import kernel_results_dir
 
+MODELS_TIMED = ("qwen1.5-moe", "deepseek-v2-lite", "qwen3-30b")
 SHAPES = [  # name, experts, N, K, top_k
-    ("qwen1.5 gate_up", 60, 2816, 2048, 4),
-    ("qwen1.5 down", 60, 2048, 1408, 4),
-    ("dsv2-lite gate_up", 64, 2816, 2048, 6),
-    ("dsv2-lite down", 64, 2048, 1408, 6),
-    ("qwen3-30b gate_up", 128, 1536, 2048, 8),
-    ("qwen3-30b down", 128, 2048, 768, 8),
+    (f"{m} {gemm}", MODELS[m][0], n, k, MODELS[m][3]) for m in MODELS_TIMED for gemm, n, k in gemms(m)
 ]
 SCHEMES = ("w3a16_g128_asym", "w4a16_g128_asym")
 VARIANTS = {  # tokens -> name -> (programs per SM, register cap, (bm, stages) or None = the default tile)
@@ -135,7 +132,8 @@ def print_table(rows: "list[dict]") -> None:
     for tokens, variants in VARIANTS.items():
         names = [*variants, "torch_bf16"]
         print(
-            f"\n{tokens} tokens (µs, graph)  {'':28s}"
+            "\n"
+            + f"{tokens} tokens (µs, graph)".ljust(36)
             + " ".join(f"{v:>12s}" for v in names)
             + "   best/def  torch/best"
         )
@@ -144,7 +142,7 @@ def print_table(rows: "list[dict]") -> None:
             best = min(variants, key=us.get)
             ok = all(v < TOL for v in r["rel_err"].values())
             print(
-                f"{r['scheme'][:10]:10s} {r['shape']:18s} "
+                f"{r['scheme'][:10]:10s} {r['shape']:24s} "
                 + " ".join(f"{us[v]:12.1f}" for v in names)
                 + f"   {us['default'] / us[best]:7.3f}  {us['torch_bf16'] / us[best]:6.2f}x {best}"
                 + f" w% {r['weight_bw_pct']['default']:.0f}->{r['weight_bw_pct'][best]:.0f}"

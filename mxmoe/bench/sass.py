@@ -315,20 +315,9 @@ if __name__ == "__main__":
 
 # ---- the Gluon prototype (mxmoe.kernels.gluon_kernel) ---------------------------------------------
 
-_GLUON_SIGNATURE = {
-    "x_ptr": "*bf16",
-    "y_ptr": "*bf16",
-    "off_ptr": "*i32",
-    "sched_ptr": "*i32",
-    "addr_ptr": "*i64",
-    "E": "i32",
-    "N": "i32",
-    "K": "i32",
-    "KP": "i32",
-    "stride_xm": "i32",
-    "stride_ym": "i32",
-}
-_GLUON_ALIGNED = ("x_ptr", "y_ptr", "off_ptr", "sched_ptr", "addr_ptr", "N", "K", "KP", "stride_xm", "stride_ym")
+# the Triton kernel's arguments less the quantized activations' (weight-only schemes only), same types and hints
+_GLUON_SIGNATURE = {a: t for a, t in _SIGNATURE.items() if a not in ("xq_ptr", "xs_ptr", "NG")}
+_GLUON_ALIGNED = tuple(a for a in _ALIGNED if a in _GLUON_SIGNATURE)
 
 
 def compile_gluon(
