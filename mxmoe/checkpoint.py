@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from mxmoe.env import default_device
 from mxmoe.errors import MxMoEError
-from mxmoe.models import load_model
+from mxmoe.models import load_model, smollm2
 from mxmoe.models.blocks import BLOCKS, mlp_linear, moe_blocks
 from mxmoe.packed import PackedBlock, PackedExperts, QuantLinear, register
 from mxmoe.quant.apply import scheme_map_from_rows, scheme_map_to_rows
@@ -81,6 +81,15 @@ def weights_sha256(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}\n".encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_id(name: str, model: nn.Module) -> str:
+    """What cached results of model ``name`` are keyed by, so that other weights under the same name are measured
+    again: a smollm2 build's identity (``smollm2.build_id``, the same on every machine, whose builds differ only in
+    the last bits of float reductions), else the sha256 of ``model``'s weights."""
+    if name in smollm2.NAMES:
+        return "build " + smollm2.build_id(smollm2.recipe(name))
+    return weights_sha256(model)
 
 
 def check_base(manifest: dict, model: nn.Module, name: str) -> None:

@@ -9,6 +9,7 @@ from tiny import fresh
 import mxmoe.baselines as baselines
 import mxmoe.stages.routing as routing
 from mxmoe.baselines import BASELINES, QuantConfig, average_bits, baseline, quantize, rtn_grid_config
+from mxmoe.checkpoint import weights_sha256
 from mxmoe.errors import MxMoEError
 from mxmoe.profiles import get_profile
 from mxmoe.quant.apply import uniform_scheme_map
@@ -118,7 +119,8 @@ def test_smoke_profile_runs_on_random_ids_and_reuses_routing(tmp_path, monkeypat
 
 def test_new_weights_under_the_same_name_are_measured_again(tmp_path, monkeypatch):
     """A model rebuilt under its old name (smollm2-moe once the healed files land) gets new sensitivity, routing and
-    evaluation rows: every cache is keyed by the weights' sha256, not the name alone."""
+    evaluation rows: every cache is keyed by the weights' id (their sha256 outside the smollm2 builds), not the name
+    alone."""
     from mxmoe.models.zoo import tiny_model
     from mxmoe.stages import evaluate
     from mxmoe.stages import sensitivity as sens_stage
@@ -138,9 +140,10 @@ def test_new_weights_under_the_same_name_are_measured_again(tmp_path, monkeypatc
         report = routing.profile_corpora(smoke.model, n=2, seqlen=32, allow_random=True)["random"]
         row = evaluate_config(rtn_grid_config(8, 8), smoke, zeroshot=False, progress=False)
         assert (
-            result["params"]["weights_sha256"]
-            == report["params"]["weights_sha256"]
-            == row["params"]["profile"]["weights_sha256"]
+            result["params"]["weights_id"]
+            == report["params"]["weights_id"]
+            == row["params"]["profile"]["weights_id"]
+            == weights_sha256(model)
         )
     assert len(list((tmp_path / smoke.model / "eval" / "runs").glob("*.json"))) == 2
     evaluate._PRISTINE.clear()

@@ -185,6 +185,22 @@ def test_registry_names_and_the_default(tmp_path, monkeypatch):
     assert smollm2.recipe("smollm2-moe") is smollm2.V2_RECIPE
     assert smollm2.cache_key(smollm2.V2_RECIPE) != free_key  # new files, new build
     assert smollm2.model_dir(smollm2.RECIPE).name.startswith("smollm2-moe-")  # the training-free cache keeps its folder
+    free_id = smollm2.build_id(smollm2.V2_RECIPE)
+    assert free_id.startswith("smollm2-moe-v2-") and free_id != smollm2.build_id(smollm2.RECIPE)
+    (tmp_path / "healed" / heal.HEAL_JSON).write_text('{"files": {"heal-00.safetensors": "cd"}}')
+    assert smollm2.build_id(smollm2.V2_RECIPE) != free_id  # other files, another model
+
+
+def test_results_of_a_build_are_shared_across_library_versions(monkeypatch):
+    """The build folder changes with transformers' version (the weights may differ in their last bits); the build's
+    id, which keys every cached result, does not, so results measured on a GPU machine are found on a CPU."""
+    from mxmoe.checkpoint import weights_id
+    from mxmoe.models import smollm2
+
+    key, ident = smollm2.cache_key(smollm2.V2_RECIPE), smollm2.build_id(smollm2.V2_RECIPE)
+    monkeypatch.setattr(smollm2.transformers, "__version__", "0.0.1")
+    assert smollm2.cache_key(smollm2.V2_RECIPE) != key and smollm2.build_id(smollm2.V2_RECIPE) == ident
+    assert weights_id("smollm2-moe-v2", None) == f"build {ident}"
     with pytest.raises(MxMoEError, match="unknown smollm2 recipe"):
         smollm2.recipe("smollm2-moe-v3")
 

@@ -61,17 +61,30 @@ def recipe(name: str = NAME) -> Recipe:
     raise MxMoEError(f"unknown smollm2 recipe {name!r}: use one of {', '.join(NAMES)}")
 
 
-def cache_key(cfg: Recipe = RECIPE) -> str:
-    """A short hash of the recipe, the healed files (v2) and the library versions that shape the weights."""
+def _recipe_blob(cfg: Recipe) -> list:
+    """What defines a build's weights: the recipe and, for v2, the healed files' sha256 (None: none present)."""
     if isinstance(cfg, cmoe.CarveConfig):
         present = heal.heal_files_present(HEALED_DIR)
         files = json.loads((HEALED_DIR / heal.HEAL_JSON).read_text())["files"] if present else None
-        blob = json.dumps(["v2", asdict(cfg), files, transformers.__version__], sort_keys=True)
-    else:
-        blob = json.dumps(
-            [asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS, transformers.__version__], sort_keys=True
-        )
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return ["v2", asdict(cfg), files]
+    return [asdict(cfg), MAX_DEV_RATIO, DEV_SEQLEN, DEV_WINDOWS]
+
+
+def _digest(blob: list) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_key(cfg: Recipe = RECIPE) -> str:
+    """A short hash of the recipe, the healed files (v2) and the library versions that shape the weights."""
+    return _digest(_recipe_blob(cfg) + [transformers.__version__])
+
+
+def build_id(cfg: Recipe = RECIPE) -> str:
+    """The build's name on every machine: its recipe's name and a hash of the recipe, the healed files (v2) and the
+    source weights. Cached results of the model are keyed by it: builds on other machines or library versions
+    differ only in the last bits of floating-point reductions, so they share them."""
+    stem = V2_NAME if isinstance(cfg, cmoe.CarveConfig) else TF_NAME
+    return f"{stem}-{_digest(_recipe_blob(cfg) + [moefy.GGUF_FILE])}"
 
 
 def model_dir(cfg: Recipe = RECIPE) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mxmoe import plan
 from mxmoe.baselines import allocation_config, baseline, quantize, rotated_uniform_config, rtn_grid_config
-from mxmoe.checkpoint import weights_sha256
+from mxmoe.checkpoint import weights_id
 from mxmoe.data import TASKS
 from mxmoe.env import device_name
 from mxmoe.files import write_json_atomic
@@ -28,15 +28,15 @@ from mxmoe.profiles import Profile, calibration, evaluation
 from mxmoe.quant.apply import scheme_map_to_rows
 from mxmoe.zeroshot import evaluate_tasks
 
-_PRISTINE: dict = {}  # name -> (model, tokenizer, sha256 of its weights)
+_PRISTINE: dict = {}  # name -> (model, tokenizer, checkpoint.weights_id)
 
 
 def _pristine(name: str) -> tuple:
-    """(model, tokenizer, weights sha256) of ``name``, loaded once per process (one model kept in memory)."""
+    """(model, tokenizer, weights id) of ``name``, loaded once per process (one model kept in memory)."""
     if name not in _PRISTINE:
         _PRISTINE.clear()
         model, tok = load_model(name)
-        _PRISTINE[name] = (model, tok, weights_sha256(model))
+        _PRISTINE[name] = (model, tok, weights_id(name, model))
     return _PRISTINE[name]
 
 
@@ -58,6 +58,11 @@ def scheme_map_digest(rows: "list[dict] | None") -> "dict | None":
     }
 
 
+def run_key(params: dict) -> str:
+    """The cache key of an ``evaluate_config`` row: a short sha256 of its ``params``."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def evaluate_config(
     config, profile, *, scheme_map: "dict | None" = None, zeroshot: bool = True, tasks=None, progress: bool = True
 ) -> dict:
@@ -67,10 +72,10 @@ def evaluate_config(
     profile's test windows; zero-shot accuracy on ``tasks`` (default: all) with the profile's limit
     when ``zeroshot`` and the model has a tokenizer. GPTQ calibrates on the profile's WikiText-2 train
     windows. The row is cached under results/<model>/eval/runs/, keyed by the quantization recipe (not
-    its label), the scheme map, the profile sizes it used (not the profile's name) and the sha256 of the
-    model's weights, and
-    returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device", "seconds", "params"}; the row
-    records the scheme map by its digest (``scheme_map_digest``), the allocation file holds the map itself.
+    its label), the scheme map's digest (``scheme_map_digest``; the allocation file holds the map itself), the
+    profile sizes it used (not the profile's name) and the model's ``checkpoint.weights_id``: exactly the row's
+    ``params`` (``run_key``). Returned as {"label", "w_bits", "a_bits", "ppl", "tasks", "profile", "device",
+    "seconds", "params"}.
     """
     recipe = {k: v for k, v in config.as_dict().items() if k != "label"}  # the label names, the recipe decides
     rows = None if scheme_map is None else scheme_map_to_rows(scheme_map)
@@ -79,12 +84,14 @@ def evaluate_config(
         sizes = {
             k: getattr(profile, k) for k in ("model", "calib_windows", "calib_seqlen", "eval_windows", "eval_seqlen")
         }
-        sizes["weights_sha256"] = _pristine(profile.model)[2]  # never a row of other weights under the same name
+        sizes["weights_id"] = _pristine(profile.model)[2]  # never a row of other weights under the same name
         if tasks:
             sizes["zeroshot_limit"] = profile.zeroshot_limit
-        params = {"config": recipe, "profile": sizes, "tasks": tasks, "scheme_map": rows}
-        key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        return params, results_dir() / profile.model / "eval" / "runs" / f"{config.method}-{profile.name}-{key}.json"
+        params = {"config": recipe, "profile": sizes, "tasks": tasks, "scheme_map": scheme_map_digest(rows)}
+        return (
+            params,
+            results_dir() / profile.model / "eval" / "runs" / f"{config.method}-{profile.name}-{run_key(params)}.json",
+        )
 
     tasks = list(tasks or TASKS) if zeroshot else []
     params, path = cache(tasks)
@@ -111,7 +118,7 @@ def evaluate_config(
         "device": device_name(),
         "seconds": round(time.time() - start, 1),
         "quantization": report,
-        "params": {**params, "scheme_map": scheme_map_digest(rows)},
+        "params": params,
     }
     write_json_atomic(path, row)
     return row

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mxmoe import plan
 from mxmoe.baselines import allocation_config, quantize
-from mxmoe.checkpoint import weights_sha256
+from mxmoe.checkpoint import weights_id
 from mxmoe.env import device_name
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
@@ -159,7 +159,7 @@ def proxy_check(
         source = "wikitext2 valid"
     params = {
         "model": profile.model,
-        "weights_sha256": weights_sha256(model),
+        "weights_id": weights_id(profile.model, model),
         "schemes": [str(check_scheme(s)) for s in schemes],
         "windows": list(windows.shape),
         "source": source,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mxmoe import plan
-from mxmoe.checkpoint import weights_sha256
+from mxmoe.checkpoint import weights_id
 from mxmoe.env import REPO_ROOT, device_name
 from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
@@ -35,7 +35,7 @@ def profile_corpora(
 ) -> dict:
     """Routing of ``model_name`` on each corpus; writes results/<model>/routing/<corpus>_n<n>_s<seqlen>.json each.
 
-    Returns {corpus: report}. Reports carry their parameters (the weights' sha256 among them), device and
+    Returns {corpus: report}. Reports carry their parameters (the weights' id among them), device and
     date; a file made with the same parameters and batch sizes is reused. ``allow_random``: a
     model without a tokenizer (smoke profile) is profiled on one corpus of seeded random ids, "random".
     """
@@ -44,13 +44,13 @@ def profile_corpora(
         raise MxMoEError(f"{model_name} has no tokenizer (random tiny model): routing on text needs a real model")
     if tok is None:
         corpora = ("random",)
-    sha = weights_sha256(model)  # a profile of other weights under the same name (a rebuilt model) is not reused
+    weights = weights_id(model_name, model)  # a profile of other weights under the same name is not reused
     out = {}
     for corpus in corpora:
         path = results_dir() / model_name / "routing" / f"{corpus}_n{n}_s{seqlen}.json"
         params = {
             "model": model_name,
-            "weights_sha256": sha,
+            "weights_id": weights,
             "corpus": corpus,
             "windows": n,
             "seqlen": seqlen,

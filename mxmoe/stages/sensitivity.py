@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from mxmoe.checkpoint import weights_sha256
+from mxmoe.checkpoint import weights_id
 from mxmoe.data import calibration_windows
 from mxmoe.errors import MxMoEError
 from mxmoe.models import load_model
@@ -44,7 +44,7 @@ def run_sensitivity(
     ``schemes`` is a scheme-set name or a comma-separated list (``mxmoe.schemes.scheme_set``).
     ``allow_random``: a model without a tokenizer (tiny random MoE, smoke profile) is calibrated on
     seeded random token ids instead of text (calibration tag ``random-...``).
-    A file is resumed only when made from the same weights (their sha256 is in its params).
+    A file is resumed only when made from the same weights (``checkpoint.weights_id`` is in its params).
     Returns (result, path of results/<model>/sensitivity/<...>.json).
     """
     try:
@@ -62,7 +62,12 @@ def run_sensitivity(
         windows = calibration_windows(tok, calib, n, seqlen, seed)
     tag = f"{calib}-n{n}-s{seqlen}-seed{seed}"
     path = cache_path(model_name, method, scheme_list, tag)
-    params = {"model": model_name, "weights_sha256": weights_sha256(model), "calibration": tag, "scheme_set": schemes}
+    params = {
+        "model": model_name,
+        "weights_id": weights_id(model_name, model),
+        "calibration": tag,
+        "scheme_set": schemes,
+    }
     return compute_sensitivity(
         model, windows, scheme_list, method, path=path, params=params, seed=seed, progress=progress, **kw
     ), path
