@@ -172,7 +172,7 @@ TOOLS = {
     "reproduce": ("mxmoe.reproduce", "run the numbered notebooks (papermill), skipping unchanged stages"),
     "book": ("mxmoe.book", "build the Jupyter Book from the executed notebooks"),
     "claims": ("mxmoe.claims", "write claims.json and manifest.json (paper vs ours, a verdict per claim)"),
-    "prewarm": ("mxmoe.prewarm", "compute a group of cached evaluations ahead of the notebooks"),
+    "prewarm": ("mxmoe.prewarm", "compute notebooks 00-05's results ahead of them, in parallel processes"),
 }
 BENCHMARKS = {
     "gemm": ("mxmoe.bench.gemm", "time the grouped GEMMs on the paper's shapes (GPU); writes bench_<gpu>.json"),

@@ -1,39 +1,83 @@
-"""Evaluations that depend on no earlier stage, computed ahead of the notebooks in parallel processes.
+"""Every computation of notebooks 00-05, run ahead of the notebooks in parallel processes.
 
 On a GPU the accuracy path of a small model is launch-bound (thousands of tiny kernels per forward),
 so a few processes share one card well. ``python -m mxmoe.prewarm --profile full --part table1``
-computes, through the same ``mxmoe.stages.evaluate.evaluate_config`` cache the notebooks read, one group of
-rows; the notebooks then find them cached. The numbers are the ones the notebooks would compute
-themselves (same code, same cache keys); only the wall-clock time of the notebook that shows them
-shrinks, so time a run that uses this by its total, not per notebook.
+computes one part through the same stage functions and caches the notebooks read (same code, same cache
+keys); the notebooks then find every result cached. ``--all --workers N`` builds the model and runs every
+part in N processes, each as soon as the parts it reads are done. Time a run that uses this by its total,
+not per notebook.
 
 Parts (the settings of ``mxmoe.plan``):
 
+* ``sensitivity-rtn``, ``sensitivity-gptq``, ``sensitivity-gptq-had``: notebook 01's Δ of every block under every
+  scheme, one calibration method each;
+* ``routing``: notebook 02's routing profiles on every corpus;
+* ``table4``: notebook 01's RTN grid, w4..8 × a4..8, and its full-precision reference (perplexity only);
+* ``alloc``: notebook 04's allocations (``plan.ALLOCATIONS``), solved and written;
 * ``table1``: the Table 1 baselines of notebook 05 (fp16, GPTQ* 3.25 / 2.25, QuaRot-style W4A4) with zero-shot;
-* ``mxmoe``: Table 1's MxMoE rows (3.25, 2.25, W5A5 allocations of notebook 04) with zero-shot;
+* ``mxmoe``: Table 1's MxMoE rows (3.25, 2.25, W5A5 allocations) with zero-shot;
 * ``sweep``: Table 3's expert-granularity W5A5 allocation and Figure 6's r sweep (perplexity only; the
   sweep's allocations are read, or solved and written as notebook 05 does when missing);
 * ``table5``: notebook 05's rotated uniform w4a4 ... w8a8 models (perplexity only);
-* ``table4``: notebook 01's RTN grid, w4..8 × a4..8, and its full-precision reference (perplexity only).
-
-``mxmoe`` and ``sweep`` read notebook 04's allocations, so they run after it.
+* ``proxy-rtn``, ``proxy-gptq``: notebook 05's proxy checks, one MoE layer quantized at a time;
+* ``calibrated``: notebook 05's calibrated-Δ allocations and their comparison rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from mxmoe import plan
 from mxmoe.baselines import allocation_config, baseline, rotated_uniform_config, rtn_grid_config
 from mxmoe.models import smollm2
 from mxmoe.paths import use_profile_results
 from mxmoe.profiles import get_profile
-from mxmoe.stages.allocation import alloc_path, load_allocation, r_sweep_allocations, sweep_setting
+from mxmoe.stages.allocation import (
+    alloc_path,
+    allocation_inputs,
+    load_allocation,
+    r_sweep_allocations,
+    solve_settings,
+    sweep_setting,
+)
+from mxmoe.stages.calibrated import calibrated_rows
 from mxmoe.stages.evaluate import evaluate_config
+from mxmoe.stages.model import build_model
+from mxmoe.stages.proxy import proxy_check, proxy_inputs
+from mxmoe.stages.routing import profile_corpora
+from mxmoe.stages.sensitivity import profile_sensitivity
 
-PARTS = ("table1", "mxmoe", "sweep", "table4", "table5")
+EVAL_PARTS = ("table1", "mxmoe", "sweep", "table4", "table5")  # rows of evaluate_config (part_configs)
+# every part, those on the longest chains first (the order --all starts the ready ones in)
+PARTS = (
+    "sensitivity-gptq-had",
+    "sensitivity-rtn",
+    "routing",
+    "alloc",
+    "proxy-gptq",
+    "proxy-rtn",
+    "table1",
+    "mxmoe",
+    "calibrated",
+    "sweep",
+    "table4",
+    "table5",
+    "sensitivity-gptq",
+)
+DEPENDS = {  # the parts whose results a part reads
+    "alloc": (f"sensitivity-{plan.ALLOCATION_METHOD}", "routing"),
+    "mxmoe": ("alloc",),
+    "sweep": ("alloc",),
+    "proxy-rtn": ("sensitivity-rtn",),
+    "proxy-gptq": (f"sensitivity-{plan.ALLOCATION_METHOD}",),
+    "calibrated": ("proxy-rtn", "proxy-gptq", "alloc"),
+}
 
 
 def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> list:
@@ -56,15 +100,100 @@ def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> li
         return [(baseline("fp16"), None, False)] + [
             (rtn_grid_config(w, a), None, False) for w in plan.TABLE4_BITS for a in plan.TABLE4_BITS
         ]
-    raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+    raise ValueError(f"unknown part {part!r}; choose one of {', '.join(EVAL_PARTS)}")
+
+
+def run_stage_part(part: str, P) -> None:
+    """One part that is not a list of evaluations, called exactly as its notebook calls it (so its cache hits)."""
+    if part.startswith("sensitivity-"):
+        profile_sensitivity(part.removeprefix("sensitivity-"), P, plan.SENSITIVITY_SCHEMES, 0, progress=False)
+    elif part == "routing":
+        profile_corpora(
+            P.model,
+            plan.ROUTING_CORPORA,
+            P.routing_windows,
+            plan.ROUTING_SEQLEN,
+            0,
+            plan.BATCHES,
+            allow_random=P.name == "smoke",
+        )
+    elif part == "alloc":
+        solve_settings(allocation_inputs(P)[0], P.name)
+    elif part in ("proxy-rtn", "proxy-gptq", "calibrated"):
+        checks = []
+        if part != "proxy-gptq":
+            checks.append(proxy_check(P, *proxy_inputs(P)))
+        if part != "proxy-rtn":
+            checks.append(proxy_check(P, *proxy_inputs(P, plan.ALLOCATION_METHOD), quantizer="gptq", seed=0))
+        if part == "calibrated":
+            calibrated_rows(P, checks, 0)
+    else:
+        raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+
+
+def run_part(part: str, P) -> None:
+    """Compute one part of profile ``P`` into the results tree in use."""
+    if part not in EVAL_PARTS:
+        run_stage_part(part, P)
+        return
+    for config, smap, zeroshot in part_configs(part, P.model, P.name):
+        start = time.time()
+        row = evaluate_config(config, P, scheme_map=smap, zeroshot=zeroshot, progress=False)
+        print(f"{part} {config.label}: PPL {row['ppl']:.3f} ({time.time() - start:.0f} s)", flush=True)
+
+
+def run_all(P, workers: int, log_dir: Path, parts=PARTS) -> list[str]:
+    """Run ``parts`` in up to ``workers`` processes of this module, each once the parts it reads (``DEPENDS``)
+    are done; one log per part in ``log_dir``. A part that fails skips those that read it; an interrupt (Ctrl-C,
+    a time limit's SIGINT) stops the workers, whose caches are written atomically. Returns the parts that failed
+    or were skipped."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    waiting, running, done, failed = list(parts), {}, set(), []  # running: part -> (process, log, start)
+    start = time.time()
+    bar = tqdm(total=len(parts), desc="prewarm", unit="part")
+
+    def finish(part: str, ok: bool, how: str) -> None:
+        (done.add(part) if ok else failed.append(part))
+        bar.write(f"{part}: {how} ({time.time() - start:.0f} s in all)")
+        bar.update()
+
+    try:
+        while waiting or running:
+            for part in [p for p in waiting if set(DEPENDS.get(p, ())) & set(failed)]:
+                waiting.remove(part)
+                finish(part, False, "skipped (a part it reads failed)")
+            ready = [p for p in waiting if set(DEPENDS.get(p, ())) & set(parts) <= done]
+            for part in ready[: max(0, workers - len(running))]:
+                waiting.remove(part)
+                log = open(log_dir / f"{part}.log", "w")
+                cmd = [sys.executable, "-m", "mxmoe.prewarm", "--profile", P.name, "--part", part]
+                running[part] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            for part, (proc, log, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[part]
+                    ok = proc.returncode == 0
+                    finish(
+                        part,
+                        ok,
+                        f"{'done' if ok else f'FAILED (exit {proc.returncode}, {log.name})'} in {time.time() - t0:.0f} s",
+                    )
+            time.sleep(1)
+    finally:
+        for proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+        bar.close()
+    return failed
 
 
 def wait_for_model(name: str, timeout_s: float, poll_s: float = 10.0) -> None:
     """Block until the embedded model's build is complete (another process builds it), or raise after ``timeout_s``."""
-    if name != "smollm2-moe":
+    if name not in smollm2.NAMES:
         return
     start = time.time()
-    while not smollm2.is_built():
+    while not smollm2.is_built(smollm2.recipe(name)):
         if time.time() - start > timeout_s:
             raise TimeoutError(
                 f"smollm2-moe was not built within {timeout_s:.0f} s; run notebook 00 or `mxmoe model build`"
@@ -75,17 +204,33 @@ def wait_for_model(name: str, timeout_s: float, poll_s: float = 10.0) -> None:
 def main(argv: "list[str] | None" = None) -> int:
     p = argparse.ArgumentParser(prog="mxmoe prewarm", description=__doc__.split("\n")[0])
     p.add_argument("--profile", default=None, help="smoke | quick | full (default: full with a CUDA GPU, else quick)")
-    p.add_argument("--part", required=True, choices=PARTS)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--part", choices=PARTS, help="compute one part in this process")
+    which.add_argument("--all", action="store_true", help="build the model, then every part in --workers processes")
+    p.add_argument("--workers", type=int, default=4, help="processes at once with --all (default 4)")
+    p.add_argument(
+        "--log-dir", type=Path, default=None, help="one log per part with --all (default: <results>/prewarm)"
+    )
     p.add_argument("--wait-model-s", type=float, default=1800, help="wait this long for another process's model build")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
 
     P = get_profile(args.profile)
     root = use_profile_results(P.name)
+    if args.all:
+        if P.model in smollm2.NAMES:
+            build_model(name=P.model)  # once, before the workers load it; writes the card the allocations read
+        failed = run_all(P, args.workers, args.log_dir or root / "prewarm")
+        print(
+            f"prewarm: {len(PARTS) - len(failed)} of {len(PARTS)} parts done -> {root}"
+            + (f"; not done: {', '.join(failed)}" if failed else "")
+        )
+        return 1 if failed else 0
     wait_for_model(P.model, args.wait_model_s)
-    for config, smap, zeroshot in part_configs(args.part, P.model, P.name):
-        start = time.time()
-        row = evaluate_config(config, P, scheme_map=smap, zeroshot=zeroshot, progress=False)
-        print(f"{args.part} {config.label}: PPL {row['ppl']:.3f} ({time.time() - start:.0f} s) -> {root}", flush=True)
+    start = time.time()
+    run_part(args.part, P)
+    print(f"{args.part}: done in {time.time() - start:.0f} s -> {root}", flush=True)
     return 0
 
 

@@ -45,3 +45,35 @@ def test_perplexity_only_request_reuses_a_zero_shot_row(tmp_path, monkeypatch):
     ppl_only = evaluate_config(rtn_grid_config(4, 8), P, zeroshot=False, progress=False)
     assert ppl_only["ppl"] == with_tasks["ppl"]
     assert list(runs[0].parent.glob("*.json")) == runs  # nothing quantized or written again
+
+
+def test_every_part_reads_only_parts_that_exist():
+    assert set(prewarm.DEPENDS) <= set(prewarm.PARTS)
+    assert all(set(deps) <= set(prewarm.PARTS) for deps in prewarm.DEPENDS.values())
+    assert set(prewarm.EVAL_PARTS) <= set(prewarm.PARTS)
+
+
+def test_run_all_starts_a_part_after_what_it_reads_and_skips_it_when_that_failed(tmp_path, monkeypatch):
+    started, events = [], []  # events: ("start" | "end", part) in the order they happened
+
+    class FakeProcess:  # finishes at its first poll; routing fails
+        def __init__(self, cmd, **kw):
+            self.part = cmd[cmd.index("--part") + 1]
+            self.returncode = None
+            started.append(self.part)
+            events.append(("start", self.part))
+
+        def poll(self):
+            if self.returncode is None:
+                self.returncode = 1 if self.part == "routing" else 0
+                events.append(("end", self.part))
+            return self.returncode
+
+    monkeypatch.setattr(prewarm.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(prewarm.time, "sleep", lambda s: None)
+    failed = prewarm.run_all(get_profile("smoke"), 3, tmp_path)
+    assert set(failed) == {"routing", "alloc", "mxmoe", "sweep", "calibrated"}
+    assert set(started) == set(prewarm.PARTS) - {"alloc", "mxmoe", "sweep", "calibrated"}
+    for part in started:  # everything a part reads had finished before it started
+        assert all(events.index(("end", d)) < events.index(("start", part)) for d in prewarm.DEPENDS.get(part, ()))
+    assert sorted(p.name for p in tmp_path.glob("*.log")) == sorted(f"{p}.log" for p in started)
