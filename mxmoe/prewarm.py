@@ -19,6 +19,7 @@ Parts (the settings of ``mxmoe.plan``):
 * ``sweep``: Table 3's expert-granularity W5A5 allocation and Figure 6's r sweep (perplexity only; the
   sweep's allocations are read, or solved and written as notebook 05 does when missing);
 * ``table5``: notebook 05's rotated uniform w4a4 ... w8a8 models (perplexity only);
+* ``zeroshot-dense``: notebook 00's zero-shot accuracy of the dense model the MoE was carved from (smollm2 only);
 * ``proxy-rtn``, ``proxy-gptq``: notebook 05's proxy checks, one MoE layer quantized at a time;
 * ``calibrated``: notebook 05's calibrated-Δ allocations and their comparison rows.
 """
@@ -35,20 +36,22 @@ from tqdm.auto import tqdm
 
 from mxmoe import plan
 from mxmoe.baselines import allocation_config, baseline, rotated_uniform_config, rtn_grid_config
+from mxmoe.errors import MxMoEError
 from mxmoe.models import smollm2
-from mxmoe.paths import use_profile_results
+from mxmoe.paths import results_dir, use_profile_results
 from mxmoe.profiles import get_profile
 from mxmoe.stages.allocation import (
     alloc_path,
     allocation_inputs,
     load_allocation,
+    newest_result,
     r_sweep_allocations,
     solve_settings,
     sweep_setting,
 )
 from mxmoe.stages.calibrated import calibrated_rows
 from mxmoe.stages.evaluate import evaluate_config
-from mxmoe.stages.model import build_model
+from mxmoe.stages.model import build_model, zeroshot_dense_vs_moe
 from mxmoe.stages.proxy import proxy_check, proxy_inputs
 from mxmoe.stages.routing import profile_corpora
 from mxmoe.stages.sensitivity import profile_sensitivity
@@ -63,6 +66,7 @@ PARTS = (
     "proxy-gptq",
     "proxy-rtn",
     "table1",
+    "zeroshot-dense",
     "mxmoe",
     "calibrated",
     "sweep",
@@ -77,6 +81,7 @@ DEPENDS = {  # the parts whose results a part reads
     "proxy-rtn": ("sensitivity-rtn",),
     "proxy-gptq": (f"sensitivity-{plan.ALLOCATION_METHOD}",),
     "calibrated": ("proxy-rtn", "proxy-gptq", "alloc"),
+    "zeroshot-dense": ("table1",),
 }
 
 
@@ -117,7 +122,13 @@ def run_stage_part(part: str, P) -> None:
             plan.BATCHES,
             allow_random=P.name == "smoke",
         )
+    elif part == "zeroshot-dense":
+        if P.model in smollm2.NAMES:  # a model carved from a dense one
+            zeroshot_dense_vs_moe(P.model, P)
     elif part == "alloc":
+        if allocations_current(P):
+            print("alloc: every allocation is newer than the files it is solved from; kept", flush=True)
+            return
         solve_settings(allocation_inputs(P)[0], P.name)
     elif part in ("proxy-rtn", "proxy-gptq", "calibrated"):
         checks = []
@@ -129,6 +140,28 @@ def run_stage_part(part: str, P) -> None:
             calibrated_rows(P, checks, 0)
     else:
         raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+
+
+def allocations_current(P) -> bool:
+    """True when every allocation of ``plan.ALLOCATIONS`` is newer than the results it is solved from (the newest
+    sensitivity and routing results, the model card), so a resumed run does not solve them again (minutes of CBC
+    for a 30-layer model). Never in the smoke profile, whose inputs are computed on the fly. Notebook 04 solves
+    them again in any case, and evaluations are keyed by the scheme map: a stale allocation here (a new cost
+    table) costs evaluations the notebooks redo, never a wrong number."""
+    if P.name == "smoke":
+        return False
+    try:
+        inputs = [
+            newest_result(P.model, "sensitivity", f"{plan.ALLOCATION_METHOD}_"),
+            newest_result(P.model, "routing", f"{plan.ALLOCATION_CORPUS}_"),
+            results_dir() / P.model / "model.json",
+        ]
+    except MxMoEError:
+        return False
+    outputs = [alloc_path(P.model, a.name) for a in plan.ALLOCATIONS]
+    if not all(p.exists() for p in inputs + outputs):
+        return False
+    return min(p.stat().st_mtime for p in outputs) > max(p.stat().st_mtime for p in inputs)
 
 
 def run_part(part: str, P) -> None:

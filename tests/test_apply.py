@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_models import LegacyMixtralSparseMoeBlock
 
+import mxmoe.quant.apply as apply_module
 from mxmoe.errors import MxMoEError
 from mxmoe.models import moe_blocks
 from mxmoe.models.zoo import tiny_model
@@ -105,7 +106,11 @@ def manual_block(b, x, plan):
     return out
 
 
-def test_activation_quantization_per_block():
+@pytest.mark.parametrize("dense_max", [apply_module.DENSE_EXPERTS_MAX_NEURONS, 0], ids=["masked-dense", "per-expert"])
+def test_activation_quantization_per_block(dense_max, monkeypatch):
+    """Both experts paths (every expert masked by its routing weight; the routed experts one by one) compute what
+    quantizing each block's input by hand does."""
+    monkeypatch.setattr(apply_module, "DENSE_EXPERTS_MAX_NEURONS", dense_max)
     model = fresh("tiny-qwen2-moe")
     b = moe_blocks(model)[1]
     x = torch.randn(10, b.hidden_size, generator=torch.Generator().manual_seed(3))
@@ -125,6 +130,24 @@ def test_activation_quantization_per_block():
         weight_only = manual_block(b, x, {})  # same quantized weights, no activation quantization
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (got - weight_only).norm() > 1e-3 * weight_only.norm()
+
+
+def test_both_experts_paths_agree_with_online_rotation_and_unrouted_experts(monkeypatch):
+    model = fresh("tiny-qwen2-moe")
+    b = moe_blocks(model)[0]
+    x = torch.randn(3, b.hidden_size, generator=torch.Generator().manual_seed(5))  # 3 tokens x top-2: experts idle
+    assert len({int(e) for e in b.route(x)[1].flatten()}) < b.num_experts
+    plan = {k: Scheme.parse("w4a4_g16_sym") for k in uniform_scheme_map(model, "w4a4_g16_sym") if k[2] == "down"}
+    plan.update(
+        {(b.layer, 1, "gate"): Scheme.parse("w8a8_g-1_sym"), (b.layer, 2, "up"): Scheme.parse("w8a8_g-1_sym_fp8")}
+    )
+    apply_schemes(model, plan, online_hadamard=True)
+    outs = []
+    for dense_max in (apply_module.DENSE_EXPERTS_MAX_NEURONS, 0):
+        monkeypatch.setattr(apply_module, "DENSE_EXPERTS_MAX_NEURONS", dense_max)
+        with torch.no_grad():
+            outs.append(b.module(x[None])[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 def test_per_expert_layout_hooks():

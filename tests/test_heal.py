@@ -284,3 +284,29 @@ def test_heal_stage_writes_files_that_the_build_turns_into_the_healed_model(tmp_
     assert check["ppl_healed"] < check["ppl_carved"]
     moe = AutoModelForCausalLM.from_pretrained(smollm2.build(recipe), dtype=torch.float32).eval()
     assert perplexity(moe, windows(check["windows"], 99)) == pytest.approx(check["ppl_healed"], rel=1e-4)
+
+
+def test_v2_targets_say_which_target_is_met():
+    from mxmoe.stages.model import v2_targets
+
+    card = {
+        "moe_layers": list(range(30)),
+        "layers": 30,
+        "windows": 16,
+        "seqlen": 1024,
+        "ppl_moe": 26.0,
+        "ppl_dense": 22.9,
+        "ppl_ratio": 26.0 / 22.9,
+        "freq_skew_per_layer": [6.0] * 16 + [2.0] * 14,
+        "build_seconds": 17.0,
+        "device": "CPU",
+    }
+    zeroshot = {"MoE": 0.40, "dense": 0.42, "MoE - dense": -2.0, "limit": 500}
+    rows = {
+        r["measure"].split(" (")[0]: r for r in v2_targets(card, zeroshot, {"seconds": {"total": 500}, "device": "GPU"})
+    }
+    assert rows["sparse layers"]["met"] and rows["routing skew, max/min tokens per expert"]["met"]
+    assert rows["WikiText-2 test PPL, MoE / dense"]["met"] is True  # 1.135x
+    assert rows["mean zero-shot accuracy, MoE − dense"]["met"] is False  # 2 points apart
+    assert rows["`mxmoe model heal`"]["met"] is False and "500 s on GPU" in rows["`mxmoe model heal`"]["measured"]
+    assert len(v2_targets(card, None, None)) == 4

@@ -77,3 +77,29 @@ def test_run_all_starts_a_part_after_what_it_reads_and_skips_it_when_that_failed
     for part in started:  # everything a part reads had finished before it started
         assert all(events.index(("end", d)) < events.index(("start", part)) for d in prewarm.DEPENDS.get(part, ()))
     assert sorted(p.name for p in tmp_path.glob("*.log")) == sorted(f"{p}.log" for p in started)
+
+
+def test_allocations_are_solved_again_only_when_an_input_is_newer(tmp_path, monkeypatch):
+    import os
+
+    from mxmoe import plan
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    P = get_profile("quick")
+    root = tmp_path / P.model
+    inputs = [
+        root / "sensitivity" / f"{plan.ALLOCATION_METHOD}_13schemes.json",
+        root / "routing" / f"{plan.ALLOCATION_CORPUS}_n8_s512.json",
+        root / "model.json",
+    ]
+    outputs = [root / "alloc" / f"{a.name}.json" for a in plan.ALLOCATIONS]
+    for i, p in enumerate(inputs + outputs):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("{}")
+        os.utime(p, (2e9 + i, 2e9 + i))  # outputs written after inputs
+    assert prewarm.allocations_current(P)
+    os.utime(inputs[1], (3e9, 3e9))  # a newer routing profile
+    assert not prewarm.allocations_current(P)
+    outputs[0].unlink()
+    assert not prewarm.allocations_current(P)
+    assert not prewarm.allocations_current(get_profile("smoke"))

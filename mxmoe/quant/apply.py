@@ -35,6 +35,9 @@ from mxmoe.quant.rtn import IntWeight, quantize_activation, quantize_weight, qua
 from mxmoe.schemes import BF16, Scheme
 
 EXPERTS_IMPL = "mxmoe_fake_quant"
+# routed experts x width up to which every expert runs on every token, masked by its routing weight (smollm2-moe:
+# 32 x 32): a few GEMMs and no host synchronisation per layer, instead of a loop over the experts that got tokens
+DENSE_EXPERTS_MAX_NEURONS = 8192
 SHARED_PREFIX = "shared"
 
 
@@ -166,10 +169,52 @@ def fake_quant_experts_forward(
 
     hidden_states: [T, H]; top_k_index, top_k_weights: [T, k]. Weights are already quantized in
     place; ``self._mxmoe_act[e]`` holds expert e's (gate, up, down) schemes (bf16 when unset) and
-    ``self._mxmoe_hadamard`` whether the down input is rotated online.
+    ``self._mxmoe_hadamard`` whether the down input is rotated online. Small experts (``num_experts``
+    x width <= ``DENSE_EXPERTS_MAX_NEURONS``) run masked-dense (``_masked_dense_forward``), larger ones
+    expert by expert (``_per_expert_forward``): the same function either way.
     """
     act = getattr(self, "_mxmoe_act", None)
+    schemes = act if act is not None else [(BF16, BF16, BF16)] * self.num_experts
     rotate = getattr(self, "_mxmoe_hadamard", False)
+    if self.num_experts * self.down_proj.shape[-1] <= DENSE_EXPERTS_MAX_NEURONS:
+        return _masked_dense_forward(self, hidden_states, top_k_index, top_k_weights, schemes, rotate)
+    return _per_expert_forward(self, hidden_states, top_k_index, top_k_weights, schemes, rotate)
+
+
+def _act_groups(schemes: list, block: int) -> dict[tuple, list[int]]:
+    """Experts by how they quantize the input of ``block`` (0 gate, 1 up, 2 down): {_act_key: expert ids}."""
+    groups: dict[tuple, list[int]] = {}
+    for e, s in enumerate(schemes):
+        groups.setdefault(_act_key(s[block]), []).append(e)
+    return groups
+
+
+def _masked_dense_forward(self, hidden_states, top_k_index, top_k_weights, schemes, rotate) -> torch.Tensor:
+    """Every expert on every token, the down input scaled by the token's routing weight for that expert (0 when
+    not routed): one GEMM per projection and activation scheme, no host synchronisation."""
+    T, H = hidden_states.shape
+    E, width = self.num_experts, self.down_proj.shape[-1]  # I
+    routing = torch.zeros(T, E + 1, dtype=torch.float32, device=hidden_states.device)
+    routing = routing.scatter_add(1, top_k_index, top_k_weights.float())[:, :E]  # [T, E]; column E: dropped slots
+    gate_up = hidden_states.new_empty(T, E, 2, width)  # [T, E, 2, I]
+    for block in (0, 1):
+        for ids in _act_groups(schemes, block).values():
+            x = quantize_activation(hidden_states, schemes[ids[0]][block])  # [T, H]
+            w = self.gate_up_proj[ids, block * width : (block + 1) * width]  # [e, I, H]
+            gate_up[:, ids, block] = F.linear(x, w.reshape(-1, H)).view(T, len(ids), width)
+    h = self.act_fn(gate_up[:, :, 0]) * gate_up[:, :, 1]  # [T, E, I]
+    if rotate:
+        h = apply_online_hadamard(h)
+    for ids in _act_groups(schemes, 2).values():
+        if schemes[ids[0]][2].a_bits < 16:
+            h[:, ids] = quantize_activation(h[:, ids], schemes[ids[0]][2])  # per token and expert, as the loop
+    h = (h * routing[:, :, None]).to(hidden_states.dtype)
+    down = self.down_proj.transpose(1, 2).reshape(E * width, H)  # [E·I, H]
+    return h.reshape(T, E * width) @ down  # [T, H]
+
+
+def _per_expert_forward(self, hidden_states, top_k_index, top_k_weights, schemes, rotate) -> torch.Tensor:
+    """The experts that got tokens, one after another (a host synchronisation per expert)."""
     width = self.down_proj.shape[-1]  # I
     out = torch.zeros_like(hidden_states)  # [T, H]
     with torch.no_grad():
@@ -180,7 +225,7 @@ def fake_quant_experts_forward(
             continue
         pos, tok = torch.where(mask[e])
         x = hidden_states[tok]  # [t, H]
-        sg, su, sd = act[e] if act is not None else (BF16, BF16, BF16)
+        sg, su, sd = schemes[e]
         if _act_key(sg) == _act_key(su):
             gate, up = F.linear(quantize_activation(x, sg), self.gate_up_proj[e]).chunk(2, dim=-1)  # [t, I] each
         else:

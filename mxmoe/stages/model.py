@@ -18,13 +18,17 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from mxmoe.baselines import baseline
+from mxmoe.data import TASKS
 from mxmoe.env import default_device, device_name
 from mxmoe.files import write_json_atomic
 from mxmoe.metrics import eval_windows, perplexity
-from mxmoe.models import load_model, moefy, smollm2
+from mxmoe.models import heal, load_model, moefy, smollm2
 from mxmoe.paths import model_dirname, results_dir
 from mxmoe.profiles import evaluation
 from mxmoe.routing import profile_routing, skew
+from mxmoe.stages.evaluate import evaluate_config
+from mxmoe.zeroshot import evaluate_tasks
 
 EVAL_SEQLEN, EVAL_WINDOWS = 1024, 16  # WikiText-2 test windows reported in model.json
 ROUTING_WINDOWS = 4  # test windows whose routing gives the frequency skew
@@ -132,6 +136,104 @@ def perplexity_summary(model: str, profile) -> dict:
         "source": hit["data"],
         "device": "this machine",
     }
+
+
+def zeroshot_dense_vs_moe(model: str, profile) -> dict:
+    """Zero-shot accuracy of a smollm2 build (Table 1's full-precision row, ``evaluate_config``, cached) and of the
+    dense SmolLM2 it was carved from, on every task at ``profile.zeroshot_limit`` examples; the dense model's row is
+    cached in <results>/<model>/eval/zeroshot_dense_<profile>.json. Returns {"tasks": {task: {"dense", "MoE"}},
+    "dense", "MoE" (means), "MoE - dense" (points), "limit", "device"}."""
+    moe = evaluate_config(baseline("fp16"), profile, zeroshot=True)
+    cache = results_dir() / model_dirname(model) / "eval" / f"zeroshot_dense_{profile.name}.json"
+    params = {"source": moefy.GGUF_FILE, "tasks": list(TASKS), "limit": profile.zeroshot_limit}
+    hit = json.loads(cache.read_text()) if cache.exists() else None
+    if not hit or hit.get("params") != params:
+        start = time.time()
+        dense, tok = moefy.load_dense()
+        tasks = evaluate_tasks(dense.to(default_device()), tok, TASKS, profile.zeroshot_limit)
+        hit = {
+            "params": params,
+            "tasks": {t: r["value"] for t, r in tasks.items()},
+            "device": device_name(),
+            "seconds": round(time.time() - start, 1),
+        }
+        write_json_atomic(cache, hit)
+    mean_dense = sum(hit["tasks"].values()) / len(hit["tasks"])
+    mean_moe = sum(moe["tasks"].values()) / len(moe["tasks"])
+    return {
+        "tasks": {t: {"dense": hit["tasks"][t], "MoE": moe["tasks"][t]} for t in hit["tasks"]},
+        "dense": mean_dense,
+        "MoE": mean_moe,
+        "MoE - dense": 100 * (mean_moe - mean_dense),
+        "limit": profile.zeroshot_limit,
+        "device": {"dense": hit["device"], "MoE": moe["device"]},
+    }
+
+
+def v2_targets(card: dict, zeroshot: "dict | None", heal_doc: "dict | None") -> list[dict]:
+    """The embedded model's targets beside what was measured: the card (<results>/<model>/model.json), the
+    zero-shot comparison (``zeroshot_dense_vs_moe``) and the healed files' heal.json. Rows: measure, target,
+    measured, met."""
+    skew_5 = sum(s >= 5 for s in card["freq_skew_per_layer"])
+    rows = [
+        (
+            "sparse layers",
+            "30 of 30",
+            f"{len(card['moe_layers'])} of {card['layers']}",
+            len(card["moe_layers"]) == card["layers"],
+        ),
+        (
+            f"WikiText-2 test PPL, MoE / dense ({card['windows']} × {card['seqlen']})",
+            "≤ 1.15×",
+            f"{card['ppl_moe']:.2f} / {card['ppl_dense']:.2f} = {card['ppl_ratio']:.2f}×",
+            card["ppl_ratio"] <= 1.15,
+        ),
+        (
+            "routing skew, max/min tokens per expert",
+            "reported; most layers ≥ 5×",
+            f"≥ 5× in {skew_5} of {len(card['freq_skew_per_layer'])} layers",
+            skew_5 > len(card["freq_skew_per_layer"]) / 2,
+        ),
+        (
+            "`mxmoe model build`",
+            "≤ 10 min on the 2-core CPU",
+            f"{card['build_seconds']:.0f} s on {card['device']}",
+            card["build_seconds"] <= 600,
+        ),
+    ]
+    if zeroshot is not None:
+        gap = zeroshot["MoE - dense"]
+        rows.insert(
+            2,
+            (
+                f"mean zero-shot accuracy, MoE − dense (8 tasks, {zeroshot['limit']} per task)",
+                "within 1.5 points",
+                f"{100 * zeroshot['MoE']:.1f} − {100 * zeroshot['dense']:.1f} = {gap:+.1f} points",
+                abs(gap) <= 1.5,
+            ),
+        )
+    if heal_doc is not None:
+        rows.append(
+            (
+                "`mxmoe model heal`",
+                "≤ 8 min on one H200",
+                f"{heal_doc['seconds']['total']:.0f} s on {heal_doc['device']}",
+                heal_doc["seconds"]["total"] <= 480,  # an H100 is the slower card
+            )
+        )
+    return [dict(zip(("measure", "target", "measured", "met"), r)) for r in rows]
+
+
+def model_targets(model: str, profile) -> "list[dict] | None":
+    """``v2_targets`` of a healed smollm2 build from its card, ``zeroshot_dense_vs_moe`` at the profile's limit and the
+    committed heal.json; None for any other model (no card, or a training-free build)."""
+    card_path = results_dir() / model_dirname(model) / "model.json"
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    if model not in smollm2.NAMES or not card.get("healed"):
+        return None
+    heal_json = smollm2.HEALED_DIR / heal.HEAL_JSON
+    heal_doc = json.loads(heal_json.read_text()) if heal_json.exists() else None
+    return v2_targets(card, zeroshot_dense_vs_moe(model, profile), heal_doc)
 
 
 STUDY_STRUCTURES = {  # (shared width, routed experts, top-k): within ≥ 32 experts, top-k ≥ 4, ≤ 50% of 1536 active
