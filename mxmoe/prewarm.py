@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mxmoe import plan
 from mxmoe.baselines import allocation_config, baseline, rotated_uniform_config, rtn_grid_config
+from mxmoe.env import cache_dir
 from mxmoe.errors import MxMoEError
 from mxmoe.models import smollm2
 from mxmoe.paths import results_dir, use_profile_results
@@ -242,7 +243,7 @@ def main(argv: "list[str] | None" = None) -> int:
     which.add_argument("--all", action="store_true", help="build the model, then every part in --workers processes")
     p.add_argument("--workers", type=int, default=4, help="processes at once with --all (default 4)")
     p.add_argument(
-        "--log-dir", type=Path, default=None, help="one log per part with --all (default: <results>/prewarm)"
+        "--log-dir", type=Path, default=None, help="one log per part with --all (default: <cache>/prewarm/<profile>)"
     )
     p.add_argument("--wait-model-s", type=float, default=1800, help="wait this long for another process's model build")
     args = p.parse_args(argv)
@@ -254,7 +255,7 @@ def main(argv: "list[str] | None" = None) -> int:
     if args.all:
         if P.model in smollm2.NAMES:
             build_model(name=P.model)  # once, before the workers load it; writes the card the allocations read
-        failed = run_all(P, args.workers, args.log_dir or root / "prewarm")
+        failed = run_all(P, args.workers, args.log_dir or cache_dir() / "prewarm" / P.name)
         print(
             f"prewarm: {len(PARTS) - len(failed)} of {len(PARTS)} parts done -> {root}"
             + (f"; not done: {', '.join(failed)}" if failed else "")

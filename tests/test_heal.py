@@ -310,3 +310,20 @@ def test_v2_targets_say_which_target_is_met():
     assert rows["mean zero-shot accuracy, MoE − dense"]["met"] is False  # 2 points apart
     assert rows["`mxmoe model heal`"]["met"] is False and "500 s on GPU" in rows["`mxmoe model heal`"]["measured"]
     assert len(v2_targets(card, None, None)) == 4
+
+
+def test_routing_headroom_measures_the_routed_block_and_an_oracle_choice():
+    dense = tiny_dense(1)
+    split = carved(dense)[0]
+    mlp = dense.model.layers[0].mlp
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
+    y = mlp(x).detach()
+    block = heal.MaskedMoE(mlp, split, top_k=2, rank=4)
+    with torch.no_grad():
+        block.gate_b.normal_(0, 0.05)  # a correction, merged by routing_headroom as the build merges it
+        routed = ((block(x) - y).pow(2).sum() / y.pow(2).sum()).item()
+    h = heal.routing_headroom(block, x, y)
+    assert h["router"] == pytest.approx(routed, rel=1e-4)
+    assert 0 <= h["overlap"] <= 1 and h["oracle"] != h["router"]
+    every = heal.routing_headroom(heal.MaskedMoE(mlp, split, top_k=8), x, y)  # all experts: one choice
+    assert every["overlap"] == 1 and every["oracle"] == pytest.approx(every["router"])

@@ -327,6 +327,32 @@ def round_to_fp16(student: nn.Module) -> None:
 
 
 @torch.no_grad()
+def routing_headroom(block: MaskedMoE, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """How much of a carved FFN's error is its router's choice of experts. x [T, H]: FFN inputs; y [T, H]: the dense
+    FFN's outputs on them. Returns the relative squared error ||ŷ − y||² / ||y||² of the block as routed
+    ("router") and with each token's top-k experts of largest output norm instead ("oracle": what no router sees,
+    with the same gate weights renormalised over that set), and the share of the router's experts that are the
+    oracle's ("overlap")."""
+    wg, wu, wd = block.merged()  # [I, H], [I, H], [H, I]
+    a = F.silu(x.float() @ wg.T) * (x.float() @ wu.T)  # [T, I]
+    norms = torch.stack([(a[:, n] @ wd[:, n].T).norm(dim=-1) for n in block.experts], 1) * block.scale.abs()  # [T, E]
+    probs, routed, _ = block.route(x)  # probs [T, E] fp32, routed [T, k]
+    oracle = norms.topk(block.top_k, dim=-1).indices  # [T, k]
+    shared_gain = 2.0 * torch.sigmoid(F.linear(x, block.shared_gate)).float()  # [T, 1]
+
+    def error(top: torch.Tensor) -> float:
+        gates = torch.zeros_like(probs).scatter(1, top, probs.gather(1, top))  # [T, E]
+        if block.norm_topk:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        gain = torch.cat([gates * block.scale.float(), shared_gain], dim=1)[:, block.expert_of]  # [T, I]
+        out = (a * gain) @ wd.T  # [T, H]
+        return ((out - y.float()).pow(2).sum() / y.float().pow(2).sum()).item()
+
+    chosen = torch.zeros_like(probs).scatter(1, routed, 1.0) * torch.zeros_like(probs).scatter(1, oracle, 1.0)
+    return {"router": error(routed), "oracle": error(oracle), "overlap": chosen.sum(-1).mean().item() / block.top_k}
+
+
+@torch.no_grad()
 def routing_skew(student: nn.Module, windows: torch.Tensor) -> dict[int, float]:
     """max/min tokens per expert per MoE layer of the student over ``windows`` [n, L]."""
     blocks = moe_layers(student)
@@ -466,6 +492,17 @@ def load_heal(folder: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
 
 
 @torch.no_grad()
+def stored_block(mlp: nn.Module, tensors: dict[str, torch.Tensor], top_k: int) -> MaskedMoE:
+    """The healed :class:`MaskedMoE` of one dense FFN ``mlp`` from its stored tensors (``load_heal``'s per layer)."""
+    t = tensors
+    split = LayerSplit(t["shared"].long(), t["experts"].long(), t["router"].float(), t["scale"].float())
+    block = MaskedMoE(mlp, split, top_k, t["gate_a"].shape[0] if "gate_a" in t else 0)
+    for name, p in block.named_parameters():
+        p.copy_(t[name].to(p.dtype))
+    return block
+
+
+@torch.no_grad()
 def apply_heal(dense: nn.Module, layers: dict[int, dict[str, torch.Tensor]], top_k: int) -> dict[int, LayerSplit]:
     """Merge stored heal tensors into ``dense``'s FFN weights (in place) and return the carvings.
 
@@ -474,11 +511,7 @@ def apply_heal(dense: nn.Module, layers: dict[int, dict[str, torch.Tensor]], top
     splits = {}
     for i, t in sorted(layers.items()):
         mlp = dense.model.layers[i].mlp
-        rank = t["gate_a"].shape[0] if "gate_a" in t else 0
-        sp = LayerSplit(t["shared"].long(), t["experts"].long(), t["router"].float(), t["scale"].float())
-        block = MaskedMoE(mlp, sp, top_k, rank)
-        for name, p in block.named_parameters():
-            p.copy_(t[name].to(p.dtype))
+        block = stored_block(mlp, t, top_k)
         wg, wu, wd = block.merged()
         mlp.gate_proj.weight.copy_(wg)
         mlp.up_proj.weight.copy_(wu)

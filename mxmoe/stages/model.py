@@ -3,6 +3,8 @@
 ``build_model`` builds (or finds) the cached checkpoint of a registry name (smollm2-moe,
 smollm2-moe-tf, smollm2-moe-v2) and, when it was built now or its card is missing, measures dense vs
 MoE WikiText-2 perplexity and the routing skew and writes <results>/<name>/model.json.
+``model_targets`` sets a healed build beside the targets it was built to, with the zero-shot accuracy of
+the dense model it was carved from (``zeroshot_dense_vs_moe``).
 ``heal_model`` (a GPU job) carves v2, heals it by distillation and writes the healed files that the
 build merges. ``carving_study`` compares carvings training-free on validation windows.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from mxmoe.baselines import baseline
@@ -23,7 +26,7 @@ from mxmoe.data import TASKS
 from mxmoe.env import default_device, device_name
 from mxmoe.files import write_json_atomic
 from mxmoe.metrics import eval_windows, perplexity
-from mxmoe.models import heal, load_model, moefy, smollm2
+from mxmoe.models import cmoe, heal, load_model, moefy, smollm2
 from mxmoe.paths import model_dirname, results_dir
 from mxmoe.profiles import evaluation
 from mxmoe.routing import profile_routing, skew
@@ -222,6 +225,36 @@ def v2_targets(card: dict, zeroshot: "dict | None", heal_doc: "dict | None") -> 
             )
         )
     return [dict(zip(("measure", "target", "measured", "met"), r)) for r in rows]
+
+
+HEADROOM_WINDOWS, HEADROOM_SEQLEN = 4, 512  # WikiText-2 validation windows of the routing headroom
+
+
+@torch.no_grad()
+def routing_headroom_report(model: str) -> "dict | None":
+    """``heal.routing_headroom`` of every layer of a healed smollm2 build, on the dense model's FFN inputs of the
+    first ``HEADROOM_WINDOWS`` WikiText-2 validation windows (from the GGUF and the healed files, no build needed);
+    cached in <results>/<model>/eval/routing_headroom.json under the build id. None for any other model."""
+    if model not in smollm2.NAMES or not isinstance(smollm2.recipe(model), cmoe.CarveConfig):
+        return None
+    if not heal.heal_files_present(smollm2.HEALED_DIR):
+        return None
+    recipe = smollm2.recipe(model)
+    cache = results_dir() / model_dirname(model) / "eval" / "routing_headroom.json"
+    params = {"build": smollm2.build_id(recipe), "windows": HEADROOM_WINDOWS, "seqlen": HEADROOM_SEQLEN}
+    hit = json.loads(cache.read_text()) if cache.exists() else None
+    if hit and hit.get("params") == params:
+        return hit
+    dense, tok = moefy.load_dense()
+    _, stored = heal.load_heal(smollm2.HEALED_DIR)
+    inputs = moefy.collect_ffn_inputs(dense, eval_windows(tok, HEADROOM_SEQLEN, HEADROOM_WINDOWS, split="valid"))
+    layers = {}
+    for i, tensors in tqdm(sorted(stored.items()), desc="routing headroom", unit="layer"):
+        mlp = dense.model.layers[i].mlp
+        layers[str(i)] = heal.routing_headroom(heal.stored_block(mlp, tensors, recipe.top_k), inputs[i], mlp(inputs[i]))
+    doc = {"params": params, "data": "WikiText-2 validation", "device": device_name(), "layers": layers}
+    write_json_atomic(cache, doc)
+    return doc
 
 
 def model_targets(model: str, profile) -> "list[dict] | None":
