@@ -327,3 +327,28 @@ def test_routing_headroom_measures_the_routed_block_and_an_oracle_choice():
     assert 0 <= h["overlap"] <= 1 and h["oracle"] != h["router"]
     every = heal.routing_headroom(heal.MaskedMoE(mlp, split, top_k=8), x, y)  # all experts: one choice
     assert every["overlap"] == 1 and every["oracle"] == pytest.approx(every["router"])
+
+
+def test_zeroshot_of_the_dense_model_is_measured_once_and_set_beside_the_moe(tmp_path, monkeypatch):
+    from mxmoe.profiles import get_profile
+    from mxmoe.stages import model as stage
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    tasks = {"arc_easy": 0.5, "piqa": 0.7}
+    calls = []
+    monkeypatch.setattr(stage, "TASKS", tuple(tasks))
+    monkeypatch.setattr(
+        stage, "evaluate_config", lambda *a, **k: {"tasks": {"arc_easy": 0.4, "piqa": 0.7}, "device": "GPU"}
+    )
+    monkeypatch.setattr(stage.moefy, "load_dense", lambda: (torch.nn.Linear(1, 1), "tok"))
+
+    def fake_tasks(model, tok, names, limit):
+        calls.append(limit)
+        return {t: {"value": tasks[t]} for t in names}
+
+    monkeypatch.setattr(stage, "evaluate_tasks", fake_tasks)
+    P = get_profile("quick")
+    first = stage.zeroshot_dense_vs_moe(P.model, P)
+    assert stage.zeroshot_dense_vs_moe(P.model, P) == first and calls == [P.zeroshot_limit]  # cached
+    assert first["dense"] == pytest.approx(0.6) and first["MoE"] == pytest.approx(0.55)
+    assert first["MoE - dense"] == pytest.approx(-5.0) and first["tasks"]["arc_easy"] == {"dense": 0.5, "MoE": 0.4}
