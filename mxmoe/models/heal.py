@@ -88,19 +88,29 @@ class MaskedMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Qwen2-MoE routing of tokens x [T, H]: softmax probs [T, E] (fp32), top-k ids [T, k], gates [T, E]."""
         probs = F.softmax(F.linear(x, self.router), dim=-1, dtype=torch.float32)  # [T, E]
-        top_v, top_i = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        top_i = torch.topk(probs, self.top_k, dim=-1).indices  # [T, k]
+        return probs, top_i, self.gates(probs, top_i).to(x.dtype)
+
+    def gates(self, probs: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Gate weights [T, E] of the experts ``top`` [T, k]: their probabilities ``probs`` [T, E], renormalised over
+        the k (``norm_topk``), 0 for the others."""
+        v = probs.gather(1, top)  # [T, k]
         if self.norm_topk:
-            top_v = top_v / top_v.sum(dim=-1, keepdim=True)
-        gates = torch.zeros_like(probs).scatter(1, top_i, top_v).to(x.dtype)  # [T, E]
-        return probs, top_i, gates
+            v = v / v.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(1, top, v)
+
+    def gain(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Per-neuron gain [T, I] of tokens x [T, H] under ``gates`` [T, E]: a routed neuron's expert gate times
+        that expert's scale, a shared neuron's shared-expert gate 2·sigmoid(x·g_shared)."""
+        shared_gain = 2.0 * torch.sigmoid(F.linear(x, self.shared_gate))  # [T, 1]
+        return torch.cat([gates * self.scale, shared_gain], dim=1)[:, self.expert_of]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
         probs, top_i, gates = self.route(x)
         self.last_probs, self.last_top = probs, top_i
-        shared_gain = 2.0 * torch.sigmoid(F.linear(x, self.shared_gate))  # [T, 1]
-        gain = torch.cat([gates * self.scale, shared_gain], dim=1)[:, self.expert_of]  # [T, I]
+        gain = self.gain(x, gates)  # [T, I]
         g, u = F.linear(x, self.wg), F.linear(x, self.wu)  # [T, I]
         if self.rank:
             g = g + F.linear(F.linear(x, self.gate_a), self.gate_b)
@@ -338,14 +348,9 @@ def routing_headroom(block: MaskedMoE, x: torch.Tensor, y: torch.Tensor) -> dict
     norms = torch.stack([(a[:, n] @ wd[:, n].T).norm(dim=-1) for n in block.experts], 1) * block.scale.abs()  # [T, E]
     probs, routed, _ = block.route(x)  # probs [T, E] fp32, routed [T, k]
     oracle = norms.topk(block.top_k, dim=-1).indices  # [T, k]
-    shared_gain = 2.0 * torch.sigmoid(F.linear(x, block.shared_gate)).float()  # [T, 1]
 
     def error(top: torch.Tensor) -> float:
-        gates = torch.zeros_like(probs).scatter(1, top, probs.gather(1, top))  # [T, E]
-        if block.norm_topk:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        gain = torch.cat([gates * block.scale.float(), shared_gain], dim=1)[:, block.expert_of]  # [T, I]
-        out = (a * gain) @ wd.T  # [T, H]
+        out = (a * block.gain(x, block.gates(probs, top).to(x.dtype)).float()) @ wd.T  # [T, H]
         return ((out - y.float()).pow(2).sum() / y.float().pow(2).sum()).item()
 
     chosen = torch.zeros_like(probs).scatter(1, routed, 1.0) * torch.zeros_like(probs).scatter(1, oracle, 1.0)
