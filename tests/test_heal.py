@@ -301,7 +301,7 @@ def test_v2_targets_say_which_target_is_met():
         "build_seconds": 17.0,
         "device": "CPU",
     }
-    zeroshot = {"MoE": 0.40, "dense": 0.42, "MoE - dense": -2.0, "limit": 500}
+    zeroshot = {"MoE": 0.40, "dense": 0.42, "MoE - dense": -2.0, "limit": 500, "device": {"MoE": "GPU", "dense": "CPU"}}
     rows = {
         r["measure"].split(" (")[0]: r for r in v2_targets(card, zeroshot, {"seconds": {"total": 500}, "device": "GPU"})
     }

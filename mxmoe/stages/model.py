@@ -211,7 +211,8 @@ def v2_targets(card: dict, zeroshot: "dict | None", heal_doc: "dict | None") -> 
             (
                 f"mean zero-shot accuracy, MoE − dense (8 tasks, {zeroshot['limit']} per task)",
                 "within 1.5 points",
-                f"{100 * zeroshot['MoE']:.1f} − {100 * zeroshot['dense']:.1f} = {gap:+.1f} points",
+                f"{100 * zeroshot['MoE']:.1f} − {100 * zeroshot['dense']:.1f} = {gap:+.1f} points "
+                f"(MoE on {zeroshot['device']['MoE']}, dense on {zeroshot['device']['dense']})",
                 abs(gap) <= 1.5,
             ),
         )
