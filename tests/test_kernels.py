@@ -6,13 +6,12 @@ the interpreter switch never leaks into other test modules.
 
 import itertools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interp import run_interpreted
 
 from mxmoe.bench import runs
 from mxmoe.env import COST_TABLES
@@ -62,17 +61,7 @@ TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 1e-3, "hf_q
 
 @pytest.fixture(scope="module")
 def interp_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "kernel_interp_cases.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return json.loads(run_interpreted([str(ROOT / "tests" / "kernel_interp_cases.py")]))
 
 
 @pytest.mark.parametrize("case", INTERP_CASES)

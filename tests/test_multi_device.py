@@ -17,14 +17,12 @@ No GPU is needed. Two kinds of second placement are used, each for what it can p
 import ast
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from interp import run_interpreted
 
 from mxmoe.bench import multi_gpu as mg
 from mxmoe.bench.paper_models import apply_setting, config_of, model_dims, moe_layer_ids
@@ -472,20 +470,17 @@ def test_bad_input_is_one_line_and_exit_2(argv, match, capsys):
     assert __import__("re").search(match, err), err
 
 
-DRY = [sys.executable, "-m", "mxmoe", "bench", "multi-gpu", "--dry-run"]
+DRY = ["-m", "mxmoe", "bench", "multi-gpu", "--dry-run"]
 
 
 def test_dry_run_on_two_cpu_placements_and_resume(tmp_path):
     """The whole command on a tiny config over two CPU placements, in two invocations: the second builds
     again and measures only what the first left (one more setting, its correctness case); a third has
     nothing left and changes nothing."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
 
     def invoke(*settings):
-        argv = DRY + ["--out", str(tmp_path), "--settings", *settings]
-        proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout.splitlines()[-1], json.loads(path.read_text())
+        stdout = run_interpreted(DRY + ["--out", str(tmp_path), "--settings", *settings], timeout=900)
+        return stdout.splitlines()[-1], json.loads(path.read_text())
 
     path = tmp_path / "multi-gpu" / "tiny-qwen3-moe_2x_cpu.json"
     last, first = invoke("bf16 grouped_mm")

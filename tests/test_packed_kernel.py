@@ -5,12 +5,9 @@ interpreter switch never leaks into other test modules.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from interp import ROOT, run_interpreted
+
 # Activations of the weight-activation schemes are quantized by the kernel's own launch and by
 # quantize_activation in the fake-quant path; the SiLU output they quantize differs in its last bits
 # between the two paths, so an activation code may round the other way (as in test_kernels' MoE cases).
@@ -39,16 +36,7 @@ print(json.dumps({{"kernel": packed.uses_kernel(torch.device("cpu")), "kernel_ca
 
 
 def test_kernel_logits_equal_fake_quant_logits(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "ck"))],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_interpreted(["-c", SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "ck"))])
+    r = json.loads(stdout.strip().splitlines()[-1])
     assert r["kernel"] and r["kernel_calls"] == 2, r  # both MoE layers ran through group_gemm
     assert r["finite"] and r["rel"] < TOL, r

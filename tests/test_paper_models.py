@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from interp import run_interpreted
 
 from mxmoe.bench import paper_models as pm
 from mxmoe.kernels.moe import route, route_with_inverse
@@ -77,21 +78,11 @@ def test_one_program_route_equals_a_stable_sort_under_the_interpreter():
     cumulated counts, for expert counts below and above the one-hot chunk's width and at the size limit."""
     from mxmoe.kernels.moe import ROUTE_ONE_PROGRAM_CELLS, _expert_pad
 
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
     at_limit = ROUTE_ONE_PROGRAM_CELLS // _expert_pad(64)  # the most pairs of 64 experts it takes
     cases = [(4, 28, 0), (60, 132, 1), (128, 128, 2), (64, at_limit, 3), (8, 1, 4)]
-    proc = subprocess.run(
-        [sys.executable, "-c", ONE_PROGRAM_ROUTE, json.dumps(cases)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = run_interpreted(["-c", ONE_PROGRAM_ROUTE, json.dumps(cases)])
     assert all(p * _expert_pad(e) <= ROUTE_ONE_PROGRAM_CELLS for e, p, _ in cases)  # each takes the one program
-    got = json.loads(proc.stdout.split("ROUTE")[-1])
+    got = json.loads(stdout.split("ROUTE")[-1])
     assert got == {f"{e}x{p}": True for e, p, _ in cases}
 
 
