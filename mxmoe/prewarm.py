@@ -4,8 +4,9 @@ On a GPU the accuracy path of a small model is launch-bound (thousands of tiny k
 so a few processes share one card well. ``python -m mxmoe.prewarm --profile full --part table1``
 computes one part through the same stage functions and caches the notebooks read (same code, same cache
 keys); the notebooks then find every result cached. ``--all --workers N`` builds the model and runs every
-part in N processes, each as soon as the parts it reads are done. Time a run that uses this by its total,
-not per notebook.
+part in N processes, each as soon as the parts it reads are done; an evaluation part is split over
+``SHARDS[part]`` processes (``--part table1 --shard 1/4``: rows 1, 5, ...), so its slow rows run side by side.
+Time a run that uses this by its total, not per notebook.
 
 Parts (the settings of ``mxmoe.plan``):
 
@@ -75,6 +76,7 @@ PARTS = (
     "table5",
     "sensitivity-gptq",
 )
+SHARDS = {"table1": 4, "mxmoe": 3, "sweep": 2, "table4": 4, "table5": 3}  # processes per evaluation part with --all
 DEPENDS = {  # the parts whose results a part reads
     "alloc": (f"sensitivity-{plan.ALLOCATION_METHOD}", "routing"),
     "mxmoe": ("alloc",),
@@ -165,50 +167,72 @@ def allocations_current(P) -> bool:
     return min(p.stat().st_mtime for p in outputs) > max(p.stat().st_mtime for p in inputs)
 
 
-def run_part(part: str, P) -> None:
-    """Compute one part of profile ``P`` into the results tree in use."""
+def tasks(parts=PARTS) -> list[str]:
+    """The processes ``--all`` starts: a part, or ``part:j/n`` for the j-th of an evaluation part's ``SHARDS`` shards."""
+    return [t for p in parts for t in ([p] if p not in SHARDS else [f"{p}:{j}/{SHARDS[p]}" for j in range(SHARDS[p])])]
+
+
+def parse_shard(text: str) -> "tuple[int, int]":
+    """``"j/n"`` -> (j, n) with 0 <= j < n; raises ValueError otherwise."""
+    j, _, n = text.partition("/")
+    if not (j.isdigit() and n.isdigit() and 0 <= int(j) < int(n)):
+        raise ValueError(f"--shard must be j/n with 0 <= j < n (e.g. 1/4), got {text!r}")
+    return int(j), int(n)
+
+
+def run_part(part: str, P, shard: "tuple[int, int]" = (0, 1)) -> None:
+    """Compute one part of profile ``P`` into the results tree in use; of an evaluation part, the rows
+    ``shard[0]::shard[1]``."""
     if part not in EVAL_PARTS:
         run_stage_part(part, P)
         return
-    for config, smap, zeroshot in part_configs(part, P.model, P.name):
+    for config, smap, zeroshot in part_configs(part, P.model, P.name)[shard[0] :: shard[1]]:
         start = time.time()
         row = evaluate_config(config, P, scheme_map=smap, zeroshot=zeroshot, progress=False)
         print(f"{part} {config.label}: PPL {row['ppl']:.3f} ({time.time() - start:.0f} s)", flush=True)
 
 
 def run_all(P, workers: int, log_dir: Path, parts=PARTS) -> list[str]:
-    """Run ``parts`` in up to ``workers`` processes of this module, each once the parts it reads (``DEPENDS``)
-    are done; one log per part in ``log_dir``. A part that fails skips those that read it; an interrupt (Ctrl-C,
-    a time limit's SIGINT) stops the workers, whose caches are written atomically. Returns the parts that failed
-    or were skipped."""
+    """Run ``parts`` (as ``tasks``) in up to ``workers`` processes of this module, each once the parts it reads
+    (``DEPENDS``) are done; one log per task in ``log_dir``. A part that fails skips those that read it; an
+    interrupt (Ctrl-C, a time limit's SIGINT) stops the workers, whose caches are written atomically. Returns
+    the tasks that failed or were skipped."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    waiting, running, done, failed = list(parts), {}, set(), []  # running: part -> (process, log, start)
+    waiting, running, done, failed = tasks(parts), {}, set(), []  # running: task -> (process, log, start)
     start = time.time()
-    bar = tqdm(total=len(parts), desc="prewarm", unit="part")
+    bar = tqdm(total=len(waiting), desc="prewarm", unit="task")
 
-    def finish(part: str, ok: bool, how: str) -> None:
-        (done.add(part) if ok else failed.append(part))
-        bar.write(f"{part}: {how} ({time.time() - start:.0f} s in all)")
+    def part_of(task: str) -> str:
+        return task.partition(":")[0]
+
+    def finish(task: str, ok: bool, how: str) -> None:
+        (done.add(task) if ok else failed.append(task))
+        bar.write(f"{task}: {how} ({time.time() - start:.0f} s in all)")
         bar.update()
+
+    def reads(task: str) -> set:  # the tasks whose results this task reads
+        return {t for t in tasks(set(DEPENDS.get(part_of(task), ())) & set(parts))}
 
     try:
         while waiting or running:
-            for part in [p for p in waiting if set(DEPENDS.get(p, ())) & set(failed)]:
-                waiting.remove(part)
-                finish(part, False, "skipped (a part it reads failed)")
-            ready = [p for p in waiting if set(DEPENDS.get(p, ())) & set(parts) <= done]
-            for part in ready[: max(0, workers - len(running))]:
-                waiting.remove(part)
-                log = open(log_dir / f"{part}.log", "w")
+            for task in [t for t in waiting if reads(t) & set(failed)]:
+                waiting.remove(task)
+                finish(task, False, "skipped (a part it reads failed)")
+            ready = [t for t in waiting if reads(t) <= done]
+            for task in ready[: max(0, workers - len(running))]:
+                waiting.remove(task)
+                log = open(log_dir / f"{task.replace(':', '.').replace('/', '-of-')}.log", "w")
+                part, _, shard = task.partition(":")
                 cmd = [sys.executable, "-m", "mxmoe.prewarm", "--profile", P.name, "--part", part]
-                running[part] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
-            for part, (proc, log, t0) in list(running.items()):
+                cmd += ["--shard", shard] if shard else []
+                running[task] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            for task, (proc, log, t0) in list(running.items()):
                 if proc.poll() is not None:
                     log.close()
-                    del running[part]
+                    del running[task]
                     ok = proc.returncode == 0
                     finish(
-                        part,
+                        task,
                         ok,
                         f"{'done' if ok else f'FAILED (exit {proc.returncode}, {log.name})'} in {time.time() - t0:.0f} s",
                     )
@@ -241,6 +265,7 @@ def main(argv: "list[str] | None" = None) -> int:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--part", choices=PARTS, help="compute one part in this process")
     which.add_argument("--all", action="store_true", help="build the model, then every part in --workers processes")
+    p.add_argument("--shard", default="0/1", help="with --part of an evaluation part: its rows j::n, as j/n")
     p.add_argument("--workers", type=int, default=4, help="processes at once with --all (default 4)")
     p.add_argument(
         "--log-dir", type=Path, default=None, help="one log per part with --all (default: <cache>/prewarm/<profile>)"
@@ -249,6 +274,12 @@ def main(argv: "list[str] | None" = None) -> int:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as e:
+        p.error(str(e))
+    if shard != (0, 1) and args.part not in EVAL_PARTS:
+        p.error(f"--shard splits an evaluation part ({', '.join(EVAL_PARTS)}), not {args.part or '--all'}")
 
     P = get_profile(args.profile)
     root = use_profile_results(P.name)
@@ -257,14 +288,14 @@ def main(argv: "list[str] | None" = None) -> int:
             build_model(name=P.model)  # once, before the workers load it; writes the card the allocations read
         failed = run_all(P, args.workers, args.log_dir or cache_dir() / "prewarm" / P.name)
         print(
-            f"prewarm: {len(PARTS) - len(failed)} of {len(PARTS)} parts done -> {root}"
+            f"prewarm: {len(tasks()) - len(failed)} of {len(tasks())} tasks done -> {root}"
             + (f"; not done: {', '.join(failed)}" if failed else "")
         )
         return 1 if failed else 0
     wait_for_model(P.model, args.wait_model_s)
     start = time.time()
-    run_part(args.part, P)
-    print(f"{args.part}: done in {time.time() - start:.0f} s -> {root}", flush=True)
+    run_part(args.part, P, shard)
+    print(f"{args.part} {args.shard}: done in {time.time() - start:.0f} s -> {root}", flush=True)
     return 0
 
 

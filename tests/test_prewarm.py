@@ -54,11 +54,13 @@ def test_every_part_reads_only_parts_that_exist():
 
 
 def test_run_all_starts_a_part_after_what_it_reads_and_skips_it_when_that_failed(tmp_path, monkeypatch):
-    started, events = [], []  # events: ("start" | "end", part) in the order they happened
+    started, events, shards = [], [], []  # events: ("start" | "end", part) in the order they happened
 
     class FakeProcess:  # finishes at its first poll; routing fails
         def __init__(self, cmd, **kw):
             self.part = cmd[cmd.index("--part") + 1]
+            if "--shard" in cmd:
+                shards.append((self.part, cmd[cmd.index("--shard") + 1]))
             self.returncode = None
             started.append(self.part)
             events.append(("start", self.part))
@@ -72,11 +74,30 @@ def test_run_all_starts_a_part_after_what_it_reads_and_skips_it_when_that_failed
     monkeypatch.setattr(prewarm.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(prewarm.time, "sleep", lambda s: None)
     failed = prewarm.run_all(get_profile("smoke"), 3, tmp_path)
-    assert set(failed) == {"routing", "alloc", "mxmoe", "sweep", "calibrated"}
+    assert {t.partition(":")[0] for t in failed} == {"routing", "alloc", "mxmoe", "sweep", "calibrated"}
     assert set(started) == set(prewarm.PARTS) - {"alloc", "mxmoe", "sweep", "calibrated"}
     for part in started:  # everything a part reads had finished before it started
         assert all(events.index(("end", d)) < events.index(("start", part)) for d in prewarm.DEPENDS.get(part, ()))
-    assert sorted(p.name for p in tmp_path.glob("*.log")) == sorted(f"{p}.log" for p in started)
+    # evaluation parts run as their shards, each once; table1's every shard ends before zeroshot-dense starts
+    assert sorted(shards) == sorted(tuple(t.split(":")) for t in prewarm.tasks(["table1", "table4", "table5"]))
+    assert max(i for i, e in enumerate(events) if e == ("end", "table1")) < events.index(("start", "zeroshot-dense"))
+    # one log per process started: every task but the skipped ones (routing started, then failed)
+    assert len(list(tmp_path.glob("*.log"))) == len(started) == len(prewarm.tasks()) - len(failed) + 1
+
+
+def test_shards_split_an_evaluation_part_into_disjoint_row_sets_that_cover_it():
+    rows = [c.label for c, _, _ in prewarm.part_configs("table4")]
+    n = prewarm.SHARDS["table4"]
+    got = [
+        c.label for j in range(n) for c, _, _ in prewarm.part_configs("table4")[prewarm.parse_shard(f"{j}/{n}")[0] :: n]
+    ]
+    assert sorted(got) == sorted(rows) and len(got) == len(rows)
+    for bad in ("4/4", "1", "-1/2", "a/b"):
+        with pytest.raises(ValueError, match="j/n"):
+            prewarm.parse_shard(bad)
+    with pytest.raises(SystemExit) as e:
+        prewarm.main(["--profile", "smoke", "--part", "routing", "--shard", "1/2"])
+    assert e.value.code == 2
 
 
 def test_allocations_are_solved_again_only_when_an_input_is_newer(tmp_path, monkeypatch):
