@@ -98,11 +98,13 @@ def quantize(
     calib: "torch.Tensor | None" = None,
     scheme_map: "dict | None" = None,
     progress: bool = True,
+    layer_inputs: "dict | None" = None,
 ) -> dict:
     """Quantize ``model`` in place per ``config`` (or per ``scheme_map`` with the config's method).
 
-    ``calib`` [n, seqlen] calibration windows are required by GPTQ. Returns a JSON-ready report: the
-    config, the parameter-weighted weight/activation bits and, for GPTQ, its fallbacks and time.
+    ``calib`` [n, seqlen] calibration windows are required by GPTQ; ``layer_inputs`` goes to
+    ``quantize_model_gptq`` (calls that quantize one layer of copies of one model). Returns a JSON-ready
+    report: the config, the parameter-weighted weight/activation bits and, for GPTQ, its fallbacks and time.
     """
     if scheme_map is None:
         if config.scheme is None:
@@ -117,7 +119,13 @@ def quantize(
         if calib is None:
             raise MxMoEError(f"config {config.label!r} uses GPTQ: pass calibration windows (calib=...)")
         report["gptq"] = quantize_model_gptq(
-            model, calib, scheme_map, hadamard=config.hadamard, seed=config.seed, progress=progress
+            model,
+            calib,
+            scheme_map,
+            hadamard=config.hadamard,
+            seed=config.seed,
+            progress=progress,
+            layer_inputs=layer_inputs,
         ).summary()
     else:
         if config.hadamard:

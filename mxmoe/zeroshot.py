@@ -72,7 +72,8 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, limit: int | None = None, batc
     """Zero-shot accuracy of an in-process HF causal LM on each task, through lm-eval.
 
     ``limit``: the first ``limit`` examples of each task (None: all); ``batch_size``: requests per
-    forward (default: 64 on a GPU, 16 on a CPU). Returns
+    forward (default 16: a batch of 64 long BoolQ passages needs ~20 GB for its fp32 log-probabilities on a
+    GPU, more than several processes sharing one card have). Returns
     ``{task: {"metric": "acc_norm" | "acc", "value": float, "n": examples scored}}``.
     """
     from lm_eval import simple_evaluate
@@ -82,7 +83,7 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, limit: int | None = None, batc
     if tokenizer is None:
         raise MxMoEError("zero-shot evaluation needs a tokenizer (random tiny zoo models have none)")
     manager, loaded = _load(tasks)
-    batch_size = batch_size or (64 if next(model.parameters()).device.type == "cuda" else 16)
+    batch_size = batch_size or 16
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = simple_evaluate(
         model=lm,

@@ -136,3 +136,28 @@ def test_batched_layers_equal_expert_by_expert(monkeypatch, hadamard):
             for name in ("gate", "up", "down"):
                 assert torch.equal(block_weight(b, e, name), block_weight(rb, e, name)), (b.layer, e, name)
     torch.testing.assert_close(logits(models[0]), logits(models[1]), rtol=0, atol=0)
+
+
+def test_one_layer_with_stored_inputs_equals_a_fresh_calibration_forward(monkeypatch):
+    """The proxy check quantizes one layer of many copies with many schemes: the layer's inputs are computed once."""
+    from mxmoe.models.blocks import BLOCKS, moe_blocks
+    from mxmoe.quant import sequential
+    from mxmoe.quant.apply import expert_ids
+
+    def one_layer(model, layer, scheme):
+        b = next(b for b in moe_blocks(model) if b.layer == layer)
+        return {(layer, e, n): scheme for e in expert_ids(b) for n in BLOCKS}
+
+    inputs = {}
+    for layer, scheme in ((1, "w3a16_g-1_asym"), (1, "w4a8_g-1_sym"), (0, "w3a16_g-1_asym")):
+        fresh_run, stored = fresh(), fresh()
+        kw = dict(hadamard=True, seed=1, min_tokens=4, progress=False)
+        quantize_model_gptq(fresh_run, CALIB, one_layer(fresh_run, layer, scheme), **kw)
+        had_inputs = layer in inputs
+        if had_inputs:  # no calibration forward: the stored inputs are used
+            monkeypatch.setattr(sequential, "LayerwiseRunner", lambda *a, **k: pytest.fail("ran the windows again"))
+        quantize_model_gptq(stored, CALIB, one_layer(stored, layer, scheme), layer_inputs=inputs, **kw)
+        monkeypatch.undo()
+        assert list(inputs) == [layer]  # one layer's inputs kept at a time
+        torch.testing.assert_close(logits(stored), logits(fresh_run), rtol=0, atol=0)
+        assert had_inputs == (scheme == "w4a8_g-1_sym")

@@ -66,6 +66,7 @@ def quantize_model_gptq(
     progress: bool = True,
     int_weights: "dict | None" = None,
     stream_to: "torch.device | str | None" = None,
+    layer_inputs: "dict | None" = None,
     **gptq_kw,
 ) -> GPTQReport:
     """Quantize ``model`` in place with GPTQ per ``scheme_map`` {(layer, expert, block): Scheme} on ``windows`` [n, seqlen].
@@ -77,6 +78,11 @@ def quantize_model_gptq(
     scheme map (what a checkpoint stores; down weights as the model holds them, rotated with ``hadamard``).
     ``stream_to``: quantize a model held in CPU memory on this device, one decoder layer at a time
     (``LayerwiseRunner``); the layers before the last quantized one pass through it too, the rest never do.
+    ``layer_inputs``: a dict the caller keeps across calls that each quantize *one* layer of a fresh copy of
+    the same model, on the same windows and rotation, with different schemes (the proxy check). That layer's
+    inputs come from the full-precision layers before it, so they are the same for every scheme: the first
+    call stores them there ({layer: [N, H]}, one layer at a time) and the next ones skip the calibration
+    forward. Ignored when several layers are quantized, and with ``stream_to``.
     """
     start = time.time()
     blocks, plan = validate_scheme_map(model, scheme_map)
@@ -85,17 +91,24 @@ def quantize_model_gptq(
         report.rotation = rotate_model(model, seed, rotation=rotation)
         rotate_down_inputs(model)
     install_activation_quant(model, plan, online_hadamard=hadamard)
-    runner = LayerwiseRunner(model, windows, stream_to)
     todo = sorted(layer for layer in blocks if any(k[0] == layer and not s.is_full_precision for k, s in plan.items()))
+    reuse = layer_inputs is not None and len(todo) == 1 and stream_to is None
+    if reuse and todo[0] not in layer_inputs:
+        layer_inputs.clear()  # another layer's inputs: not needed again
+    runner = None if reuse and todo[0] in layer_inputs else LayerwiseRunner(model, windows, stream_to)
     bar = tqdm(total=len(todo), desc="GPTQ", unit="layer", disable=not progress)
-    for layer in range(max(todo) + 1 if todo else 0):
+    for layer in todo[:1] if runner is None else range(max(todo) + 1 if todo else 0):
         if layer in todo:
             b = blocks[layer]
-            x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
+            if runner is None:
+                x = layer_inputs[layer]  # [N, H] stored by an earlier call
+            else:
+                x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
+                if reuse:
+                    layer_inputs[layer] = x
             before = len(report.rtn_fallbacks)
-            _quantize_layer(
-                b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights, runner.home_device
-            )
+            home = runner.home_device if runner is not None else None
+            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights, home)
             if len(report.rtn_fallbacks) > before:
                 warnings.warn(
                     f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
@@ -103,8 +116,10 @@ def quantize_model_gptq(
                     stacklevel=2,
                 )
             bar.update(1)
-        runner.advance()
-    runner.release()
+        if runner is not None:
+            runner.advance()
+    if runner is not None:
+        runner.release()
     bar.close()
     report.seconds = time.time() - start
     return report

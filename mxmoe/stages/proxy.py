@@ -173,9 +173,10 @@ def proxy_check(
         calib = calibration(model, tok, profile, seed=seed)  # [n, seqlen] train windows, as Table 1's
         params["recipe"] = {k: v for k, v in config.as_dict().items() if k != "label"}
         params["calibration"] = list(calib.shape)
+        inputs = {}  # the quantized layer's calibration inputs, the same for each of its schemes
 
         def quantize_layer(m, scheme_map):
-            quantize(m, config, calib, scheme_map, progress=False)
+            quantize(m, config, calib, scheme_map, progress=False, layer_inputs=inputs)
 
         name = "proxy_check_gptq.json"
     path = results_dir() / profile.model / "eval" / name
