@@ -75,15 +75,18 @@ def profile_corpora(
     return out
 
 
-EMBEDDED_PROFILE = "results/smollm2-moe/routing/wikitext2_*.json"  # the full run's, relative to the repository
+# The training-free build's full-run profile, relative to the repository: the committed paper-model runs were
+# skewed by it (their provenance names its former folder, results/smollm2-moe/).
+EMBEDDED_PROFILE = "results/smollm2-moe-tf/routing/wikitext2_*.json"
 
 
 def embedded_profile() -> dict:
-    """The committed WikiText-2 routing profile of smollm2-moe: {'counts' [L, E], 'layers', 'top_k', 'source'}."""
+    """The committed WikiText-2 routing profile that skews the paper models' random routers (``EMBEDDED_PROFILE``):
+    {'counts' [L, E], 'layers', 'top_k', 'source'}."""
     files = sorted(glob.glob(str(REPO_ROOT / EMBEDDED_PROFILE)))
     if not files:
         raise FileNotFoundError(
-            f"no routing profile {EMBEDDED_PROFILE} in {REPO_ROOT}: run notebook 02 on smollm2-moe, "
+            f"no routing profile {EMBEDDED_PROFILE} in {REPO_ROOT}: run notebook 02 on smollm2-moe-tf, "
             "or pass ratio= to target_profile"
         )
     doc = json.loads(Path(files[-1]).read_text())
