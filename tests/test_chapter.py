@@ -33,6 +33,15 @@ def test_table1_shows_percentages_not_fractions():
     assert rel.loc["quarot-w4a4", "Qwen1.5-MoE: PPL / full"] == f"{18.44 / 6.79:.2f}×"
 
 
+def test_table1_targets_judge_the_ppl_ratios_and_leave_out_missing_rows():
+    t1 = {"fp16": {"ppl": 40.0}, "mxmoe-w5a5": {"ppl": 44.0}, "gptq*-2.25": {"ppl": 100.0}, "mxmoe-2.25": {"ppl": 85.5}}
+    f = chapter.table1_targets(t1)
+    assert list(f.index) == ["MxMoE 2.25 vs GPTQ* 2.25, WikiText-2 PPL", "MxMoE W5A5 vs full precision, WikiText-2 PPL"]
+    assert f["met"].tolist() == ["missed", "met"]  # 0.855x is not 15% lower; 1.10x is within 1.10x
+    assert f.iloc[0]["measured"] == "85.50 / 100.00 = 0.855×"
+    assert chapter.table1_targets({}).empty
+
+
 def test_tables_beside_the_paper_read_docs_paper_results():
     grid = pd.DataFrame([[40.0, 20.0]], index=[4], columns=[4, 8])
     cell = chapter.table4_vs_paper(grid).loc[4, 4]
