@@ -55,8 +55,10 @@ INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + [
     "hf_qwen2moe_mixed_vs_reference",
 ]
 # fp16 output rounding; fp16 group scales vs fp32 IntWeight; the MoE forward re-quantizes the SiLU output,
-# whose last bits differ between the two paths, so a few activation codes may round the other way
-TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 1e-3, "hf_qwen2moe_mixed_vs_reference": 1e-3}
+# whose last bits differ between the two paths, so an activation code may round the other way: one flipped
+# 4-bit code moved its token's row by 6.5e-3 (whole output 1.4e-3) in one draw, where a wrong layout, scale or
+# routing weight moves rows by O(1)
+TOL = {"mixed_fp16": 1e-3, "intweight": 3e-3, "moe_experts_forward": 5e-3, "hf_qwen2moe_mixed_vs_reference": 1e-3}
 
 
 @pytest.fixture(scope="module")

@@ -277,6 +277,35 @@ def proxy_repair_table(rtn: dict, gptq: dict) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def proxy_scale_table(check: dict, reference: str) -> pd.DataFrame:
+    """Per scheme, a ``proxy_check``'s whole-model NLL increase and its Δ, each summed over the layers checked with
+    every scheme and divided by the ``reference`` scheme's sum: the exchange rates between schemes the model pays
+    and the ones an allocation on Δ assumes; their ratio is how far Δ understates (> 1) or overstates a scheme's
+    damage relative to the reference."""
+    pairs = list(check["pairs"].values())
+    schemes = list(dict.fromkeys(p["scheme"] for p in pairs))
+    if reference not in schemes:
+        raise ValueError(f"the check has no pairs of {reference}; it has {schemes}")
+    layers = set.intersection(*({p["layer"] for p in pairs if p["scheme"] == s} for s in schemes))
+    total = {
+        s: (
+            sum(p["nll_increase"] for p in pairs if p["scheme"] == s and p["layer"] in layers),
+            sum(p["proxy"] for p in pairs if p["scheme"] == s and p["layer"] in layers),
+        )
+        for s in schemes
+    }
+    ref_nll, ref_proxy = total[reference]
+    rows = {}
+    for s, (nll, proxy) in total.items():
+        damage, delta = nll / ref_nll, proxy / ref_proxy
+        rows[s] = {
+            f"NLL increase / {reference}'s": damage,
+            f"Δ / {reference}'s": delta,
+            "Δ understates by": damage / delta,
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(f"{len(layers)} layers")
+
+
 def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:
     """The calibrated allocations (``mxmoe.stages.calibrated``) beside Table 1's uniform baseline and the paper's
     MxMoE at the same budget: bits, WikiText-2 test PPL as Table 1 quantizes (GPTQ after a rotation) and with
