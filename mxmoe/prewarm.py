@@ -22,7 +22,8 @@ Parts (the settings of ``mxmoe.plan``):
 * ``table5``: notebook 05's rotated uniform w4a4 ... w8a8 models (perplexity only);
 * ``zeroshot-dense``: notebook 00's zero-shot accuracy of the dense model the MoE was carved from (smollm2 only);
 * ``proxy-rtn``, ``proxy-gptq``: notebook 05's proxy checks, one MoE layer quantized at a time;
-* ``calibrated``: notebook 05's calibrated-Δ allocations and their comparison rows.
+* ``calibrated-rtn``, ``calibrated``: notebook 05's calibrated-Δ allocations and their comparison rows, those
+  calibrated to the RTN check (which does not wait for the slower GPTQ check), then all of them.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ PARTS = (
     "table1",
     "zeroshot-dense",
     "mxmoe",
+    "calibrated-rtn",
     "calibrated",
     "sweep",
     "table4",
@@ -83,7 +85,8 @@ DEPENDS = {  # the parts whose results a part reads
     "sweep": ("alloc",),
     "proxy-rtn": ("sensitivity-rtn",),
     "proxy-gptq": (f"sensitivity-{plan.ALLOCATION_METHOD}",),
-    "calibrated": ("proxy-rtn", "proxy-gptq", "alloc"),
+    "calibrated-rtn": ("proxy-rtn", "alloc"),
+    "calibrated": ("proxy-gptq", "calibrated-rtn"),  # the RTN rows are cached by then
     "zeroshot-dense": ("table1",),
 }
 
@@ -133,13 +136,13 @@ def run_stage_part(part: str, P) -> None:
             print("alloc: every allocation is newer than the files it is solved from; kept", flush=True)
             return
         solve_settings(allocation_inputs(P)[0], P.name)
-    elif part in ("proxy-rtn", "proxy-gptq", "calibrated"):
+    elif part in ("proxy-rtn", "proxy-gptq", "calibrated-rtn", "calibrated"):
         checks = []
         if part != "proxy-gptq":
             checks.append(proxy_check(P, *proxy_inputs(P)))
-        if part != "proxy-rtn":
+        if part in ("proxy-gptq", "calibrated"):
             checks.append(proxy_check(P, *proxy_inputs(P, plan.ALLOCATION_METHOD), quantizer="gptq", seed=0))
-        if part == "calibrated":
+        if part.startswith("calibrated"):
             calibrated_rows(P, checks, 0)
     else:
         raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
@@ -211,7 +214,7 @@ def run_all(P, workers: int, log_dir: Path, parts=PARTS) -> list[str]:
         bar.update()
 
     def reads(task: str) -> set:  # the tasks whose results this task reads
-        return {t for t in tasks(set(DEPENDS.get(part_of(task), ())) & set(parts))}
+        return set(tasks(set(DEPENDS.get(part_of(task), ())) & set(parts)))
 
     try:
         while waiting or running:
