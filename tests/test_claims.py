@@ -73,6 +73,22 @@ def test_ppl_225_verdicts(tmp_path, gptq, mx, verdict):
     assert row["source"] == "results/m/eval/table1.json"
 
 
+def test_ppl_225_note_prices_the_schemes_by_delta_and_by_the_model(tmp_path):
+    _table1(tmp_path, **{"gptq*-2.25": 10.0, "mxmoe-2.25": 12.0})
+    assert "proxy check" not in _by_id(claims.build_claims("m", tmp_path))["ppl-2.25bit"]["note"]  # none written
+    pairs = {
+        f"{layer}/{s}": {"layer": layer, "scheme": s, "nll_increase": nll, "proxy": delta}
+        for layer in (0, 1)
+        for s, nll, delta in (("w2a16_g128_asym", 1.0, 4.0), ("w2a16_g-1_asym", 1.5, 4.4))
+    }
+    (tmp_path / "m" / "eval" / "proxy_check_gptq.json").write_text(json.dumps({"pairs": pairs}))
+    note = _by_id(claims.build_claims("m", tmp_path))["ppl-2.25bit"]["note"]
+    assert (
+        "relative to w2a16_g128_asym by Δ vs by the model (GPTQ proxy check, 2 layers): w2a16_g-1_asym 1.10 vs 1.50"
+        in note
+    )
+
+
 def test_missing_row_in_present_file_is_not_run(tmp_path):
     _table1(tmp_path, **{"fp16": 10.0, "mxmoe-w5a5": 10.5})  # no quarot-w4a4 row
     got = _by_id(claims.build_claims("m", tmp_path))

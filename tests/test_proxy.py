@@ -145,17 +145,19 @@ def test_another_sensitivity_keeps_the_measured_pairs_and_recomputes_their_proxy
     assert any(again["pairs"][k]["proxy"] != first["pairs"][k]["proxy"] for k in again["pairs"])
 
 
-def test_scale_table_compares_the_schemes_exchange_rates_on_layers_checked_with_every_scheme():
+def test_scheme_prices_compare_exchange_rates_on_layers_measured_with_every_scheme():
     from mxmoe.plots.accuracy import proxy_scale_table
 
-    def pair(layer, scheme, nll, proxy):
-        return {"layer": layer, "scheme": scheme, "nll_increase": nll, "proxy": proxy}
+    def pair(layer, scheme, nll, delta):
+        return {"layer": layer, "scheme": scheme, "nll_increase": nll, "proxy": delta}
 
     pairs = [pair(0, "a", 1.0, 10.0), pair(0, "b", 3.0, 12.0), pair(1, "a", 1.0, 10.0), pair(1, "b", 1.0, 8.0)]
     pairs.append(pair(2, "a", 50.0, 1.0))  # layer 2 has no pair of b: left out of both sums
-    t = proxy_scale_table({"pairs": {f"{p['layer']}/{p['scheme']}": p for p in pairs}}, "a")
-    assert t.index.name == "2 layers"
-    assert t.loc["b"].tolist() == pytest.approx([2.0, 1.0, 2.0])  # twice a's damage, Δ says equal: understated 2x
-    assert t.loc["a"].tolist() == pytest.approx([1.0, 1.0, 1.0])
-    with pytest.raises(ValueError, match="no pairs of c"):
-        proxy_scale_table({"pairs": {"0/a": pairs[0]}}, "c")
+    pairs = {f"{p['layer']}/{p['scheme']}": p for p in pairs}
+    prices = proxy.scheme_prices(pairs, "a")
+    assert prices["layers"] == 2 and prices["schemes"]["a"] == {"damage": 1.0, "delta": 1.0}
+    assert prices["schemes"]["b"] == pytest.approx({"damage": 2.0, "delta": 1.0})  # Δ says equal, the model 2x
+    t = proxy_scale_table({"pairs": pairs}, "a")
+    assert t.index.name == "2 layers" and t.loc["b"].tolist() == pytest.approx([2.0, 1.0, 2.0])
+    with pytest.raises(MxMoEError, match="no pairs of c"):
+        proxy.scheme_prices(pairs, "c")

@@ -16,11 +16,14 @@ import statistics
 from pathlib import Path
 
 from mxmoe import paper
+from mxmoe.baselines import BASELINES
 from mxmoe.bench import runs
 from mxmoe.bench.gemm import targets
 from mxmoe.env import REPO_ROOT
+from mxmoe.errors import MxMoEError
 from mxmoe.paths import kernel_results_dir, results_dir
 from mxmoe.stages import paper_items
+from mxmoe.stages.proxy import scheme_prices
 
 VERDICTS = ("reproduced", "direction", "not-reproduced", "not-run")
 
@@ -213,12 +216,31 @@ def _calibrated_note(root: Path, model: str, budget: float, gptq: float) -> str:
     )
 
 
+def _prices_note(root: Path, model: str, baseline: str) -> str:
+    """How Δ prices each scheme against the uniform ``baseline``'s, beside the damage the model pays (notebook 05's
+    GPTQ proxy check, ``mxmoe.stages.proxy.scheme_prices``), when that check has been written."""
+    path = root / model / "eval" / "proxy_check_gptq.json"
+    reference = str(BASELINES[baseline].scheme)
+    try:
+        prices = scheme_prices(_load(path)["pairs"], reference) if path.exists() else None
+    except MxMoEError:  # a check without the baseline's scheme
+        prices = None
+    if prices is None:
+        return ""
+    parts = [f"{s} {p['delta']:.2f} vs {p['damage']:.2f}" for s, p in prices["schemes"].items() if s != reference]
+    return (
+        f"; damage relative to {reference} by Δ vs by the model (GPTQ proxy check, {prices['layers']} layers): "
+        + ", ".join(parts)
+    )
+
+
 def claim_ppl_225(root, model):
     t, p = _table1(root, model)
     g, m = _ppl(t, "gptq*-2.25", p, root), _ppl(t, "mxmoe-2.25", p, root)
     red = 1 - m / g
     v = "reproduced" if red >= 0.15 else "direction" if red > 0 else "not-reproduced"
-    note = f"PPL GPTQ* {g:.2f} -> MxMoE {m:.2f}" + _calibrated_note(root, model, 2.25, g)
+    note = f"PPL GPTQ* {g:.2f} -> MxMoE {m:.2f}" + _prices_note(root, model, "gptq*-2.25")
+    note += _calibrated_note(root, model, 2.25, g)
     return dict(ours=_r(red), verdict=v, source=_rel(p, root), note=note)
 
 

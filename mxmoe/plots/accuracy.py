@@ -10,6 +10,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from mxmoe.plots import figure
 from mxmoe.sensitivity import sensitivity_array
+from mxmoe.stages.proxy import scheme_prices
 
 BLOCK_NAMES = ("gate", "up", "down")
 
@@ -278,32 +279,19 @@ def proxy_repair_table(rtn: dict, gptq: dict) -> pd.DataFrame:
 
 
 def proxy_scale_table(check: dict, reference: str) -> pd.DataFrame:
-    """Per scheme, a ``proxy_check``'s whole-model NLL increase and its Δ, each summed over the layers checked with
-    every scheme and divided by the ``reference`` scheme's sum: the exchange rates between schemes the model pays
-    and the ones an allocation on Δ assumes; their ratio is how far Δ understates (> 1) or overstates a scheme's
-    damage relative to the reference."""
-    pairs = list(check["pairs"].values())
-    schemes = list(dict.fromkeys(p["scheme"] for p in pairs))
-    if reference not in schemes:
-        raise ValueError(f"the check has no pairs of {reference}; it has {schemes}")
-    layers = set.intersection(*({p["layer"] for p in pairs if p["scheme"] == s} for s in schemes))
-    total = {
-        s: (
-            sum(p["nll_increase"] for p in pairs if p["scheme"] == s and p["layer"] in layers),
-            sum(p["proxy"] for p in pairs if p["scheme"] == s and p["layer"] in layers),
-        )
-        for s in schemes
-    }
-    ref_nll, ref_proxy = total[reference]
-    rows = {}
-    for s, (nll, proxy) in total.items():
-        damage, delta = nll / ref_nll, proxy / ref_proxy
-        rows[s] = {
-            f"NLL increase / {reference}'s": damage,
-            f"Δ / {reference}'s": delta,
-            "Δ understates by": damage / delta,
+    """``mxmoe.stages.proxy.scheme_prices`` of a ``proxy_check`` as a table: per scheme, the damage the model pays and
+    the Δ an allocation assumes, both relative to ``reference``; their ratio is how far Δ understates (> 1) or
+    overstates a scheme's damage relative to the reference."""
+    prices = scheme_prices(check["pairs"], reference)
+    rows = {
+        s: {
+            f"NLL increase / {reference}'s": p["damage"],
+            f"Δ / {reference}'s": p["delta"],
+            "Δ understates by": p["damage"] / p["delta"],
         }
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(f"{len(layers)} layers")
+        for s, p in prices["schemes"].items()
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(f"{prices['layers']} layers")
 
 
 def calibrated_table(t1: dict, calibrated: "list[dict]") -> pd.DataFrame:

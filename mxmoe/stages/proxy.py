@@ -117,6 +117,27 @@ def agreement(pairs: dict) -> dict:
     }
 
 
+def scheme_prices(pairs: dict, reference: str) -> dict:
+    """Per scheme, the whole-model NLL increase and the proxy Δ of ``pairs`` (``layer_swap``'s), each summed over
+    the layers measured with every scheme and divided by the ``reference`` scheme's sum: the exchange rates between
+    schemes the model pays and those an allocation on Δ assumes. Returns {"layers": n, "schemes": {scheme:
+    {"damage": ratio, "delta": ratio}}}; raises MxMoEError when ``reference`` has no pairs."""
+    rows = list(pairs.values())
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    if reference not in schemes:
+        raise MxMoEError(f"the proxy check has no pairs of {reference}; it has {schemes}")
+    layers = set.intersection(*({r["layer"] for r in rows if r["scheme"] == s} for s in schemes))
+    total = {
+        s: [sum(r[k] for r in rows if r["scheme"] == s and r["layer"] in layers) for k in ("nll_increase", "proxy")]
+        for s in schemes
+    }
+    ref = total[reference]
+    return {
+        "layers": len(layers),
+        "schemes": {s: {"damage": nll / ref[0], "delta": proxy / ref[1]} for s, (nll, proxy) in total.items()},
+    }
+
+
 def proxy_inputs(profile: Profile, method: str = "rtn", schemes=plan.PROXY_SCHEMES) -> tuple:
     """(model, tokenizer, sensitivity) for ``proxy_check``: a fresh copy of ``profile.model`` and stage 01's newest
     sensitivity result of ``method`` ("rtn", "gptq", "gptq-had": what the allocations minimise); the smoke
