@@ -116,7 +116,7 @@ def quantize_model_gptq(
                     stacklevel=2,
                 )
             bar.update(1)
-        if runner is not None:
+        if runner is not None and layer != todo[-1]:  # past the last quantized layer no input is needed
             runner.advance()
     if runner is not None:
         runner.release()
