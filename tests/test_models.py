@@ -125,7 +125,8 @@ def test_tiny_models_are_deterministic():
 
 
 def test_model_card_follows_the_build(tmp_path, monkeypatch):
-    """A card written for another build (smollm2-moe before its healed files landed) is rewritten; a current one is kept."""
+    """A card written for another build id (smollm2-moe before its healed files landed) is rewritten; one of the
+    same build id is kept, also when it was measured on another machine's build folder (other library versions)."""
     import json
 
     from mxmoe.models import smollm2
@@ -135,17 +136,19 @@ def test_model_card_follows_the_build(tmp_path, monkeypatch):
     build = tmp_path / "cache" / "smollm2-moe-v2-abc"
     build.mkdir(parents=True)
     (build / "build.json").write_text("{}")
-    monkeypatch.setattr(smollm2, "is_built", lambda recipe: True)
     monkeypatch.setattr(smollm2, "build", lambda recipe, force=False: build)
+    monkeypatch.setattr(smollm2, "build_id", lambda recipe: "smollm2-moe-v2-id")
     monkeypatch.setattr(stage.moefy, "load_dense", lambda: (None, None))
     monkeypatch.setattr(stage.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: torch.nn.Identity())
     written = []
-    monkeypatch.setattr(stage, "write_card", lambda dense, moe, tok, info, name: written.append(info["build"]))
+    monkeypatch.setattr(stage, "write_card", lambda dense, moe, tok, info, name: written.append(info["build_id"]))
     card = tmp_path / "smollm2-moe" / "model.json"
     card.parent.mkdir(parents=True)
     card.write_text(json.dumps({"build": "smollm2-moe-1b1885197761"}))  # the training-free build's card
     stage.build_model(name="smollm2-moe")
-    assert written == ["smollm2-moe-v2-abc"]
-    card.write_text(json.dumps({"build": "smollm2-moe-v2-abc"}))
+    assert written == ["smollm2-moe-v2-id"]
+    card.write_text(json.dumps({"build": "smollm2-moe-v2-gpu", "build_id": "smollm2-moe-v2-id"}))
     stage.build_model(name="smollm2-moe")
-    assert written == ["smollm2-moe-v2-abc"]  # current card: not measured again
+    assert written == ["smollm2-moe-v2-id"]  # same build id, another folder: not measured again
+    stage.build_model(force=True, name="smollm2-moe")
+    assert written == ["smollm2-moe-v2-id"] * 2

@@ -86,6 +86,18 @@ def test_proxy_check_writes_and_resumes(setup, smoke, tmp_path, monkeypatch):
     assert json.loads(path.read_text())["agreement"] == doc["agreement"]
 
 
+def test_complete_proxy_check_on_another_machine_measures_nothing(setup, smoke, tmp_path, monkeypatch):
+    """A finished check re-read on another machine keeps its base NLL and device: its pairs were measured there."""
+    model, _, sens = setup
+    first = proxy.proxy_check(smoke, model, None, sens, schemes=SCHEMES[:1])
+    path = tmp_path / smoke.model / "eval" / "proxy_check.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "device": "the GPU that measured it"}))
+    monkeypatch.setattr(proxy, "mean_nll", lambda *a: pytest.fail("the check measured its model again"))
+    again = proxy.proxy_check(smoke, model, None, sens, schemes=SCHEMES[:1])
+    assert again["base_nll"] == first["base_nll"] and again["pairs"] == first["pairs"]
+    assert json.loads(path.read_text())["device"] == "the GPU that measured it"
+
+
 def test_proxy_check_with_another_scheme_measures_only_its_pairs(setup, smoke, monkeypatch):
     model, _, sens = setup
     profile = smoke

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from mxmoe import paper
-from mxmoe.claims.rules import build_claims
+from mxmoe.claims.rules import TABLE1_TARGETS, build_claims
 from mxmoe.paths import results_dir
 
 VERDICT_STYLE = {
@@ -159,15 +159,6 @@ def table1_vs_paper(t1: dict) -> pd.DataFrame:
             row[f"{m}: Avg. vs full"] = f"{p['avg'] - p0['avg']:+.1f} pts"
         out[label] = row
     return pd.DataFrame(out).T
-
-
-# The embedded model's targets for Table 1 (the project's, beside the paper's claims): (measure, our row,
-# the row it is measured against, target, largest PPL ratio that meets it)
-TABLE1_TARGETS = (
-    ("MxMoE 2.25 vs GPTQ* 2.25", "mxmoe-2.25", "gptq*-2.25", "≥ 15% lower (paper: 21%)", 0.85),
-    ("MxMoE 3.25 vs GPTQ* 3.25", "mxmoe-3.25", "gptq*-3.25", "no worse", 1.0),
-    ("MxMoE W5A5 vs full precision", "mxmoe-w5a5", "fp16", "≤ 1.10×", 1.10),
-)
 
 
 def table1_targets(t1: dict) -> pd.DataFrame:

