@@ -32,3 +32,15 @@ def write_text_atomic(path: "str | Path", text: str) -> Path:
 def write_json_atomic(path: "str | Path", obj) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (``write_text_atomic``)."""
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def cached_json(path: "str | Path", params: dict, compute) -> dict:
+    """The JSON document at ``path`` when it was written for ``params``; else ``{"params": params, **compute()}``,
+    written atomically first (a result computed once per set of inputs, measured again when they change)."""
+    path = Path(path)
+    hit = json.loads(path.read_text()) if path.exists() else None
+    if hit and hit.get("params") == params:
+        return hit
+    doc = {"params": params, **compute()}
+    write_json_atomic(path, doc)
+    return doc

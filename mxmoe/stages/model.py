@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from mxmoe.baselines import baseline
 from mxmoe.data import TASKS
 from mxmoe.env import default_device, device_name
-from mxmoe.files import write_json_atomic
+from mxmoe.files import cached_json, write_json_atomic
 from mxmoe.metrics import eval_windows, perplexity
 from mxmoe.models import cmoe, heal, load_model, moefy, smollm2
 from mxmoe.paths import model_dirname, results_dir
@@ -123,17 +123,17 @@ def perplexity_summary(model: str, profile) -> dict:
         "eval_windows": profile.eval_windows,
         "eval_seqlen": profile.eval_seqlen,
     }
-    hit = json.loads(cache.read_text()) if cache.exists() else None
-    if not hit or hit.get("params") != params:
+
+    def measure() -> dict:
         start = time.time()
         net, tok = load_model(model)
-        hit = {
-            "params": params,
+        return {
             "ppl_moe": perplexity(net, evaluation(net, tok, profile)),
             "seconds": round(time.time() - start, 1),
             "data": "random token ids (smoke)" if tok is None else "WikiText-2 test, token level",
         }
-        write_json_atomic(cache, hit)
+
+    hit = cached_json(cache, params, measure)
     return {
         "dense": None,
         "MoE": hit["ppl_moe"],
@@ -152,18 +152,18 @@ def zeroshot_dense_vs_moe(model: str, profile) -> dict:
     moe = evaluate_config(baseline("fp16"), profile, zeroshot=True)
     cache = results_dir() / model_dirname(model) / "eval" / f"zeroshot_dense_{profile.name}.json"
     params = {"source": moefy.GGUF_FILE, "tasks": list(TASKS), "limit": profile.zeroshot_limit}
-    hit = json.loads(cache.read_text()) if cache.exists() else None
-    if not hit or hit.get("params") != params:
+
+    def measure() -> dict:
         start = time.time()
         dense, tok = moefy.load_dense()
         tasks = evaluate_tasks(dense.to(default_device()), tok, TASKS, profile.zeroshot_limit)
-        hit = {
-            "params": params,
+        return {
             "tasks": {t: r["value"] for t, r in tasks.items()},
             "device": device_name(),
             "seconds": round(time.time() - start, 1),
         }
-        write_json_atomic(cache, hit)
+
+    hit = cached_json(cache, params, measure)
     mean_dense = sum(hit["tasks"].values()) / len(hit["tasks"])
     mean_moe = sum(moe["tasks"].values()) / len(moe["tasks"])
     return {
@@ -246,19 +246,19 @@ def routing_headroom_report(model: str) -> "dict | None":
     recipe = smollm2.recipe(model)
     cache = results_dir() / model_dirname(model) / "eval" / "routing_headroom.json"
     params = {"build": smollm2.build_id(recipe), "windows": HEADROOM_WINDOWS, "seqlen": HEADROOM_SEQLEN}
-    hit = json.loads(cache.read_text()) if cache.exists() else None
-    if hit and hit.get("params") == params:
-        return hit
-    dense, tok = moefy.load_dense()
-    _, stored = heal.load_heal(smollm2.HEALED_DIR)
-    inputs = moefy.collect_ffn_inputs(dense, eval_windows(tok, HEADROOM_SEQLEN, HEADROOM_WINDOWS, split="valid"))
-    layers = {}
-    for i, tensors in tqdm(sorted(stored.items()), desc="routing headroom", unit="layer"):
-        mlp = dense.model.layers[i].mlp
-        layers[str(i)] = heal.routing_headroom(heal.stored_block(mlp, tensors, recipe.top_k), inputs[i], mlp(inputs[i]))
-    doc = {"params": params, "data": "WikiText-2 validation", "device": device_name(), "layers": layers}
-    write_json_atomic(cache, doc)
-    return doc
+
+    def measure() -> dict:
+        dense, tok = moefy.load_dense()
+        _, stored = heal.load_heal(smollm2.HEALED_DIR)
+        inputs = moefy.collect_ffn_inputs(dense, eval_windows(tok, HEADROOM_SEQLEN, HEADROOM_WINDOWS, split="valid"))
+        layers = {}
+        for i, tensors in tqdm(sorted(stored.items()), desc="routing headroom", unit="layer"):
+            mlp = dense.model.layers[i].mlp
+            block = heal.stored_block(mlp, tensors, recipe.top_k)
+            layers[str(i)] = heal.routing_headroom(block, inputs[i], mlp(inputs[i]))
+        return {"data": "WikiText-2 validation", "device": device_name(), "layers": layers}
+
+    return cached_json(cache, params, measure)
 
 
 def model_targets(model: str, profile) -> "list[dict] | None":
