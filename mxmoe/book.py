@@ -157,11 +157,12 @@ def _md_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _du(path: Path) -> str:
+def _du(path: Path, skip: "tuple[str, ...]" = ()) -> str:
+    """Size of the files under ``path``, leaving out the top-level folders named in ``skip``."""
     if not path.exists():
         return "—"
-    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return f"{total / 2**20:.1f} MiB"
+    files = (p for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in skip)
+    return f"{sum(p.stat().st_size for p in files) / 2**20:.1f} MiB"
 
 
 def kernel_file_roles() -> dict:
@@ -295,7 +296,7 @@ because its evaluations ran earlier, elsewhere. Rows per device and profile:
                 {
                     "results (this model)": _du(root / model_dirname(model)),
                     "results/kernels": _du(kernel_results_dir(root)),
-                    "book sources": _du(src),
+                    "book sources": _du(src, skip=("_build",)),
                 }
             ]
         )

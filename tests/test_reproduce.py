@@ -234,3 +234,13 @@ def test_allocation_stage_reads_the_kernel_sources_its_cost_tables_are_held_to()
     assert KERNEL_SOURCES == SOURCES
     files = {p.name for p in reproduce.input_files(stage("04_allocation"), REPO_ROOT / "results", "smollm2-moe")}
     assert set(SOURCES) <= files and "gluon_kernel.py" not in files
+
+
+def test_disk_use_of_book_sources_leaves_out_the_build(tmp_path):
+    """The Runs page's "book sources" size counts the sources, not the build output that changes with every build."""
+    from mxmoe.book import _du
+
+    (tmp_path / "_build").mkdir()
+    (tmp_path / "_build" / "page.html").write_bytes(b"x" * 2**20)
+    (tmp_path / "intro.md").write_bytes(b"x" * 2**19)
+    assert _du(tmp_path) == "1.5 MiB" and _du(tmp_path, skip=("_build",)) == "0.5 MiB"
