@@ -92,33 +92,34 @@ def quantize_model_gptq(
         rotate_down_inputs(model)
     install_activation_quant(model, plan, online_hadamard=hadamard)
     todo = sorted(layer for layer in blocks if any(k[0] == layer and not s.is_full_precision for k, s in plan.items()))
-    reuse = layer_inputs is not None and len(todo) == 1 and stream_to is None
-    if reuse and todo[0] not in layer_inputs:
-        layer_inputs.clear()  # another layer's inputs: not needed again
-    runner = None if reuse and todo[0] in layer_inputs else LayerwiseRunner(model, windows, stream_to)
     bar = tqdm(total=len(todo), desc="GPTQ", unit="layer", disable=not progress)
-    for layer in todo[:1] if runner is None else range(max(todo) + 1 if todo else 0):
-        if layer in todo:
-            b = blocks[layer]
-            if runner is None:
-                x = layer_inputs[layer]  # [N, H] stored by an earlier call
-            else:
-                x = runner.block_inputs(b.module)  # [N, H] inputs from the model quantized so far
+
+    def quantize_layer(layer: int, x: torch.Tensor, home) -> None:  # x: [N, H] the layer's calibration inputs
+        b, before = blocks[layer], len(report.rtn_fallbacks)
+        _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights, home)
+        if len(report.rtn_fallbacks) > before:
+            warnings.warn(
+                f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
+                f"{min_tokens} calibration tokens and were quantized with RTN",
+                stacklevel=3,
+            )
+        bar.update(1)
+
+    reuse = layer_inputs is not None and len(todo) == 1 and stream_to is None
+    if reuse and todo[0] in layer_inputs:
+        quantize_layer(todo[0], layer_inputs[todo[0]], None)  # stored by an earlier call
+    else:
+        if reuse:
+            layer_inputs.clear()  # another layer's inputs: not needed again
+        runner = LayerwiseRunner(model, windows, stream_to)
+        for layer in range(max(todo) + 1 if todo else 0):
+            if layer in todo:
+                x = runner.block_inputs(blocks[layer].module)  # [N, H] inputs from the model quantized so far
                 if reuse:
                     layer_inputs[layer] = x
-            before = len(report.rtn_fallbacks)
-            home = runner.home_device if runner is not None else None
-            _quantize_layer(b, split_by_expert(b, x), plan, report, hadamard, min_tokens, gptq_kw, int_weights, home)
-            if len(report.rtn_fallbacks) > before:
-                warnings.warn(
-                    f"GPTQ layer {layer}: {len(report.rtn_fallbacks) - before} blocks had fewer than "
-                    f"{min_tokens} calibration tokens and were quantized with RTN",
-                    stacklevel=2,
-                )
-            bar.update(1)
-        if runner is not None and layer != todo[-1]:  # past the last quantized layer no input is needed
-            runner.advance()
-    if runner is not None:
+                quantize_layer(layer, x, runner.home_device)
+            if layer != todo[-1]:  # past the last quantized layer no input is needed
+                runner.advance()
         runner.release()
     bar.close()
     report.seconds = time.time() - start
