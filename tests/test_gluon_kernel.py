@@ -54,6 +54,24 @@ def test_ring_fits_two_ctas_per_sm():
         assert stages >= 3 and stages * gk.stage_bytes(bm) <= gk.SMEM_PER_CTA
 
 
+def test_shared_operand_rings_fit_one_cta_per_sm():
+    for bm in (16, 32, 64, 128):
+        ring, wring = gk.shared_stages(bm)
+        assert ring >= 3 and wring >= 2
+        assert ring * gk.stage_bytes(bm) + wring * gk.W_STAGE_BYTES <= gk.SMEM_ONE_CTA - 1024
+    assert gk.SHARED_MAXNREG * 3 * 128 <= 65536  # three warpgroups of one CTA at the launch's register cap
+    assert 3 * gk.SHARED_MAXNREG - gk.CONVERTER_REGS - gk.PRODUCER_REGS <= 256  # what setmaxnreg leaves the MMA
+
+
+def test_rejects_an_unknown_operand_or_tile():
+    group = _group("w4a16_g128_asym")
+    x, off = torch.randn(3, 256, dtype=torch.bfloat16), torch.tensor([0, 1, 3])
+    with pytest.raises(ValueError, match="operand"):
+        gk.gluon_group_gemm(x, off, group, operand="tmem")
+    with pytest.raises(ValueError, match="bm must be one of"):
+        gk.gluon_group_gemm(x, off, group, bm=128)  # 128-token tiles: the shared-operand kernel only
+
+
 @needs_gluon
 @pytest.mark.skipif(not (sass.TOOLS / "ptxas").exists(), reason="this Triton wheel has no ptxas")
 def test_compiles_for_sm90a_as_a_warp_specialised_pipeline():
@@ -62,6 +80,19 @@ def test_compiles_for_sm90a_as_a_warp_specialised_pipeline():
     assert f["wgmma"] == 16 and not f["serialized_wgmma"]  # 8 K steps x 2 halves of the 128 weight rows
     assert f["cp_async_mbarrier_arrive"] == 1 and f["mbarrier_arrive"] == 1  # full: per producer thread; empty: one
     assert f["registers"] <= gk.MAXNREG  # two CTAs of 256 threads per SM
+
+
+@needs_gluon
+@pytest.mark.skipif(not (sass.TOOLS / "ptxas").exists(), reason="this Triton wheel has no ptxas")
+@pytest.mark.parametrize("bm", [16, 64])
+def test_shared_operand_kernel_compiles_with_one_wgmma_group_in_flight(bm):
+    f = sass.gluon_facts(bm, operand="shared")
+    assert f["shared_bytes"] <= gk.SMEM_ONE_CTA
+    assert f["wgmma"] == 16 and f["wait_depths"] == [0, 1] and not f["serialized_wgmma"]
+    assert f["spill_bytes"] == 0 and f["registers"] <= gk.SHARED_MAXNREG
+    assert ("dec", "64") in f["setmaxnreg"] and ("inc", str(gk.CONVERTER_REGS)) in f["setmaxnreg"]
+    # arrivals: the MMA releases both rings in and after its K loop (4), the converter once per ring and use (2)
+    assert f["mbarrier_arrive"] == 6
 
 
 @needs_gluon
@@ -96,15 +127,18 @@ def test_bench_command_line():
             bench.parse_args(["--launch", bad])
 
 
-def test_bench_variants_time_depth_2_at_16_and_512_tokens():
+def test_bench_variants_time_depth_2_at_16_and_512_tokens_and_the_shared_operand_everywhere():
     assert bench.gluon_variants(64 * 4 / 60, quick=True) == {
         "gluon": {},
         "gluon_d1": {"depth": 1},
+        "gluon_sh": {"operand": "shared"},
         "gluon_d2": {"depth": 2},
     }
     prefill = bench.gluon_variants(512 * 4 / 60, quick=False)
     assert prefill["gluon_d2"] == {"depth": 2} and prefill["gluon_bm32"] == {"bm": 32} and "gluon_nf" in prefill
-    assert "gluon_d2" not in bench.gluon_variants(8192 * 4 / 60, quick=False)
+    assert prefill["gluon_sh_bm32"] == {"operand": "shared", "bm": 32}
+    big = bench.gluon_variants(8192 * 4 / 60, quick=False)
+    assert "gluon_d2" not in big and big["gluon_sh128"] == {"operand": "shared", "bm": 128}
 
 
 def test_bench_row_schema():

@@ -31,7 +31,7 @@ from mxmoe.bench.cases import MODELS, expert_loads, gemms
 from mxmoe.bench.roofline import provenance
 from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, moe_experts_forward, pack, quantize_activations, reference_group_gemm
-from mxmoe.kernels.configs import TileConfig
+from mxmoe.kernels.configs import TileConfig, swappable
 from mxmoe.schemes import Scheme
 
 try:
@@ -109,8 +109,8 @@ def run_case(
             if cfg is not None and cfg[0] == "programs":
                 npg = cfg[1]
                 label, cfg = f"default,P={npg}", None
-            elif cfg is not None and cfg[3] and (not s.weight_only or s.is_full_precision):
-                continue  # swap-AB is a path of weight-only packed schemes
+            elif cfg is not None and cfg[3] and not swappable(s):
+                continue  # swap-AB: weight-only packed schemes and fp8 ones with narrower codes
             else:
                 label = "default" if cfg is None else ",".join(map(str, cfg))
                 npg = cfg[5] if cfg is not None and len(cfg) > 5 else None

@@ -4,7 +4,8 @@
 about 1), in one process on one GPU:
 
 1. Edge cases (tiny launches): programs with no tile, experts with 0 and 1 rows, ragged N, K not a multiple
-   of 128, per-channel asymmetric and symmetric schemes, g256: each Gluon tile / wgmma depth and the Triton
+   of 128, per-channel asymmetric and symmetric schemes, g256: the register-operand Gluon kernel at each tile /
+   wgmma depth, the shared-operand one (``operand="shared"``) at 16, 64 and 128 token rows, and the Triton
    kernel against ``reference_group_gemm`` (relative error; ``EDGE_TOL``).
 2. Paper shapes, w4a16_g128_asym: Qwen1.5-MoE (E=60, top-4) and DeepSeek-V2-Lite (E=64, top-6), gate_up
    (N=2816, K=2048) and down (N=2048, K=1408), at 16 / 512 / 8192 tokens, the skewed loads of
@@ -127,10 +128,13 @@ def routed_rows(tokens: int, experts: int, top_k: int, seed: int) -> "list[int]"
 
 
 def gluon_variants(rows_per_expert: float, quick: bool) -> dict:
-    """name -> ``gluon_group_gemm`` keyword arguments: the default, wgmma depth 1, and up to 64 rows per expert
+    """name -> ``gluon_group_gemm`` keyword arguments: the default, wgmma depth 1, the weight operand in shared memory
+    (``sh``: a converter warpgroup; past 64 rows per expert also with 128-token tiles), and up to 64 rows per expert
     (16 and 512 tokens) depth 2; unless quick, at prefill (17-64 rows) the other BM and no proxy fence, past 64
     rows (8192 tokens) one CTA per SM."""
-    out = {"gluon": {}, "gluon_d1": {"depth": 1}}
+    out = {"gluon": {}, "gluon_d1": {"depth": 1}, "gluon_sh": {"operand": "shared"}}
+    if rows_per_expert > 64:
+        out["gluon_sh128"] = {"operand": "shared", "bm": 128}
     if rows_per_expert <= 64:
         out["gluon_d2"] = {"depth": 2}
     if quick:
@@ -138,6 +142,7 @@ def gluon_variants(rows_per_expert: float, quick: bool) -> dict:
     if 16 < rows_per_expert <= 64:
         other = 32 if gk.default_bm(rows_per_expert) == 64 else 64
         out[f"gluon_bm{other}"] = {"bm": other}
+        out[f"gluon_sh_bm{other}"] = {"operand": "shared", "bm": other}
         out["gluon_nf"] = {"fence": False}
     elif rows_per_expert > 64:
         out["gluon_p1"] = {"programs_per_sm": 1}
@@ -219,6 +224,7 @@ def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
     """Tiny launches at the protocol's corners: per case the relative error (or error text) of each Gluon
     ``bm<BM>/d<depth>`` variant and of the Triton kernel against the reference; printed as they finish."""
     variants = [(16, 0), (64, 1), (64, 2)] if quick else [(16, 0), (32, 0), (64, 0), (64, 1), (16, 2), (64, 2)]
+    variants += [(16, "sh"), (64, "sh"), (128, "sh")]  # (bm, depth) of the register-operand kernel, or (bm, "sh")
     out = []
     for i, (name, scheme, n, k, rows) in enumerate(EDGE_CASES):
         case = {"name": name, "scheme": scheme, "N": n, "K": k, "rows": rows, "gluon": {}}
@@ -233,10 +239,10 @@ def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
         off = _offsets(rows)
         ref = reference_group_gemm(x, off, packed)
         for bm, depth in variants:
-            y, err = guarded(
-                dog, f"edge {name} bm{bm} d{depth}", lambda: gk.gluon_group_gemm(x, off, group, bm=bm, depth=depth)
-            )
-            case["gluon"][f"bm{bm}/d{depth}"] = err or rel_err(y, ref)
+            kw = {"bm": bm, "operand": "shared"} if depth == "sh" else {"bm": bm, "depth": depth}
+            label = f"sh/bm{bm}" if depth == "sh" else f"bm{bm}/d{depth}"
+            y, err = guarded(dog, f"edge {name} {label}", lambda kw=kw: gk.gluon_group_gemm(x, off, group, **kw))
+            case["gluon"][label] = err or rel_err(y, ref)
         yt, err = guarded(dog, f"edge {name} triton", lambda: group_gemm(x, off, group, validate=False))
         case["triton"] = err or rel_err(yt, ref)
         out.append(case)
@@ -321,7 +327,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--launch",
         metavar="SHAPE:TOKENS",
         default=None,
-        help="only launch the Triton and the default Gluon kernel three times each on one case, timing and "
+        help="only launch the Triton and the default Gluon kernels three times each on one case, timing and "
         "writing nothing (for a profiler: ncu -k regex:group_gemm_kernel), e.g. 'qwen1.5 gate_up:512'",
     )
     args = ap.parse_args(argv)
@@ -336,8 +342,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def launch_case(shape: tuple, tokens: int) -> None:
-    """Launch the Triton kernel and the default Gluon kernel three times each, alternating, on one case (the
-    timed cases' experts and routing): what a profiler attached to this process sees."""
+    """Launch the Triton kernel and the default register- and shared-operand Gluon kernels three times each,
+    alternating, on one case (the timed cases' experts and routing): what a profiler attached to this process sees."""
     name, e, n, k, top_k = shape
     si = SHAPES.index(shape)
     packed = _experts(e, n, k, SCHEME, seed=si)
@@ -348,6 +354,7 @@ def launch_case(shape: tuple, tokens: int) -> None:
     for _ in range(3):
         group_gemm(x, off, group, validate=False)
         gk.gluon_group_gemm(x, off, group, validate=False)
+        gk.gluon_group_gemm(x, off, group, validate=False, operand="shared")
     torch.cuda.synchronize()
     print(f"{name}, {tokens} tokens ({sum(rows)} rows): launched each kernel 3 times", flush=True)
 

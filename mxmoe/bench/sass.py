@@ -322,7 +322,7 @@ _GLUON_ALIGNED = tuple(a for a in _ALIGNED if a in _GLUON_SIGNATURE)
 
 def compile_gluon(
     bm: int = 64,
-    stages: "int | None" = None,
+    stages=None,
     *,
     group: int = 128,
     sym: bool = False,
@@ -330,33 +330,30 @@ def compile_gluon(
     producer_regs: int = gk.PRODUCER_REGS,
     depth: int = 0,
     fence: bool = True,
+    operand: str = "registers",
     arch: int = 90,
-    maxnreg: "int | None" = gk.MAXNREG,
+    maxnreg: "int | None" = None,
 ):
-    """``gluon_group_gemm_kernel`` compiled for sm_<arch>a without a GPU, with the constants ``gluon_group_gemm``
-    passes; returns Triton's CompiledKernel (``.asm["ttgir"]``, ``.asm["ptx"]``, ``.metadata.shared``)."""
+    """The Gluon prototype compiled for sm_<arch>a without a GPU, with the constants ``gluon_group_gemm`` passes
+    (``operand`` "registers": ``gluon_group_gemm_kernel``; "shared": ``gluon_shared_group_gemm_kernel``, stages a
+    (ring, weight ring) pair); maxnreg defaults to the launch's. Returns Triton's CompiledKernel (``.asm["ttgir"]``,
+    ``.asm["ptx"]``, ``.metadata.shared``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     if gk.GLUON_ERROR is not None:
         raise RuntimeError(f"this Triton has no usable Gluon: {gk.GLUON_ERROR}")
-    constants = {
-        "BM": bm,
-        "STAGES": stages or gk.default_stages(bm),
-        "GROUP": group,
-        "SYM": sym,
-        "PW": producer_warps,
-        "PREGS": producer_regs,
-        "DEPTH": depth,
-        "FENCE": fence,
-    }
-    fn = gk.gluon_group_gemm_kernel
+    common = {"BM": bm, "GROUP": group, "SYM": sym, "PW": producer_warps, "PREGS": producer_regs, "FENCE": fence}
+    if operand == "shared":
+        ring, wring = stages or gk.shared_stages(bm)
+        constants = {**common, "STAGES": ring, "WSTAGES": wring, "CREGS": gk.CONVERTER_REGS}
+        fn, maxnreg = gk.gluon_shared_group_gemm_kernel, maxnreg or gk.SHARED_MAXNREG
+    else:
+        constants = {**common, "STAGES": stages or gk.default_stages(bm), "DEPTH": depth}
+        fn, maxnreg = gk.gluon_group_gemm_kernel, maxnreg or gk.MAXNREG
     signature = {**_GLUON_SIGNATURE, **{k: "constexpr" for k in constants}}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _GLUON_ALIGNED}
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    options = {"num_warps": 4}
-    if maxnreg is not None:
-        options["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
 
 def gluon_facts(bm: int = 64, stages: "int | None" = None, **kw) -> dict:
@@ -372,7 +369,7 @@ def gluon_facts(bm: int = 64, stages: "int | None" = None, **kw) -> dict:
     warnings = sorted({w.strip() for w in re.findall(r"warning[^\n]*", log)})
     return {
         "bm": bm,
-        "stages": stages or gk.default_stages(bm),
+        "stages": stages or (gk.shared_stages(bm) if kw.get("operand") == "shared" else gk.default_stages(bm)),
         **kw,
         "registers": int(regs.group(1)) if regs else -1,
         "spill_bytes": sum(spills),

@@ -162,6 +162,8 @@ if gl is not None:
     except Exception as exc:  # a Gluon whose layout API differs: importable, not runnable
         GLUON_ERROR = exc
 CODE_OFF = _constexpr(8)  # centred 4-bit code q = u - 8
+# A barrier of the calling partition's warps (gl.barrier; thread_barrier in Triton 3.6)
+_partition_barrier = (getattr(gl, "barrier", None) or gl.thread_barrier) if gl is not None else None
 STOP = _constexpr(1 << 30)  # tile count of the cursor past the last expert: ends every walk
 
 
@@ -517,6 +519,274 @@ def gluon_group_gemm_kernel(
         mbarrier.invalidate(empty.index(i))
 
 
+# ------------------------------------------------------------------------- shared-memory weight operand
+# OPERAND = "shared": the unpacking leaves the MMA's path. A converter warpgroup unpacks and scales each K block
+# into a ring of bf16 weight tiles in shared memory; the MMA warpgroup only waits and issues wgmma with both
+# operands in shared memory (weights [BN, 128] as A, x rows [BM, 128] permuted as B), one group in flight.
+# Ring uses are numbered alike in all three partitions (the producer is ``_producer`` unchanged); ``empty[s]``
+# counts two arrivals per use (the converter, once the codes are in registers and its weight tile is stored;
+# the MMA, once the wgmma that read the x rows retired), ``wfull`` / ``wempty`` one each (converter / MMA).
+
+
+@_jit
+def _converter(
+    off_ptr,
+    sched_ptr,
+    addr_ptr,
+    E,
+    N,
+    KP,
+    codes_smem,
+    pair_smem,
+    w_smem,
+    full,
+    empty,
+    wfull,
+    wempty,
+    BM: gl.constexpr,
+    STAGES: gl.constexpr,
+    WSTAGES: gl.constexpr,
+    GROUP: gl.constexpr,
+    SYM: gl.constexpr,
+):
+    """Worker partition (one warpgroup): unpack and scale every K block of every tile into the weight ring."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+    DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    ROW_L: gl.constexpr = gl.SliceLayout(1, DOT_A)  # [BN] per weight row, where the unpacked values hold it
+    NB = gl.cdiv(N, BN)
+    nkb = KP // PACK_K
+    rn_a = gl.arange(0, BN, layout=ROW_L)  # [BN]
+    t = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    zero = gl.to_tensor(0)
+    pos, start, cnt = _seek(
+        t, zero, zero, _tile_count(zero, E, off_ptr, sched_ptr, NB, BM), E, off_ptr, sched_ptr, NB, BM
+    )
+    it = zero
+    while pos < E:
+        e = gl.load(sched_ptr + 2 * pos)
+        rows = gl.load(off_ptr + e + 1) - gl.load(off_ptr + e)
+        n0 = ((t - start) // gl.cdiv(rows, BM)) * BN
+        if GROUP < 0:  # per channel: one scale (and zero point) per weight row, fp32
+            rn = n0 + rn_a
+            s_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 1).to(gl.pointer_type(gl.float32)), 16)
+            sc32 = gl.load(s_ptr + rn, mask=rn < N, other=0.0)
+            sc = sc32.to(gl.bfloat16)
+            if SYM:
+                zr = sc  # unused
+            else:
+                z_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 2).to(gl.pointer_type(gl.float32)), 16)
+                zr = (gl.load(z_ptr + rn, mask=rn < N, other=0.0) + CODE_OFF * sc32).to(gl.bfloat16)
+        for kb in range(nkb):
+            s = it % STAGES
+            mbarrier.wait(full.index(s), (it // STAGES) & 1)
+            codes = codes_smem.index(s).load(CODE_LAYOUT)
+            if GROUP > 0:
+                sc, zr = _pair_scale_zero(pair_smem.index(s).load(ROW_L), CODE_OFF)  # [BN] each
+            w = _weights(codes, sc, zr, SYM, DOT_A)  # [BN, 128]
+            ws = it % WSTAGES
+            mbarrier.wait(wempty.index(ws), ((it // WSTAGES) & 1) ^ 1)  # the first pass of each stage passes at once
+            w_smem.index(ws).store(w)
+            fence_async_shared()  # each thread's stores, before the wgmma (async proxy) reads them
+            _partition_barrier()  # every thread's loads of use it and stores, before the one arrival each
+            mbarrier.arrive(wfull.index(ws))
+            mbarrier.arrive(empty.index(s))
+            it += 1
+        t += nprog
+        pos, start, cnt = _seek(t, pos, start, cnt, E, off_ptr, sched_ptr, NB, BM)
+
+
+@_jit
+def _shared_mma(
+    y_ptr,
+    off_ptr,
+    sched_ptr,
+    E,
+    N,
+    KP,
+    stride_ym,
+    x_smem,
+    w_smem,
+    full,
+    empty,
+    wfull,
+    wempty,
+    BM: gl.constexpr,
+    STAGES: gl.constexpr,
+    WSTAGES: gl.constexpr,
+    FENCE: gl.constexpr,
+):
+    """Default partition (one warpgroup): wgmma every K block from the two rings; store each tile's y rows."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+    NB = gl.cdiv(N, BN)
+    nkb = KP // PACK_K
+    rn_y = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))  # [BN] rows of acc
+    rm_y = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))  # [BM] columns of acc
+    t = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    zero = gl.to_tensor(0)
+    pos, start, cnt = _seek(
+        t, zero, zero, _tile_count(zero, E, off_ptr, sched_ptr, NB, BM), E, off_ptr, sched_ptr, NB, BM
+    )
+    it = zero
+    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)  # y^T tile; each tile's first wgmma ignores it (use_acc)
+    while pos < E:
+        e = gl.load(sched_ptr + 2 * pos)
+        row0 = gl.load(off_ptr + e)
+        row1 = gl.load(off_ptr + e + 1)
+        mt = gl.cdiv(row1 - row0, BM)
+        local = t - start
+        # the tile's rows before the K loop: divided after it, ptxas serialised every wgmma (C7514)
+        rn = (local // mt) * BN + rn_y  # [BN] weight rows
+        rm = row0 + (local % mt) * BM + rm_y  # [BM] token rows
+        for kb in range(nkb):
+            s = _landed(it, full, STAGES, FENCE)
+            ws = it % WSTAGES
+            mbarrier.wait(wfull.index(ws), (it // WSTAGES) & 1)
+            tok = warpgroup_mma(w_smem.index(ws), x_smem.index(s).permute((1, 0)), acc, use_acc=kb > 0, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=[tok])  # the block before retired
+            mbarrier.arrive(wempty.index((it + WSTAGES - 1) % WSTAGES), pred=kb > 0)
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kb > 0)
+            it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        mbarrier.arrive(wempty.index((it + WSTAGES - 1) % WSTAGES))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        y_ptrs = y_ptr + rm.to(gl.int64)[None, :] * stride_ym + rn[:, None]  # [BN, BM] of y^T
+        gl.store(y_ptrs, acc.to(gl.bfloat16), mask=(rm < row1)[None, :] & (rn < N)[:, None])
+        t += nprog
+        pos, start, cnt = _seek(t, pos, start, cnt, E, off_ptr, sched_ptr, NB, BM)
+
+
+@_jit
+def gluon_shared_group_gemm_kernel(
+    x_ptr,
+    y_ptr,
+    off_ptr,
+    sched_ptr,
+    addr_ptr,
+    E,
+    N,
+    K,
+    KP,
+    stride_xm,
+    stride_ym,
+    BM: gl.constexpr,
+    STAGES: gl.constexpr,
+    WSTAGES: gl.constexpr,
+    GROUP: gl.constexpr,
+    SYM: gl.constexpr,
+    PW: gl.constexpr,
+    PREGS: gl.constexpr,
+    CREGS: gl.constexpr,
+    FENCE: gl.constexpr,
+):
+    """The ``gluon_group_gemm_kernel`` contract with the weight operand in shared memory (block comment above):
+    the MMA warpgroup (default partition, launch with num_warps=4), a converter warpgroup (CREGS registers) and
+    the producer (PW warps, PREGS registers). WSTAGES: depth of the bf16 weight ring; BM up to 128."""
+    codes_smem = gl.allocate_shared_memory(
+        gl.uint8, [STAGES, BN // 4, 256], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    )
+    pair_smem = gl.allocate_shared_memory(
+        gl.int32, [STAGES, BN], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    )
+    x_smem = gl.allocate_shared_memory(
+        gl.bfloat16, [STAGES, BM, PACK_K], gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    )
+    w_smem = gl.allocate_shared_memory(
+        gl.bfloat16, [WSTAGES, BN, PACK_K], gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    )
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    wfull = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
+    wempty = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=32 * PW)  # every producer thread's cp.async.mbarrier.arrive.noinc
+        mbarrier.init(empty.index(i), count=2)  # the converter's and the MMA's release of each use
+    for i in gl.static_range(WSTAGES):
+        mbarrier.init(wfull.index(i), count=1)
+        mbarrier.init(wempty.index(i), count=1)
+    gl.warp_specialize(
+        [
+            (
+                _shared_mma,
+                (
+                    y_ptr,
+                    off_ptr,
+                    sched_ptr,
+                    E,
+                    N,
+                    KP,
+                    stride_ym,
+                    x_smem,
+                    w_smem,
+                    full,
+                    empty,
+                    wfull,
+                    wempty,
+                    BM,
+                    STAGES,
+                    WSTAGES,
+                    FENCE,
+                ),
+            ),
+            (
+                _converter,
+                (
+                    off_ptr,
+                    sched_ptr,
+                    addr_ptr,
+                    E,
+                    N,
+                    KP,
+                    codes_smem,
+                    pair_smem,
+                    w_smem,
+                    full,
+                    empty,
+                    wfull,
+                    wempty,
+                    BM,
+                    STAGES,
+                    WSTAGES,
+                    GROUP,
+                    SYM,
+                ),
+            ),
+            (
+                _producer,
+                (
+                    x_ptr,
+                    off_ptr,
+                    sched_ptr,
+                    addr_ptr,
+                    E,
+                    N,
+                    K,
+                    KP,
+                    stride_xm,
+                    codes_smem,
+                    pair_smem,
+                    x_smem,
+                    full,
+                    empty,
+                    BM,
+                    STAGES,
+                    GROUP,
+                    PW,
+                ),
+            ),
+        ],
+        [4, PW],
+        [CREGS, PREGS],
+    )
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(full.index(i))
+        mbarrier.invalidate(empty.index(i))
+    for i in gl.static_range(WSTAGES):
+        mbarrier.invalidate(wfull.index(i))
+        mbarrier.invalidate(wempty.index(i))
+
+
 # ---------------------------------------------------------------------------------------------- host side
 
 # Launch shape (sm_90a compiles, module docstring): Triton pads the warp-specialised CTA to whole warpgroups
@@ -536,6 +806,21 @@ def stage_bytes(bm: int) -> int:
 def default_stages(bm: int) -> int:
     """The deepest ring (at most 6 stages) that leaves two CTAs per SM (BM 16/32/64: 6/6/4)."""
     return max(2, min(6, (SMEM_PER_CTA - 1024) // stage_bytes(bm)))
+
+
+# Shared-memory weight operand (``gluon_shared_group_gemm_kernel``): one CTA per SM of three warpgroups (MMA,
+# converter, producer), so 65536 / 384 = 170 registers a thread at launch (maxnreg 168); setmaxnreg then gives the
+# converter CONVERTER_REGS, the producer PRODUCER_REGS and the MMA warpgroup the rest (3 x 168 - 192 - 64 = 248).
+SHARED_MAXNREG, CONVERTER_REGS = 168, 192
+SMEM_ONE_CTA = 227 * 1024  # one CTA per SM on H100/H200
+W_STAGE_BYTES = TILE_N * BLOCK_K * 2  # one bf16 weight tile [BN, 128]
+
+
+def shared_stages(bm: int) -> "tuple[int, int]":
+    """(ring depth, weight-ring depth) of the shared-operand kernel at BM token rows: three weight tiles, then
+    the deepest ring (at most 6) in the rest of one CTA's shared memory (BM 16/32/64/128: 6/6/5/3)."""
+    wstages = 3
+    return max(2, min(6, (SMEM_ONE_CTA - 1024 - wstages * W_STAGE_BYTES) // stage_bytes(bm))), wstages
 
 
 def default_bm(rows_per_expert: float) -> int:
@@ -569,6 +854,7 @@ def gluon_group_gemm(
     producer_regs: int = PRODUCER_REGS,
     depth: int = 0,
     fence: bool = True,
+    operand: str = "registers",
     validate: bool = True,
 ):
     """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]`` with the Gluon kernel.
@@ -577,7 +863,10 @@ def gluon_group_gemm(
     of PackedWeights) whose experts all have one scheme ``check_scheme`` accepts. bm: tokens per tile (16, 32,
     64; default from the rows per expert); stages: ring depth (default ``default_stages(bm)``);
     num_programs: persistent programs (default ``programs_per_sm`` x SM count); producer_warps (1, 2 or 4),
-    producer_regs, depth (0, 1 or 2: ``gluon_group_gemm_kernel``) and fence: kernel variants. ``validate`` checks the
+    producer_regs, depth (0, 1 or 2: ``gluon_group_gemm_kernel``) and fence: kernel variants. operand: where the
+    unpacked weight tile meets the wgmma: "registers" (``gluon_group_gemm_kernel``, two CTAs per SM) or "shared"
+    (``gluon_shared_group_gemm_kernel``: a converter warpgroup stores it to shared memory; one CTA per SM, bm up to
+    128, stages = (ring, weight ring) depths, depth unused). ``validate`` checks the
     offsets as ``group_gemm`` does (an asynchronous device assertion). Returns y: [T, N] bf16.
     Raises ValueError for a scheme or input it does not run, RuntimeError without Gluon or a CUDA GPU."""
     group = expert_group(group)
@@ -593,8 +882,11 @@ def gluon_group_gemm(
         raise ValueError(f"K={group.k}: x rows are copied 16 bytes at a time, K must be a multiple of 8")
     if offsets.dim() != 1 or offsets.numel() != len(group) + 1:
         raise ValueError(f"offsets must have E+1 = {len(group) + 1} entries, got shape {tuple(offsets.shape)}")
-    if bm is not None and bm not in (16, 32, 64):
-        raise ValueError(f"bm must be 16, 32 or 64, got {bm}")
+    if operand not in ("registers", "shared"):
+        raise ValueError(f"operand must be 'registers' or 'shared', got {operand!r}")
+    bms = (16, 32, 64, 128) if operand == "shared" else (16, 32, 64)
+    if bm is not None and bm not in bms:
+        raise ValueError(f"bm must be one of {bms} with operand={operand!r}, got {bm}")
     if producer_warps not in (1, 2, 4) or depth not in (0, 1, 2):
         raise ValueError("producer_warps must be 1, 2 or 4 and depth 0, 1 or 2")
     if GLUON_ERROR is not None:
@@ -614,25 +906,36 @@ def gluon_group_gemm(
         raise ValueError("x must start on a 16-byte boundary (16-byte copies)")
     offsets = offsets.to(torch.int32)
     bm = bm or default_bm(t / len(group))
+    sched = group.schedule((s,))
+    args = (x, y, offsets, sched, group.addr, sched.shape[0], group.n, group.k, group.k_pad, x.stride(0), y.stride(0))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if operand == "shared":
+        ring, wring = stages or shared_stages(bm)
+        need = ring * stage_bytes(bm) + wring * W_STAGE_BYTES
+        if min(ring, wring) < 2 or need > SMEM_ONE_CTA - 1024:
+            raise ValueError(f"stages=({ring}, {wring}) at bm={bm} needs {need} bytes of shared memory")
+        with device_guard(x.device):
+            gluon_shared_group_gemm_kernel[(num_programs or sms,)](
+                *args,
+                BM=bm,
+                STAGES=ring,
+                WSTAGES=wring,
+                GROUP=s.group_size,
+                SYM=s.symmetric,
+                PW=producer_warps,
+                PREGS=producer_regs,
+                CREGS=CONVERTER_REGS,
+                FENCE=fence,
+                num_warps=4,
+                maxnreg=SHARED_MAXNREG,
+            )
+        return y
     stages = stages or default_stages(bm)
     if stages < 2 or stages * stage_bytes(bm) > SMEM_PER_CTA:
         raise ValueError(f"stages={stages} at bm={bm} needs {stages * stage_bytes(bm)} bytes of shared memory")
-    if num_programs is None:
-        num_programs = programs_per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
-    sched = group.schedule((s,))
     with device_guard(x.device):
-        gluon_group_gemm_kernel[(num_programs,)](
-            x,
-            y,
-            offsets,
-            sched,
-            group.addr,
-            sched.shape[0],
-            group.n,
-            group.k,
-            group.k_pad,
-            x.stride(0),
-            y.stride(0),
+        gluon_group_gemm_kernel[(num_programs or programs_per_sm * sms,)](
+            *args,
             BM=bm,
             STAGES=stages,
             GROUP=s.group_size,
