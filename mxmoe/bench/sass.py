@@ -331,12 +331,13 @@ def compile_gluon(
     depth: int = 0,
     fence: bool = True,
     operand: str = "registers",
+    converters: int = 1,
     arch: int = 90,
     maxnreg: "int | None" = None,
 ):
     """The Gluon prototype compiled for sm_<arch>a without a GPU, with the constants ``gluon_group_gemm`` passes
     (``operand`` "registers": ``gluon_group_gemm_kernel``; "shared": ``gluon_shared_group_gemm_kernel``, stages a
-    (ring, weight ring) pair); maxnreg defaults to the launch's. Returns Triton's CompiledKernel (``.asm["ttgir"]``,
+    (ring, weight ring) pair, ``converters`` its converter warpgroups); maxnreg defaults to the launch's. Returns Triton's CompiledKernel (``.asm["ttgir"]``,
     ``.asm["ptx"]``, ``.metadata.shared``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -345,8 +346,9 @@ def compile_gluon(
     common = {"BM": bm, "GROUP": group, "SYM": sym, "PW": producer_warps, "PREGS": producer_regs, "FENCE": fence}
     if operand == "shared":
         ring, wring = stages or gk.shared_stages(bm)
-        constants = {**common, "STAGES": ring, "WSTAGES": wring, "CREGS": gk.CONVERTER_REGS}
-        fn, maxnreg = gk.gluon_shared_group_gemm_kernel, maxnreg or gk.SHARED_MAXNREG
+        constants = {**common, "STAGES": ring, "WSTAGES": wring, "CREGS": gk.CONVERTER_REGS[converters]}
+        constants["NCONV"] = converters
+        fn, maxnreg = gk.gluon_shared_group_gemm_kernel, maxnreg or gk.SHARED_MAXNREG[converters]
     else:
         constants = {**common, "STAGES": stages or gk.default_stages(bm), "DEPTH": depth}
         fn, maxnreg = gk.gluon_group_gemm_kernel, maxnreg or gk.MAXNREG

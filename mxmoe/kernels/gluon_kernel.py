@@ -137,7 +137,7 @@ NIBBLE_ASM_TEXT = triton_kernel.NIBBLE_ASM.value
 NIBBLE_ASM = _constexpr(NIBBLE_ASM_TEXT)
 # Linear layout of the [BN / 4, 256] uint8 codes as the consumer warpgroup loads them (module docstring):
 # Triton 3.6's choice for the same unpack, so the reshapes after the asm move no data.
-CODE_LAYOUT = CODE_HALF_LAYOUT = None
+CODE_LAYOUT = CODE_HALF_LAYOUT = CODE_ROWS_HALF_LAYOUT = None
 if gl is not None:
     try:
         CODE_LAYOUT = gl.constexpr(
@@ -157,6 +157,16 @@ if gl is not None:
                 warp_bases=[[4, 0], [8, 0]],
                 block_bases=[],
                 shape=[32, 128],
+            )
+        )
+        # byte rows 0-15 or 16-31 (weight rows 0-63 or 64-127 of the tile): CODE_LAYOUT less its +16 rows basis
+        CODE_ROWS_HALF_LAYOUT = gl.constexpr(
+            gl.DistributedLinearLayout(
+                reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 128]],
+                lane_bases=[[0, 16], [0, 32], [0, 64], [1, 0], [2, 0]],
+                warp_bases=[[4, 0], [8, 0]],
+                block_bases=[],
+                shape=[16, 256],
             )
         )
     except Exception as exc:  # a Gluon whose layout API differs: importable, not runnable
@@ -548,14 +558,19 @@ def _converter(
     WSTAGES: gl.constexpr,
     GROUP: gl.constexpr,
     SYM: gl.constexpr,
+    CID: gl.constexpr,
+    NCONV: gl.constexpr,
 ):
-    """Worker partition (one warpgroup): unpack and scale every K block of every tile into the weight ring."""
+    """Worker partition (one warpgroup, converter CID of NCONV): unpack and scale its BN / NCONV weight rows of
+    every K block of every tile into the weight ring."""
+    ROWS: gl.constexpr = BN // NCONV  # weight rows of this converter: CID * ROWS ...
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    ROW_L: gl.constexpr = gl.SliceLayout(1, DOT_A)  # [BN] per weight row, where the unpacked values hold it
+    ROW_L: gl.constexpr = gl.SliceLayout(1, DOT_A)  # [ROWS] per weight row, where the unpacked values hold it
+    CODES_L: gl.constexpr = CODE_LAYOUT if NCONV == 1 else CODE_ROWS_HALF_LAYOUT
     NB = gl.cdiv(N, BN)
     nkb = KP // PACK_K
-    rn_a = gl.arange(0, BN, layout=ROW_L)  # [BN]
+    rn_a = CID * ROWS + gl.arange(0, ROWS, layout=ROW_L)  # [ROWS] rows of the tile
     t = gl.program_id(0)
     nprog = gl.num_programs(0)
     zero = gl.to_tensor(0)
@@ -580,13 +595,13 @@ def _converter(
         for kb in range(nkb):
             s = it % STAGES
             mbarrier.wait(full.index(s), (it // STAGES) & 1)
-            codes = codes_smem.index(s).load(CODE_LAYOUT)
+            codes = codes_smem.index(s).slice(CID * (ROWS // 4), ROWS // 4, dim=0).load(CODES_L)  # [ROWS/4, 256]
             if GROUP > 0:
-                sc, zr = _pair_scale_zero(pair_smem.index(s).load(ROW_L), CODE_OFF)  # [BN] each
-            w = _weights(codes, sc, zr, SYM, DOT_A)  # [BN, 128]
+                sc, zr = _pair_scale_zero(pair_smem.index(s).slice(CID * ROWS, ROWS).load(ROW_L), CODE_OFF)
+            w = _weights(codes, sc, zr, SYM, DOT_A)  # [ROWS, 128]
             ws = it % WSTAGES
             mbarrier.wait(wempty.index(ws), ((it // WSTAGES) & 1) ^ 1)  # the first pass of each stage passes at once
-            w_smem.index(ws).store(w)
+            w_smem.index(ws).slice(CID * ROWS, ROWS, dim=0).store(w)
             fence_async_shared()  # each thread's stores, before the wgmma (async proxy) reads them
             _partition_barrier()  # every thread's loads of use it and stores, before the one arrival each
             mbarrier.arrive(wfull.index(ws))
@@ -678,11 +693,13 @@ def gluon_shared_group_gemm_kernel(
     PW: gl.constexpr,
     PREGS: gl.constexpr,
     CREGS: gl.constexpr,
+    NCONV: gl.constexpr,
     FENCE: gl.constexpr,
 ):
     """The ``gluon_group_gemm_kernel`` contract with the weight operand in shared memory (block comment above):
-    the MMA warpgroup (default partition, launch with num_warps=4), a converter warpgroup (CREGS registers) and
-    the producer (PW warps, PREGS registers). WSTAGES: depth of the bf16 weight ring; BM up to 128."""
+    the MMA warpgroup (default partition, launch with num_warps=4), NCONV converter warpgroups (1 or 2, CREGS
+    registers each; two split each K block's 128 weight rows) and the producer (PW warps, PREGS registers).
+    WSTAGES: depth of the bf16 weight ring; BM up to 128."""
     codes_smem = gl.allocate_shared_memory(
         gl.uint8, [STAGES, BN // 4, 256], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     )
@@ -701,84 +718,189 @@ def gluon_shared_group_gemm_kernel(
     wempty = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=32 * PW)  # every producer thread's cp.async.mbarrier.arrive.noinc
-        mbarrier.init(empty.index(i), count=2)  # the converter's and the MMA's release of each use
+        mbarrier.init(empty.index(i), count=NCONV + 1)  # the converters' and the MMA's release of each use
     for i in gl.static_range(WSTAGES):
-        mbarrier.init(wfull.index(i), count=1)
+        mbarrier.init(wfull.index(i), count=NCONV)
         mbarrier.init(wempty.index(i), count=1)
-    gl.warp_specialize(
-        [
-            (
-                _shared_mma,
+    if NCONV == 1:
+        gl.warp_specialize(
+            [
                 (
-                    y_ptr,
-                    off_ptr,
-                    sched_ptr,
-                    E,
-                    N,
-                    KP,
-                    stride_ym,
-                    x_smem,
-                    w_smem,
-                    full,
-                    empty,
-                    wfull,
-                    wempty,
-                    BM,
-                    STAGES,
-                    WSTAGES,
-                    FENCE,
+                    _shared_mma,
+                    (
+                        y_ptr,
+                        off_ptr,
+                        sched_ptr,
+                        E,
+                        N,
+                        KP,
+                        stride_ym,
+                        x_smem,
+                        w_smem,
+                        full,
+                        empty,
+                        wfull,
+                        wempty,
+                        BM,
+                        STAGES,
+                        WSTAGES,
+                        FENCE,
+                    ),
                 ),
-            ),
-            (
-                _converter,
                 (
-                    off_ptr,
-                    sched_ptr,
-                    addr_ptr,
-                    E,
-                    N,
-                    KP,
-                    codes_smem,
-                    pair_smem,
-                    w_smem,
-                    full,
-                    empty,
-                    wfull,
-                    wempty,
-                    BM,
-                    STAGES,
-                    WSTAGES,
-                    GROUP,
-                    SYM,
+                    _converter,
+                    (
+                        off_ptr,
+                        sched_ptr,
+                        addr_ptr,
+                        E,
+                        N,
+                        KP,
+                        codes_smem,
+                        pair_smem,
+                        w_smem,
+                        full,
+                        empty,
+                        wfull,
+                        wempty,
+                        BM,
+                        STAGES,
+                        WSTAGES,
+                        GROUP,
+                        SYM,
+                        0,
+                        NCONV,
+                    ),
                 ),
-            ),
-            (
-                _producer,
                 (
-                    x_ptr,
-                    off_ptr,
-                    sched_ptr,
-                    addr_ptr,
-                    E,
-                    N,
-                    K,
-                    KP,
-                    stride_xm,
-                    codes_smem,
-                    pair_smem,
-                    x_smem,
-                    full,
-                    empty,
-                    BM,
-                    STAGES,
-                    GROUP,
-                    PW,
+                    _producer,
+                    (
+                        x_ptr,
+                        off_ptr,
+                        sched_ptr,
+                        addr_ptr,
+                        E,
+                        N,
+                        K,
+                        KP,
+                        stride_xm,
+                        codes_smem,
+                        pair_smem,
+                        x_smem,
+                        full,
+                        empty,
+                        BM,
+                        STAGES,
+                        GROUP,
+                        PW,
+                    ),
                 ),
-            ),
-        ],
-        [4, PW],
-        [CREGS, PREGS],
-    )
+            ],
+            [4, PW],
+            [CREGS, PREGS],
+        )
+    else:
+        gl.warp_specialize(
+            [
+                (
+                    _shared_mma,
+                    (
+                        y_ptr,
+                        off_ptr,
+                        sched_ptr,
+                        E,
+                        N,
+                        KP,
+                        stride_ym,
+                        x_smem,
+                        w_smem,
+                        full,
+                        empty,
+                        wfull,
+                        wempty,
+                        BM,
+                        STAGES,
+                        WSTAGES,
+                        FENCE,
+                    ),
+                ),
+                (
+                    _converter,
+                    (
+                        off_ptr,
+                        sched_ptr,
+                        addr_ptr,
+                        E,
+                        N,
+                        KP,
+                        codes_smem,
+                        pair_smem,
+                        w_smem,
+                        full,
+                        empty,
+                        wfull,
+                        wempty,
+                        BM,
+                        STAGES,
+                        WSTAGES,
+                        GROUP,
+                        SYM,
+                        0,
+                        NCONV,
+                    ),
+                ),
+                (
+                    _converter,
+                    (
+                        off_ptr,
+                        sched_ptr,
+                        addr_ptr,
+                        E,
+                        N,
+                        KP,
+                        codes_smem,
+                        pair_smem,
+                        w_smem,
+                        full,
+                        empty,
+                        wfull,
+                        wempty,
+                        BM,
+                        STAGES,
+                        WSTAGES,
+                        GROUP,
+                        SYM,
+                        1,
+                        NCONV,
+                    ),
+                ),
+                (
+                    _producer,
+                    (
+                        x_ptr,
+                        off_ptr,
+                        sched_ptr,
+                        addr_ptr,
+                        E,
+                        N,
+                        K,
+                        KP,
+                        stride_xm,
+                        codes_smem,
+                        pair_smem,
+                        x_smem,
+                        full,
+                        empty,
+                        BM,
+                        STAGES,
+                        GROUP,
+                        PW,
+                    ),
+                ),
+            ],
+            [4, 4, PW],
+            [CREGS, CREGS, PREGS],
+        )
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(i))
         mbarrier.invalidate(empty.index(i))
@@ -808,10 +930,11 @@ def default_stages(bm: int) -> int:
     return max(2, min(6, (SMEM_PER_CTA - 1024) // stage_bytes(bm)))
 
 
-# Shared-memory weight operand (``gluon_shared_group_gemm_kernel``): one CTA per SM of three warpgroups (MMA,
-# converter, producer), so 65536 / 384 = 170 registers a thread at launch (maxnreg 168); setmaxnreg then gives the
-# converter CONVERTER_REGS, the producer PRODUCER_REGS and the MMA warpgroup the rest (3 x 168 - 192 - 64 = 248).
-SHARED_MAXNREG, CONVERTER_REGS = 168, 192
+# Shared-memory weight operand (``gluon_shared_group_gemm_kernel``): one CTA per SM of the MMA warpgroup, one or two
+# converter warpgroups and the producer's, so 65536 / (128 x warpgroups) registers a thread at launch (SHARED_MAXNREG);
+# setmaxnreg then gives each converter CONVERTER_REGS, the producer PRODUCER_REGS and the MMA warpgroup the rest
+# (one converter: 3 x 168 - 192 - 64 = 248; two: 4 x 128 - 2 x 120 - 64 = 208). Keyed by the number of converters.
+SHARED_MAXNREG, CONVERTER_REGS = {1: 168, 2: 128}, {1: 192, 2: 120}
 SMEM_ONE_CTA = 227 * 1024  # one CTA per SM on H100/H200
 W_STAGE_BYTES = TILE_N * BLOCK_K * 2  # one bf16 weight tile [BN, 128]
 
@@ -855,6 +978,7 @@ def gluon_group_gemm(
     depth: int = 0,
     fence: bool = True,
     operand: str = "registers",
+    converters: int = 1,
     validate: bool = True,
 ):
     """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]`` with the Gluon kernel.
@@ -866,7 +990,8 @@ def gluon_group_gemm(
     producer_regs, depth (0, 1 or 2: ``gluon_group_gemm_kernel``) and fence: kernel variants. operand: where the
     unpacked weight tile meets the wgmma: "registers" (``gluon_group_gemm_kernel``, two CTAs per SM) or "shared"
     (``gluon_shared_group_gemm_kernel``: a converter warpgroup stores it to shared memory; one CTA per SM, bm up to
-    128, stages = (ring, weight ring) depths, depth unused). ``validate`` checks the
+    128, stages = (ring, weight ring) depths, depth unused; ``converters`` 1 or 2 warpgroups unpack, two splitting
+    each K block's weight rows). ``validate`` checks the
     offsets as ``group_gemm`` does (an asynchronous device assertion). Returns y: [T, N] bf16.
     Raises ValueError for a scheme or input it does not run, RuntimeError without Gluon or a CUDA GPU."""
     group = expert_group(group)
@@ -887,8 +1012,8 @@ def gluon_group_gemm(
     bms = (16, 32, 64, 128) if operand == "shared" else (16, 32, 64)
     if bm is not None and bm not in bms:
         raise ValueError(f"bm must be one of {bms} with operand={operand!r}, got {bm}")
-    if producer_warps not in (1, 2, 4) or depth not in (0, 1, 2):
-        raise ValueError("producer_warps must be 1, 2 or 4 and depth 0, 1 or 2")
+    if producer_warps not in (1, 2, 4) or depth not in (0, 1, 2) or converters not in (1, 2):
+        raise ValueError("producer_warps must be 1, 2 or 4, depth 0, 1 or 2 and converters 1 or 2")
     if GLUON_ERROR is not None:
         raise RuntimeError(f"this Triton has no usable Gluon: {GLUON_ERROR}")
     if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
@@ -924,10 +1049,11 @@ def gluon_group_gemm(
                 SYM=s.symmetric,
                 PW=producer_warps,
                 PREGS=producer_regs,
-                CREGS=CONVERTER_REGS,
+                CREGS=CONVERTER_REGS[converters],
+                NCONV=converters,
                 FENCE=fence,
                 num_warps=4,
-                maxnreg=SHARED_MAXNREG,
+                maxnreg=SHARED_MAXNREG[converters],
             )
         return y
     stages = stages or default_stages(bm)
