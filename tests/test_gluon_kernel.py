@@ -136,6 +136,7 @@ def test_bench_variants_time_depth_2_at_16_and_512_tokens_and_the_shared_operand
         "gluon_d1": {"depth": 1},
         "gluon_sh": {"operand": "shared"},
         "gluon_sh2": {"operand": "shared", "converters": 2},
+        "gluon_sh2u": {"operand": "shared", "converters": 2, "split": "uses"},
         "gluon_d2": {"depth": 2},
     }
     prefill = bench.gluon_variants(512 * 4 / 60, quick=False)

@@ -332,12 +332,13 @@ def compile_gluon(
     fence: bool = True,
     operand: str = "registers",
     converters: int = 1,
+    split: str = "rows",
     arch: int = 90,
     maxnreg: "int | None" = None,
 ):
     """The Gluon prototype compiled for sm_<arch>a without a GPU, with the constants ``gluon_group_gemm`` passes
     (``operand`` "registers": ``gluon_group_gemm_kernel``; "shared": ``gluon_shared_group_gemm_kernel``, stages a
-    (ring, weight ring) pair, ``converters`` its converter warpgroups); maxnreg defaults to the launch's. Returns Triton's CompiledKernel (``.asm["ttgir"]``,
+    (ring, weight ring) pair, ``converters`` its converter warpgroups, ``split`` how two share the work); maxnreg defaults to the launch's. Returns Triton's CompiledKernel (``.asm["ttgir"]``,
     ``.asm["ptx"]``, ``.metadata.shared``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -346,8 +347,9 @@ def compile_gluon(
     common = {"BM": bm, "GROUP": group, "SYM": sym, "PW": producer_warps, "PREGS": producer_regs, "FENCE": fence}
     if operand == "shared":
         ring, wring = stages or gk.shared_stages(bm)
-        constants = {**common, "STAGES": ring, "WSTAGES": wring, "CREGS": gk.CONVERTER_REGS[converters]}
-        constants["NCONV"] = converters
+        uses = split == "uses" and converters == 2
+        cregs = gk.CONVERTER_REGS_USES if uses else gk.CONVERTER_REGS[converters]
+        constants = {**common, "STAGES": ring, "WSTAGES": wring, "CREGS": cregs, "NCONV": converters, "USES": uses}
         fn, maxnreg = gk.gluon_shared_group_gemm_kernel, maxnreg or gk.SHARED_MAXNREG[converters]
     else:
         constants = {**common, "STAGES": stages or gk.default_stages(bm), "DEPTH": depth}

@@ -27,6 +27,14 @@ issue slots and the tensor pipe all stay near 40%, so the 512-token case is not 
 each consumer warpgroup's dependent chain per K block. It is the benchmark's comparison and the skeleton for
 a kernel with more independent work per SM, not a path ``group_gemm`` takes.
 
+The shared-operand variant (``gluon_shared_group_gemm_kernel``, ``operand="shared"``) is the issue's step (c) as
+written: the unpack leaves the MMA's path. One CTA per SM; the same producer; one or two *converter* warpgroups
+wait for a ring stage, unpack and scale its codes (two converters take 64 weight rows each) and store the bf16
+tile [BN, 128] with stmatrix into a ring of ``WSTAGES`` weight tiles; the *MMA* warpgroup (default partition)
+waits for the x stage and the weight tile and issues the wgmma with both operands in shared memory, one group
+in flight. A ring stage is released when the converters have its codes in registers and the MMA has retired
+the wgmma that read its x rows (``empty`` counts NCONV + 1 arrivals); a weight tile when its wgmma retired.
+
 Tiles, exactly as the Triton kernel's SWAP path: per expert ``mt = cdiv(rows, BM)`` token blocks x
 ``cdiv(N, BN)`` weight-row blocks (BN = 128); local tile ``local`` is token block ``local % mt`` of row
 block ``local // mt``; the accumulator is the [BN, BM] tile y^T (weight rows as the wgmma's M, tokens as
@@ -87,6 +95,15 @@ producer cannot lap the consumer (it waits on ``empty``), and a phase is never w
 with no tile (``pid >= total``) and an expert with no rows (no tiles: the walk steps over it) make both
 loops empty or skip alike. Masked copies (rows past an expert's end, K past K, byte rows past N) still
 issue (zero-filled), so every producer thread arrives exactly once per use.
+
+The shared-operand kernel adds the weight ring (``wfull[w]`` counts NCONV converter arrivals, ``wempty[w]`` one
+MMA arrival) and numbers its uses with the same ``it``. The MMA waits for ``full`` and ``wfull`` of use ``it``,
+issues it, and then releases use ``it - 1`` (``empty`` and ``wempty``), whose wgmma has retired. A converter
+waits for ``full`` of use ``it`` and for ``wempty`` of use ``it - WSTAGES``, which the MMA released once it had
+issued use ``it - WSTAGES + 1``; that needs only the weight tiles of uses up to ``it - 1``, which the converter
+stored before reaching ``it`` (``WSTAGES >= 2``). The producer waits for ``empty`` of use ``it - STAGES``: each
+converter released it when it stored that use's tile, the MMA when it issued use ``it - STAGES + 1``
+(``STAGES >= 2``). So every wait is for work that an earlier use of the waiting side made possible.
 
 Without Gluon the module still imports and ``gluon_group_gemm`` raises RuntimeError; ``mxmoe.bench.sass``
 compiles it for sm_90a without a GPU (``compile_gluon``, ``gluon_facts``). It is not re-exported by
@@ -560,17 +577,19 @@ def _converter(
     SYM: gl.constexpr,
     CID: gl.constexpr,
     NCONV: gl.constexpr,
+    USES: gl.constexpr,
 ):
-    """Worker partition (one warpgroup, converter CID of NCONV): unpack and scale its BN / NCONV weight rows of
-    every K block of every tile into the weight ring."""
-    ROWS: gl.constexpr = BN // NCONV  # weight rows of this converter: CID * ROWS ...
+    """Worker partition (one warpgroup, converter CID of NCONV): unpack and scale into the weight ring its BN / NCONV
+    weight rows of every K block of every tile, or (USES) all BN rows of every NCONV-th ring use."""
+    ROWS: gl.constexpr = BN if USES else BN // NCONV  # weight rows of this converter: CID * ROWS ...
+    ROW0: gl.constexpr = 0 if USES else CID * ROWS
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     ROW_L: gl.constexpr = gl.SliceLayout(1, DOT_A)  # [ROWS] per weight row, where the unpacked values hold it
-    CODES_L: gl.constexpr = CODE_LAYOUT if NCONV == 1 else CODE_ROWS_HALF_LAYOUT
+    CODES_L: gl.constexpr = CODE_LAYOUT if ROWS == BN else CODE_ROWS_HALF_LAYOUT
     NB = gl.cdiv(N, BN)
     nkb = KP // PACK_K
-    rn_a = CID * ROWS + gl.arange(0, ROWS, layout=ROW_L)  # [ROWS] rows of the tile
+    rn_a = ROW0 + gl.arange(0, ROWS, layout=ROW_L)  # [ROWS] rows of the tile
     t = gl.program_id(0)
     nprog = gl.num_programs(0)
     zero = gl.to_tensor(0)
@@ -593,19 +612,20 @@ def _converter(
                 z_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 2).to(gl.pointer_type(gl.float32)), 16)
                 zr = (gl.load(z_ptr + rn, mask=rn < N, other=0.0) + CODE_OFF * sc32).to(gl.bfloat16)
         for kb in range(nkb):
-            s = it % STAGES
-            mbarrier.wait(full.index(s), (it // STAGES) & 1)
-            codes = codes_smem.index(s).slice(CID * (ROWS // 4), ROWS // 4, dim=0).load(CODES_L)  # [ROWS/4, 256]
-            if GROUP > 0:
-                sc, zr = _pair_scale_zero(pair_smem.index(s).slice(CID * ROWS, ROWS).load(ROW_L), CODE_OFF)
-            w = _weights(codes, sc, zr, SYM, DOT_A)  # [ROWS, 128]
-            ws = it % WSTAGES
-            mbarrier.wait(wempty.index(ws), ((it // WSTAGES) & 1) ^ 1)  # the first pass of each stage passes at once
-            w_smem.index(ws).slice(CID * ROWS, ROWS, dim=0).store(w)
-            fence_async_shared()  # each thread's stores, before the wgmma (async proxy) reads them
-            _partition_barrier()  # every thread's loads of use it and stores, before the one arrival each
-            mbarrier.arrive(wfull.index(ws))
-            mbarrier.arrive(empty.index(s))
+            if not USES or it % NCONV == CID:
+                s = it % STAGES
+                mbarrier.wait(full.index(s), (it // STAGES) & 1)
+                codes = codes_smem.index(s).slice(ROW0 // 4, ROWS // 4, dim=0).load(CODES_L)  # [ROWS/4, 256]
+                if GROUP > 0:
+                    sc, zr = _pair_scale_zero(pair_smem.index(s).slice(ROW0, ROWS).load(ROW_L), CODE_OFF)
+                w = _weights(codes, sc, zr, SYM, DOT_A)  # [ROWS, 128]
+                ws = it % WSTAGES
+                mbarrier.wait(wempty.index(ws), ((it // WSTAGES) & 1) ^ 1)  # the first pass of a stage passes at once
+                w_smem.index(ws).slice(ROW0, ROWS, dim=0).store(w)
+                fence_async_shared()  # each thread's stores, before the wgmma (async proxy) reads them
+                _partition_barrier()  # every thread's loads of use it and stores, before the one arrival each
+                mbarrier.arrive(wfull.index(ws))
+                mbarrier.arrive(empty.index(s))
             it += 1
         t += nprog
         pos, start, cnt = _seek(t, pos, start, cnt, E, off_ptr, sched_ptr, NB, BM)
@@ -694,11 +714,13 @@ def gluon_shared_group_gemm_kernel(
     PREGS: gl.constexpr,
     CREGS: gl.constexpr,
     NCONV: gl.constexpr,
+    USES: gl.constexpr,
     FENCE: gl.constexpr,
 ):
     """The ``gluon_group_gemm_kernel`` contract with the weight operand in shared memory (block comment above):
     the MMA warpgroup (default partition, launch with num_warps=4), NCONV converter warpgroups (1 or 2, CREGS
-    registers each; two split each K block's 128 weight rows) and the producer (PW warps, PREGS registers).
+    registers each; two split each K block's 128 weight rows, or with USES take alternate ring uses) and the
+    producer (PW warps, PREGS registers).
     WSTAGES: depth of the bf16 weight ring; BM up to 128."""
     codes_smem = gl.allocate_shared_memory(
         gl.uint8, [STAGES, BN // 4, 256], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
@@ -718,9 +740,9 @@ def gluon_shared_group_gemm_kernel(
     wempty = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=32 * PW)  # every producer thread's cp.async.mbarrier.arrive.noinc
-        mbarrier.init(empty.index(i), count=NCONV + 1)  # the converters' and the MMA's release of each use
+        mbarrier.init(empty.index(i), count=(1 if USES else NCONV) + 1)  # the converters' and the MMA's release
     for i in gl.static_range(WSTAGES):
-        mbarrier.init(wfull.index(i), count=NCONV)
+        mbarrier.init(wfull.index(i), count=1 if USES else NCONV)
         mbarrier.init(wempty.index(i), count=1)
     if NCONV == 1:
         gl.warp_specialize(
@@ -770,6 +792,7 @@ def gluon_shared_group_gemm_kernel(
                         SYM,
                         0,
                         NCONV,
+                        USES,
                     ),
                 ),
                 (
@@ -847,6 +870,7 @@ def gluon_shared_group_gemm_kernel(
                         SYM,
                         0,
                         NCONV,
+                        USES,
                     ),
                 ),
                 (
@@ -872,6 +896,7 @@ def gluon_shared_group_gemm_kernel(
                         SYM,
                         1,
                         NCONV,
+                        USES,
                     ),
                 ),
                 (
@@ -935,6 +960,7 @@ def default_stages(bm: int) -> int:
 # setmaxnreg then gives each converter CONVERTER_REGS, the producer PRODUCER_REGS and the MMA warpgroup the rest
 # (one converter: 3 x 168 - 192 - 64 = 248; two: 4 x 128 - 2 x 120 - 64 = 208). Keyed by the number of converters.
 SHARED_MAXNREG, CONVERTER_REGS = {1: 168, 2: 128}, {1: 192, 2: 120}
+CONVERTER_REGS_USES = 152  # two converters taking alternate uses unpack all 128 rows: 4 x 128 - 2 x 152 - 64 = 144 left
 SMEM_ONE_CTA = 227 * 1024  # one CTA per SM on H100/H200
 W_STAGE_BYTES = TILE_N * BLOCK_K * 2  # one bf16 weight tile [BN, 128]
 
@@ -979,6 +1005,7 @@ def gluon_group_gemm(
     fence: bool = True,
     operand: str = "registers",
     converters: int = 1,
+    split: str = "rows",
     validate: bool = True,
 ):
     """Grouped GEMM ``y[r] = x[r] @ W_e^T`` for rows ``offsets[e] <= r < offsets[e+1]`` with the Gluon kernel.
@@ -991,7 +1018,7 @@ def gluon_group_gemm(
     unpacked weight tile meets the wgmma: "registers" (``gluon_group_gemm_kernel``, two CTAs per SM) or "shared"
     (``gluon_shared_group_gemm_kernel``: a converter warpgroup stores it to shared memory; one CTA per SM, bm up to
     128, stages = (ring, weight ring) depths, depth unused; ``converters`` 1 or 2 warpgroups unpack, two splitting
-    each K block's weight rows). ``validate`` checks the
+    each K block's weight rows, or with ``split="uses"`` taking alternate K blocks). ``validate`` checks the
     offsets as ``group_gemm`` does (an asynchronous device assertion). Returns y: [T, N] bf16.
     Raises ValueError for a scheme or input it does not run, RuntimeError without Gluon or a CUDA GPU."""
     group = expert_group(group)
@@ -1014,6 +1041,9 @@ def gluon_group_gemm(
         raise ValueError(f"bm must be one of {bms} with operand={operand!r}, got {bm}")
     if producer_warps not in (1, 2, 4) or depth not in (0, 1, 2) or converters not in (1, 2):
         raise ValueError("producer_warps must be 1, 2 or 4, depth 0, 1 or 2 and converters 1 or 2")
+    if split not in ("rows", "uses"):
+        raise ValueError(f"split must be 'rows' or 'uses', got {split!r}")
+    uses = split == "uses" and converters == 2
     if GLUON_ERROR is not None:
         raise RuntimeError(f"this Triton has no usable Gluon: {GLUON_ERROR}")
     if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
@@ -1049,8 +1079,9 @@ def gluon_group_gemm(
                 SYM=s.symmetric,
                 PW=producer_warps,
                 PREGS=producer_regs,
-                CREGS=CONVERTER_REGS[converters],
+                CREGS=CONVERTER_REGS_USES if uses else CONVERTER_REGS[converters],
                 NCONV=converters,
+                USES=uses,
                 FENCE=fence,
                 num_warps=4,
                 maxnreg=SHARED_MAXNREG[converters],
