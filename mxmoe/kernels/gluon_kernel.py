@@ -27,13 +27,17 @@ issue slots and the tensor pipe all stay near 40%, so the 512-token case is not 
 each consumer warpgroup's dependent chain per K block. It is the benchmark's comparison and the skeleton for
 a kernel with more independent work per SM, not a path ``group_gemm`` takes.
 
-The shared-operand variant (``gluon_shared_group_gemm_kernel``, ``operand="shared"``) is the issue's step (c) as
-written: the unpack leaves the MMA's path. One CTA per SM; the same producer; one or two *converter* warpgroups
-wait for a ring stage, unpack and scale its codes (two converters take 64 weight rows each) and store the bf16
-tile [BN, 128] with stmatrix into a ring of ``WSTAGES`` weight tiles; the *MMA* warpgroup (default partition)
-waits for the x stage and the weight tile and issues the wgmma with both operands in shared memory, one group
-in flight. A ring stage is released when the converters have its codes in registers and the MMA has retired
-the wgmma that read its x rows (``empty`` counts NCONV + 1 arrivals); a weight tile when its wgmma retired.
+The shared-operand variant (``gluon_shared_group_gemm_kernel``, ``operand="shared"``) takes the unpack off the
+MMA's path, the usual warp-specialised mixed-input design. One CTA per SM; the same producer; one or two
+*converter* warpgroups wait for a ring stage, unpack and scale its codes (two converters take 64 weight rows
+each, or alternate K blocks) and store the bf16 tile [BN, 128] with stmatrix into a ring of ``WSTAGES`` weight
+tiles; the *MMA* warpgroup (default partition) waits for the x stage and the weight tile and issues the wgmma
+with both operands in shared memory, one group in flight. A ring stage is released when the converter(s) that
+unpacked it have its codes in registers and the MMA has retired the wgmma that read its x rows; a weight
+tile when its wgmma retired.
+Measured on H100s (``mxmoe bench gluon``, results/kernels/NOTES.md): correct, and 1.3-1.8x slower than the
+register-operand kernel at 16 and 512 tokens with one or two converters: the converter's chain (wait, unpack,
+wait for a free tile, stmatrix, fence, barrier, arrive) per K block replaces the consumer's, one or two per SM.
 
 Tiles, exactly as the Triton kernel's SWAP path: per expert ``mt = cdiv(rows, BM)`` token blocks x
 ``cdiv(N, BN)`` weight-row blocks (BN = 128); local tile ``local`` is token block ``local % mt`` of row
@@ -96,8 +100,9 @@ with no tile (``pid >= total``) and an expert with no rows (no tiles: the walk s
 loops empty or skip alike. Masked copies (rows past an expert's end, K past K, byte rows past N) still
 issue (zero-filled), so every producer thread arrives exactly once per use.
 
-The shared-operand kernel adds the weight ring (``wfull[w]`` counts NCONV converter arrivals, ``wempty[w]`` one
-MMA arrival) and numbers its uses with the same ``it``. The MMA waits for ``full`` and ``wfull`` of use ``it``,
+The shared-operand kernel adds the weight ring (``wfull[w]`` counts an arrival of each converter that unpacks
+the use, ``wempty[w]`` one MMA arrival) and numbers its uses with the same ``it``; a converter skips a use that
+is not its own (alternate K blocks) but still counts it. The MMA waits for ``full`` and ``wfull`` of use ``it``,
 issues it, and then releases use ``it - 1`` (``empty`` and ``wempty``), whose wgmma has retired. A converter
 waits for ``full`` of use ``it`` and for ``wempty`` of use ``it - WSTAGES``, which the MMA released once it had
 issued use ``it - WSTAGES + 1``; that needs only the weight tiles of uses up to ``it - 1``, which the converter
