@@ -54,16 +54,16 @@ def test_ring_fits_two_ctas_per_sm():
         assert stages >= 3 and stages * gk.stage_bytes(bm) <= gk.SMEM_PER_CTA
 
 
-def test_shared_operand_rings_fit_one_cta_per_sm():
-    for bm in (16, 32, 64, 128):
+def test_shared_operand_rings_and_registers_fit_one_cta_per_sm():
+    for bm in (16, 32, 64):
         ring, wring = gk.shared_stages(bm)
         assert ring >= 3 and wring >= 2
         assert ring * gk.stage_bytes(bm) + wring * gk.W_STAGE_BYTES <= gk.SMEM_ONE_CTA - 1024
-    for conv in (1, 2):  # MMA, converters, producer: warpgroups of one CTA at the launch's register cap
-        groups = 2 + conv
-        assert gk.SHARED_MAXNREG[conv] * groups * 128 <= 65536
-        mma = groups * gk.SHARED_MAXNREG[conv] - conv * gk.CONVERTER_REGS[conv] - gk.PRODUCER_REGS
-        assert 128 <= mma <= 256  # what setmaxnreg leaves the MMA warpgroup: the 128 x 64 fp32 tile and more
+    assert gk.SHARED_MAXNREG * 4 * 128 <= 65536  # MMA, two converters, producer: four warpgroups of one CTA
+    for (
+        cregs
+    ) in gk.CONVERTER_REGS.values():  # what setmaxnreg leaves the MMA warpgroup: the 128 x 64 fp32 tile and more
+        assert 128 <= 4 * gk.SHARED_MAXNREG - 2 * cregs - gk.PRODUCER_REGS <= 256
 
 
 def test_rejects_an_unknown_operand_or_tile():
@@ -71,8 +71,10 @@ def test_rejects_an_unknown_operand_or_tile():
     x, off = torch.randn(3, 256, dtype=torch.bfloat16), torch.tensor([0, 1, 3])
     with pytest.raises(ValueError, match="operand"):
         gk.gluon_group_gemm(x, off, group, operand="tmem")
-    with pytest.raises(ValueError, match="bm must be one of"):
-        gk.gluon_group_gemm(x, off, group, bm=128)  # 128-token tiles: the shared-operand kernel only
+    with pytest.raises(ValueError, match="split"):
+        gk.gluon_group_gemm(x, off, group, operand="shared", split="columns")
+    with pytest.raises(ValueError, match="bm must be"):
+        gk.gluon_group_gemm(x, off, group, bm=128)
 
 
 @needs_gluon
@@ -87,15 +89,15 @@ def test_compiles_for_sm90a_as_a_warp_specialised_pipeline():
 
 @needs_gluon
 @pytest.mark.skipif(not (sass.TOOLS / "ptxas").exists(), reason="this Triton wheel has no ptxas")
-@pytest.mark.parametrize("bm,conv", [(16, 1), (64, 1), (64, 2)])
-def test_shared_operand_kernel_compiles_with_one_wgmma_group_in_flight(bm, conv):
-    f = sass.gluon_facts(bm, operand="shared", converters=conv)
+@pytest.mark.parametrize("bm,split", [(16, "rows"), (64, "rows"), (64, "uses")])
+def test_shared_operand_kernel_compiles_with_one_wgmma_group_in_flight(bm, split):
+    f = sass.gluon_facts(bm, operand="shared", split=split)
     assert f["shared_bytes"] <= gk.SMEM_ONE_CTA
     assert f["wgmma"] == 16 and f["wait_depths"] == [0, 1] and not f["serialized_wgmma"]
-    assert f["spill_bytes"] == 0 and f["registers"] <= gk.SHARED_MAXNREG[conv]
-    assert ("dec", "64") in f["setmaxnreg"] and ("inc", str(gk.CONVERTER_REGS[conv])) in f["setmaxnreg"]
-    # arrivals: the MMA releases both rings in and after its K loop (4), each converter once per ring and use (2)
-    assert f["mbarrier_arrive"] == 4 + 2 * conv
+    assert f["spill_bytes"] == 0 and f["registers"] <= gk.SHARED_MAXNREG
+    assert ("dec", "64") in f["setmaxnreg"] and ("inc", str(gk.CONVERTER_REGS[split])) in f["setmaxnreg"]
+    # arrivals: the MMA releases both rings in and after its K loop (4), each converter once per ring and use (2 x 2)
+    assert f["mbarrier_arrive"] == 8
 
 
 @needs_gluon
@@ -135,15 +137,14 @@ def test_bench_variants_time_depth_2_at_16_and_512_tokens_and_the_shared_operand
         "gluon": {},
         "gluon_d1": {"depth": 1},
         "gluon_sh": {"operand": "shared"},
-        "gluon_sh2": {"operand": "shared", "converters": 2},
-        "gluon_sh2u": {"operand": "shared", "converters": 2, "split": "uses"},
+        "gluon_shu": {"operand": "shared", "split": "uses"},
         "gluon_d2": {"depth": 2},
     }
     prefill = bench.gluon_variants(512 * 4 / 60, quick=False)
     assert prefill["gluon_d2"] == {"depth": 2} and prefill["gluon_bm32"] == {"bm": 32} and "gluon_nf" in prefill
-    assert prefill["gluon_sh2_bm32"] == {"operand": "shared", "converters": 2, "bm": 32}
+    assert prefill["gluon_sh_bm32"] == {"operand": "shared", "bm": 32}
     big = bench.gluon_variants(8192 * 4 / 60, quick=False)
-    assert "gluon_d2" not in big and big["gluon_sh128"] == {"operand": "shared", "bm": 128}
+    assert "gluon_d2" not in big and big["gluon_shu"] == {"operand": "shared", "split": "uses"}
 
 
 def test_bench_row_schema():

@@ -5,8 +5,8 @@ about 1), in one process on one GPU:
 
 1. Edge cases (tiny launches): programs with no tile, experts with 0 and 1 rows, ragged N, K not a multiple
    of 128, per-channel asymmetric and symmetric schemes, g256: the register-operand Gluon kernel at each tile /
-   wgmma depth, the shared-operand one (``operand="shared"``) at 16, 64 and 128 token rows with one converter
-   warpgroup and at 16 and 64 with two (splitting rows or K blocks), and the Triton
+   wgmma depth, the shared-operand one (``operand="shared"``) at 16 and 64 token rows with its converters
+   splitting rows or K blocks, and the Triton
    kernel against ``reference_group_gemm`` (relative error; ``EDGE_TOL``).
 2. Paper shapes, w4a16_g128_asym: Qwen1.5-MoE (E=60, top-4) and DeepSeek-V2-Lite (E=64, top-6), gate_up
    (N=2816, K=2048) and down (N=2048, K=1408), at 16 / 512 / 8192 tokens, the skewed loads of
@@ -130,15 +130,11 @@ def routed_rows(tokens: int, experts: int, top_k: int, seed: int) -> "list[int]"
 
 def gluon_variants(rows_per_expert: float, quick: bool) -> dict:
     """name -> ``gluon_group_gemm`` keyword arguments: the default, wgmma depth 1, the weight operand in shared memory
-    (``sh``: one converter warpgroup, ``sh2``: two splitting the rows, ``sh2u``: two taking alternate K blocks; past 64
-    rows per expert also one with 128-token tiles), and up to
+    (``sh``: two converter warpgroups splitting the rows, ``shu``: taking alternate K blocks), and up to
     64 rows per expert (16 and 512 tokens) depth 2; unless quick, at prefill (17-64 rows) the other BM and no proxy
     fence, past 64 rows (8192 tokens) one CTA per SM."""
     out = {"gluon": {}, "gluon_d1": {"depth": 1}, "gluon_sh": {"operand": "shared"}}
-    out["gluon_sh2"] = {"operand": "shared", "converters": 2}
-    out["gluon_sh2u"] = {"operand": "shared", "converters": 2, "split": "uses"}
-    if rows_per_expert > 64:
-        out["gluon_sh128"] = {"operand": "shared", "bm": 128}
+    out["gluon_shu"] = {"operand": "shared", "split": "uses"}
     if rows_per_expert <= 64:
         out["gluon_d2"] = {"depth": 2}
     if quick:
@@ -146,7 +142,7 @@ def gluon_variants(rows_per_expert: float, quick: bool) -> dict:
     if 16 < rows_per_expert <= 64:
         other = 32 if gk.default_bm(rows_per_expert) == 64 else 64
         out[f"gluon_bm{other}"] = {"bm": other}
-        out[f"gluon_sh2_bm{other}"] = {"operand": "shared", "converters": 2, "bm": other}
+        out[f"gluon_sh_bm{other}"] = {"operand": "shared", "bm": other}
         out["gluon_nf"] = {"fence": False}
     elif rows_per_expert > 64:
         out["gluon_p1"] = {"programs_per_sm": 1}
@@ -228,7 +224,7 @@ def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
     """Tiny launches at the protocol's corners: per case the relative error (or error text) of each Gluon
     ``bm<BM>/d<depth>`` variant and of the Triton kernel against the reference; printed as they finish."""
     variants = [(16, 0), (64, 1), (64, 2)] if quick else [(16, 0), (32, 0), (64, 0), (64, 1), (16, 2), (64, 2)]
-    variants += [(16, "sh"), (64, "sh"), (128, "sh"), (16, "sh2"), (64, "sh2"), (16, "sh2u"), (64, "sh2u")]
+    variants += [(16, "sh"), (64, "sh"), (16, "shu"), (64, "shu")]
     out = []
     for i, (name, scheme, n, k, rows) in enumerate(EDGE_CASES):
         case = {"name": name, "scheme": scheme, "N": n, "K": k, "rows": rows, "gluon": {}}
@@ -243,11 +239,9 @@ def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
         off = _offsets(rows)
         ref = reference_group_gemm(x, off, packed)
         for bm, depth in variants:
-            if isinstance(
-                depth, str
-            ):  # the shared-operand kernel: one converter (sh), two by rows (sh2) or uses (sh2u)
-                kw = {"bm": bm, "operand": "shared", "converters": 1 if depth == "sh" else 2}
-                kw["split"], label = "uses" if depth == "sh2u" else "rows", f"{depth}/bm{bm}"
+            if isinstance(depth, str):  # the shared-operand kernel, converters splitting rows (sh) or K blocks (shu)
+                kw = {"bm": bm, "operand": "shared", "split": "uses" if depth == "shu" else "rows"}
+                label = f"{depth}/bm{bm}"
             else:
                 kw, label = {"bm": bm, "depth": depth}, f"bm{bm}/d{depth}"
             y, err = guarded(dog, f"edge {name} {label}", lambda kw=kw: gk.gluon_group_gemm(x, off, group, **kw))

@@ -331,15 +331,14 @@ def compile_gluon(
     depth: int = 0,
     fence: bool = True,
     operand: str = "registers",
-    converters: int = 1,
     split: str = "rows",
     arch: int = 90,
     maxnreg: "int | None" = None,
 ):
     """The Gluon prototype compiled for sm_<arch>a without a GPU, with the constants ``gluon_group_gemm`` passes
     (``operand`` "registers": ``gluon_group_gemm_kernel``; "shared": ``gluon_shared_group_gemm_kernel``, stages a
-    (ring, weight ring) pair, ``converters`` its converter warpgroups, ``split`` how two share the work); maxnreg defaults to the launch's. Returns Triton's CompiledKernel (``.asm["ttgir"]``,
-    ``.asm["ptx"]``, ``.metadata.shared``)."""
+    (ring, weight ring) pair, ``split`` how its two converters share the work); maxnreg defaults to the launch's.
+    Returns Triton's CompiledKernel (``.asm["ttgir"]``, ``.asm["ptx"]``, ``.metadata.shared``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     if gk.GLUON_ERROR is not None:
@@ -347,10 +346,9 @@ def compile_gluon(
     common = {"BM": bm, "GROUP": group, "SYM": sym, "PW": producer_warps, "PREGS": producer_regs, "FENCE": fence}
     if operand == "shared":
         ring, wring = stages or gk.shared_stages(bm)
-        uses = split == "uses" and converters == 2
-        cregs = gk.CONVERTER_REGS_USES if uses else gk.CONVERTER_REGS[converters]
-        constants = {**common, "STAGES": ring, "WSTAGES": wring, "CREGS": cregs, "NCONV": converters, "USES": uses}
-        fn, maxnreg = gk.gluon_shared_group_gemm_kernel, maxnreg or gk.SHARED_MAXNREG[converters]
+        constants = {**common, "STAGES": ring, "WSTAGES": wring, "CREGS": gk.CONVERTER_REGS[split]}
+        constants["USES"] = split == "uses"
+        fn, maxnreg = gk.gluon_shared_group_gemm_kernel, maxnreg or gk.SHARED_MAXNREG
     else:
         constants = {**common, "STAGES": stages or gk.default_stages(bm), "DEPTH": depth}
         fn, maxnreg = gk.gluon_group_gemm_kernel, maxnreg or gk.MAXNREG

@@ -28,16 +28,16 @@ each consumer warpgroup's dependent chain per K block. It is the benchmark's com
 a kernel with more independent work per SM, not a path ``group_gemm`` takes.
 
 The shared-operand variant (``gluon_shared_group_gemm_kernel``, ``operand="shared"``) takes the unpack off the
-MMA's path, the usual warp-specialised mixed-input design. One CTA per SM; the same producer; one or two
-*converter* warpgroups wait for a ring stage, unpack and scale its codes (two converters take 64 weight rows
-each, or alternate K blocks) and store the bf16 tile [BN, 128] with stmatrix into a ring of ``WSTAGES`` weight
-tiles; the *MMA* warpgroup (default partition) waits for the x stage and the weight tile and issues the wgmma
-with both operands in shared memory, one group in flight. A ring stage is released when the converter(s) that
-unpacked it have its codes in registers and the MMA has retired the wgmma that read its x rows; a weight
-tile when its wgmma retired.
-Measured on H100s (``mxmoe bench gluon``, results/kernels/NOTES.md): correct, and 1.3-1.8x slower than the
-register-operand kernel at 16 and 512 tokens with one or two converters: the converter's chain (wait, unpack,
-wait for a free tile, stmatrix, fence, barrier, arrive) per K block replaces the consumer's, one or two per SM.
+MMA's path, the usual warp-specialised mixed-input design. One CTA per SM; the same producer; two *converter*
+warpgroups wait for a ring stage, unpack and scale its codes (64 weight rows each, or all 128 of alternate K
+blocks) and store the bf16 tile [BN, 128] with stmatrix into a ring of ``WSTAGES`` weight tiles; the *MMA*
+warpgroup (default partition) waits for the x stage and the weight tile and issues the wgmma with both operands
+in shared memory, one group in flight. A ring stage is released when the converters that unpacked it have its
+codes in registers and the MMA has retired the wgmma that read its x rows; a weight tile when its wgmma
+retired. Measured on H100s (``mxmoe bench gluon``, results/kernels/NOTES.md): correct, and 1.3-1.5x slower
+than the register-operand kernel at 16 and 512 tokens (1.4-1.8x with a single converter): each converter's
+chain per K block (wait, unpack, wait for a free tile, stmatrix, fence, barrier, arrive) replaces the
+consumer's.
 
 Tiles, exactly as the Triton kernel's SWAP path: per expert ``mt = cdiv(rows, BM)`` token blocks x
 ``cdiv(N, BN)`` weight-row blocks (BN = 128); local tile ``local`` is token block ``local % mt`` of row
@@ -552,12 +552,9 @@ def gluon_group_gemm_kernel(
 
 
 # ------------------------------------------------------------------------- shared-memory weight operand
-# OPERAND = "shared": the unpacking leaves the MMA's path. A converter warpgroup unpacks and scales each K block
-# into a ring of bf16 weight tiles in shared memory; the MMA warpgroup only waits and issues wgmma with both
-# operands in shared memory (weights [BN, 128] as A, x rows [BM, 128] permuted as B), one group in flight.
-# Ring uses are numbered alike in all three partitions (the producer is ``_producer`` unchanged); ``empty[s]``
-# counts two arrivals per use (the converter, once the codes are in registers and its weight tile is stored;
-# the MMA, once the wgmma that read the x rows retired), ``wfull`` / ``wempty`` one each (converter / MMA).
+# operand="shared" (module docstring): two converter warpgroups unpack and scale each K block into a ring of bf16
+# weight tiles, splitting its 128 weight rows or (USES) taking alternate K blocks; the MMA warpgroup only waits and
+# issues wgmma with both operands in shared memory (weights [BN, 128] as A, x rows [BM, 128] permuted as B).
 
 
 @_jit
@@ -581,12 +578,11 @@ def _converter(
     GROUP: gl.constexpr,
     SYM: gl.constexpr,
     CID: gl.constexpr,
-    NCONV: gl.constexpr,
     USES: gl.constexpr,
 ):
-    """Worker partition (one warpgroup, converter CID of NCONV): unpack and scale into the weight ring its BN / NCONV
-    weight rows of every K block of every tile, or (USES) all BN rows of every NCONV-th ring use."""
-    ROWS: gl.constexpr = BN if USES else BN // NCONV  # weight rows of this converter: CID * ROWS ...
+    """Worker partition (one warpgroup, converter CID of two): unpack and scale into the weight ring its half of the
+    weight rows of every K block of every tile, or (USES) all BN rows of every other ring use."""
+    ROWS: gl.constexpr = BN if USES else BN // 2  # weight rows of this converter: ROW0 ...
     ROW0: gl.constexpr = 0 if USES else CID * ROWS
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -617,7 +613,7 @@ def _converter(
                 z_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 2).to(gl.pointer_type(gl.float32)), 16)
                 zr = (gl.load(z_ptr + rn, mask=rn < N, other=0.0) + CODE_OFF * sc32).to(gl.bfloat16)
         for kb in range(nkb):
-            if not USES or it % NCONV == CID:
+            if not USES or it % 2 == CID:
                 s = it % STAGES
                 mbarrier.wait(full.index(s), (it // STAGES) & 1)
                 codes = codes_smem.index(s).slice(ROW0 // 4, ROWS // 4, dim=0).load(CODES_L)  # [ROWS/4, 256]
@@ -718,14 +714,13 @@ def gluon_shared_group_gemm_kernel(
     PW: gl.constexpr,
     PREGS: gl.constexpr,
     CREGS: gl.constexpr,
-    NCONV: gl.constexpr,
     USES: gl.constexpr,
     FENCE: gl.constexpr,
 ):
     """The ``gluon_group_gemm_kernel`` contract with the weight operand in shared memory (block comment above):
-    the MMA warpgroup (default partition, launch with num_warps=4), NCONV converter warpgroups (1 or 2, CREGS
-    registers each; two split each K block's 128 weight rows, or with USES take alternate ring uses) and the
-    producer (PW warps, PREGS registers).
+    the MMA warpgroup (default partition, launch with num_warps=4), two converter warpgroups (CREGS registers each;
+    they split each K block's 128 weight rows, or with USES take alternate ring uses) and the producer (PW warps,
+    PREGS registers).
     WSTAGES: depth of the bf16 weight ring; BM up to 128."""
     codes_smem = gl.allocate_shared_memory(
         gl.uint8, [STAGES, BN // 4, 256], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
@@ -745,192 +740,111 @@ def gluon_shared_group_gemm_kernel(
     wempty = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=32 * PW)  # every producer thread's cp.async.mbarrier.arrive.noinc
-        mbarrier.init(empty.index(i), count=(1 if USES else NCONV) + 1)  # the converters' and the MMA's release
+        mbarrier.init(empty.index(i), count=(1 if USES else 2) + 1)  # the converters' and the MMA's release
     for i in gl.static_range(WSTAGES):
-        mbarrier.init(wfull.index(i), count=1 if USES else NCONV)
+        mbarrier.init(wfull.index(i), count=1 if USES else 2)
         mbarrier.init(wempty.index(i), count=1)
-    if NCONV == 1:
-        gl.warp_specialize(
-            [
+    gl.warp_specialize(
+        [
+            (
+                _shared_mma,
                 (
-                    _shared_mma,
-                    (
-                        y_ptr,
-                        off_ptr,
-                        sched_ptr,
-                        E,
-                        N,
-                        KP,
-                        stride_ym,
-                        x_smem,
-                        w_smem,
-                        full,
-                        empty,
-                        wfull,
-                        wempty,
-                        BM,
-                        STAGES,
-                        WSTAGES,
-                        FENCE,
-                    ),
+                    y_ptr,
+                    off_ptr,
+                    sched_ptr,
+                    E,
+                    N,
+                    KP,
+                    stride_ym,
+                    x_smem,
+                    w_smem,
+                    full,
+                    empty,
+                    wfull,
+                    wempty,
+                    BM,
+                    STAGES,
+                    WSTAGES,
+                    FENCE,
                 ),
+            ),
+            (
+                _converter,
                 (
-                    _converter,
-                    (
-                        off_ptr,
-                        sched_ptr,
-                        addr_ptr,
-                        E,
-                        N,
-                        KP,
-                        codes_smem,
-                        pair_smem,
-                        w_smem,
-                        full,
-                        empty,
-                        wfull,
-                        wempty,
-                        BM,
-                        STAGES,
-                        WSTAGES,
-                        GROUP,
-                        SYM,
-                        0,
-                        NCONV,
-                        USES,
-                    ),
+                    off_ptr,
+                    sched_ptr,
+                    addr_ptr,
+                    E,
+                    N,
+                    KP,
+                    codes_smem,
+                    pair_smem,
+                    w_smem,
+                    full,
+                    empty,
+                    wfull,
+                    wempty,
+                    BM,
+                    STAGES,
+                    WSTAGES,
+                    GROUP,
+                    SYM,
+                    0,
+                    USES,
                 ),
+            ),
+            (
+                _converter,
                 (
-                    _producer,
-                    (
-                        x_ptr,
-                        off_ptr,
-                        sched_ptr,
-                        addr_ptr,
-                        E,
-                        N,
-                        K,
-                        KP,
-                        stride_xm,
-                        codes_smem,
-                        pair_smem,
-                        x_smem,
-                        full,
-                        empty,
-                        BM,
-                        STAGES,
-                        GROUP,
-                        PW,
-                    ),
+                    off_ptr,
+                    sched_ptr,
+                    addr_ptr,
+                    E,
+                    N,
+                    KP,
+                    codes_smem,
+                    pair_smem,
+                    w_smem,
+                    full,
+                    empty,
+                    wfull,
+                    wempty,
+                    BM,
+                    STAGES,
+                    WSTAGES,
+                    GROUP,
+                    SYM,
+                    1,
+                    USES,
                 ),
-            ],
-            [4, PW],
-            [CREGS, PREGS],
-        )
-    else:
-        gl.warp_specialize(
-            [
+            ),
+            (
+                _producer,
                 (
-                    _shared_mma,
-                    (
-                        y_ptr,
-                        off_ptr,
-                        sched_ptr,
-                        E,
-                        N,
-                        KP,
-                        stride_ym,
-                        x_smem,
-                        w_smem,
-                        full,
-                        empty,
-                        wfull,
-                        wempty,
-                        BM,
-                        STAGES,
-                        WSTAGES,
-                        FENCE,
-                    ),
+                    x_ptr,
+                    off_ptr,
+                    sched_ptr,
+                    addr_ptr,
+                    E,
+                    N,
+                    K,
+                    KP,
+                    stride_xm,
+                    codes_smem,
+                    pair_smem,
+                    x_smem,
+                    full,
+                    empty,
+                    BM,
+                    STAGES,
+                    GROUP,
+                    PW,
                 ),
-                (
-                    _converter,
-                    (
-                        off_ptr,
-                        sched_ptr,
-                        addr_ptr,
-                        E,
-                        N,
-                        KP,
-                        codes_smem,
-                        pair_smem,
-                        w_smem,
-                        full,
-                        empty,
-                        wfull,
-                        wempty,
-                        BM,
-                        STAGES,
-                        WSTAGES,
-                        GROUP,
-                        SYM,
-                        0,
-                        NCONV,
-                        USES,
-                    ),
-                ),
-                (
-                    _converter,
-                    (
-                        off_ptr,
-                        sched_ptr,
-                        addr_ptr,
-                        E,
-                        N,
-                        KP,
-                        codes_smem,
-                        pair_smem,
-                        w_smem,
-                        full,
-                        empty,
-                        wfull,
-                        wempty,
-                        BM,
-                        STAGES,
-                        WSTAGES,
-                        GROUP,
-                        SYM,
-                        1,
-                        NCONV,
-                        USES,
-                    ),
-                ),
-                (
-                    _producer,
-                    (
-                        x_ptr,
-                        off_ptr,
-                        sched_ptr,
-                        addr_ptr,
-                        E,
-                        N,
-                        K,
-                        KP,
-                        stride_xm,
-                        codes_smem,
-                        pair_smem,
-                        x_smem,
-                        full,
-                        empty,
-                        BM,
-                        STAGES,
-                        GROUP,
-                        PW,
-                    ),
-                ),
-            ],
-            [4, 4, PW],
-            [CREGS, CREGS, PREGS],
-        )
+            ),
+        ],
+        [4, 4, PW],
+        [CREGS, CREGS, PREGS],
+    )
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(i))
         mbarrier.invalidate(empty.index(i))
@@ -960,19 +874,18 @@ def default_stages(bm: int) -> int:
     return max(2, min(6, (SMEM_PER_CTA - 1024) // stage_bytes(bm)))
 
 
-# Shared-memory weight operand (``gluon_shared_group_gemm_kernel``): one CTA per SM of the MMA warpgroup, one or two
-# converter warpgroups and the producer's, so 65536 / (128 x warpgroups) registers a thread at launch (SHARED_MAXNREG);
-# setmaxnreg then gives each converter CONVERTER_REGS, the producer PRODUCER_REGS and the MMA warpgroup the rest
-# (one converter: 3 x 168 - 192 - 64 = 248; two: 4 x 128 - 2 x 120 - 64 = 208). Keyed by the number of converters.
-SHARED_MAXNREG, CONVERTER_REGS = {1: 168, 2: 128}, {1: 192, 2: 120}
-CONVERTER_REGS_USES = 152  # two converters taking alternate uses unpack all 128 rows: 4 x 128 - 2 x 152 - 64 = 144 left
+# Shared-memory weight operand (``gluon_shared_group_gemm_kernel``): one CTA per SM of four warpgroups (MMA, two
+# converters, producer), so 65536 / 512 = 128 registers a thread at launch; setmaxnreg then gives each converter
+# CONVERTER_REGS[split], the producer PRODUCER_REGS and the MMA warpgroup the rest (rows: 4 x 128 - 2 x 120 - 64 =
+# 208; uses, each converter unpacking all 128 rows: 4 x 128 - 2 x 152 - 64 = 144).
+SHARED_MAXNREG, CONVERTER_REGS = 128, {"rows": 120, "uses": 152}
 SMEM_ONE_CTA = 227 * 1024  # one CTA per SM on H100/H200
 W_STAGE_BYTES = TILE_N * BLOCK_K * 2  # one bf16 weight tile [BN, 128]
 
 
 def shared_stages(bm: int) -> "tuple[int, int]":
     """(ring depth, weight-ring depth) of the shared-operand kernel at BM token rows: three weight tiles, then
-    the deepest ring (at most 6) in the rest of one CTA's shared memory (BM 16/32/64/128: 6/6/5/3)."""
+    the deepest ring (at most 6) in the rest of one CTA's shared memory (BM 16/32/64: 6/6/5)."""
     wstages = 3
     return max(2, min(6, (SMEM_ONE_CTA - 1024 - wstages * W_STAGE_BYTES) // stage_bytes(bm))), wstages
 
@@ -1009,7 +922,6 @@ def gluon_group_gemm(
     depth: int = 0,
     fence: bool = True,
     operand: str = "registers",
-    converters: int = 1,
     split: str = "rows",
     validate: bool = True,
 ):
@@ -1021,9 +933,9 @@ def gluon_group_gemm(
     num_programs: persistent programs (default ``programs_per_sm`` x SM count); producer_warps (1, 2 or 4),
     producer_regs, depth (0, 1 or 2: ``gluon_group_gemm_kernel``) and fence: kernel variants. operand: where the
     unpacked weight tile meets the wgmma: "registers" (``gluon_group_gemm_kernel``, two CTAs per SM) or "shared"
-    (``gluon_shared_group_gemm_kernel``: a converter warpgroup stores it to shared memory; one CTA per SM, bm up to
-    128, stages = (ring, weight ring) depths, depth unused; ``converters`` 1 or 2 warpgroups unpack, two splitting
-    each K block's weight rows, or with ``split="uses"`` taking alternate K blocks). ``validate`` checks the
+    (``gluon_shared_group_gemm_kernel``: two converter warpgroups store it to shared memory, splitting each K
+    block's weight rows, or with ``split="uses"`` taking alternate K blocks; one CTA per SM, stages = (ring,
+    weight ring) depths, depth unused). ``validate`` checks the
     offsets as ``group_gemm`` does (an asynchronous device assertion). Returns y: [T, N] bf16.
     Raises ValueError for a scheme or input it does not run, RuntimeError without Gluon or a CUDA GPU."""
     group = expert_group(group)
@@ -1039,16 +951,14 @@ def gluon_group_gemm(
         raise ValueError(f"K={group.k}: x rows are copied 16 bytes at a time, K must be a multiple of 8")
     if offsets.dim() != 1 or offsets.numel() != len(group) + 1:
         raise ValueError(f"offsets must have E+1 = {len(group) + 1} entries, got shape {tuple(offsets.shape)}")
-    if operand not in ("registers", "shared"):
-        raise ValueError(f"operand must be 'registers' or 'shared', got {operand!r}")
-    bms = (16, 32, 64, 128) if operand == "shared" else (16, 32, 64)
-    if bm is not None and bm not in bms:
-        raise ValueError(f"bm must be one of {bms} with operand={operand!r}, got {bm}")
-    if producer_warps not in (1, 2, 4) or depth not in (0, 1, 2) or converters not in (1, 2):
-        raise ValueError("producer_warps must be 1, 2 or 4, depth 0, 1 or 2 and converters 1 or 2")
-    if split not in ("rows", "uses"):
-        raise ValueError(f"split must be 'rows' or 'uses', got {split!r}")
-    uses = split == "uses" and converters == 2
+    if operand not in ("registers", "shared") or split not in CONVERTER_REGS:
+        raise ValueError(
+            f"operand must be 'registers' or 'shared' and split 'rows' or 'uses', got {operand!r}, {split!r}"
+        )
+    if bm is not None and bm not in (16, 32, 64):
+        raise ValueError(f"bm must be 16, 32 or 64, got {bm}")
+    if producer_warps not in (1, 2, 4) or depth not in (0, 1, 2):
+        raise ValueError("producer_warps must be 1, 2 or 4 and depth 0, 1 or 2")
     if GLUON_ERROR is not None:
         raise RuntimeError(f"this Triton has no usable Gluon: {GLUON_ERROR}")
     if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
@@ -1084,12 +994,11 @@ def gluon_group_gemm(
                 SYM=s.symmetric,
                 PW=producer_warps,
                 PREGS=producer_regs,
-                CREGS=CONVERTER_REGS_USES if uses else CONVERTER_REGS[converters],
-                NCONV=converters,
-                USES=uses,
+                CREGS=CONVERTER_REGS[split],
+                USES=split == "uses",
                 FENCE=fence,
                 num_warps=4,
-                maxnreg=SHARED_MAXNREG[converters],
+                maxnreg=SHARED_MAXNREG,
             )
         return y
     stages = stages or default_stages(bm)
