@@ -60,9 +60,8 @@ def test_shared_operand_rings_and_registers_fit_one_cta_per_sm():
         assert ring >= 3 and wring >= 2
         assert ring * gk.stage_bytes(bm) + wring * gk.W_STAGE_BYTES <= gk.SMEM_ONE_CTA - 1024
     assert gk.SHARED_MAXNREG * 4 * 128 <= 65536  # MMA, two converters, producer: four warpgroups of one CTA
-    for (
-        cregs
-    ) in gk.CONVERTER_REGS.values():  # what setmaxnreg leaves the MMA warpgroup: the 128 x 64 fp32 tile and more
+    # what setmaxnreg leaves the MMA warpgroup: the 128 x 64 fp32 tile and more
+    for cregs in gk.CONVERTER_REGS.values():
         assert 128 <= 4 * gk.SHARED_MAXNREG - 2 * cregs - gk.PRODUCER_REGS <= 256
 
 

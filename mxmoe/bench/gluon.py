@@ -221,8 +221,9 @@ def _offsets(rows: "list[int]") -> torch.Tensor:
 
 
 def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
-    """Tiny launches at the protocol's corners: per case the relative error (or error text) of each Gluon
-    ``bm<BM>/d<depth>`` variant and of the Triton kernel against the reference; printed as they finish."""
+    """Tiny launches at the protocol's corners: per case the relative error (or error text) of each Gluon variant
+    (``bm<BM>/d<depth>`` register operand, ``sh/bm<BM>`` and ``shu/bm<BM>`` shared) and of the Triton kernel
+    against the reference; printed as they finish."""
     variants = [(16, 0), (64, 1), (64, 2)] if quick else [(16, 0), (32, 0), (64, 0), (64, 1), (16, 2), (64, 2)]
     variants += [(16, "sh"), (64, "sh"), (16, "shu"), (64, "shu")]
     out = []

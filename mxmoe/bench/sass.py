@@ -322,7 +322,7 @@ _GLUON_ALIGNED = tuple(a for a in _ALIGNED if a in _GLUON_SIGNATURE)
 
 def compile_gluon(
     bm: int = 64,
-    stages=None,
+    stages: "int | tuple[int, int] | None" = None,
     *,
     group: int = 128,
     sym: bool = False,
@@ -358,7 +358,7 @@ def compile_gluon(
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
 
-def gluon_facts(bm: int = 64, stages: "int | None" = None, **kw) -> dict:
+def gluon_facts(bm: int = 64, stages: "int | tuple[int, int] | None" = None, **kw) -> dict:
     """Static facts of one offline compile of the Gluon prototype (``compile_gluon`` arguments): ptxas registers (the kernel's
     count, the most any partition uses) and spills, ptxas's C751x notes (wgmma serialised, and why) and warnings, the
     ``setmaxnreg`` requests per partition, shared bytes, wgmma count and ``wgmma.wait_group`` depths, cp.async

@@ -914,7 +914,7 @@ def gluon_group_gemm(
     group,
     *,
     bm: "int | None" = None,
-    stages: "int | None" = None,
+    stages: "int | tuple[int, int] | None" = None,
     num_programs: "int | None" = None,
     programs_per_sm: int = 2,
     producer_warps: int = PRODUCER_WARPS,
