@@ -249,6 +249,19 @@ def _pair_scale_zero(pair, OFF: gl.constexpr):
 
 
 @_jit
+def _channel_scale_zero(addr_ptr, e, rn, N, SYM: gl.constexpr):
+    """Per-channel fp32 scale and zero point of expert ``e``'s weight rows rn [R] -> s and z + OFF s [R], bf16
+    (symmetric schemes: s twice, the zero unused)."""
+    s_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 1).to(gl.pointer_type(gl.float32)), 16)
+    sc32 = gl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    sc = sc32.to(gl.bfloat16)
+    if SYM:
+        return sc, sc
+    z_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 2).to(gl.pointer_type(gl.float32)), 16)
+    return sc, (gl.load(z_ptr + rn, mask=rn < N, other=0.0) + CODE_OFF * sc32).to(gl.bfloat16)
+
+
+@_jit
 def _producer(
     x_ptr,
     off_ptr,
@@ -395,16 +408,8 @@ def _consumer(
         local = t - start
         n0 = (local // mt) * BN
         m0 = row0 + (local % mt) * BM
-        if GROUP < 0:  # per channel: one scale (and zero point) per weight row, fp32
-            rn = n0 + rn_a
-            s_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 1).to(gl.pointer_type(gl.float32)), 16)
-            sc32 = gl.load(s_ptr + rn, mask=rn < N, other=0.0)
-            sc = sc32.to(gl.bfloat16)
-            if SYM:
-                zr = sc  # unused
-            else:
-                z_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 2).to(gl.pointer_type(gl.float32)), 16)
-                zr = (gl.load(z_ptr + rn, mask=rn < N, other=0.0) + CODE_OFF * sc32).to(gl.bfloat16)
+        if GROUP < 0:  # per channel: one scale (and zero point) per weight row
+            sc, zr = _channel_scale_zero(addr_ptr, e, n0 + rn_a, N, SYM)
         acc = gl.zeros([BN, BM], gl.float32, layout=MMA)  # y^T tile
         if DEPTH == 2:  # each K block as two K halves whose A operands sit in two register sets
             wb = gl.zeros([BN, PACK_K // 2], gl.bfloat16, DOT_A)  # A operand of the wgmma in flight (none yet)
@@ -602,16 +607,8 @@ def _converter(
         e = gl.load(sched_ptr + 2 * pos)
         rows = gl.load(off_ptr + e + 1) - gl.load(off_ptr + e)
         n0 = ((t - start) // gl.cdiv(rows, BM)) * BN
-        if GROUP < 0:  # per channel: one scale (and zero point) per weight row, fp32
-            rn = n0 + rn_a
-            s_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 1).to(gl.pointer_type(gl.float32)), 16)
-            sc32 = gl.load(s_ptr + rn, mask=rn < N, other=0.0)
-            sc = sc32.to(gl.bfloat16)
-            if SYM:
-                zr = sc  # unused
-            else:
-                z_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e + 2).to(gl.pointer_type(gl.float32)), 16)
-                zr = (gl.load(z_ptr + rn, mask=rn < N, other=0.0) + CODE_OFF * sc32).to(gl.bfloat16)
+        if GROUP < 0:  # per channel: one scale (and zero point) per weight row
+            sc, zr = _channel_scale_zero(addr_ptr, e, n0 + rn_a, N, SYM)
         for kb in range(nkb):
             if not USES or it % 2 == CID:
                 s = it % STAGES
@@ -744,107 +741,23 @@ def gluon_shared_group_gemm_kernel(
     for i in gl.static_range(WSTAGES):
         mbarrier.init(wfull.index(i), count=1 if USES else 2)
         mbarrier.init(wempty.index(i), count=1)
+    # fmt: off
+    # one line per partition: the two converters differ only in their index (constexprs must stay literal here)
     gl.warp_specialize(
         [
-            (
-                _shared_mma,
-                (
-                    y_ptr,
-                    off_ptr,
-                    sched_ptr,
-                    E,
-                    N,
-                    KP,
-                    stride_ym,
-                    x_smem,
-                    w_smem,
-                    full,
-                    empty,
-                    wfull,
-                    wempty,
-                    BM,
-                    STAGES,
-                    WSTAGES,
-                    FENCE,
-                ),
-            ),
-            (
-                _converter,
-                (
-                    off_ptr,
-                    sched_ptr,
-                    addr_ptr,
-                    E,
-                    N,
-                    KP,
-                    codes_smem,
-                    pair_smem,
-                    w_smem,
-                    full,
-                    empty,
-                    wfull,
-                    wempty,
-                    BM,
-                    STAGES,
-                    WSTAGES,
-                    GROUP,
-                    SYM,
-                    0,
-                    USES,
-                ),
-            ),
-            (
-                _converter,
-                (
-                    off_ptr,
-                    sched_ptr,
-                    addr_ptr,
-                    E,
-                    N,
-                    KP,
-                    codes_smem,
-                    pair_smem,
-                    w_smem,
-                    full,
-                    empty,
-                    wfull,
-                    wempty,
-                    BM,
-                    STAGES,
-                    WSTAGES,
-                    GROUP,
-                    SYM,
-                    1,
-                    USES,
-                ),
-            ),
-            (
-                _producer,
-                (
-                    x_ptr,
-                    off_ptr,
-                    sched_ptr,
-                    addr_ptr,
-                    E,
-                    N,
-                    K,
-                    KP,
-                    stride_xm,
-                    codes_smem,
-                    pair_smem,
-                    x_smem,
-                    full,
-                    empty,
-                    BM,
-                    STAGES,
-                    GROUP,
-                    PW,
-                ),
-            ),
+            (_shared_mma, (y_ptr, off_ptr, sched_ptr, E, N, KP, stride_ym, x_smem, w_smem, full, empty, wfull, wempty,
+                           BM, STAGES, WSTAGES, FENCE)),
+            (_converter, (off_ptr, sched_ptr, addr_ptr, E, N, KP, codes_smem, pair_smem, w_smem, full, empty, wfull,
+                          wempty, BM, STAGES, WSTAGES, GROUP, SYM, 0, USES)),
+            (_converter, (off_ptr, sched_ptr, addr_ptr, E, N, KP, codes_smem, pair_smem, w_smem, full, empty, wfull,
+                          wempty, BM, STAGES, WSTAGES, GROUP, SYM, 1, USES)),
+            (_producer, (x_ptr, off_ptr, sched_ptr, addr_ptr, E, N, K, KP, stride_xm, codes_smem, pair_smem, x_smem,
+                         full, empty, BM, STAGES, GROUP, PW)),
         ],
         [4, 4, PW],
         [CREGS, CREGS, PREGS],
     )
+    # fmt: on
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(full.index(i))
         mbarrier.invalidate(empty.index(i))
