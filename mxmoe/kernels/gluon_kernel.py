@@ -220,6 +220,26 @@ def _seek(t, pos, start, cnt, E, off_ptr, sched_ptr, NB, BM: gl.constexpr):
 
 
 @_jit
+def _tile(t, pos, start, off_ptr, sched_ptr, BM: gl.constexpr):
+    """Global tile t at schedule position pos (its first tile: start) -> (expert e, its first and past-last rows
+    row0 / row1, weight-row block nb, first token row m0): token block ``local % mt`` of row block ``local // mt``."""
+    e = gl.load(sched_ptr + 2 * pos)
+    row0 = gl.load(off_ptr + e)
+    row1 = gl.load(off_ptr + e + 1)
+    mt = gl.cdiv(row1 - row0, BM)
+    local = t - start
+    return e, row0, row1, local // mt, row0 + (local % mt) * BM
+
+
+@_jit
+def _store_tile(y_ptr, acc, rn, rm, row1, N, stride_ym):
+    """Store the y^T tile acc [BN, BM] (weight rows rn [BN] x token rows rm [BM]) as y rows, bf16, masked to the
+    expert's rows (< row1) and N."""
+    y_ptrs = y_ptr + rm.to(gl.int64)[None, :] * stride_ym + rn[:, None]  # [BN, BM] of y^T
+    gl.store(y_ptrs, acc.to(gl.bfloat16), mask=(rm < row1)[None, :] & (rn < N)[:, None])
+
+
+@_jit
 def _nibble_values(b):
     """Bytes b [R, 128 C] of fragment-order 4-bit codes (CODE_LAYOUT, C = 2: a whole K block; CODE_HALF_LAYOUT,
     C = 1: half of one) -> 128 + code [4 R, 64 C] bf16 in (output row, K) order, in the wgmma A operand layout
@@ -303,17 +323,12 @@ def _producer(
     )
     it = zero  # ring slot counter: stage it % STAGES, use it // STAGES
     while pos < E:
-        e = gl.load(sched_ptr + 2 * pos)
-        row0 = gl.load(off_ptr + e)
-        row1 = gl.load(off_ptr + e + 1)
-        mt = gl.cdiv(row1 - row0, BM)
-        local = t - start
-        nb = local // mt
+        e, row0, row1, nb, m0 = _tile(t, pos, start, off_ptr, sched_ptr, BM)
         w_ptr = gl.multiple_of(gl.load(addr_ptr + 3 * e).to(gl.pointer_type(gl.uint8)), 16)
         rq = nb * (BN // 4) + rq0  # [BN/4] byte rows of the tile
         code_ptrs = w_ptr + rq[:, None] * 256 + cb[None, :]  # [BN/4, 256], K block 0
         code_mask = (rq < rows_blk)[:, None]  # [BN/4, 1]
-        rm = row0 + (local % mt) * BM + rm0  # [BM] token rows
+        rm = m0 + rm0  # [BM] token rows
         x_ptrs = x_ptr + rm.to(gl.int64)[:, None] * stride_xm + rk[None, :]  # [BM, 128], K block 0
         x_rows = (rm < row1)[:, None]  # [BM, 1]
         rn = nb * BN + rn0  # [BN] weight rows
@@ -401,13 +416,8 @@ def _consumer(
     )
     it = zero
     while pos < E:
-        e = gl.load(sched_ptr + 2 * pos)
-        row0 = gl.load(off_ptr + e)
-        row1 = gl.load(off_ptr + e + 1)
-        mt = gl.cdiv(row1 - row0, BM)
-        local = t - start
-        n0 = (local // mt) * BN
-        m0 = row0 + (local % mt) * BM
+        e, row0, row1, nb, m0 = _tile(t, pos, start, off_ptr, sched_ptr, BM)
+        n0 = nb * BN
         if GROUP < 0:  # per channel: one scale (and zero point) per weight row
             sc, zr = _channel_scale_zero(addr_ptr, e, n0 + rn_a, N, SYM)
         acc = gl.zeros([BN, BM], gl.float32, layout=MMA)  # y^T tile
@@ -446,10 +456,7 @@ def _consumer(
             if DEPTH == 1:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        rn = n0 + rn_y
-        rm = m0 + rm_y
-        y_ptrs = y_ptr + rm.to(gl.int64)[None, :] * stride_ym + rn[:, None]  # [BN, BM] of y^T
-        gl.store(y_ptrs, acc.to(gl.bfloat16), mask=(rm < row1)[None, :] & (rn < N)[:, None])
+        _store_tile(y_ptr, acc, n0 + rn_y, m0 + rm_y, row1, N, stride_ym)
         t += nprog
         pos, start, cnt = _seek(t, pos, start, cnt, E, off_ptr, sched_ptr, NB, BM)
 
@@ -604,11 +611,9 @@ def _converter(
     )
     it = zero
     while pos < E:
-        e = gl.load(sched_ptr + 2 * pos)
-        rows = gl.load(off_ptr + e + 1) - gl.load(off_ptr + e)
-        n0 = ((t - start) // gl.cdiv(rows, BM)) * BN
+        e, row0, row1, nb, m0 = _tile(t, pos, start, off_ptr, sched_ptr, BM)
         if GROUP < 0:  # per channel: one scale (and zero point) per weight row
-            sc, zr = _channel_scale_zero(addr_ptr, e, n0 + rn_a, N, SYM)
+            sc, zr = _channel_scale_zero(addr_ptr, e, nb * BN + rn_a, N, SYM)
         for kb in range(nkb):
             if not USES or it % 2 == CID:
                 s = it % STAGES
@@ -664,14 +669,8 @@ def _shared_mma(
     it = zero
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)  # y^T tile; each tile's first wgmma ignores it (use_acc)
     while pos < E:
-        e = gl.load(sched_ptr + 2 * pos)
-        row0 = gl.load(off_ptr + e)
-        row1 = gl.load(off_ptr + e + 1)
-        mt = gl.cdiv(row1 - row0, BM)
-        local = t - start
         # the tile's rows before the K loop: divided after it, ptxas serialised every wgmma (C7514)
-        rn = (local // mt) * BN + rn_y  # [BN] weight rows
-        rm = row0 + (local % mt) * BM + rm_y  # [BM] token rows
+        e, row0, row1, nb, m0 = _tile(t, pos, start, off_ptr, sched_ptr, BM)
         for kb in range(nkb):
             s = _landed(it, full, STAGES, FENCE)
             ws = it % WSTAGES
@@ -684,8 +683,7 @@ def _shared_mma(
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         mbarrier.arrive(wempty.index((it + WSTAGES - 1) % WSTAGES))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        y_ptrs = y_ptr + rm.to(gl.int64)[None, :] * stride_ym + rn[:, None]  # [BN, BM] of y^T
-        gl.store(y_ptrs, acc.to(gl.bfloat16), mask=(rm < row1)[None, :] & (rn < N)[:, None])
+        _store_tile(y_ptr, acc, nb * BN + rn_y, m0 + rm_y, row1, N, stride_ym)
         t += nprog
         pos, start, cnt = _seek(t, pos, start, cnt, E, off_ptr, sched_ptr, NB, BM)
 
