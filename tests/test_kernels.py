@@ -4,6 +4,7 @@ The kernel runs in a child process with TRITON_INTERPRET=1 (tests/kernel_interp_
 the interpreter switch never leaks into other test modules.
 """
 
+import importlib
 import itertools
 import json
 import sys
@@ -271,7 +272,7 @@ def test_fp8_needs_sm89(monkeypatch, scheme):
 
 def test_w4a8_fp8_packs_integer_codes_and_takes_the_fp8_path():
     """4-bit codes are the integer scheme's (u = q + 8), stored in the fp8 MMA's fragment order, and run on
-    the fp8 dot (WA_FP8), grouped with 128-row tiles (two fp32 accumulators)."""
+    the fp8 dot (WA_FP8), grouped on transposed 64-token tiles (128 x 128 ones in a launch of 8 warps)."""
     from mxmoe.kernels import triton_kernel as tk
     from mxmoe.kernels.configs import default_config, kind_of
 
@@ -281,7 +282,8 @@ def test_w4a8_fp8_packs_integer_codes_and_takes_the_fp8_path():
     assert not torch.equal(fp8.data, int8.data)  # same codes, another order
     assert fp8.data.numel() == 16 * 256 // 2 and fp8.scale.dtype == torch.float16  # 4 bits + fp16 scale per group
     assert kind_of(fp8.scheme) == tk.WA_FP8 and kind_of(int8.scheme) == tk.WA_INT
-    assert default_config(fp8.scheme, 1000).bm == 128 and default_config(int8.scheme, 1000).bm == 256
+    assert default_config(fp8.scheme, 1000) == TileConfig(64, 128, 128, 3, swap_ab=True)
+    assert default_config(fp8.scheme, 1000, warps=8).bm == 128 and default_config(int8.scheme, 1000).bm == 256
 
 
 def test_cost_table_tiles_and_device_check(tmp_path):
@@ -487,3 +489,18 @@ def test_a_benchmark_run_cut_short_is_continued_by_the_same_command(fake_gpu_ben
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # other timing settings
     gpu["kernel"] = "k2"
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # another kernel
+
+
+def test_grouped_w4a8_tile_follows_the_launch_warps(monkeypatch):
+    """Grouped fp8 W4A8 codes take 64-token transposed tiles of one warpgroup at prefill, and the 128 x 128 tile
+    where another slot makes the launch two warpgroups (over 8 warps the small tile is 1.8x slower, H100)."""
+    gg = importlib.import_module("mxmoe.kernels.group_gemm")  # the module (mxmoe.kernels.group_gemm is the function)
+    monkeypatch.setattr(gg, "INTERPRET", False)  # the GPU's tiles, planned on the CPU
+    alone = ExpertGroup([pack(torch.randn(256, 256), "w4a8_g128_sym_fp8") for _ in range(2)])
+    mixed = ExpertGroup([pack(torch.randn(256, 256), s) for s in ("w4a8_g128_sym_fp8", "bf16")])
+    w4a8 = Scheme.parse("w4a8_g128_sym_fp8")
+    ((s, c),) = gg.launch_plan(alone, rows=2 * 546)
+    assert (s, c) == (w4a8, TileConfig(64, 128, 128, 3, swap_ab=True)) and launch_warps([c]) == 4
+    plan = dict(gg.launch_plan(mixed, rows=2 * 546))
+    assert plan[w4a8] == TileConfig(128, 128, 128, 3) and launch_warps(list(plan.values())) == 8
+    assert dict(gg.launch_plan(mixed, rows=2 * 34))[w4a8] == TileConfig(64, 128, 128, 3, swap_ab=True)  # 512 tokens

@@ -54,8 +54,9 @@ def swappable(s: Scheme) -> bool:
     return kind in (tk.W_INT, tk.W_FP8) or (kind == tk.WA_FP8 and s.w_bits < 8)
 
 
-def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -> TileConfig:
-    """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average.
+def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False, warps: int = 4) -> TileConfig:
+    """Heuristic tile for scheme ``s`` when experts get ``rows_per_expert`` rows on average, in a launch of
+    ``warps`` warps (8 when another slot's tile needs two warpgroups: ``launch_warps``).
 
     Seeded from the first tile sweep on an H200, the swap-AB ablation and the H100 sweep of weight-activation
     tiles at 8192 tokens, and checked by the H200 sweep at 512 tokens (all in results/kernels/NOTES.md)."""
@@ -65,20 +66,21 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False) -
     bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
     if kind == tk.BF16:
         return TileConfig(bm, 256 if bm >= 128 else 128, 64, 3 if bm >= 128 else 4)
-    if kind == tk.WA_FP8 and s.w_bits < 8 and (s.group_size < 0 or bm < 128):
-        # e4m3 codes converted in registers feed the MMA as its A operand (one K=128 dot per block: per
-        # channel the MMAs run asynchronously; per group each block's partial sum is promoted before the
-        # next, so they wait, but fewer instructions and no spills at these tiles; sm_90a, offline compile)
+    if kind == tk.WA_FP8 and s.w_bits < 8:
+        # e4m3 codes converted in registers feed the MMA as its A operand (one K=128 dot per block; sm_90a,
+        # offline compile). Per channel the MMAs run asynchronously. Per group each block's partial sum is
+        # promoted before the next, so they wait: 64-token tiles of one warpgroup, two CTAs per SM whose waits
+        # need not coincide (at 8192 tokens 1.26-1.30x the 128 x 128 tile over 8 warps, H100)
+        if s.group_size > 0:  # over 8 warps the 64-token tile is 1.8x slower: the 128 x 128 one there
+            if bm >= 128 and warps == 8:
+                return TileConfig(128, 128, PACK_K, 3)
+            return TileConfig(min(bm, 64), 128, PACK_K, 3, swap_ab=True)
         return TileConfig(bm if bm < 128 else 256 if rows_per_expert > 256 else 128, 128, PACK_K, 3, swap_ab=True)
     if kind in (tk.WA_INT, tk.WA_FP8):
         if bm < 128:
             return TileConfig(bm, 128, PACK_K, 3)
         if s.w_bits == 8:  # codes go memory -> shared -> MMA: deep prefetch (4 x 48 KiB stages)
             return TileConfig(128, 256, PACK_K, 4)
-        if s.fmt == "fp8" and s.group_size > 0:
-            # the running and the per-block accumulator are both fp32: at 256 rows ptxas (sm_90, offline
-            # compile) spills ~0.9 KiB per thread, at 128 rows 8 bytes (w4a4 g128 spills alike; not re-tuned)
-            return TileConfig(128, 128, PACK_K, 3)
         # narrower codes are unpacked in registers: tall tiles share each unpacked weight over more rows
         return TileConfig(256 if rows_per_expert > 256 else 128, 128, PACK_K, 3)
     return TileConfig(bm, 128, PACK_K, 3 if bm >= 64 else 4, swap_ab=True)  # unpacked weight as register A
@@ -89,6 +91,20 @@ def launch_warps(configs: "list[TileConfig]") -> int:
     64 x 128 outputs, else 4, so that two programs fit an SM and one unpacks while the other multiplies.
     (H100 sweep, results/kernels/NOTES.md.)"""
     return 8 if max(c.bm * c.bn for c in configs) > 64 * 128 else 4
+
+
+def programs_per_sm(schemes: "list[Scheme]", configs: "list[TileConfig]") -> "tuple[int, int | None]":
+    """(persistent programs per SM, register cap or None) of a launch. Weight-only launches of at most 4-bit
+    codes fit more programs: 4 per SM with a 128-register cap when every tile is 16 rows (decode: w3a16 g128 1.11x,
+    w4a16 g128 1.02x the 2-per-SM launch, H100), 3 when every tile is at most 32 rows (Qwen3-30B-A3B's 512-token
+    tile: 1.04-1.14x); others keep 2, which is all that fits a bm-64 tile's 200-215 registers
+    (`mxmoe bench occupancy`, results/kernels/NOTES.md)."""
+    if all(s.weight_only and s.w_bits <= 4 for s in schemes):
+        if all(c.bm == 16 for c in configs):
+            return 4, 128
+        if all(c.bm <= 32 for c in configs):
+            return 3, None
+    return 2, None
 
 
 def tile_cost(s: Scheme, c: TileConfig, k: int) -> float:

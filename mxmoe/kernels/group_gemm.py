@@ -10,7 +10,15 @@ import torch
 from mxmoe.env import device_guard
 from mxmoe.kernels import triton_kernel as tk
 from mxmoe.kernels.act_quant import QuantizedRows, quantize_rows
-from mxmoe.kernels.configs import TileConfig, check_config, default_config, kind_of, launch_warps, tile_cost
+from mxmoe.kernels.configs import (
+    TileConfig,
+    check_config,
+    default_config,
+    kind_of,
+    launch_warps,
+    programs_per_sm,
+    tile_cost,
+)
 from mxmoe.kernels.pack import PACK_K, PackedWeight, paired_scales, storage_bytes
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
@@ -165,12 +173,16 @@ def quantize_activations(x: torch.Tensor, offsets: torch.Tensor, group: ExpertGr
 def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) -> "list[tuple[Scheme, TileConfig]]":
     """Slots of a launch, heaviest tile first: [(scheme, tile config)] for the schemes in ``group``."""
     configs = configs or {}
-    avg_rows = rows / len(group)
-    plan = []
-    for s in group.schemes:
-        c = configs.get(s) or configs.get(str(s)) or default_config(s, avg_rows, INTERPRET)
+    given = {s: configs.get(s) or configs.get(str(s)) for s in group.schemes}
+
+    def plan_for(warps: int) -> "list[tuple[Scheme, TileConfig]]":
+        return [(s, given[s] or default_config(s, rows / len(group), INTERPRET, warps)) for s in group.schemes]
+
+    plan = plan_for(4)
+    if launch_warps([c for _, c in plan]) == 8:  # a slot needs two warpgroups: every default tile is for 8 warps
+        plan = plan_for(8)
+    for s, c in plan:
         check_config(s, c)
-        plan.append((s, c))
     return sorted(plan, key=lambda sc: -tile_cost(sc[0], sc[1], group.k))
 
 
@@ -253,8 +265,10 @@ def _launch(x, x_q, y, offsets, group: ExpertGroup, plan, sched: torch.Tensor, n
     """One kernel launch over the experts listed in ``sched`` ([E', 2] int32 (expert, slot))."""
     slots = tuple(s for s, _ in plan)
     cfgs = [c for _, c in plan]
+    per_sm, max_registers = programs_per_sm(list(slots), cfgs)
     if num_programs is None:
-        num_programs = 4 if INTERPRET else 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        num_programs = 4 if INTERPRET else per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
+    cap = {} if INTERPRET or max_registers is None else {"maxnreg": max_registers}
     if num_warps is None:
         num_warps = launch_warps(cfgs)
     e = sched.shape[0]
@@ -287,4 +301,5 @@ def _launch(x, x_q, y, offsets, group: ExpertGroup, plan, sched: torch.Tensor, n
             E_PAD=max(16, 1 << (e - 1).bit_length()),
             INTERPRET=INTERPRET,
             num_warps=num_warps,
+            **cap,
         )
