@@ -25,9 +25,7 @@ from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
 gg_module = sys.modules["mxmoe.kernels.group_gemm"]  # the module; the package exports the function
 ROOT = Path(__file__).resolve().parents[1]
-H100_CUDAGRAPH_RUN = (
-    "bench_NVIDIA_H100_80GB_HBM3_dceedad_cudagraph.json"  # the smollm2-moe and Qwen1.5-MoE shapes, graph-timed
-)
+H100_CUDAGRAPH_RUN = next(n for n in runs.COUNTED if n.endswith("_cudagraph.json"))  # smollm2-moe shapes, graph-timed
 QUANTIZED = [s for s in HOPPER_SCHEMES if not s.is_full_precision]
 W4A8_FP8 = ["w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8"]
 INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + [
@@ -322,7 +320,8 @@ def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
     out = write_table([run], tmp_path / "kernels")
     assert out.name == "nvidia_h100.json" and not list(out.parent.glob("*.tmp"))
     table = json.loads(out.read_text())
-    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == "dceedad"
+    commit = json.loads(run.read_text())["provenance"]["git_commit"]
+    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == commit
     assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe", "smollm2-moe", "smollm2-moe-shared"}
 
 
@@ -400,7 +399,8 @@ def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path
     run = json.loads((ROOT / "results" / "kernels" / H100_CUDAGRAPH_RUN).read_text())
     del run["provenance"]["kernel"]  # a run from before kernels were fingerprinted
     old = read_table(write_table([_write(tmp_path / "old.json", run)], tmp_path / "a"))
-    assert old.kernel is None and "dceedad" in old.kernel_note and "fingerprinted" in old.kernel_note
+    commit = run["provenance"]["git_commit"]
+    assert old.kernel is None and commit in old.kernel_note and "fingerprinted" in old.kernel_note
     run["provenance"]["kernel"] = kernel_fingerprint()
     now = read_table(write_table([_write(tmp_path / "now.json", run)], tmp_path / "b"))
     assert now.kernel == kernel_fingerprint() and now.kernel_note is None

@@ -4,12 +4,15 @@ from pathlib import Path
 
 import pytest
 
+from mxmoe.bench.runs import COUNTED
 from mxmoe.bench.validate import validate
 from mxmoe.kernels.configs import TileConfig
 from mxmoe.perfmodel import SOURCES, block_time, launch_time, load_table, roofline_table, tile_cost, tiles_of
 from mxmoe.schemes import Scheme
 
-BENCH = Path(__file__).resolve().parents[1] / "results" / "kernels" / "bench_NVIDIA_H100_80GB_HBM3_dceedad_all.json"
+BENCH = (
+    Path(__file__).resolve().parents[1] / "results" / "kernels" / next(n for n in COUNTED if n.endswith("_all.json"))
+)
 
 
 @pytest.fixture(scope="module")

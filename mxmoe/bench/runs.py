@@ -22,18 +22,14 @@ from mxmoe.paths import kernel_results_dir, results_dir
 from mxmoe.plan import BATCHES
 
 # The committed H100 runs of the current kernel, in the order cases are taken: CUDA-graph replays of the
-# decode size (16 tokens), Qwen3-30B's with its Table 6 launches, then Qwen1.5-MoE, DeepSeek-V2-Lite and
-# Qwen3-30B without them (an event timer adds the Python wrapper's host time to a 35-75 us GEMM:
-# results/kernels/NOTES.md), the paper shapes with do_bench events
-# (Table 6 on four models) in two runs, OLMoE and Qwen3-30B whole first (one command's 10 minutes ended the
-# other run inside Qwen3-30B), and the CUDA-graph run for smollm2-moe's GEMMs, whose few microseconds an
-# event timer would fill with host launch work.
+# decode size (16 tokens) of Qwen1.5-MoE, DeepSeek-V2-Lite and Qwen3-30B (with Qwen3-30B's Table 6 launches;
+# an event timer adds the Python wrapper's host time to a 35-75 us GEMM: results/kernels/NOTES.md), the paper
+# shapes with do_bench events (Table 6 on four models), and the CUDA-graph run for smollm2-moe's GEMMs, whose
+# few microseconds an event timer would fill with host launch work.
 COUNTED = (
-    "bench_NVIDIA_H100_80GB_HBM3_graph16_qwen3.json",
-    "bench_NVIDIA_H100_80GB_HBM3_graph16.json",
-    "bench_NVIDIA_H100_80GB_HBM3_dceedad_rest.json",
-    "bench_NVIDIA_H100_80GB_HBM3_dceedad_all.json",
-    "bench_NVIDIA_H100_80GB_HBM3_dceedad_cudagraph.json",
+    "bench_NVIDIA_H100_80GB_HBM3_1a30e95_graph16.json",
+    "bench_NVIDIA_H100_80GB_HBM3_1a30e95_all.json",
+    "bench_NVIDIA_H100_80GB_HBM3_1a30e95_cudagraph.json",
 )
 
 
