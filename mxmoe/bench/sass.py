@@ -43,7 +43,7 @@ from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.kernels import gluon_kernel as gk
 from mxmoe.kernels import triton_kernel as tk
-from mxmoe.kernels.configs import TileConfig, default_config, kind_of, launch_warps, tile_cost
+from mxmoe.kernels.configs import TileConfig, default_config, kind_of, launch_warps, programs_per_sm, tile_cost
 from mxmoe.paths import kernel_results_dir
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
@@ -137,7 +137,8 @@ class Facts:
 def compile_launch(
     slots: "list[tuple[Scheme, TileConfig]]", arch: int = 90, num_warps: "int | None" = None, experts=64
 ):
-    """``group_gemm_kernel`` compiled for ``sm_<arch>`` (a for 90) with these slots, as ``_launch`` would launch it."""
+    """``group_gemm_kernel`` compiled for ``sm_<arch>`` (a for 90) with these slots, as ``_launch`` would launch it
+    (its warps and register cap)."""
     if not slots:
         raise ValueError("a launch needs at least one (scheme, tile config) slot")
     schemes = [Scheme.parse(s) for s, _ in slots]
@@ -160,9 +161,11 @@ def compile_launch(
     signature = {**_SIGNATURE, **{k: "constexpr" for k in constants}}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _ALIGNED}
     src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps or launch_warps(cfgs)}
-    )
+    options = {"num_warps": num_warps or launch_warps(cfgs)}
+    _, max_registers = programs_per_sm(schemes, cfgs)
+    if max_registers is not None:
+        options["maxnreg"] = max_registers
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _tool(name: str, *args: str) -> subprocess.CompletedProcess:
