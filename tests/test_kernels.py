@@ -487,8 +487,52 @@ def test_a_benchmark_run_cut_short_is_continued_by_the_same_command(fake_gpu_ben
     assert len(doc["results"]) == 8 and doc["continues"][0]["models"] == ["smollm2-moe"]
     assert len(run("--models", "smollm2-moe", "--fresh")[0]) == 4
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # other timing settings
+    assert len(run("--models", "smollm2-moe", "--rep-ms", "7", "--rounds", "2")[0]) == 4  # other rounds
     gpu["kernel"] = "k2"
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # another kernel
+
+
+STALLED_CASE = """
+import json
+from mxmoe.bench import gemm
+
+gemm.DEV = "cpu"
+seen = []  # the functions timed, in order; the fifth timing of the case is slowed 4x (a stall of the machine)
+
+
+def fake_ms(fn):
+    seen.append(fn)
+    return 4.0 if len(seen) == 5 else 1.0
+
+
+gemm._ms = fake_ms
+e, n, k = 8, 64, 128
+w = gemm.torch.randn(e, n, k, dtype=gemm.torch.bfloat16) * 0.02
+rows = gemm.run_case("smollm2-moe", "down", n, k, 16, 2, w, gemm._packs_for(w), {"copy_GBps": 1.0, "bf16_TFLOPs": 1.0},
+                     count=False, table6=False, ablation=False)
+per_round = len(seen) // 3
+print(json.dumps({"rows": rows, "reversed": seen[per_round:2 * per_round] == seen[:per_round][::-1],
+                  "timings": len(seen)}))
+"""
+
+
+def test_a_stall_during_one_timing_moves_one_round_not_the_result():
+    """Every variant of a case is timed in three rounds, the second in reverse order, and keeps the median: a
+    variant slowed 4x in one round (events-timed rows 1.4-4x slow on a busy machine) reports its usual time, and
+    its derived rates (TFLOP/s, bandwidth fractions, ratios to the peers) use that median."""
+    out = json.loads(run_interpreted(["-c", STALLED_CASE], timeout=900))
+    timed = [r for r in out["rows"] if "ms" in r]
+    assert out["reversed"] and out["timings"] == 3 * sum(
+        sum(k in r for k in ("ms", "ms_with_act_quant", "ms_act_quant")) for r in timed
+    )
+    assert len(timed) >= 12 and all(r["ms"] == 1.0 and len(r["ms_rounds"]) == 3 for r in timed)
+    assert sum(4.0 in r[k] for r in timed for k in r if k.endswith("_rounds")) == 1
+    fp8 = next(r for r in out["rows"] if r["variant"] == "torch_scaled_grouped_fp8")
+    assert "error" in fp8 and "ms" not in fp8  # no fp8 grouped GEMM on the CPU: an error row, never timed
+    bf16 = next(r for r in timed if r["variant"] == "ours_bf16")
+    flops = 2 * bf16["rows"] * bf16["N"] * bf16["K"]
+    assert bf16["speedup_vs_torch_bf16"] == 1.0 and bf16["TFLOPs"] == pytest.approx(flops / 1e9)  # 1 ms a call
+    assert bf16["moved_bw_frac"] > 0 and bf16["roofline_frac"] > 0
 
 
 def test_grouped_w4a8_tile_follows_the_launch_warps(monkeypatch):

@@ -3,7 +3,8 @@
 For every model shape (gate_up fused: N = 2I, K = H; down: N = H, K = I) and token count, routed
 rows are split over experts by geometric routing probabilities with max/min ratio ``LOAD_RATIO``
 (assumed, not measured: replace with stage 02's routing profiles when they exist). In one process
-on one GPU it times, with ``triton.testing.do_bench`` medians:
+on one GPU it times, with ``triton.testing.do_bench`` medians taken in ``--rounds`` alternating rounds of a
+case's variants (median of the rounds: a stall of the machine during one variant's window moves one round):
 
 * peers (``mxmoe.bench.peers``): torch bf16 grouped GEMM (``grouped_mm``), a per-expert bf16 ``torch.mm``
   loop, and torch fp8 ``_scaled_grouped_mm`` on rowwise e4m3, timed on pre-quantized activations (``ms``)
@@ -24,8 +25,9 @@ kernel launches per grouped GEMM with the profiler, prints a short table and wri
 Shapes: the six paper models and the embedded smollm2-moe (routed experts and, as a one-expert GEMM,
 its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it
 for GEMMs of a few microseconds, where ``do_bench``'s per-call events measure the host's launch work.
-All six paper shapes at 16/512/8192 tokens take ~8.5 minutes on one H100, mostly Triton compiling each
-model's shapes (``--rep-ms 50``, Table 6 on four models; results/kernels/NOTES.md). A run stopped by
+All six paper shapes at 16/512/8192 tokens took 404 s on one H100 in one round, mostly Triton compiling
+each model's shapes (``--rep-ms 50``, Table 6 on four models; results/kernels/NOTES.md); each further round
+times every variant again (about 36 timings of ~0.1 s a case; not yet measured on a GPU). A run stopped by
 ``--deadline-seconds`` is continued by the same command: the output file of an earlier run of the same
 kernel, GPU and timer keeps its cases and only the missing ones are timed (``--fresh`` starts over).
 """
@@ -34,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -63,7 +67,7 @@ W4A8_FP8 = ("w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8")  # integer codes on fp8 ten
 TABLE6_MODES = ("per_scheme", "unified")  # each mix also runs as one launch per scheme and as the unified kernel
 
 
-TIMER = {"warmup": 25, "rep": 100, "kind": "events"}  # ms; --warmup-ms / --rep-ms / --timer change it for a run
+TIMER = {"warmup": 25, "rep": 100, "kind": "events", "rounds": 3}  # ms; --warmup-ms / --rep-ms / --timer / --rounds
 
 
 PROG = "mxmoe bench gemm"  # also python -m mxmoe.bench.gemm
@@ -75,6 +79,29 @@ def _ms(fn) -> float:
     if TIMER["kind"] == "cudagraph":
         return float(do_bench_cudagraph(fn, rep=TIMER["rep"], return_mode="median"))
     return float(do_bench(fn, warmup=TIMER["warmup"], rep=TIMER["rep"], return_mode="median"))
+
+
+def time_rounds(jobs: "list[tuple[dict, str, object]]") -> None:
+    """Time every (row, key, fn) of a case in ``TIMER["rounds"]`` rounds, the order reversed every other round,
+    and set ``row[key]`` to the median of its rounds (``row[key + "_rounds"]``: each round's ``_ms``). A stall of
+    the machine during one timing window (event-timed rows 1.4-4x slow, results/kernels/NOTES.md) then moves one
+    round, not the result. A timing that fails sets ``row["error"]`` and drops the row's times."""
+    times: "list[list[float]]" = [[] for _ in jobs]
+    failed: set = set()
+    for r in range(TIMER["rounds"]):
+        for j in range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs))):
+            row, _, fn = jobs[j]
+            if id(row) in failed:
+                continue
+            try:
+                times[j].append(_ms(fn))
+            except (RuntimeError, TypeError, ValueError) as err:
+                row["error"] = str(err).splitlines()[0][:300]
+                failed.add(id(row))
+    for (row, key, _), ts in zip(jobs, times):
+        if id(row) not in failed:
+            row[key] = float(statistics.median(ts))
+            row[key + "_rounds"] = ts
 
 
 def count_launches(fn) -> int:
@@ -104,7 +131,7 @@ def earlier_run(path: Path, doc: dict) -> "dict | None":
         return None
     old = json.loads(path.read_text())
     same_gpu_kernel = all(old["provenance"].get(k) == doc["provenance"].get(k) for k in ("device", "kernel"))
-    same_timing = all(old["argv"].get(k) == doc["argv"].get(k) for k in ("timer", "warmup_ms", "rep_ms"))
+    same_timing = all(old["argv"].get(k) == doc["argv"].get(k) for k in ("timer", "warmup_ms", "rep_ms", "rounds"))
     return old if same_gpu_kernel and same_timing and "results" in old else None
 
 
@@ -186,21 +213,18 @@ def run_case(
     y_loop = torch.empty(t, n, device=DEV, dtype=torch.bfloat16)
     bl = _baselines(x, offs_host, ends, w, y_loop)
     ref_bf16 = bl["torch_loop_bf16"][0]().clone()
-    t_torch = None
+    jobs = []  # (row, key, fn): every timing of the case, taken together in alternating rounds (time_rounds)
     for name, (fn, fn_q) in bl.items():
         row = dict(base, variant=name, bits=16.0 if "bf16" in name else 8.0)
         try:
             row["rel_err_vs_bf16_loop"] = peers.rel_err(fn(), ref_bf16)
-            row["ms"] = _ms(fn)
             row["launches"] = count_launches(fn) if count else None
+            row["moved_bytes"] = peers.peer_bytes(name, rows, n, k)
+            jobs.append((row, "ms", fn))
             if fn_q is not None:
-                row["ms_with_act_quant"] = _ms(fn_q)
-            nbytes = peers.peer_bytes(name, rows, n, k)
-            row.update(moved_bytes=nbytes, moved_bw_frac=peers.moved_fraction(nbytes, row["ms"], ceil["copy_GBps"]))
+                jobs.append((row, "ms_with_act_quant", fn_q))
         except (RuntimeError, TypeError, ValueError) as err:
             row["error"] = str(err).splitlines()[0][:300]
-        if name == peers.BF16_PEER:
-            t_torch = row.get("ms")
         out.append(row)
     active = [i for i in range(e) if rows[i] > 0]
     for name, (s, change) in ABLATIONS.items() if ablation else ():
@@ -208,6 +232,7 @@ def run_case(
     for name in MIXES if table6 else ():
         for mode in TABLE6_MODES:
             assign[f"{name}@{mode}"] = assign[name]
+    floor_s = {}  # variant: its roofline time (s), the slower of moving its bytes and its MMA work
     for name, schemes in assign.items():
         mode = name.split("@")[1] if "@" in name else "fused"
         configs = None
@@ -225,32 +250,37 @@ def run_case(
             row["rel_err_vs_reference"] = peers.rel_err(y, reference_group_gemm(x, offs, pws))
             row["rel_err_vs_bf16_loop"] = peers.rel_err(y, ref_bf16)
             x_q = quantize_activations(x, offs, group)  # as the token gather hands them over
-            fn = lambda: group_gemm(x, offs, group, x_q=x_q, configs=configs, validate=False, mode=mode)  # noqa: E731
-            row["ms"] = _ms(fn)
+            # bound now (partial): the timings run after this loop
+            fn = functools.partial(group_gemm, x, offs, group, x_q=x_q, configs=configs, validate=False, mode=mode)
+            jobs.append((row, "ms", fn))
             row["launches"] = count_launches(fn) if count else None
             row["mode"] = mode
             if mode == "fused":
                 row["tiles"] = {str(s): c.as_dict() for s, c in launch_plan(group, t, configs)}
             if mode == "fused" and any(not s.weight_only for s in schemes):  # standalone: quantize + GEMM, two launches
-                full = lambda: group_gemm(x, offs, group, validate=False, mode=mode)  # noqa: E731
-                row["ms_with_act_quant"] = _ms(full)
-                row["ms_act_quant"] = _ms(lambda: quantize_activations(x, offs, group))
+                full = functools.partial(group_gemm, x, offs, group, validate=False, mode=mode)
+                jobs.append((row, "ms_with_act_quant", full))
+                jobs.append((row, "ms_act_quant", functools.partial(quantize_activations, x, offs, group)))
                 row["launches_with_act_quant"] = count_launches(full) if count else None
-                if t_torch:
-                    row["speedup_with_act_quant"] = t_torch / row["ms_with_act_quant"]
-            sec = row["ms"] / 1e3
-            row["weight_GBps"] = wbytes / sec / 1e9
-            row["weight_bw_frac"] = row["weight_GBps"] / (ceil["copy_GBps"])
             row["moved_bytes"] = peers.ours_bytes(pws, rows, n, k)
-            row["moved_bw_frac"] = peers.moved_fraction(row["moved_bytes"], row["ms"], ceil["copy_GBps"])
-            floor = max((wbytes + act_bytes) / (ceil["copy_GBps"] * 1e9), peak / 1e12)
-            row["roofline_frac"] = floor / sec
+            floor_s[row["variant"]] = max((wbytes + act_bytes) / (ceil["copy_GBps"] * 1e9), peak / 1e12)
         except (RuntimeError, ValueError) as err:
             row["error"] = str(err).splitlines()[0][:300]
         out.append(row)
+    time_rounds(jobs)
+    t_torch = next((r.get("ms") for r in out if r["variant"] == peers.BF16_PEER), None)
     for row in out:
-        if "ms" in row:
-            row["TFLOPs"] = flops / (row["ms"] / 1e3) / 1e12
+        if "ms" not in row:
+            continue
+        sec = row["ms"] / 1e3
+        row["TFLOPs"] = flops / sec / 1e12
+        row["moved_bw_frac"] = peers.moved_fraction(row["moved_bytes"], row["ms"], ceil["copy_GBps"])
+        if row["variant"] in floor_s:
+            row["weight_GBps"] = row["weight_bytes"] / sec / 1e9
+            row["weight_bw_frac"] = row["weight_GBps"] / ceil["copy_GBps"]
+            row["roofline_frac"] = floor_s[row["variant"]] / sec
+            if t_torch and "ms_with_act_quant" in row:
+                row["speedup_with_act_quant"] = t_torch / row["ms_with_act_quant"]
     peers.add_ratios(out, "variant", "ms")
     out[0]["case_wall_s"] = round(time.time() - t_case, 2)  # all variants of the case, compiles included
     return out
@@ -340,6 +370,12 @@ def main(argv: "list[str] | None" = None) -> None:
     ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup per timing")
     ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per timing")
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="time each case's variants in this many rounds, alternating their order, and keep each median",
+    )
+    ap.add_argument(
         "--timer",
         choices=("events", "cudagraph"),
         default="events",
@@ -369,7 +405,9 @@ def main(argv: "list[str] | None" = None) -> None:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         ap.error(f"unknown models {unknown}; known: {list(MODELS)}")
-    TIMER.update(warmup=args.warmup_ms, rep=args.rep_ms, kind=args.timer)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    TIMER.update(warmup=args.warmup_ms, rep=args.rep_ms, kind=args.timer, rounds=args.rounds)
     torch.manual_seed(0)
     t0 = time.time()
     doc = {
@@ -379,7 +417,8 @@ def main(argv: "list[str] | None" = None) -> None:
             f"triton.testing.do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms"
             if args.timer == "events"
             else f"triton.testing.do_bench_cudagraph median of 10 graph replays, rep {args.rep_ms:g} ms, no L2 flush"
-        ),
+        )
+        + f"; median of {args.rounds} rounds of a case's variants, alternating their order",
         "timer_kind": args.timer,
         "argv": {k: v for k, v in vars(args).items() if k not in ("out", "table_dir")},
     }  # no machine paths
