@@ -282,6 +282,36 @@ def _channel_scale_zero(addr_ptr, e, rn, N, SYM: gl.constexpr):
 
 
 @_jit
+def _producer_ring(BM: gl.constexpr, STAGES: gl.constexpr, PW: gl.constexpr, RELEASES: gl.constexpr):
+    """The producer's ring in shared memory and its barriers: (codes [STAGES, BN / 4, 256] uint8, (scale, zero)
+    pairs [STAGES, BN] int32, x rows [STAGES, BM, 128] bf16, full, empty). A stage is full when every producer
+    thread's cp.async has landed, empty after RELEASES arrivals (one per partition that reads it)."""
+    codes_smem = gl.allocate_shared_memory(
+        gl.uint8, [STAGES, BN // 4, 256], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    )
+    pair_smem = gl.allocate_shared_memory(
+        gl.int32, [STAGES, BN], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    )
+    x_smem = gl.allocate_shared_memory(
+        gl.bfloat16, [STAGES, BM, PACK_K], gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    )
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=32 * PW)  # every producer thread's cp.async.mbarrier.arrive.noinc
+        mbarrier.init(empty.index(i), count=RELEASES)
+    return codes_smem, pair_smem, x_smem, full, empty
+
+
+@_jit
+def _invalidate(full, empty, STAGES: gl.constexpr):
+    """Invalidate a ring's full and empty barriers once every partition has left it."""
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(full.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+@_jit
 def _producer(
     x_ptr,
     off_ptr,
@@ -491,20 +521,7 @@ def gluon_group_gemm_kernel(
     PW / PREGS: producer warps and their register request; DEPTH: 0 (wait for each block's wgmma), 1 (leave it
     in flight) or 2 (two K halves per block, A operands in two register sets; module docstring);
     FENCE: fence.proxy.async after each full-barrier wait."""
-    codes_smem = gl.allocate_shared_memory(
-        gl.uint8, [STAGES, BN // 4, 256], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    )
-    pair_smem = gl.allocate_shared_memory(
-        gl.int32, [STAGES, BN], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    )
-    x_smem = gl.allocate_shared_memory(
-        gl.bfloat16, [STAGES, BM, PACK_K], gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    )
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=32 * PW)  # every producer thread's cp.async.mbarrier.arrive.noinc
-        mbarrier.init(empty.index(i), count=1)  # one consumer arrival per use
+    codes_smem, pair_smem, x_smem, full, empty = _producer_ring(BM, STAGES, PW, 1)  # one consumer release a use
     gl.warp_specialize(
         [
             (
@@ -558,9 +575,7 @@ def gluon_group_gemm_kernel(
         [PW],
         [PREGS],
     )
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(full.index(i))
-        mbarrier.invalidate(empty.index(i))
+    _invalidate(full, empty, STAGES)
 
 
 # ------------------------------------------------------------------------- shared-memory weight operand
@@ -717,25 +732,13 @@ def gluon_shared_group_gemm_kernel(
     they split each K block's 128 weight rows, or with USES take alternate ring uses) and the producer (PW warps,
     PREGS registers).
     WSTAGES: depth of the bf16 weight ring; BM up to 128."""
-    codes_smem = gl.allocate_shared_memory(
-        gl.uint8, [STAGES, BN // 4, 256], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    )
-    pair_smem = gl.allocate_shared_memory(
-        gl.int32, [STAGES, BN], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    )
-    x_smem = gl.allocate_shared_memory(
-        gl.bfloat16, [STAGES, BM, PACK_K], gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    )
+    # the converters' and the MMA's releases of each use
+    codes_smem, pair_smem, x_smem, full, empty = _producer_ring(BM, STAGES, PW, (1 if USES else 2) + 1)
     w_smem = gl.allocate_shared_memory(
         gl.bfloat16, [WSTAGES, BN, PACK_K], gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     )
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     wfull = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
     wempty = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=32 * PW)  # every producer thread's cp.async.mbarrier.arrive.noinc
-        mbarrier.init(empty.index(i), count=(1 if USES else 2) + 1)  # the converters' and the MMA's release
     for i in gl.static_range(WSTAGES):
         mbarrier.init(wfull.index(i), count=1 if USES else 2)
         mbarrier.init(wempty.index(i), count=1)
@@ -756,12 +759,8 @@ def gluon_shared_group_gemm_kernel(
         [CREGS, CREGS, PREGS],
     )
     # fmt: on
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(full.index(i))
-        mbarrier.invalidate(empty.index(i))
-    for i in gl.static_range(WSTAGES):
-        mbarrier.invalidate(wfull.index(i))
-        mbarrier.invalidate(wempty.index(i))
+    _invalidate(full, empty, STAGES)
+    _invalidate(wfull, wempty, WSTAGES)
 
 
 # ---------------------------------------------------------------------------------------------- host side
