@@ -87,19 +87,17 @@ def time_rounds(jobs: "list[tuple[dict, str, object]]") -> None:
     the machine during one timing window (event-timed rows 1.4-4x slow, results/kernels/NOTES.md) then moves one
     round, not the result. A timing that fails sets ``row["error"]`` and drops the row's times."""
     times: "list[list[float]]" = [[] for _ in jobs]
-    failed: set = set()
     for r in range(TIMER["rounds"]):
         for j in range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs))):
             row, _, fn = jobs[j]
-            if id(row) in failed:
+            if "error" in row:  # a row is timed only after its checks passed: this is a failed timing
                 continue
             try:
                 times[j].append(_ms(fn))
             except (RuntimeError, TypeError, ValueError) as err:
                 row["error"] = str(err).splitlines()[0][:300]
-                failed.add(id(row))
     for (row, key, _), ts in zip(jobs, times):
-        if id(row) not in failed:
+        if "error" not in row:
             row[key] = float(statistics.median(ts))
             row[key + "_rounds"] = ts
 

@@ -224,8 +224,10 @@ def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
     """Tiny launches at the protocol's corners: per case the relative error (or error text) of each Gluon variant
     (``bm<BM>/d<depth>`` register operand, ``sh/bm<BM>`` and ``shu/bm<BM>`` shared) and of the Triton kernel
     against the reference; printed as they finish."""
-    variants = [(16, 0), (64, 1), (64, 2)] if quick else [(16, 0), (32, 0), (64, 0), (64, 1), (16, 2), (64, 2)]
-    variants += [(16, "sh"), (64, "sh"), (16, "shu"), (64, "shu")]
+    depths = [(16, 0), (64, 1), (64, 2)] if quick else [(16, 0), (32, 0), (64, 0), (64, 1), (16, 2), (64, 2)]
+    variants = {f"bm{bm}/d{d}": {"bm": bm, "depth": d} for bm, d in depths}  # label: gluon_group_gemm keywords
+    for label, split in (("sh", "rows"), ("shu", "uses")):  # shared operand, converters splitting rows / K blocks
+        variants.update({f"{label}/bm{bm}": {"bm": bm, "operand": "shared", "split": split} for bm in (16, 64)})
     out = []
     for i, (name, scheme, n, k, rows) in enumerate(EDGE_CASES):
         case = {"name": name, "scheme": scheme, "N": n, "K": k, "rows": rows, "gluon": {}}
@@ -239,12 +241,7 @@ def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
         x = torch.randn(sum(rows), k, device="cuda", dtype=torch.bfloat16)
         off = _offsets(rows)
         ref = reference_group_gemm(x, off, packed)
-        for bm, depth in variants:
-            if isinstance(depth, str):  # the shared-operand kernel, converters splitting rows (sh) or K blocks (shu)
-                kw = {"bm": bm, "operand": "shared", "split": "uses" if depth == "shu" else "rows"}
-                label = f"{depth}/bm{bm}"
-            else:
-                kw, label = {"bm": bm, "depth": depth}, f"bm{bm}/d{depth}"
+        for label, kw in variants.items():
             y, err = guarded(dog, f"edge {name} {label}", lambda kw=kw: gk.gluon_group_gemm(x, off, group, **kw))
             case["gluon"][label] = err or rel_err(y, ref)
         yt, err = guarded(dog, f"edge {name} triton", lambda: group_gemm(x, off, group, validate=False))
