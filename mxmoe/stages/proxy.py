@@ -193,13 +193,15 @@ def proxy_check(
         quantize_layer, name = apply_schemes, "proxy_check.json"
     else:  # gptq
         config = allocation_config("proxy check", seed)
-        calib = calibration(model, tok, profile, seed=seed)  # [n, seqlen] train windows, as Table 1's
         params["recipe"] = {k: v for k, v in config.as_dict().items() if k != "label"}
-        params["calibration"] = list(calib.shape)
+        params["calibration"] = [profile.calib_windows, profile.calib_seqlen]
+        calib = {}  # "windows": [n, seqlen] train windows, as Table 1's, built for the first pair not cached
         inputs = {}  # the quantized layer's calibration inputs, the same for each of its schemes
 
         def quantize_layer(m, scheme_map):
-            quantize(m, config, calib, scheme_map, progress=False, layer_inputs=inputs)
+            if not calib:
+                calib["windows"] = calibration(model, tok, profile, seed=seed)
+            quantize(m, config, calib["windows"], scheme_map, progress=False, layer_inputs=inputs)
 
         name = "proxy_check_gptq.json"
     path = results_dir() / profile.model / "eval" / name
