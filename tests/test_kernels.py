@@ -432,6 +432,27 @@ def test_committed_tables_are_the_installed_kernels(gpu):
     assert table.kernel_note is None, table.kernel_note
 
 
+# (variant, tokens) of committed benchmark rows whose output is wrong: the per-channel W4A8 tile of 256 tokens
+# (transposed, 8 warps) is wrong on the GPU and right under the interpreter (results/kernels/NOTES.md)
+KNOWN_WRONG = {("ours_w4a8_fp8_g-1", 8192)}
+
+
+def test_committed_runs_match_the_reference_but_the_known_wrong_rows():
+    """Every committed benchmark row of our kernel is within ``WRONG_OUTPUT`` of ``reference_group_gemm``, but the
+    rows of ``KNOWN_WRONG``, which are all still wrong: a new wrong row fails, and so does a fixed one still listed."""
+    from mxmoe.paths import kernel_results_dir
+    from mxmoe.plots.kernels import WRONG_OUTPUT
+
+    wrong, checked = set(), 0
+    for path in kernel_results_dir().glob("bench_*.json"):
+        for r in json.loads(path.read_text())["results"]:
+            if r.get("rel_err_vs_reference") is not None:
+                checked += 1
+                if r["rel_err_vs_reference"] > WRONG_OUTPUT:
+                    wrong.add((r["variant"], r["tokens"]))
+    assert checked > 1000 and wrong == KNOWN_WRONG
+
+
 @pytest.fixture
 def fake_gpu_bench(monkeypatch):
     """``mxmoe.bench.gemm`` on the CPU: ceilings, provenance (kernel ``gpu["kernel"]``) and the edge check faked."""
