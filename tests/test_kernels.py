@@ -440,8 +440,8 @@ KNOWN_WRONG = {("ours_w4a8_fp8_g-1", 8192)}
 def test_committed_runs_match_the_reference_but_the_known_wrong_rows():
     """Every committed benchmark row of our kernel is within ``WRONG_OUTPUT`` of ``reference_group_gemm``, but the
     rows of ``KNOWN_WRONG``, which are all still wrong: a new wrong row fails, and so does a fixed one still listed."""
+    from mxmoe.bench.runs import WRONG_OUTPUT
     from mxmoe.paths import kernel_results_dir
-    from mxmoe.plots.kernels import WRONG_OUTPUT
 
     wrong, checked = set(), 0
     for path in kernel_results_dir().glob("bench_*.json"):

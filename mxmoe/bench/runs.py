@@ -21,6 +21,10 @@ from mxmoe.files import write_json_atomic
 from mxmoe.paths import kernel_results_dir, results_dir
 from mxmoe.plan import BATCHES
 
+# relative error against reference_group_gemm above which a timed row's output is wrong (fp8 and bf16 rounding
+# give ~0.002): such a row counts for no target
+WRONG_OUTPUT = 0.02
+
 # The committed H100 runs of the current kernel, in the order cases are taken: CUDA-graph replays of the
 # decode size (16 tokens) of Qwen1.5-MoE, DeepSeek-V2-Lite and Qwen3-30B (with Qwen3-30B's Table 6 launches;
 # an event timer adds the Python wrapper's host time to a 35-75 us GEMM: results/kernels/NOTES.md), the paper
