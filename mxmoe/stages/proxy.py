@@ -20,6 +20,7 @@ other, which is what trading bits between blocks relies on?).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 
@@ -195,13 +196,14 @@ def proxy_check(
         config = allocation_config("proxy check", seed)
         params["recipe"] = {k: v for k, v in config.as_dict().items() if k != "label"}
         params["calibration"] = [profile.calib_windows, profile.calib_seqlen]
-        calib = {}  # "windows": [n, seqlen] train windows, as Table 1's, built for the first pair not cached
         inputs = {}  # the quantized layer's calibration inputs, the same for each of its schemes
 
+        @functools.cache
+        def calib_windows():  # [n, seqlen] train windows, as Table 1's, built for the first pair not cached
+            return calibration(model, tok, profile, seed=seed)
+
         def quantize_layer(m, scheme_map):
-            if not calib:
-                calib["windows"] = calibration(model, tok, profile, seed=seed)
-            quantize(m, config, calib["windows"], scheme_map, progress=False, layer_inputs=inputs)
+            quantize(m, config, calib_windows(), scheme_map, progress=False, layer_inputs=inputs)
 
         name = "proxy_check_gptq.json"
     path = results_dir() / profile.model / "eval" / name
