@@ -440,17 +440,11 @@ KNOWN_WRONG = {("ours_w4a8_fp8_g-1", 8192)}
 def test_committed_runs_match_the_reference_but_the_known_wrong_rows():
     """Every committed benchmark row of our kernel is within ``WRONG_OUTPUT`` of ``reference_group_gemm``, but the
     rows of ``KNOWN_WRONG``, which are all still wrong: a new wrong row fails, and so does a fixed one still listed."""
-    from mxmoe.bench.runs import WRONG_OUTPUT
     from mxmoe.paths import kernel_results_dir
 
-    wrong, checked = set(), 0
-    for path in kernel_results_dir().glob("bench_*.json"):
-        for r in json.loads(path.read_text())["results"]:
-            if r.get("rel_err_vs_reference") is not None:
-                checked += 1
-                if r["rel_err_vs_reference"] > WRONG_OUTPUT:
-                    wrong.add((r["variant"], r["tokens"]))
-    assert checked > 1000 and wrong == KNOWN_WRONG
+    rows = [r for d in runs.bench_docs(kernel_results_dir()) for r in d["results"]]
+    checked = [r for r in rows if r.get("rel_err_vs_reference") is not None]
+    assert len(checked) > 1000 and {(r["variant"], r["tokens"]) for r in rows if runs.wrong_output(r)} == KNOWN_WRONG
 
 
 @pytest.fixture

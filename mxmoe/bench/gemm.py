@@ -50,7 +50,7 @@ from mxmoe.bench import peers
 from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads, gemms
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
-from mxmoe.bench.runs import WRONG_OUTPUT
+from mxmoe.bench.runs import wrong_output
 from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
 from mxmoe.bench.validate import validate
 from mxmoe.env import device_slug
@@ -299,11 +299,11 @@ def _packs_for(w: torch.Tensor) -> dict:
 
 
 def targets(results: list[dict]) -> dict:
-    """The kernel targets, evaluated on this run (paper model shapes only; a row farther than ``WRONG_OUTPUT``
-    from the reference counts for none and is listed under ``wrong_output``)."""
+    """The kernel targets, evaluated on this run (paper model shapes only; a row whose output is wrong,
+    ``runs.wrong_output``, counts for none and is listed under ``wrong_output``)."""
     results = [r for r in results if r["model"] in PAPER]
-    wrong = [r for r in results if (r.get("rel_err_vs_reference") or 0) > WRONG_OUTPUT]
-    results = [r for r in results if r not in wrong]
+    wrong = [r for r in results if wrong_output(r)]
+    results = [r for r in results if not wrong_output(r)]
 
     def get(model, tokens, variant, key="speedup_vs_torch_bf16", gemm=None):
         return [

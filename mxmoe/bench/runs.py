@@ -25,6 +25,12 @@ from mxmoe.plan import BATCHES
 # give ~0.002): such a row counts for no target
 WRONG_OUTPUT = 0.02
 
+
+def wrong_output(row: dict) -> bool:
+    """True when a benchmark row's output was checked and is farther than ``WRONG_OUTPUT`` from the reference."""
+    return (row.get("rel_err_vs_reference") or 0.0) > WRONG_OUTPUT
+
+
 # The committed H100 runs of the current kernel, in the order cases are taken: CUDA-graph replays of the
 # decode size (16 tokens) of Qwen1.5-MoE, DeepSeek-V2-Lite and Qwen3-30B (with Qwen3-30B's Table 6 launches;
 # an event timer adds the Python wrapper's host time to a 35-75 us GEMM: results/kernels/NOTES.md), the paper
