@@ -54,6 +54,11 @@ def run_ptx(asm: str, inputs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
             out = args[0] >> args[1]
         elif op == "shl.b32":
             out = (args[0] << args[1]) & MASK
+        elif op == "and.b32":
+            out = args[0] & args[1]
+        elif op == "shf.r.wrap.b32":  # funnel shift right of the 64-bit pair (hi = b, lo = a), low word
+            n_ = args[2] & np.uint64(31)
+            out = ((args[1] << np.uint64(32) | args[0]) >> n_) & MASK
         elif op == "lop3.b32":
             out = _lop3(*args[:3], int(src[3], 0))
         elif op == "sub.f16x2":
@@ -107,13 +112,33 @@ def test_pair_asm_gives_128_plus_code_in_position_order(hi):
     np.testing.assert_array_equal(got, (u + 128).astype(np.float32))
 
 
-def test_e4m3_asm_gives_signed_codes_per_register():
-    """Word of 8 codes, (register g, byte j) at nibble 4 (j % 2) + 2 g + j // 2 -> e4m3 u - 8, register g's bytes."""
+def test_e4m3_asm_gives_codes_over_512_per_register():
+    """Word of 8 sign-and-magnitude codes, (register g, byte j): |q| at bits 8 j + 4 g, sign at bit 8 j + 7 (g = 0) or
+    8 ((j + 1) % 4) + 3 (g = 1) -> e4m3 q / 512, register g's bytes."""
     w = rng.integers(0, 2**32, 4096, dtype=np.uint64)
     out = run_ptx(E4M3_ASM, {2: w})
     got = np.stack([out[g] for g in range(2)], 1)  # [n, 2] words of 4 e4m3 bytes
     bytes_ = (got[:, :, None] >> (8 * np.arange(4)).astype(np.uint64) & np.uint64(255)).astype(np.uint8)
     vals = torch.from_numpy(bytes_).view(torch.float8_e4m3fn).float().numpy()  # [n, g, j]
     g, j = np.arange(2)[:, None], np.arange(4)[None, :]
-    u = w[:, None, None] >> (4 * (4 * (j % 2) + 2 * g + j // 2)).astype(np.uint64) & np.uint64(15)
-    np.testing.assert_array_equal(vals, u.astype(np.float32) - 8)
+    mag = w[:, None, None] >> (8 * j + 4 * g).astype(np.uint64) & np.uint64(7)
+    sign = w[:, None, None] >> np.where(g == 0, 8 * j + 7, 8 * ((j + 1) % 4) + 3).astype(np.uint64) & np.uint64(1)
+    np.testing.assert_array_equal(vals, np.where(sign == 1, -1.0, 1.0) * mag.astype(np.float32) / 512)
+
+
+def test_e4m3_asm_reads_the_codes_pack_stores():
+    """The words ``pack`` writes for a w4a8 fp8 weight, through the asm, are its codes q / 512 in the fp8 MMA's
+    fragment order (row 16 a + 8 g + 2 b + d, K 64 c + 32 s + 16 p + 4 e + j of word 32 c + 16 d + 4 e + 2 s + p)."""
+    from mxmoe.kernels import pack
+
+    pw = pack(torch.randn(32, 256), "w4a8_g-1_sym_fp8")
+    q = pw.int_weight().q  # [32, 256] in -7..7
+    words = pw.data.view(2, 8, 64, 4).to(torch.int64)  # [kb, byte row 4 a + b, word, byte]
+    words = (words << (8 * torch.arange(4))).sum(-1).numpy().astype(np.uint64).reshape(-1)
+    out = run_ptx(E4M3_ASM, {2: words})
+    got = np.stack([out[g] for g in range(2)], 1)  # [words, g]
+    bytes_ = (got[:, :, None] >> (8 * np.arange(4)).astype(np.uint64) & np.uint64(255)).astype(np.uint8)
+    vals = torch.from_numpy(bytes_).view(torch.float8_e4m3fn).float().reshape(2, 2, 4, 2, 2, 4, 2, 2, 2, 4)
+    # [kb, a, b, c, d, e, s, p, g, j] -> [a, g, b, d | kb, c, s, p, e, j]
+    vals = vals.permute(1, 8, 2, 4, 0, 3, 6, 7, 5, 9).reshape(32, 256)
+    torch.testing.assert_close(vals * 512, q.float(), rtol=0, atol=0)

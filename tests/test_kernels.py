@@ -135,7 +135,8 @@ def test_fragment_order_of_2_and_3_bit_codes(bits):
 
 def test_e4m3_fragment_order_puts_a_registers_codes_in_one_word():
     """4-bit codes of fp8 schemes: the 8 codes of one word are the two registers (rows n and n + 8, four
-    consecutive K) a thread of the fp8 warpgroup MMA holds, position (g, j) at nibble 4 (j % 2) + 2 g + j // 2."""
+    consecutive K) a thread of the fp8 warpgroup MMA holds, code (g, j) as sign and magnitude: |q| at bits
+    8 j + 4 g, the sign at bit 8 j + 7 (g = 0) or 8 ((j + 1) % 4) + 3 (g = 1); -8 has no place there."""
     from mxmoe.kernels.pack import e4m3_fragment_order
 
     s = Scheme.parse("w4a8_g-1_sym_fp8")
@@ -148,8 +149,13 @@ def test_e4m3_fragment_order_puts_a_registers_codes_in_one_word():
         w = 32 * c + 16 * d + 4 * e + 2 * sl + p
         word = int((byte[kb, 4 * a + b, 4 * w : 4 * w + 4] << torch.tensor([0, 8, 16, 24])).sum())
         for g, j in itertools.product(range(2), range(4)):
-            code = (word >> (4 * (4 * (j % 2) + 2 * g + j // 2))) & 15
-            assert code == int(u[16 * a + 8 * g + 2 * b + d, 128 * kb + 64 * c + 32 * sl + 16 * p + 4 * e + j])
+            mag = (word >> (8 * j + 4 * g)) & 7
+            negative = (word >> (8 * j + 7 if g == 0 else 8 * ((j + 1) % 4) + 3)) & 1
+            q = -mag if negative else mag
+            assert q == int(u[16 * a + 8 * g + 2 * b + d, 128 * kb + 64 * c + 32 * sl + 16 * p + 4 * e + j]) - 8
+    u[3, 5] = 0
+    with pytest.raises(ValueError, match="has the code -8"):
+        pack(IntWeight(u.float() - 8, torch.ones(32, 1), None, s))
 
 
 def test_grouped_asymmetric_4bit_stores_scale_zero_pairs():

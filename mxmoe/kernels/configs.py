@@ -67,15 +67,14 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False, w
     if kind == tk.BF16:
         return TileConfig(bm, 256 if bm >= 128 else 128, 64, 3 if bm >= 128 else 4)
     if kind == tk.WA_FP8 and s.w_bits < 8:
-        # e4m3 codes converted in registers feed the MMA as its A operand (one K=128 dot per block; sm_90a,
-        # offline compile). Per channel the MMAs run asynchronously. Per group each block's partial sum is
-        # promoted before the next, so they wait: 64-token tiles of one warpgroup, two CTAs per SM whose waits
-        # need not coincide (at 8192 tokens 1.26-1.30x the 128 x 128 tile over 8 warps, H100)
-        if s.group_size > 0:  # over 8 warps the 64-token tile is 1.8x slower: the 128 x 128 one there
-            if bm >= 128 and warps == 8:
-                return TileConfig(128, 128, PACK_K, 3)
-            return TileConfig(min(bm, 64), 128, PACK_K, 3, swap_ab=True)
-        return TileConfig(bm if bm < 128 else 256 if rows_per_expert > 256 else 128, 128, PACK_K, 3, swap_ab=True)
+        # e4m3 codes converted in registers feed the MMA as its A operand (one K=128 dot per block): tiles of
+        # at most 64 tokens over one warpgroup, two CTAs per SM (grouped, whose blocks wait for their MMAs to
+        # promote each partial sum: at 8192 tokens 1.26-1.30x the 128 x 128 tile over 8 warps, H100). Over 8
+        # warps the 64-token tile is 1.8x slower: the 128 x 128 one there. The transposed 256-token tile over
+        # 8 warps gives a wrong product on the GPU (results/kernels/NOTES.md).
+        if bm >= 128 and warps == 8:
+            return TileConfig(128, 128, PACK_K, 3)
+        return TileConfig(min(bm, 64), 128, PACK_K, 3, swap_ab=True)
     if kind in (tk.WA_INT, tk.WA_FP8):
         if bm < 128:
             return TileConfig(bm, 128, PACK_K, 3)

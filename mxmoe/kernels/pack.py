@@ -31,12 +31,15 @@ Layout (what ``group_gemm`` reads):
   their top bit, ``[K_pad / 128, N16 / 4, 64]`` bytes: bit ``t // 2`` of byte ``2 word + t % 2``
   (``triton_kernel._pair_values``).
 * fp8 schemes with e4m3 weights (``w8a*_g-1_sym_fp8``): the 8-bit plane holds the e4m3 bit pattern;
-  4-bit fp8 schemes (``w4a8_g128_sym_fp8``) store symmetric integer codes in the fp8 MMA's fragment order,
-  ``[K_pad / 128, N16 / 4, 256]`` bytes: ``k = 128 kb + 64c + 32s + 16p + 4e + j`` of rows ``16a + 2b + d``
-  (``g = 0``) and ``+ 8`` (``g = 1``) go to 32-bit word ``32c + 16d + 4e + 2s + p`` of byte row ``4a + b``,
-  position ``(g, j)`` at nibble ``4 (j % 2) + 2g + j // 2``: each word becomes the two registers (one row,
-  four consecutive K) a thread of the fp8 warpgroup MMA holds, by an fp16 magic number and two e4m3
-  pair converts per register (``triton_kernel._e4m3_fragment_values``).
+  4-bit fp8 schemes (``w4a8_*_sym_fp8``) store symmetric integer codes ``q`` in ``-7..7`` in the fp8 MMA's
+  fragment order, ``[K_pad / 128, N16 / 4, 256]`` bytes: ``k = 128 kb + 64c + 32s + 16p + 4e + j`` of rows
+  ``16a + 2b + d`` (``g = 0``) and ``+ 8`` (``g = 1``) go to 32-bit word ``32c + 16d + 4e + 2s + p`` of byte
+  row ``4a + b``, as sign and magnitude: ``|q|`` at bits ``8j + 4g .. 8j + 4g + 2``, the sign at bit ``8j + 7``
+  (``g = 0``) or ``8 ((j + 1) % 4) + 3`` (``g = 1``). Masked with ``0x87878787``, the word and the word rotated
+  by 4 bits are the two registers (one row, four consecutive K) a thread of the fp8 warpgroup MMA holds:
+  each byte ``s0000mmm`` is the e4m3 subnormal ``±m 2^-9``, exactly ``q / 512``, and the kernel takes the
+  weight scale 512 times (``triton_kernel._e4m3_fragment_values``). ``-8`` has no such byte: ``pack`` refuses it
+  (the symmetric grid of ``mxmoe.quant`` is ``±7``).
 * scales and zero points: ``[n_groups, N]`` (transposed, so a tile's scales are contiguous);
   float16 for grouped schemes (the paper's 16+16 bits per group), float32 for per-channel ones.
   Symmetric schemes store no zero point. Grouped asymmetric fragment-order schemes (``w4a16_g128_asym``)
@@ -229,23 +232,29 @@ def _bit_rows(f: torch.Tensor) -> torch.Tensor:
     return (v << torch.arange(8, device=f.device)).sum(-1).to(torch.uint8)
 
 
-_E4M3_SLOT = torch.tensor([4 * (j % 2) + 2 * g + j // 2 for g in range(2) for j in range(4)])  # nibble of (g, j)
+# bits of code (g, j) (index 4 g + j) in its 32-bit word: magnitude |q| (3 bits) and sign (module docstring)
+_E4M3_MAGNITUDE = torch.tensor([8 * j + 4 * g for g in range(2) for j in range(4)])
+_E4M3_SIGN = torch.tensor([8 * j + 7 for j in range(4)] + [8 * ((j + 1) % 4) + 3 for j in range(4)])
 
 
-def _e4m3_rows(u: torch.Tensor) -> torch.Tensor:
-    """u: [N16, K_pad] 4-bit codes -> uint8 [K_pad / 128, N16 / 4, 256] in the fp8 MMA's order (module docstring)."""
-    n16, kp = u.shape
-    v = u.view(n16 // 16, 2, 4, 2, kp // 128, 2, 2, 2, 4, 4)  # [a, g, b, d, kb, c, s, p, e, j]
-    v = v.permute(4, 0, 2, 5, 3, 8, 6, 7, 1, 9).reshape(kp // 128, n16 // 4, 64, 8)  # [kb, row, word, (g, j)]
-    return _le_bytes((v << (4 * _E4M3_SLOT.to(u.device))).sum(-1))
+def _e4m3_rows(q: torch.Tensor) -> torch.Tensor:
+    """q: [N16, K_pad] codes in -7..7 -> uint8 [K_pad / 128, N16 / 4, 256] in the fp8 MMA's order (module docstring)."""
+    n16, kp = q.shape
+    v = q.view(n16 // 16, 2, 4, 2, kp // 128, 2, 2, 2, 4, 4)  # [a, g, b, d, kb, c, s, p, e, j]
+    v = v.permute(4, 0, 2, 5, 3, 8, 6, 7, 1, 9).reshape(kp // 128, n16 // 4, 64, 8).long()  # [kb, row, word, (g, j)]
+    dev = q.device
+    word = (v.abs() << _E4M3_MAGNITUDE.to(dev)) | ((v < 0).long() << _E4M3_SIGN.to(dev))  # disjoint bits
+    return _le_bytes(word.sum(-1))
 
 
 def _fragment_pack(u: torch.Tensor, bits: int, e4m3: bool = False) -> torch.Tensor:
-    """u: [N, K_pad] int32 codes of ``bits`` (2, 3 or 4) bits -> flat uint8 fragment-order storage."""
+    """u: [N, K_pad] int32 codes of ``bits`` (2, 3 or 4) bits -> flat uint8 fragment-order storage (``e4m3``: the
+    symmetric codes ``u = q + 8`` of an fp8 scheme, stored as ``q``)."""
     n, _ = u.shape
-    u = torch.nn.functional.pad(u, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad]
     if e4m3:
-        return _e4m3_rows(u).reshape(-1)
+        q = torch.nn.functional.pad(u - 8, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad], zero codes added
+        return _e4m3_rows(q).reshape(-1)
+    u = torch.nn.functional.pad(u, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad]
     if bits == 4:
         return _nibble_rows(u).reshape(-1)
     parts = [_pair_rows(u & 3).reshape(-1)]
@@ -259,8 +268,10 @@ def _fragment_unpack(data: torch.Tensor, n: int, kp: int, bits: int, e4m3: bool 
     n16 = fragment_rows(n)
     dev = data.device
     if e4m3:
-        word = _le_words(data.view(kp // 128, n16 // 4, 256))  # [kb, row, 64]
-        v = (word[..., None] >> (4 * _E4M3_SLOT.to(dev))) & 15  # [kb, row 4a + b, word (c, d, e, s, p), (g, j)]
+        word = _le_words(data.view(kp // 128, n16 // 4, 256))[..., None]  # [kb, row, 64, 1]
+        mag = (word >> _E4M3_MAGNITUDE.to(dev)) & 7
+        sign = (word >> _E4M3_SIGN.to(dev)) & 1
+        v = torch.where(sign == 1, -mag, mag) + 8  # u = q + 8 [kb, row 4a + b, word (c, d, e, s, p), (g, j)]
         v = v.view(kp // 128, n16 // 16, 4, 2, 2, 4, 2, 2, 2, 4)  # [kb, a, b, c, d, e, s, p, g, j]
         return (
             v.permute(1, 8, 2, 4, 0, 3, 6, 7, 5, 9).reshape(n16, kp)[:n].contiguous()
@@ -336,6 +347,11 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
         u = iw.q.to(torch.int32) + ((1 << (s.w_bits - 1)) if s.symmetric else 0)
         if int(u.min()) < 0 or int(u.max()) >= 1 << s.w_bits:
             raise ValueError(f"codes of a '{s}' weight fall outside its {s.w_bits}-bit grid")
+        if e4m3_fragment_order(s) and int(u.min()) == 0:
+            raise ValueError(
+                f"a '{s}' weight has the code -8: its codes are stored as sign and magnitude (the e4m3 subnormals "
+                "q / 512), which hold -7..7 only; quantize on the symmetric grid +-7 (mxmoe.quant does)"
+            )
     sdt = torch.float16 if s.group_size > 0 else torch.float32
     scale = iw.scale.t().to(sdt).contiguous()  # [n_groups, N]
     zero = None if s.symmetric else iw.zero.t().to(sdt).contiguous()
@@ -344,7 +360,8 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
     if _signed_bytes(s):
         u = u ^ 0x80
     if fragment_order(s):
-        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k)), s.w_bits, e4m3_fragment_order(s))
+        e4m3 = e4m3_fragment_order(s)  # K padding: zero codes (u = 8 when stored as sign and magnitude)
+        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k), value=8 if e4m3 else 0), s.w_bits, e4m3)
     else:
         data = _pack_codes(u, s.w_bits, k_pad)
     return PackedWeight(s, n, k, data, scale, zero)

@@ -40,8 +40,9 @@ codes, 16 per 8 3-bit codes), and reshapes that the compiler resolves without mo
 [BN, 128] tile for one K=128 dot per block (``_fragment_values``; results/kernels/NOTES.md has the
 timings). Grouped asymmetric ones keep each group's scale and zero point in one 32-bit word
 (``_scale_zero_pair``), pipelined with the codes. The 4-bit codes of fp8 schemes (w4a8 fp8) are stored
-in the fp8 MMA's fragment order: each 32-bit word becomes two e4m3 registers of the A operand
-(``_e4m3_fragment_values``, 1.9 instructions per code).
+in the fp8 MMA's fragment order as sign and magnitude: masked into place, each 32-bit word is two e4m3
+registers of the A operand holding the codes over 512 as subnormals (``_e4m3_fragment_values``, 3
+instructions per 8 codes), and the kernel takes the weight scale 512 times.
 
 Under ``TRITON_INTERPRET=1`` (CPU) 16-bit dots run in float32 on the same exactly representable
 values: the interpreter's bf16 arithmetic is wrong; fp8 is upcast likewise.
@@ -278,49 +279,36 @@ def _pair_values(lo, hi, HI: tl.constexpr, INTERPRET: tl.constexpr):
     return tl.reshape(v, [4 * R, 128])
 
 
+# Sign-and-magnitude 4-bit codes (pack.py) -> two registers of four e4m3 bytes s0000mmm = q / 512: the word
+# masked, and the word rotated by 4 bits masked (each mask keeps magnitude bits 0-2 and the sign bit 7 of a byte).
 E4M3_ASM: tl.constexpr = tl.constexpr(
     """{
-    .reg .b32 t0, t1, t2, t3, m;
-    .reg .b16 h0, h1, h2, h3;
-    mov.b32 m, 0x64086408;
-    lop3.b32 t0, $2, 0x000f000f, 0x64006400, 0xea;
-    shr.b32 t1, $2, 4;
-    lop3.b32 t1, t1, 0x000f000f, 0x64006400, 0xea;
-    shr.b32 t2, $2, 8;
-    lop3.b32 t2, t2, 0x000f000f, 0x64006400, 0xea;
-    shr.b32 t3, $2, 12;
-    lop3.b32 t3, t3, 0x000f000f, 0x64006400, 0xea;
-    sub.f16x2 t0, t0, m;
-    sub.f16x2 t1, t1, m;
-    sub.f16x2 t2, t2, m;
-    sub.f16x2 t3, t3, m;
-    cvt.rn.satfinite.e4m3x2.f16x2 h0, t0;
-    cvt.rn.satfinite.e4m3x2.f16x2 h1, t1;
-    cvt.rn.satfinite.e4m3x2.f16x2 h2, t2;
-    cvt.rn.satfinite.e4m3x2.f16x2 h3, t3;
-    mov.b32 $0, {h0, h1};
-    mov.b32 $1, {h2, h3};
+    and.b32 $0, $2, 0x87878787;
+    shf.r.wrap.b32 $1, $2, $2, 4;
+    and.b32 $1, $1, 0x87878787;
     }"""
 )
+# the e4m3 weight bytes are the codes over 512 (subnormals): the weight scale is taken this many times (exact)
+E4M3_CODE_SCALE: tl.constexpr = tl.constexpr(512.0)
 
 
 @triton.jit
 def _e4m3_fragment_values(b, INTERPRET: tl.constexpr):
-    """Bytes b [R, 256] of fp8-fragment-order symmetric 4-bit codes -> q = u - 8 [4 R, 128] in (output row, K)
-    order, e4m3 (float32 under the interpreter), exact.
+    """Bytes b [R, 256] of fp8-fragment-order symmetric 4-bit codes -> q / 512 [4 R, 128] in (output row, K)
+    order, e4m3 subnormals (float32 under the interpreter), exact.
 
     Word W = 32 c + 16 d + 4 e + 2 s + p of byte row 4 a + b holds the codes of rows 16 a + 2 b + d (g = 0)
-    and + 8 (g = 1) at K 64 c + 32 s + 16 p + 4 e + j, position (g, j) at nibble 4 (j % 2) + 2 g + j // 2:
-    a thread of the fp8 warpgroup MMA's A operand holds each output register's 4 bytes (one row, j = 0..3)
-    in one word. On the GPU, inline PTX makes the two registers with the fp16 magic number 1024 + u,
-    an exact fp16 subtraction and a convert to e4m3 pairs."""
+    and + 8 (g = 1) at K 64 c + 32 s + 16 p + 4 e + j as sign and magnitude (pack.py): a thread of the fp8
+    warpgroup MMA's A operand holds each output register's 4 bytes (one row, j = 0..3) in one word. On the
+    GPU, three instructions per word (``E4M3_ASM``) make the two registers."""
     R: tl.constexpr = b.shape[0]
     if INTERPRET:
         word = tl.sum(tl.reshape(b.to(tl.int32), [R, 64, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
         t = tl.arange(0, 8)  # position 4 g + j
-        slot = 4 * ((t % 4) % 2) + 2 * (t // 4) + (t % 4) // 2
-        u = (word[:, :, None] >> (4 * slot)[None, None, :]) & 15  # [R, 64 words, 8 (g, j)]
-        o0, o1 = _asm_halves(u.to(tl.float32) - 8.0)  # what the asm returns
+        g, j = t // 4, t % 4
+        mag = (word[:, :, None] >> (8 * j + 4 * g)[None, None, :]) & 7  # [R, 64 words, 8 (g, j)]
+        sign = (word[:, :, None] >> tl.where(g == 0, 8 * j + 7, 8 * ((j + 1) % 4) + 3)[None, None, :]) & 1
+        o0, o1 = _asm_halves(tl.where(sign == 1, -mag, mag).to(tl.float32) / 512.0)  # what the asm returns
     else:
         o0, o1 = tl.inline_asm_elementwise(
             asm=E4M3_ASM,
@@ -664,12 +652,16 @@ def _tile(
                 if GROUP > 0:  # promote this block's partial sum with its activation and weight scales
                     sx = tl.load(xs_ptr + rm.to(tl.int64) * NG + kb, mask=m_mask, other=0.0)
                     sw = tl.load(_as_ptr(s_addr, tl.float16) + kb * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+                    if FRAG8:
+                        sw = sw * E4M3_CODE_SCALE
                     if KIND == 3:
                         part = part_i.to(tl.float32)
                     acc += part * _outer(sx, sw, SWAP)
             if GROUP < 0:
                 sx = tl.load(xs_ptr + rm.to(tl.int64) * NG, mask=m_mask, other=0.0)
                 sw = tl.load(_as_ptr(s_addr, tl.float32) + rn, mask=n_mask, other=0.0)
+                if FRAG8:
+                    sw = sw * E4M3_CODE_SCALE
                 if KIND == 3:
                     acc = acc_i.to(tl.float32)
                 acc = acc * _outer(sx, sw, SWAP)
