@@ -129,7 +129,9 @@ class PackedWeight:
         """Unpack the stored codes ``u`` [N, K] (int32; e4m3 bit patterns for e4m3 weights)."""
         s, n, kp = self.scheme, self.n, self.k_pad
         if fragment_order(s):
-            return _fragment_unpack(self.data, n, kp, s.w_bits, e4m3_fragment_order(s))[:, : self.k]
+            e4m3 = e4m3_fragment_order(s)
+            codes = _fragment_unpack(self.data, n, kp, s.w_bits, e4m3)[:, : self.k]
+            return codes + 8 if e4m3 else codes  # sign and magnitude hold q = u - 8
         u = torch.zeros(n, kp, dtype=torch.int32, device=self.device)
         start, low = 0, 0
         for p in planes_of(s.w_bits):
@@ -249,12 +251,11 @@ def _e4m3_rows(q: torch.Tensor) -> torch.Tensor:
 
 def _fragment_pack(u: torch.Tensor, bits: int, e4m3: bool = False) -> torch.Tensor:
     """u: [N, K_pad] int32 codes of ``bits`` (2, 3 or 4) bits -> flat uint8 fragment-order storage (``e4m3``: the
-    symmetric codes ``u = q + 8`` of an fp8 scheme, stored as ``q``)."""
+    signed codes q in -7..7 of an fp8 scheme, stored as sign and magnitude)."""
     n, _ = u.shape
+    u = torch.nn.functional.pad(u, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad], zero codes added
     if e4m3:
-        q = torch.nn.functional.pad(u - 8, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad], zero codes added
-        return _e4m3_rows(q).reshape(-1)
-    u = torch.nn.functional.pad(u, (0, 0, 0, fragment_rows(n) - n))  # [N16, K_pad]
+        return _e4m3_rows(u).reshape(-1)
     if bits == 4:
         return _nibble_rows(u).reshape(-1)
     parts = [_pair_rows(u & 3).reshape(-1)]
@@ -264,14 +265,14 @@ def _fragment_pack(u: torch.Tensor, bits: int, e4m3: bool = False) -> torch.Tens
 
 
 def _fragment_unpack(data: torch.Tensor, n: int, kp: int, bits: int, e4m3: bool = False) -> torch.Tensor:
-    """Inverse of ``_fragment_pack``: the codes [N, K_pad] int32."""
+    """Inverse of ``_fragment_pack``: the codes [N, K_pad] int32 (``e4m3``: the signed codes q)."""
     n16 = fragment_rows(n)
     dev = data.device
     if e4m3:
         word = _le_words(data.view(kp // 128, n16 // 4, 256))[..., None]  # [kb, row, 64, 1]
         mag = (word >> _E4M3_MAGNITUDE.to(dev)) & 7
         sign = (word >> _E4M3_SIGN.to(dev)) & 1
-        v = torch.where(sign == 1, -mag, mag) + 8  # u = q + 8 [kb, row 4a + b, word (c, d, e, s, p), (g, j)]
+        v = torch.where(sign == 1, -mag, mag)  # q [kb, row 4a + b, word (c, d, e, s, p), (g, j)]
         v = v.view(kp // 128, n16 // 16, 4, 2, 2, 4, 2, 2, 2, 4)  # [kb, a, b, c, d, e, s, p, g, j]
         return (
             v.permute(1, 8, 2, 4, 0, 3, 6, 7, 5, 9).reshape(n16, kp)[:n].contiguous()
@@ -360,8 +361,9 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
     if _signed_bytes(s):
         u = u ^ 0x80
     if fragment_order(s):
-        e4m3 = e4m3_fragment_order(s)  # K padding: zero codes (u = 8 when stored as sign and magnitude)
-        data = _fragment_pack(torch.nn.functional.pad(u, (0, k_pad - k), value=8 if e4m3 else 0), s.w_bits, e4m3)
+        e4m3 = e4m3_fragment_order(s)
+        codes = u - 8 if e4m3 else u  # e4m3: stored as sign and magnitude of q
+        data = _fragment_pack(torch.nn.functional.pad(codes, (0, k_pad - k)), s.w_bits, e4m3)
     else:
         data = _pack_codes(u, s.w_bits, k_pad)
     return PackedWeight(s, n, k, data, scale, zero)
