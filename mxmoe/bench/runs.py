@@ -37,9 +37,9 @@ def wrong_output(row: dict) -> bool:
 # shapes with do_bench events (Table 6 on four models), and the CUDA-graph run for smollm2-moe's GEMMs, whose
 # few microseconds an event timer would fill with host launch work.
 COUNTED = (
-    "bench_NVIDIA_H100_80GB_HBM3_1a30e95_graph16.json",
-    "bench_NVIDIA_H100_80GB_HBM3_1a30e95_all.json",
-    "bench_NVIDIA_H100_80GB_HBM3_1a30e95_cudagraph.json",
+    "bench_NVIDIA_H100_80GB_HBM3_dae1dcc_graph16.json",
+    "bench_NVIDIA_H100_80GB_HBM3_dae1dcc_all.json",
+    "bench_NVIDIA_H100_80GB_HBM3_dae1dcc_cudagraph.json",
 )
 
 

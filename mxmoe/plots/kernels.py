@@ -354,7 +354,8 @@ def targets_table(df: pd.DataFrame) -> pd.DataFrame:
             "8192 tok: w4a8 fp8 g-1 >= 0.95x torch fp8 grouped",
             rng(w4a8["g-1"]),
             met(w4a8["g-1"], 0.95),
-            "e4m3 codes in the fp8 MMA's fragment order (1.9 instructions per weight), fp8 wgmma asynchronous"
+            "codes stored as e4m3 subnormals (3 instructions per 8 weights), fp8 wgmma asynchronous; the default "
+            "64-token tile, where the 128-token one was faster in a sweep (NOTES.md)"
             + wrong_note("ours_w4a8_fp8_g-1", 8192),
         ),
         (
