@@ -328,7 +328,8 @@ def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
     table = json.loads(out.read_text())
     commit = json.loads(run.read_text())["provenance"]["git_commit"]
     assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == commit
-    assert {p["model"] for p in table["cost_points"]} == {"qwen1.5-moe", "smollm2-moe", "smollm2-moe-shared"}
+    timed = {r["model"] for r in json.loads(run.read_text())["results"] if "ms" in r}
+    assert {p["model"] for p in table["cost_points"]} == timed >= {"smollm2-moe", "smollm2-moe-shared"}
 
 
 @pytest.mark.parametrize("rows", [1, 20, 50, 500])
@@ -373,15 +374,14 @@ def test_kernel_tables_from_committed_h100_runs():
 
 
 def test_timer_comparison_pairs_the_event_and_graph_runs_of_one_gpu():
-    """Notebook 03's timer table: the committed H100 runs pair at 16, 512 and 8192 tokens, and at 16 tokens the
-    event timer inflates our kernel (its Python call) more than torch's grouped GEMM."""
+    """Notebook 03's timer table: the committed H100 runs pair at the decode size of three paper models (the
+    graph runs hold no larger paper-shape case), where the event timer inflates our kernel (its Python call) more
+    than torch's grouped GEMM."""
     from mxmoe.plots import kernels as kp
 
     t = kp.timer_comparison(runs.bench_docs(ROOT / "results" / "kernels"))
-    assert set(t.tokens) == {16, 512, 8192} and set(t.gpu) == {"nvidia_h100"}
-    ours, torch_ = t["ours events / graph"], t["torch events / graph"]
-    decode = t.tokens == 16
-    assert (ours[decode] > torch_[decode]).all() and (ours[~decode].between(0.9, 1.1)).all()
+    assert set(t.tokens) == {16} and set(t.gpu) == {"nvidia_h100"} and len(t) == 6
+    assert (t["ours events / graph"] > t["torch events / graph"]).all()
 
 
 def test_a_plain_list_of_experts_builds_its_group_once():
