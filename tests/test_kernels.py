@@ -325,10 +325,12 @@ def test_benchmark_run_writes_its_cost_table_under_the_gpu_key(tmp_path):
     run = ROOT / "results" / "kernels" / H100_CUDAGRAPH_RUN
     out = write_table([run], tmp_path / "kernels")
     assert out.name == "nvidia_h100.json" and not list(out.parent.glob("*.tmp"))
-    table = json.loads(out.read_text())
-    commit = json.loads(run.read_text())["provenance"]["git_commit"]
-    assert table["device"] == "NVIDIA H100 80GB HBM3" and table["provenance"][0]["git_commit"] == commit
-    timed = {r["model"] for r in json.loads(run.read_text())["results"] if "ms" in r}
+    table, doc = json.loads(out.read_text()), json.loads(run.read_text())
+    assert (
+        table["device"] == "NVIDIA H100 80GB HBM3"
+        and table["provenance"][0]["git_commit"] == doc["provenance"]["git_commit"]
+    )
+    timed = {r["model"] for r in doc["results"] if "ms" in r}
     assert {p["model"] for p in table["cost_points"]} == timed >= {"smollm2-moe", "smollm2-moe-shared"}
 
 

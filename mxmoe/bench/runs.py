@@ -31,6 +31,12 @@ def wrong_output(row: dict) -> bool:
     return (row.get("rel_err_vs_reference") or 0.0) > WRONG_OUTPUT
 
 
+def wrong_outputs(df: pd.DataFrame) -> pd.Series:
+    """``wrong_output`` of every row of a frame of benchmark rows (bool [rows]; an unchecked row is not wrong)."""
+    err = df["rel_err_vs_reference"] if "rel_err_vs_reference" in df else pd.Series(0.0, index=df.index)
+    return err.fillna(0.0) > WRONG_OUTPUT
+
+
 # The committed H100 runs of the current kernel, in the order cases are taken: CUDA-graph replays of the
 # decode size (16 tokens) of Qwen1.5-MoE, DeepSeek-V2-Lite and Qwen3-30B (with Qwen3-30B's Table 6 launches;
 # an event timer adds the Python wrapper's host time to a 35-75 us GEMM: results/kernels/NOTES.md), the paper

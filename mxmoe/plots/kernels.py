@@ -12,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
-from mxmoe.bench.runs import PAPER, WRONG_OUTPUT, wrong_output
+from mxmoe.bench.runs import PAPER, WRONG_OUTPUT, wrong_outputs
 from mxmoe.kernels.configs import TileConfig, launch_warps
 from mxmoe.plots import figure
 
@@ -282,7 +282,7 @@ def targets_table(df: pd.DataFrame) -> pd.DataFrame:
     DeepSeek-V2-Lite, against torch's grouped GEMMs of the same run), with the gap's measured cause. A row
     whose output was wrong (``WRONG_OUTPUT``) counts for no target; the last line lists such rows."""
     p = df[df.model.isin(PAPER)]
-    bad = p.apply(lambda r: wrong_output(r.dropna()), axis=1).astype(bool)  # [rows]
+    bad = wrong_outputs(p)
     wrong, p = p[bad], p[~bad]
     qd = ("qwen1.5-moe", "deepseek-v2-lite")
 
