@@ -179,7 +179,7 @@ def roofline_tile_us(s: Scheme, tile: TileConfig, k: int, table: CostTable) -> f
 
 def _tile_of(p: dict) -> TileConfig:
     t = p["tile"]
-    return TileConfig(t["bm"], t["bn"], t["bk"], t.get("stages", 3), t.get("swap_ab", False))
+    return TileConfig(t["bm"], t["bn"], t["bk"], t.get("stages", 3), t.get("swap_ab", False), t.get("warps"))
 
 
 @dataclass(frozen=True)

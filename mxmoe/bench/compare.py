@@ -5,7 +5,7 @@
 
 For each case (both GEMMs of the model, routed as in ``bench``) it times the torch peers (bf16 grouped, fp8
 scaled grouped with and without its activation quantization: ``mxmoe.bench.peers``) and every scheme with
-its default tile and with each ``--sweep`` config (``triton.testing.do_bench`` median), and the default tile
+its default tile and with each ``--sweep`` config (``mxmoe.bench.timing.events_ms`` median: GPU time after an L2 flush), and the default tile
 on each ``--programs`` grid size (persistent programs; the kernel's own choice is 2 per SM). Every tile
 and grid is checked against ``reference_group_gemm`` (``rel_err``: a wrong tile's time is no result); the default
 one, for weight-activation schemes, is also timed quantizing its activations itself. Every row reports its speedup over torch bf16 and torch fp8, the weight bytes and
@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
 
 from mxmoe.bench.cases import MODELS, expert_loads, gemms
 from mxmoe.bench.roofline import provenance
@@ -36,8 +35,10 @@ from mxmoe.schemes import Scheme
 
 try:
     from mxmoe.bench import peers
-except ImportError:  # an older checkout of the package on PYTHONPATH: the peers module beside this file
+    from mxmoe.bench.timing import events_ms
+except ImportError:  # an older checkout of the package on PYTHONPATH: the modules beside this file
     import peers  # type: ignore[no-redef]
+    from timing import events_ms  # type: ignore[no-redef]
 
 W4A8_FP8 = ["w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8"]
 SCHEMES = {
@@ -52,7 +53,7 @@ DEV = "cuda"
 
 
 def _ms(fn) -> float:
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return events_ms(fn, warmup_ms=25, rep_ms=100)
 
 
 def copy_gbps() -> float:

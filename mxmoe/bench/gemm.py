@@ -3,7 +3,8 @@
 For every model shape (gate_up fused: N = 2I, K = H; down: N = H, K = I) and token count, routed
 rows are split over experts by geometric routing probabilities with max/min ratio ``LOAD_RATIO``
 (assumed, not measured: replace with stage 02's routing profiles when they exist). In one process
-on one GPU it times, with ``triton.testing.do_bench`` medians taken in ``--rounds`` alternating rounds of a
+on one GPU it times, with ``mxmoe.bench.timing.events_ms`` (do_bench's CUDA events after an L2 flush, the host
+given a head start so that only GPU time is timed) medians taken in ``--rounds`` alternating rounds of a
 case's variants (median of the rounds: a stall of the machine during one variant's window moves one round):
 
 * peers (``mxmoe.bench.peers``): torch bf16 grouped GEMM (``grouped_mm``), a per-expert bf16 ``torch.mm``
@@ -24,7 +25,8 @@ kernel launches per grouped GEMM with the profiler, prints a short table and wri
 
 Shapes: the six paper models and the embedded smollm2-moe (routed experts and, as a one-expert GEMM,
 its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it
-for GEMMs of a few microseconds, where ``do_bench``'s per-call events measure the host's launch work.
+for GEMMs of a few microseconds, as a captured decode step runs them (warm L2, no gaps between launches).
+Every timed row also records ``host_<key>``: the host's wall time for one call, its Python and launches.
 All six paper shapes at 16/512/8192 tokens took 404 s on one H100 in one round, mostly Triton compiling
 each model's shapes (``--rep-ms 50``, Table 6 on four models; results/kernels/NOTES.md); each further round
 times every variant again (about 36 timings of ~0.1 s a case; not yet measured on a GPU). A run stopped by
@@ -44,13 +46,14 @@ import time
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
 from mxmoe.bench import peers
 from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads, gemms
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.runs import wrong_output
+from mxmoe.bench.timing import HEAD_START_US, events_ms, host_ms
 from mxmoe.bench.tune import LARGE, SMALL, best_configs, rows_class, sweep
 from mxmoe.bench.validate import validate
 from mxmoe.env import device_slug
@@ -75,18 +78,23 @@ PROG = "mxmoe bench gemm"  # also python -m mxmoe.bench.gemm
 
 
 def _ms(fn) -> float:
-    """Median ms per call: CUDA events around each call after an L2 flush ("events"), or replays of a
-    CUDA graph of many calls ("cudagraph": no host launch overhead, no L2 flush)."""
+    """Median GPU ms per call: CUDA events around each call after an L2 flush, the host given a head start
+    ("events", ``timing.events_ms``), or replays of a CUDA graph of many calls ("cudagraph": no L2 flush)."""
     if TIMER["kind"] == "cudagraph":
         return float(do_bench_cudagraph(fn, rep=TIMER["rep"], return_mode="median"))
-    return float(do_bench(fn, warmup=TIMER["warmup"], rep=TIMER["rep"], return_mode="median"))
+    return events_ms(fn, TIMER["warmup"], TIMER["rep"])
+
+
+def _host_ms(fn) -> float:
+    """Median wall ms of the host's part of one call (``timing.host_ms``)."""
+    return host_ms(fn)
 
 
 def time_rounds(jobs: "list[tuple[dict, str, object]]") -> None:
     """Time every (row, key, fn) of a case in ``TIMER["rounds"]`` rounds, the order reversed every other round,
-    and set ``row[key]`` to the median of its rounds (``row[key + "_rounds"]``: each round's ``_ms``). A stall of
-    the machine during one timing window (event-timed rows 1.4-4x slow, results/kernels/NOTES.md) then moves one
-    round, not the result. A timing that fails sets ``row["error"]`` and drops the row's times."""
+    and set ``row[key]`` to the median of its rounds (``row[key + "_rounds"]``: each round's ``_ms``) and
+    ``row["host_" + key]`` to the host's part of one call. A stall of the machine during one timing window then
+    moves one round, not the result. A timing that fails sets ``row["error"]`` and drops the row's times."""
     times: "list[list[float]]" = [[] for _ in jobs]
     for r in range(TIMER["rounds"]):
         for j in range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs))):
@@ -97,10 +105,11 @@ def time_rounds(jobs: "list[tuple[dict, str, object]]") -> None:
                 times[j].append(_ms(fn))
             except (RuntimeError, TypeError, ValueError) as err:
                 row["error"] = str(err).splitlines()[0][:300]
-    for (row, key, _), ts in zip(jobs, times):
+    for (row, key, fn), ts in zip(jobs, times):
         if "error" not in row:
             row[key] = float(statistics.median(ts))
             row[key + "_rounds"] = ts
+            row["host_" + key] = _host_ms(fn)
 
 
 def count_launches(fn) -> int:
@@ -372,8 +381,8 @@ def main(argv: "list[str] | None" = None) -> None:
         default=480.0,
         help="skip the remaining cases after this many seconds (the device allows 10 minutes a command)",
     )
-    ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup per timing")
-    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per timing")
+    ap.add_argument("--warmup-ms", type=float, default=25.0, help="warmup per timing")
+    ap.add_argument("--rep-ms", type=float, default=100.0, help="repetition time per timing")
     ap.add_argument(
         "--rounds",
         type=int,
@@ -384,7 +393,7 @@ def main(argv: "list[str] | None" = None) -> None:
         "--timer",
         choices=("events", "cudagraph"),
         default="events",
-        help="events: do_bench (host launch overhead shows when a call is shorter than it); "
+        help="events: one call per L2 flush, GPU time only (mxmoe.bench.timing.events_ms); "
         "cudagraph: do_bench_cudagraph (graph replays, as a captured decode step runs)",
     )
     ap.add_argument(
@@ -419,7 +428,8 @@ def main(argv: "list[str] | None" = None) -> None:
         "provenance": provenance(),
         "load_ratio_assumed": LOAD_RATIO,
         "timer": (
-            f"triton.testing.do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms"
+            f"mxmoe.bench.timing.events_ms median (CUDA events after an L2 flush and a {HEAD_START_US:g} us GPU "
+            f"spin that hides the host's part), warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms"
             if args.timer == "events"
             else f"triton.testing.do_bench_cudagraph median of 10 graph replays, rep {args.rep_ms:g} ms, no L2 flush"
         )

@@ -12,17 +12,26 @@ from mxmoe.schemes import Scheme
 @dataclass(frozen=True)
 class TileConfig:
     """Tile shape of one scheme's path: BM rows x BN columns, K step BK, pipeline depth; ``swap_ab``
-    (``swappable`` schemes) computes the transposed tile so the unpacked weight is the dot's A operand."""
+    (``swappable`` schemes) computes the transposed tile so the unpacked weight is the dot's A operand;
+    ``warps``: the warps the tile is written for (None: as ``launch_warps`` sizes it by its outputs)."""
 
     bm: int
     bn: int
     bk: int
     stages: int = 3
     swap_ab: bool = False
+    warps: "int | None" = None
 
     def as_dict(self) -> dict:
         """JSON form."""
-        return {"bm": self.bm, "bn": self.bn, "bk": self.bk, "stages": self.stages, "swap_ab": self.swap_ab}
+        return {
+            "bm": self.bm,
+            "bn": self.bn,
+            "bk": self.bk,
+            "stages": self.stages,
+            "swap_ab": self.swap_ab,
+            "warps": self.warps,
+        }
 
 
 def kind_of(s: Scheme) -> int:
@@ -71,9 +80,13 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False, w
         # at most 64 tokens over one warpgroup, two CTAs per SM (grouped, whose blocks wait for their MMAs to
         # promote each partial sum: at 8192 tokens 1.26-1.30x the 128 x 128 tile over 8 warps, H100). Over 8
         # warps the 64-token tile is 1.8x slower: the 128 x 128 one there. The transposed 256-token tile over
-        # 8 warps gives a wrong product on the GPU (results/kernels/NOTES.md).
+        # 8 warps gives a wrong product on the GPU (results/kernels/NOTES.md). Per channel (no promotion per
+        # K block) from 128 rows per expert: the transposed 128-token tile over one warpgroup (1.12-1.33x torch
+        # fp8 at 8192 tokens where the 64-token one is 0.83-1.02x, H100).
         if bm >= 128 and warps == 8:
             return TileConfig(128, 128, PACK_K, 3)
+        if bm >= 128 and s.group_size <= 0:
+            return TileConfig(128, 128, PACK_K, 3, swap_ab=True, warps=4)
         return TileConfig(min(bm, 64), 128, PACK_K, 3, swap_ab=True)
     if kind in (tk.WA_INT, tk.WA_FP8):
         if bm < 128:
@@ -86,10 +99,10 @@ def default_config(s: Scheme, rows_per_expert: float, interpret: bool = False, w
 
 
 def launch_warps(configs: "list[TileConfig]") -> int:
-    """Warps of a launch (shared by all its slots): 8 (two warpgroups) when a tile has more than
-    64 x 128 outputs, else 4, so that two programs fit an SM and one unpacks while the other multiplies.
-    (H100 sweep, results/kernels/NOTES.md.)"""
-    return 8 if max(c.bm * c.bn for c in configs) > 64 * 128 else 4
+    """Warps of a launch (shared by all its slots): 8 (two warpgroups) when a tile is written for 8 or, not
+    saying, has more than 64 x 128 outputs, else 4, so that two programs fit an SM and one unpacks while the
+    other multiplies. (H100 sweep, results/kernels/NOTES.md.)"""
+    return max(c.warps or (8 if c.bm * c.bn > 64 * 128 else 4) for c in configs)
 
 
 def programs_per_sm(schemes: "list[Scheme]", configs: "list[TileConfig]") -> "tuple[int, int | None]":

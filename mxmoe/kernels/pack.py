@@ -362,7 +362,7 @@ def pack(w: "torch.Tensor | IntWeight", scheme: "Scheme | str | None" = None) ->
         u = u ^ 0x80
     if fragment_order(s):
         e4m3 = e4m3_fragment_order(s)
-        codes = u - 8 if e4m3 else u  # e4m3: stored as sign and magnitude of q
+        codes = iw.q.to(torch.int32) if e4m3 else u  # e4m3: the signed codes q, stored as sign and magnitude
         data = _fragment_pack(torch.nn.functional.pad(codes, (0, k_pad - k)), s.w_bits, e4m3)
     else:
         data = _pack_codes(u, s.w_bits, k_pad)
