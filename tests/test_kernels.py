@@ -378,14 +378,16 @@ def test_kernel_tables_from_committed_h100_runs():
 
 
 def test_timer_comparison_pairs_the_event_and_graph_runs_of_one_gpu():
-    """Notebook 03's timer table: the committed H100 runs pair at the decode size of three paper models (the
-    graph runs hold no larger paper-shape case), where the event timer inflates our kernel (its Python call) more
-    than torch's grouped GEMM."""
+    """Notebook 03's timer table: the committed H100 runs pair at the decode size of three paper models and at
+    every size of Qwen1.5-MoE; one call after an L2 flush takes longer than a graph replay at the decode size,
+    and our call's host part (its Python) is longer than torch's."""
     from mxmoe.plots import kernels as kp
 
     t = kp.timer_comparison(runs.bench_docs(ROOT / "results" / "kernels"))
-    assert set(t.tokens) == {16} and set(t.gpu) == {"nvidia_h100"} and len(t) == 6
-    assert (t["ours events / graph"] > t["torch events / graph"]).all()
+    assert set(t.tokens) == {16, 512, 8192} and set(t.gpu) == {"nvidia_h100"} and len(t) == 10
+    decode = t[t.tokens == 16]
+    assert (decode["ours events / graph"] > 1).all() and (decode["torch events / graph"] > 1).all()
+    assert (t["ours host µs"] > t["torch host µs"]).all()
 
 
 def test_a_plain_list_of_experts_builds_its_group_once():
@@ -435,7 +437,7 @@ def test_kernel_fingerprint_counts_code_not_comments_or_docs():
 
 # shipped cost tables measured on an earlier kernel than this checkout's (each flagged where it is loaded;
 # results/kernels/NOTES.md says what changed since): only the fp8 W4A8 path, which no allocation's scheme set uses
-STALE_TABLES = {"nvidia_h100", "nvidia_h200"}
+STALE_TABLES = {"nvidia_h200"}
 
 
 @pytest.mark.parametrize("gpu", sorted(p.stem for p in COST_TABLES.glob("*.json")))

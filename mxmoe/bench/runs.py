@@ -39,13 +39,13 @@ def wrong_outputs(df: pd.DataFrame) -> pd.Series:
 
 # The committed H100 runs of the current kernel, in the order cases are taken: CUDA-graph replays of the
 # decode size (16 tokens) of Qwen1.5-MoE, DeepSeek-V2-Lite and Qwen3-30B (with Qwen3-30B's Table 6 launches;
-# an event timer adds the Python wrapper's host time to a 35-75 us GEMM: results/kernels/NOTES.md), the paper
-# shapes with do_bench events (Table 6 on four models), and the CUDA-graph run for smollm2-moe's GEMMs, whose
-# few microseconds an event timer would fill with host launch work.
+# a captured decode step runs its 35-75 us GEMMs back to back with a warm L2), the paper shapes timed one call
+# per L2 flush with CUDA events (Table 6 on four models), and the CUDA-graph run of smollm2-moe's GEMMs of a
+# few microseconds (and of Qwen1.5-MoE's, which notebook 03 pairs with their event-timed rows).
 COUNTED = (
-    "bench_NVIDIA_H100_80GB_HBM3_dae1dcc_graph16.json",
-    "bench_NVIDIA_H100_80GB_HBM3_dae1dcc_all.json",
-    "bench_NVIDIA_H100_80GB_HBM3_dae1dcc_cudagraph.json",
+    "bench_NVIDIA_H100_80GB_HBM3_13ce1ab_graph16.json",
+    "bench_NVIDIA_H100_80GB_HBM3_13ce1ab_all.json",
+    "bench_NVIDIA_H100_80GB_HBM3_13ce1ab_cudagraph.json",
 )
 
 

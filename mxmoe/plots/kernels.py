@@ -354,9 +354,8 @@ def targets_table(df: pd.DataFrame) -> pd.DataFrame:
             "8192 tok: w4a8 fp8 g-1 >= 0.95x torch fp8 grouped",
             rng(w4a8["g-1"]),
             met(w4a8["g-1"], 0.95),
-            "codes stored as e4m3 subnormals (3 instructions per 8 weights), fp8 wgmma asynchronous; the default "
-            "64-token tile, where the 128-token one was faster in a sweep (NOTES.md)"
-            + wrong_note("ours_w4a8_fp8_g-1", 8192),
+            "codes stored as e4m3 subnormals (3 instructions per 8 weights), fp8 wgmma asynchronous, no promotion "
+            "per K block: the transposed 128-token tile over one warpgroup" + wrong_note("ours_w4a8_fp8_g-1", 8192),
         ),
         (
             "8192 tok: w4a8 fp8 g128 >= 0.95x torch fp8 grouped",
@@ -478,9 +477,9 @@ def table6_summary(t6: pd.DataFrame) -> pd.DataFrame:
 
 def timer_comparison(docs: list) -> pd.DataFrame:
     """GEMM time in µs of torch's bf16 grouped GEMM and our w4a16 g-1 by CUDA events and by CUDA-graph replays,
-    and each one's events / graph ratio, for the cases an event-timed and a graph-timed run of the same GPU
-    both hold (each case from the first run of its kind, ``runs.case_rows``); a one-line note when there is
-    no such pair."""
+    each one's events / graph ratio and, where the event-timed run recorded it, the host's part of one call
+    (``host_ms``), for the cases an event-timed and a graph-timed run of the same GPU both hold (each case from
+    the first run of its kind, ``runs.case_rows``); a one-line note when there is no such pair."""
     from mxmoe.bench import runs
     from mxmoe.perfmodel import gpu_key
 
@@ -497,12 +496,16 @@ def timer_comparison(docs: list) -> pd.DataFrame:
     if m.empty:
         return pd.DataFrame({"note": ["no pair of event- and graph-timed runs of one GPU among these results"]})
     m = m.assign(gpu=m.device.map(gpu_key), who=m.variant.map(short))
-    t = m.pivot_table(index=["gpu", "model", "gemm", "tokens"], columns="who", values=["ms_events", "ms_graph"])
+    host = "host_ms_events" in m and m.host_ms_events.notna().any()
+    values = ["ms_events", "ms_graph"] + (["host_ms_events"] if host else [])
+    t = m.pivot_table(index=["gpu", "model", "gemm", "tokens"], columns="who", values=values)
     out = t.index.to_frame(index=False)
     for who in short.values():
         ev_us, graph_us = t[("ms_events", who)].to_numpy() * 1e3, t[("ms_graph", who)].to_numpy() * 1e3
         out[f"{who} events µs"], out[f"{who} graph µs"] = ev_us.round(0), graph_us.round(0)
         out[f"{who} events / graph"] = (ev_us / graph_us).round(2)
+        if host:
+            out[f"{who} host µs"] = (t[("host_ms_events", who)].to_numpy() * 1e3).round(0)
     return out
 
 
