@@ -27,9 +27,9 @@ Shapes: the six paper models and the embedded smollm2-moe (routed experts and, a
 its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it
 for GEMMs of a few microseconds, as a captured decode step runs them (warm L2, no gaps between launches).
 Every timed row also records ``host_<key>``: the host's wall time for one call, its Python and launches.
-All six paper shapes at 16/512/8192 tokens took 404 s on one H100 in one round, mostly Triton compiling
-each model's shapes (``--rep-ms 50``, Table 6 on four models; results/kernels/NOTES.md); each further round
-times every variant again (about 36 timings of ~0.1 s a case; not yet measured on a GPU). A run stopped by
+All six paper shapes at 16/512/8192 tokens took 419 s on a fresh H100 (``--rounds 3 --rep-ms 20``, Table 6
+on four models; results/kernels/NOTES.md), mostly Triton compiling each model's shapes (8 of those cases timed again
+once compiled: 25 s). A run stopped by
 ``--deadline-seconds`` is continued by the same command: the output file of an earlier run of the same
 kernel, GPU and timer keeps its cases and only the missing ones are timed (``--fresh`` starts over).
 """
