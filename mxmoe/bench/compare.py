@@ -5,17 +5,17 @@
 
 For each case (both GEMMs of the model, routed as in ``bench``) it times the torch peers (bf16 grouped, fp8
 scaled grouped with and without its activation quantization: ``mxmoe.bench.peers``) and every scheme with
-its default tile and with each ``--sweep`` config (``mxmoe.bench.timing.events_ms`` median: GPU time after an L2
-flush), and the default tile on each ``--programs`` grid size (persistent programs; the kernel's own choice is 2 per SM). Every tile
-and grid is checked against ``reference_group_gemm`` (``rel_err``: a wrong tile's time is no result); the default
+its default tile and with each ``--sweep`` config (``mxmoe.bench.timing.events_ms`` median: GPU time after
+an L2 flush), and the default tile on each ``--programs`` grid size (persistent programs; the kernel's own
+choice is 2 per SM). Every tile and grid is checked against ``reference_group_gemm`` (``rel_err``: a wrong tile's time is no result); the default
 one, for weight-activation schemes, is also timed quantizing its activations itself. Every row reports its speedup over torch bf16 and torch fp8, the weight bytes and
 all bytes moved per second as fractions of the copy bandwidth measured in the same run, and its relative
 error against float32 math on the bf16 weights. Unless ``--no-layers``, each case also times whole routed
 experts layers (``gemm`` = ``moe``): the torch peers chained, vLLM's fused MoE in bf16 and int4 w4a16 g128
 when ``vllm`` imports (a one-line note otherwise), and our ``moe_experts_forward`` per scheme.
 Runs unchanged against an older checkout of the package (``PYTHONPATH=old python path/to/compare.py``, with
-``peers.py`` and ``timing.py`` beside it), so a before/after pair shares one card. Writes ``DIR/compare_<label>.json`` and
-prints a table.
+``peers.py`` and ``timing.py`` beside it), so a before/after pair shares one card. Writes
+``DIR/compare_<label>.json`` and prints a table.
 """
 
 from __future__ import annotations

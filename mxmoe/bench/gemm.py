@@ -28,9 +28,8 @@ its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of si
 for GEMMs of a few microseconds, as a captured decode step runs them (warm L2, no gaps between launches).
 Every timed row also records ``host_<key>``: the host's wall time for one call, its Python and launches.
 All six paper shapes at 16/512/8192 tokens took 419 s on a fresh H100 (``--rounds 3 --rep-ms 20``, Table 6
-on four models; results/kernels/NOTES.md), mostly Triton compiling each model's shapes (8 of those cases timed again
-once compiled: 25 s). A run stopped by
-``--deadline-seconds`` is continued by the same command: the output file of an earlier run of the same
+on four models; results/kernels/NOTES.md), mostly Triton compiling each model's shapes (8 of those cases
+timed again once compiled: 25 s). A run stopped by ``--deadline-seconds`` is continued by the same command: the output file of an earlier run of the same
 kernel, GPU and timer keeps its cases and only the missing ones are timed (``--fresh`` starts over).
 """
 
@@ -85,11 +84,6 @@ def _ms(fn) -> float:
     return events_ms(fn, TIMER["warmup"], TIMER["rep"])
 
 
-def _host_ms(fn) -> float:
-    """Median wall ms of the host's part of one call (``timing.host_ms``)."""
-    return host_ms(fn)
-
-
 def time_rounds(jobs: "list[tuple[dict, str, object]]") -> None:
     """Time every (row, key, fn) of a case in ``TIMER["rounds"]`` rounds, the order reversed every other round,
     and set ``row[key]`` to the median of its rounds (``row[key + "_rounds"]``: each round's ``_ms``) and
@@ -109,7 +103,7 @@ def time_rounds(jobs: "list[tuple[dict, str, object]]") -> None:
         if "error" not in row:
             row[key] = float(statistics.median(ts))
             row[key + "_rounds"] = ts
-            row["host_" + key] = _host_ms(fn)
+            row["host_" + key] = host_ms(fn)
 
 
 def count_launches(fn) -> int:
