@@ -14,9 +14,9 @@ import statistics
 import time
 
 import torch
+from triton import runtime
 
 HEAD_START_US = 300.0  # GPU spin between the L2 flush and the start event: hides up to this much host time
-FLUSH_BYTES = 256 << 20  # as do_bench: more than any L2
 
 _CYCLES_PER_US: "dict[int, float]" = {}  # device index -> measured spin cycles per µs
 
@@ -39,7 +39,8 @@ def _spin_cycles(us: float) -> int:
 def events_ms(fn, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
     """Median GPU ms of one call of ``fn`` after an L2 flush, between CUDA events, the host given a head start
     (module docstring). As do_bench, the number of timed calls is ``rep_ms`` over the estimated time of one."""
-    cache = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    driver = runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()  # do_bench's flush buffer, larger than any L2
     spin = _spin_cycles(HEAD_START_US)
     fn()
     torch.cuda.synchronize()
@@ -47,7 +48,7 @@ def events_ms(fn, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
     def timed(n: int) -> "list[tuple[torch.cuda.Event, torch.cuda.Event]]":
         pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for start, end in pairs:
-            cache.zero_()
+            driver.clear_cache(cache)
             torch.cuda._sleep(spin)
             start.record()
             fn()
