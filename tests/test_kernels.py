@@ -390,6 +390,26 @@ def test_timer_comparison_pairs_the_event_and_graph_runs_of_one_gpu():
     assert (t["ours host µs"] > t["torch host µs"]).all()
 
 
+def test_a_group_prepares_each_launch_once(monkeypatch):
+    """The launch of a call (plan, schedule, grid, compile-time arguments) is prepared once per row count and
+    mode and kept for the most recent ``LAUNCH_CACHE``; given tile configs are prepared afresh."""
+    gg = importlib.import_module("mxmoe.kernels.group_gemm")
+    monkeypatch.setattr(gg, "INTERPRET", True)
+    group = ExpertGroup([pack(torch.randn(64, 128), s) for s in ("w4a16_g128_asym", "w8a8_g-1_sym")])
+    (first,) = group.launches(40, "fused", None, None, None)
+    assert (
+        group.launches(40, "fused", None, None, None) == [first]
+        and group.launches(40, "fused", None, None, None)[0] is first
+    )
+    assert group.launches(41, "fused", None, None, None)[0] is not first
+    assert len(group.launches(40, "per_scheme", None, None, None)) == 2
+    given = {"w4a16_g128_asym": TileConfig(32, 32, 128, 1, swap_ab=True)}
+    assert group.launches(40, "fused", given, None, None)[0] is not group.launches(40, "fused", given, None, None)[0]
+    for rows in range(100, 100 + gg.LAUNCH_CACHE + 5):
+        group.launches(rows, "fused", None, None, None)
+    assert len(group._launches) == gg.LAUNCH_CACHE and (40, "fused", None, None) not in group._launches
+
+
 def test_a_plain_list_of_experts_builds_its_group_once():
     from mxmoe.kernels.group_gemm import expert_group
 

@@ -48,7 +48,7 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from mxmoe.bench import peers
-from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TOKENS, UNIFORM, expert_loads, gemms
+from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TABLE6_MIXES, TOKENS, UNIFORM, expert_loads, gemms
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.runs import wrong_output
@@ -182,8 +182,9 @@ def run_case(
     table6: bool = True,
     ablation: bool = True,
 ) -> list[dict]:
-    """All variants of one (shape, tokens) case; returns result rows. ``table6``: also time each mix as
-    one launch per scheme and as the unified kernel; ``ablation``: also the ABLATIONS variants."""
+    """All variants of one (shape, tokens) case; returns result rows. ``table6``: also time each of the paper's
+    mixes (``TABLE6_MIXES``) as one launch per scheme and as the unified kernel; ``ablation``: also the
+    ABLATIONS variants."""
     t_case = time.time()
     e = w.shape[0]
     rows = expert_loads(tokens, e, top_k)
@@ -231,7 +232,7 @@ def run_case(
     active = [i for i in range(e) if rows[i] > 0]
     for name, (s, change) in ABLATIONS.items() if ablation else ():
         assign[name] = [Scheme.parse(s)] * e
-    for name in MIXES if table6 else ():
+    for name in TABLE6_MIXES if table6 else ():
         for mode in TABLE6_MODES:
             assign[f"{name}@{mode}"] = assign[name]
     floor_s = {}  # variant: its roofline time (s), the slower of moving its bytes and its MMA work
@@ -333,6 +334,7 @@ def targets(results: list[dict]) -> dict:
         out[f"{m}_512_w4a16_g-1_weight_bw_frac"] = get(m, 512, "ours_w4a16_g-1", "weight_bw_frac")
         out[f"{m}_512_w4a16_g128_weight_bw_frac"] = get(m, 512, "ours_w4a16_g128", "weight_bw_frac")
         out[f"{m}_512_mix4.25_speedup"] = get(m, 512, "ours_mix4.25_w4a16+w8a8")
+        out[f"{m}_512_mix4.25_fp8_vs_torch_fp8"] = get(m, 512, "ours_mix4.25_w4a8+w8a8_fp8", "speedup_vs_torch_fp8")
     for v in ("ours_w8a8_int8", "ours_w8a8_fp8", "ours_mix5_w4a4+w8a8"):
         out[f"8192_{v}_speedup_min"] = min(get(None, 8192, v), default=None)
         out[f"8192_{v}_speedup_with_act_quant_min"] = min(get(None, 8192, v, "speedup_with_act_quant"), default=None)

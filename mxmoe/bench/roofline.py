@@ -8,8 +8,8 @@ import subprocess
 
 import torch
 import triton
-from triton.testing import do_bench
 
+from mxmoe.bench.timing import events_ms
 from mxmoe.env import git_commit
 from mxmoe.kernels.version import kernel_fingerprint
 
@@ -43,7 +43,7 @@ def provenance() -> dict:
 
 
 def _median_ms(fn) -> float:
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return events_ms(fn, warmup_ms=25, rep_ms=200)
 
 
 def measure_roofline(size: int = 8192) -> dict:

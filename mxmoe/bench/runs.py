@@ -123,6 +123,7 @@ PAPER_FIG5_VARIANTS = {
     "w4a4": "ours_w4a4_g-1",
     "mix 4.25 (w4a16+w8a8)": "ours_mix4.25_w4a16+w8a8",
     "mix 5 (w4a4+w8a8)": "ours_mix5_w4a4+w8a8",
+    "mix 4.25 fp8 (w4a8+w8a8 fp8)": "ours_mix4.25_w4a8+w8a8_fp8",
 }
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 import torch
-from triton.testing import do_bench
 
+from mxmoe.bench.timing import events_ms
 from mxmoe.kernels.configs import TileConfig, check_config
 from mxmoe.kernels.group_gemm import ExpertGroup, group_gemm, quantize_activations
 from mxmoe.schemes import Scheme
@@ -59,7 +59,7 @@ def sweep(
         t0 = time.time()
         try:
             fn()
-            ms = float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+            ms = events_ms(fn, warmup_ms=10, rep_ms=50)
         except RuntimeError as err:  # e.g. out of shared memory for this tile
             out.append({"config": cfg.as_dict(), "num_warps": nw, "error": str(err).splitlines()[0][:200]})
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -70,6 +71,8 @@ class ExpertGroup:
             device=dev,
         )  # [E]
         self._sched: dict[tuple, torch.Tensor] = {}
+        self._launches: "OrderedDict[tuple, list[Launch]]" = OrderedDict()
+        self._device_checked = False
 
     def __len__(self) -> int:
         return len(self.packed)
@@ -86,6 +89,29 @@ class ExpertGroup:
             rows = torch.tensor([[e, slots.index(self.packed[e].scheme)] for e in order], dtype=torch.int32)
             self._sched[key] = _to_device_async(rows.reshape(-1, 2), self.device)
         return self._sched[key]
+
+    def check_device(self) -> None:
+        """``check_device`` for these experts' device and schemes, once per group."""
+        if not self._device_checked:
+            cuda = self.device.type == "cuda"
+            check_device(cuda, torch.cuda.get_device_capability(self.device) if cuda else None, self.schemes)
+            self._device_checked = True
+
+    def launches(self, rows: int, mode: str, configs, num_programs, num_warps) -> "list[Launch]":
+        """The kernel launches of a call on ``rows`` rows, prepared once per (rows, mode, grid, warps) and kept
+        for the ``LAUNCH_CACHE`` most recent (given tile ``configs`` are prepared afresh every call)."""
+        key = (rows, mode, num_programs, num_warps)
+        prepared = None if configs else self._launches.pop(key, None)
+        if prepared is None:
+            prepared = _prepare_launches(self, rows, mode, configs, num_programs, num_warps)
+        if not configs:
+            self._launches[key] = prepared
+            while len(self._launches) > LAUNCH_CACHE:
+                self._launches.popitem(last=False)
+        return prepared
+
+
+LAUNCH_CACHE = 64  # prepared launches kept per group: one per recent row count (and mode, grid, warps)
 
 
 def _to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -226,7 +252,7 @@ def group_gemm(
         raise ValueError(f"offsets are on {offsets.device}, x on {x.device}")
     if validate:
         _check_offsets(offsets, x.shape[0], len(group))
-    check_device(x.is_cuda, torch.cuda.get_device_capability(x.device) if x.is_cuda else None, group.schemes)
+    group.check_device()
     x = x.contiguous()
     offsets = offsets.to(torch.int32)
     if x_q is None:
@@ -240,17 +266,23 @@ def group_gemm(
     y = torch.empty(t, group.n, dtype=x.dtype, device=x.device)
     if t == 0:
         return y
-    if mode == "fused":
-        plan = launch_plan(group, t, configs)
-        _launch(x, x_q, y, offsets, group, plan, group.schedule(tuple(s for s, _ in plan)), num_programs, num_warps)
-    elif mode == "per_scheme":
-        for s, c in launch_plan(group, t, configs):
-            _launch(x, x_q, y, offsets, group, [(s, c)], group.schedule((s,), only=True), num_programs, num_warps)
-    else:  # unified
-        c = unified_config(t / len(group))
-        slots = tuple(dict.fromkeys(HOPPER_SCHEMES + group.schemes))
-        _launch(x, x_q, y, offsets, group, [(s, c) for s in slots], group.schedule(slots), num_programs, num_warps)
+    for launch in group.launches(t, mode, configs, num_programs, num_warps):
+        launch.run(x, x_q, y, offsets, group)
     return y
+
+
+def _prepare_launches(group: ExpertGroup, rows: int, mode: str, configs, num_programs, num_warps) -> "list[Launch]":
+    """The launches of one ``group_gemm`` call in ``mode`` (see there) on ``rows`` rows."""
+    if mode == "fused":
+        plan = launch_plan(group, rows, configs)
+        parts = [(plan, group.schedule(tuple(s for s, _ in plan)))]
+    elif mode == "per_scheme":
+        parts = [([(s, c)], group.schedule((s,), only=True)) for s, c in launch_plan(group, rows, configs)]
+    else:  # unified
+        c = unified_config(rows / len(group))
+        slots = tuple(dict.fromkeys(HOPPER_SCHEMES + group.schemes))
+        parts = [([(s, c) for s in slots], group.schedule(slots))]
+    return [Launch.prepare(plan, sched, group.device, num_programs, num_warps) for plan, sched in parts]
 
 
 def unified_config(rows_per_expert: float) -> TileConfig:
@@ -261,45 +293,60 @@ def unified_config(rows_per_expert: float) -> TileConfig:
     return TileConfig(bm, 128, PACK_K, 3)
 
 
-def _launch(x, x_q, y, offsets, group: ExpertGroup, plan, sched: torch.Tensor, num_programs, num_warps) -> None:
-    """One kernel launch over the experts listed in ``sched`` ([E', 2] int32 (expert, slot))."""
-    slots = tuple(s for s, _ in plan)
-    cfgs = [c for _, c in plan]
-    per_sm, max_registers = programs_per_sm(list(slots), cfgs)
-    if num_programs is None:
-        num_programs = 4 if INTERPRET else per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
-    cap = {} if INTERPRET or max_registers is None else {"maxnreg": max_registers}
-    if num_warps is None:
-        num_warps = launch_warps(cfgs)
-    e = sched.shape[0]
-    with device_guard(x.device):  # Triton launches on the current GPU: make it x's
-        tk.group_gemm_kernel[(num_programs,)](
-            x,
-            x_q.q,
-            x_q.scale,
-            y,
-            offsets,
-            sched,
-            group.addr,
-            e,
-            group.n,
-            group.k,
-            group.k_pad,
-            x_q.scale.shape[1],
-            x.stride(0),
-            y.stride(0),
-            KINDS=tuple(kind_of(s) for s in slots),
-            WBITS=tuple(s.w_bits for s in slots),
-            GROUPS=tuple(s.group_size for s in slots),
-            SYMS=tuple(s.symmetric for s in slots),
-            BMS=tuple(c.bm for c in cfgs),
-            BNS=tuple(c.bn for c in cfgs),
-            BKS=tuple(c.bk for c in cfgs),
-            STAGES=tuple(c.stages for c in cfgs),
-            SWAPS=tuple(c.swap_ab for c in cfgs),
-            NSLOTS=len(slots),
-            E_PAD=max(16, 1 << (e - 1).bit_length()),
-            INTERPRET=INTERPRET,
-            num_warps=num_warps,
-            **cap,
-        )
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch with all but the call's tensors settled: its grid, its schedule ([E', 2] int32
+    (expert, slot)) and its compile-time arguments (each slot's path and tile, warps, register cap)."""
+
+    programs: int
+    sched: torch.Tensor
+    meta: dict
+
+    @classmethod
+    def prepare(cls, plan, sched: torch.Tensor, device: torch.device, num_programs, num_warps) -> "Launch":
+        """The launch of ``plan`` ([(scheme, tile config)], one slot each) over the experts in ``sched``."""
+        slots = tuple(s for s, _ in plan)
+        cfgs = [c for _, c in plan]
+        per_sm, max_registers = programs_per_sm(list(slots), cfgs)
+        if num_programs is None:
+            num_programs = 4 if INTERPRET else per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+        e = sched.shape[0]
+        meta = {
+            "KINDS": tuple(kind_of(s) for s in slots),
+            "WBITS": tuple(s.w_bits for s in slots),
+            "GROUPS": tuple(s.group_size for s in slots),
+            "SYMS": tuple(s.symmetric for s in slots),
+            "BMS": tuple(c.bm for c in cfgs),
+            "BNS": tuple(c.bn for c in cfgs),
+            "BKS": tuple(c.bk for c in cfgs),
+            "STAGES": tuple(c.stages for c in cfgs),
+            "SWAPS": tuple(c.swap_ab for c in cfgs),
+            "NSLOTS": len(slots),
+            "E_PAD": max(16, 1 << (e - 1).bit_length()),
+            "INTERPRET": INTERPRET,
+            "num_warps": launch_warps(cfgs) if num_warps is None else num_warps,
+        }
+        if not INTERPRET and max_registers is not None:
+            meta["maxnreg"] = max_registers
+        return cls(num_programs, sched, meta)
+
+    def run(self, x, x_q: QuantizedRows, y, offsets, group: ExpertGroup) -> None:
+        """Launch on x [T, K] (and its quantized rows), writing y [T, N]; offsets [E+1] int32."""
+        with device_guard(x.device):  # Triton launches on the current GPU: make it x's
+            tk.group_gemm_kernel[(self.programs,)](
+                x,
+                x_q.q,
+                x_q.scale,
+                y,
+                offsets,
+                self.sched,
+                group.addr,
+                self.sched.shape[0],
+                group.n,
+                group.k,
+                group.k_pad,
+                x_q.scale.shape[1],
+                x.stride(0),
+                y.stride(0),
+                **self.meta,
+            )
