@@ -609,3 +609,23 @@ def test_grouped_w4a8_tile_follows_the_launch_warps(monkeypatch):
     assert c == TileConfig(128, 128, 128, 3, swap_ab=True, warps=4) and launch_warps([c]) == 4
     ((_, c),) = gg.launch_plan(channel, rows=2 * 34)
     assert c == TileConfig(64, 128, 128, 3, swap_ab=True)
+
+
+def test_one_warpgroup_tile_keeps_its_launch_where_the_other_slots_can_follow(monkeypatch):
+    """Per-channel W4A8's 128-token tile is written for one warpgroup: beside w8a8 fp8 (the Hopper 4.25-bit mix)
+    the 8-bit slot takes its one-warpgroup 128 x 128 tile instead of pulling both onto 8 warps; beside bf16, which
+    has no such tile, the launch still takes 8 warps and every slot its 8-warp tile."""
+    gg = importlib.import_module("mxmoe.kernels.group_gemm")
+    monkeypatch.setattr(gg, "INTERPRET", False)
+    w4a8, w8a8 = Scheme.parse("w4a8_g-1_sym_fp8"), Scheme.parse("w8a8_g-1_sym_fp8")
+    alone = ExpertGroup([pack(torch.randn(256, 256), w8a8) for _ in range(2)])
+    ((_, c),) = gg.launch_plan(alone, rows=2 * 546)
+    assert c == TileConfig(128, 256, 128, 4) and launch_warps([c]) == 8  # alone: two warpgroups, deep prefetch
+    mix = ExpertGroup([pack(torch.randn(256, 256), s) for s in (w8a8, w4a8, w4a8)])
+    plan = dict(gg.launch_plan(mix, rows=3 * 546))
+    assert plan[w8a8] == TileConfig(128, 128, 128, 3, warps=4)
+    assert plan[w4a8] == TileConfig(128, 128, 128, 3, swap_ab=True, warps=4)
+    assert launch_warps(list(plan.values())) == 4
+    with_bf16 = ExpertGroup([pack(torch.randn(256, 256), s) for s in ("bf16", w4a8)])
+    plan = dict(gg.launch_plan(with_bf16, rows=2 * 546))
+    assert plan[w4a8] == TileConfig(128, 128, 128, 3) and launch_warps(list(plan.values())) == 8

@@ -60,3 +60,28 @@ def test_mixed_launch_reports_shared_resources_only():
     ]
     f = sass.kernel_facts(slots)
     assert f.loop_instructions is None and f.registers > 0 and len(f.slots) == 2
+
+
+def test_survey_compiles_the_mixes_with_the_tiles_group_gemm_picks(monkeypatch):
+    """A mixed launch is surveyed as ``launch_plan`` plans it: the fp8 4.25-bit mix at 8192 tokens stays on one
+    warpgroup (both slots' one-warpgroup tiles), not each scheme's tile alone."""
+    import importlib
+
+    from mxmoe.bench.cases import MIXES
+
+    monkeypatch.setattr(importlib.import_module("mxmoe.kernels.group_gemm"), "INTERPRET", False)
+    seen = []
+
+    class Facts:
+        def as_dict(self):
+            return {}
+
+    monkeypatch.setattr(sass, "kernel_facts", lambda slots, arch=90: seen.append(slots) or Facts())
+    mix = "mix4.25_w4a8+w8a8_fp8"
+    sass.survey(schemes=(), regimes={"prefill 8192": 546.0}, mixes={mix: MIXES[mix]})
+    (slots,) = seen
+    tiles = {str(s): c for s, c in slots}
+    assert tiles == {
+        "w8a8_g-1_sym_fp8": TileConfig(128, 128, 128, 3, warps=4),
+        "w4a8_g-1_sym_fp8": TileConfig(128, 128, 128, 3, swap_ab=True, warps=4),
+    }

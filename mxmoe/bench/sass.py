@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
 from tqdm.auto import tqdm
 from triton.backends.compiler import GPUTarget
@@ -43,7 +44,9 @@ from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.kernels import gluon_kernel as gk
 from mxmoe.kernels import triton_kernel as tk
-from mxmoe.kernels.configs import TileConfig, default_config, kind_of, launch_warps, programs_per_sm, tile_cost
+from mxmoe.kernels.configs import TileConfig, default_config, kind_of, launch_warps, programs_per_sm
+from mxmoe.kernels.group_gemm import ExpertGroup, launch_plan
+from mxmoe.kernels.pack import pack
 from mxmoe.paths import kernel_results_dir
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
 
@@ -254,16 +257,17 @@ def kernel_facts(slots: "list[tuple[Scheme, TileConfig]]", arch: int = 90, num_w
 
 def survey(schemes=SCHEMES, regimes=REGIMES, mixes=MIXES, arch: int = 90) -> list[dict]:
     """``kernel_facts`` of every scheme alone at its default tile for each rows-per-expert regime, then of
-    the benchmark's mixed launches (``mxmoe.bench.cases.MIXES``), slots in launch order, heaviest tile first."""
+    the benchmark's mixed launches (``mxmoe.bench.cases.MIXES``) as ``launch_plan`` plans them (slots in launch
+    order, heaviest tile first)."""
     rows = []
     for s in tqdm(schemes, desc="compile for sm_90a", unit="scheme"):
         for regime, rows_per_expert in regimes.items():
             c = default_config(s, rows_per_expert)
             rows.append({"scheme": str(s), "regime": regime, **kernel_facts([(s, c)], arch).as_dict()})
     for name, (heavy, light, _) in mixes.items():
+        group = ExpertGroup([pack(torch.zeros(128, 128), s) for s in (heavy, light)])  # tiles: schemes and rows only
         for regime, rows_per_expert in regimes.items():
-            slots = [(Scheme.parse(s), default_config(Scheme.parse(s), rows_per_expert)) for s in (heavy, light)]
-            slots.sort(key=lambda sc: -tile_cost(sc[0], sc[1], 2048))
+            slots = launch_plan(group, round(2 * rows_per_expert))  # the tiles group_gemm picks for the two slots
             rows.append({"scheme": name, "regime": regime, **kernel_facts(slots, arch).as_dict()})
     return rows
 

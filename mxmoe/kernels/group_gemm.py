@@ -201,11 +201,16 @@ def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) ->
     configs = configs or {}
     given = {s: configs.get(s) or configs.get(str(s)) for s in group.schemes}
 
-    def plan_for(warps: int) -> "list[tuple[Scheme, TileConfig]]":
+    def plan_for(warps: "int | None") -> "list[tuple[Scheme, TileConfig]]":
         return [(s, given[s] or default_config(s, rows / len(group), INTERPRET, warps)) for s in group.schemes]
 
-    plan = plan_for(4)
-    if launch_warps([c for _, c in plan]) == 8:  # a slot needs two warpgroups: every default tile is for 8 warps
+    def warps_of(plan) -> int:
+        return launch_warps([c for _, c in plan])
+
+    plan = plan_for(None)
+    if warps_of(plan) == 8 and any(c.warps == 4 for _, c in plan):
+        plan = plan_for(4)  # a tile written for one warpgroup keeps the launch there if the other slots can follow
+    if warps_of(plan) == 8:  # a slot needs two warpgroups: every default tile is for 8 warps
         plan = plan_for(8)
     for s, c in plan:
         check_config(s, c)
