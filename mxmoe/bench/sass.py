@@ -44,8 +44,8 @@ from mxmoe.errors import MxMoEError
 from mxmoe.files import write_json_atomic
 from mxmoe.kernels import gluon_kernel as gk
 from mxmoe.kernels import triton_kernel as tk
-from mxmoe.kernels.configs import TileConfig, default_config, kind_of, launch_warps, programs_per_sm
-from mxmoe.kernels.group_gemm import ExpertGroup, launch_plan
+from mxmoe.kernels.configs import TileConfig, default_config, kind_of
+from mxmoe.kernels.group_gemm import ExpertGroup, Launch, launch_plan
 from mxmoe.kernels.pack import pack
 from mxmoe.paths import kernel_results_dir
 from mxmoe.schemes import HOPPER_SCHEMES, Scheme
@@ -140,34 +140,18 @@ class Facts:
 def compile_launch(
     slots: "list[tuple[Scheme, TileConfig]]", arch: int = 90, num_warps: "int | None" = None, experts=64
 ):
-    """``group_gemm_kernel`` compiled for ``sm_<arch>`` (a for 90) with these slots, as ``_launch`` would launch it
+    """``group_gemm_kernel`` compiled for ``sm_<arch>`` (a for 90) with these slots, as ``group_gemm`` launches it
     (its warps and register cap)."""
     if not slots:
         raise ValueError("a launch needs at least one (scheme, tile config) slot")
-    schemes = [Scheme.parse(s) for s, _ in slots]
-    cfgs = [c for _, c in slots]
-    constants = {
-        "KINDS": tuple(kind_of(s) for s in schemes),
-        "WBITS": tuple(s.w_bits for s in schemes),
-        "GROUPS": tuple(s.group_size for s in schemes),
-        "SYMS": tuple(s.symmetric for s in schemes),
-        "BMS": tuple(c.bm for c in cfgs),
-        "BNS": tuple(c.bn for c in cfgs),
-        "BKS": tuple(c.bk for c in cfgs),
-        "STAGES": tuple(c.stages for c in cfgs),
-        "SWAPS": tuple(c.swap_ab for c in cfgs),
-        "NSLOTS": len(slots),
-        "E_PAD": max(16, 1 << (experts - 1).bit_length()),
-        "INTERPRET": False,
-    }
+    plan = [(Scheme.parse(s), c) for s, c in slots]
+    sched = torch.zeros(experts, 2, dtype=torch.int32)  # [E', 2] (expert, slot): only its length counts here
+    constants = dict(Launch.prepare(plan, sched, sched.device, 1, num_warps).meta)  # group_gemm's own arguments
+    options = {k: constants.pop(k) for k in ("num_warps", "maxnreg") if k in constants}
     fn = tk.group_gemm_kernel
     signature = {**_SIGNATURE, **{k: "constexpr" for k in constants}}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _ALIGNED}
     src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    options = {"num_warps": num_warps or launch_warps(cfgs)}
-    _, max_registers = programs_per_sm(schemes, cfgs)
-    if max_registers is not None:
-        options["maxnreg"] = max_registers
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
