@@ -11,6 +11,7 @@ import json
 import sys
 
 from mxmoe.errors import MxMoEError
+from mxmoe.schemes import SCHEME_SETS
 
 
 def _model_build(args) -> None:
@@ -319,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     sens.add_argument("name", nargs="?", default="smollm2-moe")
     sens.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq-had"])
     sens.add_argument(
-        "--schemes", default="hopper", help="scheme set (hopper, weight_only, w5a5) or comma-separated schemes"
+        "--schemes", default="hopper", help=f"scheme set ({', '.join(SCHEME_SETS)}) or comma-separated schemes"
     )
     sens.add_argument("--calib", default="wikitext2", choices=["wikitext2", "c4"])
     sens.add_argument("--windows", type=int, default=8)
@@ -586,7 +587,8 @@ def _add_checkpoint_commands(stages) -> None:
         default=16,
         choices=sorted(ABITS),
         help="activation bits: 16 weight-only; 8, 4: "
-        "schemes with 8/4-bit activations; 5: the W5A5 mix of w4a4 and w8a8 (default 16)",
+        "schemes with 8/4-bit activations (8 includes W4A8 on fp8 tensor cores); 5: the W5A5 mix of w4a4 and "
+        "w8a8 (default 16)",
     )
     q.add_argument(
         "--r",
@@ -629,8 +631,8 @@ def _add_checkpoint_commands(stages) -> None:
     q.add_argument(
         "--schemes",
         default=None,
-        help="candidate schemes instead of the --abits set: a set name "
-        "(hopper, weight_only, w5a5) or comma-separated schemes",
+        help=f"candidate schemes instead of the --abits set: a set name ({', '.join(SCHEME_SETS)}) "
+        "or comma-separated schemes",
     )
     q.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write (atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing mxmoe checkpoint at DIR")

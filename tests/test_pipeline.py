@@ -47,6 +47,24 @@ def test_gptq_had_end_to_end_and_the_checkpoint_matches(tmp_path):
     assert float((got - want).norm() / want.norm()) < 1e-4
 
 
+def test_the_fp8_set_allocates_w4a8_on_fp8_tensor_cores(tmp_path):
+    """``--abits 8`` offers W4A8 on fp8 tensor cores; the "fp8" set alone, at 4.25 bits, mixes its 4-bit codes
+    (per channel or per group) with w8a8 fp8, and the checkpoint gives the model it was made from."""
+    from mxmoe.pipeline import ABITS
+    from mxmoe.schemes import Scheme, scheme_set
+
+    assert set(scheme_set("fp8")) <= set(ABITS[8]) and Scheme.parse("w8a8_g-1_sym") in ABITS[8]
+    model, res = run(tmp_path, method="rtn", schemes="fp8", wbits=4.25, out=tmp_path / "ck")
+    chosen = set(res.scheme_map.values())
+    assert chosen <= set(scheme_set("fp8")) and any(s.w_bits == 4 for s in chosen)
+    assert res.manifest["bits"]["weight"] <= 4.25 + 1e-9
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    loaded = mxmoe.load_quantized(tmp_path / "ck", device="cpu")
+    with torch.no_grad():
+        want, got = model(ids).logits, loaded(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-4
+
+
 def test_sensitivity_cache_resumes_per_layer(tmp_path):
     _, first = run(tmp_path, method="rtn")
     cache = list((tmp_path / "cache").rglob("sensitivity_rtn_*.json"))

@@ -90,6 +90,7 @@ def test_hopper_set_contents():
     ]:
         assert required in names
     assert all(s.weight_only for s in scheme_set("weight_only"))
+    assert all(s.fmt == "fp8" and s.a_bits == 8 for s in scheme_set("fp8"))  # fp8 activations throughout
     assert len(scheme_set("w4a16_g128_asym,w8a8_g-1_sym")) == 2
     with pytest.raises(ValueError, match="unknown scheme set"):
         scheme_set("nonsense")
