@@ -66,7 +66,7 @@ from mxmoe.schemes import Scheme
 DEV = "cuda"
 # ablations: (scheme, tile-config fields changed from the default)
 ABLATIONS = {"w4a16_g-1_noswap": ("w4a16_g-1_asym", {"swap_ab": False})}
-W4A8_FP8 = ("w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8")  # integer codes on fp8 tensor cores (not yet allocated)
+W4A8_FP8 = ("w4a8_g-1_sym_fp8", "w4a8_g128_sym_fp8")  # integer codes on fp8 tensor cores (scheme set "fp8")
 TABLE6_MODES = ("per_scheme", "unified")  # each mix also runs as one launch per scheme and as the unified kernel
 
 
