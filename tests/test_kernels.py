@@ -372,7 +372,7 @@ def test_kernel_tables_from_committed_h100_runs():
     t6 = kp.table6(df)
     assert len(t6) and t6[["fused_us", "unified_us", "per_scheme_us"]].notna().all().all()
     targets = kp.targets_table(df)
-    assert len(targets) == 10 and targets.status.notna().all()
+    assert len(targets) == 11 and targets.status.notna().all()
     tiles = kp.fused_tiles(df, "qwen1.5-moe")
     assert set(tiles.num_warps) <= {4, 8} and tiles.groupby(["mix", "tokens"]).num_warps.nunique().max() == 1
 
