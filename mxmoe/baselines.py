@@ -6,7 +6,10 @@ A configuration is a uniform scheme for every expert block (routed and shared) p
 * ``gptq*-3.25``    GPTQ* = GPTQ + random Hadamard rotation, w3 g128 asym (3.25 bits, paper Table 1);
 * ``gptq*-2.25``    the same at w2 g128 asym (2.25 bits);
 * ``quarot-w4a4``   QuaRot-style W4A4: rotation + GPTQ per-channel symmetric weights, 4-bit per-token activations;
-* ``w8a8``, ``w4a16``  uniform RTN baselines (Figure 5), ``rtn-w<w>a<a>`` the Table 4 grid.
+* ``w8a8``, ``w4a16``  uniform RTN baselines (Figure 5), ``rtn-w<w>a<a>`` the Table 4 grid;
+* ``w8a8-fp8``      fp8 (e4m3) weights per channel and activations per token, RTN: what torch's fp8 grouped GEMM
+                    serves on Hopper;
+* ``w4a8-fp8``      rotation + GPTQ per-channel symmetric 4-bit weights, run as e4m3 with fp8 activations.
 
 An allocation (``mxmoe.allocate``) is evaluated through the same function with its scheme map in place
 of the uniform one, so every row of Table 1 is quantized and measured by the same code.
@@ -56,6 +59,8 @@ BASELINES = {
     "quarot-w4a4": QuantConfig("quarot-w4a4", "w4a4_g-1_sym", "gptq", hadamard=True),
     "w8a8": QuantConfig("w8a8", "w8a8_g-1_sym", "rtn"),
     "w4a16": QuantConfig("w4a16", "w4a16_g128_asym", "rtn"),
+    "w8a8-fp8": QuantConfig("w8a8-fp8", "w8a8_g-1_sym_fp8", "rtn"),
+    "w4a8-fp8": QuantConfig("w4a8-fp8", "w4a8_g-1_sym_fp8", "gptq", hadamard=True),
 }
 
 

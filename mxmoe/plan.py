@@ -103,7 +103,7 @@ class AllocationSetting:
     """One allocation: scheme set, bit budget, r, granularity and whether the budget is model-wide."""
 
     name: str
-    scheme_set: str  # "weight_only" | "w5a5" (mxmoe.schemes.SCHEME_SETS)
+    scheme_set: str  # "weight_only" | "w5a5" | "fp8" (mxmoe.schemes.SCHEME_SETS)
     budget_bits: float
     r: float  # accuracy weight of L^r * T^(1-r)
     granularity: str = "block"  # "block" (gate, up, down each) | "expert" (one scheme per expert)
@@ -123,6 +123,7 @@ ALLOCATIONS = (
     AllocationSetting("mxmoe-w5a5-expert", "w5a5", 5.0, 0.75, granularity="expert", used_by="Table 3"),
     AllocationSetting("mxmoe-w5a5-global", "w5a5", 5.0, 0.75, global_budget=True, used_by="chapter 04"),
     AllocationSetting("mxmoe-3.25-global", "weight_only", 3.25, 1.0, global_budget=True, used_by="chapter 04"),
+    AllocationSetting("mxmoe-fp8-4.25", "fp8", 4.25, 0.75, used_by="chapter 05, fp8 extension"),
 )
 R_FRONT = (0.0, 0.25, 0.5, 0.75, 1.0)  # r values marked on the W5A5 Pareto front
 FRONT_SCHEME_SET, FRONT_BUDGET = "w5a5", 5.0
@@ -169,6 +170,11 @@ CALIBRATED = (
     CalibratedSetting("mxmoe-2.25 calibrated", "mxmoe-2.25-calibrated", 2.25, "gptq*-2.25", "mxmoe-2.25"),
     CalibratedSetting("mxmoe-3.25 calibrated", "mxmoe-3.25-calibrated", 3.25, "gptq*-3.25", "mxmoe-3.25"),
 )
+# an extension for Hopper: fp8 activations everywhere, as torch's fp8 grouped GEMM (the peer a Hopper user picks
+# instead) computes; uniform w8a8 fp8 (RTN, what that GEMM serves), uniform per-channel W4A8 fp8 and an allocation
+# over the "fp8" scheme set (both GPTQ after a rotation), each with its MoE-block time from the cost table
+FP8_BASELINES = ("w8a8-fp8", "w4a8-fp8")  # mxmoe.baselines.BASELINES names; the first is the speed reference
+FP8_MXMOE = "mxmoe-fp8-4.25"  # allocation setting
 R_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)  # Figure 6 (W5A5 scheme set, 5-bit budget)
 FIG5_UNIFORM = {"fp16": "bf16", "w4a16": "w4a16_g128_asym", "w8a8": "w8a8_g-1_sym", "w4a4": "w4a4_g-1_sym"}
 FIG5_MIXED = "mxmoe-w5a5"

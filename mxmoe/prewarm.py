@@ -17,6 +17,7 @@ Parts (the settings of ``mxmoe.plan``):
 * ``alloc``: notebook 04's allocations (``plan.ALLOCATIONS``), solved and written;
 * ``table1``: the Table 1 baselines of notebook 05 (fp16, GPTQ* 3.25 / 2.25, QuaRot-style W4A4) with zero-shot;
 * ``mxmoe``: Table 1's MxMoE rows (3.25, 2.25, W5A5 allocations) with zero-shot;
+* ``fp8``: notebook 05's fp8 extension (uniform w8a8 and W4A8 fp8, the fp8 allocation) with zero-shot;
 * ``sweep``: Table 3's expert-granularity W5A5 allocation and Figure 6's r sweep (perplexity only; the
   sweep's allocations are read, or solved and written as notebook 05 does when missing);
 * ``table5``: notebook 05's rotated uniform w4a4 ... w8a8 models (perplexity only);
@@ -59,7 +60,7 @@ from mxmoe.stages.proxy import proxy_check, proxy_inputs
 from mxmoe.stages.routing import profile_corpora
 from mxmoe.stages.sensitivity import profile_sensitivity
 
-EVAL_PARTS = ("table1", "mxmoe", "sweep", "table4", "table5")  # rows of evaluate_config (part_configs)
+EVAL_PARTS = ("table1", "mxmoe", "fp8", "sweep", "table4", "table5")  # rows of evaluate_config (part_configs)
 # every part, those on the longest chains first (the order --all starts the ready ones in)
 PARTS = (
     "sensitivity-gptq-had",
@@ -71,6 +72,7 @@ PARTS = (
     "table1",
     "zeroshot-dense",
     "mxmoe",
+    "fp8",
     "calibrated-rtn",
     "calibrated",
     "sweep",
@@ -78,10 +80,18 @@ PARTS = (
     "table5",
     "sensitivity-gptq",
 )
-SHARDS = {"table1": 4, "mxmoe": 3, "sweep": 2, "table4": 4, "table5": 3}  # processes per evaluation part with --all
+SHARDS = {
+    "table1": 4,
+    "mxmoe": 3,
+    "fp8": 3,
+    "sweep": 2,
+    "table4": 4,
+    "table5": 3,
+}  # processes per evaluation part with --all
 DEPENDS = {  # the parts whose results a part reads
     "alloc": (f"sensitivity-{plan.ALLOCATION_METHOD}", "routing"),
     "mxmoe": ("alloc",),
+    "fp8": ("alloc",),
     "sweep": ("alloc",),
     "proxy-rtn": ("sensitivity-rtn",),
     "proxy-gptq": (f"sensitivity-{plan.ALLOCATION_METHOD}",),
@@ -97,6 +107,9 @@ def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> li
         return [(baseline(n), None, True) for n in plan.TABLE1_BASELINES]
     if part == "mxmoe":
         return [(allocation_config(label), load_allocation(model, s), True) for label, s in plan.TABLE1_MXMOE.items()]
+    if part == "fp8":
+        mixed = (allocation_config(plan.FP8_MXMOE), load_allocation(model, plan.FP8_MXMOE), True)
+        return [(baseline(n), None, True) for n in plan.FP8_BASELINES] + [mixed]
     if part == "sweep":
         rs = sorted(
             plan.R_SWEEP, key=lambda r: r == plan.allocation("mxmoe-w5a5").r

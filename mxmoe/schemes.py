@@ -139,7 +139,8 @@ BF16 = Scheme(16, 16, -1, True, "bf16")
 
 # What Hopper (H100/H200) runs in our kernel. 4-bit activations compute at int8 rate:
 # Hopper has no int4 tensor cores. Weight-only widths come per channel (g-1) and g128, as in the
-# paper's candidate set, so a 2.25-bit budget can still mix (w2 g-1 is 2.0 bits).
+# paper's candidate set, so a 2.25-bit budget can still mix (w2 g-1 is 2.0 bits). W4A8 "_fp8" runs its
+# 4-bit integer codes on the fp8 tensor cores (exact in e4m3), with fp8 activations per token.
 HOPPER_SCHEMES = tuple(
     Scheme.parse(s)
     for s in (
@@ -154,6 +155,8 @@ HOPPER_SCHEMES = tuple(
         "w8a8_g-1_sym",
         "w8a8_g-1_sym_fp8",
         "w4a8_g-1_sym",
+        "w4a8_g-1_sym_fp8",
+        "w4a8_g128_sym_fp8",
         "w4a4_g-1_sym",
         "w4a4_g128_sym",
     )

@@ -249,6 +249,8 @@ def compute_sensitivity(
         if old.get("params") == params and old.get("schemes") == result["schemes"]:
             result["layers"] = old["layers"]
             result["device"] = old.get("device", "unknown")
+            if "merged_from" in old:  # made by merge_schemes
+                result["merged_from"] = old["merged_from"]
     todo = [
         b.layer
         for b in moe_blocks(model)
@@ -304,3 +306,48 @@ def sensitivity_array(result: dict, layer: int, fill: str = "max") -> tuple[np.n
         value = measured.max(axis=0) if fill == "max" else measured.mean(axis=0)  # [3, S]
         arr = np.where(np.isnan(arr), value[None], arr)
     return arr, lay["experts"]
+
+
+def merge_schemes(parts: "list[dict]", schemes) -> dict:
+    """One sensitivity result over ``schemes`` from ``parts`` measured on the same model, windows and method, each
+    over some of the schemes (Δ of a block under one scheme does not depend on the others measured beside it).
+
+    Every part must hold every layer of the first, with the same experts and tokens per expert (the same routing
+    of the same windows); else MxMoEError. The result's ``params`` are the first part's, ``device`` names each
+    part's device and ``merged_from`` lists each part's schemes and device.
+    """
+    names = [str(check_scheme(s)) for s in schemes]
+    column = {}  # scheme -> (part index, column in that part)
+    for i, part in enumerate(parts):
+        for j, name in enumerate(part["schemes"]):
+            column.setdefault(name, (i, j))
+    missing = [n for n in names if n not in column]
+    if missing:
+        raise MxMoEError(f"no part measured {missing}")
+    first = parts[0]
+    layers = {}
+    for key, lay in first["layers"].items():
+        same = [p["layers"].get(key) for p in parts]
+        if any(s is None or (s["experts"], s["tokens"]) != (lay["experts"], lay["tokens"]) for s in same):
+            raise MxMoEError(f"layer {key}: the parts differ in layers, experts or tokens per expert; measure anew")
+        delta = []
+        for e in range(len(lay["experts"])):
+            if lay["experts"][e] in lay["no_tokens"]:
+                delta.append([[None] * len(names) for _ in BLOCKS])
+                continue
+            delta.append([[same[i]["delta"][e][b][j] for i, j in map(column.get, names)] for b in range(len(BLOCKS))])
+        layers[key] = {
+            **{k: lay[k] for k in ("experts", "tokens", "no_tokens")},
+            "delta": delta,
+            "rtn_fallbacks": [f for s in same for f in s["rtn_fallbacks"] if f[2] in names],
+            "seconds": round(sum(s.get("seconds", 0.0) for s in same), 2),
+        }
+    devices = list(dict.fromkeys(p.get("device", "unknown") for p in parts))
+    return {
+        "params": first["params"],
+        "schemes": names,
+        "blocks": first["blocks"],
+        "layers": layers,
+        "device": " + ".join(devices),
+        "merged_from": [{"schemes": p["schemes"], "device": p.get("device", "unknown")} for p in parts],
+    }

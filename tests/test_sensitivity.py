@@ -1,4 +1,5 @@
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -241,3 +242,65 @@ def test_batches_over_the_memory_limit_run_in_parts(monkeypatch):
     )
     assert sens.layer_sensitivity(b, x, schemes, "gptq", min_tokens=1) == whole
     assert max(sizes) == 3 and len(sizes) > 3  # unlimited: one call per weight shape (3)
+
+
+def test_an_added_scheme_is_measured_alone_and_merged(tmp_path, monkeypatch):
+    """Asking for a scheme set that adds schemes to one already measured (same weights and windows) measures only
+    the added schemes and gives the Δ of measuring the whole set at once; a set not containing the old one, or
+    other windows, starts afresh."""
+    from mxmoe.profiles import get_profile
+    from mxmoe.stages import sensitivity as stage
+    from mxmoe.stages.allocation import sensitivity_with
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    smoke = get_profile("smoke")
+    old, old_path = stage.profile_sensitivity("rtn", smoke, "w4a16_g128_asym,w8a8_g-1_sym", progress=False)
+    asked = []
+    real = stage.compute_sensitivity
+    monkeypatch.setattr(
+        stage, "compute_sensitivity", lambda m, w, s, *a, **k: asked.append(s) or real(m, w, s, *a, **k)
+    )
+    wanted = "w4a8_g-1_sym_fp8,w4a16_g128_asym,w8a8_g-1_sym"
+    merged, path = stage.profile_sensitivity("rtn", smoke, wanted, progress=False)
+    assert [[str(s) for s in a] for a in asked] == [["w4a8_g-1_sym_fp8"]]
+    assert merged["schemes"] == wanted.split(",") and [len(p["schemes"]) for p in merged["merged_from"]] == [2, 1]
+    assert sorted(f.name for f in path.parent.iterdir()) == sorted([old_path.name, path.name])  # the part is gone
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path / "whole"))
+    whole = stage.profile_sensitivity("rtn", smoke, wanted, progress=False)[0]
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    for key, lay in whole["layers"].items():
+        assert np.allclose(np.array(merged["layers"][key]["delta"], float), np.array(lay["delta"], float), rtol=1e-5)
+    assert old["layers"]["0"]["delta"][0][0] == merged["layers"]["0"]["delta"][0][0][1:]
+    asked.clear()
+    mtime = path.stat().st_mtime_ns
+    assert stage.profile_sensitivity("rtn", smoke, wanted, progress=False)[0] == json.loads(path.read_text())
+    assert path.stat().st_mtime_ns == mtime  # resumed whole: nothing measured or written
+    os.utime(old_path)  # the subset's file is now the newest: the allocation still reads the one with its schemes
+    assert sensitivity_with(smoke.model, "rtn", "w4a8_g-1_sym_fp8,w8a8_g-1_sym")["schemes"] == merged["schemes"]
+    stage.profile_sensitivity("rtn", smoke, "w4a8_g-1_sym_fp8,w4a16_g128_asym", progress=False)  # not a superset
+    stage.run_sensitivity(smoke.model, "rtn", wanted, n=3, seqlen=64, allow_random=True, progress=False)  # 3 windows
+    assert [len(a) for a in asked] == [3, 2, 3]  # the resume, then two whole sets
+
+
+def test_a_subset_routed_otherwise_is_measured_anew(tmp_path, monkeypatch):
+    """Where the file to extend saw other tokens per expert than the added schemes' pass (a routing near-tie that
+    a rotation on another machine decided otherwise), the whole set is measured again: Δ of one set is never
+    made of two routings."""
+    from mxmoe.profiles import get_profile
+    from mxmoe.stages import sensitivity as stage
+
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path))
+    smoke = get_profile("smoke")
+    _, old_path = stage.profile_sensitivity("rtn", smoke, "w4a16_g128_asym", progress=False)
+    old = json.loads(old_path.read_text())
+    tokens = old["layers"]["1"]["tokens"]
+    tokens[0], tokens[1] = tokens[0] + 1, tokens[1] - 1  # one token routed to another expert
+    old_path.write_text(json.dumps(old))
+    asked = []
+    real = stage.compute_sensitivity
+    monkeypatch.setattr(
+        stage, "compute_sensitivity", lambda m, w, s, *a, **k: asked.append(s) or real(m, w, s, *a, **k)
+    )
+    result, path = stage.profile_sensitivity("rtn", smoke, "w4a16_g128_asym,w8a8_g-1_sym", progress=False)
+    assert [len(a) for a in asked] == [1, 2] and "merged_from" not in result
+    assert result["layers"]["1"]["tokens"] != tokens and len(list(path.parent.iterdir())) == 2

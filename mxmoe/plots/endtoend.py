@@ -96,6 +96,27 @@ def fig5_speedups(rows: list) -> pd.DataFrame:
     return t
 
 
+def fp8_frame(doc: dict, reference: str) -> pd.DataFrame:
+    """The fp8 extension (``mxmoe.stages.endtoend.fp8_table``) as a display table: bits, WikiText-2 PPL and its change
+    from full precision, the mean zero-shot accuracy (points) and the MoE-block throughput per batch size relative to
+    the ``reference`` row and to full precision."""
+    rows = pd.DataFrame(doc["rows"]).set_index("setting")
+    out = pd.DataFrame(
+        {
+            "W bits": rows.w_bits.map(lambda b: f"{b:.2f}"),
+            "A bits": rows.a_bits,
+            "WikiText-2 PPL": rows.ppl.map(lambda x: f"{x:.2f}"),
+            "PPL vs fp16": (rows.ppl / rows.ppl["fp16"] - 1).map(lambda x: f"{x:+.1%}"),
+            "zero-shot mean": rows.tasks.map(lambda t: f"{100 * sum(t.values()) / len(t):.1f}" if t else "—"),
+        }
+    )
+    for col in (c for c in rows.columns if c.startswith("tokens_per_s_")):
+        batch = col.removeprefix("tokens_per_s_")
+        out[f"{batch} tok vs {reference}"] = (rows[col] / rows[col][reference]).map(lambda x: f"{x:.2f}×")
+        out[f"{batch} tok vs fp16"] = (rows[col] / rows[col]["fp16"]).map(lambda x: f"{x:.2f}×")
+    return out
+
+
 def fig6_points(f6: pd.DataFrame) -> pd.DataFrame:
     """Figure 6's points as a display table: r, PPL (2 decimals), MoE-block throughput and its source."""
     out = f6.sort_values("r").set_index("r")

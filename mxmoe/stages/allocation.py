@@ -50,6 +50,18 @@ def newest_result(model: str, kind: str, prefix: str) -> Path:
     return files[-1]
 
 
+def sensitivity_with(model: str, method: str, schemes: str) -> dict:
+    """The newest ``method`` sensitivity result of ``model`` that measured every scheme of set ``schemes``; else the
+    newest one (``mxmoe.allocate.layer_problem`` then names the schemes it lacks)."""
+    need = {str(s) for s in scheme_set(schemes)}
+    files = sorted((results_dir() / model / "sensitivity").glob(f"{method}_*.json"), key=lambda p: -p.stat().st_mtime)
+    for f in files:
+        doc = json.loads(f.read_text())
+        if need <= set(doc["schemes"]):
+            return doc
+    return json.loads(newest_result(model, "sensitivity", f"{method}_").read_text())
+
+
 def card_dims(model: str) -> dict:
     """``mxmoe.allocate.model_dims`` from <results>/<model>/model.json (the smollm2-moe card)."""
     path = results_dir() / model / "model.json"
@@ -98,7 +110,7 @@ def layer_problems(
     Sensitivity, routing and dims default to the model's newest result files (``method`` sensitivity,
     ``corpus`` routing, the model card); the cost table is ``cost_tables/<gpu>.json``.
     """
-    sens = sensitivity or json.loads(newest_result(model, "sensitivity", f"{method}_").read_text())
+    sens = sensitivity or sensitivity_with(model, method, schemes)
     rout = routing or json.loads(newest_result(model, "routing", f"{corpus}_").read_text())
     dims = dims if dims is not None else card_dims(model)
     table = load_table(gpu)
@@ -207,6 +219,9 @@ def predicted_vs_uniform(problems: dict, docs: dict) -> dict:
         "uniform w3a16 g128": uniform_totals(problems["weight_only"], "w3a16_g128_asym"),
         "mxmoe-3.25 (per layer)": pred("mxmoe-3.25"),
         "mxmoe-3.25 (global budget)": pred("mxmoe-3.25-global"),
+        "uniform w8a8 fp8": uniform_totals(problems["fp8"], "w8a8_g-1_sym_fp8"),
+        "uniform w4a8 fp8 g-1": uniform_totals(problems["fp8"], "w4a8_g-1_sym_fp8"),
+        "mxmoe-fp8-4.25 (per layer)": pred("mxmoe-fp8-4.25"),
     }
 
 

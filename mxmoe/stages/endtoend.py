@@ -13,14 +13,14 @@ import json
 import numpy as np
 
 from mxmoe import plan
-from mxmoe.baselines import allocation_config
+from mxmoe.baselines import allocation_config, baseline
 from mxmoe.files import write_json_atomic
 from mxmoe.paths import kernel_results_dir, results_dir
 from mxmoe.perfmodel import launch_time, load_table
 from mxmoe.profiles import Profile
 from mxmoe.routing import batch_workload
 from mxmoe.schemes import Scheme
-from mxmoe.stages.allocation import model_shape, r_sweep_allocations, routing_profile
+from mxmoe.stages.allocation import load_allocation, model_shape, r_sweep_allocations, routing_profile
 from mxmoe.stages.evaluate import evaluate_config
 
 
@@ -134,3 +134,28 @@ def figure6(profile: Profile, meta: dict, seed: int = 0, gpu: str = plan.THROUGH
         points.append(point)
     write_json_atomic(results_dir() / model / "eval" / "figure6.json", {**meta, "batch": batch, "rows": points})
     return points
+
+
+def fp8_table(
+    profile: Profile, fp16: dict, zeroshot: bool = True, seed: int = 0, gpu: str = plan.THROUGHPUT_GPU
+) -> dict:
+    """The fp8 extension: ``plan.FP8_BASELINES`` and the ``plan.FP8_MXMOE`` allocation beside full precision, each
+    with its WikiText-2 PPL, zero-shot accuracies (when ``zeroshot``) and predicted MoE-block throughput per batch of
+    ``plan.BATCHES`` from ``gpu``'s cost table; writes <results>/<model>/eval/fp8.json.
+
+    ``fp16``: Table 1's full-precision ``evaluate_config`` row. Returns {"meta", "rows"}.
+    """
+    smap = load_allocation(profile.model, plan.FP8_MXMOE)
+    settings = [(baseline("fp16"), {"scheme": "bf16"}, fp16)]
+    settings += [(baseline(name), {"scheme": baseline(name).scheme}, None) for name in plan.FP8_BASELINES]
+    settings.append((allocation_config(plan.FP8_MXMOE, seed), {"scheme_map": smap}, None))
+    rows = []
+    for config, spec, measured in settings:
+        row = measured or evaluate_config(config, profile, scheme_map=spec.get("scheme_map"), zeroshot=zeroshot)
+        out = {k: row[k] for k in ("w_bits", "a_bits", "ppl", "tasks", "device")}
+        for batch in plan.BATCHES:
+            out[f"tokens_per_s_{batch}"] = predicted_throughput(profile.model, batch, gpu, **spec)["tokens_per_s"]
+        rows.append({"setting": config.label, **out})
+    meta = {"model": profile.model, "profile": profile.name, "time_source": f"{gpu} cost table (predicted)"}
+    write_json_atomic(results_dir() / profile.model / "eval" / "fp8.json", {**meta, "rows": rows})
+    return {"meta": meta, "rows": rows}

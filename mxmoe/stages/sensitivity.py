@@ -1,23 +1,31 @@
 """Stage 01, sensitivity: Δ of every block of a model under every scheme, cached and resumable.
 
 Writes <results>/<model>/sensitivity/<method>_<n>schemes-<hash>_<calibration>.json (format:
-``mxmoe.sensitivity.compute_sensitivity``), rewritten after each layer.
+``mxmoe.sensitivity.compute_sensitivity``), rewritten after each layer. A scheme set that adds schemes to one
+already measured on the same weights and windows measures only the added ones and merges the two (where both
+routed the windows alike).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from pathlib import Path
 
 from mxmoe.checkpoint import weights_id
 from mxmoe.data import calibration_windows
 from mxmoe.errors import MxMoEError
+from mxmoe.files import write_json_atomic
 from mxmoe.models import load_model
+from mxmoe.models.blocks import moe_blocks
 from mxmoe.paths import results_dir
 from mxmoe.profiles import random_windows
 from mxmoe.quant.apply import check_scheme
 from mxmoe.schemes import scheme_set
-from mxmoe.sensitivity import compute_sensitivity
+from mxmoe.sensitivity import compute_sensitivity, merge_schemes
+
+log = logging.getLogger(__name__)
 
 
 def cache_path(model_name: str, method: str, schemes, calib: str):
@@ -45,6 +53,9 @@ def run_sensitivity(
     ``allow_random``: a model without a tokenizer (tiny random MoE, smoke profile) is calibrated on
     seeded random token ids instead of text (calibration tag ``random-...``).
     A file is resumed only when made from the same weights (``checkpoint.weights_id`` is in its params).
+    Without a file for this scheme set, the largest complete file of a subset of it (``measured_subset``) is
+    extended: only the other schemes are measured (their own file, resumable, removed once merged); where the two
+    cannot be merged (``_merged``), every scheme is measured anew.
     Returns (result, path of results/<model>/sensitivity/<...>.json).
     """
     try:
@@ -68,9 +79,56 @@ def run_sensitivity(
         "calibration": tag,
         "scheme_set": schemes,
     }
+    subset = None if path.exists() else measured_subset(path, params, scheme_list, len(moe_blocks(model)))
+    if subset is not None:
+        have = set(subset["schemes"])
+        missing = [s for s in scheme_list if str(s) not in have]
+        part_path = cache_path(model_name, method, missing, tag)
+        part = compute_sensitivity(
+            model, windows, missing, method, path=part_path, params=params, seed=seed, progress=progress, **kw
+        )
+        merged = _merged(subset, part, scheme_list)
+        part_path.unlink()
+        if merged is not None:
+            write_json_atomic(path, merged)
+            return merged, path
+        # measured with other settings, or the windows routed differently: the whole set is measured below
     return compute_sensitivity(
         model, windows, scheme_list, method, path=path, params=params, seed=seed, progress=progress, **kw
     ), path
+
+
+def _merged(subset: dict, part: dict, schemes) -> "dict | None":
+    """``subset`` and ``part`` as one result over ``schemes``, or None where they were measured with other settings
+    (the scheme-set name aside) or their windows reached other tokens per expert (a routing near-tie decided
+    otherwise, e.g. by a rotation computed on another machine or thread count)."""
+    without_set = [{k: v for k, v in d["params"].items() if k != "scheme_set"} for d in (subset, part)]
+    if without_set[0] != without_set[1]:
+        return None
+    try:
+        return {**merge_schemes([subset, part], schemes), "params": part["params"]}
+    except MxMoEError as e:
+        log.warning("%s: measuring every scheme anew", e)
+        return None
+
+
+def measured_subset(path: Path, params: dict, schemes, layers: int) -> "dict | None":
+    """The result with the most schemes among the complete files beside ``path`` (same method and calibration tag,
+    every one of the model's ``layers`` MoE layers) measured on the same weights over a strict subset of ``schemes``;
+    None when there is none."""
+    method, tag = path.name.split("_", 1)[0], path.name.rsplit("_", 1)[1]
+    want, best = {str(s) for s in schemes}, None
+    for f in path.parent.glob(f"{method}_*schemes-*_{tag}"):
+        doc = json.loads(f.read_text())
+        old = doc.get("params", {})
+        if (
+            set(doc.get("schemes", ())) < want
+            and len(doc.get("layers", {})) == layers
+            and all(old.get(k) == params[k] for k in ("model", "weights_id", "calibration"))
+            and (best is None or len(doc["schemes"]) > len(best["schemes"]))
+        ):
+            best = doc
+    return best
 
 
 def profile_sensitivity(
