@@ -65,7 +65,7 @@ BUDGETS = ("layer", "model")
 CALIB_SOURCES = ("wikitext2", "c4", "random")
 ABITS = {
     16: SCHEME_SETS["weight_only"],
-    8: tuple(dict.fromkeys([s for s in HOPPER_SCHEMES if s.a_bits == 8] + list(SCHEME_SETS["fp8"]))),
+    8: tuple(s for s in HOPPER_SCHEMES if s.a_bits == 8),
     5: SCHEME_SETS["w5a5"],
     4: tuple(s for s in HOPPER_SCHEMES if s.a_bits == 4),
 }

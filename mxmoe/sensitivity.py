@@ -329,7 +329,7 @@ def merge_schemes(parts: "list[dict]", schemes) -> dict:
     for key, lay in first["layers"].items():
         same = [p["layers"].get(key) for p in parts]
         if any(s is None or (s["experts"], s["tokens"]) != (lay["experts"], lay["tokens"]) for s in same):
-            raise MxMoEError(f"layer {key}: the parts differ in layers, experts or tokens per expert; measure anew")
+            raise MxMoEError(f"layer {key}: the parts differ in layers, experts or tokens per expert")
         delta = []
         for e in range(len(lay["experts"])):
             if lay["experts"][e] in lay["no_tokens"]:

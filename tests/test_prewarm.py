@@ -74,7 +74,7 @@ def test_run_all_starts_a_part_after_what_it_reads_and_skips_it_when_that_failed
     monkeypatch.setattr(prewarm.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(prewarm.time, "sleep", lambda s: None)
     failed = prewarm.run_all(get_profile("smoke"), 3, tmp_path)
-    after_routing = {"alloc", "mxmoe", "sweep", "calibrated-rtn", "calibrated"}
+    after_routing = {"alloc", "mxmoe", "fp8", "sweep", "calibrated-rtn", "calibrated"}
     assert {t.partition(":")[0] for t in failed} == {"routing"} | after_routing
     assert set(started) == set(prewarm.PARTS) - after_routing
     for part in started:  # everything a part reads had finished before it started
