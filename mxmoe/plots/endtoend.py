@@ -104,7 +104,7 @@ def fp8_frame(doc: dict, reference: str) -> pd.DataFrame:
     out = pd.DataFrame(
         {
             "W bits": rows.w_bits.map(lambda b: f"{b:.2f}"),
-            "A bits": rows.a_bits,
+            "A bits": rows.a_bits.map(lambda a: f"{a:g}"),
             "WikiText-2 PPL": rows.ppl.map(lambda x: f"{x:.2f}"),
             "PPL vs fp16": (rows.ppl / rows.ppl["fp16"] - 1).map(lambda x: f"{x:+.1%}"),
             "zero-shot mean": rows.tasks.map(lambda t: f"{100 * sum(t.values()) / len(t):.1f}" if t else "—"),
