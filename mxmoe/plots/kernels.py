@@ -553,8 +553,8 @@ def compiled_facts(path=None) -> pd.DataFrame:
                 "warps": r["num_warps"],
                 "registers": r["registers"],
                 "spill B": r["spill_bytes"],
-                "wgmma in flight": "yes" if r["async_wgmma"] else "no" if r["wgmma"] else "no wgmma",
-                "K-loop instructions": r["loop_instructions"],
+                "async wgmma": "yes" if r["async_wgmma"] else "no" if r["wgmma"] else "none",
+                "K-loop instr.": r["loop_instructions"],
                 "ALU / 8 weights": r["alu_per_8"],
             }
         )
