@@ -54,6 +54,7 @@ from mxmoe.stages.allocation import (
     sweep_setting,
 )
 from mxmoe.stages.calibrated import calibrated_rows
+from mxmoe.stages.endtoend import fp8_configs
 from mxmoe.stages.evaluate import evaluate_config
 from mxmoe.stages.model import build_model, zeroshot_dense_vs_moe
 from mxmoe.stages.proxy import proxy_check, proxy_inputs
@@ -108,8 +109,7 @@ def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> li
     if part == "mxmoe":
         return [(allocation_config(label), load_allocation(model, s), True) for label, s in plan.TABLE1_MXMOE.items()]
     if part == "fp8":
-        mixed = (allocation_config(plan.FP8_MXMOE), load_allocation(model, plan.FP8_MXMOE), True)
-        return [(baseline(n), None, True) for n in plan.FP8_BASELINES] + [mixed]
+        return [(c, smap, True) for c, smap in fp8_configs(model)]
     if part == "sweep":
         rs = sorted(
             plan.R_SWEEP, key=lambda r: r == plan.allocation("mxmoe-w5a5").r

@@ -12,6 +12,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
+from mxmoe.bench.cases import MIXES as BENCH_MIXES
 from mxmoe.bench.runs import PAPER, WRONG_OUTPUT, wrong_outputs
 from mxmoe.kernels.configs import TileConfig, launch_warps
 from mxmoe.plots import figure
@@ -39,7 +40,7 @@ FIG2_VARIANTS = (
     "ours_mix5_w4a4+w8a8",
     "ours_mix4.25_w4a8+w8a8_fp8",
 )
-MIXES = ("mix4.25_w4a16+w8a8", "mix5_w4a4+w8a8", "mix4.25_w4a8+w8a8_fp8")
+MIXES = tuple(BENCH_MIXES)
 
 
 def crossover_tokens(unit_peak_tflops: float, copy_gbps: float, w_bits: float, a_bits: float, n: int, k: int) -> float:

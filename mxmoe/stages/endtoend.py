@@ -136,22 +136,30 @@ def figure6(profile: Profile, meta: dict, seed: int = 0, gpu: str = plan.THROUGH
     return points
 
 
+def fp8_configs(model: str, seed: int = 0) -> "list[tuple]":
+    """The fp8 extension's quantizations of ``model``: [(QuantConfig, scheme map or None)] for ``plan.FP8_BASELINES``
+    and the ``plan.FP8_MXMOE`` allocation (read from stage 04's file)."""
+    mixed = (allocation_config(plan.FP8_MXMOE, seed), load_allocation(model, plan.FP8_MXMOE))
+    return [(baseline(name), None) for name in plan.FP8_BASELINES] + [mixed]
+
+
 def fp8_table(
     profile: Profile, fp16: dict, zeroshot: bool = True, seed: int = 0, gpu: str = plan.THROUGHPUT_GPU
 ) -> dict:
-    """The fp8 extension: ``plan.FP8_BASELINES`` and the ``plan.FP8_MXMOE`` allocation beside full precision, each
-    with its WikiText-2 PPL, zero-shot accuracies (when ``zeroshot``) and predicted MoE-block throughput per batch of
-    ``plan.BATCHES`` from ``gpu``'s cost table; writes <results>/<model>/eval/fp8.json.
+    """The fp8 extension (``fp8_configs``) beside full precision, each with its WikiText-2 PPL, zero-shot accuracies
+    (when ``zeroshot``) and predicted MoE-block throughput per batch of ``plan.BATCHES`` from ``gpu``'s cost table;
+    writes <results>/<model>/eval/fp8.json.
 
     ``fp16``: Table 1's full-precision ``evaluate_config`` row. Returns {"meta", "rows"}.
     """
-    smap = load_allocation(profile.model, plan.FP8_MXMOE)
-    settings = [(baseline("fp16"), {"scheme": "bf16"}, fp16)]
-    settings += [(baseline(name), {"scheme": baseline(name).scheme}, None) for name in plan.FP8_BASELINES]
-    settings.append((allocation_config(plan.FP8_MXMOE, seed), {"scheme_map": smap}, None))
+    measured = [(baseline("fp16"), None, fp16)]
+    measured += [
+        (c, smap, evaluate_config(c, profile, scheme_map=smap, zeroshot=zeroshot))
+        for c, smap in fp8_configs(profile.model, seed)
+    ]
     rows = []
-    for config, spec, measured in settings:
-        row = measured or evaluate_config(config, profile, scheme_map=spec.get("scheme_map"), zeroshot=zeroshot)
+    for config, smap, row in measured:
+        spec = {"scheme": config.scheme} if smap is None else {"scheme_map": smap}
         out = {k: row[k] for k in ("w_bits", "a_bits", "ppl", "tasks", "device")}
         for batch in plan.BATCHES:
             out[f"tokens_per_s_{batch}"] = predicted_throughput(profile.model, batch, gpu, **spec)["tokens_per_s"]
