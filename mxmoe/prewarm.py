@@ -55,7 +55,7 @@ from mxmoe.stages.allocation import (
 )
 from mxmoe.stages.calibrated import calibrated_rows
 from mxmoe.stages.endtoend import fp8_configs
-from mxmoe.stages.evaluate import evaluate_config
+from mxmoe.stages.evaluate import evaluate_config, table1_mxmoe_configs
 from mxmoe.stages.model import build_model, zeroshot_dense_vs_moe
 from mxmoe.stages.proxy import proxy_check, proxy_inputs
 from mxmoe.stages.routing import profile_corpora
@@ -107,7 +107,7 @@ def part_configs(part: str, model: str = "smollm2-moe", profile: str = "") -> li
     if part == "table1":
         return [(baseline(n), None, True) for n in plan.TABLE1_BASELINES]
     if part == "mxmoe":
-        return [(allocation_config(label), load_allocation(model, s), True) for label, s in plan.TABLE1_MXMOE.items()]
+        return [(c, smap, True) for c, smap in table1_mxmoe_configs(model)]
     if part == "fp8":
         return [(c, smap, True) for c, smap in fp8_configs(model)]
     if part == "sweep":

@@ -134,18 +134,22 @@ def table1_row(row: dict) -> dict:
     return {k: row[k] for k in TABLE1_KEYS}
 
 
+def table1_mxmoe_configs(model: str, seed: int = 0) -> "list[tuple]":
+    """Table 1's MxMoE rows of ``model``: [(QuantConfig, scheme map)] of the ``plan.TABLE1_MXMOE`` allocations
+    (read from stage 04's files)."""
+    from mxmoe.stages.allocation import load_allocation
+
+    return [(allocation_config(label, seed), load_allocation(model, s)) for label, s in plan.TABLE1_MXMOE.items()]
+
+
 def table1(profile: Profile, zeroshot: bool = True, seed: int = 0) -> "tuple[dict, dict, dict]":
     """Table 1: the baselines of ``plan.TABLE1_BASELINES`` and the allocations of ``plan.TABLE1_MXMOE``.
 
     Writes <results>/<model>/eval/table1.json; returns (table1 entries, full rows, scheme maps) by label.
     """
-    from mxmoe.stages.allocation import load_allocation
-
-    configs = [baseline(name) for name in plan.TABLE1_BASELINES]
-    maps = {c.label: None for c in configs}
-    for label, setting in plan.TABLE1_MXMOE.items():
-        configs.append(allocation_config(label, seed))
-        maps[label] = load_allocation(profile.model, setting)
+    pairs = [(baseline(name), None) for name in plan.TABLE1_BASELINES] + table1_mxmoe_configs(profile.model, seed)
+    configs = [c for c, _ in pairs]
+    maps = {c.label: smap for c, smap in pairs}
     rows = {c.label: evaluate_config(c, profile, scheme_map=maps[c.label], zeroshot=zeroshot) for c in configs}
     table = {label: table1_row(row) for label, row in rows.items()}
     write_json_atomic(results_dir() / profile.model / "eval" / "table1.json", table)
