@@ -186,6 +186,10 @@ BENCHMARKS = {
         "the Gluon warp-specialised 4-bit kernel against the Triton kernel: edge cases and paper shapes "
         "(Hopper GPU); writes gluon_<gpu>.json",
     ),
+    "ncu": (
+        "mxmoe.bench.ncu",
+        "one launch per variant of a case for Nsight Compute (GPU), and a summary of ncu's report",
+    ),
     "occupancy": (
         "mxmoe.bench.occupancy",
         "programs per SM and the register cap of the Triton kernel at decode and prefill sizes (GPU); "

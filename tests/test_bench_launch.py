@@ -1,5 +1,5 @@
-"""``mxmoe bench occupancy`` and ``mxmoe bench route``: what they switch reaches the call and goes away after
-it; without a GPU they exit 2."""
+"""``mxmoe bench occupancy``, ``route`` and ``ncu``: what they switch reaches the call and goes away after it;
+bad input and a machine without a GPU exit 2; ``ncu`` reads Nsight Compute's report."""
 
 from __future__ import annotations
 
@@ -59,3 +59,62 @@ def test_route_benchmark_without_a_gpu_exit_2(capsys):
 
     assert route.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_ncu_cases_are_parsed_and_bad_ones_named():
+    from mxmoe.bench import ncu
+
+    assert ncu.parse_case("qwen1.5-moe:8192") == ("qwen1.5-moe", ["gate_up", "down"], 8192)
+    assert ncu.parse_case("olmoe:down:16") == ("olmoe", ["down"], 16)
+    for bad in ("qwen1.5-moe", "qwen1.5-moe:up:16", "nomodel:16", "olmoe:down:0", "olmoe:down:many"):
+        with pytest.raises(ValueError):
+            ncu.parse_case(bad)
+
+
+def test_ncu_bad_input_exits_2_before_any_gpu_work(capsys, tmp_path):
+    from mxmoe.bench import ncu
+
+    for argv in (
+        ["qwen1.5-moe:up:8192"],
+        ["olmoe:16", "--schemes", "w5a16"],
+        [],
+        ["--summarize", str(tmp_path / "no.csv")],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            ncu.main(argv)
+        assert exit_.value.code == 2
+    assert "GEMM must be one of gate_up, down" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_ncu_without_a_gpu_exit_2(capsys):
+    from mxmoe.bench import ncu
+
+    assert ncu.main(["qwen1.5-moe:down:16", "--peers"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+NCU_REPORT = """==PROF== Connected to process 1
+"ID","Process ID","thread Domain:Push/Pop_Range:PL_Type:PL_Value:CLR_Type:Color:Msg_Type:Msg","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value","Rule Name","Rule Type","Rule Description"
+"0","1","7  ""<default domain>:down/ours/bf16:none:none:none:none:none:none"" ","group_gemm_kernel","SpeedOfLight","Duration","ns","444,096","","",""
+"0","1","7  ""<default domain>:down/ours/bf16:none:none:none:none:none:none"" ","group_gemm_kernel","SpeedOfLight","DRAM Throughput","%","40.57","","",""
+"0","1","7  ""<default domain>:down/ours/bf16:none:none:none:none:none:none"" ","group_gemm_kernel","ComputeWorkloadAnalysis","","","","HighPipeUtilization","OPT","Tensor is the highest-utilized pipeline (62.4%) based on elapsed cycles"
+"1","1","7  ""<default domain>:down/torch_grouped_bf16:none:none:none:none:none:none"" ","void cutlass::device_kernel<x>","SpeedOfLight","Duration","ns","396,608","","",""
+==PROF== Disconnected from process 1
+"""
+
+
+def test_ncu_summary_has_one_row_per_kernel_with_its_variant(tmp_path):
+    from mxmoe.bench import ncu
+
+    path = tmp_path / "ncu.csv"
+    path.write_text(NCU_REPORT)
+    ours, torch_row = ncu.summarize(path)
+    assert ours == {
+        "variant": "down/ours/bf16",
+        "kernel": "group_gemm_kernel",
+        "us": pytest.approx(444.096),
+        "dram%": 40.57,
+        "busiest pipe": "Tensor 62.4%",
+    }
+    assert torch_row["variant"] == "down/torch_grouped_bf16" and torch_row["us"] == pytest.approx(396.608)
