@@ -496,6 +496,10 @@ def fake_gpu_bench(monkeypatch):
     monkeypatch.setattr(gemm, "measure_roofline", lambda: {"copy_GBps": 1.0})
     monkeypatch.setattr(gemm, "provenance", lambda: dict(gpu))
     monkeypatch.setattr(gemm, "edge_check", lambda: {"rel_err": 2e-3})
+    gpu["compiled"] = []  # the groups handed to precompile, run after by nothing but the edge check
+    monkeypatch.setattr(
+        gemm, "precompile", lambda groups, workers, meanwhile: gpu["compiled"].extend(groups) or meanwhile()
+    )
     return gemm, gpu
 
 
@@ -536,14 +540,29 @@ def test_a_benchmark_run_cut_short_is_continued_by_the_same_command(fake_gpu_ben
 
     first, doc = run("--models", "smollm2-moe")
     assert len(first) == 4 and len(doc["results"]) == 4
+    gpu["compiled"].clear()
     second, doc = run("--models", "smollm2-moe", "smollm2-moe-shared")
     assert {m for m, _, _ in second} == {"smollm2-moe-shared"} and len(second) == 4
+    # only the cases still to time are compiled ahead: (model, gemm, n, k, tokens, table6, ablation)
+    assert [(m, g, t) for m, g, _, _, t, _, _ in gpu["compiled"]] == [
+        ("smollm2-moe-shared", "gate_up", [16, 512]),
+        ("smollm2-moe-shared", "down", [16, 512]),
+    ]
     assert len(doc["results"]) == 8 and doc["continues"][0]["models"] == ["smollm2-moe"]
     assert len(run("--models", "smollm2-moe", "--fresh")[0]) == 4
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # other timing settings
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7", "--rounds", "2")[0]) == 4  # other rounds
     gpu["kernel"] = "k2"
     assert len(run("--models", "smollm2-moe", "--rep-ms", "7")[0]) == 4  # another kernel
+
+
+def test_precompile_runs_the_checks_meanwhile_and_reports_what_a_worker_could_not_compile(capsys):
+    """The workers are spawned processes (the GPU's CUDA context cannot be forked); one that fails is reported
+    and leaves its compiling to the timed run."""
+    from mxmoe.bench import gemm
+
+    assert gemm.precompile([("no-such-model", "down", 8, 8, [16], False, False)], 1, lambda: "checked") == "checked"
+    assert "precompile: no-such-model down: KeyError" in capsys.readouterr().out
 
 
 STALLED_CASE = """

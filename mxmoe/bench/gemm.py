@@ -40,8 +40,11 @@ import dataclasses
 import functools
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -364,6 +367,49 @@ def targets(results: list[dict]) -> dict:
     return out
 
 
+NOMINAL_ROOFLINE = {"copy_GBps": 1.0, "bf16_TFLOPs": 1.0}  # what run_case needs of a roofline when it only compiles
+
+
+def compile_gemm(
+    model: str, gemm: str, n: int, k: int, tokens: "list[int]", table6: bool, ablation: bool
+) -> "str | None":
+    """Run one GEMM's cases once with a minimal timer, so that Triton compiles every kernel specialisation the
+    timed run launches into its on-disk cache (a worker of ``precompile``). Returns an error line, or None."""
+    TIMER.update(warmup=1.0, rep=1.0, kind="events", rounds=1)
+    try:
+        e, _, _, top_k = MODELS[model]
+        w = torch.randn(e, n, k, device=DEV, dtype=torch.bfloat16) * 0.02  # [E, N, K]
+        packs = _packs_for(w)
+        for t in tokens:
+            run_case(
+                model, gemm, n, k, t, top_k, w, packs, NOMINAL_ROOFLINE, count=False, table6=table6, ablation=ablation
+            )
+    except Exception as err:  # noqa: BLE001 - the timed run compiles what a worker could not, and reports it
+        return f"{model} {gemm}: {type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def precompile(groups: "list[tuple]", workers: int, meanwhile):
+    """Compile the given GEMMs' kernels (``compile_gemm`` arguments each) in ``workers`` processes while this one
+    runs ``meanwhile()``; returns its result once the workers are done.
+
+    On a fresh machine Triton's compiling, not timing, is most of a run (tens of specialisations per model
+    shape, one after another in one process); the workers fill the on-disk cache side by side. Their launches
+    share the GPU, so nothing is timed until they finish. What a worker could not compile is printed and
+    compiled by the timed run."""
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(compile_gemm, *g) for g in groups]
+        result = meanwhile()
+        for fut in futures:
+            try:
+                err = fut.result()
+            except Exception as crash:  # noqa: BLE001 - a worker that died (out of memory, say) costs only its cache
+                err = f"worker: {type(crash).__name__}: {str(crash)[:200]}"
+            if err:
+                print(f"precompile: {err}", flush=True)
+    return result
+
+
 def main(argv: "list[str] | None" = None) -> None:
     """Run the benchmark; see the module docstring."""
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
@@ -407,6 +453,12 @@ def main(argv: "list[str] | None" = None) -> None:
         "tables merge several runs: python -m mxmoe.bench.cost_table)",
     )
     ap.add_argument(
+        "--compile-workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes that compile the cases' kernels before any timing (0: compile while timing)",
+    )
+    ap.add_argument(
         "--fresh",
         action="store_true",
         help="time every case again instead of continuing the output file of an earlier run of this kernel, GPU and timer",
@@ -417,6 +469,8 @@ def main(argv: "list[str] | None" = None) -> None:
         ap.error(f"unknown models {unknown}; known: {list(MODELS)}")
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.compile_workers < 0:
+        ap.error(f"--compile-workers must be 0 or more, got {args.compile_workers}")
     TIMER.update(warmup=args.warmup_ms, rep=args.rep_ms, kind=args.timer, rounds=args.rounds)
     torch.manual_seed(0)
     t0 = time.time()
@@ -436,8 +490,21 @@ def main(argv: "list[str] | None" = None) -> None:
     tag = f"_{args.tag}" if args.tag else ""
     out_path = Path(args.out) / f"bench_{device_slug(doc['provenance']['device'])}{tag}.json"
     earlier = None if args.fresh else earlier_run(out_path, doc)
-    doc["roofline"] = earlier["roofline"] if earlier else measure_roofline()
-    doc["edge_check"] = edge_check()
+    done = {(r["model"], r["gemm"], r["tokens"]) for r in earlier["results"]} if earlier else set()
+    table6 = {m: args.table6_models is None or m in args.table6_models for m in args.models}
+    ablation = {m: args.ablation_models is None or m in args.ablation_models for m in args.models}
+    groups = [
+        (m, g, n, k, todo, table6[m], ablation[m])
+        for m in args.models
+        for g, n, k in gemms(m)
+        if (todo := [t for t in args.tokens if (m, g, t) not in done])
+    ]
+    if args.compile_workers and groups:
+        doc["edge_check"] = precompile(groups, args.compile_workers, edge_check)
+        print(f"compiled {len(groups)} GEMMs' kernels in {args.compile_workers} processes: {time.time() - t0:.0f} s")
+    else:
+        doc["edge_check"] = edge_check()
+    doc["roofline"] = earlier["roofline"] if earlier else measure_roofline()  # on a quiet GPU
     print(json.dumps(doc, indent=1), flush=True)
     bad = failed_edges(doc["edge_check"])
     if bad:  # timings of a wrong kernel would land in the cost table
@@ -451,7 +518,6 @@ def main(argv: "list[str] | None" = None) -> None:
         "gather hands them over; ms_with_act_quant: group_gemm quantizing them itself (two launches)"
     )
     results = earlier["results"] if earlier else []
-    done = {(r["model"], r["gemm"], r["tokens"]) for r in results}
     if earlier:
         doc["continues"] = earlier.get("continues", []) + [earlier["argv"]]  # the runs whose cases are kept
         print(f"continuing {out_path.name}: {len(done)} cases kept (--fresh times them again)", flush=True)
@@ -486,8 +552,8 @@ def main(argv: "list[str] | None" = None) -> None:
                         packs,
                         doc["roofline"],
                         count=(mi == 0),
-                        table6=args.table6_models is None or model in args.table6_models,
-                        ablation=args.ablation_models is None or model in args.ablation_models,
+                        table6=table6[model],
+                        ablation=ablation[model],
                     )
                 except Exception as err:  # noqa: BLE001 - one broken case must not lose the others
                     doc["skipped"].append(f"{model} {gemm} T={tokens}: {type(err).__name__}: {str(err)[:200]}")
