@@ -8,6 +8,7 @@ import importlib
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -561,8 +562,44 @@ def test_precompile_runs_the_checks_meanwhile_and_reports_what_a_worker_could_no
     and leaves its compiling to the timed run."""
     from mxmoe.bench import gemm
 
-    assert gemm.precompile([("no-such-model", "down", 8, 8, [16], False, False)], 1, lambda: "checked") == "checked"
-    assert "precompile: no-such-model down: KeyError" in capsys.readouterr().out
+    bad = ("smollm2-moe", "down", 576, 32, [16], False, False)
+    assert gemm.precompile([bad], 1, lambda: "checked", budget_bytes=1e9) == "checked"
+    assert "precompile: smollm2-moe down: " in capsys.readouterr().out  # no GPU in the worker
+
+
+def test_precompile_keeps_the_workers_gpu_memory_within_its_budget(monkeypatch):
+    """Largest GEMMs first, as many at once as the budget holds (one alone when it holds none); all of them run."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mxmoe.bench import gemm
+    from mxmoe.bench.cases import gemms
+
+    groups = [
+        (m, g, n, k, [512], False, False) for m in ("qwen1.5-moe", "mixtral-8x7b", "olmoe") for g, n, k in gemms(m)
+    ]
+    sizes = {g[:2]: gemm.compile_bytes(*g) for g in groups}
+    budget = sizes[("mixtral-8x7b", "gate_up")] + sizes[("olmoe", "down")]  # the largest fits with a small one
+    lock, live, peak, order = threading.Lock(), [], [0], []
+
+    def fake_compile(model, name, *_):
+        with lock:
+            live.append(sizes[(model, name)])
+            order.append((model, name))
+            peak[0] = max(peak[0], sum(live))
+        time.sleep(0.05)
+        with lock:
+            live.remove(sizes[(model, name)])
+
+    monkeypatch.setattr(gemm, "compile_gemm", fake_compile)
+    monkeypatch.setattr(gemm, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    assert gemm.precompile(groups, 4, lambda: "checked", budget_bytes=budget) == "checked"
+    assert sorted(order) == sorted(g[:2] for g in groups) and order[0] == ("mixtral-8x7b", "gate_up")
+    assert peak[0] <= budget
+    order.clear()
+    peak[0] = 0
+    gemm.precompile(groups, 4, lambda: None, budget_bytes=1.0)  # nothing fits: one at a time
+    assert peak[0] == max(sizes.values()) and len(order) == len(groups)
 
 
 STALLED_CASE = """

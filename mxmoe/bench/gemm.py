@@ -27,9 +27,10 @@ Shapes: the six paper models and the embedded smollm2-moe (routed experts and, a
 its shared expert). ``--timer cudagraph`` times CUDA-graph replays instead of single launches: use it
 for GEMMs of a few microseconds, as a captured decode step runs them (warm L2, no gaps between launches).
 Every timed row also records ``host_<key>``: the host's wall time for one call, its Python and launches.
-All six paper shapes at 16/512/8192 tokens took 419 s on a fresh H100 (``--rounds 3 --rep-ms 20``, Table 6
-on four models; results/kernels/NOTES.md), mostly Triton compiling each model's shapes (8 of those cases
-timed again once compiled: 25 s). A run stopped by ``--deadline-seconds`` is continued by the same command: the output file of an earlier run of the same
+Before any timing, ``--compile-workers`` processes compile every case's kernels (``precompile``): all six
+paper shapes at 16/512/8192 tokens (``--rounds 3 --rep-ms 20``, Table 6 on four models) took 298 s on a fresh
+H100, 109 s of it compiling, where one process compiling as it went had done 28 of the 36 cases in 545 s
+(results/kernels/NOTES.md). A run stopped by ``--deadline-seconds`` is continued by the same command: the output file of an earlier run of the same
 kernel, GPU and timer keeps its cases and only the missing ones are timed (``--fresh`` starts over).
 """
 
@@ -44,7 +45,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -389,24 +390,45 @@ def compile_gemm(
     return None
 
 
-def precompile(groups: "list[tuple]", workers: int, meanwhile):
-    """Compile the given GEMMs' kernels (``compile_gemm`` arguments each) in ``workers`` processes while this one
-    runs ``meanwhile()``; returns its result once the workers are done.
+def compile_bytes(model: str, gemm: str, n: int, k: int, tokens: "list[int]", *_) -> int:
+    """Rough peak GPU memory of ``compile_gemm`` on one GEMM: its bf16 weights about eight times over (packed in
+    every scheme, float and fp8 copies for the torch peers) and a few [rows, N + K] bf16 activations."""
+    e, _, _, top_k = MODELS[model]
+    return 8 * e * n * k * 2 + 4 * max(tokens) * top_k * (n + k) * 2
+
+
+def precompile(groups: "list[tuple]", workers: int, meanwhile, budget_bytes: "float | None" = None):
+    """Compile the given GEMMs' kernels (``compile_gemm`` arguments each) in up to ``workers`` processes while this
+    one runs ``meanwhile()``; returns its result once the workers are done.
 
     On a fresh machine Triton's compiling, not timing, is most of a run (tens of specialisations per model
-    shape, one after another in one process); the workers fill the on-disk cache side by side. Their launches
-    share the GPU, so nothing is timed until they finish. What a worker could not compile is printed and
-    compiled by the timed run."""
+    shape, one after another in one process); the workers fill the on-disk cache side by side, the largest GEMMs
+    first and no more at once than ``budget_bytes`` of their ``compile_bytes`` (default: 80% of the GPU memory
+    free now). Their launches share the GPU, so nothing is timed until they finish. What a worker could not
+    compile is printed and compiled by the timed run."""
+    if budget_bytes is None:
+        budget_bytes = 0.8 * torch.cuda.mem_get_info()[0]
+    pending = sorted(groups, key=lambda g: -compile_bytes(*g))
+    running: dict = {}  # future: its compile_bytes
+    result, started = None, False
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(compile_gemm, *g) for g in groups]
-        result = meanwhile()
-        for fut in futures:
-            try:
-                err = fut.result()
-            except Exception as crash:  # noqa: BLE001 - a worker that died (out of memory, say) costs only its cache
-                err = f"worker: {type(crash).__name__}: {str(crash)[:200]}"
-            if err:
-                print(f"precompile: {err}", flush=True)
+        while pending or running:
+            for g in list(pending):  # the largest that fit, or one alone when nothing runs
+                size = compile_bytes(*g)
+                if len(running) < workers and (not running or sum(running.values()) + size <= budget_bytes):
+                    running[pool.submit(compile_gemm, *g)] = size
+                    pending.remove(g)
+            if not started:
+                result, started = meanwhile(), True
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                del running[fut]
+                try:
+                    err = fut.result()
+                except Exception as crash:  # noqa: BLE001 - a worker that died (out of memory, say) costs only its cache
+                    err = f"worker: {type(crash).__name__}: {str(crash)[:200]}"
+                if err:
+                    print(f"precompile: {err}", flush=True)
     return result
 
 
