@@ -74,16 +74,19 @@ def test_ncu_cases_are_parsed_and_bad_ones_named():
 def test_ncu_bad_input_exits_2_before_any_gpu_work(capsys, tmp_path):
     from mxmoe.bench import ncu
 
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     for argv in (
         ["qwen1.5-moe:up:8192"],
         ["olmoe:16", "--schemes", "w5a16"],
         [],
         ["--summarize", str(tmp_path / "no.csv")],
+        ["--summarize", str(tmp_path / "other.csv")],
     ):
         with pytest.raises(SystemExit) as exit_:
             ncu.main(argv)
         assert exit_.value.code == 2
-    assert "GEMM must be one of gate_up, down" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "GEMM must be one of gate_up, down" in err and "is not an `ncu --csv --page details` report" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

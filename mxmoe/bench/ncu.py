@@ -117,7 +117,10 @@ def main(argv: "list[str] | None" = None) -> int:
             ap.error(f"{args.summarize} is not a file: give the --log-file of an `ncu --csv --page details` run")
         import pandas as pd
 
-        rows = summarize(args.summarize)
+        try:
+            rows = summarize(args.summarize)
+        except (KeyError, ValueError, UnicodeDecodeError) as err:
+            ap.error(f"{args.summarize} is not an `ncu --csv --page details` report ({type(err).__name__}: {err})")
         if not rows:
             ap.error(f"{args.summarize} holds no profiled kernel: was the command run under ncu (module doc)?")
         print(pd.DataFrame(rows).to_string(index=False))
