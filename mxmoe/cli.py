@@ -179,6 +179,10 @@ BENCHMARKS = {
     "gemm": ("mxmoe.bench.gemm", "time the grouped GEMMs on the paper's shapes (GPU); writes bench_<gpu>.json"),
     "compare": ("mxmoe.bench.compare", "A/B the kernel's tile configurations on chosen cases (GPU)"),
     "cost-table": ("mxmoe.bench.cost_table", "build cost_tables/<gpu>.json from benchmark files"),
+    "counted": (
+        "mxmoe.bench.counted",
+        "this GPU's three counted gemm runs and its cost table, in one resumable command (GPU)",
+    ),
     "alloc": ("mxmoe.bench.alloc", "time a model's allocations through the kernel (GPU); Figure 5 measured"),
     "ilp": ("mxmoe.bench.ilp", "solve times of the allocation ILP on a random layer"),
     "gluon": (

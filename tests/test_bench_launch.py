@@ -1,7 +1,10 @@
-"""``mxmoe bench occupancy``, ``route`` and ``ncu``: what they switch reaches the call and goes away after it;
-bad input and a machine without a GPU exit 2; ``ncu`` reads Nsight Compute's report."""
+"""``mxmoe bench occupancy``, ``route``, ``ncu`` and ``counted``: what they switch reaches the call and goes away
+after it; bad input and a machine without a GPU exit 2; ``ncu`` reads Nsight Compute's report; ``counted``
+continues its runs across calls."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -121,3 +124,44 @@ def test_ncu_summary_has_one_row_per_kernel_with_its_variant(tmp_path):
         "busiest pipe": "Tensor 62.4%",
     }
     assert torch_row["variant"] == "down/torch_grouped_bf16" and torch_row["us"] == pytest.approx(396.608)
+
+
+def test_counted_runs_continue_where_the_deadline_stopped_them_and_end_in_a_cost_table(monkeypatch, tmp_path):
+    """Three gemm runs in their order, each with what is left of the command's deadline; a run its deadline cut is
+    continued by the next call, a complete one is not run again; the table is built from `all` and `cudagraph`."""
+    from mxmoe import perfmodel
+    from mxmoe.bench import cost_table, counted, gemm, roofline, validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(roofline, "provenance", lambda: {"device": "Fake GPU"})
+    calls, cut = [], {"all"}
+
+    def fake_gemm(argv):
+        tag, deadline = argv[argv.index("--tag") + 1], float(argv[argv.index("--deadline-seconds") + 1])
+        calls.append((tag, deadline))
+        skipped = ["olmoe down T=8192: deadline"] if tag.split("_")[-1] in cut else []
+        (tmp_path / f"bench_Fake_GPU_{tag}.json").write_text(json.dumps({"skipped": skipped}))
+
+    tables = []
+    monkeypatch.setattr(gemm, "main", fake_gemm)
+    monkeypatch.setattr(cost_table, "write_table", lambda paths, d: tables.append([p.name for p in paths]) or d / "t")
+    monkeypatch.setattr(perfmodel, "read_table", lambda path: None)
+    monkeypatch.setattr(
+        validate, "validate", lambda *a, **k: {"n_mixed": 2, "mixed_median_abs_err": 0.05, "mixed_max_abs_err": 0.1}
+    )
+    argv = ["--tag", "abc", "--out", str(tmp_path), "--table-dir", str(tmp_path)]
+    assert counted.main(argv) == 3 and not tables
+    assert [t for t, _ in calls] == ["abc_graph16", "abc_all", "abc_cudagraph"] and all(d <= 500 for _, d in calls)
+    calls.clear()
+    cut.clear()
+    assert counted.main(argv) == 0
+    assert [t for t, _ in calls] == ["abc_all"]
+    assert tables == [["bench_Fake_GPU_abc_all.json", "bench_Fake_GPU_abc_cudagraph.json"]]
+
+
+def test_counted_runs_bad_tag_exits_2():
+    from mxmoe.bench import counted
+
+    with pytest.raises(SystemExit) as exit_:
+        counted.main(["--tag", "a/b"])
+    assert exit_.value.code == 2
