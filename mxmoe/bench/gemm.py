@@ -410,16 +410,18 @@ def precompile(groups: "list[tuple]", workers: int, meanwhile, budget_bytes: "fl
         budget_bytes = 0.8 * torch.cuda.mem_get_info()[0]
     pending = sorted(groups, key=lambda g: -compile_bytes(*g))
     running: dict = {}  # future: its compile_bytes
-    result, started = None, False
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while pending or running:
-            for g in list(pending):  # the largest that fit, or one alone when nothing runs
+
+        def admit() -> None:  # the largest pending GEMMs that fit beside the running ones, or one alone
+            for g in list(pending):
                 size = compile_bytes(*g)
                 if len(running) < workers and (not running or sum(running.values()) + size <= budget_bytes):
                     running[pool.submit(compile_gemm, *g)] = size
                     pending.remove(g)
-            if not started:
-                result, started = meanwhile(), True
+
+        admit()
+        result = meanwhile()
+        while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 del running[fut]
@@ -429,6 +431,7 @@ def precompile(groups: "list[tuple]", workers: int, meanwhile, budget_bytes: "fl
                     err = f"worker: {type(crash).__name__}: {str(crash)[:200]}"
                 if err:
                     print(f"precompile: {err}", flush=True)
+            admit()
     return result
 
 
