@@ -51,10 +51,15 @@ def run_path(out: Path, gpu_slug: str, tag: str, run: str) -> Path:
     return Path(out) / f"bench_{gpu_slug}_{tag}_{run}.json"
 
 
-def complete(path: Path) -> bool:
-    """True when a benchmark file exists and its deadline cut no case (a case that failed is listed in its
-    ``skipped`` too, but timing it again would fail again)."""
-    return path.exists() and not any(s.endswith(": deadline") for s in json.loads(path.read_text()).get("skipped", []))
+def skipped(path: Path) -> "list[str] | None":
+    """The cases a benchmark file skipped (its deadline's and any that failed), or None when there is no file."""
+    return json.loads(path.read_text()).get("skipped", []) if path.exists() else None
+
+
+def complete(skips: "list[str] | None") -> bool:
+    """True for a run whose file exists and whose deadline cut no case (a case that failed is skipped too, but
+    timing it again would fail again)."""
+    return skips is not None and not any(s.endswith(": deadline") for s in skips)
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -91,7 +96,7 @@ def main(argv: "list[str] | None" = None) -> int:
     workers = [] if args.compile_workers is None else ["--compile-workers", str(args.compile_workers)]
     for run, run_args in RUNS.items():
         left = args.deadline_seconds - (time.time() - t0)
-        if complete(paths[run]):
+        if complete(skipped(paths[run])):
             continue
         if left < STOP_MARGIN_S:
             break
@@ -108,13 +113,14 @@ def main(argv: "list[str] | None" = None) -> int:
                 f"{left:.0f}",
             ]
         )
-    missing = [run for run, path in paths.items() if not complete(path)]
+    skips = {run: skipped(path) for run, path in paths.items()}
+    missing = [run for run, sk in skips.items() if not complete(sk)]
     if missing:
         print(
             f"{PROG}: {', '.join(missing)} not complete after {time.time() - t0:.0f} s: run the same command again to continue"
         )
         return 3
-    failed = [s for path in paths.values() for s in json.loads(path.read_text()).get("skipped", [])]
+    failed = [case for sk in skips.values() for case in sk]
     if failed:
         print(f"{PROG}: cases that failed (not timed): {'; '.join(failed)}")
     table_path = write_table([paths[run] for run in TABLE_RUNS], args.table_dir)
