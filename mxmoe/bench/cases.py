@@ -54,3 +54,8 @@ def expert_loads(tokens: int, experts: int, top_k: int, ratio: float = LOAD_RATI
     for i in torch.argsort(want - rows, descending=True)[: tokens * top_k - int(rows.sum())]:
         rows[i] += 1
     return [min(int(r), tokens) for r in rows]  # an expert sees each token at most once
+
+
+def expert_offsets(rows: "list[int]", device="cuda") -> torch.Tensor:
+    """Row offsets of experts with ``rows`` rows each, as ``group_gemm`` takes them: [E + 1] int32, from 0."""
+    return torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device=device)

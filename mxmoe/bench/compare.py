@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mxmoe.bench.cases import MODELS, expert_loads, gemms
+from mxmoe.bench.cases import MODELS, expert_loads, expert_offsets, gemms
 from mxmoe.bench.roofline import provenance
 from mxmoe.files import write_text_atomic
 from mxmoe.kernels import ExpertGroup, group_gemm, moe_experts_forward, pack, quantize_activations, reference_group_gemm
@@ -77,7 +77,7 @@ def run_case(
     """Rows for one GEMM of one model at one token count (``schemes``: default SCHEMES[tokens])."""
     e, top_k = MODELS[model][0], MODELS[model][3]
     rows = expert_loads(tokens, e, top_k)
-    offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    offs = expert_offsets(rows, DEV)
     w = torch.randn(e, n, k, device=DEV, dtype=torch.bfloat16) * 0.02  # [E, N, K]
     x = torch.randn(int(offs[-1]), k, device=DEV, dtype=torch.bfloat16)  # [T, K]
     ends = offs[1:].contiguous()

@@ -52,7 +52,18 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from mxmoe.bench import peers
-from mxmoe.bench.cases import LOAD_RATIO, MIXES, MODELS, PAPER, TABLE6_MIXES, TOKENS, UNIFORM, expert_loads, gemms
+from mxmoe.bench.cases import (
+    LOAD_RATIO,
+    MIXES,
+    MODELS,
+    PAPER,
+    TABLE6_MIXES,
+    TOKENS,
+    UNIFORM,
+    expert_loads,
+    expert_offsets,
+    gemms,
+)
 from mxmoe.bench.cost_table import write_table
 from mxmoe.bench.roofline import measure_roofline, provenance
 from mxmoe.bench.runs import wrong_output
@@ -146,7 +157,7 @@ def edge_check() -> dict:
     schemes = ["w4a16_g128_asym", "w8a8_g-1_sym", "bf16", "w4a4_g128_sym", "w8a8_g-1_sym_fp8", "w3a16_g128_asym"]
     fp8_mix = ["w4a8_g128_sym_fp8", "w8a8_g-1_sym_fp8", "w4a8_g-1_sym_fp8", "bf16", "w4a4_g128_sym", "w4a16_g128_asym"]
     rows = [0, 1, 40, 5, 33, 2]
-    offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    offs = expert_offsets(rows, DEV)
     x = torch.randn(sum(rows), 576, device=DEV, dtype=torch.bfloat16)
     out = {}
     for key, mix in (("rel_err", schemes), ("rel_err_w4a8_fp8_mix", fp8_mix)):
@@ -624,7 +635,7 @@ def tune(deadline: float, model: str = "qwen1.5-moe") -> list[dict]:
         group = ExpertGroup([pack(w[i], s) for i in range(e)])
         for tokens in TOKENS:
             rows = expert_loads(tokens, e, top_k)
-            offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+            offs = expert_offsets(rows, DEV)
             x = torch.randn(sum(rows), k, device=DEV, dtype=torch.bfloat16)
             cls = rows_class(sum(rows) / e)
             timings = sweep(x, offs, group, s, LARGE if cls == "gt64" else SMALL, deadline)

@@ -43,7 +43,7 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from mxmoe.bench.cases import expert_loads
+from mxmoe.bench.cases import expert_loads, expert_offsets
 from mxmoe.bench.compare import copy_gbps
 from mxmoe.bench.peers import rel_err
 from mxmoe.bench.roofline import provenance
@@ -216,10 +216,6 @@ def _experts(e: int, n: int, k: int, scheme: str, seed: int) -> list:
     return [pack(torch.randn(n, k, device="cuda", generator=g), scheme) for _ in range(e)]
 
 
-def _offsets(rows: "list[int]") -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-
-
 def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
     """Tiny launches at the protocol's corners: per case the relative error (or error text) of each Gluon variant
     (``bm<BM>/d<depth>`` register operand, ``sh/bm<BM>`` and ``shu/bm<BM>`` shared) and of the Triton kernel
@@ -239,7 +235,7 @@ def edge_cases(dog: Watchdog, quick: bool) -> "list[dict]":
             continue
         group = ExpertGroup(packed)
         x = torch.randn(sum(rows), k, device="cuda", dtype=torch.bfloat16)
-        off = _offsets(rows)
+        off = expert_offsets(rows)
         ref = reference_group_gemm(x, off, packed)
         for label, kw in variants.items():
             y, err = guarded(dog, f"edge {name} {label}", lambda kw=kw: gk.gluon_group_gemm(x, off, group, **kw))
@@ -271,7 +267,7 @@ def time_case(dog: Watchdog, shape: tuple, tokens: int, packed: list, group, w16
     rows = routed_rows(tokens, e, top_k, seed=seed)
     t = sum(rows)
     x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-    off = _offsets(rows)
+    off = expert_offsets(rows)
     ref = reference_group_gemm(x, off, packed)
     variants = gluon_variants(t / e, quick)
     fns = {"triton": lambda: group_gemm(x, off, group, validate=False)}
@@ -351,7 +347,7 @@ def launch_case(shape: tuple, tokens: int) -> None:
     group = ExpertGroup(packed)
     rows = routed_rows(tokens, e, top_k, seed=tokens + si)
     x = torch.randn(sum(rows), k, device="cuda", dtype=torch.bfloat16)
-    off = _offsets(rows)
+    off = expert_offsets(rows)
     for _ in range(3):
         group_gemm(x, off, group, validate=False)
         gk.gluon_group_gemm(x, off, group, validate=False)

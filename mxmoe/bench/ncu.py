@@ -50,7 +50,7 @@ def variants(model: str, gemm: str, tokens: int, schemes: "list[str]", with_peer
     """{label: callable making one launch} for one GEMM of a case (weights N(0, 0.02²), seeded)."""
     import torch
 
-    from mxmoe.bench.cases import MODELS, expert_loads, gemms
+    from mxmoe.bench.cases import MODELS, expert_loads, expert_offsets, gemms
     from mxmoe.bench.peers import gemm_peers
     from mxmoe.kernels import ExpertGroup, group_gemm, pack, quantize_activations
 
@@ -58,7 +58,7 @@ def variants(model: str, gemm: str, tokens: int, schemes: "list[str]", with_peer
     n, k = next((n, k) for g, n, k in gemms(model) if g == gemm)
     torch.manual_seed(0)
     rows = expert_loads(tokens, e, top_k)
-    offs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device="cuda")  # [E + 1]
+    offs = expert_offsets(rows)  # [E + 1]
     x = torch.randn(int(offs[-1]), k, device="cuda", dtype=torch.bfloat16)  # [T, K]
     w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) * 0.02  # [E, N, K]
     out = {}

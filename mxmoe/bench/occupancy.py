@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench_cudagraph
 
-from mxmoe.bench.cases import MODELS, gemms
+from mxmoe.bench.cases import MODELS, expert_offsets, gemms
 from mxmoe.bench.compare import copy_gbps
 from mxmoe.bench.gluon import bw_pct, routed_rows
 from mxmoe.bench.peers import rel_err
@@ -92,7 +92,7 @@ def time_case(shape: tuple, scheme: str, tokens: int, bw: float, rounds: int = 3
     group = ExpertGroup(packed)
     rows = routed_rows(tokens, e, top_k, seed=1)
     x = torch.randn(sum(rows), k, device="cuda", dtype=torch.bfloat16)  # [T, K]
-    off = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device="cuda")  # [E + 1]
+    off = expert_offsets(rows)  # [E + 1]
     ref = reference_group_gemm(x, off, packed)
     sm = torch.cuda.get_device_properties(0).multi_processor_count
 
