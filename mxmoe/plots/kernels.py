@@ -332,7 +332,7 @@ def targets_table(df: pd.DataFrame) -> pd.DataFrame:
             met(bf16, 0.95),
             f"under 0.95x: {len(low)} cases, at {sorted(set(low.tokens.astype(int)))} tokens; at 8192 torch's "
             "grouped GEMM (CUTLASS, warp-specialised, TMA) keeps the MMA pipe busier than Triton's software pipeline "
-            "(Qwen1.5: 77-83% against 62-68%; ncu, NOTES.md)",
+            "(Qwen1.5, one H100: 77-83% against 62-68%; ncu, NOTES.md)",
         ),
         (
             "512 tok: w4a16 g128 >= 65% of copy bandwidth on weight bytes",
@@ -373,7 +373,7 @@ def targets_table(df: pd.DataFrame) -> pd.DataFrame:
             rng(w4a8["g128"]),
             met(w4a8["g128"], 0.95),
             "each 128-long K block's partial sum is scaled into the accumulator before the next block: plain "
-            "Triton keeps these fp8 MMAs synchronous (ncu: issue slots 47-49% busy, the MMA pipe under 32%)"
+            "Triton keeps these fp8 MMAs synchronous (ncu, one H100: issue slots 47-49% busy, the MMA pipe under 32%)"
             + wrong_note("ours_w4a8_fp8_g128", 8192),
         ),
         (
