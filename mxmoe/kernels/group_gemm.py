@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import triton
+from triton.runtime import _allocation
 
 from mxmoe.env import device_guard
 from mxmoe.kernels import triton_kernel as tk
@@ -212,6 +214,8 @@ def launch_plan(group: ExpertGroup, rows: int, configs: "dict | None" = None) ->
         plan = plan_for(4)  # a tile written for one warpgroup keeps the launch there if the other slots can follow
     if warps_of(plan) == 8:  # a slot needs two warpgroups: every default tile is for 8 warps
         plan = plan_for(8)
+    if group.k % 8:  # TMA needs rows of whole 16-byte units
+        plan = [(s, replace(c, tma=False)) for s, c in plan]
     for s, c in plan:
         check_config(s, c)
     return sorted(plan, key=lambda sc: -tile_cost(sc[0], sc[1], group.k))
@@ -258,7 +262,7 @@ def group_gemm(
     if validate:
         _check_offsets(offsets, x.shape[0], len(group))
     group.check_device()
-    x = x.contiguous()
+    x = x.contiguous() if x.data_ptr() % 16 == 0 else x.clone()  # TMA loads rows from 16-byte boundaries
     offsets = offsets.to(torch.int32)
     if x_q is None:
         x_q = quantize_activations(x, offsets, group)
@@ -326,6 +330,7 @@ class Launch:
             "BKS": tuple(c.bk for c in cfgs),
             "STAGES": tuple(c.stages for c in cfgs),
             "SWAPS": tuple(c.swap_ab for c in cfgs),
+            "TMAS": tuple(c.tma for c in cfgs),
             "NSLOTS": len(slots),
             "E_PAD": max(16, 1 << (e - 1).bit_length()),
             "INTERPRET": INTERPRET,
@@ -337,6 +342,12 @@ class Launch:
 
     def run(self, x, x_q: QuantizedRows, y, offsets, group: ExpertGroup) -> None:
         """Launch on x [T, K] (and its quantized rows), writing y [T, N]; offsets [E+1] int32."""
+        if (
+            any(self.meta["TMAS"])
+            and not INTERPRET
+            and isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        ):
+            triton.set_allocator(_descriptor_scratch)  # unless the caller set one
         with device_guard(x.device):  # Triton launches on the current GPU: make it x's
             tk.group_gemm_kernel[(self.programs,)](
                 x,
@@ -355,3 +366,8 @@ class Launch:
                 y.stride(0),
                 **self.meta,
             )
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a launch makes on the device (Triton asks its allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")

@@ -490,6 +490,7 @@ def _tile(
     BK: tl.constexpr,
     STAGES: tl.constexpr,
     SWAP: tl.constexpr,
+    TMA: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """One [BM, BN] output tile of one expert (rows row0:row1), specialised on its scheme."""
@@ -501,7 +502,16 @@ def _tile(
     cdt: tl.constexpr = tl.float32 if INTERPRET else x_ptr.dtype.element_ty  # 16-bit dot operand type
     acc = tl.zeros([BM, BN], dtype=tl.float32)
 
-    if KIND == 0:  # BF16: w [N, K]
+    if KIND == 0 and TMA:  # BF16 tiles loaded by the tensor memory accelerator; x rows past the expert's read as 0
+        m0 = row0 + (local % mt) * BM
+        n0 = (local // mt) * BN
+        xd = tl.make_tensor_descriptor(x_ptr, shape=[row1, K], strides=[stride_xm, 1], block_shape=[BM, BK])
+        wd = tl.make_tensor_descriptor(_as_ptr(w_addr, tl.bfloat16), shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+        for kt in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES):
+            a = xd.load([m0, kt * BK])  # [BM, BK]
+            b = wd.load([n0, kt * BK])  # [BN, BK]
+            acc = tl.dot(a.to(cdt), b.to(cdt).T, acc)
+    elif KIND == 0:  # BF16: w [N, K]
         w_cols = _as_ptr(w_addr, tl.bfloat16) + rn.to(tl.int64)[None, :] * K  # [1, BN]
         for kt in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES):
             rk = kt * BK + tl.arange(0, BK)
@@ -699,6 +709,7 @@ def group_gemm_kernel(
     BKS: tl.constexpr,
     STAGES: tl.constexpr,
     SWAPS: tl.constexpr,
+    TMAS: tl.constexpr,
     NSLOTS: tl.constexpr,
     E_PAD: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -761,5 +772,6 @@ def group_gemm_kernel(
                     BKS[s],
                     STAGES[s],
                     SWAPS[s],
+                    TMAS[s],
                     INTERPRET,
                 )
