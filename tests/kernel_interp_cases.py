@@ -104,6 +104,12 @@ def main() -> None:
     )
     pws[3] = pack(_weights(80, 576, 1)[0], "w8a16_g-1_sym_fp8")
     cases["swapped_mixed_fp8_weight_only"] = _compare(torch.randn(sum(rows), 576), _offsets(rows), pws)
+    # bf16 tiles loaded through tensor descriptors (TMA on the GPU): K = 200 ends inside a K tile, N = 72 inside an
+    # output tile, rows of the next expert and past the last one read as zeros; beside a weight-only slot
+    rows = [0, 1, 37, 5, 3]
+    pws = [pack(w, s) for w, s in zip(_weights(72, 200, len(rows)), ["bf16"] * 4 + ["w4a16_g-1_asym"])]
+    configs = {"bf16": TileConfig(32, 32, 64, 1, tma=True)}
+    cases["bf16_tma"] = _compare(torch.randn(sum(rows), 200), _offsets(rows), pws, configs=configs)
     # K = 32: shorter than a K tile and than the group
     rows = [1, 0, 6]
     pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g128_sym"])]

@@ -46,6 +46,7 @@ INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + [
     "unswapped_mixed",
     "tall_swapped_grouped",
     "swapped_mixed_fp8_weight_only",
+    "bf16_tma",
     "k32_mixed",
     "w4a16_ragged_n",
     "w4a16_ragged_n_unswapped",
@@ -379,13 +380,16 @@ def test_kernel_tables_from_committed_h100_runs():
 
 
 def test_timer_comparison_pairs_the_event_and_graph_runs_of_one_gpu():
-    """Notebook 03's timer table: the committed H100 runs pair at the decode size of three paper models and at
-    every size of Qwen1.5-MoE; one call after an L2 flush takes longer than a graph replay at the decode size,
-    and our call's host part (its Python) is longer than torch's."""
+    """Notebook 03's timer table: the committed H100 runs pair at the decode size of three paper models (both GEMMs)
+    and at every larger size of Qwen1.5-MoE the graph run timed; one call after an L2 flush takes longer than a
+    graph replay at the decode size, and our call's host part (its Python) is longer than torch's."""
     from mxmoe.plots import kernels as kp
 
     t = kp.timer_comparison(runs.bench_docs(ROOT / "results" / "kernels"))
-    assert set(t.tokens) == {16, 512, 8192} and set(t.gpu) == {"nvidia_h100"} and len(t) == 10
+    graph = json.loads((ROOT / "results" / "kernels" / runs.COUNTED[2]).read_text())
+    larger = {(r["gemm"], r["tokens"]) for r in graph["results"] if r["model"] == "qwen1.5-moe" and r["tokens"] > 16}
+    assert set(t.gpu) == {"nvidia_h100"} and len(t) == 3 * 2 + len(larger)
+    assert set(t.tokens) == {16} | {tokens for _, tokens in larger}
     decode = t[t.tokens == 16]
     assert (decode["ours events / graph"] > 1).all() and (decode["torch events / graph"] > 1).all()
     assert (t["ours host µs"] > t["torch host µs"]).all()
@@ -685,3 +689,21 @@ def test_one_warpgroup_tile_keeps_its_launch_where_the_other_slots_can_follow(mo
     with_bf16 = ExpertGroup([pack(torch.randn(256, 256), s) for s in ("bf16", w4a8)])
     plan = dict(gg.launch_plan(with_bf16, rows=2 * 546))
     assert plan[w4a8] == TileConfig(128, 128, 128, 3) and launch_warps(list(plan.values())) == 8
+
+
+def test_bf16_prefill_tiles_load_by_tma_where_rows_are_whole_16_byte_units(monkeypatch):
+    """bf16's 128-row tiles load x and the weight through tensor descriptors (TMA); smaller ones keep pointer
+    loads (as fast there, H100); a K that is not a multiple of 8 has rows TMA cannot address; no other path
+    takes the option."""
+    gg = importlib.import_module("mxmoe.kernels.group_gemm")
+    from mxmoe.kernels.configs import check_config, default_config
+
+    monkeypatch.setattr(gg, "INTERPRET", False)
+    bf16 = Scheme.parse("bf16")
+    assert default_config(bf16, 546).tma and not default_config(bf16, 34).tma
+    ((_, c),) = gg.launch_plan(ExpertGroup([pack(torch.randn(64, 256), bf16) for _ in range(2)]), rows=2 * 546)
+    assert c == TileConfig(128, 256, 64, 4, tma=True)
+    ((_, c),) = gg.launch_plan(ExpertGroup([pack(torch.randn(64, 260), bf16) for _ in range(2)]), rows=2 * 546)
+    assert c == TileConfig(128, 256, 64, 4, tma=False)
+    with pytest.raises(ValueError, match="tma is a path of bf16"):
+        check_config(Scheme.parse("w4a16_g128_asym"), TileConfig(64, 128, 128, 3, swap_ab=True, tma=True))

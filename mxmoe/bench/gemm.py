@@ -398,6 +398,9 @@ def compile_gemm(
             )
     except Exception as err:  # noqa: BLE001 - the timed run compiles what a worker could not, and reports it
         return f"{model} {gemm}: {type(err).__name__}: {str(err)[:200]}"
+    finally:  # a worker's next GEMM is admitted by its own size: hand back what this one reserved
+        w = packs = None
+        torch.cuda.empty_cache()
     return None
 
 

@@ -43,9 +43,9 @@ def wrong_outputs(df: pd.DataFrame) -> pd.Series:
 # per L2 flush with CUDA events (Table 6 on four models), and the CUDA-graph run of smollm2-moe's GEMMs of a
 # few microseconds (and of Qwen1.5-MoE's, which notebook 03 pairs with their event-timed rows).
 COUNTED = (
-    "bench_NVIDIA_H100_80GB_HBM3_a59179a_graph16.json",
-    "bench_NVIDIA_H100_80GB_HBM3_a59179a_all.json",
-    "bench_NVIDIA_H100_80GB_HBM3_a59179a_cudagraph.json",
+    "bench_NVIDIA_H100_80GB_HBM3_2a57a78_graph16.json",
+    "bench_NVIDIA_H100_80GB_HBM3_2a57a78_all.json",
+    "bench_NVIDIA_H100_80GB_HBM3_2a57a78_cudagraph.json",
 )
 
 

@@ -82,8 +82,8 @@ def default_config(
         return TileConfig(32, 32, 64 if s.is_full_precision else PACK_K, 1, swap_ab=swappable(s))
     bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 64 else 128
     if kind == tk.BF16:
-        # 128 x 256: 4 stages 2-4% faster than 3; loaded by TMA 0.88-1.18x the pointer loads at 8192 tokens, 0.97-0.99x
-        # on the smaller tiles (H100)
+        # 128 x 256: 4 stages 2-4% faster than 3; loaded by TMA 0.97-1.18x as fast as by pointers at 8192 tokens (mean
+        # 1.04x), where smaller tiles lose 1-3% by it (H100, results/kernels/NOTES.md)
         return TileConfig(bm, 256 if bm >= 128 else 128, 64, 4, tma=bm >= 128)
     if kind == tk.WA_FP8 and s.w_bits < 8:
         # e4m3 codes converted in registers feed the MMA as its A operand (one K=128 dot per block): tiles of

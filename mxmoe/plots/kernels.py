@@ -331,8 +331,9 @@ def targets_table(df: pd.DataFrame) -> pd.DataFrame:
             rng(bf16) + f", median {bf16.median():.2f}",
             met(bf16, 0.95),
             f"under 0.95x: {len(low)} cases, at {sorted(set(low.tokens.astype(int)))} tokens; at 8192 torch's "
-            "grouped GEMM (CUTLASS, warp-specialised, TMA) keeps the MMA pipe busier than Triton's software pipeline "
-            "(Qwen1.5, one H100: 77-83% against 62-68%; ncu, NOTES.md)",
+            "grouped GEMM (CUTLASS, warp-specialised) keeps the MMA pipe busier than Triton's software pipeline, "
+            "whose MMA warps also wait for the loads (Qwen1.5, one H100, pointer loads: 77-83% against 62-68%, ncu; "
+            "TMA loads since, 0.97-1.18x as fast; NOTES.md)",
         ),
         (
             "512 tok: w4a16 g128 >= 65% of copy bandwidth on weight bytes",
