@@ -11,7 +11,8 @@ slot's tile loop is a specialised code path (its own tile shape, unpacking and d
 at run time by a branch on the tile's slot. All slots share ``num_warps``.
 
 Slot kinds:
-  BF16    bf16 weight, dot in the activation dtype
+  BF16    bf16 weight, dot in the activation dtype; its 128-row tiles load x and the weight by TMA
+          (``TMA``: tensor descriptors made on the device) where K is a multiple of 8
   W_INT   b-bit integer weight dequantized in registers (``w = s q + z``, 16-bit, scale and zero of
           the weight's group, q centred on 0), 16-bit dot
   W_FP8   e4m3 weight upcast to 16 bits and scaled in registers, 16-bit dot
