@@ -12,7 +12,9 @@ protocol of results/kernels/NOTES.md), each written as ``<out>/bench_<gpu>_<tag>
 Then ``<table-dir>/<gpu>.json`` from ``all`` and ``cudagraph`` (``mxmoe.bench.cost_table``) and the
 performance model's error on ``all``'s mixed launches with each case's shape held out. The whole command
 stops starting cases after ``--deadline-seconds`` (for machines that limit a command's time); the same command
-continues where it stopped, and writes the table once all three runs are complete.
+continues where it stopped, and writes the table once all three runs are complete. ``--table-only`` takes only
+the two runs the table is built from (about 10 minutes on an H100): a GPU of your own gets its table without
+the decode-size graphs that only the notebooks' targets read.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ def main(argv: "list[str] | None" = None) -> int:
         help="start no case after this many seconds; the same command continues",
     )
     ap.add_argument("--compile-workers", type=int, default=None, help="passed to mxmoe bench gemm")
+    ap.add_argument(
+        "--table-only",
+        action="store_true",
+        help=f"only the runs the cost table is built from ({', '.join(TABLE_RUNS)}), not graph16",
+    )
     args = ap.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
         ap.error(f"--tag must be letters, digits, '.', '_' or '-' (it is part of file names), got {args.tag!r}")
@@ -92,9 +99,10 @@ def main(argv: "list[str] | None" = None) -> int:
     from mxmoe.perfmodel import read_table
 
     t0, slug = time.time(), device_slug(provenance()["device"])
-    paths = {run: run_path(args.out, slug, args.tag, run) for run in RUNS}
+    runs = {run: RUNS[run] for run in (TABLE_RUNS if args.table_only else RUNS)}
+    paths = {run: run_path(args.out, slug, args.tag, run) for run in runs}
     workers = [] if args.compile_workers is None else ["--compile-workers", str(args.compile_workers)]
-    for run, run_args in RUNS.items():
+    for run, run_args in runs.items():
         left = args.deadline_seconds - (time.time() - t0)
         if complete(skipped(paths[run])):
             continue
