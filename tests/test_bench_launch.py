@@ -158,7 +158,7 @@ def test_counted_runs_continue_where_the_deadline_stopped_them_and_end_in_a_cost
     assert [t for t, _ in calls] == ["abc_all"]
     assert tables == [["bench_Fake_GPU_abc_all.json", "bench_Fake_GPU_abc_cudagraph.json"]]
     calls.clear()
-    assert counted.main([*argv[:1], "new", *argv[2:], "--table-only"]) == 0  # a new tag: nothing complete yet
+    assert counted.main(["--tag", "new", *argv[2:], "--table-only"]) == 0  # a new tag: nothing complete yet
     assert [t for t, _ in calls] == ["new_all", "new_cudagraph"] and len(tables) == 2
 
 

@@ -13,7 +13,7 @@ Then ``<table-dir>/<gpu>.json`` from ``all`` and ``cudagraph`` (``mxmoe.bench.co
 performance model's error on ``all``'s mixed launches with each case's shape held out. The whole command
 stops starting cases after ``--deadline-seconds`` (for machines that limit a command's time); the same command
 continues where it stopped, and writes the table once all three runs are complete. ``--table-only`` takes only
-the two runs the table is built from (about 10 minutes on an H100): a GPU of your own gets its table without
+the two runs the table is built from (8 minutes on a fresh H100): a GPU of your own gets its table without
 the decode-size graphs that only the notebooks' targets read.
 """
 
