@@ -179,10 +179,7 @@ def roofline_tile_us(s: Scheme, tile: TileConfig, k: int, table: CostTable) -> f
 
 def _tile_of(p: dict) -> TileConfig:
     """The tile configuration cost point ``p`` was timed with."""
-    t = p["tile"]
-    return TileConfig(
-        t["bm"], t["bn"], t["bk"], t.get("stages", 3), t.get("swap_ab", False), t.get("warps"), t.get("tma", False)
-    )
+    return TileConfig(**p["tile"])  # fields a table predates take their defaults
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,9 @@ def main() -> None:
     pws = [pack(w, s) for w, s in zip(_weights(72, 200, len(rows)), ["bf16"] * 4 + ["w4a16_g-1_asym"])]
     configs = {"bf16": TileConfig(32, 32, 64, 1, tma=True)}
     cases["bf16_tma"] = _compare(torch.randn(sum(rows), 200), _offsets(rows), pws, configs=configs)
+    # x a transposed view off a 16-byte boundary ([T, K] with strides (1, T)): copied contiguous, then aligned
+    x = torch.randn(201, sum(rows))[1:].t()
+    cases["bf16_tma_misaligned_transposed_x"] = _compare(x, _offsets(rows), pws, configs=configs)
     # K = 32: shorter than a K tile and than the group
     rows = [1, 0, 6]
     pws = [pack(w, s) for w, s in zip(_weights(48, 32, 3), ["w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g128_sym"])]

@@ -47,6 +47,7 @@ INTERP_CASES = [str(s) for s in HOPPER_SCHEMES] + [
     "tall_swapped_grouped",
     "swapped_mixed_fp8_weight_only",
     "bf16_tma",
+    "bf16_tma_misaligned_transposed_x",
     "k32_mixed",
     "w4a16_ragged_n",
     "w4a16_ragged_n_unswapped",
@@ -461,8 +462,9 @@ def test_kernel_fingerprint_counts_code_not_comments_or_docs():
 
 
 # shipped cost tables measured on an earlier kernel than this checkout's (each flagged where it is loaded;
-# results/kernels/NOTES.md says what changed since): only the fp8 W4A8 path, which no allocation's scheme set uses
-STALE_TABLES = {"nvidia_h200"}
+# results/kernels/NOTES.md says what changed since): the H200's by its W4A8, launch-plan and bf16 paths; the H100's
+# only by how group_gemm copies an x that is both non-contiguous and off a 16-byte boundary (not the benchmark's)
+STALE_TABLES = {"nvidia_h100", "nvidia_h200"}
 
 
 @pytest.mark.parametrize("gpu", sorted(p.stem for p in COST_TABLES.glob("*.json")))

@@ -262,7 +262,9 @@ def group_gemm(
     if validate:
         _check_offsets(offsets, x.shape[0], len(group))
     group.check_device()
-    x = x.contiguous() if x.data_ptr() % 16 == 0 else x.clone()  # TMA loads rows from 16-byte boundaries
+    x = x.contiguous()  # [T, K], unit stride along K
+    if x.data_ptr() % 16:  # TMA loads rows from 16-byte boundaries: a fresh (aligned) copy
+        x = x.clone()
     offsets = offsets.to(torch.int32)
     if x_q is None:
         x_q = quantize_activations(x, offsets, group)
