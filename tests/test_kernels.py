@@ -428,6 +428,29 @@ def test_a_plain_list_of_experts_builds_its_group_once():
     assert expert_group(first) is first
 
 
+def test_tma_launches_keep_an_allocator_the_caller_set():
+    """A caller's own Triton allocator is seen (and so kept); with none set, or a Triton that moved the private
+    context variable, a TMA launch sets ours."""
+    import triton
+    from triton.runtime import _allocation
+
+    gg = importlib.import_module("mxmoe.kernels.group_gemm")  # the module (the package re-exports the function)
+    token = _allocation._allocator.set(_allocation.NullAllocator())
+    try:
+        assert not gg._caller_set_allocator()
+        triton.set_allocator(gg._descriptor_scratch)
+        assert gg._caller_set_allocator()
+    finally:
+        _allocation._allocator.reset(token)
+    moved = type("MovedAllocation", (), {"NullAllocator": _allocation.NullAllocator})
+    original = gg._allocation
+    gg._allocation = moved
+    try:
+        assert not gg._caller_set_allocator()
+    finally:
+        gg._allocation = original
+
+
 def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path):
     """The table carries its runs' kernel fingerprint; loading one measured on another kernel says so."""
     from mxmoe.bench.cost_table import write_table

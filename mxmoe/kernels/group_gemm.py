@@ -344,12 +344,8 @@ class Launch:
 
     def run(self, x, x_q: QuantizedRows, y, offsets, group: ExpertGroup) -> None:
         """Launch on x [T, K] (and its quantized rows), writing y [T, N]; offsets [E+1] int32."""
-        if (
-            any(self.meta["TMAS"])
-            and not INTERPRET
-            and isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-        ):
-            triton.set_allocator(_descriptor_scratch)  # unless the caller set one
+        if any(self.meta["TMAS"]) and not INTERPRET and not _caller_set_allocator():
+            triton.set_allocator(_descriptor_scratch)
         with device_guard(x.device):  # Triton launches on the current GPU: make it x's
             tk.group_gemm_kernel[(self.programs,)](
                 x,
@@ -368,6 +364,16 @@ class Launch:
                 y.stride(0),
                 **self.meta,
             )
+
+
+def _caller_set_allocator() -> bool:
+    """Whether the caller gave Triton an allocator of its own (then TMA launches use it).
+
+    Triton has no public getter: 3.6 and 3.7 keep it in the context variable ``_allocation._allocator``. A
+    Triton that moved it gets ours on each TMA launch (correct, only the caller's choice is not kept).
+    """
+    current = getattr(_allocation, "_allocator", None)
+    return current is not None and not isinstance(current.get(), _allocation.NullAllocator)
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
