@@ -485,9 +485,8 @@ def test_kernel_fingerprint_counts_code_not_comments_or_docs():
 
 
 # shipped cost tables measured on an earlier kernel than this checkout's (each flagged where it is loaded;
-# results/kernels/NOTES.md says what changed since): the H200's by its W4A8, launch-plan and bf16 paths; the H100's
-# only by how group_gemm copies an x that is both non-contiguous and off a 16-byte boundary (not the benchmark's)
-STALE_TABLES = {"nvidia_h100", "nvidia_h200"}
+# results/kernels/NOTES.md says what changed since): the H200's, by its W4A8, launch-plan and bf16 paths
+STALE_TABLES = {"nvidia_h200"}
 
 
 @pytest.mark.parametrize("gpu", sorted(p.stem for p in COST_TABLES.glob("*.json")))
