@@ -428,7 +428,7 @@ def test_a_plain_list_of_experts_builds_its_group_once():
     assert expert_group(first) is first
 
 
-def test_tma_launches_keep_an_allocator_the_caller_set():
+def test_tma_launches_keep_an_allocator_the_caller_set(monkeypatch):
     """A caller's own Triton allocator is seen (and so kept); with none set, or a Triton that moved the private
     context variable, a TMA launch sets ours."""
     import triton
@@ -442,13 +442,8 @@ def test_tma_launches_keep_an_allocator_the_caller_set():
         assert gg._caller_set_allocator()
     finally:
         _allocation._allocator.reset(token)
-    moved = type("MovedAllocation", (), {"NullAllocator": _allocation.NullAllocator})
-    original = gg._allocation
-    gg._allocation = moved
-    try:
-        assert not gg._caller_set_allocator()
-    finally:
-        gg._allocation = original
+    monkeypatch.setattr(gg, "_allocation", type("MovedAllocation", (), {"NullAllocator": _allocation.NullAllocator}))
+    assert not gg._caller_set_allocator()
 
 
 def test_a_cost_table_from_another_kernel_is_flagged_where_it_is_loaded(tmp_path):
