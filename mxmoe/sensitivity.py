@@ -48,6 +48,11 @@ METHODS = ("rtn", "gptq", "gptq-had")
 log = logging.getLogger(__name__)
 
 
+class RoutedOtherwise(MxMoEError):
+    """The calibration windows reached other experts or tokens per expert in a layer than ``compute_sensitivity``
+    was told to expect."""
+
+
 def _expert_context(block: MoEBlock, tokens, method: str, rotate_down: bool) -> dict:
     """One expert's tokens, weights, full-precision activations and output, and its Hessians (none for rtn)."""
     x, g = tokens.x, tokens.g  # [T, H], [T, 1]
@@ -212,6 +217,7 @@ def compute_sensitivity(
     progress: bool = True,
     stream_to=None,
     layers=None,
+    routing: "dict | None" = None,
     **gptq_kw,
 ) -> dict:
     """Δ for every MoE layer of ``model`` on calibration ``windows`` [n, seqlen]; resumable when ``path`` is given.
@@ -223,7 +229,9 @@ def compute_sensitivity(
     a second model on every device, and rotating in place and back would leave bf16 weights changed
     by two roundings (use gptq or rtn there). ``stream_to``: measure a model held in CPU memory on this
     device, one decoder layer at a time (``LayerwiseRunner``; gptq-had refused likewise). ``layers``: measure
-    only these MoE layers (default: all); the runner stops after the last of them.
+    only these MoE layers (default: all); the runner stops after the last of them. ``routing``: {layer key:
+    (experts, tokens per expert)} the windows must reach, as in a file this result is to be merged with; the first
+    measured layer that differs raises ``RoutedOtherwise`` (the layers before it stay in the file).
     Returns {"params", "schemes", "blocks", "layers": {str(layer): layer_sensitivity(...)}}.
     """
     if method not in METHODS:
@@ -272,10 +280,12 @@ def compute_sensitivity(
             continue
         x = runner.advance(capture=blocks[layer].module)  # [N, H] full-precision block inputs
         start = time.time()
-        result["layers"][str(layer)] = layer_sensitivity(
+        measured = layer_sensitivity(
             blocks[layer], x, schemes, method, rotate_down=rotate, min_tokens=min_tokens, **gptq_kw
         )
-        result["layers"][str(layer)]["seconds"] = round(time.time() - start, 2)
+        if routing is not None and [measured["experts"], measured["tokens"]] != list(routing.get(str(layer), ())):
+            raise RoutedOtherwise(f"layer {layer}: the windows reach other experts or tokens per expert than expected")
+        result["layers"][str(layer)] = {**measured, "seconds": round(time.time() - start, 2)}
         result["device"] = device_name()
         if path is not None:
             write_json_atomic(path, result)

@@ -284,8 +284,8 @@ def test_an_added_scheme_is_measured_alone_and_merged(tmp_path, monkeypatch):
 
 def test_a_subset_routed_otherwise_is_measured_anew(tmp_path, monkeypatch):
     """Where the file to extend saw other tokens per expert than the added schemes' pass (a routing near-tie that
-    a rotation on another machine decided otherwise), the whole set is measured again: Δ of one set is never
-    made of two routings."""
+    a rotation on another machine decided otherwise), the added schemes' pass stops at that layer and the whole set
+    is measured again: Δ of one set is never made of two routings."""
     from mxmoe.profiles import get_profile
     from mxmoe.stages import sensitivity as stage
 
@@ -293,14 +293,19 @@ def test_a_subset_routed_otherwise_is_measured_anew(tmp_path, monkeypatch):
     smoke = get_profile("smoke")
     _, old_path = stage.profile_sensitivity("rtn", smoke, "w4a16_g128_asym", progress=False)
     old = json.loads(old_path.read_text())
-    tokens = old["layers"]["1"]["tokens"]
+    tokens = old["layers"]["0"]["tokens"]
     tokens[0], tokens[1] = tokens[0] + 1, tokens[1] - 1  # one token routed to another expert
     old_path.write_text(json.dumps(old))
-    asked = []
-    real = stage.compute_sensitivity
+    asked, measured = [], []
+    real, real_layer = stage.compute_sensitivity, sens.layer_sensitivity
     monkeypatch.setattr(
         stage, "compute_sensitivity", lambda m, w, s, *a, **k: asked.append(s) or real(m, w, s, *a, **k)
     )
+    monkeypatch.setattr(
+        sens, "layer_sensitivity", lambda b, *a, **k: measured.append(b.layer) or real_layer(b, *a, **k)
+    )
     result, path = stage.profile_sensitivity("rtn", smoke, "w4a16_g128_asym,w8a8_g-1_sym", progress=False)
     assert [len(a) for a in asked] == [1, 2] and "merged_from" not in result
-    assert result["layers"]["1"]["tokens"] != tokens and len(list(path.parent.iterdir())) == 2
+    layers = sorted(int(k) for k in old["layers"])
+    assert len(layers) > 1 and measured == [layers[0], *layers]  # the added scheme's pass stopped at the first
+    assert result["layers"]["0"]["tokens"] != tokens and len(list(path.parent.iterdir())) == 2

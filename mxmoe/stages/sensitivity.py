@@ -23,7 +23,7 @@ from mxmoe.paths import results_dir
 from mxmoe.profiles import random_windows
 from mxmoe.quant.apply import check_scheme
 from mxmoe.schemes import scheme_set
-from mxmoe.sensitivity import compute_sensitivity, merge_schemes
+from mxmoe.sensitivity import RoutedOtherwise, compute_sensitivity, merge_schemes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def run_sensitivity(
     A file is resumed only when made from the same weights (``checkpoint.weights_id`` is in its params).
     Without a file for this scheme set, the largest complete file of a subset of it (``measured_subset``) is
     extended: only the other schemes are measured (their own file, resumable, removed once merged); where the two
-    cannot be merged (``_merged``), every scheme is measured anew.
+    cannot be merged (``_merged``), every scheme is measured anew, from the first layer whose windows reach other
+    tokens per expert than the subset's on (a routing near-tie decided otherwise).
     Returns (result, path of results/<model>/sensitivity/<...>.json).
     """
     try:
@@ -84,11 +85,25 @@ def run_sensitivity(
         have = set(subset["schemes"])
         missing = [s for s in scheme_list if str(s) not in have]
         part_path = cache_path(model_name, method, missing, tag)
-        part = compute_sensitivity(
-            model, windows, missing, method, path=part_path, params=params, seed=seed, progress=progress, **kw
-        )
-        merged = _merged(subset, part, scheme_list)
-        part_path.unlink()
+        routing = {key: (lay["experts"], lay["tokens"]) for key, lay in subset["layers"].items()}
+        try:  # stops at the first layer routed otherwise than the subset: no layer after it is measured in vain
+            part = compute_sensitivity(
+                model,
+                windows,
+                missing,
+                method,
+                path=part_path,
+                params=params,
+                seed=seed,
+                progress=progress,
+                routing=routing,
+                **kw,
+            )
+            merged = _merged(subset, part, scheme_list)
+        except RoutedOtherwise as e:
+            log.warning("%s: measuring every scheme anew", e)
+            merged = None
+        part_path.unlink(missing_ok=True)
         if merged is not None:
             write_json_atomic(path, merged)
             return merged, path
