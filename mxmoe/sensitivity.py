@@ -274,24 +274,28 @@ def compute_sensitivity(
     blocks = {b.layer: b for b in moe_blocks(model)}
     runner = LayerwiseRunner(model, windows, stream_to)
     bar = tqdm(total=len(todo), desc=f"sensitivity {method}", unit="layer", disable=not progress)
-    for layer in range(max(todo) + 1):
-        if layer not in todo:
-            runner.advance()
-            continue
-        x = runner.advance(capture=blocks[layer].module)  # [N, H] full-precision block inputs
-        start = time.time()
-        measured = layer_sensitivity(
-            blocks[layer], x, schemes, method, rotate_down=rotate, min_tokens=min_tokens, **gptq_kw
-        )
-        if routing is not None and [measured["experts"], measured["tokens"]] != list(routing.get(str(layer), ())):
-            raise RoutedOtherwise(f"layer {layer}: the windows reach other experts or tokens per expert than expected")
-        result["layers"][str(layer)] = {**measured, "seconds": round(time.time() - start, 2)}
-        result["device"] = device_name()
-        if path is not None:
-            write_json_atomic(path, result)
-        bar.update(1)
-    runner.release()
-    bar.close()
+    try:  # a layer routed otherwise stops the loop: the streamed layer still goes back
+        for layer in range(max(todo) + 1):
+            if layer not in todo:
+                runner.advance()
+                continue
+            x = runner.advance(capture=blocks[layer].module)  # [N, H] full-precision block inputs
+            start = time.time()
+            measured = layer_sensitivity(
+                blocks[layer], x, schemes, method, rotate_down=rotate, min_tokens=min_tokens, **gptq_kw
+            )
+            if routing is not None and [measured["experts"], measured["tokens"]] != list(routing.get(str(layer), ())):
+                raise RoutedOtherwise(
+                    f"layer {layer}: the windows reach other experts or tokens per expert than expected"
+                )
+            result["layers"][str(layer)] = {**measured, "seconds": round(time.time() - start, 2)}
+            result["device"] = device_name()
+            if path is not None:
+                write_json_atomic(path, result)
+            bar.update(1)
+    finally:
+        runner.release()
+        bar.close()
     return result
 
 
