@@ -230,7 +230,7 @@ def compute_sensitivity(
     by two roundings (use gptq or rtn there). ``stream_to``: measure a model held in CPU memory on this
     device, one decoder layer at a time (``LayerwiseRunner``; gptq-had refused likewise). ``layers``: measure
     only these MoE layers (default: all); the runner stops after the last of them. ``routing``: {layer key:
-    (experts, tokens per expert)} the windows must reach, as in a file this result is to be merged with; the first
+    [experts, tokens per expert]} the windows must reach, as in a file this result is to be merged with; the first
     measured layer that differs raises ``RoutedOtherwise`` (the layers before it stay in the file).
     Returns {"params", "schemes", "blocks", "layers": {str(layer): layer_sensitivity(...)}}.
     """
@@ -284,7 +284,7 @@ def compute_sensitivity(
             measured = layer_sensitivity(
                 blocks[layer], x, schemes, method, rotate_down=rotate, min_tokens=min_tokens, **gptq_kw
             )
-            if routing is not None and [measured["experts"], measured["tokens"]] != list(routing.get(str(layer), ())):
+            if routing is not None and [measured["experts"], measured["tokens"]] != routing.get(str(layer)):
                 raise RoutedOtherwise(
                     f"layer {layer}: the windows reach other experts or tokens per expert than expected"
                 )

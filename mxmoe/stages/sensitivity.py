@@ -85,7 +85,7 @@ def run_sensitivity(
         have = set(subset["schemes"])
         missing = [s for s in scheme_list if str(s) not in have]
         part_path = cache_path(model_name, method, missing, tag)
-        routing = {key: (lay["experts"], lay["tokens"]) for key, lay in subset["layers"].items()}
+        routing = {key: [lay["experts"], lay["tokens"]] for key, lay in subset["layers"].items()}
         try:  # stops at the first layer routed otherwise than the subset: no layer after it is measured in vain
             part = compute_sensitivity(
                 model,
