@@ -138,6 +138,7 @@ def layer_sensitivity(
     *,
     rotate_down: bool = False,
     min_tokens: int = 16,
+    expect_routing: "list | None" = None,
     **gptq_kw,
 ) -> dict:
     """Δ of every expert block of one MoE layer from its full-precision inputs ``x[N, H]``; a JSON-ready dict.
@@ -145,11 +146,17 @@ def layer_sensitivity(
     Experts with tokens are quantized together per weight shape (routed ones, shared ones), one
     batched GPTQ per weight shape over all blocks of that shape and quantized schemes. Keys: experts (ids), tokens (per expert), delta
     [experts][3][S] (null where an expert got no token), no_tokens (expert ids), rtn_fallbacks
-    ([expert, block, scheme, reason]).
+    ([expert, block, scheme, reason]). ``expect_routing``: [experts, tokens per expert] the inputs must reach;
+    ``RoutedOtherwise`` before any Δ is measured when they reach others.
     """
     if x.shape[0] == 0:
         raise MxMoEError(f"layer {block.layer}: no calibration tokens reached this MoE block")
     experts = split_by_expert(block, x)
+    routed = [[t.expert for t in experts], [int(t.x.shape[0]) for t in experts]]
+    if expect_routing is not None and routed != expect_routing:
+        raise RoutedOtherwise(
+            f"layer {block.layer}: the windows reach other experts or tokens per expert than expected"
+        )
     by_shape: dict = {}  # gate weight shape -> indices of the experts with tokens
     for i, tokens in enumerate(experts):
         if tokens.x.shape[0]:
@@ -161,9 +168,8 @@ def layer_sensitivity(
         )
         measured.update(zip(idx, out))
     result = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}
+    result["experts"], result["tokens"] = routed
     for i, tokens in enumerate(experts):
-        result["experts"].append(tokens.expert)
-        result["tokens"].append(int(tokens.x.shape[0]))
         if i not in measured:
             result["delta"].append([[None] * len(schemes) for _ in BLOCKS])
             result["no_tokens"].append(tokens.expert)
@@ -231,7 +237,7 @@ def compute_sensitivity(
     device, one decoder layer at a time (``LayerwiseRunner``; gptq-had refused likewise). ``layers``: measure
     only these MoE layers (default: all); the runner stops after the last of them. ``routing``: {layer key:
     [experts, tokens per expert]} the windows must reach, as in a file this result is to be merged with; the first
-    measured layer that differs raises ``RoutedOtherwise`` (the layers before it stay in the file).
+    layer that differs raises ``RoutedOtherwise`` before its Δ is measured (the layers before it stay in the file).
     Returns {"params", "schemes", "blocks", "layers": {str(layer): layer_sensitivity(...)}}.
     """
     if method not in METHODS:
@@ -282,12 +288,15 @@ def compute_sensitivity(
             x = runner.advance(capture=blocks[layer].module)  # [N, H] full-precision block inputs
             start = time.time()
             measured = layer_sensitivity(
-                blocks[layer], x, schemes, method, rotate_down=rotate, min_tokens=min_tokens, **gptq_kw
+                blocks[layer],
+                x,
+                schemes,
+                method,
+                rotate_down=rotate,
+                min_tokens=min_tokens,
+                expect_routing=None if routing is None else routing.get(str(layer), []),
+                **gptq_kw,
             )
-            if routing is not None and [measured["experts"], measured["tokens"]] != routing.get(str(layer)):
-                raise RoutedOtherwise(
-                    f"layer {layer}: the windows reach other experts or tokens per expert than expected"
-                )
             result["layers"][str(layer)] = {**measured, "seconds": round(time.time() - start, 2)}
             result["device"] = device_name()
             if path is not None:

@@ -296,16 +296,19 @@ def test_a_subset_routed_otherwise_is_measured_anew(tmp_path, monkeypatch):
     tokens = old["layers"]["0"]["tokens"]
     tokens[0], tokens[1] = tokens[0] + 1, tokens[1] - 1  # one token routed to another expert
     old_path.write_text(json.dumps(old))
-    asked, measured = [], []
-    real, real_layer = stage.compute_sensitivity, sens.layer_sensitivity
+    asked, measured = [], []  # measured: (layer, number of schemes) of each Δ measurement
+    real, real_deltas = stage.compute_sensitivity, sens.group_deltas
     monkeypatch.setattr(
         stage, "compute_sensitivity", lambda m, w, s, *a, **k: asked.append(s) or real(m, w, s, *a, **k)
     )
     monkeypatch.setattr(
-        sens, "layer_sensitivity", lambda b, *a, **k: measured.append(b.layer) or real_layer(b, *a, **k)
+        sens,
+        "group_deltas",
+        lambda b, e, s, *a, **k: measured.append((b.layer, len(s))) or real_deltas(b, e, s, *a, **k),
     )
     result, path = stage.profile_sensitivity("rtn", smoke, "w4a16_g128_asym,w8a8_g-1_sym", progress=False)
     assert [len(a) for a in asked] == [1, 2] and "merged_from" not in result
     layers = sorted(int(k) for k in old["layers"])
-    assert len(layers) > 1 and measured == [layers[0], *layers]  # the added scheme's pass stopped at the first
+    # the added scheme's pass stopped at the first layer before measuring it; the whole set measured every layer
+    assert len(layers) > 1 and sorted({layer for layer, _ in measured}) == layers and {n for _, n in measured} == {2}
     assert result["layers"]["0"]["tokens"] != tokens and len(list(path.parent.iterdir())) == 2
