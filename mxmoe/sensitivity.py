@@ -167,8 +167,7 @@ def layer_sensitivity(
             block, [experts[i] for i in idx], schemes, method, rotate_down=rotate_down, min_tokens=min_tokens, **gptq_kw
         )
         measured.update(zip(idx, out))
-    result = {"experts": [], "tokens": [], "delta": [], "no_tokens": [], "rtn_fallbacks": []}
-    result["experts"], result["tokens"] = routed
+    result = {"experts": routed[0], "tokens": routed[1], "delta": [], "no_tokens": [], "rtn_fallbacks": []}
     for i, tokens in enumerate(experts):
         if i not in measured:
             result["delta"].append([[None] * len(schemes) for _ in BLOCKS])
