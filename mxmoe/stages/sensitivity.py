@@ -55,8 +55,9 @@ def run_sensitivity(
     A file is resumed only when made from the same weights (``checkpoint.weights_id`` is in its params).
     Without a file for this scheme set, the largest complete file of a subset of it (``measured_subset``) is
     extended: only the other schemes are measured (their own file, resumable, removed once merged); where the two
-    cannot be merged (``_merged``), every scheme is measured anew, from the first layer whose windows reach other
-    tokens per expert than the subset's on (a routing near-tie decided otherwise).
+    cannot be merged (``_merged``), every scheme is measured anew over every layer; the other schemes' pass stops at
+    the first layer whose windows reach other tokens per expert than the subset's (a routing near-tie decided
+    otherwise), before measuring it.
     Returns (result, path of results/<model>/sensitivity/<...>.json).
     """
     try:
